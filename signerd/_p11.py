@@ -1,0 +1,274 @@
+"""Low-level PKCS#11 pieces that python-pkcs11 does not offer.
+
+Two problems are solved here, and nothing else:
+
+1. python-pkcs11 calls ``C_Initialize(NULL)``. With NULL, SoftHSM turns off
+   its internal locking (concurrent sessions then crash it), and YubiHSM's
+   module refuses the call with CKR_ARGUMENTS_BAD. :class:`ThreadSafeLib`
+   overrides ``initialize()`` so the module is initialised with
+   ``CK_C_INITIALIZE_ARGS{flags=CKF_OS_LOCKING_OK}`` (PKCS#11 v2.40 §5.4).
+   python-pkcs11 then believes it never initialised the module, so it never
+   finalises it either: :meth:`ThreadSafeLib.close` calls ``C_Finalize``.
+
+2. python-pkcs11 binds every key object to the session that found it. The
+   signing path wants any pooled session to sign with a cached object
+   handle (handles are valid in all sessions of an application, §2.4.1), so
+   ``C_SignInit``/``C_Sign`` are called here through the module's own
+   function list. ctypes releases the GIL for the duration of the call.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from dataclasses import dataclass
+from typing import Any
+
+from pkcs11 import _pkcs11
+
+CK_ULONG = ctypes.c_ulong
+CK_RV = CK_ULONG
+CKF_OS_LOCKING_OK = 0x2
+CKR_OK = 0x0
+CKR_CRYPTOKI_ALREADY_INITIALIZED = 0x191
+CKR_PIN_INCORRECT = 0xA0
+CKR_PIN_LOCKED = 0xA4
+CKR_USER_ALREADY_LOGGED_IN = 0x100
+CKU_USER = 1
+CKS_RO_USER_FUNCTIONS = 1
+CKS_RW_USER_FUNCTIONS = 3
+
+CKM_RSA_PKCS = 0x1
+CKM_RSA_PKCS_PSS = 0xD
+CKM_SHA256 = 0x250
+CKM_SHA384 = 0x260
+CKM_ECDSA = 0x1041
+CKM_EDDSA = 0x1057
+CKG_MGF1_SHA256 = 0x2
+CKG_MGF1_SHA384 = 0x3
+
+# Return values that mean "the session or the login is gone": re-open, log
+# in again and retry once.
+SESSION_LOST = frozenset({0xB0, 0xB3, 0x101, 0x190})  # SESSION_CLOSED, _HANDLE_INVALID,
+# USER_NOT_LOGGED_IN, CRYPTOKI_NOT_INITIALIZED
+# Return values that mean "the device is gone or broken".
+DEVICE_LOST = frozenset({0x30, 0x31, 0x32, 0xE0, 0xE1})  # DEVICE_ERROR, _MEMORY,
+# _REMOVED, TOKEN_NOT_PRESENT, TOKEN_NOT_RECOGNIZED
+HANDLE_LOST = frozenset({0x60, 0x82})  # KEY_HANDLE_INVALID, OBJECT_HANDLE_INVALID
+DATA_INVALID = frozenset({0x20, 0x21})  # DATA_INVALID, DATA_LEN_RANGE
+
+_NAMES = {
+    0x5: "CKR_GENERAL_ERROR",
+    0x6: "CKR_FUNCTION_FAILED",
+    0x7: "CKR_ARGUMENTS_BAD",
+    0x20: "CKR_DATA_INVALID",
+    0x21: "CKR_DATA_LEN_RANGE",
+    0x30: "CKR_DEVICE_ERROR",
+    0x31: "CKR_DEVICE_MEMORY",
+    0x32: "CKR_DEVICE_REMOVED",
+    0x60: "CKR_KEY_HANDLE_INVALID",
+    0x68: "CKR_KEY_FUNCTION_NOT_PERMITTED",
+    0x70: "CKR_MECHANISM_INVALID",
+    0x71: "CKR_MECHANISM_PARAM_INVALID",
+    0x82: "CKR_OBJECT_HANDLE_INVALID",
+    0x90: "CKR_OPERATION_ACTIVE",
+    0xA0: "CKR_PIN_INCORRECT",
+    0xA4: "CKR_PIN_LOCKED",
+    0xB0: "CKR_SESSION_CLOSED",
+    0xB3: "CKR_SESSION_HANDLE_INVALID",
+    0xE0: "CKR_TOKEN_NOT_PRESENT",
+    0x101: "CKR_USER_NOT_LOGGED_IN",
+    0x150: "CKR_BUFFER_TOO_SMALL",
+    0x190: "CKR_CRYPTOKI_NOT_INITIALIZED",
+    0x191: "CKR_CRYPTOKI_ALREADY_INITIALIZED",
+}
+
+
+def rv_name(rv: int) -> str:
+    return _NAMES.get(rv, f"CKR_0x{rv:08X}")
+
+
+class P11Error(Exception):
+    """A PKCS#11 call returned something other than CKR_OK."""
+
+    def __init__(self, function: str, rv: int) -> None:
+        super().__init__(f"{function} failed: {rv_name(rv)}")
+        self.function = function
+        self.rv = rv
+
+
+class _InitArgs(ctypes.Structure):
+    _fields_ = [
+        ("CreateMutex", ctypes.c_void_p),
+        ("DestroyMutex", ctypes.c_void_p),
+        ("LockMutex", ctypes.c_void_p),
+        ("UnlockMutex", ctypes.c_void_p),
+        ("flags", CK_ULONG),
+        ("pReserved", ctypes.c_void_p),
+    ]
+
+
+class _SessionInfo(ctypes.Structure):
+    _fields_ = [("slotID", CK_ULONG), ("state", CK_ULONG), ("flags", CK_ULONG),
+                ("ulDeviceError", CK_ULONG)]
+
+
+class _Mechanism(ctypes.Structure):
+    _fields_ = [("mechanism", CK_ULONG), ("pParameter", ctypes.c_void_p), ("ulParameterLen", CK_ULONG)]
+
+
+class _PssParams(ctypes.Structure):
+    _fields_ = [("hashAlg", CK_ULONG), ("mgf", CK_ULONG), ("sLen", CK_ULONG)]
+
+
+# CK_FUNCTION_LIST up to C_Sign, in the order of PKCS#11 v2.40 §5.2 (the
+# struct is only read through the module's pointer, so the tail is omitted).
+_FUNCTIONS = (
+    "C_Initialize C_Finalize C_GetInfo C_GetFunctionList C_GetSlotList C_GetSlotInfo "
+    "C_GetTokenInfo C_GetMechanismList C_GetMechanismInfo C_InitToken C_InitPIN C_SetPIN "
+    "C_OpenSession C_CloseSession C_CloseAllSessions C_GetSessionInfo C_GetOperationState "
+    "C_SetOperationState C_Login C_Logout C_CreateObject C_CopyObject C_DestroyObject "
+    "C_GetObjectSize C_GetAttributeValue C_SetAttributeValue C_FindObjectsInit C_FindObjects "
+    "C_FindObjectsFinal C_EncryptInit C_Encrypt C_EncryptUpdate C_EncryptFinal C_DecryptInit "
+    "C_Decrypt C_DecryptUpdate C_DecryptFinal C_DigestInit C_Digest C_DigestUpdate C_DigestKey "
+    "C_DigestFinal C_SignInit C_Sign"
+).split()
+
+
+class _FunctionList(ctypes.Structure):
+    _fields_ = [("major", ctypes.c_ubyte), ("minor", ctypes.c_ubyte)] + [
+        (name, ctypes.c_void_p) for name in _FUNCTIONS
+    ]
+
+
+_P = ctypes.POINTER
+_ULONG_P = _P(CK_ULONG)
+_C_Initialize = ctypes.CFUNCTYPE(CK_RV, ctypes.c_void_p)
+_C_Finalize = ctypes.CFUNCTYPE(CK_RV, ctypes.c_void_p)
+_C_InitToken = ctypes.CFUNCTYPE(CK_RV, CK_ULONG, ctypes.c_char_p, CK_ULONG, ctypes.c_char_p)
+_C_CloseAllSessions = ctypes.CFUNCTYPE(CK_RV, CK_ULONG)
+_C_Login = ctypes.CFUNCTYPE(CK_RV, CK_ULONG, CK_ULONG, ctypes.c_char_p, CK_ULONG)
+_C_Logout = ctypes.CFUNCTYPE(CK_RV, CK_ULONG)
+_C_GetSessionInfo = ctypes.CFUNCTYPE(CK_RV, CK_ULONG, ctypes.c_void_p)
+_C_SignInit = ctypes.CFUNCTYPE(CK_RV, CK_ULONG, _P(_Mechanism), CK_ULONG)
+_C_Sign = ctypes.CFUNCTYPE(CK_RV, CK_ULONG, ctypes.c_char_p, CK_ULONG, ctypes.c_char_p, _ULONG_P)
+
+
+@dataclass(frozen=True)
+class Mechanism:
+    """A mechanism with its parameters spelled out: no library defaults."""
+
+    mechanism: int
+    pss_hash: int = 0
+    pss_mgf: int = 0
+    pss_salt: int = 0
+
+    def _struct(self) -> tuple[_Mechanism, Any]:
+        if self.mechanism != CKM_RSA_PKCS_PSS:
+            return _Mechanism(self.mechanism, None, 0), None
+        params = _PssParams(self.pss_hash, self.pss_mgf, self.pss_salt)
+        return (
+            _Mechanism(self.mechanism, ctypes.cast(ctypes.pointer(params), ctypes.c_void_p),
+                       ctypes.sizeof(params)),
+            params,  # keep alive for the duration of the call
+        )
+
+
+class Module:
+    """A loaded PKCS#11 module's function list, for the calls made here."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._dll = ctypes.CDLL(path)  # same handle as python-pkcs11's dlopen
+        funcs = _P(_FunctionList)()
+        rv = self._dll.C_GetFunctionList(ctypes.byref(funcs))
+        if rv != CKR_OK:
+            raise P11Error("C_GetFunctionList", rv)
+        fl = funcs.contents
+        self._initialize = _C_Initialize(fl.C_Initialize)
+        self._finalize = _C_Finalize(fl.C_Finalize)
+        self._init_token = _C_InitToken(fl.C_InitToken)
+        self._close_all = _C_CloseAllSessions(fl.C_CloseAllSessions)
+        self._login = _C_Login(fl.C_Login)
+        self._logout = _C_Logout(fl.C_Logout)
+        self._session_info = _C_GetSessionInfo(fl.C_GetSessionInfo)
+        self._sign_init = _C_SignInit(fl.C_SignInit)
+        self._sign = _C_Sign(fl.C_Sign)
+
+    def initialize(self) -> None:
+        args = _InitArgs(None, None, None, None, CKF_OS_LOCKING_OK, None)
+        rv = self._initialize(ctypes.cast(ctypes.pointer(args), ctypes.c_void_p))
+        if rv not in (CKR_OK, CKR_CRYPTOKI_ALREADY_INITIALIZED):
+            raise P11Error("C_Initialize", rv)
+
+    def finalize(self) -> None:
+        rv = self._finalize(None)
+        if rv not in (CKR_OK, 0x190):  # already finalised is fine at shutdown
+            raise P11Error("C_Finalize", rv)
+
+    def init_token(self, slot_id: int, so_pin: bytes, label: str) -> None:
+        """C_InitToken: the label is blank-padded to 32 bytes (§5.6)."""
+        padded = label.encode().ljust(32, b" ")[:32]
+        rv = self._init_token(slot_id, so_pin, len(so_pin), padded)
+        if rv != CKR_OK:
+            raise P11Error("C_InitToken", rv)
+
+    def close_all_sessions(self, slot_id: int) -> None:
+        rv = self._close_all(slot_id)
+        if rv != CKR_OK:
+            raise P11Error("C_CloseAllSessions", rv)
+
+    def login(self, session: int, pin: bytes) -> None:
+        """C_Login as CKU_USER. Unlike python-pkcs11's ``open(user_pin=)``, a
+        refused PIN leaks no session: the caller owns and closes it."""
+        rv = self._login(session, CKU_USER, pin, len(pin))
+        if rv not in (CKR_OK, CKR_USER_ALREADY_LOGGED_IN):
+            raise P11Error("C_Login", rv)
+
+    def logout(self, session: int) -> None:
+        self._logout(session)  # best effort, at shutdown
+
+    def session_state(self, session: int) -> int:
+        """CK_SESSION_INFO.state: CKS_RO_USER_FUNCTIONS (1) or CKS_RW_USER_FUNCTIONS (3)
+        when logged in."""
+        info = _SessionInfo()
+        rv = self._session_info(session, ctypes.byref(info))
+        if rv != CKR_OK:
+            raise P11Error("C_GetSessionInfo", rv)
+        return int(info.state)
+
+    def sign(self, session: int, key: int, mechanism: Mechanism, data: bytes, max_len: int) -> bytes:
+        """One C_SignInit + C_Sign on ``session`` with the object ``key``."""
+        mech, keepalive = mechanism._struct()
+        rv = self._sign_init(session, ctypes.byref(mech), key)
+        if rv != CKR_OK:
+            raise P11Error("C_SignInit", rv)
+        out = ctypes.create_string_buffer(max_len)
+        out_len = CK_ULONG(max_len)
+        rv = self._sign(session, data, len(data), out, ctypes.byref(out_len))
+        del keepalive
+        if rv != CKR_OK:
+            raise P11Error("C_Sign", rv)
+        return out.raw[: out_len.value]
+
+
+class ThreadSafeLib(_pkcs11.lib):  # type: ignore[misc]
+    """python-pkcs11's ``lib``, initialised with CKF_OS_LOCKING_OK.
+
+    Create it with :func:`load`; python-pkcs11's cached ``pkcs11.lib()``
+    would initialise with NULL.
+    """
+
+    module: Module
+
+    def initialize(self) -> None:
+        # Called by lib.__init__ (cpdef, so this override is honoured).
+        self.module = Module(self.so)
+        self.module.initialize()
+
+    def close(self) -> None:
+        self.module.finalize()
+
+
+def load(path: str) -> ThreadSafeLib:
+    """Load and initialise the module at ``path``, safely for many threads."""
+    return ThreadSafeLib(path)

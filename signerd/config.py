@@ -1,0 +1,233 @@
+"""Configuration: frozen dataclasses loaded from TOML.
+
+Relative paths are resolved against the directory of the config file. PINs
+are never part of the config itself: only the file or the environment
+variable they are read from.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import stat
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote
+
+from signerd.errors import ConfigError
+
+DEFAULT_MAX_MESSAGE_BYTES = 1 << 20
+
+
+@dataclass(frozen=True)
+class Pkcs11Uri:
+    """The token-selecting parts of an RFC 7512 ``pkcs11:`` URI."""
+
+    token: str | None = None
+    serial: str | None = None
+    slot_id: int | None = None
+    module_path: str | None = None
+
+    @classmethod
+    def parse(cls, uri: str) -> Pkcs11Uri:
+        if not uri.startswith("pkcs11:"):
+            raise ConfigError(f"token uri must start with 'pkcs11:', got {uri[:40]!r}")
+        path, _, query = uri[len("pkcs11:"):].partition("?")
+        attrs: dict[str, str] = {}
+        for part in [p for p in path.split(";") if p] + [q for q in query.split("&") if q]:
+            name, sep, value = part.partition("=")
+            if not sep:
+                raise ConfigError(f"token uri attribute {name!r} has no value")
+            if name in ("pin-value", "pin-source"):
+                # A PIN inside a URI ends up in logs and process listings.
+                raise ConfigError("token uri must not carry a PIN: use pin_file or pin_env")
+            attrs[name] = unquote(value)
+        slot = attrs.get("slot-id")
+        if slot is not None and not slot.isdigit():
+            raise ConfigError(f"token uri slot-id must be a number, got {slot!r}")
+        uri_ = cls(attrs.get("token"), attrs.get("serial"), int(slot) if slot else None,
+                   attrs.get("module-path"))
+        if uri_.token is None and uri_.serial is None and uri_.slot_id is None:
+            raise ConfigError("token uri must name the token by token=, serial= or slot-id=")
+        return uri_
+
+
+@dataclass(frozen=True)
+class TokenConfig:
+    name: str
+    module: str
+    uri: Pkcs11Uri
+    pin_file: Path | None = None
+    pin_env: str | None = None
+    sessions: int = 4  # pooled sessions: concurrent signing operations on this token
+    roles: tuple[str, ...] = ("*",)  # roles whose new keys go here by default (globs)
+
+    def holds_role(self, role: str) -> bool:
+        return any(fnmatch.fnmatchcase(role, pattern) for pattern in self.roles)
+
+    def read_pin(self) -> str:
+        """Read the user PIN. The PIN itself never appears in an error."""
+        if self.pin_env:
+            pin = os.environ.get(self.pin_env)
+            if pin is None:
+                raise ConfigError(f"token {self.name}: environment variable {self.pin_env} is not set")
+            return pin
+        assert self.pin_file is not None
+        warn_if_exposed(self.pin_file, f"token {self.name} PIN file")
+        try:
+            return self.pin_file.read_text().rstrip("\r\n")
+        except OSError as e:
+            raise ConfigError(f"token {self.name}: cannot read PIN file {self.pin_file}: {e.strerror}") from None
+
+
+@dataclass(frozen=True)
+class TLSConfig:
+    cert: Path
+    key: Path
+    client_ca: Path | None = None  # required for mutual TLS on TCP listeners
+
+
+@dataclass(frozen=True)
+class Config:
+    tokens: tuple[TokenConfig, ...]
+    listen: str | None = "127.0.0.1:4443"
+    unix_socket: Path | None = None
+    tls: TLSConfig | None = None
+    # Plaintext TCP, loopback only: the embedded development default's escape hatch.
+    dev_plaintext: bool = False
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    max_inflight_per_identity: int = 256
+    threads: int = 32
+    workers: int = 1
+    policy_file: Path | None = None
+    audit_file: Path | None = None
+    debug: bool = False  # keep the process dumpable
+    health_interval: float = 5.0
+    environment: dict[str, str] = field(default_factory=dict)
+
+
+_warned: set[Path] = set()
+
+
+def warn_if_exposed(path: Path, what: str) -> None:
+    """Log a warning when a secret file is readable by group or others."""
+    import logging
+
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return
+    if mode & (stat.S_IRWXG | stat.S_IRWXO) and path not in _warned:
+        _warned.add(path)
+        logging.getLogger("signerd").warning(
+            "secret file is accessible by group or others; chmod 600 it",
+            extra={"fields": {"file": str(path), "what": what, "mode": oct(mode & 0o777)}},
+        )
+
+
+def _path(base: Path, value: Any, key: str) -> Path:
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{key} must be a non-empty string path")
+    p = Path(os.path.expanduser(value))
+    return p if p.is_absolute() else base / p
+
+
+def _take(table: dict[str, Any], key: str, kind: type | tuple[type, ...], default: Any,
+          where: str) -> Any:
+    value = table.pop(key, default)
+    if value is not default and (not isinstance(value, kind) or isinstance(value, bool) is not (kind is bool)):
+        name = kind.__name__ if isinstance(kind, type) else "number"
+        raise ConfigError(f"{where}{key} must be a {name}, got {value!r}")
+    return value
+
+
+def _token(base: Path, raw: dict[str, Any], index: int) -> TokenConfig:
+    where = f"tokens[{index}]."
+    raw = dict(raw)
+    name = _take(raw, "name", str, None, where)
+    module = _take(raw, "module", str, None, where)
+    uri = _take(raw, "uri", str, None, where)
+    if not name or not uri:
+        raise ConfigError(f"{where}name and {where}uri are required")
+    parsed = Pkcs11Uri.parse(uri)
+    module = module or parsed.module_path
+    if not module:
+        raise ConfigError(f"{where}module (the PKCS#11 module path) is required")
+    pin_file = raw.pop("pin_file", None)
+    pin_env = _take(raw, "pin_env", str, None, where)
+    if (pin_file is None) == (pin_env is None):
+        raise ConfigError(f"token {name}: set exactly one of pin_file or pin_env")
+    if "pin" in raw:
+        raise ConfigError(f"token {name}: a PIN never goes in the config; use pin_file or pin_env")
+    sessions = _take(raw, "sessions", int, 4, where)
+    roles = _take(raw, "roles", list, ["*"], where)
+    if raw:
+        raise ConfigError(f"{where}: unknown keys {sorted(raw)}")
+    if sessions < 1:
+        raise ConfigError(f"{where}sessions must be at least 1")
+    return TokenConfig(
+        name=name,
+        module=_path(base, module, where + "module") if "/" in module else module,  # type: ignore[arg-type]
+        uri=parsed,
+        pin_file=_path(base, pin_file, where + "pin_file") if pin_file is not None else None,
+        pin_env=pin_env,
+        sessions=sessions,
+        roles=tuple(str(r) for r in roles),
+    )
+
+
+def parse_config(data: dict[str, Any], base: Path) -> Config:
+    data = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items()}
+    server = data.pop("server", {})
+    tls = data.pop("tls", None)
+    tokens = data.pop("tokens", None)
+    policy = data.pop("policy", {})
+    audit = data.pop("audit", {})
+    environment = data.pop("environment", {})
+    if data:
+        raise ConfigError(f"unknown config sections {sorted(data)}")
+    if not tokens or not isinstance(tokens, list):
+        raise ConfigError("at least one [[tokens]] entry is required")
+    token_cfgs = tuple(_token(base, t, i) for i, t in enumerate(tokens))
+    names = [t.name for t in token_cfgs]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"token names must be unique, got {names}")
+    tls_cfg = None
+    if tls is not None:
+        tls_cfg = TLSConfig(
+            cert=_path(base, tls.get("cert"), "tls.cert"),
+            key=_path(base, tls.get("key"), "tls.key"),
+            client_ca=_path(base, tls["client_ca"], "tls.client_ca") if "client_ca" in tls else None,
+        )
+    s = server
+    cfg = Config(
+        tokens=token_cfgs,
+        listen=_take(s, "listen", str, "127.0.0.1:4443", "server.") or None,
+        unix_socket=_path(base, s.pop("unix_socket"), "server.unix_socket") if "unix_socket" in s else None,
+        tls=tls_cfg,
+        dev_plaintext=_take(s, "dev_plaintext", bool, False, "server."),
+        max_message_bytes=_take(s, "max_message_bytes", int, DEFAULT_MAX_MESSAGE_BYTES, "server."),
+        max_inflight_per_identity=_take(s, "max_inflight_per_identity", int, 256, "server."),
+        threads=_take(s, "threads", int, 32, "server."),
+        workers=_take(s, "workers", int, 1, "server."),
+        debug=_take(s, "debug", bool, False, "server."),
+        health_interval=float(_take(s, "health_interval", (int, float), 5.0, "server.")),
+        policy_file=_path(base, policy["file"], "policy.file") if "file" in policy else None,
+        audit_file=_path(base, audit["file"], "audit.file") if "file" in audit else None,
+        environment={str(k): str(v) for k, v in environment.items()},
+    )
+    if s:
+        raise ConfigError(f"unknown keys in [server]: {sorted(s)}")
+    return cfg
+
+
+def load_config(path: Path) -> Config:
+    try:
+        data = tomllib.loads(path.read_text())
+    except OSError as e:
+        raise ConfigError(f"cannot read config {path}: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config {path} is not valid TOML: {e}") from None
+    return parse_config(data, path.parent.resolve())

@@ -1,0 +1,130 @@
+"""Key model: algorithms, GUN and role names, public key formats, key IDs."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import re
+from dataclasses import dataclass
+from typing import NewType
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+
+from signerd.canonicaljson import encode_canonical
+from signerd.errors import InvalidArgument
+
+KeyID = NewType("KeyID", str)
+PublicKey = ec.EllipticCurvePublicKey | rsa.RSAPublicKey | ed25519.Ed25519PublicKey
+
+
+@dataclass(frozen=True)
+class Algorithm:
+    """A key algorithm signerd can generate and sign with."""
+
+    name: str
+    keytype: str  # TUF/Notary key type: "ecdsa", "rsa" or "ed25519"
+    bits: int  # curve size or modulus size
+    hash_name: str | None  # digest of "sign a whole message"; None for pure EdDSA
+    curve: str | None = None  # named curve, for EC keys
+
+    @property
+    def signature_size(self) -> int:
+        """Size of a raw signature: r||s for ECDSA, the modulus for RSA."""
+        if self.keytype == "rsa":
+            return self.bits // 8
+        return 2 * ((self.bits + 7) // 8)
+
+    @property
+    def digest_size(self) -> int | None:
+        return {"sha256": 32, "sha384": 48}.get(self.hash_name or "")
+
+
+ALGORITHMS: dict[str, Algorithm] = {
+    a.name: a
+    for a in (
+        Algorithm("ecdsa-p256", "ecdsa", 256, "sha256", "secp256r1"),
+        Algorithm("ecdsa-p384", "ecdsa", 384, "sha384", "secp384r1"),
+        Algorithm("rsa-2048", "rsa", 2048, "sha256"),
+        Algorithm("rsa-3072", "rsa", 3072, "sha256"),
+        Algorithm("rsa-4096", "rsa", 4096, "sha256"),
+        Algorithm("ed25519", "ed25519", 256, None),
+    )
+}
+DEFAULT_ALGORITHM = "ecdsa-p256"
+
+
+def parse_algorithm(name: str) -> Algorithm:
+    """The algorithm called ``name``; empty means the default (ecdsa-p256)."""
+    try:
+        return ALGORITHMS[name or DEFAULT_ALGORITHM]
+    except KeyError:
+        raise InvalidArgument(
+            f"unknown algorithm {name!r}; use one of: {', '.join(ALGORITHMS)}"
+        ) from None
+
+
+# A GUN is a repository name such as "docker.io/acme/app": path components of
+# letters, digits, ".", "_" and "-", with an optional registry port.
+_GUN_RE = re.compile(r"^[a-z0-9]+(?:[._-][a-z0-9]+)*(?::[0-9]{1,5})?(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*$")
+_DELEGATION_RE = re.compile(r"^targets(?:/[A-Za-z0-9_][A-Za-z0-9_.-]*)+$")
+BASE_ROLES = ("root", "targets", "snapshot", "timestamp")
+
+
+def validate_gun(gun: str) -> str:
+    if not gun:
+        raise InvalidArgument("gun is required, for example 'docker.io/acme/app'")
+    if len(gun) > 255 or not _GUN_RE.match(gun):
+        raise InvalidArgument(
+            f"invalid gun {gun!r}: use a lowercase repository name such as "
+            "'docker.io/acme/app' (letters, digits, '.', '_', '-', separated by '/')"
+        )
+    return gun
+
+
+def validate_role(role: str) -> str:
+    if role in BASE_ROLES:
+        return role
+    if not role:
+        raise InvalidArgument("role is required: root, targets, targets/<name>, snapshot or timestamp")
+    if len(role) > 255 or not _DELEGATION_RE.match(role) or "/." in role:
+        raise InvalidArgument(
+            f"invalid role {role!r}: use root, targets, snapshot, timestamp or "
+            "targets/<name> with a name of letters, digits, '_', '.' and '-'"
+        )
+    return role
+
+
+def load_public_key(spki_der: bytes) -> PublicKey:
+    key = serialization.load_der_public_key(spki_der)
+    if not isinstance(key, ec.EllipticCurvePublicKey | rsa.RSAPublicKey | ed25519.Ed25519PublicKey):
+        raise InvalidArgument(f"unsupported public key type {type(key).__name__}")
+    return key
+
+
+def tuf_public_bytes(keytype: str, spki_der: bytes) -> bytes:
+    """The TUF/Notary "public" value: DER SPKI, or raw 32 bytes for ed25519."""
+    if keytype != "ed25519":
+        return spki_der
+    key = load_public_key(spki_der)
+    return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+
+def key_id(keytype: str, tuf_public: bytes) -> KeyID:
+    """TUF/Notary key ID: hex SHA-256 of the canonical JSON public key."""
+    doc = {"keytype": keytype, "keyval": {"private": None, "public": base64.b64encode(tuf_public).decode()}}
+    return KeyID(hashlib.sha256(encode_canonical(doc)).hexdigest())
+
+
+def validate_key_id(value: str) -> KeyID:
+    if len(value) != 64 or any(c not in "0123456789abcdef" for c in value):
+        raise InvalidArgument(
+            f"invalid key_id {value[:80]!r}: expected 64 lowercase hex characters (a TUF key ID)"
+        )
+    return KeyID(value)
+
+
+def spki_to_pem(spki_der: bytes) -> str:
+    return load_public_key(spki_der).public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    ).decode()

@@ -1,0 +1,164 @@
+"""The signing service: keys and signatures across every configured token.
+
+Plain Python: no gRPC here. The servicers in signerd/server/ unpack requests,
+call these methods, and map :mod:`signerd.errors` to status codes.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from signerd import signing
+from signerd.config import Config
+from signerd.errors import InvalidArgument, NotFound, Unavailable
+from signerd.keys import Algorithm, KeyID, parse_algorithm, validate_gun, validate_key_id, validate_role
+from signerd.token import KeyEntry, Token
+
+log = logging.getLogger("signerd.service")
+MAX_PAGE_SIZE = 1000
+DEFAULT_PAGE_SIZE = 100
+_REFRESH_EVERY = 2.0  # seconds: re-reading a token's keys is a C_FindObjects pass
+
+
+@dataclass(frozen=True)
+class Signature:
+    key: KeyEntry
+    signature: bytes
+    method: str
+    options: signing.SignOptions
+
+
+class KeyService:
+    """Keys and signatures over a set of open tokens."""
+
+    def __init__(self, tokens: Iterable[Token]) -> None:
+        self.tokens = {t.name: t for t in tokens}
+        self._refreshed: dict[str, float] = {}
+        self._refresh_lock = threading.Lock()
+
+    @classmethod
+    def open(cls, config: Config) -> KeyService:
+        opened: list[Token] = []
+        try:
+            for tc in config.tokens:
+                opened.append(Token(tc))
+        except BaseException:
+            for t in opened:
+                t.close()
+            raise
+        return cls(opened)
+
+    def close(self) -> None:
+        for t in self.tokens.values():
+            t.close()
+
+    # -- lookups ------------------------------------------------------------
+
+    def _refresh(self, force: bool = False) -> None:
+        """Pick up keys that another daemon created or deleted, at most every
+        _REFRESH_EVERY seconds per token, so unknown key IDs cannot turn into
+        a stream of C_FindObjects passes."""
+        now = time.monotonic()
+        with self._refresh_lock:
+            due = [t for t in self.tokens.values()
+                   if force or now - self._refreshed.get(t.name, 0.0) >= _REFRESH_EVERY]
+            for t in due:
+                self._refreshed[t.name] = now
+        for t in due:
+            try:
+                t.refresh()
+            except Unavailable as e:
+                log.warning("cannot refresh keys", extra={"fields": {"token": t.name, "error": str(e)}})
+
+    def _lookup(self, kid: KeyID) -> KeyEntry | None:
+        for t in self.tokens.values():
+            entry = t.get(kid)
+            if entry is not None:
+                return entry
+        return None
+
+    def get_key(self, key_id: str) -> KeyEntry:
+        kid = validate_key_id(key_id)
+        entry = self._lookup(kid)
+        if entry is None:
+            self._refresh()
+            entry = self._lookup(kid)
+        if entry is None:
+            raise NotFound(f"no key with ID {kid}")
+        return entry
+
+    def token(self, name: str) -> Token:
+        try:
+            return self.tokens[name]
+        except KeyError:
+            raise NotFound(f"no token named {name!r}; configured: {', '.join(self.tokens)}") from None
+
+    def token_for_role(self, role: str) -> Token:
+        for t in self.tokens.values():
+            if t.config.holds_role(role):
+                return t
+        return next(iter(self.tokens.values()))
+
+    # -- operations ---------------------------------------------------------
+
+    def create_key(self, gun: str, role: str, algorithm: str = "", token: str = "") -> KeyEntry:
+        alg = parse_algorithm(algorithm)
+        gun, role = validate_gun(gun), validate_role(role)
+        tok = self.token(token) if token else self.token_for_role(role)
+        return tok.generate(alg, gun, role)
+
+    def list_keys(self, gun: str = "", role: str = "", token: str = "", page_size: int = 0,
+                  page_token: str = "") -> tuple[list[KeyEntry], str]:
+        if page_size < 0 or page_size > MAX_PAGE_SIZE:
+            raise InvalidArgument(f"page_size must be between 0 and {MAX_PAGE_SIZE}, got {page_size}")
+        if page_token:
+            validate_key_id(page_token)  # page tokens are the last key ID of the previous page
+        if token:
+            self.token(token)
+        self._refresh()
+        size = page_size or DEFAULT_PAGE_SIZE
+        keys = sorted(
+            (k for t in self.tokens.values() if not token or t.name == token for k in t.keys()
+             if (not gun or k.gun == gun) and (not role or k.role == role) and k.key_id > page_token),
+            key=lambda k: k.key_id,
+        )
+        page = keys[:size]
+        return page, (page[-1].key_id if len(keys) > size else "")
+
+    def delete_key(self, key_id: str) -> None:
+        entry = self.get_key(key_id)
+        self.tokens[entry.token].delete(entry.key_id)
+        log.info("key deleted", extra={"fields": {"key_id": entry.key_id, "token": entry.token}})
+
+    def sign(self, key_id: str, payload: bytes, options: signing.SignOptions) -> Signature:
+        entry = self.get_key(key_id)
+        return self.sign_with(entry, payload, options)
+
+    def sign_with(self, entry: KeyEntry, payload: bytes, options: signing.SignOptions) -> Signature:
+        alg: Algorithm = entry.algorithm
+        mechanism, data = signing.prepare(alg, payload, options)
+        raw = self.tokens[entry.token].sign(entry.key_id, mechanism, data, alg.signature_size)
+        return Signature(entry, signing.encode(alg, raw, options), signing.method(alg, options), options)
+
+    def mark_used(self, entry: KeyEntry) -> None:
+        self.tokens[entry.token].mark_used(entry.key_id)
+
+    def find_unused(self, gun: str, role: str, algorithm: Algorithm) -> KeyEntry | None:
+        """A key for (gun, role, algorithm) that has never signed (Notary's rule)."""
+        self._refresh()
+        for t in self.tokens.values():
+            for k in sorted(t.keys(), key=lambda k: k.key_id):
+                if k.gun == gun and k.role == role and k.algorithm == algorithm and not k.used:
+                    return k
+        return None
+
+    def healthy(self) -> bool:
+        return all(t.healthy for t in self.tokens.values())
+
+    def check(self) -> bool:
+        """Probe every token (reconnecting where needed); True if all are usable."""
+        return all([t.check() for t in self.tokens.values()])

@@ -1,0 +1,447 @@
+"""PKCS#11 tokens: load modules, log in, pool sessions, cache key handles.
+
+The signing path is: take a pooled session, ``C_SignInit`` + ``C_Sign`` with
+the cached private key handle, give the session back. No ``C_FindObjects``,
+no session open/close, no login. When the token says the session or login is
+gone, the token is re-opened once (new sessions, login, key handles) and the
+operation retried once; only then does the caller see :class:`Unavailable`.
+
+Key metadata lives on the token objects themselves: ``CKA_ID`` is the 32-byte
+TUF key ID and ``CKA_LABEL`` a small JSON document (algorithm, GUN, role,
+used). There is no other database, so a restarted daemon, or a second daemon
+on the same token, sees the same keys.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from typing import Any
+
+import pkcs11
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
+
+from signerd import _p11
+from signerd.config import TokenConfig
+from signerd.errors import ConfigError, NotFound, SignerdError, TokenLoginError, Unavailable
+from signerd.keys import ALGORITHMS, Algorithm, KeyID, key_id, tuf_public_bytes
+
+log = logging.getLogger("signerd.token")
+
+_CURVE_OIDS = {  # DER-encoded OBJECT IDENTIFIERs for CKA_EC_PARAMS
+    "secp256r1": bytes.fromhex("06082a8648ce3d030107"),
+    "secp384r1": bytes.fromhex("06052b81040022"),
+    "ed25519": bytes.fromhex("06032b6570"),
+}
+_CURVES = {"secp256r1": ec.SECP256R1(), "secp384r1": ec.SECP384R1()}
+_LABEL_TAG = "signerd"
+_POOL_WAIT = 30.0  # seconds a request waits for a free session before UNAVAILABLE
+
+
+@dataclass(frozen=True)
+class KeyEntry:
+    """A key pair on a token, as the daemon knows it."""
+
+    key_id: KeyID
+    algorithm: Algorithm
+    gun: str
+    role: str
+    token: str
+    spki_der: bytes
+    used: bool
+    handle: int  # private key object handle, valid in every session
+
+    @property
+    def tuf_public(self) -> bytes:
+        return tuf_public_bytes(self.algorithm.keytype, self.spki_der)
+
+
+def _label(alg: Algorithm, gun: str, role: str, used: bool) -> str:
+    return json.dumps({_LABEL_TAG: 1, "alg": alg.name, "gun": gun, "role": role, "used": used},
+                      separators=(",", ":"), sort_keys=True)
+
+
+def _parse_label(label: str) -> dict[str, Any] | None:
+    try:
+        meta = json.loads(label)
+    except ValueError:
+        return None
+    if not isinstance(meta, dict) or meta.get(_LABEL_TAG) != 1 or meta.get("alg") not in ALGORITHMS:
+        return None
+    return meta
+
+
+def _octets(der: bytes) -> bytes:
+    """The content of a DER OCTET STRING (CKA_EC_POINT is one)."""
+    if not der or der[0] != 0x04:
+        return der  # some modules return the raw point
+    length, offset = der[1], 2
+    if length & 0x80:
+        n = length & 0x7F
+        length, offset = int.from_bytes(der[2 : 2 + n], "big"), 2 + n
+    return der[offset : offset + length]
+
+
+def _spki(alg: Algorithm, pub: Any) -> bytes:
+    """DER SubjectPublicKeyInfo of a public key object on the token."""
+    key: Any
+    if alg.keytype == "rsa":
+        n = int.from_bytes(pub[Attribute.MODULUS], "big")
+        e = int.from_bytes(pub[Attribute.PUBLIC_EXPONENT], "big")
+        key = rsa.RSAPublicNumbers(e, n).public_key()
+    elif alg.keytype == "ed25519":
+        key = ed25519.Ed25519PublicKey.from_public_bytes(_octets(pub[Attribute.EC_POINT]))
+    else:
+        assert alg.curve is not None
+        key = ec.EllipticCurvePublicKey.from_encoded_point(
+            _CURVES[alg.curve], _octets(pub[Attribute.EC_POINT])
+        )
+    return bytes(key.public_bytes(serialization.Encoding.DER,
+                                  serialization.PublicFormat.SubjectPublicKeyInfo))
+
+
+class _Modules:
+    """One initialised module per path per process, finalised on last close."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._libs: dict[str, tuple[_p11.ThreadSafeLib, int]] = {}
+
+    def acquire(self, path: str) -> _p11.ThreadSafeLib:
+        with self._lock:
+            lib, count = self._libs.get(path, (None, 0))
+            if lib is None:
+                try:
+                    lib = _p11.load(path)
+                except (pkcs11.PKCS11Error, _p11.P11Error, OSError) as e:
+                    raise ConfigError(f"cannot load PKCS#11 module {path}: {e}") from None
+            self._libs[path] = (lib, count + 1)
+            return lib
+
+    def release(self, path: str) -> None:
+        with self._lock:
+            lib, count = self._libs[path]
+            if count > 1:
+                self._libs[path] = (lib, count - 1)
+                return
+            del self._libs[path]
+            try:
+                lib.close()
+            except _p11.P11Error as e:
+                log.warning("C_Finalize failed", extra={"fields": {"module": path, "error": str(e)}})
+
+
+MODULES = _Modules()
+
+
+class Token:
+    """One configured token: its login, session pool and key cache."""
+
+    def __init__(self, config: TokenConfig) -> None:
+        self.config = config
+        self.name = config.name
+        self._pin = config.read_pin().encode()
+        self._lib = MODULES.acquire(config.module)
+        self.module = self._lib.module
+        self._lock = threading.RLock()  # guards reconnects and the key cache's writers
+        self._generation = 0
+        self._pool: queue.SimpleQueue[tuple[int, Any]] = queue.SimpleQueue()
+        self._sessions: list[Any] = []
+        self._keys: dict[KeyID, KeyEntry] = {}
+        self._login_refused = False
+        self.healthy = False
+        self._token: Any = None
+        self.slot_id = -1
+        try:
+            self._connect()
+        except BaseException:
+            self.close()
+            raise
+
+    # -- connection ---------------------------------------------------------
+
+    def _find_token(self) -> Any:
+        uri = self.config.uri
+        for slot in self._lib.get_slots(token_present=True):
+            if uri.slot_id is not None and slot.slot_id != uri.slot_id:
+                continue
+            tok = slot.get_token()
+            if uri.token is not None and tok.label != uri.token:
+                continue
+            if uri.serial is not None and tok.serial.decode().strip() != uri.serial:
+                continue
+            return tok
+        raise Unavailable(f"token {self.name}: no token matches its uri in module {self.config.module}")
+
+    def _connect(self) -> None:
+        """Open the pool, log in once, and load every key. Caller holds no session."""
+        if self._login_refused:
+            raise Unavailable(f"token {self.name}: the token refused the configured PIN; "
+                              "fix the PIN and restart signerd")
+        try:
+            self._token = self._find_token()
+            self.slot_id = self._token.slot.slot_id
+            first = self._token.open(rw=True)
+            self._sessions.append(first)
+            try:
+                self.module.login(first.handle, self._pin)
+            except _p11.P11Error as e:
+                if e.rv in (_p11.CKR_PIN_INCORRECT, _p11.CKR_PIN_LOCKED):
+                    # Never retried: SoftHSM never locks a PIN, so a retry
+                    # loop would be an unlimited guessing oracle.
+                    self._login_refused = True
+                    raise TokenLoginError(
+                        f"token {self.name}: login refused ({_p11.rv_name(e.rv)}); "
+                        "check the PIN file or environment variable"
+                    ) from None
+                raise
+            for _ in range(self.config.sessions - 1):
+                self._sessions.append(self._token.open(rw=True))
+            self._load_keys(first)
+        except (pkcs11.PKCS11Error, _p11.P11Error) as e:
+            self.healthy = False
+            raise Unavailable(f"token {self.name} is unusable: {type(e).__name__} {e}".strip()) from None
+        self._generation += 1
+        for s in self._sessions:
+            self._pool.put((self._generation, s))
+        self.healthy = True
+
+    def _drop_sessions(self) -> None:
+        for s in self._sessions:
+            try:
+                s.close()
+            except (pkcs11.PKCS11Error, _p11.P11Error):
+                pass  # the session is already gone; that is why we are here
+        self._sessions = []
+        while True:
+            try:
+                self._pool.get_nowait()
+            except queue.Empty:
+                break
+
+    def reconnect(self, seen_generation: int | None = None) -> None:
+        """Re-open sessions and log in again, unless another thread just did."""
+        with self._lock:
+            if seen_generation is not None and seen_generation != self._generation:
+                return
+            log.warning("token session or login lost; reconnecting", extra={"fields": {"token": self.name}})
+            self._drop_sessions()
+            self._connect()
+
+    def close(self) -> None:
+        with self._lock:
+            if self._sessions:
+                self.module.logout(self._sessions[0].handle)
+            self._drop_sessions()
+            self.healthy = False
+            if self._lib is not None:
+                MODULES.release(self.config.module)
+                self._lib = None
+
+    @contextmanager
+    def session(self) -> Iterator[tuple[int, Any]]:
+        """Borrow a pooled session: (generation, python-pkcs11 session)."""
+        try:
+            gen, s = self._pool.get(timeout=_POOL_WAIT)
+        except queue.Empty:
+            raise Unavailable(f"token {self.name}: no session free after {_POOL_WAIT:.0f}s") from None
+        try:
+            yield gen, s
+        finally:
+            if gen == self._generation:
+                self._pool.put((gen, s))
+
+    def _with_retry(self, what: str, fn: Any) -> Any:
+        """Run fn(session) once, and once more after a reconnect if the
+        session, login or device was lost."""
+        for attempt in (0, 1):
+            with self.session() as (gen, s):
+                try:
+                    return fn(s)
+                except _p11.P11Error as e:
+                    rv = e.rv
+                except pkcs11.PKCS11Error as e:
+                    rv = _pkcs11_rv(e)
+                    if rv is None:
+                        raise Unavailable(f"token {self.name}: {what} failed: {type(e).__name__}") from None
+            if rv in _p11.DATA_INVALID:
+                raise SignerdError(f"token {self.name}: {what}: {_p11.rv_name(rv)}")
+            lost = rv in _p11.SESSION_LOST | _p11.DEVICE_LOST | _p11.HANDLE_LOST
+            if not lost or attempt == 1:
+                self.healthy = False
+                raise Unavailable(f"token {self.name}: {what} failed: {_p11.rv_name(rv)}")
+            try:
+                self.reconnect(gen)
+            except SignerdError:
+                self.healthy = False
+                raise
+        raise AssertionError("unreachable")
+
+    def check(self) -> bool:
+        """Health probe: a pooled session is open and logged in. Reconnects
+        once when it is not; a refused PIN is never retried."""
+        try:
+            with self.session() as (gen, s):
+                state = self.module.session_state(s.handle)
+            if state not in (_p11.CKS_RO_USER_FUNCTIONS, _p11.CKS_RW_USER_FUNCTIONS):
+                self.reconnect(gen)
+            self.healthy = True
+        except _p11.P11Error:
+            try:
+                self.reconnect(gen)
+                self.healthy = True
+            except SignerdError:
+                self.healthy = False
+        except SignerdError:
+            self.healthy = False
+        return self.healthy
+
+    # -- keys ---------------------------------------------------------------
+
+    def _load_keys(self, s: Any) -> None:
+        """Read every signerd key on the token: one pass over the private keys
+        (handles and metadata) and one over the public keys (key material)."""
+        privates: dict[bytes, tuple[int, dict[str, Any]]] = {}
+        for obj in s.get_objects({Attribute.CLASS: ObjectClass.PRIVATE_KEY}):
+            meta = _parse_label(obj[Attribute.LABEL])
+            if meta is not None:
+                privates[bytes(obj[Attribute.ID])] = (obj.handle, meta)
+        keys: dict[KeyID, KeyEntry] = {}
+        for pub in s.get_objects({Attribute.CLASS: ObjectClass.PUBLIC_KEY}):
+            found = privates.get(bytes(pub[Attribute.ID]))
+            if found is None:
+                continue
+            handle, meta = found
+            alg = ALGORITHMS[meta["alg"]]
+            spki = _spki(alg, pub)
+            kid = key_id(alg.keytype, tuf_public_bytes(alg.keytype, spki))
+            if bytes.fromhex(kid) != bytes(pub[Attribute.ID]):
+                log.warning("skipping key whose CKA_ID is not its key ID",
+                            extra={"fields": {"token": self.name, "label": pub[Attribute.LABEL]}})
+                continue
+            keys[kid] = KeyEntry(kid, alg, str(meta["gun"]), str(meta["role"]), self.name, spki,
+                                 bool(meta.get("used")), handle)
+        self._keys = keys
+
+    def keys(self) -> list[KeyEntry]:
+        return list(self._keys.values())
+
+    def get(self, kid: KeyID) -> KeyEntry | None:
+        return self._keys.get(kid)
+
+    def generate(self, alg: Algorithm, gun: str, role: str) -> KeyEntry:
+        """Generate a key pair on the token. The private key is a sensitive,
+        non-extractable token object that can only sign."""
+        label = _label(alg, gun, role, used=False)
+        pub_tpl: dict[Any, Any] = {
+            Attribute.TOKEN: True, Attribute.PRIVATE: False, Attribute.VERIFY: True,
+            Attribute.ENCRYPT: False, Attribute.WRAP: False, Attribute.DERIVE: False,
+            Attribute.LABEL: label,
+        }
+        priv_tpl: dict[Any, Any] = {
+            Attribute.TOKEN: True, Attribute.PRIVATE: True, Attribute.SENSITIVE: True,
+            Attribute.EXTRACTABLE: False, Attribute.SIGN: True, Attribute.DECRYPT: False,
+            Attribute.UNWRAP: False, Attribute.DERIVE: False, Attribute.LABEL: label,
+        }
+        if alg.keytype == "rsa":
+            key_type, bits, mech = KeyType.RSA, alg.bits, Mechanism.RSA_PKCS_KEY_PAIR_GEN
+            pub_tpl[Attribute.PUBLIC_EXPONENT] = b"\x01\x00\x01"
+            pub_tpl[Attribute.MODULUS_BITS] = alg.bits
+        elif alg.keytype == "ed25519":
+            key_type, bits, mech = KeyType.EC_EDWARDS, None, Mechanism.EC_EDWARDS_KEY_PAIR_GEN
+            pub_tpl[Attribute.EC_PARAMS] = _CURVE_OIDS["ed25519"]
+        else:
+            assert alg.curve is not None
+            key_type, bits, mech = KeyType.EC, None, Mechanism.EC_KEY_PAIR_GEN
+            pub_tpl[Attribute.EC_PARAMS] = _CURVE_OIDS[alg.curve]
+
+        def gen(s: Any) -> KeyEntry:
+            pub, priv = s.generate_keypair(
+                key_type, bits, store=True, mechanism=mech, capabilities=0,
+                public_template=pub_tpl, private_template=priv_tpl,
+            )
+            try:
+                spki = _spki(alg, pub)
+                kid = key_id(alg.keytype, tuf_public_bytes(alg.keytype, spki))
+                # The key ID depends on the public key, so it is set after generation.
+                pub[Attribute.ID] = bytes.fromhex(kid)
+                priv[Attribute.ID] = bytes.fromhex(kid)
+            except BaseException:
+                priv.destroy()
+                pub.destroy()
+                raise
+            return KeyEntry(kid, alg, gun, role, self.name, spki, False, priv.handle)
+
+        entry: KeyEntry = self._with_retry("key generation", gen)
+        with self._lock:
+            self._keys[entry.key_id] = entry
+        log.info("key created", extra={"fields": {"token": self.name, "key_id": entry.key_id,
+                                                  "algorithm": alg.name, "gun": gun, "role": role}})
+        return entry
+
+    def _objects(self, s: Any, kid: KeyID) -> list[Any]:
+        return list(s.get_objects({Attribute.ID: bytes.fromhex(kid)}))
+
+    def delete(self, kid: KeyID) -> None:
+        if kid not in self._keys:
+            raise NotFound(f"no key {kid} on token {self.name}")
+
+        def destroy(s: Any) -> None:
+            for obj in self._objects(s, kid):
+                obj.destroy()
+
+        self._with_retry("key deletion", destroy)
+        with self._lock:
+            self._keys.pop(kid, None)
+
+    def mark_used(self, kid: KeyID) -> None:
+        """Record on the token that the key has signed (Notary's reuse rule)."""
+        entry = self._keys.get(kid)
+        if entry is None or entry.used:
+            return
+        label = _label(entry.algorithm, entry.gun, entry.role, used=True)
+
+        def relabel(s: Any) -> None:
+            for obj in self._objects(s, kid):
+                obj[Attribute.LABEL] = label
+
+        self._with_retry("key relabel", relabel)
+        with self._lock:
+            self._keys[kid] = replace(entry, used=True)
+
+    def refresh(self) -> None:
+        """Re-read the keys from the token (keys made by another daemon)."""
+        def load(s: Any) -> None:
+            self._load_keys(s)
+
+        with self._lock:
+            self._with_retry("key listing", load)
+
+    def sign(self, kid: KeyID, mechanism: _p11.Mechanism, data: bytes, max_len: int) -> bytes:
+        """Sign ``data`` with the cached handle of key ``kid`` on a pooled session."""
+        def sign(s: Any) -> bytes:
+            entry = self._keys.get(kid)
+            if entry is None:
+                raise NotFound(f"key {kid} is no longer on token {self.name}")
+            return self.module.sign(s.handle, entry.handle, mechanism, data, max_len)
+
+        result: bytes = self._with_retry("signing", sign)
+        return result
+
+
+def _pkcs11_rv(e: Exception) -> int | None:
+    """The CK_RV behind a python-pkcs11 exception, for the ones we act on."""
+    names = {
+        "SessionHandleInvalid": 0xB3, "SessionClosed": 0xB0, "UserNotLoggedIn": 0x101,
+        "DeviceRemoved": 0x32, "DeviceError": 0x30, "TokenNotPresent": 0xE0,
+        "ObjectHandleInvalid": 0x82, "KeyHandleInvalid": 0x60, "DeviceMemory": 0x31,
+        "TokenNotRecognised": 0xE1,
+    }
+    return names.get(type(e).__name__)

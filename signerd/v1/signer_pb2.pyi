@@ -1,0 +1,150 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class SignatureEncoding(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    SIGNATURE_ENCODING_UNSPECIFIED: _ClassVar[SignatureEncoding]
+    SIGNATURE_ENCODING_RAW: _ClassVar[SignatureEncoding]
+    SIGNATURE_ENCODING_DER: _ClassVar[SignatureEncoding]
+
+class RsaPadding(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    RSA_PADDING_UNSPECIFIED: _ClassVar[RsaPadding]
+    RSA_PADDING_PSS: _ClassVar[RsaPadding]
+    RSA_PADDING_PKCS1V15: _ClassVar[RsaPadding]
+SIGNATURE_ENCODING_UNSPECIFIED: SignatureEncoding
+SIGNATURE_ENCODING_RAW: SignatureEncoding
+SIGNATURE_ENCODING_DER: SignatureEncoding
+RSA_PADDING_UNSPECIFIED: RsaPadding
+RSA_PADDING_PSS: RsaPadding
+RSA_PADDING_PKCS1V15: RsaPadding
+
+class Key(_message.Message):
+    __slots__ = ("key_id", "algorithm", "gun", "role", "token", "keytype", "public_key_der", "public_key_pem", "tuf_public", "used")
+    KEY_ID_FIELD_NUMBER: _ClassVar[int]
+    ALGORITHM_FIELD_NUMBER: _ClassVar[int]
+    GUN_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    KEYTYPE_FIELD_NUMBER: _ClassVar[int]
+    PUBLIC_KEY_DER_FIELD_NUMBER: _ClassVar[int]
+    PUBLIC_KEY_PEM_FIELD_NUMBER: _ClassVar[int]
+    TUF_PUBLIC_FIELD_NUMBER: _ClassVar[int]
+    USED_FIELD_NUMBER: _ClassVar[int]
+    key_id: str
+    algorithm: str
+    gun: str
+    role: str
+    token: str
+    keytype: str
+    public_key_der: bytes
+    public_key_pem: str
+    tuf_public: bytes
+    used: bool
+    def __init__(self, key_id: _Optional[str] = ..., algorithm: _Optional[str] = ..., gun: _Optional[str] = ..., role: _Optional[str] = ..., token: _Optional[str] = ..., keytype: _Optional[str] = ..., public_key_der: _Optional[bytes] = ..., public_key_pem: _Optional[str] = ..., tuf_public: _Optional[bytes] = ..., used: _Optional[bool] = ...) -> None: ...
+
+class CreateKeyRequest(_message.Message):
+    __slots__ = ("gun", "role", "algorithm", "token")
+    GUN_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    ALGORITHM_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    gun: str
+    role: str
+    algorithm: str
+    token: str
+    def __init__(self, gun: _Optional[str] = ..., role: _Optional[str] = ..., algorithm: _Optional[str] = ..., token: _Optional[str] = ...) -> None: ...
+
+class GetKeyRequest(_message.Message):
+    __slots__ = ("key_id",)
+    KEY_ID_FIELD_NUMBER: _ClassVar[int]
+    key_id: str
+    def __init__(self, key_id: _Optional[str] = ...) -> None: ...
+
+class ListKeysRequest(_message.Message):
+    __slots__ = ("gun", "role", "token", "page_size", "page_token")
+    GUN_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    gun: str
+    role: str
+    token: str
+    page_size: int
+    page_token: str
+    def __init__(self, gun: _Optional[str] = ..., role: _Optional[str] = ..., token: _Optional[str] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
+
+class ListKeysResponse(_message.Message):
+    __slots__ = ("keys", "next_page_token")
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    keys: _containers.RepeatedCompositeFieldContainer[Key]
+    next_page_token: str
+    def __init__(self, keys: _Optional[_Iterable[_Union[Key, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
+
+class DeleteKeyRequest(_message.Message):
+    __slots__ = ("key_id",)
+    KEY_ID_FIELD_NUMBER: _ClassVar[int]
+    key_id: str
+    def __init__(self, key_id: _Optional[str] = ...) -> None: ...
+
+class DeleteKeyResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class SignRequest(_message.Message):
+    __slots__ = ("key_id", "message", "digest", "encoding", "rsa_padding")
+    KEY_ID_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    DIGEST_FIELD_NUMBER: _ClassVar[int]
+    ENCODING_FIELD_NUMBER: _ClassVar[int]
+    RSA_PADDING_FIELD_NUMBER: _ClassVar[int]
+    key_id: str
+    message: bytes
+    digest: bytes
+    encoding: SignatureEncoding
+    rsa_padding: RsaPadding
+    def __init__(self, key_id: _Optional[str] = ..., message: _Optional[bytes] = ..., digest: _Optional[bytes] = ..., encoding: _Optional[_Union[SignatureEncoding, str]] = ..., rsa_padding: _Optional[_Union[RsaPadding, str]] = ...) -> None: ...
+
+class SignResponse(_message.Message):
+    __slots__ = ("key_id", "signature", "algorithm", "method", "encoding")
+    KEY_ID_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    ALGORITHM_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    ENCODING_FIELD_NUMBER: _ClassVar[int]
+    key_id: str
+    signature: bytes
+    algorithm: str
+    method: str
+    encoding: SignatureEncoding
+    def __init__(self, key_id: _Optional[str] = ..., signature: _Optional[bytes] = ..., algorithm: _Optional[str] = ..., method: _Optional[str] = ..., encoding: _Optional[_Union[SignatureEncoding, str]] = ...) -> None: ...
+
+class SignBatchRequest(_message.Message):
+    __slots__ = ("requests",)
+    REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    requests: _containers.RepeatedCompositeFieldContainer[SignRequest]
+    def __init__(self, requests: _Optional[_Iterable[_Union[SignRequest, _Mapping]]] = ...) -> None: ...
+
+class SignBatchItem(_message.Message):
+    __slots__ = ("code", "error", "response")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    RESPONSE_FIELD_NUMBER: _ClassVar[int]
+    code: int
+    error: str
+    response: SignResponse
+    def __init__(self, code: _Optional[int] = ..., error: _Optional[str] = ..., response: _Optional[_Union[SignResponse, _Mapping]] = ...) -> None: ...
+
+class SignBatchResponse(_message.Message):
+    __slots__ = ("items",)
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    items: _containers.RepeatedCompositeFieldContainer[SignBatchItem]
+    def __init__(self, items: _Optional[_Iterable[_Union[SignBatchItem, _Mapping]]] = ...) -> None: ...
