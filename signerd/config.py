@@ -169,7 +169,8 @@ def _token(base: Path, raw: dict[str, Any], index: int) -> TokenConfig:
         raise ConfigError(f"{where}sessions must be at least 1")
     return TokenConfig(
         name=name,
-        module=_path(base, module, where + "module") if "/" in module else module,  # type: ignore[arg-type]
+        # A bare file name is left to the dynamic loader's search path.
+        module=str(_path(base, module, where + "module")) if "/" in module else module,
         uri=parsed,
         pin_file=_path(base, pin_file, where + "pin_file") if pin_file is not None else None,
         pin_env=pin_env,

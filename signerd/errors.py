@@ -38,3 +38,11 @@ class ConfigError(SignerdError):
 
 class TokenLoginError(ConfigError):
     """The token refused the configured PIN. Never retried: see DEVELOPERS."""
+
+
+class Unauthenticated(SignerdError):
+    """The peer could not be identified (no verified certificate or credentials)."""
+
+
+class FailedPrecondition(SignerdError):
+    """The operation is not possible in the key's current state."""

@@ -18,6 +18,7 @@ import json
 import logging
 import queue
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -43,6 +44,7 @@ _CURVE_OIDS = {  # DER-encoded OBJECT IDENTIFIERs for CKA_EC_PARAMS
 _CURVES = {"secp256r1": ec.SECP256R1(), "secp384r1": ec.SECP384R1()}
 _LABEL_TAG = "signerd"
 _POOL_WAIT = 30.0  # seconds a request waits for a free session before UNAVAILABLE
+_RETRY_EVERY = 1.0  # seconds between reconnect attempts while a token is unusable
 
 
 @dataclass(frozen=True)
@@ -113,8 +115,9 @@ class _Modules:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._libs: dict[str, tuple[_p11.ThreadSafeLib, int]] = {}
+        self._users: dict[str, list[Token]] = {}
 
-    def acquire(self, path: str) -> _p11.ThreadSafeLib:
+    def acquire(self, path: str, user: Token | None = None) -> _p11.ThreadSafeLib:
         with self._lock:
             lib, count = self._libs.get(path, (None, 0))
             if lib is None:
@@ -123,10 +126,14 @@ class _Modules:
                 except (pkcs11.PKCS11Error, _p11.P11Error, OSError) as e:
                     raise ConfigError(f"cannot load PKCS#11 module {path}: {e}") from None
             self._libs[path] = (lib, count + 1)
+            if user is not None:
+                self._users.setdefault(path, []).append(user)
             return lib
 
-    def release(self, path: str) -> None:
+    def release(self, path: str, user: Token | None = None) -> None:
         with self._lock:
+            if user is not None and user in self._users.get(path, []):
+                self._users[path].remove(user)
             lib, count = self._libs[path]
             if count > 1:
                 self._libs[path] = (lib, count - 1)
@@ -136,6 +143,28 @@ class _Modules:
                 lib.close()
             except _p11.P11Error as e:
                 log.warning("C_Finalize failed", extra={"fields": {"module": path, "error": str(e)}})
+
+    def reinitialize(self, path: str) -> bool:
+        """C_Finalize + C_Initialize a module whose tokens are all unusable:
+        some modules (SoftHSM among them) only find a token that went away
+        and came back after re-initialisation. Never done while another
+        token of the module is in use, since it ends every session."""
+        with self._lock:
+            users = self._users.get(path, [])
+            if any(t.connected for t in users) or path not in self._libs:
+                return False
+            for t in users:
+                t.forget_sessions()  # C_Finalize closes them; their handles may be reused
+            lib = self._libs[path][0]
+            try:
+                lib.module.finalize()
+                lib.module.initialize()
+            except _p11.P11Error as e:
+                log.error("module re-initialisation failed", extra={"fields": {"module": path,
+                                                                             "error": str(e)}})
+                return False
+            log.warning("module re-initialised", extra={"fields": {"module": path}})
+            return True
 
 
 MODULES = _Modules()
@@ -148,7 +177,7 @@ class Token:
         self.config = config
         self.name = config.name
         self._pin = config.read_pin().encode()
-        self._lib = MODULES.acquire(config.module)
+        self._lib: _p11.ThreadSafeLib | None = MODULES.acquire(config.module, self)
         self.module = self._lib.module
         self._lock = threading.RLock()  # guards reconnects and the key cache's writers
         self._generation = 0
@@ -156,6 +185,9 @@ class Token:
         self._sessions: list[Any] = []
         self._keys: dict[KeyID, KeyEntry] = {}
         self._login_refused = False
+        self._connected = False
+        self._last_error = ""
+        self._next_attempt = 0.0
         self.healthy = False
         self._token: Any = None
         self.slot_id = -1
@@ -207,10 +239,12 @@ class Token:
             self._load_keys(first)
         except (pkcs11.PKCS11Error, _p11.P11Error) as e:
             self.healthy = False
-            raise Unavailable(f"token {self.name} is unusable: {type(e).__name__} {e}".strip()) from None
+            self._last_error = f"{type(e).__name__} {e}".strip()
+            raise Unavailable(f"token {self.name} is unusable: {self._last_error}") from None
         self._generation += 1
         for s in self._sessions:
             self._pool.put((self._generation, s))
+        self._connected = True
         self.healthy = True
 
     def _drop_sessions(self) -> None:
@@ -226,14 +260,41 @@ class Token:
             except queue.Empty:
                 break
 
+    @property
+    def connected(self) -> bool:
+        return self._connected
+
+    def forget_sessions(self) -> None:
+        """Discard sessions without closing them (the module is being finalised)."""
+        self._connected = False
+        self._sessions = []
+        while True:
+            try:
+                self._pool.get_nowait()
+            except queue.Empty:
+                break
+
     def reconnect(self, seen_generation: int | None = None) -> None:
-        """Re-open sessions and log in again, unless another thread just did."""
+        """Re-open sessions and log in again, unless another thread just did.
+
+        While the token stays unusable, attempts are spaced by
+        _RETRY_EVERY so that callers fail fast instead of piling up."""
         with self._lock:
-            if seen_generation is not None and seen_generation != self._generation:
+            if seen_generation is not None and seen_generation != self._generation and self._connected:
                 return
+            now = time.monotonic()
+            if not self._connected and now < self._next_attempt:
+                raise Unavailable(f"token {self.name} is unusable: {self._last_error}")
+            self._next_attempt = now + _RETRY_EVERY
             log.warning("token session or login lost; reconnecting", extra={"fields": {"token": self.name}})
+            self._connected = False
             self._drop_sessions()
-            self._connect()
+            try:
+                self._connect()
+            except Unavailable:
+                if self._login_refused or not MODULES.reinitialize(self.config.module):
+                    raise
+                self._connect()
 
     def close(self) -> None:
         with self._lock:
@@ -242,12 +303,14 @@ class Token:
             self._drop_sessions()
             self.healthy = False
             if self._lib is not None:
-                MODULES.release(self.config.module)
+                MODULES.release(self.config.module, self)
                 self._lib = None
 
     @contextmanager
     def session(self) -> Iterator[tuple[int, Any]]:
         """Borrow a pooled session: (generation, python-pkcs11 session)."""
+        if not self._connected:
+            self.reconnect()
         try:
             gen, s = self._pool.get(timeout=_POOL_WAIT)
         except queue.Empty:
@@ -286,7 +349,7 @@ class Token:
 
     def check(self) -> bool:
         """Health probe: a pooled session is open and logged in. Reconnects
-        once when it is not; a refused PIN is never retried."""
+        when it is not; a refused PIN is never retried."""
         try:
             with self.session() as (gen, s):
                 state = self.module.session_state(s.handle)
@@ -295,8 +358,7 @@ class Token:
             self.healthy = True
         except _p11.P11Error:
             try:
-                self.reconnect(gen)
-                self.healthy = True
+                self.reconnect()
             except SignerdError:
                 self.healthy = False
         except SignerdError:

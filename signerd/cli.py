@@ -1,0 +1,268 @@
+"""``signerctl``: the command-line client.
+
+Every command takes --json for machine-readable output; tables are for
+people. On failure it prints one line on stderr and exits non-zero.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import grpc
+from cryptography.exceptions import InvalidSignature
+
+from signerd import signing
+from signerd.client import Client, ClientConfig
+from signerd.errors import ConfigError, SignerdError
+from signerd.keys import ALGORITHMS, parse_algorithm
+from signerd.v1 import signer_pb2 as pb
+
+Handler = Callable[[argparse.Namespace], Any]
+# Further command groups (e.g. ``trust``) register here: each adds its
+# sub-parsers and sets ``func`` on them.
+COMMAND_GROUPS: list[Callable[[Any], None]] = []
+
+
+class CliError(Exception):
+    """A failure to report as one line on stderr."""
+
+
+def client_config(args: argparse.Namespace) -> ClientConfig:
+    path = args.config or ClientConfig.default_path()
+    if path.exists():
+        cfg = ClientConfig.load(path)
+    elif args.server is None:
+        raise CliError(f"no client config at {path}; start 'signerd serve' once, "
+                       "or pass --server with --tls-ca/--tls-cert/--tls-key")
+    else:
+        cfg = ClientConfig(args.server)
+    return ClientConfig(
+        server=args.server or cfg.server,
+        ca=args.tls_ca or cfg.ca, cert=args.tls_cert or cfg.cert, key=args.tls_key or cfg.key,
+        server_name=args.server_name or cfg.server_name, timeout=args.timeout or cfg.timeout,
+    )
+
+
+def connect(args: argparse.Namespace) -> Client:
+    return Client(client_config(args))
+
+
+def key_dict(k: pb.Key) -> dict[str, Any]:
+    return {"key_id": k.key_id, "algorithm": k.algorithm, "gun": k.gun, "role": k.role,
+            "token": k.token, "keytype": k.keytype, "used": k.used,
+            "public_key_pem": k.public_key_pem}
+
+
+def emit(args: argparse.Namespace, data: Any, table: Callable[[], str]) -> None:
+    if args.json:
+        print(json.dumps(data, indent=2, sort_keys=True))
+    else:
+        print(table())
+
+
+def _table(keys: Sequence[pb.Key]) -> str:
+    rows = [("KEY ID", "ALGORITHM", "TOKEN", "ROLE", "GUN")]
+    rows += [(k.key_id, k.algorithm, k.token, k.role, k.gun) for k in keys]
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    return "\n".join("  ".join([*(c.ljust(w) for c, w in zip(r[:4], widths, strict=True)), r[4]])
+                      for r in rows)
+
+
+def cmd_keys_create(args: argparse.Namespace) -> None:
+    with connect(args) as c:
+        k = c.create_key(args.gun, args.role, args.algorithm, args.token or "")
+    emit(args, key_dict(k), lambda: f"created {k.algorithm} key {k.key_id} for {k.role} of "
+         f"{k.gun} on token {k.token}")
+
+
+def cmd_keys_list(args: argparse.Namespace) -> None:
+    with connect(args) as c:
+        keys = list(c.list_keys(args.gun or "", args.role or "", args.token or ""))
+    emit(args, [key_dict(k) for k in keys], lambda: _table(keys))
+
+
+def cmd_keys_show(args: argparse.Namespace) -> None:
+    with connect(args) as c:
+        k = c.get_key(args.key_id)
+    emit(args, key_dict(k), lambda: "\n".join(
+        f"{name}: {value}" for name, value in key_dict(k).items() if name != "public_key_pem")
+        + "\n" + k.public_key_pem.rstrip())
+
+
+def cmd_keys_delete(args: argparse.Namespace) -> None:
+    with connect(args) as c:
+        c.delete_key(args.key_id)
+    emit(args, {"deleted": args.key_id}, lambda: f"deleted key {args.key_id}")
+
+
+def cmd_keys_export(args: argparse.Namespace) -> None:
+    with connect(args) as c:
+        k = c.get_key(args.key_id)
+    if args.format == "der":
+        sys.stdout.buffer.write(k.public_key_der)
+    else:
+        sys.stdout.write(k.public_key_pem)
+
+
+def _read_input(name: str) -> bytes:
+    if name == "-":
+        return sys.stdin.buffer.read()
+    try:
+        return Path(name).read_bytes()
+    except OSError as e:
+        raise CliError(f"cannot read {name}: {e.strerror}") from None
+
+
+def _payload(args: argparse.Namespace) -> bytes:
+    data = _read_input(args.input)
+    if args.digest:
+        text = data.strip()
+        try:  # a digest may be given as hex text or as raw bytes
+            return bytes.fromhex(text.decode().removeprefix("sha256:").removeprefix("sha384:"))
+        except (UnicodeDecodeError, ValueError):
+            return data
+    return data
+
+
+def cmd_sign(args: argparse.Namespace) -> None:
+    payload = _payload(args)
+    with connect(args) as c:
+        resp = c.sign(args.key_id, digest=payload if args.digest else None,
+                      message=None if args.digest else payload, encoding=args.encoding,
+                      rsa_padding=args.rsa_padding)
+    if args.out:
+        Path(args.out).write_bytes(resp.signature)
+    data = {"key_id": resp.key_id, "algorithm": resp.algorithm, "method": resp.method,
+            "encoding": args.encoding, "signature": base64.b64encode(resp.signature).decode()}
+    if args.json:
+        print(json.dumps(data, indent=2, sort_keys=True))
+    elif not args.out:
+        print(data["signature"])
+
+
+def cmd_verify(args: argparse.Namespace) -> None:
+    payload = _payload(args)
+    raw_sig = _read_input(args.signature)
+    try:  # signatures may be stored raw or as base64 text (what `sign` prints)
+        sig = base64.b64decode(raw_sig.strip(), validate=True)
+    except ValueError:
+        sig = raw_sig
+    with connect(args) as c:
+        k = c.get_key(args.key_id)
+    options = signing.SignOptions(signing.Encoding(args.encoding),
+                                  signing.RsaPadding(args.rsa_padding), prehashed=args.digest)
+    try:
+        signing.verify(k.public_key_der, parse_algorithm(k.algorithm), sig, payload, options)
+    except InvalidSignature:
+        raise CliError(f"signature does NOT verify with key {k.key_id}") from None
+    emit(args, {"key_id": k.key_id, "valid": True}, lambda: f"signature OK (key {k.key_id})")
+
+
+def cmd_audit_verify(args: argparse.Namespace) -> None:
+    from signerd import audit
+
+    result = audit.verify(Path(args.file))
+    emit(args, {"ok": result.ok, "lines": result.lines, "first_bad_line": result.first_bad_line,
+                "reason": result.reason}, lambda: audit.format_result(result))
+    if not result.ok:
+        raise SystemExit(1)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    # Global options are accepted before or after the command. Sub-parsers
+    # use SUPPRESS so that they do not overwrite a value given earlier.
+    parser = argparse.ArgumentParser(prog="signerctl", description="signerd client")
+    common = argparse.ArgumentParser(add_help=False, argument_default=argparse.SUPPRESS)
+    for p in (parser, common):
+        p.add_argument("--config", type=Path, help="client config (default: the embedded daemon's)")
+        p.add_argument("--server", help="host:port (mutual TLS) or unix:/path/signerd.sock")
+        p.add_argument("--tls-ca", type=Path, help="CA bundle that signed the server certificate")
+        p.add_argument("--tls-cert", type=Path, help="client certificate")
+        p.add_argument("--tls-key", type=Path, help="client certificate's private key")
+        p.add_argument("--server-name", help="expected name in the server certificate")
+        p.add_argument("--timeout", type=float, help="seconds per call")
+        p.add_argument("--json", action="store_true", help="machine-readable output")
+    sub = parser.add_subparsers(dest="command", required=True)
+    keys = sub.add_parser("keys", help="manage keys").add_subparsers(dest="keys_cmd", required=True)
+
+    p = keys.add_parser("create", parents=[common], help="generate a key on a token")
+    p.add_argument("--gun", required=True)
+    p.add_argument("--role", required=True)
+    p.add_argument("--algorithm", default="ecdsa-p256", choices=sorted(ALGORITHMS))
+    p.add_argument("--token", help="token name (default: the token for the role)")
+    p.set_defaults(func=cmd_keys_create)
+
+    p = keys.add_parser("list", parents=[common], help="list keys")
+    p.add_argument("--gun")
+    p.add_argument("--role")
+    p.add_argument("--token")
+    p.set_defaults(func=cmd_keys_list)
+
+    for name, func, helptext in (("show", cmd_keys_show, "show a key"),
+                                 ("delete", cmd_keys_delete, "destroy a key on its token")):
+        p = keys.add_parser(name, parents=[common], help=helptext)
+        p.add_argument("key_id")
+        p.set_defaults(func=func)
+
+    p = keys.add_parser("export", parents=[common], help="print the public key")
+    p.add_argument("key_id")
+    p.add_argument("--format", choices=("pem", "der"), default="pem")
+    p.set_defaults(func=cmd_keys_export)
+
+    def sign_flags(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--digest", action="store_true",
+                       help="the input is a precomputed digest (hex or raw), not the message")
+        p.add_argument("--encoding", choices=("raw", "der"), default="raw")
+        p.add_argument("--rsa-padding", choices=("pss", "pkcs1v15"), default="pss")
+        p.add_argument("input", help="file to sign, or - for standard input")
+
+    p = sub.add_parser("sign", parents=[common], help="sign a file")
+    p.add_argument("--key", dest="key_id", required=True, metavar="KEYID")
+    p.add_argument("--out", help="write the raw signature here (default: print base64)")
+    sign_flags(p)
+    p.set_defaults(func=cmd_sign)
+
+    p = sub.add_parser("verify", parents=[common], help="verify a signature locally")
+    p.add_argument("--key", dest="key_id", required=True, metavar="KEYID")
+    p.add_argument("--signature", required=True, help="signature file (raw or base64)")
+    sign_flags(p)
+    p.set_defaults(func=cmd_verify)
+
+    audit = sub.add_parser("audit", help="audit log tools").add_subparsers(dest="audit_cmd",
+                                                                          required=True)
+    p = audit.add_parser("verify", parents=[common], help="check an audit log's hash chain")
+    p.add_argument("file")
+    p.set_defaults(func=cmd_audit_verify)
+
+    for group in COMMAND_GROUPS:
+        group(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.func(args)
+    except grpc.RpcError as e:
+        code = e.code() if hasattr(e, "code") else None
+        name = code.name if code is not None else "ERROR"
+        detail = e.details() if hasattr(e, "details") else str(e)
+        print(f"signerctl: {name}: {detail}", file=sys.stderr)
+        return 1
+    except (CliError, SignerdError, ConfigError) as e:
+        print(f"signerctl: {e}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

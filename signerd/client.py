@@ -1,0 +1,117 @@
+"""A small gRPC client for signerd.v1, used by signerctl and the trust commands."""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+from signerd import embedded
+from signerd.errors import ConfigError
+from signerd.v1 import signer_pb2 as pb
+from signerd.v1 import signer_pb2_grpc as pb_grpc
+
+ENCODINGS = {"raw": pb.SIGNATURE_ENCODING_RAW, "der": pb.SIGNATURE_ENCODING_DER}
+PADDINGS = {"pss": pb.RSA_PADDING_PSS, "pkcs1v15": pb.RSA_PADDING_PKCS1V15}
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    server: str  # "host:port" (mutual TLS) or "unix:/path/to/signerd.sock"
+    ca: Path | None = None
+    cert: Path | None = None
+    key: Path | None = None
+    server_name: str | None = None
+    timeout: float = 30.0
+
+    @classmethod
+    def load(cls, path: Path) -> ClientConfig:
+        try:
+            data = tomllib.loads(path.read_text())
+        except OSError as e:
+            raise ConfigError(f"cannot read client config {path}: {e.strerror}") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"client config {path} is not valid TOML: {e}") from None
+        base = path.parent
+
+        def p(key: str) -> Path | None:
+            return base / data[key] if key in data else None
+
+        if "server" not in data:
+            raise ConfigError(f"client config {path} has no 'server'")
+        return cls(str(data["server"]), p("ca"), p("cert"), p("key"), data.get("server_name"),
+                   float(data.get("timeout", 30.0)))
+
+    @classmethod
+    def default_path(cls) -> Path:
+        env = os.environ.get("SIGNERCTL_CONFIG")
+        return Path(env) if env else embedded.state_dir() / "client.toml"
+
+
+def channel(cfg: ClientConfig) -> grpc.Channel:
+    options = [("grpc.max_receive_message_length", 64 << 20)]
+    if cfg.server.startswith("unix:"):
+        return grpc.insecure_channel(cfg.server, options=options)
+    if not (cfg.ca and cfg.cert and cfg.key):
+        raise ConfigError("a TCP server needs ca, cert and key (mutual TLS); "
+                          "use --ca/--cert/--key or a client config")
+    try:
+        creds = grpc.ssl_channel_credentials(cfg.ca.read_bytes(), cfg.key.read_bytes(),
+                                             cfg.cert.read_bytes())
+    except OSError as e:
+        raise ConfigError(f"cannot read TLS file {e.filename}: {e.strerror}") from None
+    if cfg.server_name:
+        options.append(("grpc.ssl_target_name_override", cfg.server_name))  # type: ignore[arg-type]
+    return grpc.secure_channel(cfg.server, creds, options=options)
+
+
+class Client:
+    """signerd.v1 calls. Errors are grpc.RpcError with the server's status."""
+
+    def __init__(self, cfg: ClientConfig) -> None:
+        self.cfg = cfg
+        self.channel = channel(cfg)
+        self.stub = pb_grpc.SignerServiceStub(self.channel)
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def create_key(self, gun: str, role: str, algorithm: str = "", token: str = "") -> pb.Key:
+        return self.stub.CreateKey(pb.CreateKeyRequest(gun=gun, role=role, algorithm=algorithm,
+                                                       token=token), timeout=self.cfg.timeout)
+
+    def get_key(self, key_id: str) -> pb.Key:
+        return self.stub.GetKey(pb.GetKeyRequest(key_id=key_id), timeout=self.cfg.timeout)
+
+    def list_keys(self, gun: str = "", role: str = "", token: str = "") -> Iterator[pb.Key]:
+        page = ""
+        while True:
+            resp = self.stub.ListKeys(pb.ListKeysRequest(gun=gun, role=role, token=token,
+                                                         page_token=page), timeout=self.cfg.timeout)
+            yield from resp.keys
+            page = resp.next_page_token
+            if not page:
+                return
+
+    def delete_key(self, key_id: str) -> None:
+        self.stub.DeleteKey(pb.DeleteKeyRequest(key_id=key_id), timeout=self.cfg.timeout)
+
+    def sign(self, key_id: str, message: bytes | None = None, digest: bytes | None = None,
+             encoding: str = "raw", rsa_padding: str = "pss") -> pb.SignResponse:
+        req = pb.SignRequest(key_id=key_id, encoding=ENCODINGS[encoding],
+                             rsa_padding=PADDINGS[rsa_padding])
+        if digest is not None:
+            req.digest = digest
+        else:
+            req.message = message or b""
+        return self.stub.Sign(req, timeout=self.cfg.timeout)

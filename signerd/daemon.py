@@ -1,0 +1,107 @@
+"""``signerd``: the daemon's command line.
+
+    signerd serve [--config signerd.toml] [--ready-file FILE] [--debug]
+
+With no --config, serves the embedded default (see signerd/embedded.py).
+SIGTERM and SIGINT stop gracefully: in-flight requests finish, then sessions
+are closed and the PKCS#11 modules finalised. SIGHUP reloads the policy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from signerd import embedded, logs
+from signerd.config import Config, load_config
+from signerd.errors import SignerdError
+
+log = logging.getLogger("signerd")
+PR_SET_DUMPABLE = 4
+
+
+def make_undumpable() -> None:
+    """No core dumps and no ptrace by other users: the process holds PINs."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
+        log.warning("prctl(PR_SET_DUMPABLE, 0) failed", extra={"fields": {"errno": ctypes.get_errno()}})
+
+
+def is_dumpable() -> bool:
+    libc = ctypes.CDLL(None)
+    return bool(libc.prctl(3, 0, 0, 0, 0))  # PR_GET_DUMPABLE
+
+
+def serve(config: Config, ready_file: Path | None = None) -> int:
+    from signerd.server import app
+    from signerd.service import KeyService
+
+    os.environ.update(config.environment)  # e.g. SOFTHSM2_CONF, before modules load
+    if not config.debug:
+        make_undumpable()
+    service = KeyService.open(config)
+    try:
+        servers = app.build(config, service)
+    except BaseException:
+        service.close()
+        raise
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    signal.signal(signal.SIGHUP, lambda *_: threading.Thread(target=servers.policy.reload).start())
+    servers.start()
+    info = {"pid": os.getpid(), "tcp": servers.ports.get("tcp"),
+            "unix": str(config.unix_socket) if config.unix_socket else None,
+            "tokens": {t.name: len(t.keys()) for t in service.tokens.values()}}
+    log.info("signerd serving", extra={"fields": info})
+    if ready_file is not None:
+        tmp = ready_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(info))
+        tmp.replace(ready_file)
+    stop.wait()
+    log.info("signerd stopping: finishing in-flight requests")
+    servers.stop()
+    log.info("signerd stopped")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="signerd", description="PKCS#11-backed signing daemon")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("serve", help="run the daemon")
+    p.add_argument("--config", type=Path, help="signerd.toml (default: the embedded default)")
+    p.add_argument("--state-dir", type=Path, help="state directory of the embedded default")
+    p.add_argument("--listen", default=embedded.DEFAULT_LISTEN,
+                   help="listen address the embedded default is created with")
+    p.add_argument("--ready-file", type=Path, help="write {pid, ports} as JSON here once serving")
+    p.add_argument("--debug", action="store_true", help="keep the process dumpable (core dumps)")
+    p.add_argument("--log-level", default="info")
+    args = parser.parse_args(argv)
+    logs.setup(args.log_level)
+    try:
+        path = args.config
+        if path is None:
+            state = args.state_dir or embedded.state_dir()
+            path = embedded.ensure(state, args.listen)
+            log.info("embedded default", extra={"fields": {"state_dir": str(state),
+                                                           "client_config": str(state / "client.toml")}})
+        config = load_config(path)
+        if args.debug:
+            from dataclasses import replace
+
+            config = replace(config, debug=True)
+        return serve(config, args.ready_file)
+    except SignerdError as e:
+        print(f"signerd: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

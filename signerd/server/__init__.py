@@ -1,0 +1,1 @@
+"""gRPC server: the only package that imports grpc on the daemon side."""

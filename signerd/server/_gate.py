@@ -1,0 +1,153 @@
+"""Every RPC passes the gate: identity, per-identity limits, policy, audit.
+
+Servicers call :meth:`Gate.run` with the operation name and a function that
+does the work. The function authorizes through its :class:`Scope` once it
+knows which key (GUN, role, token) is involved. Whatever happens, one audit
+line is written before the answer leaves; if it cannot be written, the
+answer is UNAVAILABLE (fail closed), even for work already done.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import secrets
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import grpc
+
+from signerd.audit import AuditLog
+from signerd.errors import PermissionDenied, ResourceExhausted, SignerdError, Unavailable
+from signerd.policy import PolicyStore, Request
+from signerd.server._status import code_for, status_name
+from signerd.token import KeyEntry
+
+log = logging.getLogger("signerd.server")
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who is asking, and over which listener."""
+
+    identity: str
+    transport: str  # "tcp" or "unix"
+    peer: str
+
+
+@dataclass
+class Scope:
+    """One request in flight."""
+
+    caller: Caller
+    operation: str
+    request_id: str
+    policy: PolicyStore
+    payload_sha256: str = ""
+    key_id: str = ""
+    gun: str = ""
+    role: str = ""
+    token: str = ""
+    decision: str = "allow"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def allowed(self, gun: str, role: str, token: str, operation: str | None = None) -> bool:
+        """Ask the policy without recording anything (used to filter listings)."""
+        req = Request(identity=self.caller.identity, transport=self.caller.transport,
+                      operation=operation or self.operation, gun=gun, role=role, token=token)
+        return self.policy.current.decide(req).allowed
+
+    def authorize(self, gun: str, role: str, token: str = "", key: KeyEntry | None = None) -> None:
+        """Raise PermissionDenied unless the policy grants this operation."""
+        if key is not None:
+            self.key_id, gun, role, token = key.key_id, key.gun, key.role, key.token
+        self.gun, self.role, self.token = gun, role, token
+        req = Request(identity=self.caller.identity, transport=self.caller.transport,
+                      operation=self.operation, gun=gun, role=role, token=token)
+        decision = self.policy.current.decide(req)
+        if not decision.allowed:
+            self.decision = "deny"
+            what = f"{role} keys of {gun}" if gun else "this"
+            raise PermissionDenied(
+                f"identity {self.caller.identity!r} may not {self.operation} {what} "
+                f"over {self.caller.transport}: {decision.reason}"
+            )
+
+
+class Gate:
+    def __init__(self, policy: PolicyStore, audit: AuditLog | None, max_inflight: int,
+                 on_unavailable: Callable[[], None] = lambda: None) -> None:
+        self.policy = policy
+        self.audit = audit
+        self.max_inflight = max_inflight
+        self._inflight: Counter[str] = Counter()
+        self._lock = threading.Lock()
+        self._on_unavailable = on_unavailable
+
+    def _enter(self, identity: str) -> None:
+        with self._lock:
+            if self._inflight[identity] >= self.max_inflight:
+                raise ResourceExhausted(
+                    f"identity {identity!r} already has {self.max_inflight} requests in flight; "
+                    "wait for some to finish"
+                )
+            self._inflight[identity] += 1
+
+    def _leave(self, identity: str) -> None:
+        with self._lock:
+            self._inflight[identity] -= 1
+            if not self._inflight[identity]:
+                del self._inflight[identity]
+
+    def run(self, context: grpc.ServicerContext, caller: Caller | SignerdError, operation: str,
+            payload: bytes, work: Callable[[Scope], T]) -> T:
+        start = time.perf_counter()
+        request_id = secrets.token_hex(8)
+        context.set_trailing_metadata((("x-request-id", request_id),))
+        if isinstance(caller, SignerdError):  # the listener could not identify the peer
+            context.abort(code_for(caller), str(caller))
+        scope = Scope(caller, operation, request_id, self.policy,
+                      hashlib.sha256(payload).hexdigest() if payload else "")
+        result: T | None = None
+        error: SignerdError | None = None
+        entered = False
+        try:
+            self._enter(caller.identity)
+            entered = True
+            result = work(scope)
+        except SignerdError as e:
+            error = e
+        except Exception:  # a bug, not the client's fault: log it, answer INTERNAL
+            log.exception("internal error", extra={"fields": {"request_id": request_id}})
+            error = SignerdError(f"internal error; request id {request_id}")
+        finally:
+            if entered:
+                self._leave(caller.identity)
+        if isinstance(error, PermissionDenied):
+            scope.decision = "deny"
+        status = code_for(error) if error is not None else grpc.StatusCode.OK
+        if self.audit is not None:
+            try:
+                self.audit.write({
+                    "request_id": request_id, "identity": caller.identity, "peer": caller.peer,
+                    "transport": caller.transport, "operation": operation, "key_id": scope.key_id,
+                    "gun": scope.gun, "role": scope.role, "token": scope.token,
+                    "payload_sha256": scope.payload_sha256, "decision": scope.decision,
+                    "status": status_name(status),
+                    "latency_ms": round((time.perf_counter() - start) * 1000, 3),
+                })
+            except Unavailable as e:
+                log.error("audit write failed; failing the request closed",
+                          extra={"fields": {"request_id": request_id, "error": str(e)}})
+                context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
+        if error is not None:
+            if isinstance(error, Unavailable):
+                self._on_unavailable()
+            context.abort(status, str(error))
+        assert result is not None
+        return result

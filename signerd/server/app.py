@@ -1,0 +1,169 @@
+"""Build signerd's gRPC servers: listeners, servicers, health and reflection."""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import threading
+from collections.abc import Callable
+from concurrent import futures
+from dataclasses import dataclass, field
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from signerd.audit import AuditLog
+from signerd.config import Config, warn_if_exposed
+from signerd.errors import ConfigError, SignerdError
+from signerd.policy import PolicyStore
+from signerd.server import notary
+from signerd.server._gate import Caller, Gate
+from signerd.server._identity import UnixPeers, dev_caller, tls_caller
+from signerd.server._unix import UnixRelay
+from signerd.server.v1 import SignerServicer
+from signerd.service import KeyService
+from signerd.v1 import signer_pb2, signer_pb2_grpc
+
+log = logging.getLogger("signerd.server")
+
+V1_SERVICE = signer_pb2.DESCRIPTOR.services_by_name["SignerService"].full_name
+Identify = Callable[[grpc.ServicerContext], Caller | SignerdError]
+
+
+def _is_loopback(address: str) -> bool:
+    host = address.rsplit(":", 1)[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _options(config: Config) -> list[tuple[str, int]]:
+    return [
+        # Oversized requests are refused by gRPC itself with RESOURCE_EXHAUSTED.
+        ("grpc.max_receive_message_length", config.max_message_bytes),
+        ("grpc.max_send_message_length", config.max_message_bytes * 2),
+        # Several worker processes may share the port (SO_REUSEPORT).
+        ("grpc.so_reuseport", 1),
+        ("grpc.max_concurrent_streams", 1024),
+    ]
+
+
+@dataclass
+class Servers:
+    """The running servers of one daemon process."""
+
+    servers: list[grpc.Server]
+    health: health.HealthServicer
+    service: KeyService
+    gate: Gate
+    policy: PolicyStore
+    audit: AuditLog | None
+    relay: UnixRelay | None
+    ports: dict[str, int] = field(default_factory=dict)
+    health_names: set[str] = field(default_factory=set)
+    health_interval: float = 5.0
+    _stop: threading.Event = field(default_factory=threading.Event)
+
+    def start(self) -> None:
+        for s in self.servers:
+            s.start()
+        if self.relay is not None:
+            self.relay.start()
+        threading.Thread(target=self._watch_health, name="health", daemon=True).start()
+
+    def update_health(self) -> None:
+        ok = self.service.healthy()
+        status = (health_pb2.HealthCheckResponse.SERVING if ok
+                  else health_pb2.HealthCheckResponse.NOT_SERVING)
+        for name in ("", *sorted(self.health_names)):
+            self.health.set(name, status)
+
+    def _watch_health(self) -> None:
+        while not self._stop.wait(self.health_interval):
+            self.service.check()
+            self.update_health()
+
+    def stop(self, grace: float = 10.0) -> None:
+        """Finish in-flight requests (up to ``grace`` seconds), then close tokens."""
+        self._stop.set()
+        if self.relay is not None:
+            self.relay.stop()
+        events = [s.stop(grace) for s in self.servers]
+        for e in events:
+            e.wait()
+        self.service.close()
+        if self.audit is not None:
+            self.audit.close()
+
+
+def _tls_credentials(config: Config) -> grpc.ServerCredentials:
+    tls = config.tls
+    if tls is None or tls.client_ca is None:
+        raise ConfigError("a TCP listener needs [tls] cert, key and client_ca (mutual TLS); "
+                          "plaintext is only for dev_plaintext on loopback")
+    warn_if_exposed(tls.key, "TLS private key")
+    try:
+        key, cert, ca = tls.key.read_bytes(), tls.cert.read_bytes(), tls.client_ca.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"cannot read TLS file {e.filename}: {e.strerror}") from None
+    # gRPC's TLS stack negotiates TLS 1.2 or 1.3 only; require_client_auth
+    # makes the handshake fail without a certificate issued by client_ca.
+    return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca,
+                                       require_client_auth=True)
+
+
+def build(config: Config, service: KeyService) -> Servers:
+    """Build (but do not start) the servers for ``config``."""
+    if config.policy_file is None:
+        raise ConfigError("[policy] file is required: signerd denies everything without a policy")
+    policy = PolicyStore(config.policy_file)
+    audit = AuditLog(config.audit_file) if config.audit_file is not None else None
+    health_servicer = health.HealthServicer(experimental_non_blocking=True)
+    servers: list[grpc.Server] = []
+    holder: dict[str, Servers] = {}
+    gate = Gate(policy, audit, config.max_inflight_per_identity,
+                on_unavailable=lambda: holder["s"].update_health())
+    ports: dict[str, int] = {}
+    health_names = {V1_SERVICE}
+
+    def make(identify: Identify) -> grpc.Server:
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=config.threads),
+                             options=_options(config))
+        signer_pb2_grpc.add_SignerServiceServicer_to_server(
+            SignerServicer(service, gate, identify), server)
+        names = [V1_SERVICE, *notary.add_to_server(server, service, gate, identify)]
+        health_names.update(names)
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        reflection.enable_server_reflection(
+            [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+             reflection.SERVICE_NAME], server)
+        servers.append(server)
+        return server
+
+    if config.listen:
+        if config.dev_plaintext:
+            if not _is_loopback(config.listen):
+                raise ConfigError(f"dev_plaintext is allowed only on loopback, not {config.listen}")
+            log.warning("plaintext development listener: no TLS, every caller is dev:loopback",
+                        extra={"fields": {"listen": config.listen}})
+            ports["tcp"] = make(dev_caller).add_insecure_port(config.listen)
+        else:
+            ports["tcp"] = make(tls_caller).add_secure_port(config.listen, _tls_credentials(config))
+        if ports["tcp"] == 0:
+            raise ConfigError(f"cannot listen on {config.listen}")
+    relay = None
+    if config.unix_socket is not None:
+        peers = UnixPeers()
+        internal = make(peers.caller).add_insecure_port("127.0.0.1:0")
+        relay = UnixRelay(config.unix_socket, internal, peers)
+    if not servers:
+        raise ConfigError("configure at least one listener: server.listen or server.unix_socket")
+    result = Servers(servers, health_servicer, service, gate, policy, audit, relay, ports,
+                     health_names, config.health_interval)
+    holder["s"] = result
+    result.update_health()
+    return result

@@ -1,0 +1,146 @@
+"""signerd.v1.SignerService: unpack, call the KeyService, answer."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+
+from signerd import signing
+from signerd.errors import InvalidArgument, SignerdError
+from signerd.server._gate import Caller, Gate, Scope
+from signerd.server._status import code_for
+from signerd.service import KeyService
+from signerd.token import KeyEntry
+from signerd.v1 import signer_pb2 as pb
+from signerd.v1 import signer_pb2_grpc as pb_grpc
+
+Identify = Callable[[grpc.ServicerContext], Caller | SignerdError]
+MAX_BATCH = 1000
+
+_ENCODINGS = {
+    pb.SIGNATURE_ENCODING_UNSPECIFIED: signing.Encoding.RAW,
+    pb.SIGNATURE_ENCODING_RAW: signing.Encoding.RAW,
+    pb.SIGNATURE_ENCODING_DER: signing.Encoding.DER,
+}
+_PADDINGS = {
+    pb.RSA_PADDING_UNSPECIFIED: signing.RsaPadding.PSS,
+    pb.RSA_PADDING_PSS: signing.RsaPadding.PSS,
+    pb.RSA_PADDING_PKCS1V15: signing.RsaPadding.PKCS1V15,
+}
+_ENCODING_PB = {signing.Encoding.RAW: pb.SIGNATURE_ENCODING_RAW,
+                signing.Encoding.DER: pb.SIGNATURE_ENCODING_DER}
+
+
+def key_message(k: KeyEntry) -> pb.Key:
+    from signerd.keys import spki_to_pem
+
+    return pb.Key(key_id=k.key_id, algorithm=k.algorithm.name, gun=k.gun, role=k.role,
+                  token=k.token, keytype=k.algorithm.keytype, public_key_der=k.spki_der,
+                  public_key_pem=spki_to_pem(k.spki_der), tuf_public=k.tuf_public, used=k.used)
+
+
+def sign_options(req: pb.SignRequest) -> tuple[bytes, signing.SignOptions]:
+    """The payload and options of a SignRequest, validated."""
+    if req.encoding not in _ENCODINGS:
+        raise InvalidArgument(f"unknown encoding {req.encoding}; use RAW (1) or DER (2)")
+    if req.rsa_padding not in _PADDINGS:
+        raise InvalidArgument(f"unknown rsa_padding {req.rsa_padding}; use PSS (1) or PKCS1V15 (2)")
+    which = req.WhichOneof("payload")
+    if which is None:
+        raise InvalidArgument("set either 'message' (bytes to sign) or 'digest' (a precomputed hash)")
+    payload = req.message if which == "message" else req.digest
+    return payload, signing.SignOptions(_ENCODINGS[req.encoding], _PADDINGS[req.rsa_padding],
+                                        prehashed=which == "digest")
+
+
+class SignerServicer(pb_grpc.SignerServiceServicer):  # type: ignore[misc]
+    def __init__(self, service: KeyService, gate: Gate, identify: Identify) -> None:
+        self.service = service
+        self.gate = gate
+        self.identify = identify
+
+    def _run(self, context: grpc.ServicerContext, op: str, payload: bytes,
+             work: Callable[[Scope], Any]) -> Any:
+        return self.gate.run(context, self.identify(context), op, payload, work)
+
+    def CreateKey(self, request: pb.CreateKeyRequest, context: grpc.ServicerContext) -> pb.Key:
+        def work(scope: Scope) -> pb.Key:
+            from signerd.keys import parse_algorithm, validate_gun, validate_role
+
+            gun, role = validate_gun(request.gun), validate_role(request.role)
+            parse_algorithm(request.algorithm)
+            token = (self.service.token(request.token) if request.token
+                     else self.service.token_for_role(role))
+            scope.authorize(gun, role, token.name)
+            entry = self.service.create_key(gun, role, request.algorithm, token.name)
+            scope.key_id = entry.key_id
+            return key_message(entry)
+
+        return self._run(context, "create", b"", work)
+
+    def GetKey(self, request: pb.GetKeyRequest, context: grpc.ServicerContext) -> pb.Key:
+        def work(scope: Scope) -> pb.Key:
+            entry = self.service.get_key(request.key_id)
+            scope.authorize("", "", key=entry)
+            return key_message(entry)
+
+        return self._run(context, "read", b"", work)
+
+    def ListKeys(self, request: pb.ListKeysRequest,
+                 context: grpc.ServicerContext) -> pb.ListKeysResponse:
+        def work(scope: Scope) -> pb.ListKeysResponse:
+            scope.gun, scope.role, scope.token = request.gun, request.role, request.token
+            keys, next_token = self.service.list_keys(
+                request.gun, request.role, request.token, request.page_size, request.page_token)
+            # Listing shows only the keys the caller may read.
+            visible = [k for k in keys if scope.allowed(k.gun, k.role, k.token)]
+            return pb.ListKeysResponse(keys=[key_message(k) for k in visible],
+                                       next_page_token=next_token)
+
+        return self._run(context, "read", b"", work)
+
+    def DeleteKey(self, request: pb.DeleteKeyRequest,
+                  context: grpc.ServicerContext) -> pb.DeleteKeyResponse:
+        def work(scope: Scope) -> pb.DeleteKeyResponse:
+            entry = self.service.get_key(request.key_id)
+            scope.authorize("", "", key=entry)
+            self.service.delete_key(entry.key_id)
+            return pb.DeleteKeyResponse()
+
+        return self._run(context, "delete", b"", work)
+
+    def _sign_one(self, scope: Scope, req: pb.SignRequest) -> pb.SignResponse:
+        payload, options = sign_options(req)
+        entry = self.service.get_key(req.key_id)
+        scope.authorize("", "", key=entry)
+        sig = self.service.sign_with(entry, payload, options)
+        return pb.SignResponse(key_id=entry.key_id, signature=sig.signature,
+                               algorithm=entry.algorithm.name, method=sig.method,
+                               encoding=_ENCODING_PB[options.encoding])
+
+    def Sign(self, request: pb.SignRequest, context: grpc.ServicerContext) -> pb.SignResponse:
+        payload = request.message or request.digest
+        return self._run(context, "sign", payload, lambda scope: self._sign_one(scope, request))
+
+    def SignBatch(self, request: pb.SignBatchRequest,
+                  context: grpc.ServicerContext) -> pb.SignBatchResponse:
+        def work(scope: Scope) -> pb.SignBatchResponse:
+            if not request.requests:
+                raise InvalidArgument("a batch needs at least one request")
+            if len(request.requests) > MAX_BATCH:
+                raise InvalidArgument(f"a batch holds at most {MAX_BATCH} requests, "
+                                      f"got {len(request.requests)}")
+            items = []
+            for req in request.requests:
+                try:
+                    items.append(pb.SignBatchItem(code=0, response=self._sign_one(scope, req)))
+                except SignerdError as e:  # one bad item fails only itself
+                    items.append(pb.SignBatchItem(code=code_for(e).value[0], error=str(e)))
+            scope.key_id = ",".join(sorted({r.key_id for r in request.requests}))[:4096]
+            scope.decision = "allow" if any(i.code == 0 for i in items) else "deny"
+            return pb.SignBatchResponse(items=items)
+
+        digest_input = b"".join(r.message or r.digest for r in request.requests)
+        return self._run(context, "sign", digest_input, work)

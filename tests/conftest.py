@@ -1,0 +1,272 @@
+"""Shared fixtures: a real SoftHSM, real certificates, real daemons on loopback.
+
+Nothing here mocks PKCS#11, gRPC or TLS. SoftHSM missing is a failure, never
+a skip: ``./dev.sh test`` installs it.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import secrets
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from signerd import embedded, pki
+from signerd.client import Client, ClientConfig
+from signerd.config import Config, parse_config
+from signerd.server import app
+from signerd.service import KeyService
+
+ADMIN = "spiffe://test/admin"
+RUNNER = "spiffe://ci/runner-1"
+TOKENS = ("root", "online")
+
+
+@dataclass
+class HSM:
+    """A SoftHSM directory with two initialised tokens: root and online."""
+
+    dir: Path
+    conf: Path
+    module: str
+    pins: dict[str, Path]
+
+    def token_table(self, name: str, **extra: Any) -> dict[str, Any]:
+        return {"name": name, "module": self.module, "uri": f"pkcs11:token=test-{name}",
+                "pin_file": str(self.pins[name]),
+                "roles": ["root"] if name == "root" else ["*"], **extra}
+
+
+def make_hsm(base: Path) -> HSM:
+    try:
+        module = embedded.softhsm_module()
+    except Exception as e:  # noqa: BLE001 - reported as a test failure
+        pytest.fail(f"SoftHSM is required for these tests and is missing: {e}")
+    base.mkdir(parents=True, exist_ok=True)
+    (base / "tokens").mkdir(exist_ok=True)
+    conf = base / "softhsm2.conf"
+    conf.write_text(f"directories.tokendir = {base / 'tokens'}\nobjectstore.backend = file\n"
+                    "log.level = ERROR\nslots.removable = false\n")
+    pins = {}
+    for name in TOKENS:
+        pin = secrets.token_hex(8).encode()
+        pins[name] = base / f"{name}.pin"
+        pki.write_private(pins[name], pin)
+        embedded.init_softhsm_token(module, conf, f"test-{name}", pin, b"so-" + pin)
+    return HSM(base, conf, module, pins)
+
+
+@pytest.fixture(scope="session")
+def hsm(tmp_path_factory: pytest.TempPathFactory) -> HSM:
+    h = make_hsm(tmp_path_factory.mktemp("softhsm"))
+    os.environ["SOFTHSM2_CONF"] = str(h.conf)  # one SoftHSM config for this process
+    return h
+
+
+@dataclass
+class PKI:
+    dir: Path
+    ca: pki.Issued
+    files: dict[str, tuple[Path, Path]] = field(default_factory=dict)
+
+    def add(self, name: str, issued: pki.Issued) -> tuple[Path, Path]:
+        paths = (self.dir / f"{name}.pem", self.dir / f"{name}-key.pem")
+        issued.write(*paths)
+        self.files[name] = paths
+        return paths
+
+    @property
+    def ca_file(self) -> Path:
+        return self.dir / "ca.pem"
+
+
+@pytest.fixture(scope="session")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> PKI:
+    d = tmp_path_factory.mktemp("pki")
+    ca = pki.make_ca("signerd test CA")
+    p = PKI(d, ca)
+    ca.write(d / "ca.pem", d / "ca-key.pem")
+    p.add("server", pki.issue(ca, "localhost", server=True, dns=("localhost",), ips=("127.0.0.1",)))
+    p.add("admin", pki.issue(ca, "admin", server=False, uris=(ADMIN,)))
+    p.add("runner", pki.issue(ca, "runner-1", server=False, uris=(RUNNER,)))
+    p.add("dns-only", pki.issue(ca, "cn-ignored", server=False, dns=("builder.ci.example",)))
+    p.add("cn-only", pki.issue(ca, "plain-cn", server=False))
+    p.add("nobody", pki.issue(ca, "nobody", server=False, uris=("spiffe://test/nobody",)))
+    p.add("expired", pki.issue(ca, "expired", server=False, uris=(ADMIN,), days=1,
+                               not_before=dt.datetime.now(dt.UTC) - dt.timedelta(days=3)))
+    other = pki.make_ca("some other CA")
+    p.add("foreign", pki.issue(other, "foreign", server=False, uris=(ADMIN,)))
+    return p
+
+
+ADMIN_POLICY = f"""
+[[rule]]
+name = "admin"
+identities = ["{ADMIN}"]
+operations = ["*"]
+roles = ["*", "root"]
+
+[[rule]]
+name = "local-unix"
+identities = ["uid:{os.getuid()}"]
+operations = ["*"]
+transports = ["unix"]
+"""
+
+
+def daemon_config(hsm: HSM, certs: PKI, workdir: Path, policy: str = ADMIN_POLICY,
+                  server: dict[str, Any] | None = None, tokens: tuple[str, ...] = TOKENS,
+                  audit: bool = True) -> dict[str, Any]:
+    """A signerd config (as a TOML-shaped dict) for tests."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "policy.toml").write_text(policy)
+    cert, key = certs.files["server"]
+    cfg: dict[str, Any] = {
+        "server": {"listen": "127.0.0.1:0", "threads": 16, **(server or {})},
+        "tls": {"cert": str(cert), "key": str(key), "client_ca": str(certs.ca_file)},
+        "policy": {"file": str(workdir / "policy.toml")},
+        "environment": {"SOFTHSM2_CONF": str(hsm.conf)},
+        "tokens": [hsm.token_table(t) for t in tokens],
+    }
+    if audit:
+        cfg["audit"] = {"file": str(workdir / "audit.log")}
+    return cfg
+
+
+@dataclass
+class Daemon:
+    """An in-process signerd (real gRPC server, real mTLS, real token)."""
+
+    config: Config
+    servers: app.Servers
+    certs: PKI
+    workdir: Path
+
+    @property
+    def port(self) -> int:
+        return self.servers.ports["tcp"]
+
+    def client_config(self, who: str = "admin") -> ClientConfig:
+        cert, key = self.certs.files[who]
+        return ClientConfig(f"127.0.0.1:{self.port}", self.certs.ca_file, cert, key, "localhost",
+                            timeout=20)
+
+    def client(self, who: str = "admin") -> Client:
+        return Client(self.client_config(who))
+
+    def unix_client(self) -> Client:
+        assert self.config.unix_socket is not None
+        return Client(ClientConfig(f"unix:{self.config.unix_socket}", timeout=20))
+
+    def stop(self) -> None:
+        self.servers.stop(grace=5)
+
+
+def start_daemon(cfg: dict[str, Any], certs: PKI, workdir: Path) -> Daemon:
+    config = parse_config(cfg, workdir)
+    service = KeyService.open(config)
+    try:
+        servers = app.build(config, service)
+    except BaseException:
+        service.close()
+        raise
+    servers.start()
+    return Daemon(config, servers, certs, workdir)
+
+
+@pytest.fixture
+def daemon_factory(hsm: HSM, certs: PKI, tmp_path: Path) -> Iterator[Any]:
+    started: list[Daemon] = []
+
+    def factory(name: str = "d", **kwargs: Any) -> Daemon:
+        workdir = tmp_path / name
+        d = start_daemon(daemon_config(hsm, certs, workdir, **kwargs), certs, workdir)
+        started.append(d)
+        return d
+
+    yield factory
+    for d in started:
+        d.stop()
+
+
+@pytest.fixture
+def daemon(daemon_factory: Any) -> Daemon:
+    return daemon_factory()
+
+
+def unique_gun(prefix: str = "docker.io/test") -> str:
+    return f"{prefix}/app-{secrets.token_hex(4)}"
+
+
+def write_toml(path: Path, data: dict[str, Any]) -> Path:
+    """Tiny TOML writer for test configs (tables, arrays of tables, scalars, lists)."""
+    def value(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, int | float):
+            return str(v)
+        if isinstance(v, list):
+            return "[" + ", ".join(value(x) for x in v) + "]"
+        return json.dumps(str(v))
+
+    lines: list[str] = []
+    for section, body in data.items():
+        for table in body if isinstance(body, list) else [body]:
+            lines.append(f"[[{section}]]" if isinstance(body, list) else f"[{section}]")
+            lines += [f"{k} = {value(v)}" for k, v in table.items()]
+            lines.append("")
+    path.write_text("\n".join(lines))
+    return path
+
+
+@dataclass
+class Process:
+    proc: subprocess.Popen[bytes]
+    info: dict[str, Any]
+    stderr: Path
+
+    def stop(self, sig: int = 15, timeout: float = 30) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        return self.proc.wait(timeout)
+
+    def log(self) -> str:
+        return self.stderr.read_text()
+
+
+def spawn_daemon(config_path: Path | None, workdir: Path, env: dict[str, str] | None = None,
+                 args: tuple[str, ...] = (), timeout: float = 60) -> Process:
+    """Run ``signerd serve`` as a separate process and wait until it serves."""
+    ready = workdir / f"ready-{secrets.token_hex(4)}.json"
+    stderr = workdir / f"signerd-{secrets.token_hex(4)}.log"
+    cmd = [sys.executable, "-m", "signerd.daemon", "serve", "--ready-file", str(ready), *args]
+    if config_path is not None:
+        cmd += ["--config", str(config_path)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=stderr.open("wb"),
+                            env={**os.environ, **(env or {})})
+    deadline = time.monotonic() + timeout
+    while not ready.exists():
+        if proc.poll() is not None:
+            raise AssertionError(f"signerd exited with {proc.returncode}: {stderr.read_text()}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError(f"signerd did not start in {timeout}s: {stderr.read_text()}")
+        time.sleep(0.05)
+    return Process(proc, json.loads(ready.read_text()), stderr)
+
+
+def rpc_error(fn: Any) -> grpc.RpcError:
+    """Call fn and return the grpc.RpcError it raises (failing if it does not)."""
+    with pytest.raises(grpc.RpcError) as info:
+        fn()
+    return info.value

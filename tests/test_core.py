@@ -1,0 +1,299 @@
+"""signerd.v1 over real mTLS against real SoftHSM tokens."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pkcs11
+from cryptography.exceptions import InvalidSignature
+import pytest
+from cryptography.hazmat.primitives.asymmetric import utils
+
+from signerd import signing
+from signerd.keys import ALGORITHMS, key_id, parse_algorithm
+from signerd.token import MODULES
+from signerd.v1 import signer_pb2 as pb
+from tests.conftest import Daemon, rpc_error, unique_gun
+
+MESSAGE = b"The quick brown fox signs the canonical JSON" * 7
+
+
+@pytest.mark.parametrize("encoding", ["raw", "der"])
+@pytest.mark.parametrize("algorithm", sorted(ALGORITHMS))
+def test_every_algorithm_signs_and_verifies(daemon: Daemon, algorithm: str, encoding: str) -> None:
+    with daemon.client() as c:
+        key = c.create_key(unique_gun(), "targets", algorithm)
+        resp = c.sign(key.key_id, message=MESSAGE, encoding=encoding)
+    alg = parse_algorithm(algorithm)
+    assert resp.algorithm == algorithm
+    options = signing.SignOptions(signing.Encoding(encoding))
+    signing.verify(key.public_key_der, alg, resp.signature, MESSAGE, options)  # raises if bad
+    if alg.keytype == "ecdsa" and encoding == "raw":
+        assert len(resp.signature) == alg.signature_size  # r||s at fixed width (TUF, Notary)
+    if alg.keytype == "ecdsa" and encoding == "der":
+        r, s = utils.decode_dss_signature(resp.signature)
+        assert r > 0 and s > 0
+    with pytest.raises(InvalidSignature):
+        signing.verify(key.public_key_der, alg, resp.signature, MESSAGE + b"!", options)
+
+
+@pytest.mark.parametrize("algorithm", ["ecdsa-p256", "ecdsa-p384", "rsa-2048"])
+def test_sign_precomputed_digest(daemon: Daemon, algorithm: str) -> None:
+    alg = parse_algorithm(algorithm)
+    assert alg.hash_name is not None
+    digest = hashlib.new(alg.hash_name, MESSAGE).digest()
+    with daemon.client() as c:
+        key = c.create_key(unique_gun(), "targets", algorithm)
+        resp = c.sign(key.key_id, digest=digest)
+    signing.verify(key.public_key_der, alg, resp.signature, MESSAGE, signing.SignOptions())
+
+
+def test_rsa_pkcs1v15_on_request(daemon: Daemon) -> None:
+    with daemon.client() as c:
+        key = c.create_key(unique_gun(), "targets", "rsa-2048")
+        resp = c.sign(key.key_id, message=MESSAGE, rsa_padding="pkcs1v15")
+        pss = c.sign(key.key_id, message=MESSAGE)
+    assert resp.method == "rsa-pkcs1v15" and pss.method == "rsapss"
+    options = signing.SignOptions(rsa_padding=signing.RsaPadding.PKCS1V15)
+    signing.verify(key.public_key_der, parse_algorithm("rsa-2048"), resp.signature, MESSAGE, options)
+    # PKCS#1 v1.5 is deterministic; PSS (random salt) is not.
+    assert c is not None and resp.signature != pss.signature
+
+
+def test_key_id_is_tuf_key_id(daemon: Daemon) -> None:
+    with daemon.client() as c:
+        for algorithm in ("ecdsa-p256", "ed25519", "rsa-2048"):
+            k = c.create_key(unique_gun(), "targets", algorithm)
+            assert k.key_id == key_id(k.keytype, k.tuf_public)
+            if k.keytype == "ed25519":
+                assert len(k.tuf_public) == 32
+            else:
+                assert k.tuf_public == k.public_key_der
+            assert k.public_key_pem.startswith("-----BEGIN PUBLIC KEY-----")
+
+
+def test_get_list_delete_and_pagination(daemon: Daemon) -> None:
+    gun = unique_gun()
+    with daemon.client() as c:
+        made = {c.create_key(gun, role).key_id for role in
+                ("targets", "snapshot", "targets/releases", "targets/ci-1", "timestamp")}
+        root = c.create_key(gun, "root")
+        assert root.token == "root"  # root keys go to the root token by default
+        listed = {k.key_id for k in c.list_keys(gun=gun)}
+        assert listed == made | {root.key_id}
+        assert {k.key_id for k in c.list_keys(gun=gun, role="targets/releases")} < made
+        assert {k.key_id for k in c.list_keys(gun=gun, token="root")} == {root.key_id}
+        pages, token, seen = 0, "", []
+        while True:
+            resp = c.stub.ListKeys(pb.ListKeysRequest(gun=gun, page_size=2, page_token=token))
+            seen += [k.key_id for k in resp.keys]
+            pages += 1
+            token = resp.next_page_token
+            if not token:
+                break
+        assert pages == 3 and seen == sorted(seen) and set(seen) == listed
+        victim = sorted(made)[0]
+        assert c.get_key(victim).gun == gun
+        c.delete_key(victim)
+        err = rpc_error(lambda: c.get_key(victim))
+        assert err.code() == grpc.StatusCode.NOT_FOUND
+
+
+def _bad_inputs(key_p256: str, key_ed: str) -> list[tuple[str, Any, grpc.StatusCode, str]]:
+    huge = b"x" * (2 << 20)
+    return [
+        ("unknown-key", lambda c: c.sign("ab" * 32, message=b"m"), grpc.StatusCode.NOT_FOUND,
+         "no key with ID"),
+        ("malformed-key-id", lambda c: c.sign("not-a-key", message=b"m"),
+         grpc.StatusCode.INVALID_ARGUMENT, "64 lowercase hex"),
+        ("unknown-algorithm", lambda c: c.create_key("docker.io/a/b", "targets", "dsa-1024"),
+         grpc.StatusCode.INVALID_ARGUMENT, "unknown algorithm 'dsa-1024'"),
+        ("digest-wrong-length", lambda c: c.sign(key_p256, digest=b"\x01" * 20),
+         grpc.StatusCode.INVALID_ARGUMENT, "digest is 20 bytes"),
+        ("ed25519-digest", lambda c: c.sign(key_ed, digest=b"\x01" * 32),
+         grpc.StatusCode.INVALID_ARGUMENT, "pure EdDSA"),
+        ("empty-message", lambda c: c.sign(key_p256, message=b""),
+         grpc.StatusCode.INVALID_ARGUMENT, "empty"),
+        ("no-payload", lambda c: c.stub.Sign(pb.SignRequest(key_id=key_p256)),
+         grpc.StatusCode.INVALID_ARGUMENT, "set either 'message'"),
+        ("oversized-message", lambda c: c.sign(key_p256, message=huge),
+         grpc.StatusCode.RESOURCE_EXHAUSTED, "larger than max"),
+        ("bad-gun", lambda c: c.create_key("Docker.io/UPPER CASE", "targets"),
+         grpc.StatusCode.INVALID_ARGUMENT, "invalid gun"),
+        ("empty-gun", lambda c: c.create_key("", "targets"),
+         grpc.StatusCode.INVALID_ARGUMENT, "gun is required"),
+        ("bad-role", lambda c: c.create_key("docker.io/a/b", "admin"),
+         grpc.StatusCode.INVALID_ARGUMENT, "invalid role 'admin'"),
+        ("bad-delegation", lambda c: c.create_key("docker.io/a/b", "targets/../root"),
+         grpc.StatusCode.INVALID_ARGUMENT, "invalid role"),
+        ("unknown-token", lambda c: c.create_key("docker.io/a/b", "targets", token="nope"),
+         grpc.StatusCode.NOT_FOUND, "no token named 'nope'"),
+        ("bad-page-size", lambda c: list(c.stub.ListKeys(pb.ListKeysRequest(page_size=5000)).keys),
+         grpc.StatusCode.INVALID_ARGUMENT, "page_size"),
+        ("bad-encoding", lambda c: c.stub.Sign(pb.SignRequest(key_id=key_p256, message=b"m",
+                                                              encoding=9)),
+         grpc.StatusCode.INVALID_ARGUMENT, "unknown encoding"),
+        ("delete-unknown", lambda c: c.delete_key("cd" * 32), grpc.StatusCode.NOT_FOUND,
+         "no key with ID"),
+    ]
+
+
+_CASES = [c[0] for c in _bad_inputs("", "")]
+
+
+@pytest.mark.parametrize("case", _CASES)
+def test_bad_input_gets_status_and_message(daemon: Daemon, case: str) -> None:
+    with daemon.client() as c:
+        p256 = c.create_key(unique_gun(), "targets").key_id
+        ed = c.create_key(unique_gun(), "targets", "ed25519").key_id
+        name, call, code, text = next(x for x in _bad_inputs(p256, ed) if x[0] == case)
+        err = rpc_error(lambda: call(c))
+    assert err.code() == code, err.details()
+    assert text in err.details()
+    assert "Traceback" not in err.details()
+
+
+def test_private_key_attributes_and_unextractable(daemon: Daemon, hsm: Any) -> None:
+    with daemon.client() as c:
+        keys = [c.create_key(unique_gun(), "targets", a) for a in ("ecdsa-p256", "rsa-2048", "ed25519")]
+    lib = MODULES.acquire(hsm.module)
+    try:
+        session = lib.get_token(token_label="test-online").open(rw=True)  # shares the daemon's login
+        try:
+            wrapping = session.generate_key(pkcs11.KeyType.AES, 256, store=False, capabilities=0,
+                                            template={pkcs11.Attribute.WRAP: True,
+                                                      pkcs11.Attribute.ENCRYPT: True})
+            for k in keys:
+                priv = session.get_key(object_class=pkcs11.ObjectClass.PRIVATE_KEY,
+                                       id=bytes.fromhex(k.key_id))
+                A = pkcs11.Attribute
+                assert priv[A.TOKEN] is True and priv[A.PRIVATE] is True
+                assert priv[A.SENSITIVE] is True and priv[A.EXTRACTABLE] is False
+                assert priv[A.ALWAYS_SENSITIVE] is True and priv[A.NEVER_EXTRACTABLE] is True
+                assert priv[A.SIGN] is True and priv[A.DECRYPT] is False
+                secret_attr = A.PRIVATE_EXPONENT if k.keytype == "rsa" else A.VALUE
+                with pytest.raises(pkcs11.exceptions.AttributeSensitive):
+                    priv[secret_attr]
+                with pytest.raises((pkcs11.exceptions.KeyUnextractable,
+                                    pkcs11.exceptions.KeyNotWrappable)):
+                    wrapping.wrap_key(priv, mechanism=pkcs11.Mechanism.AES_KEY_WRAP_PAD)
+        finally:
+            session.close()
+    finally:
+        MODULES.release(hsm.module)
+
+
+def _sign_many(sign: Any, n: int, errors: list[BaseException], out: list[bytes]) -> None:
+    try:
+        for i in range(n):
+            out.append(sign(i))
+    except BaseException as e:  # noqa: BLE001 - collected and asserted by the test
+        errors.append(e)
+
+
+def test_eight_threads_sign_concurrently_on_the_token(daemon: Daemon) -> None:
+    """Regression: with C_Initialize(NULL), SoftHSM crashed under concurrent signing."""
+    svc = daemon.servers.service
+    keys = [svc.create_key(unique_gun(), "targets", a)
+            for a in ("ecdsa-p256", "ed25519", "ecdsa-p384", "rsa-2048")]
+    errors: list[BaseException] = []
+    results: list[list[bytes]] = [[] for _ in range(8)]
+    threads = [threading.Thread(target=_sign_many, args=(
+        lambda i, k=keys[t % len(keys)]: svc.sign(k.key_id, b"%d" % i, signing.SignOptions()).signature,
+        150, errors, results[t])) for t in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    for t in range(8):
+        k = keys[t % len(keys)]
+        assert len(results[t]) == 150
+        for i in (0, 77, 149):
+            signing.verify(k.spki_der, k.algorithm, results[t][i], b"%d" % i, signing.SignOptions())
+
+
+def test_eight_grpc_callers_sign_concurrently(daemon: Daemon) -> None:
+    with daemon.client() as c:
+        key = c.create_key(unique_gun(), "targets")
+        errors: list[BaseException] = []
+        results: list[list[bytes]] = [[] for _ in range(8)]
+        threads = [threading.Thread(target=_sign_many, args=(
+            lambda i: c.sign(key.key_id, message=b"%d" % i).signature, 100, errors, results[t]))
+            for t in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert errors == []
+    assert all(len(r) == 100 for r in results)
+    signing.verify(key.public_key_der, parse_algorithm(key.algorithm), results[3][42], b"42",
+                   signing.SignOptions())
+
+
+def test_lost_sessions_are_reopened_and_the_sign_retried(daemon: Daemon) -> None:
+    """The token drops every session (and so the login); the next sign still works."""
+    svc = daemon.servers.service
+    key = svc.create_key(unique_gun(), "targets")
+    token = svc.tokens["online"]
+    token.module.close_all_sessions(token.slot_id)
+    sig = svc.sign(key.key_id, MESSAGE, signing.SignOptions())
+    signing.verify(key.spki_der, key.algorithm, sig.signature, MESSAGE, signing.SignOptions())
+    assert token.healthy
+
+
+def test_health_and_reflection_are_served(daemon: Daemon) -> None:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    with daemon.client() as c:
+        h = health_pb2_grpc.HealthStub(c.channel)
+        resp = h.Check(health_pb2.HealthCheckRequest(service="signerd.v1.SignerService"))
+        assert resp.status == health_pb2.HealthCheckResponse.SERVING
+        r = reflection_pb2_grpc.ServerReflectionStub(c.channel)
+        answers = list(r.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(
+            list_services="")])))
+        names = {s.name for s in answers[0].list_services_response.service}
+        assert {"signerd.v1.SignerService", "grpc.health.v1.Health"} <= names
+
+
+def token_dir(hsm: Any, label: str) -> Path:
+    """The SoftHSM directory that stores the token called ``label``."""
+    for d in (hsm.dir / "tokens").iterdir():
+        if label.encode() in (d / "token.object").read_bytes():
+            return d
+    raise AssertionError(f"no SoftHSM token {label}")
+
+
+def test_token_gone_gives_unavailable_and_not_serving_then_recovers(
+        daemon_factory: Any, hsm: Any, tmp_path: Path) -> None:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    d = daemon_factory(tokens=("online",))
+    serving = health_pb2.HealthCheckResponse.SERVING
+    with d.client() as c:
+        key = c.create_key(unique_gun(), "targets")
+        h = health_pb2_grpc.HealthStub(c.channel)
+        req = health_pb2.HealthCheckRequest(service="signerd.v1.SignerService")
+        assert h.Check(req).status == serving
+        where = token_dir(hsm, "test-online")
+        away = tmp_path / "unplugged"
+        where.rename(away)  # the token is gone, as if the HSM were unplugged
+        try:
+            err = rpc_error(lambda: c.sign(key.key_id, message=b"m"))
+            assert err.code() == grpc.StatusCode.UNAVAILABLE
+            assert "token online" in err.details()
+            assert h.Check(req).status == health_pb2.HealthCheckResponse.NOT_SERVING
+        finally:
+            away.rename(where)
+        time.sleep(1.1)  # reconnect attempts are spaced by a second
+        assert d.servers.service.check()  # what the periodic health probe runs
+        d.servers.update_health()
+        assert h.Check(req).status == serving
+        sig = c.sign(key.key_id, message=b"m").signature
+    signing.verify(key.public_key_der, parse_algorithm(key.algorithm), sig, b"m", signing.SignOptions())
