@@ -59,7 +59,8 @@ def serve(config: Config, ready_file: Path | None = None) -> int:
     servers.start()
     info = {"pid": os.getpid(), "tcp": servers.ports.get("tcp"),
             "unix": str(config.unix_socket) if config.unix_socket else None,
-            "tokens": {t.name: len(t.keys()) for t in service.tokens.values()}}
+            "tokens": {t.name: len(t.keys()) for t in service.tokens.values()},
+            "dumpable": is_dumpable()}
     log.info("signerd serving", extra={"fields": info})
     if ready_file is not None:
         tmp = ready_file.with_suffix(".tmp")

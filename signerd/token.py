@@ -425,6 +425,7 @@ class Token:
             pub_tpl[Attribute.EC_PARAMS] = _CURVE_OIDS[alg.curve]
 
         def gen(s: Any) -> KeyEntry:
+            self._sync_index(s)
             pub, priv = s.generate_keypair(
                 key_type, bits, store=True, mechanism=mech, capabilities=0,
                 public_template=pub_tpl, private_template=priv_tpl,
@@ -447,6 +448,18 @@ class Token:
         log.info("key created", extra={"fields": {"token": self.name, "key_id": entry.key_id,
                                                   "algorithm": alg.name, "gun": gun, "role": role}})
         return entry
+
+    @staticmethod
+    def _sync_index(s: Any) -> None:
+        """Let the module notice objects other processes made, before we write.
+
+        SoftHSM's file store re-reads its directory only when the token's
+        generation counter changed under it, and its own writes bump that
+        counter past other processes' writes without re-reading. A search
+        (which matches nothing) before each write keeps a second daemon's
+        keys visible to this one. Other modules just answer the search.
+        """
+        list(s.get_objects({Attribute.CLASS: ObjectClass.DATA, Attribute.LABEL: "signerd-sync"}))
 
     def _objects(self, s: Any, kid: KeyID) -> list[Any]:
         return list(s.get_objects({Attribute.ID: bytes.fromhex(kid)}))

@@ -23,7 +23,7 @@ import grpc
 
 from signerd.audit import AuditLog
 from signerd.errors import PermissionDenied, ResourceExhausted, SignerdError, Unavailable
-from signerd.policy import PolicyStore, Request
+from signerd.policy import Policy, PolicyStore, Request
 from signerd.server._status import code_for, status_name
 from signerd.token import KeyEntry
 
@@ -47,7 +47,7 @@ class Scope:
     caller: Caller
     operation: str
     request_id: str
-    policy: PolicyStore
+    policy: Policy  # taken once per request: a SIGHUP reload never splits a request
     payload_sha256: str = ""
     key_id: str = ""
     gun: str = ""
@@ -60,7 +60,7 @@ class Scope:
         """Ask the policy without recording anything (used to filter listings)."""
         req = Request(identity=self.caller.identity, transport=self.caller.transport,
                       operation=operation or self.operation, gun=gun, role=role, token=token)
-        return self.policy.current.decide(req).allowed
+        return self.policy.decide(req).allowed
 
     def authorize(self, gun: str, role: str, token: str = "", key: KeyEntry | None = None) -> None:
         """Raise PermissionDenied unless the policy grants this operation."""
@@ -69,7 +69,7 @@ class Scope:
         self.gun, self.role, self.token = gun, role, token
         req = Request(identity=self.caller.identity, transport=self.caller.transport,
                       operation=self.operation, gun=gun, role=role, token=token)
-        decision = self.policy.current.decide(req)
+        decision = self.policy.decide(req)
         if not decision.allowed:
             self.decision = "deny"
             what = f"{role} keys of {gun}" if gun else "this"
@@ -111,7 +111,7 @@ class Gate:
         context.set_trailing_metadata((("x-request-id", request_id),))
         if isinstance(caller, SignerdError):  # the listener could not identify the peer
             context.abort(code_for(caller), str(caller))
-        scope = Scope(caller, operation, request_id, self.policy,
+        scope = Scope(caller, operation, request_id, self.policy.current,
                       hashlib.sha256(payload).hexdigest() if payload else "")
         result: T | None = None
         error: SignerdError | None = None

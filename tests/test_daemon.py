@@ -1,0 +1,205 @@
+"""signerd as a separate process: restarts, two daemons, the embedded default, signerctl."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from signerd import signing
+from signerd.client import Client, ClientConfig
+from signerd.keys import parse_algorithm
+from tests.conftest import HSM, PKI, daemon_config, spawn_daemon, unique_gun, write_toml
+
+
+def _client(certs: PKI, port: int) -> Client:
+    cert, key = certs.files["admin"]
+    return Client(ClientConfig(f"127.0.0.1:{port}", certs.ca_file, cert, key, "localhost", 20))
+
+
+def _config(hsm: HSM, certs: PKI, workdir: Path, **kw: Any) -> Path:
+    return write_toml(workdir / "signerd.toml", daemon_config(hsm, certs, workdir, **kw))
+
+
+def test_keys_survive_a_restart(hsm: HSM, certs: PKI, tmp_path: Path) -> None:
+    cfg = _config(hsm, certs, tmp_path)
+    first = spawn_daemon(cfg, tmp_path)
+    try:
+        with _client(certs, first.info["tcp"]) as c:
+            key = c.create_key(unique_gun(), "targets/releases", "ed25519")
+    finally:
+        assert first.stop(signal.SIGTERM) == 0
+    second = spawn_daemon(cfg, tmp_path)
+    try:
+        with _client(certs, second.info["tcp"]) as c:
+            again = c.get_key(key.key_id)
+            sig = c.sign(key.key_id, message=b"after restart").signature
+    finally:
+        assert second.stop(signal.SIGINT) == 0
+    assert (again.gun, again.role, again.public_key_der) == (key.gun, key.role, key.public_key_der)
+    signing.verify(key.public_key_der, parse_algorithm("ed25519"), sig, b"after restart",
+                   signing.SignOptions())
+    assert "signerd stopped" in second.log()
+
+
+def test_two_daemons_on_one_token_see_each_others_keys(hsm: HSM, certs: PKI, tmp_path: Path) -> None:
+    a = spawn_daemon(_config(hsm, certs, tmp_path / "a"), tmp_path / "a")
+    b = spawn_daemon(_config(hsm, certs, tmp_path / "b"), tmp_path / "b")
+    try:
+        with _client(certs, a.info["tcp"]) as ca, _client(certs, b.info["tcp"]) as cb:
+            gun = unique_gun()
+            made_by_a = ca.create_key(gun, "targets")
+            made_by_b = cb.create_key(gun, "snapshot", "rsa-2048")
+            # each daemon finds the other's key (a miss re-reads the token)
+            assert cb.get_key(made_by_a.key_id).public_key_der == made_by_a.public_key_der
+            sig = ca.sign(made_by_b.key_id, message=b"cross").signature
+            assert {k.key_id for k in ca.list_keys(gun=gun)} == {made_by_a.key_id, made_by_b.key_id}
+            cb.delete_key(made_by_a.key_id)
+    finally:
+        a.stop()
+        b.stop()
+    signing.verify(made_by_b.public_key_der, parse_algorithm("rsa-2048"), sig, b"cross",
+                   signing.SignOptions())
+
+
+def test_wrong_pin_stops_startup_with_a_clear_error(hsm: HSM, certs: PKI, tmp_path: Path) -> None:
+    data = daemon_config(hsm, certs, tmp_path, tokens=("online",))
+    wrong = tmp_path / "wrong.pin"
+    wrong.write_text("not-the-pin\n")
+    wrong.chmod(0o600)
+    data["tokens"][0]["pin_file"] = str(wrong)
+    cfg = write_toml(tmp_path / "signerd.toml", data)
+    proc = subprocess.run([sys.executable, "-m", "signerd.daemon", "serve", "--config", str(cfg)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert "login refused (CKR_PIN_INCORRECT)" in proc.stderr
+    assert "not-the-pin" not in proc.stderr + proc.stdout
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("problem,expected", [
+    ("pin-in-uri", "must not carry a PIN"),
+    ("no-policy", "[policy] file is required"),
+    ("plaintext-not-loopback", "dev_plaintext is allowed only on loopback"),
+    ("no-tls", "needs [tls] cert, key and client_ca"),
+    ("unknown-key", "unknown keys in [server]"),
+])
+def test_bad_config_is_one_clear_line(hsm: HSM, certs: PKI, tmp_path: Path, problem: str,
+                                      expected: str) -> None:
+    data = daemon_config(hsm, certs, tmp_path, tokens=("online",))
+    if problem == "pin-in-uri":
+        data["tokens"][0]["uri"] = "pkcs11:token=test-online?pin-value=1234"
+    elif problem == "no-policy":
+        del data["policy"]
+    elif problem == "plaintext-not-loopback":
+        data["server"].update(dev_plaintext=True, listen="0.0.0.0:0")
+    elif problem == "no-tls":
+        del data["tls"]
+    else:
+        data["server"]["lissten"] = "x"
+    cfg = write_toml(tmp_path / "signerd.toml", data)
+    proc = subprocess.run([sys.executable, "-m", "signerd.daemon", "serve", "--config", str(cfg)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("signerd: ") and expected in last
+    assert "1234" not in proc.stderr
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _ctl(env: dict[str, str], *args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run([sys.executable, "-m", "signerd.cli", *args], input=stdin,
+                          capture_output=True, env={**os.environ, **env}, timeout=60)
+
+
+def test_embedded_default_starts_from_nothing_and_signs(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    env = {"SIGNERD_STATE_DIR": str(state)}
+    proc = spawn_daemon(None, tmp_path, env=env, args=("--listen", f"127.0.0.1:{_free_port()}"))
+    try:
+        assert (state / "root.pin").stat().st_mode & 0o777 == 0o600
+        assert (state / "tls" / "client-key.pem").stat().st_mode & 0o777 == 0o600
+        pin = (state / "online.pin").read_text()
+        made = _ctl(env, "keys", "create", "--gun", "docker.io/acme/app", "--role", "targets",
+                    "--json")
+        assert made.returncode == 0, made.stderr
+        key = json.loads(made.stdout)
+        assert {"key_id", "algorithm", "gun", "role", "public_key_pem"} <= key.keys()
+        assert key["algorithm"] == "ecdsa-p256"
+        (tmp_path / "msg").write_bytes(b"hello")
+        signed = _ctl(env, "sign", "--key", key["key_id"], "--out", str(tmp_path / "sig"),
+                      str(tmp_path / "msg"))
+        assert signed.returncode == 0, signed.stderr
+        ok = _ctl(env, "verify", "--key", key["key_id"], "--signature", str(tmp_path / "sig"),
+                  str(tmp_path / "msg"))
+        assert ok.returncode == 0 and b"signature OK" in ok.stdout
+        (tmp_path / "msg").write_bytes(b"hellO")
+        bad = _ctl(env, "verify", "--key", key["key_id"], "--signature", str(tmp_path / "sig"),
+                   str(tmp_path / "msg"))
+        assert bad.returncode == 1 and b"does NOT verify" in bad.stderr
+        # root keys land on the separate root token
+        root = _ctl(env, "keys", "create", "--gun", "docker.io/acme/app", "--role", "root", "--json")
+        assert json.loads(root.stdout)["token"] == "root"
+        listed = _ctl(env, "keys", "list")
+        assert listed.returncode == 0 and key["key_id"].encode() in listed.stdout
+        # the Unix socket works too, with the caller's uid as identity
+        unix = _ctl(env, "--server", f"unix:{state / 'signerd.sock'}", "keys", "show",
+                    key["key_id"], "--json")
+        assert unix.returncode == 0 and json.loads(unix.stdout)["key_id"] == key["key_id"]
+    finally:
+        assert proc.stop() == 0
+    log = proc.log()
+    assert pin not in log
+    lines = [json.loads(line) for line in log.splitlines() if line.startswith("{")]
+    assert any(line["msg"] == "signerd serving" for line in lines)
+    audit = (state / "audit.log").read_text().splitlines()
+    assert len(audit) >= 6 and all(json.loads(a)["identity"] for a in audit)
+    check = _ctl({}, "audit", "verify", str(state / "audit.log"))
+    assert check.returncode == 0, check.stdout + check.stderr
+
+
+@pytest.mark.parametrize("args,needle", [
+    (("keys", "show", "ab" * 32), b"NOT_FOUND: no key with ID"),
+    (("keys", "create", "--gun", "BAD GUN", "--role", "targets"), b"INVALID_ARGUMENT: invalid gun"),
+    (("sign", "--key", "ab" * 32, "/nonexistent/file"), b"cannot read /nonexistent/file"),
+    (("--server", "127.0.0.1:1", "--tls-ca", "/nonexistent", "keys", "list"),
+     b"cannot read TLS file /nonexistent"),
+])
+def test_cli_errors_are_one_line_on_stderr(tmp_path: Path, args: tuple[str, ...], needle: bytes,
+                                           embedded_daemon: dict[str, str]) -> None:
+    r = _ctl(embedded_daemon, *args)
+    assert r.returncode != 0
+    assert needle in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert b"Traceback" not in r.stderr
+
+
+@pytest.fixture(scope="module")
+def embedded_daemon(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    tmp = tmp_path_factory.mktemp("embedded")
+    env = {"SIGNERD_STATE_DIR": str(tmp / "state")}
+    proc = spawn_daemon(None, tmp, env=env, args=("--listen", f"127.0.0.1:{_free_port()}"))
+    yield env
+    proc.stop()
+
+
+@pytest.mark.parametrize("debug", [False, True], ids=["default", "debug-flag"])
+def test_daemon_is_not_dumpable_unless_debug(hsm: HSM, certs: PKI, tmp_path: Path, debug: bool) -> None:
+    proc = spawn_daemon(_config(hsm, certs, tmp_path), tmp_path, args=("--debug",) if debug else ())
+    try:
+        # read inside the daemon with prctl(PR_GET_DUMPABLE) and reported when ready
+        assert proc.info["dumpable"] is debug
+    finally:
+        proc.stop()
