@@ -27,6 +27,8 @@ class ClientConfig:
     key: Path | None = None
     server_name: str | None = None
     timeout: float = 30.0
+    # Plaintext TCP, for a daemon in dev_plaintext mode on loopback only.
+    plaintext: bool = False
 
     @classmethod
     def load(cls, path: Path) -> ClientConfig:
@@ -44,7 +46,7 @@ class ClientConfig:
         if "server" not in data:
             raise ConfigError(f"client config {path} has no 'server'")
         return cls(str(data["server"]), p("ca"), p("cert"), p("key"), data.get("server_name"),
-                   float(data.get("timeout", 30.0)))
+                   float(data.get("timeout", 30.0)), bool(data.get("plaintext", False)))
 
     @classmethod
     def default_path(cls) -> Path:
@@ -56,9 +58,14 @@ def channel(cfg: ClientConfig) -> grpc.Channel:
     options = [("grpc.max_receive_message_length", 64 << 20)]
     if cfg.server.startswith("unix:"):
         return grpc.insecure_channel(cfg.server, options=options)
+    if cfg.plaintext:
+        host = cfg.server.rsplit(":", 1)[0].strip("[]")
+        if host not in ("127.0.0.1", "::1", "localhost"):
+            raise ConfigError(f"plaintext is only for a development daemon on loopback, not {host}")
+        return grpc.insecure_channel(cfg.server, options=options)
     if not (cfg.ca and cfg.cert and cfg.key):
         raise ConfigError("a TCP server needs ca, cert and key (mutual TLS); "
-                          "use --ca/--cert/--key or a client config")
+                          "use --tls-ca/--tls-cert/--tls-key or a client config")
     try:
         creds = grpc.ssl_channel_credentials(cfg.ca.read_bytes(), cfg.key.read_bytes(),
                                              cfg.cert.read_bytes())

@@ -158,8 +158,8 @@ def build(config: Config, service: KeyService) -> Servers:
     relay = None
     if config.unix_socket is not None:
         peers = UnixPeers()
-        internal = make(peers.caller).add_insecure_port("127.0.0.1:0")
-        relay = UnixRelay(config.unix_socket, internal, peers)
+        ports["unix-relay"] = make(peers.caller).add_insecure_port("127.0.0.1:0")
+        relay = UnixRelay(config.unix_socket, ports["unix-relay"], peers)
     if not servers:
         raise ConfigError("configure at least one listener: server.listen or server.unix_socket")
     result = Servers(servers, health_servicer, service, gate, policy, audit, relay, ports,

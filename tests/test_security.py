@@ -1,0 +1,310 @@
+"""Mutual TLS, identity, policy, audit and limits, end to end over real TLS."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from signerd.client import Client, ClientConfig
+from signerd.v1 import signer_pb2 as pb
+from signerd.v1 import signer_pb2_grpc as pb_grpc
+from tests.conftest import (
+    ADMIN,
+    ADMIN_POLICY,
+    HSM,
+    PKI,
+    RUNNER,
+    Daemon,
+    daemon_config,
+    rpc_error,
+    spawn_daemon,
+    unique_gun,
+    write_toml,
+)
+
+RUNNER_POLICY = ADMIN_POLICY + f"""
+[[rule]]
+name = "runner-acme"
+identities = ["spiffe://ci/*"]
+operations = ["sign", "read"]
+guns = ["docker.io/acme/*"]
+roles = ["targets/ci-*"]
+"""
+
+
+def audit_lines(d: Daemon) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (d.workdir / "audit.log").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("who,reason", [
+    ("none", "no client certificate"),
+    ("foreign", "certificate from another CA"),
+    ("expired", "expired certificate"),
+])
+def test_tls_rejects_bad_clients(daemon: Daemon, certs: PKI, who: str, reason: str) -> None:
+    if who == "none":
+        creds = grpc.ssl_channel_credentials(certs.ca_file.read_bytes())
+    else:
+        cert, key = certs.files[who]
+        creds = grpc.ssl_channel_credentials(certs.ca_file.read_bytes(), key.read_bytes(),
+                                             cert.read_bytes())
+    channel = grpc.secure_channel(f"127.0.0.1:{daemon.port}", creds,
+                                  options=[("grpc.ssl_target_name_override", "localhost")])
+    stub = pb_grpc.SignerServiceStub(channel)
+    err = rpc_error(lambda: stub.ListKeys(pb.ListKeysRequest(), timeout=10))
+    channel.close()
+    assert err.code() == grpc.StatusCode.UNAVAILABLE, reason  # the handshake fails
+    # a rejected handshake never reaches the service, so nothing is audited for it
+    assert all(line["identity"] != ADMIN or line["operation"] != "read" for line in audit_lines(daemon))
+
+
+def test_plaintext_client_cannot_talk_to_the_tls_port(daemon: Daemon) -> None:
+    with grpc.insecure_channel(f"127.0.0.1:{daemon.port}") as ch:
+        stub = pb_grpc.SignerServiceStub(ch)
+        err = rpc_error(lambda: stub.ListKeys(pb.ListKeysRequest(), timeout=10))
+    assert err.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_identity_without_rule_is_denied_and_audited(daemon: Daemon) -> None:
+    with daemon.client("admin") as admin:
+        key = admin.create_key(unique_gun(), "targets")
+    with daemon.client("nobody") as c:
+        err = rpc_error(lambda: c.sign(key.key_id, message=b"payload"))
+    assert err.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert "spiffe://test/nobody" in err.details() and "may not sign" in err.details()
+    denial = audit_lines(daemon)[-1]
+    assert denial["identity"] == "spiffe://test/nobody"
+    assert (denial["decision"], denial["status"], denial["operation"]) == (
+        "deny", "PERMISSION_DENIED", "sign")
+    assert denial["key_id"] == key.key_id and denial["gun"] == key.gun
+    import hashlib
+
+    assert denial["payload_sha256"] == hashlib.sha256(b"payload").hexdigest()
+
+
+@pytest.mark.parametrize("who,identity", [
+    ("runner", RUNNER),
+    ("dns-only", "builder.ci.example"),
+    ("cn-only", "plain-cn"),
+])
+def test_identity_comes_from_uri_then_dns_then_cn(daemon: Daemon, who: str, identity: str) -> None:
+    with daemon.client(who) as c:
+        rpc_error(lambda: c.get_key("ab" * 32))
+    assert audit_lines(daemon)[-1]["identity"] == identity
+
+
+def test_runner_allowed_for_gun_a_cannot_sign_gun_b(daemon_factory: Any) -> None:
+    d = daemon_factory(policy=RUNNER_POLICY)
+    with d.client("admin") as admin:
+        a = admin.create_key("docker.io/acme/app", "targets/ci-1")
+        b = admin.create_key("docker.io/other/app", "targets/ci-1")
+        a_targets = admin.create_key("docker.io/acme/app", "targets")
+    with d.client("runner") as runner:
+        assert runner.sign(a.key_id, message=b"m").signature
+        for key in (b, a_targets):
+            err = rpc_error(lambda k=key: runner.sign(k.key_id, message=b"m"))
+            assert err.code() == grpc.StatusCode.PERMISSION_DENIED
+        err = rpc_error(lambda: runner.create_key("docker.io/acme/app", "targets/ci-2"))
+        assert err.code() == grpc.StatusCode.PERMISSION_DENIED
+        # listing shows only what the runner may read
+        assert {k.key_id for k in runner.list_keys()} == {a.key_id}
+
+
+def test_root_key_refused_over_tcp_but_allowed_over_unix(daemon_factory: Any, tmp_path: Path) -> None:
+    policy = f"""
+[[rule]]
+name = "admin-all-but-root"
+identities = ["{ADMIN}"]
+operations = ["*"]
+
+[[rule]]
+name = "local-root-ceremony"
+identities = ["uid:{os.getuid()}"]
+operations = ["*"]
+transports = ["unix"]
+"""
+    d = daemon_factory(policy=policy, server={"unix_socket": str(tmp_path / "s.sock")})
+    with d.client("admin") as tcp:
+        err = rpc_error(lambda: tcp.create_key("docker.io/acme/app", "root"))
+        assert err.code() == grpc.StatusCode.PERMISSION_DENIED
+        targets = tcp.create_key("docker.io/acme/app", "targets")  # a "*" role rule still works
+    with d.unix_client() as local:
+        root = local.create_key("docker.io/acme/app", "root")
+        assert root.token == "root"
+        assert local.sign(root.key_id, message=b"root.json").signature
+        assert local.get_key(targets.key_id).key_id == targets.key_id
+    with d.client("admin") as tcp:
+        err = rpc_error(lambda: tcp.sign(root.key_id, message=b"root.json"))
+        assert err.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert root.key_id not in {k.key_id for k in tcp.list_keys()}
+    unix_lines = [line for line in audit_lines(d) if line["transport"] == "unix"]
+    assert unix_lines and all(line["identity"] == f"uid:{os.getuid()}" for line in unix_lines)
+
+
+def test_stray_connection_to_the_relay_port_is_unauthenticated(daemon_factory: Any,
+                                                               tmp_path: Path) -> None:
+    d = daemon_factory(server={"unix_socket": str(tmp_path / "s.sock")})
+    port = d.servers.ports["unix-relay"]
+    with Client(ClientConfig(f"unix:{tmp_path / 's.sock'}")) as ok:
+        assert list(ok.list_keys()) is not None
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+        stub = pb_grpc.SignerServiceStub(ch)
+        err = rpc_error(lambda: stub.ListKeys(pb.ListKeysRequest(), timeout=10))
+    assert err.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_dev_plaintext_on_loopback_only(daemon_factory: Any) -> None:
+    d = daemon_factory(policy='[[rule]]\nidentities = ["dev:loopback"]\noperations = ["*"]\n',
+                       server={"dev_plaintext": True})
+    with Client(ClientConfig(f"127.0.0.1:{d.port}", plaintext=True)) as c:
+        key = c.create_key(unique_gun(), "targets")
+        assert c.sign(key.key_id, message=b"m").signature
+    assert audit_lines(d)[-1]["identity"] == "dev:loopback"
+
+
+def test_unwritable_audit_log_fails_requests_closed(daemon: Daemon) -> None:
+    with daemon.client() as c:
+        key = c.create_key(unique_gun(), "targets")
+        log = daemon.workdir / "audit.log"
+        saved = log.read_bytes()
+        log.unlink()
+        log.symlink_to("/dev/full")  # every write now fails with ENOSPC (disk full)
+        try:
+            err = rpc_error(lambda: c.sign(key.key_id, message=b"m"))
+            assert err.code() == grpc.StatusCode.UNAVAILABLE
+            assert "audit log cannot be written" in err.details()
+            err = rpc_error(lambda: c.get_key(key.key_id))
+            assert err.code() == grpc.StatusCode.UNAVAILABLE
+        finally:
+            log.unlink()
+            log.write_bytes(saved)
+        assert c.sign(key.key_id, message=b"m").signature  # writable again: served again
+
+
+def test_too_many_requests_in_flight_per_identity(daemon_factory: Any) -> None:
+    d = daemon_factory(server={"max_inflight_per_identity": 1})
+    with d.client("admin") as c:
+        key = c.create_key(unique_gun(), "targets", "rsa-4096")
+        batch = pb.SignBatchRequest(requests=[pb.SignRequest(key_id=key.key_id, message=b"%d" % i)
+                                              for i in range(150)])
+        started = threading.Event()
+        result: dict[str, Any] = {}
+
+        def long_batch() -> None:
+            started.set()
+            result["batch"] = c.stub.SignBatch(batch, timeout=120)
+
+        t = threading.Thread(target=long_batch)
+        t.start()
+        started.wait()
+        time.sleep(0.3)
+        err = rpc_error(lambda: c.sign(key.key_id, message=b"m"))
+        t.join()
+    assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "requests in flight" in err.details()
+    assert all(item.code == 0 for item in result["batch"].items)
+
+
+def test_policy_reload_on_sighup_good_and_broken(hsm: HSM, certs: PKI, tmp_path: Path) -> None:
+    cfg = write_toml(tmp_path / "signerd.toml", daemon_config(hsm, certs, tmp_path))
+    proc = spawn_daemon(cfg, tmp_path)
+    cert, key = certs.files["admin"]
+    rcert, rkey = certs.files["runner"]
+    port = proc.info["tcp"]
+    admin = Client(ClientConfig(f"127.0.0.1:{port}", certs.ca_file, cert, key, "localhost", 20))
+    runner = Client(ClientConfig(f"127.0.0.1:{port}", certs.ca_file, rcert, rkey, "localhost", 20))
+    stop = threading.Event()
+    errors: list[BaseException] = []
+    signed = [0]
+    try:
+        k = admin.create_key("docker.io/acme/app", "targets/ci-1")
+
+        def hammer() -> None:  # in-flight traffic across both reloads
+            while not stop.is_set():
+                try:
+                    admin.sign(k.key_id, message=b"x")
+                    signed[0] += 1
+                except grpc.RpcError as e:
+                    errors.append(e)
+
+        t = threading.Thread(target=hammer)
+        t.start()
+        assert rpc_error(lambda: runner.sign(k.key_id, message=b"m")).code() == \
+            grpc.StatusCode.PERMISSION_DENIED
+        (tmp_path / "policy.toml").write_text(RUNNER_POLICY)
+        proc.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                assert runner.sign(k.key_id, message=b"m").signature
+                break
+            except grpc.RpcError:
+                assert time.monotonic() < deadline, "the new policy never took effect"
+                time.sleep(0.05)
+        (tmp_path / "policy.toml").write_text("[[rule]]\nidentities = ['x']\noperations = ['fly']\n")
+        proc.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while "policy reload failed" not in proc.log():
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert runner.sign(k.key_id, message=b"m").signature  # the old (good) policy is kept
+        stop.set()
+        t.join()
+    finally:
+        stop.set()
+        admin.close()
+        runner.close()
+        assert proc.stop() == 0
+    assert errors == [] and signed[0] > 0
+    failure = [json.loads(x) for x in proc.log().splitlines() if "policy reload failed" in x][0]
+    assert "fly" in json.dumps(failure)
+
+
+def test_world_readable_pin_file_is_warned_about(hsm: HSM, certs: PKI, tmp_path: Path) -> None:
+    data = daemon_config(hsm, certs, tmp_path, tokens=("online",))
+    loose = tmp_path / "loose.pin"
+    loose.write_bytes(hsm.pins["online"].read_bytes())
+    loose.chmod(0o644)
+    data["tokens"][0]["pin_file"] = str(loose)
+    proc = spawn_daemon(write_toml(tmp_path / "signerd.toml", data), tmp_path)
+    proc.stop()
+    warnings = [json.loads(x) for x in proc.log().splitlines() if "accessible by group" in x]
+    assert warnings and warnings[0]["file"] == str(loose) and warnings[0]["mode"] == "0o644"
+    assert loose.read_text() not in proc.log()
+
+
+def test_audit_verify_cli_names_the_tampered_line(daemon: Daemon, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    with daemon.client() as c:
+        key = c.create_key(unique_gun(), "targets")
+        for i in range(5):
+            c.sign(key.key_id, message=b"%d" % i)
+    daemon.stop()  # closes the log (final head)
+    log = daemon.workdir / "audit.log"
+    lines = log.read_text().splitlines(keepends=True)
+    cases = {
+        "intact": (lines, 0, None),
+        "edited": (lines[:2] + [lines[2].replace('"sign"', '"read"')] + lines[3:], 1, 3),
+        "deleted": (lines[:3] + lines[4:], 1, 4),
+        "reordered": (lines[:2] + [lines[3], lines[2]] + lines[4:], 1, 3),
+        "truncated": (lines[:-2], 1, len(lines) - 1),
+    }
+    for name, (content, rc, first_bad) in cases.items():
+        copy = tmp_path / f"{name}.log"
+        copy.write_text("".join(content))
+        head = Path(str(log) + ".head")
+        Path(str(copy) + ".head").write_bytes(head.read_bytes())
+        r = subprocess.run([sys.executable, "-m", "signerd.cli", "--json", "audit", "verify",
+                            str(copy)], capture_output=True, text=True, timeout=60)
+        assert r.returncode == rc, (name, r.stdout, r.stderr)
+        assert json.loads(r.stdout)["first_bad_line"] == first_bad, name
