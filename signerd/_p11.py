@@ -108,12 +108,20 @@ class _InitArgs(ctypes.Structure):
 
 
 class _SessionInfo(ctypes.Structure):
-    _fields_ = [("slotID", CK_ULONG), ("state", CK_ULONG), ("flags", CK_ULONG),
-                ("ulDeviceError", CK_ULONG)]
+    _fields_ = [
+        ("slotID", CK_ULONG),
+        ("state", CK_ULONG),
+        ("flags", CK_ULONG),
+        ("ulDeviceError", CK_ULONG),
+    ]
 
 
 class _Mechanism(ctypes.Structure):
-    _fields_ = [("mechanism", CK_ULONG), ("pParameter", ctypes.c_void_p), ("ulParameterLen", CK_ULONG)]
+    _fields_ = [
+        ("mechanism", CK_ULONG),
+        ("pParameter", ctypes.c_void_p),
+        ("ulParameterLen", CK_ULONG),
+    ]
 
 
 class _PssParams(ctypes.Structure):
@@ -167,8 +175,11 @@ class Mechanism:
             return _Mechanism(self.mechanism, None, 0), None
         params = _PssParams(self.pss_hash, self.pss_mgf, self.pss_salt)
         return (
-            _Mechanism(self.mechanism, ctypes.cast(ctypes.pointer(params), ctypes.c_void_p),
-                       ctypes.sizeof(params)),
+            _Mechanism(
+                self.mechanism,
+                ctypes.cast(ctypes.pointer(params), ctypes.c_void_p),
+                ctypes.sizeof(params),
+            ),
             params,  # keep alive for the duration of the call
         )
 
@@ -236,7 +247,9 @@ class Module:
             raise P11Error("C_GetSessionInfo", rv)
         return int(info.state)
 
-    def sign(self, session: int, key: int, mechanism: Mechanism, data: bytes, max_len: int) -> bytes:
+    def sign(
+        self, session: int, key: int, mechanism: Mechanism, data: bytes, max_len: int
+    ) -> bytes:
         """One C_SignInit + C_Sign on ``session`` with the object ``key``."""
         mech, keepalive = mechanism._struct()
         rv = self._sign_init(session, ctypes.byref(mech), key)
@@ -251,7 +264,7 @@ class Module:
         return out.raw[: out_len.value]
 
 
-class ThreadSafeLib(_pkcs11.lib):  # type: ignore[misc]
+class ThreadSafeLib(_pkcs11.lib):
     """python-pkcs11's ``lib``, initialised with CKF_OS_LOCKING_OK.
 
     Create it with :func:`load`; python-pkcs11's cached ``pkcs11.lib()``

@@ -38,14 +38,19 @@ def client_config(args: argparse.Namespace) -> ClientConfig:
     if path.exists():
         cfg = ClientConfig.load(path)
     elif args.server is None:
-        raise CliError(f"no client config at {path}; start 'signerd serve' once, "
-                       "or pass --server with --tls-ca/--tls-cert/--tls-key")
+        raise CliError(
+            f"no client config at {path}; start 'signerd serve' once, "
+            "or pass --server with --tls-ca/--tls-cert/--tls-key"
+        )
     else:
         cfg = ClientConfig(args.server)
     return ClientConfig(
         server=args.server or cfg.server,
-        ca=args.tls_ca or cfg.ca, cert=args.tls_cert or cfg.cert, key=args.tls_key or cfg.key,
-        server_name=args.server_name or cfg.server_name, timeout=args.timeout or cfg.timeout,
+        ca=args.tls_ca or cfg.ca,
+        cert=args.tls_cert or cfg.cert,
+        key=args.tls_key or cfg.key,
+        server_name=args.server_name or cfg.server_name,
+        timeout=args.timeout or cfg.timeout,
     )
 
 
@@ -54,9 +59,16 @@ def connect(args: argparse.Namespace) -> Client:
 
 
 def key_dict(k: pb.Key) -> dict[str, Any]:
-    return {"key_id": k.key_id, "algorithm": k.algorithm, "gun": k.gun, "role": k.role,
-            "token": k.token, "keytype": k.keytype, "used": k.used,
-            "public_key_pem": k.public_key_pem}
+    return {
+        "key_id": k.key_id,
+        "algorithm": k.algorithm,
+        "gun": k.gun,
+        "role": k.role,
+        "token": k.token,
+        "keytype": k.keytype,
+        "used": k.used,
+        "public_key_pem": k.public_key_pem,
+    }
 
 
 def emit(args: argparse.Namespace, data: Any, table: Callable[[], str]) -> None:
@@ -70,15 +82,19 @@ def _table(keys: Sequence[pb.Key]) -> str:
     rows = [("KEY ID", "ALGORITHM", "TOKEN", "ROLE", "GUN")]
     rows += [(k.key_id, k.algorithm, k.token, k.role, k.gun) for k in keys]
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
-    return "\n".join("  ".join([*(c.ljust(w) for c, w in zip(r[:4], widths, strict=True)), r[4]])
-                      for r in rows)
+    return "\n".join(
+        "  ".join([*(c.ljust(w) for c, w in zip(r[:4], widths, strict=True)), r[4]]) for r in rows
+    )
 
 
 def cmd_keys_create(args: argparse.Namespace) -> None:
     with connect(args) as c:
         k = c.create_key(args.gun, args.role, args.algorithm, args.token or "")
-    emit(args, key_dict(k), lambda: f"created {k.algorithm} key {k.key_id} for {k.role} of "
-         f"{k.gun} on token {k.token}")
+    emit(
+        args,
+        key_dict(k),
+        lambda: f"created {k.algorithm} key {k.key_id} for {k.role} of {k.gun} on token {k.token}",
+    )
 
 
 def cmd_keys_list(args: argparse.Namespace) -> None:
@@ -90,9 +106,19 @@ def cmd_keys_list(args: argparse.Namespace) -> None:
 def cmd_keys_show(args: argparse.Namespace) -> None:
     with connect(args) as c:
         k = c.get_key(args.key_id)
-    emit(args, key_dict(k), lambda: "\n".join(
-        f"{name}: {value}" for name, value in key_dict(k).items() if name != "public_key_pem")
-        + "\n" + k.public_key_pem.rstrip())
+    emit(
+        args,
+        key_dict(k),
+        lambda: (
+            "\n".join(
+                f"{name}: {value}"
+                for name, value in key_dict(k).items()
+                if name != "public_key_pem"
+            )
+            + "\n"
+            + k.public_key_pem.rstrip()
+        ),
+    )
 
 
 def cmd_keys_delete(args: argparse.Namespace) -> None:
@@ -133,13 +159,22 @@ def _payload(args: argparse.Namespace) -> bytes:
 def cmd_sign(args: argparse.Namespace) -> None:
     payload = _payload(args)
     with connect(args) as c:
-        resp = c.sign(args.key_id, digest=payload if args.digest else None,
-                      message=None if args.digest else payload, encoding=args.encoding,
-                      rsa_padding=args.rsa_padding)
+        resp = c.sign(
+            args.key_id,
+            digest=payload if args.digest else None,
+            message=None if args.digest else payload,
+            encoding=args.encoding,
+            rsa_padding=args.rsa_padding,
+        )
     if args.out:
         Path(args.out).write_bytes(resp.signature)
-    data = {"key_id": resp.key_id, "algorithm": resp.algorithm, "method": resp.method,
-            "encoding": args.encoding, "signature": base64.b64encode(resp.signature).decode()}
+    data = {
+        "key_id": resp.key_id,
+        "algorithm": resp.algorithm,
+        "method": resp.method,
+        "encoding": args.encoding,
+        "signature": base64.b64encode(resp.signature).decode(),
+    }
     if args.json:
         print(json.dumps(data, indent=2, sort_keys=True))
     elif not args.out:
@@ -155,8 +190,9 @@ def cmd_verify(args: argparse.Namespace) -> None:
         sig = raw_sig
     with connect(args) as c:
         k = c.get_key(args.key_id)
-    options = signing.SignOptions(signing.Encoding(args.encoding),
-                                  signing.RsaPadding(args.rsa_padding), prehashed=args.digest)
+    options = signing.SignOptions(
+        signing.Encoding(args.encoding), signing.RsaPadding(args.rsa_padding), prehashed=args.digest
+    )
     try:
         signing.verify(k.public_key_der, parse_algorithm(k.algorithm), sig, payload, options)
     except InvalidSignature:
@@ -168,8 +204,16 @@ def cmd_audit_verify(args: argparse.Namespace) -> None:
     from signerd import audit
 
     result = audit.verify(Path(args.file))
-    emit(args, {"ok": result.ok, "lines": result.lines, "first_bad_line": result.first_bad_line,
-                "reason": result.reason}, lambda: audit.format_result(result))
+    emit(
+        args,
+        {
+            "ok": result.ok,
+            "lines": result.lines,
+            "first_bad_line": result.first_bad_line,
+            "reason": result.reason,
+        },
+        lambda: audit.format_result(result),
+    )
     if not result.ok:
         raise SystemExit(1)
 
@@ -204,8 +248,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--token")
     p.set_defaults(func=cmd_keys_list)
 
-    for name, func, helptext in (("show", cmd_keys_show, "show a key"),
-                                 ("delete", cmd_keys_delete, "destroy a key on its token")):
+    for name, func, helptext in (
+        ("show", cmd_keys_show, "show a key"),
+        ("delete", cmd_keys_delete, "destroy a key on its token"),
+    ):
         p = keys.add_parser(name, parents=[common], help=helptext)
         p.add_argument("key_id")
         p.set_defaults(func=func)
@@ -216,8 +262,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_keys_export)
 
     def sign_flags(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--digest", action="store_true",
-                       help="the input is a precomputed digest (hex or raw), not the message")
+        p.add_argument(
+            "--digest",
+            action="store_true",
+            help="the input is a precomputed digest (hex or raw), not the message",
+        )
         p.add_argument("--encoding", choices=("raw", "der"), default="raw")
         p.add_argument("--rsa-padding", choices=("pss", "pkcs1v15"), default="pss")
         p.add_argument("input", help="file to sign, or - for standard input")
@@ -234,8 +283,9 @@ def build_parser() -> argparse.ArgumentParser:
     sign_flags(p)
     p.set_defaults(func=cmd_verify)
 
-    audit = sub.add_parser("audit", help="audit log tools").add_subparsers(dest="audit_cmd",
-                                                                          required=True)
+    audit = sub.add_parser("audit", help="audit log tools").add_subparsers(
+        dest="audit_cmd", required=True
+    )
     p = audit.add_parser("verify", parents=[common], help="check an audit log's hash chain")
     p.add_argument("file")
     p.set_defaults(func=cmd_audit_verify)

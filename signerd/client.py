@@ -45,8 +45,15 @@ class ClientConfig:
 
         if "server" not in data:
             raise ConfigError(f"client config {path} has no 'server'")
-        return cls(str(data["server"]), p("ca"), p("cert"), p("key"), data.get("server_name"),
-                   float(data.get("timeout", 30.0)), bool(data.get("plaintext", False)))
+        return cls(
+            str(data["server"]),
+            p("ca"),
+            p("cert"),
+            p("key"),
+            data.get("server_name"),
+            float(data.get("timeout", 30.0)),
+            bool(data.get("plaintext", False)),
+        )
 
     @classmethod
     def default_path(cls) -> Path:
@@ -64,11 +71,14 @@ def channel(cfg: ClientConfig) -> grpc.Channel:
             raise ConfigError(f"plaintext is only for a development daemon on loopback, not {host}")
         return grpc.insecure_channel(cfg.server, options=options)
     if not (cfg.ca and cfg.cert and cfg.key):
-        raise ConfigError("a TCP server needs ca, cert and key (mutual TLS); "
-                          "use --tls-ca/--tls-cert/--tls-key or a client config")
+        raise ConfigError(
+            "a TCP server needs ca, cert and key (mutual TLS); "
+            "use --tls-ca/--tls-cert/--tls-key or a client config"
+        )
     try:
-        creds = grpc.ssl_channel_credentials(cfg.ca.read_bytes(), cfg.key.read_bytes(),
-                                             cfg.cert.read_bytes())
+        creds = grpc.ssl_channel_credentials(
+            cfg.ca.read_bytes(), cfg.key.read_bytes(), cfg.cert.read_bytes()
+        )
     except OSError as e:
         raise ConfigError(f"cannot read TLS file {e.filename}: {e.strerror}") from None
     if cfg.server_name:
@@ -94,8 +104,10 @@ class Client:
         self.close()
 
     def create_key(self, gun: str, role: str, algorithm: str = "", token: str = "") -> pb.Key:
-        return self.stub.CreateKey(pb.CreateKeyRequest(gun=gun, role=role, algorithm=algorithm,
-                                                       token=token), timeout=self.cfg.timeout)
+        return self.stub.CreateKey(
+            pb.CreateKeyRequest(gun=gun, role=role, algorithm=algorithm, token=token),
+            timeout=self.cfg.timeout,
+        )
 
     def get_key(self, key_id: str) -> pb.Key:
         return self.stub.GetKey(pb.GetKeyRequest(key_id=key_id), timeout=self.cfg.timeout)
@@ -103,8 +115,10 @@ class Client:
     def list_keys(self, gun: str = "", role: str = "", token: str = "") -> Iterator[pb.Key]:
         page = ""
         while True:
-            resp = self.stub.ListKeys(pb.ListKeysRequest(gun=gun, role=role, token=token,
-                                                         page_token=page), timeout=self.cfg.timeout)
+            resp = self.stub.ListKeys(
+                pb.ListKeysRequest(gun=gun, role=role, token=token, page_token=page),
+                timeout=self.cfg.timeout,
+            )
             yield from resp.keys
             page = resp.next_page_token
             if not page:
@@ -113,10 +127,17 @@ class Client:
     def delete_key(self, key_id: str) -> None:
         self.stub.DeleteKey(pb.DeleteKeyRequest(key_id=key_id), timeout=self.cfg.timeout)
 
-    def sign(self, key_id: str, message: bytes | None = None, digest: bytes | None = None,
-             encoding: str = "raw", rsa_padding: str = "pss") -> pb.SignResponse:
-        req = pb.SignRequest(key_id=key_id, encoding=ENCODINGS[encoding],
-                             rsa_padding=PADDINGS[rsa_padding])
+    def sign(
+        self,
+        key_id: str,
+        message: bytes | None = None,
+        digest: bytes | None = None,
+        encoding: str = "raw",
+        rsa_padding: str = "pss",
+    ) -> pb.SignResponse:
+        req = pb.SignRequest(
+            key_id=key_id, encoding=ENCODINGS[encoding], rsa_padding=PADDINGS[rsa_padding]
+        )
         if digest is not None:
             req.digest = digest
         else:

@@ -34,7 +34,7 @@ class Pkcs11Uri:
     def parse(cls, uri: str) -> Pkcs11Uri:
         if not uri.startswith("pkcs11:"):
             raise ConfigError(f"token uri must start with 'pkcs11:', got {uri[:40]!r}")
-        path, _, query = uri[len("pkcs11:"):].partition("?")
+        path, _, query = uri[len("pkcs11:") :].partition("?")
         attrs: dict[str, str] = {}
         for part in [p for p in path.split(";") if p] + [q for q in query.split("&") if q]:
             name, sep, value = part.partition("=")
@@ -47,8 +47,12 @@ class Pkcs11Uri:
         slot = attrs.get("slot-id")
         if slot is not None and not slot.isdigit():
             raise ConfigError(f"token uri slot-id must be a number, got {slot!r}")
-        uri_ = cls(attrs.get("token"), attrs.get("serial"), int(slot) if slot else None,
-                   attrs.get("module-path"))
+        uri_ = cls(
+            attrs.get("token"),
+            attrs.get("serial"),
+            int(slot) if slot else None,
+            attrs.get("module-path"),
+        )
         if uri_.token is None and uri_.serial is None and uri_.slot_id is None:
             raise ConfigError("token uri must name the token by token=, serial= or slot-id=")
         return uri_
@@ -72,14 +76,18 @@ class TokenConfig:
         if self.pin_env:
             pin = os.environ.get(self.pin_env)
             if pin is None:
-                raise ConfigError(f"token {self.name}: environment variable {self.pin_env} is not set")
+                raise ConfigError(
+                    f"token {self.name}: environment variable {self.pin_env} is not set"
+                )
             return pin
         assert self.pin_file is not None
         warn_if_exposed(self.pin_file, f"token {self.name} PIN file")
         try:
             return self.pin_file.read_text().rstrip("\r\n")
         except OSError as e:
-            raise ConfigError(f"token {self.name}: cannot read PIN file {self.pin_file}: {e.strerror}") from None
+            raise ConfigError(
+                f"token {self.name}: cannot read PIN file {self.pin_file}: {e.strerror}"
+            ) from None
 
 
 @dataclass(frozen=True)
@@ -134,10 +142,13 @@ def _path(base: Path, value: Any, key: str) -> Path:
     return p if p.is_absolute() else base / p
 
 
-def _take(table: dict[str, Any], key: str, kind: type | tuple[type, ...], default: Any,
-          where: str) -> Any:
+def _take(
+    table: dict[str, Any], key: str, kind: type | tuple[type, ...], default: Any, where: str
+) -> Any:
     value = table.pop(key, default)
-    if value is not default and (not isinstance(value, kind) or isinstance(value, bool) is not (kind is bool)):
+    if value is not default and (
+        not isinstance(value, kind) or isinstance(value, bool) is not (kind is bool)
+    ):
         name = kind.__name__ if isinstance(kind, type) else "number"
         raise ConfigError(f"{where}{key} must be a {name}, got {value!r}")
     return value
@@ -200,13 +211,17 @@ def parse_config(data: dict[str, Any], base: Path) -> Config:
         tls_cfg = TLSConfig(
             cert=_path(base, tls.get("cert"), "tls.cert"),
             key=_path(base, tls.get("key"), "tls.key"),
-            client_ca=_path(base, tls["client_ca"], "tls.client_ca") if "client_ca" in tls else None,
+            client_ca=_path(base, tls["client_ca"], "tls.client_ca")
+            if "client_ca" in tls
+            else None,
         )
     s = server
     cfg = Config(
         tokens=token_cfgs,
         listen=_take(s, "listen", str, "127.0.0.1:4443", "server.") or None,
-        unix_socket=_path(base, s.pop("unix_socket"), "server.unix_socket") if "unix_socket" in s else None,
+        unix_socket=_path(base, s.pop("unix_socket"), "server.unix_socket")
+        if "unix_socket" in s
+        else None,
         tls=tls_cfg,
         dev_plaintext=_take(s, "dev_plaintext", bool, False, "server."),
         max_message_bytes=_take(s, "max_message_bytes", int, DEFAULT_MAX_MESSAGE_BYTES, "server."),

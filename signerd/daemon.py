@@ -31,7 +31,9 @@ def make_undumpable() -> None:
     """No core dumps and no ptrace by other users: the process holds PINs."""
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
-        log.warning("prctl(PR_SET_DUMPABLE, 0) failed", extra={"fields": {"errno": ctypes.get_errno()}})
+        log.warning(
+            "prctl(PR_SET_DUMPABLE, 0) failed", extra={"fields": {"errno": ctypes.get_errno()}}
+        )
 
 
 def is_dumpable() -> bool:
@@ -57,10 +59,13 @@ def serve(config: Config, ready_file: Path | None = None) -> int:
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     signal.signal(signal.SIGHUP, lambda *_: threading.Thread(target=servers.policy.reload).start())
     servers.start()
-    info = {"pid": os.getpid(), "tcp": servers.ports.get("tcp"),
-            "unix": str(config.unix_socket) if config.unix_socket else None,
-            "tokens": {t.name: len(t.keys()) for t in service.tokens.values()},
-            "dumpable": is_dumpable()}
+    info = {
+        "pid": os.getpid(),
+        "tcp": servers.ports.get("tcp"),
+        "unix": str(config.unix_socket) if config.unix_socket else None,
+        "tokens": {t.name: len(t.keys()) for t in service.tokens.values()},
+        "dumpable": is_dumpable(),
+    }
     log.info("signerd serving", extra={"fields": info})
     if ready_file is not None:
         tmp = ready_file.with_suffix(".tmp")
@@ -79,8 +84,11 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("serve", help="run the daemon")
     p.add_argument("--config", type=Path, help="signerd.toml (default: the embedded default)")
     p.add_argument("--state-dir", type=Path, help="state directory of the embedded default")
-    p.add_argument("--listen", default=embedded.DEFAULT_LISTEN,
-                   help="listen address the embedded default is created with")
+    p.add_argument(
+        "--listen",
+        default=embedded.DEFAULT_LISTEN,
+        help="listen address the embedded default is created with",
+    )
     p.add_argument("--ready-file", type=Path, help="write {pid, ports} as JSON here once serving")
     p.add_argument("--debug", action="store_true", help="keep the process dumpable (core dumps)")
     p.add_argument("--log-level", default="info")
@@ -91,8 +99,12 @@ def main(argv: list[str] | None = None) -> int:
         if path is None:
             state = args.state_dir or embedded.state_dir()
             path = embedded.ensure(state, args.listen)
-            log.info("embedded default", extra={"fields": {"state_dir": str(state),
-                                                           "client_config": str(state / "client.toml")}})
+            log.info(
+                "embedded default",
+                extra={
+                    "fields": {"state_dir": str(state), "client_config": str(state / "client.toml")}
+                },
+            )
         config = load_config(path)
         if args.debug:
             from dataclasses import replace

@@ -26,8 +26,12 @@ from pathlib import Path
 from signerd import _p11, pki
 from signerd.errors import ConfigError
 
-SOFTHSM_MODULES = ("/usr/lib/softhsm/libsofthsm2.so", "/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so",
-                   "/usr/lib/aarch64-linux-gnu/softhsm/libsofthsm2.so", "/usr/local/lib/softhsm/libsofthsm2.so")
+SOFTHSM_MODULES = (
+    "/usr/lib/softhsm/libsofthsm2.so",
+    "/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so",
+    "/usr/lib/aarch64-linux-gnu/softhsm/libsofthsm2.so",
+    "/usr/local/lib/softhsm/libsofthsm2.so",
+)
 DEFAULT_LISTEN = "127.0.0.1:4443"
 CLIENT_IDENTITY = "spiffe://signerd.local/signerctl"
 TOKENS = ("root", "online")
@@ -44,8 +48,10 @@ def softhsm_module() -> str:
     for path in SOFTHSM_MODULES:
         if Path(path).exists():
             return path
-    raise ConfigError("SoftHSM is not installed (no libsofthsm2.so found); "
-                      "install it with: apt-get install softhsm2")
+    raise ConfigError(
+        "SoftHSM is not installed (no libsofthsm2.so found); "
+        "install it with: apt-get install softhsm2"
+    )
 
 
 def init_softhsm_token(module_path: str, conf: Path, label: str, pin: bytes, so_pin: bytes) -> None:
@@ -57,8 +63,9 @@ def init_softhsm_token(module_path: str, conf: Path, label: str, pin: bytes, so_
 
     lib = MODULES.acquire(module_path)
     try:
-        free = [s for s in lib.get_slots(token_present=True)
-                if not s.get_token().flags & 0x400]  # CKF_TOKEN_INITIALIZED
+        free = [
+            s for s in lib.get_slots(token_present=True) if not s.get_token().flags & 0x400
+        ]  # CKF_TOKEN_INITIALIZED
         if not free:
             raise ConfigError("SoftHSM has no free slot to initialise")
         lib.module.init_token(free[0].slot_id, so_pin, label)
@@ -107,11 +114,15 @@ def ensure(state: Path, listen: str = DEFAULT_LISTEN) -> Path:
     ca = pki.make_ca("signerd embedded CA")
     ca.write(tls / "ca.pem", tls / "ca-key.pem")
     pki.issue(ca, "localhost", server=True, dns=("localhost",), ips=("127.0.0.1", "::1")).write(
-        tls / "server.pem", tls / "server-key.pem")
+        tls / "server.pem", tls / "server-key.pem"
+    )
     pki.issue(ca, "signerctl", server=False, uris=(CLIENT_IDENTITY,)).write(
-        tls / "client.pem", tls / "client-key.pem")
+        tls / "client.pem", tls / "client-key.pem"
+    )
 
-    _write(state / "policy.toml", f"""# Embedded default policy: the local signerctl certificate and the
+    _write(
+        state / "policy.toml",
+        f"""# Embedded default policy: the local signerctl certificate and the
 # current user over the Unix socket may do everything, root keys included.
 [[rule]]
 name = "local-admin-tls"
@@ -124,16 +135,22 @@ name = "local-admin-unix"
 identities = ["uid:{os.getuid()}"]
 operations = ["*"]
 transports = ["unix"]
-""")
-    tokens = "".join(f"""
+""",
+    )
+    tokens = "".join(
+        f"""
 [[tokens]]
 name = "{name}"
 module = {_toml_str(module)}
 uri = "pkcs11:token=signerd-{name}"
 pin_file = "{name}.pin"
 roles = {'["root"]' if name == "root" else '["*"]'}
-""" for name in TOKENS)
-    _write(config, f"""# signerd embedded default, created on first run. See README.md.
+"""
+        for name in TOKENS
+    )
+    _write(
+        config,
+        f"""# signerd embedded default, created on first run. See README.md.
 [server]
 listen = {_toml_str(listen)}
 unix_socket = "signerd.sock"
@@ -151,12 +168,16 @@ file = "audit.log"
 
 [environment]
 SOFTHSM2_CONF = {_toml_str(conf)}
-{tokens}""")
-    _write(state / "client.toml", f"""# signerctl's default client config (embedded signerd).
+{tokens}""",
+    )
+    _write(
+        state / "client.toml",
+        f"""# signerctl's default client config (embedded signerd).
 server = {_toml_str(listen)}
 server_name = "localhost"
 ca = "tls/ca.pem"
 cert = "tls/client.pem"
 key = "tls/client-key.pem"
-""")
+""",
+    )
     return config

@@ -66,7 +66,9 @@ def parse_algorithm(name: str) -> Algorithm:
 
 # A GUN is a repository name such as "docker.io/acme/app": path components of
 # letters, digits, ".", "_" and "-", with an optional registry port.
-_GUN_RE = re.compile(r"^[a-z0-9]+(?:[._-][a-z0-9]+)*(?::[0-9]{1,5})?(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*$")
+_GUN_RE = re.compile(
+    r"^[a-z0-9]+(?:[._-][a-z0-9]+)*(?::[0-9]{1,5})?(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*$"
+)
 _DELEGATION_RE = re.compile(r"^targets(?:/[A-Za-z0-9_][A-Za-z0-9_.-]*)+$")
 BASE_ROLES = ("root", "targets", "snapshot", "timestamp")
 
@@ -86,7 +88,9 @@ def validate_role(role: str) -> str:
     if role in BASE_ROLES:
         return role
     if not role:
-        raise InvalidArgument("role is required: root, targets, targets/<name>, snapshot or timestamp")
+        raise InvalidArgument(
+            "role is required: root, targets, targets/<name>, snapshot or timestamp"
+        )
     if len(role) > 255 or not _DELEGATION_RE.match(role) or "/." in role:
         raise InvalidArgument(
             f"invalid role {role!r}: use root, targets, snapshot, timestamp or "
@@ -112,7 +116,10 @@ def tuf_public_bytes(keytype: str, spki_der: bytes) -> bytes:
 
 def key_id(keytype: str, tuf_public: bytes) -> KeyID:
     """TUF/Notary key ID: hex SHA-256 of the canonical JSON public key."""
-    doc = {"keytype": keytype, "keyval": {"private": None, "public": base64.b64encode(tuf_public).decode()}}
+    doc = {
+        "keytype": keytype,
+        "keyval": {"private": None, "public": base64.b64encode(tuf_public).decode()},
+    }
     return KeyID(hashlib.sha256(encode_canonical(doc)).hexdigest())
 
 
@@ -125,6 +132,8 @@ def validate_key_id(value: str) -> KeyID:
 
 
 def spki_to_pem(spki_der: bytes) -> str:
-    return load_public_key(spki_der).public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-    ).decode()
+    return (
+        load_public_key(spki_der)
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        .decode()
+    )

@@ -26,9 +26,14 @@ class Issued:
 
     def write(self, cert_path: Path, key_path: Path) -> None:
         cert_path.write_bytes(self.cert.public_bytes(serialization.Encoding.PEM))
-        write_private(key_path, self.key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption()))
+        write_private(
+            key_path,
+            self.key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            ),
+        )
 
 
 def write_private(path: Path, data: bytes) -> None:
@@ -48,22 +53,33 @@ def make_ca(cn: str = "signerd local CA", days: int = 3650) -> Issued:
     now = dt.datetime.now(dt.UTC)
     cert = (
         x509.CertificateBuilder()
-        .subject_name(_name(cn)).issuer_name(_name(cn))
+        .subject_name(_name(cn))
+        .issuer_name(_name(cn))
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - dt.timedelta(minutes=5))
         .not_valid_after(now + dt.timedelta(days=days))
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False),
-                       critical=True)
+        .add_extension(
+            x509.KeyUsage(False, False, False, False, False, True, True, False, False),
+            critical=True,
+        )
         .sign(key, hashes.SHA256())
     )
     return Issued(cert, key)
 
 
-def issue(ca: Issued, cn: str, *, server: bool, dns: tuple[str, ...] = (),
-          ips: tuple[str, ...] = (), uris: tuple[str, ...] = (), days: int = 825,
-          not_before: dt.datetime | None = None) -> Issued:
+def issue(
+    ca: Issued,
+    cn: str,
+    *,
+    server: bool,
+    dns: tuple[str, ...] = (),
+    ips: tuple[str, ...] = (),
+    uris: tuple[str, ...] = (),
+    days: int = 825,
+    not_before: dt.datetime | None = None,
+) -> Issued:
     """Issue a leaf certificate for a server or a client."""
     key = ec.generate_private_key(ec.SECP256R1())
     start = not_before or dt.datetime.now(dt.UTC) - dt.timedelta(minutes=5)
@@ -72,15 +88,19 @@ def issue(ca: Issued, cn: str, *, server: bool, dns: tuple[str, ...] = (),
     sans += [x509.UniformResourceIdentifier(u) for u in uris]
     builder = (
         x509.CertificateBuilder()
-        .subject_name(_name(cn)).issuer_name(ca.cert.subject)
+        .subject_name(_name(cn))
+        .issuer_name(ca.cert.subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(start)
         .not_valid_after(start + dt.timedelta(days=days))
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.ExtendedKeyUsage(
-            [ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH]),
-            critical=False)
+        .add_extension(
+            x509.ExtendedKeyUsage(
+                [ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH]
+            ),
+            critical=False,
+        )
     )
     if sans:
         builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)

@@ -15,7 +15,14 @@ from dataclasses import dataclass
 from signerd import signing
 from signerd.config import Config
 from signerd.errors import InvalidArgument, NotFound, Unavailable
-from signerd.keys import Algorithm, KeyID, parse_algorithm, validate_gun, validate_key_id, validate_role
+from signerd.keys import (
+    Algorithm,
+    KeyID,
+    parse_algorithm,
+    validate_gun,
+    validate_key_id,
+    validate_role,
+)
 from signerd.token import KeyEntry, Token
 
 log = logging.getLogger("signerd.service")
@@ -64,15 +71,20 @@ class KeyService:
         a stream of C_FindObjects passes."""
         now = time.monotonic()
         with self._refresh_lock:
-            due = [t for t in self.tokens.values()
-                   if force or now - self._refreshed.get(t.name, 0.0) >= _REFRESH_EVERY]
+            due = [
+                t
+                for t in self.tokens.values()
+                if force or now - self._refreshed.get(t.name, 0.0) >= _REFRESH_EVERY
+            ]
             for t in due:
                 self._refreshed[t.name] = now
         for t in due:
             try:
                 t.refresh()
             except Unavailable as e:
-                log.warning("cannot refresh keys", extra={"fields": {"token": t.name, "error": str(e)}})
+                log.warning(
+                    "cannot refresh keys", extra={"fields": {"token": t.name, "error": str(e)}}
+                )
 
     def _lookup(self, kid: KeyID) -> KeyEntry | None:
         for t in self.tokens.values():
@@ -95,7 +107,9 @@ class KeyService:
         try:
             return self.tokens[name]
         except KeyError:
-            raise NotFound(f"no token named {name!r}; configured: {', '.join(self.tokens)}") from None
+            raise NotFound(
+                f"no token named {name!r}; configured: {', '.join(self.tokens)}"
+            ) from None
 
     def token_for_role(self, role: str) -> Token:
         for t in self.tokens.values():
@@ -111,10 +125,18 @@ class KeyService:
         tok = self.token(token) if token else self.token_for_role(role)
         return tok.generate(alg, gun, role)
 
-    def list_keys(self, gun: str = "", role: str = "", token: str = "", page_size: int = 0,
-                  page_token: str = "") -> tuple[list[KeyEntry], str]:
+    def list_keys(
+        self,
+        gun: str = "",
+        role: str = "",
+        token: str = "",
+        page_size: int = 0,
+        page_token: str = "",
+    ) -> tuple[list[KeyEntry], str]:
         if page_size < 0 or page_size > MAX_PAGE_SIZE:
-            raise InvalidArgument(f"page_size must be between 0 and {MAX_PAGE_SIZE}, got {page_size}")
+            raise InvalidArgument(
+                f"page_size must be between 0 and {MAX_PAGE_SIZE}, got {page_size}"
+            )
         if page_token:
             validate_key_id(page_token)  # page tokens are the last key ID of the previous page
         if token:
@@ -122,8 +144,15 @@ class KeyService:
         self._refresh()
         size = page_size or DEFAULT_PAGE_SIZE
         keys = sorted(
-            (k for t in self.tokens.values() if not token or t.name == token for k in t.keys()
-             if (not gun or k.gun == gun) and (not role or k.role == role) and k.key_id > page_token),
+            (
+                k
+                for t in self.tokens.values()
+                if not token or t.name == token
+                for k in t.keys()
+                if (not gun or k.gun == gun)
+                and (not role or k.role == role)
+                and k.key_id > page_token
+            ),
             key=lambda k: k.key_id,
         )
         page = keys[:size]
@@ -142,7 +171,9 @@ class KeyService:
         alg: Algorithm = entry.algorithm
         mechanism, data = signing.prepare(alg, payload, options)
         raw = self.tokens[entry.token].sign(entry.key_id, mechanism, data, alg.signature_size)
-        return Signature(entry, signing.encode(alg, raw, options), signing.method(alg, options), options)
+        return Signature(
+            entry, signing.encode(alg, raw, options), signing.method(alg, options), options
+        )
 
     def mark_used(self, entry: KeyEntry) -> None:
         self.tokens[entry.token].mark_used(entry.key_id)

@@ -43,7 +43,9 @@ _DIGEST_INFO = {  # RFC 8017 §9.2 note 1: DER DigestInfo prefixes
     "sha384": bytes.fromhex("3041300d060960864801650304020205000430"),
 }
 _PSS = {
-    "sha256": _p11.Mechanism(_p11.CKM_RSA_PKCS_PSS, _p11.CKM_SHA256, _p11.CKG_MGF1_SHA256, PSS_SALT),
+    "sha256": _p11.Mechanism(
+        _p11.CKM_RSA_PKCS_PSS, _p11.CKM_SHA256, _p11.CKG_MGF1_SHA256, PSS_SALT
+    ),
 }
 _ECDSA = _p11.Mechanism(_p11.CKM_ECDSA)
 _EDDSA = _p11.Mechanism(_p11.CKM_EDDSA)
@@ -97,8 +99,9 @@ def encode(alg: Algorithm, raw: bytes, options: SignOptions) -> bytes:
     return utils.encode_dss_signature(r, s)
 
 
-def verify(spki_der: bytes, alg: Algorithm, signature: bytes, payload: bytes,
-           options: SignOptions) -> None:
+def verify(
+    spki_der: bytes, alg: Algorithm, signature: bytes, payload: bytes, options: SignOptions
+) -> None:
     """Verify locally with ``cryptography``; raise InvalidSignature on failure."""
     key = load_public_key(spki_der)
     if isinstance(key, ed25519.Ed25519PublicKey):

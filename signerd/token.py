@@ -66,8 +66,11 @@ class KeyEntry:
 
 
 def _label(alg: Algorithm, gun: str, role: str, used: bool) -> str:
-    return json.dumps({_LABEL_TAG: 1, "alg": alg.name, "gun": gun, "role": role, "used": used},
-                      separators=(",", ":"), sort_keys=True)
+    return json.dumps(
+        {_LABEL_TAG: 1, "alg": alg.name, "gun": gun, "role": role, "used": used},
+        separators=(",", ":"),
+        sort_keys=True,
+    )
 
 
 def _parse_label(label: str) -> dict[str, Any] | None:
@@ -105,8 +108,11 @@ def _spki(alg: Algorithm, pub: Any) -> bytes:
         key = ec.EllipticCurvePublicKey.from_encoded_point(
             _CURVES[alg.curve], _octets(pub[Attribute.EC_POINT])
         )
-    return bytes(key.public_bytes(serialization.Encoding.DER,
-                                  serialization.PublicFormat.SubjectPublicKeyInfo))
+    return bytes(
+        key.public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
 
 
 class _Modules:
@@ -142,7 +148,9 @@ class _Modules:
             try:
                 lib.close()
             except _p11.P11Error as e:
-                log.warning("C_Finalize failed", extra={"fields": {"module": path, "error": str(e)}})
+                log.warning(
+                    "C_Finalize failed", extra={"fields": {"module": path, "error": str(e)}}
+                )
 
     def reinitialize(self, path: str) -> bool:
         """C_Finalize + C_Initialize a module whose tokens are all unusable:
@@ -160,8 +168,10 @@ class _Modules:
                 lib.module.finalize()
                 lib.module.initialize()
             except _p11.P11Error as e:
-                log.error("module re-initialisation failed", extra={"fields": {"module": path,
-                                                                             "error": str(e)}})
+                log.error(
+                    "module re-initialisation failed",
+                    extra={"fields": {"module": path, "error": str(e)}},
+                )
                 return False
             log.warning("module re-initialised", extra={"fields": {"module": path}})
             return True
@@ -201,6 +211,7 @@ class Token:
 
     def _find_token(self) -> Any:
         uri = self.config.uri
+        assert self._lib is not None
         for slot in self._lib.get_slots(token_present=True):
             if uri.slot_id is not None and slot.slot_id != uri.slot_id:
                 continue
@@ -210,13 +221,17 @@ class Token:
             if uri.serial is not None and tok.serial.decode().strip() != uri.serial:
                 continue
             return tok
-        raise Unavailable(f"token {self.name}: no token matches its uri in module {self.config.module}")
+        raise Unavailable(
+            f"token {self.name}: no token matches its uri in module {self.config.module}"
+        )
 
     def _connect(self) -> None:
         """Open the pool, log in once, and load every key. Caller holds no session."""
         if self._login_refused:
-            raise Unavailable(f"token {self.name}: the token refused the configured PIN; "
-                              "fix the PIN and restart signerd")
+            raise Unavailable(
+                f"token {self.name}: the token refused the configured PIN; "
+                "fix the PIN and restart signerd"
+            )
         try:
             self._token = self._find_token()
             self.slot_id = self._token.slot.slot_id
@@ -280,13 +295,19 @@ class Token:
         While the token stays unusable, attempts are spaced by
         _RETRY_EVERY so that callers fail fast instead of piling up."""
         with self._lock:
-            if seen_generation is not None and seen_generation != self._generation and self._connected:
+            if (
+                seen_generation is not None
+                and seen_generation != self._generation
+                and self._connected
+            ):
                 return
             now = time.monotonic()
             if not self._connected and now < self._next_attempt:
                 raise Unavailable(f"token {self.name} is unusable: {self._last_error}")
             self._next_attempt = now + _RETRY_EVERY
-            log.warning("token session or login lost; reconnecting", extra={"fields": {"token": self.name}})
+            log.warning(
+                "token session or login lost; reconnecting", extra={"fields": {"token": self.name}}
+            )
             self._connected = False
             self._drop_sessions()
             try:
@@ -314,7 +335,9 @@ class Token:
         try:
             gen, s = self._pool.get(timeout=_POOL_WAIT)
         except queue.Empty:
-            raise Unavailable(f"token {self.name}: no session free after {_POOL_WAIT:.0f}s") from None
+            raise Unavailable(
+                f"token {self.name}: no session free after {_POOL_WAIT:.0f}s"
+            ) from None
         try:
             yield gen, s
         finally:
@@ -325,6 +348,7 @@ class Token:
         """Run fn(session) once, and once more after a reconnect if the
         session, login or device was lost."""
         for attempt in (0, 1):
+            rv: int | None
             with self.session() as (gen, s):
                 try:
                     return fn(s)
@@ -333,7 +357,9 @@ class Token:
                 except pkcs11.PKCS11Error as e:
                     rv = _pkcs11_rv(e)
                     if rv is None:
-                        raise Unavailable(f"token {self.name}: {what} failed: {type(e).__name__}") from None
+                        raise Unavailable(
+                            f"token {self.name}: {what} failed: {type(e).__name__}"
+                        ) from None
             if rv in _p11.DATA_INVALID:
                 raise SignerdError(f"token {self.name}: {what}: {_p11.rv_name(rv)}")
             lost = rv in _p11.SESSION_LOST | _p11.DEVICE_LOST | _p11.HANDLE_LOST
@@ -385,11 +411,21 @@ class Token:
             spki = _spki(alg, pub)
             kid = key_id(alg.keytype, tuf_public_bytes(alg.keytype, spki))
             if bytes.fromhex(kid) != bytes(pub[Attribute.ID]):
-                log.warning("skipping key whose CKA_ID is not its key ID",
-                            extra={"fields": {"token": self.name, "label": pub[Attribute.LABEL]}})
+                log.warning(
+                    "skipping key whose CKA_ID is not its key ID",
+                    extra={"fields": {"token": self.name, "label": pub[Attribute.LABEL]}},
+                )
                 continue
-            keys[kid] = KeyEntry(kid, alg, str(meta["gun"]), str(meta["role"]), self.name, spki,
-                                 bool(meta.get("used")), handle)
+            keys[kid] = KeyEntry(
+                kid,
+                alg,
+                str(meta["gun"]),
+                str(meta["role"]),
+                self.name,
+                spki,
+                bool(meta.get("used")),
+                handle,
+            )
         self._keys = keys
 
     def keys(self) -> list[KeyEntry]:
@@ -403,14 +439,24 @@ class Token:
         non-extractable token object that can only sign."""
         label = _label(alg, gun, role, used=False)
         pub_tpl: dict[Any, Any] = {
-            Attribute.TOKEN: True, Attribute.PRIVATE: False, Attribute.VERIFY: True,
-            Attribute.ENCRYPT: False, Attribute.WRAP: False, Attribute.DERIVE: False,
+            Attribute.TOKEN: True,
+            Attribute.PRIVATE: False,
+            Attribute.VERIFY: True,
+            Attribute.ENCRYPT: False,
+            Attribute.WRAP: False,
+            Attribute.DERIVE: False,
             Attribute.LABEL: label,
         }
         priv_tpl: dict[Any, Any] = {
-            Attribute.TOKEN: True, Attribute.PRIVATE: True, Attribute.SENSITIVE: True,
-            Attribute.EXTRACTABLE: False, Attribute.SIGN: True, Attribute.DECRYPT: False,
-            Attribute.UNWRAP: False, Attribute.DERIVE: False, Attribute.LABEL: label,
+            Attribute.TOKEN: True,
+            Attribute.PRIVATE: True,
+            Attribute.SENSITIVE: True,
+            Attribute.EXTRACTABLE: False,
+            Attribute.SIGN: True,
+            Attribute.DECRYPT: False,
+            Attribute.UNWRAP: False,
+            Attribute.DERIVE: False,
+            Attribute.LABEL: label,
         }
         if alg.keytype == "rsa":
             key_type, bits, mech = KeyType.RSA, alg.bits, Mechanism.RSA_PKCS_KEY_PAIR_GEN
@@ -427,8 +473,13 @@ class Token:
         def gen(s: Any) -> KeyEntry:
             self._sync_index(s)
             pub, priv = s.generate_keypair(
-                key_type, bits, store=True, mechanism=mech, capabilities=0,
-                public_template=pub_tpl, private_template=priv_tpl,
+                key_type,
+                bits,
+                store=True,
+                mechanism=mech,
+                capabilities=0,
+                public_template=pub_tpl,
+                private_template=priv_tpl,
             )
             try:
                 spki = _spki(alg, pub)
@@ -445,8 +496,18 @@ class Token:
         entry: KeyEntry = self._with_retry("key generation", gen)
         with self._lock:
             self._keys[entry.key_id] = entry
-        log.info("key created", extra={"fields": {"token": self.name, "key_id": entry.key_id,
-                                                  "algorithm": alg.name, "gun": gun, "role": role}})
+        log.info(
+            "key created",
+            extra={
+                "fields": {
+                    "token": self.name,
+                    "key_id": entry.key_id,
+                    "algorithm": alg.name,
+                    "gun": gun,
+                    "role": role,
+                }
+            },
+        )
         return entry
 
     @staticmethod
@@ -493,6 +554,7 @@ class Token:
 
     def refresh(self) -> None:
         """Re-read the keys from the token (keys made by another daemon)."""
+
         def load(s: Any) -> None:
             self._load_keys(s)
 
@@ -501,6 +563,7 @@ class Token:
 
     def sign(self, kid: KeyID, mechanism: _p11.Mechanism, data: bytes, max_len: int) -> bytes:
         """Sign ``data`` with the cached handle of key ``kid`` on a pooled session."""
+
         def sign(s: Any) -> bytes:
             entry = self._keys.get(kid)
             if entry is None:
@@ -514,9 +577,15 @@ class Token:
 def _pkcs11_rv(e: Exception) -> int | None:
     """The CK_RV behind a python-pkcs11 exception, for the ones we act on."""
     names = {
-        "SessionHandleInvalid": 0xB3, "SessionClosed": 0xB0, "UserNotLoggedIn": 0x101,
-        "DeviceRemoved": 0x32, "DeviceError": 0x30, "TokenNotPresent": 0xE0,
-        "ObjectHandleInvalid": 0x82, "KeyHandleInvalid": 0x60, "DeviceMemory": 0x31,
+        "SessionHandleInvalid": 0xB3,
+        "SessionClosed": 0xB0,
+        "UserNotLoggedIn": 0x101,
+        "DeviceRemoved": 0x32,
+        "DeviceError": 0x30,
+        "TokenNotPresent": 0xE0,
+        "ObjectHandleInvalid": 0x82,
+        "KeyHandleInvalid": 0x60,
+        "DeviceMemory": 0x31,
         "TokenNotRecognised": 0xE1,
     }
     return names.get(type(e).__name__)

@@ -42,9 +42,14 @@ class HSM:
     pins: dict[str, Path]
 
     def token_table(self, name: str, **extra: Any) -> dict[str, Any]:
-        return {"name": name, "module": self.module, "uri": f"pkcs11:token=test-{name}",
-                "pin_file": str(self.pins[name]),
-                "roles": ["root"] if name == "root" else ["*"], **extra}
+        return {
+            "name": name,
+            "module": self.module,
+            "uri": f"pkcs11:token=test-{name}",
+            "pin_file": str(self.pins[name]),
+            "roles": ["root"] if name == "root" else ["*"],
+            **extra,
+        }
 
 
 def make_hsm(base: Path) -> HSM:
@@ -55,8 +60,10 @@ def make_hsm(base: Path) -> HSM:
     base.mkdir(parents=True, exist_ok=True)
     (base / "tokens").mkdir(exist_ok=True)
     conf = base / "softhsm2.conf"
-    conf.write_text(f"directories.tokendir = {base / 'tokens'}\nobjectstore.backend = file\n"
-                    "log.level = ERROR\nslots.removable = false\n")
+    conf.write_text(
+        f"directories.tokendir = {base / 'tokens'}\nobjectstore.backend = file\n"
+        "log.level = ERROR\nslots.removable = false\n"
+    )
     pins = {}
     for name in TOKENS:
         pin = secrets.token_hex(8).encode()
@@ -102,8 +109,17 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> PKI:
     p.add("dns-only", pki.issue(ca, "cn-ignored", server=False, dns=("builder.ci.example",)))
     p.add("cn-only", pki.issue(ca, "plain-cn", server=False))
     p.add("nobody", pki.issue(ca, "nobody", server=False, uris=("spiffe://test/nobody",)))
-    p.add("expired", pki.issue(ca, "expired", server=False, uris=(ADMIN,), days=1,
-                               not_before=dt.datetime.now(dt.UTC) - dt.timedelta(days=3)))
+    p.add(
+        "expired",
+        pki.issue(
+            ca,
+            "expired",
+            server=False,
+            uris=(ADMIN,),
+            days=1,
+            not_before=dt.datetime.now(dt.UTC) - dt.timedelta(days=3),
+        ),
+    )
     other = pki.make_ca("some other CA")
     p.add("foreign", pki.issue(other, "foreign", server=False, uris=(ADMIN,)))
     return p
@@ -124,9 +140,15 @@ transports = ["unix"]
 """
 
 
-def daemon_config(hsm: HSM, certs: PKI, workdir: Path, policy: str = ADMIN_POLICY,
-                  server: dict[str, Any] | None = None, tokens: tuple[str, ...] = TOKENS,
-                  audit: bool = True) -> dict[str, Any]:
+def daemon_config(
+    hsm: HSM,
+    certs: PKI,
+    workdir: Path,
+    policy: str = ADMIN_POLICY,
+    server: dict[str, Any] | None = None,
+    tokens: tuple[str, ...] = TOKENS,
+    audit: bool = True,
+) -> dict[str, Any]:
     """A signerd config (as a TOML-shaped dict) for tests."""
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "policy.toml").write_text(policy)
@@ -158,8 +180,9 @@ class Daemon:
 
     def client_config(self, who: str = "admin") -> ClientConfig:
         cert, key = self.certs.files[who]
-        return ClientConfig(f"127.0.0.1:{self.port}", self.certs.ca_file, cert, key, "localhost",
-                            timeout=20)
+        return ClientConfig(
+            f"127.0.0.1:{self.port}", self.certs.ca_file, cert, key, "localhost", timeout=20
+        )
 
     def client(self, who: str = "admin") -> Client:
         return Client(self.client_config(who))
@@ -210,6 +233,7 @@ def unique_gun(prefix: str = "docker.io/test") -> str:
 
 def write_toml(path: Path, data: dict[str, Any]) -> Path:
     """Tiny TOML writer for test configs (tables, arrays of tables, scalars, lists)."""
+
     def value(v: Any) -> str:
         if isinstance(v, bool):
             return "true" if v else "false"
@@ -244,16 +268,22 @@ class Process:
         return self.stderr.read_text()
 
 
-def spawn_daemon(config_path: Path | None, workdir: Path, env: dict[str, str] | None = None,
-                 args: tuple[str, ...] = (), timeout: float = 60) -> Process:
+def spawn_daemon(
+    config_path: Path | None,
+    workdir: Path,
+    env: dict[str, str] | None = None,
+    args: tuple[str, ...] = (),
+    timeout: float = 60,
+) -> Process:
     """Run ``signerd serve`` as a separate process and wait until it serves."""
     ready = workdir / f"ready-{secrets.token_hex(4)}.json"
     stderr = workdir / f"signerd-{secrets.token_hex(4)}.log"
     cmd = [sys.executable, "-m", "signerd.daemon", "serve", "--ready-file", str(ready), *args]
     if config_path is not None:
         cmd += ["--config", str(config_path)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=stderr.open("wb"),
-                            env={**os.environ, **(env or {})})
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.DEVNULL, stderr=stderr.open("wb"), env={**os.environ, **(env or {})}
+    )
     deadline = time.monotonic() + timeout
     while not ready.exists():
         if proc.poll() is not None:

@@ -10,8 +10,8 @@ from typing import Any
 
 import grpc
 import pkcs11
-from cryptography.exceptions import InvalidSignature
 import pytest
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric import utils
 
 from signerd import signing
@@ -60,7 +60,9 @@ def test_rsa_pkcs1v15_on_request(daemon: Daemon) -> None:
         pss = c.sign(key.key_id, message=MESSAGE)
     assert resp.method == "rsa-pkcs1v15" and pss.method == "rsapss"
     options = signing.SignOptions(rsa_padding=signing.RsaPadding.PKCS1V15)
-    signing.verify(key.public_key_der, parse_algorithm("rsa-2048"), resp.signature, MESSAGE, options)
+    signing.verify(
+        key.public_key_der, parse_algorithm("rsa-2048"), resp.signature, MESSAGE, options
+    )
     # PKCS#1 v1.5 is deterministic; PSS (random salt) is not.
     assert c is not None and resp.signature != pss.signature
 
@@ -80,8 +82,10 @@ def test_key_id_is_tuf_key_id(daemon: Daemon) -> None:
 def test_get_list_delete_and_pagination(daemon: Daemon) -> None:
     gun = unique_gun()
     with daemon.client() as c:
-        made = {c.create_key(gun, role).key_id for role in
-                ("targets", "snapshot", "targets/releases", "targets/ci-1", "timestamp")}
+        made = {
+            c.create_key(gun, role).key_id
+            for role in ("targets", "snapshot", "targets/releases", "targets/ci-1", "timestamp")
+        }
         root = c.create_key(gun, "root")
         assert root.token == "root"  # root keys go to the root token by default
         listed = {k.key_id for k in c.list_keys(gun=gun)}
@@ -107,39 +111,102 @@ def test_get_list_delete_and_pagination(daemon: Daemon) -> None:
 def _bad_inputs(key_p256: str, key_ed: str) -> list[tuple[str, Any, grpc.StatusCode, str]]:
     huge = b"x" * (2 << 20)
     return [
-        ("unknown-key", lambda c: c.sign("ab" * 32, message=b"m"), grpc.StatusCode.NOT_FOUND,
-         "no key with ID"),
-        ("malformed-key-id", lambda c: c.sign("not-a-key", message=b"m"),
-         grpc.StatusCode.INVALID_ARGUMENT, "64 lowercase hex"),
-        ("unknown-algorithm", lambda c: c.create_key("docker.io/a/b", "targets", "dsa-1024"),
-         grpc.StatusCode.INVALID_ARGUMENT, "unknown algorithm 'dsa-1024'"),
-        ("digest-wrong-length", lambda c: c.sign(key_p256, digest=b"\x01" * 20),
-         grpc.StatusCode.INVALID_ARGUMENT, "digest is 20 bytes"),
-        ("ed25519-digest", lambda c: c.sign(key_ed, digest=b"\x01" * 32),
-         grpc.StatusCode.INVALID_ARGUMENT, "pure EdDSA"),
-        ("empty-message", lambda c: c.sign(key_p256, message=b""),
-         grpc.StatusCode.INVALID_ARGUMENT, "empty"),
-        ("no-payload", lambda c: c.stub.Sign(pb.SignRequest(key_id=key_p256)),
-         grpc.StatusCode.INVALID_ARGUMENT, "set either 'message'"),
-        ("oversized-message", lambda c: c.sign(key_p256, message=huge),
-         grpc.StatusCode.RESOURCE_EXHAUSTED, "larger than max"),
-        ("bad-gun", lambda c: c.create_key("Docker.io/UPPER CASE", "targets"),
-         grpc.StatusCode.INVALID_ARGUMENT, "invalid gun"),
-        ("empty-gun", lambda c: c.create_key("", "targets"),
-         grpc.StatusCode.INVALID_ARGUMENT, "gun is required"),
-        ("bad-role", lambda c: c.create_key("docker.io/a/b", "admin"),
-         grpc.StatusCode.INVALID_ARGUMENT, "invalid role 'admin'"),
-        ("bad-delegation", lambda c: c.create_key("docker.io/a/b", "targets/../root"),
-         grpc.StatusCode.INVALID_ARGUMENT, "invalid role"),
-        ("unknown-token", lambda c: c.create_key("docker.io/a/b", "targets", token="nope"),
-         grpc.StatusCode.NOT_FOUND, "no token named 'nope'"),
-        ("bad-page-size", lambda c: list(c.stub.ListKeys(pb.ListKeysRequest(page_size=5000)).keys),
-         grpc.StatusCode.INVALID_ARGUMENT, "page_size"),
-        ("bad-encoding", lambda c: c.stub.Sign(pb.SignRequest(key_id=key_p256, message=b"m",
-                                                              encoding=9)),
-         grpc.StatusCode.INVALID_ARGUMENT, "unknown encoding"),
-        ("delete-unknown", lambda c: c.delete_key("cd" * 32), grpc.StatusCode.NOT_FOUND,
-         "no key with ID"),
+        (
+            "unknown-key",
+            lambda c: c.sign("ab" * 32, message=b"m"),
+            grpc.StatusCode.NOT_FOUND,
+            "no key with ID",
+        ),
+        (
+            "malformed-key-id",
+            lambda c: c.sign("not-a-key", message=b"m"),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "64 lowercase hex",
+        ),
+        (
+            "unknown-algorithm",
+            lambda c: c.create_key("docker.io/a/b", "targets", "dsa-1024"),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "unknown algorithm 'dsa-1024'",
+        ),
+        (
+            "digest-wrong-length",
+            lambda c: c.sign(key_p256, digest=b"\x01" * 20),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "digest is 20 bytes",
+        ),
+        (
+            "ed25519-digest",
+            lambda c: c.sign(key_ed, digest=b"\x01" * 32),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "pure EdDSA",
+        ),
+        (
+            "empty-message",
+            lambda c: c.sign(key_p256, message=b""),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "empty",
+        ),
+        (
+            "no-payload",
+            lambda c: c.stub.Sign(pb.SignRequest(key_id=key_p256)),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "set either 'message'",
+        ),
+        (
+            "oversized-message",
+            lambda c: c.sign(key_p256, message=huge),
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            "larger than max",
+        ),
+        (
+            "bad-gun",
+            lambda c: c.create_key("Docker.io/UPPER CASE", "targets"),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "invalid gun",
+        ),
+        (
+            "empty-gun",
+            lambda c: c.create_key("", "targets"),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "gun is required",
+        ),
+        (
+            "bad-role",
+            lambda c: c.create_key("docker.io/a/b", "admin"),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "invalid role 'admin'",
+        ),
+        (
+            "bad-delegation",
+            lambda c: c.create_key("docker.io/a/b", "targets/../root"),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "invalid role",
+        ),
+        (
+            "unknown-token",
+            lambda c: c.create_key("docker.io/a/b", "targets", token="nope"),
+            grpc.StatusCode.NOT_FOUND,
+            "no token named 'nope'",
+        ),
+        (
+            "bad-page-size",
+            lambda c: list(c.stub.ListKeys(pb.ListKeysRequest(page_size=5000)).keys),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "page_size",
+        ),
+        (
+            "bad-encoding",
+            lambda c: c.stub.Sign(pb.SignRequest(key_id=key_p256, message=b"m", encoding=9)),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "unknown encoding",
+        ),
+        (
+            "delete-unknown",
+            lambda c: c.delete_key("cd" * 32),
+            grpc.StatusCode.NOT_FOUND,
+            "no key with ID",
+        ),
     ]
 
 
@@ -160,17 +227,26 @@ def test_bad_input_gets_status_and_message(daemon: Daemon, case: str) -> None:
 
 def test_private_key_attributes_and_unextractable(daemon: Daemon, hsm: Any) -> None:
     with daemon.client() as c:
-        keys = [c.create_key(unique_gun(), "targets", a) for a in ("ecdsa-p256", "rsa-2048", "ed25519")]
+        keys = [
+            c.create_key(unique_gun(), "targets", a) for a in ("ecdsa-p256", "rsa-2048", "ed25519")
+        ]
     lib = MODULES.acquire(hsm.module)
     try:
-        session = lib.get_token(token_label="test-online").open(rw=True)  # shares the daemon's login
+        session = lib.get_token(token_label="test-online").open(
+            rw=True
+        )  # shares the daemon's login
         try:
-            wrapping = session.generate_key(pkcs11.KeyType.AES, 256, store=False, capabilities=0,
-                                            template={pkcs11.Attribute.WRAP: True,
-                                                      pkcs11.Attribute.ENCRYPT: True})
+            wrapping = session.generate_key(
+                pkcs11.KeyType.AES,
+                256,
+                store=False,
+                capabilities=0,
+                template={pkcs11.Attribute.WRAP: True, pkcs11.Attribute.ENCRYPT: True},
+            )
             for k in keys:
-                priv = session.get_key(object_class=pkcs11.ObjectClass.PRIVATE_KEY,
-                                       id=bytes.fromhex(k.key_id))
+                priv = session.get_key(
+                    object_class=pkcs11.ObjectClass.PRIVATE_KEY, id=bytes.fromhex(k.key_id)
+                )
                 A = pkcs11.Attribute
                 assert priv[A.TOKEN] is True and priv[A.PRIVATE] is True
                 assert priv[A.SENSITIVE] is True and priv[A.EXTRACTABLE] is False
@@ -179,8 +255,9 @@ def test_private_key_attributes_and_unextractable(daemon: Daemon, hsm: Any) -> N
                 secret_attr = A.PRIVATE_EXPONENT if k.keytype == "rsa" else A.VALUE
                 with pytest.raises(pkcs11.exceptions.AttributeSensitive):
                     priv[secret_attr]
-                with pytest.raises((pkcs11.exceptions.KeyUnextractable,
-                                    pkcs11.exceptions.KeyNotWrappable)):
+                with pytest.raises(
+                    (pkcs11.exceptions.KeyUnextractable, pkcs11.exceptions.KeyNotWrappable)
+                ):
                     wrapping.wrap_key(priv, mechanism=pkcs11.Mechanism.AES_KEY_WRAP_PAD)
         finally:
             session.close()
@@ -199,13 +276,22 @@ def _sign_many(sign: Any, n: int, errors: list[BaseException], out: list[bytes])
 def test_eight_threads_sign_concurrently_on_the_token(daemon: Daemon) -> None:
     """Regression: with C_Initialize(NULL), SoftHSM crashed under concurrent signing."""
     svc = daemon.servers.service
-    keys = [svc.create_key(unique_gun(), "targets", a)
-            for a in ("ecdsa-p256", "ed25519", "ecdsa-p384", "rsa-2048")]
+    keys = [
+        svc.create_key(unique_gun(), "targets", a)
+        for a in ("ecdsa-p256", "ed25519", "ecdsa-p384", "rsa-2048")
+    ]
     errors: list[BaseException] = []
     results: list[list[bytes]] = [[] for _ in range(8)]
-    threads = [threading.Thread(target=_sign_many, args=(
-        lambda i, k=keys[t % len(keys)]: svc.sign(k.key_id, b"%d" % i, signing.SignOptions()).signature,
-        150, errors, results[t])) for t in range(8)]
+
+    def signer(k: Any) -> Any:
+        return lambda i: svc.sign(k.key_id, b"%d" % i, signing.SignOptions()).signature
+
+    threads = [
+        threading.Thread(
+            target=_sign_many, args=(signer(keys[t % len(keys)]), 150, errors, results[t])
+        )
+        for t in range(8)
+    ]
     for t in threads:
         t.start()
     for t in threads:
@@ -223,17 +309,31 @@ def test_eight_grpc_callers_sign_concurrently(daemon: Daemon) -> None:
         key = c.create_key(unique_gun(), "targets")
         errors: list[BaseException] = []
         results: list[list[bytes]] = [[] for _ in range(8)]
-        threads = [threading.Thread(target=_sign_many, args=(
-            lambda i: c.sign(key.key_id, message=b"%d" % i).signature, 100, errors, results[t]))
-            for t in range(8)]
+        threads = [
+            threading.Thread(
+                target=_sign_many,
+                args=(
+                    lambda i: c.sign(key.key_id, message=b"%d" % i).signature,
+                    100,
+                    errors,
+                    results[t],
+                ),
+            )
+            for t in range(8)
+        ]
         for t in threads:
             t.start()
         for t in threads:
             t.join()
     assert errors == []
     assert all(len(r) == 100 for r in results)
-    signing.verify(key.public_key_der, parse_algorithm(key.algorithm), results[3][42], b"42",
-                   signing.SignOptions())
+    signing.verify(
+        key.public_key_der,
+        parse_algorithm(key.algorithm),
+        results[3][42],
+        b"42",
+        signing.SignOptions(),
+    )
 
 
 def test_lost_sessions_are_reopened_and_the_sign_retried(daemon: Daemon) -> None:
@@ -256,8 +356,9 @@ def test_health_and_reflection_are_served(daemon: Daemon) -> None:
         resp = h.Check(health_pb2.HealthCheckRequest(service="signerd.v1.SignerService"))
         assert resp.status == health_pb2.HealthCheckResponse.SERVING
         r = reflection_pb2_grpc.ServerReflectionStub(c.channel)
-        answers = list(r.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(
-            list_services="")])))
+        answers = list(
+            r.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+        )
         names = {s.name for s in answers[0].list_services_response.service}
         assert {"signerd.v1.SignerService", "grpc.health.v1.Health"} <= names
 
@@ -271,7 +372,8 @@ def token_dir(hsm: Any, label: str) -> Path:
 
 
 def test_token_gone_gives_unavailable_and_not_serving_then_recovers(
-        daemon_factory: Any, hsm: Any, tmp_path: Path) -> None:
+    daemon_factory: Any, hsm: Any, tmp_path: Path
+) -> None:
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     d = daemon_factory(tokens=("online",))
@@ -296,4 +398,6 @@ def test_token_gone_gives_unavailable_and_not_serving_then_recovers(
         d.servers.update_health()
         assert h.Check(req).status == serving
         sig = c.sign(key.key_id, message=b"m").signature
-    signing.verify(key.public_key_der, parse_algorithm(key.algorithm), sig, b"m", signing.SignOptions())
+    signing.verify(
+        key.public_key_der, parse_algorithm(key.algorithm), sig, b"m", signing.SignOptions()
+    )

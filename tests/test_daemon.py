@@ -44,12 +44,15 @@ def test_keys_survive_a_restart(hsm: HSM, certs: PKI, tmp_path: Path) -> None:
     finally:
         assert second.stop(signal.SIGINT) == 0
     assert (again.gun, again.role, again.public_key_der) == (key.gun, key.role, key.public_key_der)
-    signing.verify(key.public_key_der, parse_algorithm("ed25519"), sig, b"after restart",
-                   signing.SignOptions())
+    signing.verify(
+        key.public_key_der, parse_algorithm("ed25519"), sig, b"after restart", signing.SignOptions()
+    )
     assert "signerd stopped" in second.log()
 
 
-def test_two_daemons_on_one_token_see_each_others_keys(hsm: HSM, certs: PKI, tmp_path: Path) -> None:
+def test_two_daemons_on_one_token_see_each_others_keys(
+    hsm: HSM, certs: PKI, tmp_path: Path
+) -> None:
     a = spawn_daemon(_config(hsm, certs, tmp_path / "a"), tmp_path / "a")
     b = spawn_daemon(_config(hsm, certs, tmp_path / "b"), tmp_path / "b")
     try:
@@ -65,8 +68,9 @@ def test_two_daemons_on_one_token_see_each_others_keys(hsm: HSM, certs: PKI, tmp
     finally:
         a.stop()
         b.stop()
-    signing.verify(made_by_b.public_key_der, parse_algorithm("rsa-2048"), sig, b"cross",
-                   signing.SignOptions())
+    signing.verify(
+        made_by_b.public_key_der, parse_algorithm("rsa-2048"), sig, b"cross", signing.SignOptions()
+    )
 
 
 def test_wrong_pin_stops_startup_with_a_clear_error(hsm: HSM, certs: PKI, tmp_path: Path) -> None:
@@ -76,23 +80,31 @@ def test_wrong_pin_stops_startup_with_a_clear_error(hsm: HSM, certs: PKI, tmp_pa
     wrong.chmod(0o600)
     data["tokens"][0]["pin_file"] = str(wrong)
     cfg = write_toml(tmp_path / "signerd.toml", data)
-    proc = subprocess.run([sys.executable, "-m", "signerd.daemon", "serve", "--config", str(cfg)],
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-m", "signerd.daemon", "serve", "--config", str(cfg)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 2
     assert "login refused (CKR_PIN_INCORRECT)" in proc.stderr
     assert "not-the-pin" not in proc.stderr + proc.stdout
     assert "Traceback" not in proc.stderr
 
 
-@pytest.mark.parametrize("problem,expected", [
-    ("pin-in-uri", "must not carry a PIN"),
-    ("no-policy", "[policy] file is required"),
-    ("plaintext-not-loopback", "dev_plaintext is allowed only on loopback"),
-    ("no-tls", "needs [tls] cert, key and client_ca"),
-    ("unknown-key", "unknown keys in [server]"),
-])
-def test_bad_config_is_one_clear_line(hsm: HSM, certs: PKI, tmp_path: Path, problem: str,
-                                      expected: str) -> None:
+@pytest.mark.parametrize(
+    "problem,expected",
+    [
+        ("pin-in-uri", "must not carry a PIN"),
+        ("no-policy", "[policy] file is required"),
+        ("plaintext-not-loopback", "dev_plaintext is allowed only on loopback"),
+        ("no-tls", "needs [tls] cert, key and client_ca"),
+        ("unknown-key", "unknown keys in [server]"),
+    ],
+)
+def test_bad_config_is_one_clear_line(
+    hsm: HSM, certs: PKI, tmp_path: Path, problem: str, expected: str
+) -> None:
     data = daemon_config(hsm, certs, tmp_path, tokens=("online",))
     if problem == "pin-in-uri":
         data["tokens"][0]["uri"] = "pkcs11:token=test-online?pin-value=1234"
@@ -105,8 +117,12 @@ def test_bad_config_is_one_clear_line(hsm: HSM, certs: PKI, tmp_path: Path, prob
     else:
         data["server"]["lissten"] = "x"
     cfg = write_toml(tmp_path / "signerd.toml", data)
-    proc = subprocess.run([sys.executable, "-m", "signerd.daemon", "serve", "--config", str(cfg)],
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-m", "signerd.daemon", "serve", "--config", str(cfg)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 2
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("signerd: ") and expected in last
@@ -119,9 +135,16 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _ctl(env: dict[str, str], *args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
-    return subprocess.run([sys.executable, "-m", "signerd.cli", *args], input=stdin,
-                          capture_output=True, env={**os.environ, **env}, timeout=60)
+def _ctl(
+    env: dict[str, str], *args: str, stdin: bytes | None = None
+) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(
+        [sys.executable, "-m", "signerd.cli", *args],
+        input=stdin,
+        capture_output=True,
+        env={**os.environ, **env},
+        timeout=60,
+    )
 
 
 def test_embedded_default_starts_from_nothing_and_signs(tmp_path: Path) -> None:
@@ -132,31 +155,62 @@ def test_embedded_default_starts_from_nothing_and_signs(tmp_path: Path) -> None:
         assert (state / "root.pin").stat().st_mode & 0o777 == 0o600
         assert (state / "tls" / "client-key.pem").stat().st_mode & 0o777 == 0o600
         pin = (state / "online.pin").read_text()
-        made = _ctl(env, "keys", "create", "--gun", "docker.io/acme/app", "--role", "targets",
-                    "--json")
+        made = _ctl(
+            env, "keys", "create", "--gun", "docker.io/acme/app", "--role", "targets", "--json"
+        )
         assert made.returncode == 0, made.stderr
         key = json.loads(made.stdout)
         assert {"key_id", "algorithm", "gun", "role", "public_key_pem"} <= key.keys()
         assert key["algorithm"] == "ecdsa-p256"
         (tmp_path / "msg").write_bytes(b"hello")
-        signed = _ctl(env, "sign", "--key", key["key_id"], "--out", str(tmp_path / "sig"),
-                      str(tmp_path / "msg"))
+        signed = _ctl(
+            env,
+            "sign",
+            "--key",
+            key["key_id"],
+            "--out",
+            str(tmp_path / "sig"),
+            str(tmp_path / "msg"),
+        )
         assert signed.returncode == 0, signed.stderr
-        ok = _ctl(env, "verify", "--key", key["key_id"], "--signature", str(tmp_path / "sig"),
-                  str(tmp_path / "msg"))
+        ok = _ctl(
+            env,
+            "verify",
+            "--key",
+            key["key_id"],
+            "--signature",
+            str(tmp_path / "sig"),
+            str(tmp_path / "msg"),
+        )
         assert ok.returncode == 0 and b"signature OK" in ok.stdout
         (tmp_path / "msg").write_bytes(b"hellO")
-        bad = _ctl(env, "verify", "--key", key["key_id"], "--signature", str(tmp_path / "sig"),
-                   str(tmp_path / "msg"))
+        bad = _ctl(
+            env,
+            "verify",
+            "--key",
+            key["key_id"],
+            "--signature",
+            str(tmp_path / "sig"),
+            str(tmp_path / "msg"),
+        )
         assert bad.returncode == 1 and b"does NOT verify" in bad.stderr
         # root keys land on the separate root token
-        root = _ctl(env, "keys", "create", "--gun", "docker.io/acme/app", "--role", "root", "--json")
+        root = _ctl(
+            env, "keys", "create", "--gun", "docker.io/acme/app", "--role", "root", "--json"
+        )
         assert json.loads(root.stdout)["token"] == "root"
         listed = _ctl(env, "keys", "list")
         assert listed.returncode == 0 and key["key_id"].encode() in listed.stdout
         # the Unix socket works too, with the caller's uid as identity
-        unix = _ctl(env, "--server", f"unix:{state / 'signerd.sock'}", "keys", "show",
-                    key["key_id"], "--json")
+        unix = _ctl(
+            env,
+            "--server",
+            f"unix:{state / 'signerd.sock'}",
+            "keys",
+            "show",
+            key["key_id"],
+            "--json",
+        )
         assert unix.returncode == 0 and json.loads(unix.stdout)["key_id"] == key["key_id"]
     finally:
         assert proc.stop() == 0
@@ -170,15 +224,24 @@ def test_embedded_default_starts_from_nothing_and_signs(tmp_path: Path) -> None:
     assert check.returncode == 0, check.stdout + check.stderr
 
 
-@pytest.mark.parametrize("args,needle", [
-    (("keys", "show", "ab" * 32), b"NOT_FOUND: no key with ID"),
-    (("keys", "create", "--gun", "BAD GUN", "--role", "targets"), b"INVALID_ARGUMENT: invalid gun"),
-    (("sign", "--key", "ab" * 32, "/nonexistent/file"), b"cannot read /nonexistent/file"),
-    (("--server", "127.0.0.1:1", "--tls-ca", "/nonexistent", "keys", "list"),
-     b"cannot read TLS file /nonexistent"),
-])
-def test_cli_errors_are_one_line_on_stderr(tmp_path: Path, args: tuple[str, ...], needle: bytes,
-                                           embedded_daemon: dict[str, str]) -> None:
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (("keys", "show", "ab" * 32), b"NOT_FOUND: no key with ID"),
+        (
+            ("keys", "create", "--gun", "BAD GUN", "--role", "targets"),
+            b"INVALID_ARGUMENT: invalid gun",
+        ),
+        (("sign", "--key", "ab" * 32, "/nonexistent/file"), b"cannot read /nonexistent/file"),
+        (
+            ("--server", "127.0.0.1:1", "--tls-ca", "/nonexistent", "keys", "list"),
+            b"cannot read TLS file /nonexistent",
+        ),
+    ],
+)
+def test_cli_errors_are_one_line_on_stderr(
+    tmp_path: Path, args: tuple[str, ...], needle: bytes, embedded_daemon: dict[str, str]
+) -> None:
     r = _ctl(embedded_daemon, *args)
     assert r.returncode != 0
     assert needle in r.stderr
@@ -196,7 +259,9 @@ def embedded_daemon(tmp_path_factory: pytest.TempPathFactory) -> Any:
 
 
 @pytest.mark.parametrize("debug", [False, True], ids=["default", "debug-flag"])
-def test_daemon_is_not_dumpable_unless_debug(hsm: HSM, certs: PKI, tmp_path: Path, debug: bool) -> None:
+def test_daemon_is_not_dumpable_unless_debug(
+    hsm: HSM, certs: PKI, tmp_path: Path, debug: bool
+) -> None:
     proc = spawn_daemon(_config(hsm, certs, tmp_path), tmp_path, args=("--debug",) if debug else ())
     try:
         # read inside the daemon with prctl(PR_GET_DUMPABLE) and reported when ready

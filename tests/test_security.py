@@ -30,7 +30,9 @@ from tests.conftest import (
     write_toml,
 )
 
-RUNNER_POLICY = ADMIN_POLICY + f"""
+RUNNER_POLICY = (
+    ADMIN_POLICY
+    + """
 [[rule]]
 name = "runner-acme"
 identities = ["spiffe://ci/*"]
@@ -38,32 +40,40 @@ operations = ["sign", "read"]
 guns = ["docker.io/acme/*"]
 roles = ["targets/ci-*"]
 """
+)
 
 
 def audit_lines(d: Daemon) -> list[dict[str, Any]]:
     return [json.loads(line) for line in (d.workdir / "audit.log").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("who,reason", [
-    ("none", "no client certificate"),
-    ("foreign", "certificate from another CA"),
-    ("expired", "expired certificate"),
-])
+@pytest.mark.parametrize(
+    "who,reason",
+    [
+        ("none", "no client certificate"),
+        ("foreign", "certificate from another CA"),
+        ("expired", "expired certificate"),
+    ],
+)
 def test_tls_rejects_bad_clients(daemon: Daemon, certs: PKI, who: str, reason: str) -> None:
     if who == "none":
         creds = grpc.ssl_channel_credentials(certs.ca_file.read_bytes())
     else:
         cert, key = certs.files[who]
-        creds = grpc.ssl_channel_credentials(certs.ca_file.read_bytes(), key.read_bytes(),
-                                             cert.read_bytes())
-    channel = grpc.secure_channel(f"127.0.0.1:{daemon.port}", creds,
-                                  options=[("grpc.ssl_target_name_override", "localhost")])
+        creds = grpc.ssl_channel_credentials(
+            certs.ca_file.read_bytes(), key.read_bytes(), cert.read_bytes()
+        )
+    channel = grpc.secure_channel(
+        f"127.0.0.1:{daemon.port}", creds, options=[("grpc.ssl_target_name_override", "localhost")]
+    )
     stub = pb_grpc.SignerServiceStub(channel)
     err = rpc_error(lambda: stub.ListKeys(pb.ListKeysRequest(), timeout=10))
     channel.close()
     assert err.code() == grpc.StatusCode.UNAVAILABLE, reason  # the handshake fails
     # a rejected handshake never reaches the service, so nothing is audited for it
-    assert all(line["identity"] != ADMIN or line["operation"] != "read" for line in audit_lines(daemon))
+    assert all(
+        line["identity"] != ADMIN or line["operation"] != "read" for line in audit_lines(daemon)
+    )
 
 
 def test_plaintext_client_cannot_talk_to_the_tls_port(daemon: Daemon) -> None:
@@ -83,18 +93,24 @@ def test_identity_without_rule_is_denied_and_audited(daemon: Daemon) -> None:
     denial = audit_lines(daemon)[-1]
     assert denial["identity"] == "spiffe://test/nobody"
     assert (denial["decision"], denial["status"], denial["operation"]) == (
-        "deny", "PERMISSION_DENIED", "sign")
+        "deny",
+        "PERMISSION_DENIED",
+        "sign",
+    )
     assert denial["key_id"] == key.key_id and denial["gun"] == key.gun
     import hashlib
 
     assert denial["payload_sha256"] == hashlib.sha256(b"payload").hexdigest()
 
 
-@pytest.mark.parametrize("who,identity", [
-    ("runner", RUNNER),
-    ("dns-only", "builder.ci.example"),
-    ("cn-only", "plain-cn"),
-])
+@pytest.mark.parametrize(
+    "who,identity",
+    [
+        ("runner", RUNNER),
+        ("dns-only", "builder.ci.example"),
+        ("cn-only", "plain-cn"),
+    ],
+)
 def test_identity_comes_from_uri_then_dns_then_cn(daemon: Daemon, who: str, identity: str) -> None:
     with daemon.client(who) as c:
         rpc_error(lambda: c.get_key("ab" * 32))
@@ -118,7 +134,9 @@ def test_runner_allowed_for_gun_a_cannot_sign_gun_b(daemon_factory: Any) -> None
         assert {k.key_id for k in runner.list_keys()} == {a.key_id}
 
 
-def test_root_key_refused_over_tcp_but_allowed_over_unix(daemon_factory: Any, tmp_path: Path) -> None:
+def test_root_key_refused_over_tcp_but_allowed_over_unix(
+    daemon_factory: Any, tmp_path: Path
+) -> None:
     policy = f"""
 [[rule]]
 name = "admin-all-but-root"
@@ -149,8 +167,9 @@ transports = ["unix"]
     assert unix_lines and all(line["identity"] == f"uid:{os.getuid()}" for line in unix_lines)
 
 
-def test_stray_connection_to_the_relay_port_is_unauthenticated(daemon_factory: Any,
-                                                               tmp_path: Path) -> None:
+def test_stray_connection_to_the_relay_port_is_unauthenticated(
+    daemon_factory: Any, tmp_path: Path
+) -> None:
     d = daemon_factory(server={"unix_socket": str(tmp_path / "s.sock")})
     port = d.servers.ports["unix-relay"]
     with Client(ClientConfig(f"unix:{tmp_path / 's.sock'}")) as ok:
@@ -162,8 +181,10 @@ def test_stray_connection_to_the_relay_port_is_unauthenticated(daemon_factory: A
 
 
 def test_dev_plaintext_on_loopback_only(daemon_factory: Any) -> None:
-    d = daemon_factory(policy='[[rule]]\nidentities = ["dev:loopback"]\noperations = ["*"]\n',
-                       server={"dev_plaintext": True})
+    d = daemon_factory(
+        policy='[[rule]]\nidentities = ["dev:loopback"]\noperations = ["*"]\n',
+        server={"dev_plaintext": True},
+    )
     with Client(ClientConfig(f"127.0.0.1:{d.port}", plaintext=True)) as c:
         key = c.create_key(unique_gun(), "targets")
         assert c.sign(key.key_id, message=b"m").signature
@@ -193,8 +214,9 @@ def test_too_many_requests_in_flight_per_identity(daemon_factory: Any) -> None:
     d = daemon_factory(server={"max_inflight_per_identity": 1})
     with d.client("admin") as c:
         key = c.create_key(unique_gun(), "targets", "rsa-4096")
-        batch = pb.SignBatchRequest(requests=[pb.SignRequest(key_id=key.key_id, message=b"%d" % i)
-                                              for i in range(150)])
+        batch = pb.SignBatchRequest(
+            requests=[pb.SignRequest(key_id=key.key_id, message=b"%d" % i) for i in range(150)]
+        )
         started = threading.Event()
         result: dict[str, Any] = {}
 
@@ -237,8 +259,10 @@ def test_policy_reload_on_sighup_good_and_broken(hsm: HSM, certs: PKI, tmp_path:
 
         t = threading.Thread(target=hammer)
         t.start()
-        assert rpc_error(lambda: runner.sign(k.key_id, message=b"m")).code() == \
-            grpc.StatusCode.PERMISSION_DENIED
+        assert (
+            rpc_error(lambda: runner.sign(k.key_id, message=b"m")).code()
+            == grpc.StatusCode.PERMISSION_DENIED
+        )
         (tmp_path / "policy.toml").write_text(RUNNER_POLICY)
         proc.proc.send_signal(signal.SIGHUP)
         deadline = time.monotonic() + 10
@@ -249,7 +273,9 @@ def test_policy_reload_on_sighup_good_and_broken(hsm: HSM, certs: PKI, tmp_path:
             except grpc.RpcError:
                 assert time.monotonic() < deadline, "the new policy never took effect"
                 time.sleep(0.05)
-        (tmp_path / "policy.toml").write_text("[[rule]]\nidentities = ['x']\noperations = ['fly']\n")
+        (tmp_path / "policy.toml").write_text(
+            "[[rule]]\nidentities = ['x']\noperations = ['fly']\n"
+        )
         proc.proc.send_signal(signal.SIGHUP)
         deadline = time.monotonic() + 10
         while "policy reload failed" not in proc.log():
@@ -304,7 +330,11 @@ def test_audit_verify_cli_names_the_tampered_line(daemon: Daemon, tmp_path: Path
         copy.write_text("".join(content))
         head = Path(str(log) + ".head")
         Path(str(copy) + ".head").write_bytes(head.read_bytes())
-        r = subprocess.run([sys.executable, "-m", "signerd.cli", "--json", "audit", "verify",
-                            str(copy)], capture_output=True, text=True, timeout=60)
+        r = subprocess.run(
+            [sys.executable, "-m", "signerd.cli", "--json", "audit", "verify", str(copy)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert r.returncode == rc, (name, r.stdout, r.stderr)
         assert json.loads(r.stdout)["first_bad_line"] == first_bad, name

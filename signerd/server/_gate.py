@@ -58,8 +58,14 @@ class Scope:
 
     def allowed(self, gun: str, role: str, token: str, operation: str | None = None) -> bool:
         """Ask the policy without recording anything (used to filter listings)."""
-        req = Request(identity=self.caller.identity, transport=self.caller.transport,
-                      operation=operation or self.operation, gun=gun, role=role, token=token)
+        req = Request(
+            identity=self.caller.identity,
+            transport=self.caller.transport,
+            operation=operation or self.operation,
+            gun=gun,
+            role=role,
+            token=token,
+        )
         return self.policy.decide(req).allowed
 
     def authorize(self, gun: str, role: str, token: str = "", key: KeyEntry | None = None) -> None:
@@ -67,8 +73,14 @@ class Scope:
         if key is not None:
             self.key_id, gun, role, token = key.key_id, key.gun, key.role, key.token
         self.gun, self.role, self.token = gun, role, token
-        req = Request(identity=self.caller.identity, transport=self.caller.transport,
-                      operation=self.operation, gun=gun, role=role, token=token)
+        req = Request(
+            identity=self.caller.identity,
+            transport=self.caller.transport,
+            operation=self.operation,
+            gun=gun,
+            role=role,
+            token=token,
+        )
         decision = self.policy.decide(req)
         if not decision.allowed:
             self.decision = "deny"
@@ -80,8 +92,13 @@ class Scope:
 
 
 class Gate:
-    def __init__(self, policy: PolicyStore, audit: AuditLog | None, max_inflight: int,
-                 on_unavailable: Callable[[], None] = lambda: None) -> None:
+    def __init__(
+        self,
+        policy: PolicyStore,
+        audit: AuditLog | None,
+        max_inflight: int,
+        on_unavailable: Callable[[], None] = lambda: None,
+    ) -> None:
         self.policy = policy
         self.audit = audit
         self.max_inflight = max_inflight
@@ -104,15 +121,26 @@ class Gate:
             if not self._inflight[identity]:
                 del self._inflight[identity]
 
-    def run(self, context: grpc.ServicerContext, caller: Caller | SignerdError, operation: str,
-            payload: bytes, work: Callable[[Scope], T]) -> T:
+    def run(
+        self,
+        context: grpc.ServicerContext,
+        caller: Caller | SignerdError,
+        operation: str,
+        payload: bytes,
+        work: Callable[[Scope], T],
+    ) -> T:
         start = time.perf_counter()
         request_id = secrets.token_hex(8)
         context.set_trailing_metadata((("x-request-id", request_id),))
         if isinstance(caller, SignerdError):  # the listener could not identify the peer
             context.abort(code_for(caller), str(caller))
-        scope = Scope(caller, operation, request_id, self.policy.current,
-                      hashlib.sha256(payload).hexdigest() if payload else "")
+        scope = Scope(
+            caller,
+            operation,
+            request_id,
+            self.policy.current,
+            hashlib.sha256(payload).hexdigest() if payload else "",
+        )
         result: T | None = None
         error: SignerdError | None = None
         entered = False
@@ -133,17 +161,28 @@ class Gate:
         status = code_for(error) if error is not None else grpc.StatusCode.OK
         if self.audit is not None:
             try:
-                self.audit.write({
-                    "request_id": request_id, "identity": caller.identity, "peer": caller.peer,
-                    "transport": caller.transport, "operation": operation, "key_id": scope.key_id,
-                    "gun": scope.gun, "role": scope.role, "token": scope.token,
-                    "payload_sha256": scope.payload_sha256, "decision": scope.decision,
-                    "status": status_name(status),
-                    "latency_ms": round((time.perf_counter() - start) * 1000, 3),
-                })
+                self.audit.write(
+                    {
+                        "request_id": request_id,
+                        "identity": caller.identity,
+                        "peer": caller.peer,
+                        "transport": caller.transport,
+                        "operation": operation,
+                        "key_id": scope.key_id,
+                        "gun": scope.gun,
+                        "role": scope.role,
+                        "token": scope.token,
+                        "payload_sha256": scope.payload_sha256,
+                        "decision": scope.decision,
+                        "status": status_name(status),
+                        "latency_ms": round((time.perf_counter() - start) * 1000, 3),
+                    }
+                )
             except Unavailable as e:
-                log.error("audit write failed; failing the request closed",
-                          extra={"fields": {"request_id": request_id, "error": str(e)}})
+                log.error(
+                    "audit write failed; failing the request closed",
+                    extra={"fields": {"request_id": request_id, "error": str(e)}},
+                )
                 context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
         if error is not None:
             if isinstance(error, Unavailable):

@@ -81,5 +81,7 @@ class UnixPeers:
         with self._lock:
             uid = self._uids.get(peer)
         if uid is None:
-            return Unauthenticated("connections to the internal port must come through the Unix socket")
+            return Unauthenticated(
+                "connections to the internal port must come through the Unix socket"
+            )
         return Caller(f"uid:{uid}", "unix", f"unix:uid={uid}")

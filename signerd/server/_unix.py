@@ -70,11 +70,15 @@ class UnixRelay:
             threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
 
     def _serve(self, conn: socket.socket) -> None:
-        _, uid, _ = _UCRED.unpack(conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
+        _, uid, _ = _UCRED.unpack(
+            conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+        )
         try:
             upstream = socket.create_connection(self._target)
         except OSError as e:
-            log.error("unix relay cannot reach the internal port", extra={"fields": {"error": str(e)}})
+            log.error(
+                "unix relay cannot reach the internal port", extra={"fields": {"error": str(e)}}
+            )
             conn.close()
             return
         host, port = upstream.getsockname()[:2]

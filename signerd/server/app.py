@@ -10,6 +10,7 @@ from concurrent import futures
 from dataclasses import dataclass, field
 
 import grpc
+from google.protobuf import descriptor_pool
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -39,6 +40,14 @@ def _is_loopback(address: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def _known_service(pool: descriptor_pool.DescriptorPool, name: str) -> bool:
+    try:
+        pool.FindServiceByName(name)
+    except KeyError:
+        return False
+    return True
 
 
 def _options(config: Config) -> list[tuple[str, int]]:
@@ -77,8 +86,11 @@ class Servers:
 
     def update_health(self) -> None:
         ok = self.service.healthy()
-        status = (health_pb2.HealthCheckResponse.SERVING if ok
-                  else health_pb2.HealthCheckResponse.NOT_SERVING)
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if ok
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
         for name in ("", *sorted(self.health_names)):
             self.health.set(name, status)
 
@@ -103,8 +115,10 @@ class Servers:
 def _tls_credentials(config: Config) -> grpc.ServerCredentials:
     tls = config.tls
     if tls is None or tls.client_ca is None:
-        raise ConfigError("a TCP listener needs [tls] cert, key and client_ca (mutual TLS); "
-                          "plaintext is only for dev_plaintext on loopback")
+        raise ConfigError(
+            "a TCP listener needs [tls] cert, key and client_ca (mutual TLS); "
+            "plaintext is only for dev_plaintext on loopback"
+        )
     warn_if_exposed(tls.key, "TLS private key")
     try:
         key, cert, ca = tls.key.read_bytes(), tls.cert.read_bytes(), tls.client_ca.read_bytes()
@@ -112,8 +126,9 @@ def _tls_credentials(config: Config) -> grpc.ServerCredentials:
         raise ConfigError(f"cannot read TLS file {e.filename}: {e.strerror}") from None
     # gRPC's TLS stack negotiates TLS 1.2 or 1.3 only; require_client_auth
     # makes the handshake fail without a certificate issued by client_ca.
-    return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca,
-                                       require_client_auth=True)
+    return grpc.ssl_server_credentials(
+        [(key, cert)], root_certificates=ca, require_client_auth=True
+    )
 
 
 def build(config: Config, service: KeyService) -> Servers:
@@ -125,22 +140,33 @@ def build(config: Config, service: KeyService) -> Servers:
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     servers: list[grpc.Server] = []
     holder: dict[str, Servers] = {}
-    gate = Gate(policy, audit, config.max_inflight_per_identity,
-                on_unavailable=lambda: holder["s"].update_health())
+    gate = Gate(
+        policy,
+        audit,
+        config.max_inflight_per_identity,
+        on_unavailable=lambda: holder["s"].update_health(),
+    )
     ports: dict[str, int] = {}
     health_names = {V1_SERVICE}
 
     def make(identify: Identify) -> grpc.Server:
-        server = grpc.server(futures.ThreadPoolExecutor(max_workers=config.threads),
-                             options=_options(config))
+        server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=config.threads), options=_options(config)
+        )
         signer_pb2_grpc.add_SignerServiceServicer_to_server(
-            SignerServicer(service, gate, identify), server)
+            SignerServicer(service, gate, identify), server
+        )
         names = [V1_SERVICE, *notary.add_to_server(server, service, gate, identify)]
         health_names.update(names)
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         reflection.enable_server_reflection(
-            [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-             reflection.SERVICE_NAME], server)
+            [
+                *names,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ],
+            server,
+        )
         servers.append(server)
         return server
 
@@ -148,8 +174,10 @@ def build(config: Config, service: KeyService) -> Servers:
         if config.dev_plaintext:
             if not _is_loopback(config.listen):
                 raise ConfigError(f"dev_plaintext is allowed only on loopback, not {config.listen}")
-            log.warning("plaintext development listener: no TLS, every caller is dev:loopback",
-                        extra={"fields": {"listen": config.listen}})
+            log.warning(
+                "plaintext development listener: no TLS, every caller is dev:loopback",
+                extra={"fields": {"listen": config.listen}},
+            )
             ports["tcp"] = make(dev_caller).add_insecure_port(config.listen)
         else:
             ports["tcp"] = make(tls_caller).add_secure_port(config.listen, _tls_credentials(config))
@@ -162,8 +190,18 @@ def build(config: Config, service: KeyService) -> Servers:
         relay = UnixRelay(config.unix_socket, ports["unix-relay"], peers)
     if not servers:
         raise ConfigError("configure at least one listener: server.listen or server.unix_socket")
-    result = Servers(servers, health_servicer, service, gate, policy, audit, relay, ports,
-                     health_names, config.health_interval)
+    result = Servers(
+        servers,
+        health_servicer,
+        service,
+        gate,
+        policy,
+        audit,
+        relay,
+        ports,
+        health_names,
+        config.health_interval,
+    )
     holder["s"] = result
     result.update_health()
     return result

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TypeVar
 
 import grpc
 
 from signerd import signing
 from signerd.errors import InvalidArgument, SignerdError
+from signerd.keys import parse_algorithm, spki_to_pem, validate_gun, validate_role
 from signerd.server._gate import Caller, Gate, Scope
 from signerd.server._status import code_for
 from signerd.service import KeyService
@@ -16,6 +17,7 @@ from signerd.token import KeyEntry
 from signerd.v1 import signer_pb2 as pb
 from signerd.v1 import signer_pb2_grpc as pb_grpc
 
+T = TypeVar("T")
 Identify = Callable[[grpc.ServicerContext], Caller | SignerdError]
 MAX_BATCH = 1000
 
@@ -29,16 +31,25 @@ _PADDINGS = {
     pb.RSA_PADDING_PSS: signing.RsaPadding.PSS,
     pb.RSA_PADDING_PKCS1V15: signing.RsaPadding.PKCS1V15,
 }
-_ENCODING_PB = {signing.Encoding.RAW: pb.SIGNATURE_ENCODING_RAW,
-                signing.Encoding.DER: pb.SIGNATURE_ENCODING_DER}
+_ENCODING_PB = {
+    signing.Encoding.RAW: pb.SIGNATURE_ENCODING_RAW,
+    signing.Encoding.DER: pb.SIGNATURE_ENCODING_DER,
+}
 
 
 def key_message(k: KeyEntry) -> pb.Key:
-    from signerd.keys import spki_to_pem
-
-    return pb.Key(key_id=k.key_id, algorithm=k.algorithm.name, gun=k.gun, role=k.role,
-                  token=k.token, keytype=k.algorithm.keytype, public_key_der=k.spki_der,
-                  public_key_pem=spki_to_pem(k.spki_der), tuf_public=k.tuf_public, used=k.used)
+    return pb.Key(
+        key_id=k.key_id,
+        algorithm=k.algorithm.name,
+        gun=k.gun,
+        role=k.role,
+        token=k.token,
+        keytype=k.algorithm.keytype,
+        public_key_der=k.spki_der,
+        public_key_pem=spki_to_pem(k.spki_der),
+        tuf_public=k.tuf_public,
+        used=k.used,
+    )
 
 
 def sign_options(req: pb.SignRequest) -> tuple[bytes, signing.SignOptions]:
@@ -49,30 +60,35 @@ def sign_options(req: pb.SignRequest) -> tuple[bytes, signing.SignOptions]:
         raise InvalidArgument(f"unknown rsa_padding {req.rsa_padding}; use PSS (1) or PKCS1V15 (2)")
     which = req.WhichOneof("payload")
     if which is None:
-        raise InvalidArgument("set either 'message' (bytes to sign) or 'digest' (a precomputed hash)")
+        raise InvalidArgument(
+            "set either 'message' (bytes to sign) or 'digest' (a precomputed hash)"
+        )
     payload = req.message if which == "message" else req.digest
-    return payload, signing.SignOptions(_ENCODINGS[req.encoding], _PADDINGS[req.rsa_padding],
-                                        prehashed=which == "digest")
+    return payload, signing.SignOptions(
+        _ENCODINGS[req.encoding], _PADDINGS[req.rsa_padding], prehashed=which == "digest"
+    )
 
 
-class SignerServicer(pb_grpc.SignerServiceServicer):  # type: ignore[misc]
+class SignerServicer(pb_grpc.SignerServiceServicer):
     def __init__(self, service: KeyService, gate: Gate, identify: Identify) -> None:
         self.service = service
         self.gate = gate
         self.identify = identify
 
-    def _run(self, context: grpc.ServicerContext, op: str, payload: bytes,
-             work: Callable[[Scope], Any]) -> Any:
+    def _run(
+        self, context: grpc.ServicerContext, op: str, payload: bytes, work: Callable[[Scope], T]
+    ) -> T:
         return self.gate.run(context, self.identify(context), op, payload, work)
 
     def CreateKey(self, request: pb.CreateKeyRequest, context: grpc.ServicerContext) -> pb.Key:
         def work(scope: Scope) -> pb.Key:
-            from signerd.keys import parse_algorithm, validate_gun, validate_role
-
             gun, role = validate_gun(request.gun), validate_role(request.role)
             parse_algorithm(request.algorithm)
-            token = (self.service.token(request.token) if request.token
-                     else self.service.token_for_role(role))
+            token = (
+                self.service.token(request.token)
+                if request.token
+                else self.service.token_for_role(role)
+            )
             scope.authorize(gun, role, token.name)
             entry = self.service.create_key(gun, role, request.algorithm, token.name)
             scope.key_id = entry.key_id
@@ -88,21 +104,25 @@ class SignerServicer(pb_grpc.SignerServiceServicer):  # type: ignore[misc]
 
         return self._run(context, "read", b"", work)
 
-    def ListKeys(self, request: pb.ListKeysRequest,
-                 context: grpc.ServicerContext) -> pb.ListKeysResponse:
+    def ListKeys(
+        self, request: pb.ListKeysRequest, context: grpc.ServicerContext
+    ) -> pb.ListKeysResponse:
         def work(scope: Scope) -> pb.ListKeysResponse:
             scope.gun, scope.role, scope.token = request.gun, request.role, request.token
             keys, next_token = self.service.list_keys(
-                request.gun, request.role, request.token, request.page_size, request.page_token)
+                request.gun, request.role, request.token, request.page_size, request.page_token
+            )
             # Listing shows only the keys the caller may read.
             visible = [k for k in keys if scope.allowed(k.gun, k.role, k.token)]
-            return pb.ListKeysResponse(keys=[key_message(k) for k in visible],
-                                       next_page_token=next_token)
+            return pb.ListKeysResponse(
+                keys=[key_message(k) for k in visible], next_page_token=next_token
+            )
 
         return self._run(context, "read", b"", work)
 
-    def DeleteKey(self, request: pb.DeleteKeyRequest,
-                  context: grpc.ServicerContext) -> pb.DeleteKeyResponse:
+    def DeleteKey(
+        self, request: pb.DeleteKeyRequest, context: grpc.ServicerContext
+    ) -> pb.DeleteKeyResponse:
         def work(scope: Scope) -> pb.DeleteKeyResponse:
             entry = self.service.get_key(request.key_id)
             scope.authorize("", "", key=entry)
@@ -116,22 +136,28 @@ class SignerServicer(pb_grpc.SignerServiceServicer):  # type: ignore[misc]
         entry = self.service.get_key(req.key_id)
         scope.authorize("", "", key=entry)
         sig = self.service.sign_with(entry, payload, options)
-        return pb.SignResponse(key_id=entry.key_id, signature=sig.signature,
-                               algorithm=entry.algorithm.name, method=sig.method,
-                               encoding=_ENCODING_PB[options.encoding])
+        return pb.SignResponse(
+            key_id=entry.key_id,
+            signature=sig.signature,
+            algorithm=entry.algorithm.name,
+            method=sig.method,
+            encoding=_ENCODING_PB[options.encoding],
+        )
 
     def Sign(self, request: pb.SignRequest, context: grpc.ServicerContext) -> pb.SignResponse:
         payload = request.message or request.digest
         return self._run(context, "sign", payload, lambda scope: self._sign_one(scope, request))
 
-    def SignBatch(self, request: pb.SignBatchRequest,
-                  context: grpc.ServicerContext) -> pb.SignBatchResponse:
+    def SignBatch(
+        self, request: pb.SignBatchRequest, context: grpc.ServicerContext
+    ) -> pb.SignBatchResponse:
         def work(scope: Scope) -> pb.SignBatchResponse:
             if not request.requests:
                 raise InvalidArgument("a batch needs at least one request")
             if len(request.requests) > MAX_BATCH:
-                raise InvalidArgument(f"a batch holds at most {MAX_BATCH} requests, "
-                                      f"got {len(request.requests)}")
+                raise InvalidArgument(
+                    f"a batch holds at most {MAX_BATCH} requests, got {len(request.requests)}"
+                )
             items = []
             for req in request.requests:
                 try:
