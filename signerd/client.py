@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import tomllib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,6 +10,7 @@ from pathlib import Path
 import grpc
 
 from signerd import embedded
+from signerd.config import read_toml
 from signerd.errors import ConfigError
 from signerd.v1 import signer_pb2 as pb
 from signerd.v1 import signer_pb2_grpc as pb_grpc
@@ -32,12 +32,7 @@ class ClientConfig:
 
     @classmethod
     def load(cls, path: Path) -> ClientConfig:
-        try:
-            data = tomllib.loads(path.read_text())
-        except OSError as e:
-            raise ConfigError(f"cannot read client config {path}: {e.strerror}") from None
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"client config {path} is not valid TOML: {e}") from None
+        data = read_toml(path, "client config")
         base = path.parent
 
         def p(key: str) -> Path | None:

@@ -239,11 +239,15 @@ def parse_config(data: dict[str, Any], base: Path) -> Config:
     return cfg
 
 
-def load_config(path: Path) -> Config:
+def read_toml(path: Path, what: str) -> dict[str, Any]:
+    """Parse a TOML file, turning every failure into one clear ConfigError."""
     try:
-        data = tomllib.loads(path.read_text())
+        return tomllib.loads(path.read_text())
     except OSError as e:
-        raise ConfigError(f"cannot read config {path}: {e.strerror}") from None
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"config {path} is not valid TOML: {e}") from None
-    return parse_config(data, path.parent.resolve())
+        raise ConfigError(f"cannot read {what} {path}: {e.strerror}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{what} {path} is not valid TOML: {e}") from None
+
+
+def load_config(path: Path) -> Config:
+    return parse_config(read_toml(path, "config"), path.parent.resolve())

@@ -43,17 +43,12 @@ def is_dumpable() -> bool:
 
 def serve(config: Config, ready_file: Path | None = None) -> int:
     from signerd.server import app
-    from signerd.service import KeyService
 
     os.environ.update(config.environment)  # e.g. SOFTHSM2_CONF, before modules load
     if not config.debug:
         make_undumpable()
-    service = KeyService.open(config)
-    try:
-        servers = app.build(config, service)
-    except BaseException:
-        service.close()
-        raise
+    servers = app.open_servers(config)
+    service = servers.service
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())

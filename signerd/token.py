@@ -268,19 +268,15 @@ class Token:
                 s.close()
             except (pkcs11.PKCS11Error, _p11.P11Error):
                 pass  # the session is already gone; that is why we are here
-        self._sessions = []
-        while True:
-            try:
-                self._pool.get_nowait()
-            except queue.Empty:
-                break
+        self.forget_sessions()
 
     @property
     def connected(self) -> bool:
         return self._connected
 
     def forget_sessions(self) -> None:
-        """Discard sessions without closing them (the module is being finalised)."""
+        """Discard sessions without closing them (the module is being finalised,
+        or they were just closed)."""
         self._connected = False
         self._sessions = []
         while True:

@@ -25,7 +25,6 @@ from signerd import embedded, pki
 from signerd.client import Client, ClientConfig
 from signerd.config import Config, parse_config
 from signerd.server import app
-from signerd.service import KeyService
 
 ADMIN = "spiffe://test/admin"
 RUNNER = "spiffe://ci/runner-1"
@@ -197,12 +196,7 @@ class Daemon:
 
 def start_daemon(cfg: dict[str, Any], certs: PKI, workdir: Path) -> Daemon:
     config = parse_config(cfg, workdir)
-    service = KeyService.open(config)
-    try:
-        servers = app.build(config, service)
-    except BaseException:
-        service.close()
-        raise
+    servers = app.open_servers(config)
     servers.start()
     return Daemon(config, servers, certs, workdir)
 

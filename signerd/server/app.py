@@ -131,6 +131,16 @@ def _tls_credentials(config: Config) -> grpc.ServerCredentials:
     )
 
 
+def open_servers(config: Config) -> Servers:
+    """Open the configured tokens and build (not start) the servers over them."""
+    service = KeyService.open(config)
+    try:
+        return build(config, service)
+    except BaseException:
+        service.close()
+        raise
+
+
 def build(config: Config, service: KeyService) -> Servers:
     """Build (but do not start) the servers for ``config``."""
     if config.policy_file is None:
