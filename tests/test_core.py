@@ -401,3 +401,34 @@ def test_token_gone_gives_unavailable_and_not_serving_then_recovers(
     signing.verify(
         key.public_key_der, parse_algorithm(key.algorithm), sig, b"m", signing.SignOptions()
     )
+
+
+def test_refused_login_on_reconnect_is_never_retried(daemon_factory: Any, hsm: Any) -> None:
+    """SoftHSM never locks a PIN, so a login retry loop would be a guessing oracle."""
+    d = daemon_factory(tokens=("online",))
+    svc = d.servers.service
+    key = svc.create_key(unique_gun(), "targets")
+    token = svc.tokens["online"]
+    pin = hsm.pins["online"].read_text()
+    lib = MODULES.acquire(hsm.module)
+    try:
+        with token.session() as (_, s):
+            s.set_pin(pin, pin + "-changed")  # someone changes the PIN under the daemon
+        try:
+            token.module.close_all_sessions(token.slot_id)  # and the login is lost
+            err = rpc_error(lambda: d.client().sign(key.key_id, message=b"m"))
+            assert err.code() == grpc.StatusCode.UNAVAILABLE
+            assert "CKR_PIN_INCORRECT" in err.details() and pin not in err.details()
+        finally:
+            session = lib.get_token(token_label="test-online").open(
+                rw=True, user_pin=pin + "-changed"
+            )
+            session.set_pin(pin + "-changed", pin)
+            session.close()
+        time.sleep(1.1)  # past the reconnect spacing: still no new login attempt
+        err = rpc_error(lambda: d.client().sign(key.key_id, message=b"m"))
+        assert err.code() == grpc.StatusCode.UNAVAILABLE
+        assert "refused the configured PIN" in err.details()
+        assert not svc.check()
+    finally:
+        MODULES.release(hsm.module)

@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -268,3 +269,26 @@ def test_daemon_is_not_dumpable_unless_debug(
         assert proc.info["dumpable"] is debug
     finally:
         proc.stop()
+
+
+def test_sigterm_finishes_in_flight_requests(hsm: HSM, certs: PKI, tmp_path: Path) -> None:
+    import threading
+
+    from signerd.v1 import signer_pb2 as pb
+
+    proc = spawn_daemon(_config(hsm, certs, tmp_path), tmp_path)
+    result: dict[str, Any] = {}
+    with _client(certs, proc.info["tcp"]) as c:
+        key = c.create_key(unique_gun(), "targets", "rsa-4096")
+        batch = pb.SignBatchRequest(
+            requests=[pb.SignRequest(key_id=key.key_id, message=b"%d" % i) for i in range(120)]
+        )
+        t = threading.Thread(target=lambda: result.update(r=c.stub.SignBatch(batch, timeout=60)))
+        t.start()
+        time.sleep(0.3)  # the batch is in flight
+        proc.proc.send_signal(signal.SIGTERM)
+        t.join()
+        assert proc.proc.wait(30) == 0
+    assert [item.code for item in result["r"].items] == [0] * 120
+    log = proc.log()
+    assert log.index("finishing in-flight requests") < log.index("signerd stopped")
