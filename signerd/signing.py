@@ -59,15 +59,27 @@ def method(alg: Algorithm, options: SignOptions) -> str:
     return "eddsa" if alg.keytype == "ed25519" else "ecdsa"
 
 
+_DIGEST_NAMES = {32: "sha256", 48: "sha384"}
+
+
 def digest_of(alg: Algorithm, payload: bytes, options: SignOptions) -> bytes:
-    """The digest the token signs (ECDSA, RSA), checking a precomputed one."""
+    """The digest the token signs (ECDSA, RSA), checking a precomputed one.
+
+    RSA signs SHA-256 digests (the PSS parameters and DigestInfo say so).
+    ECDSA signs a SHA-256 or SHA-384 digest no longer than the curve: P-384
+    also takes SHA-256, which is what TUF and Notary verify ECDSA with.
+    """
     assert alg.hash_name is not None and alg.digest_size is not None
     if not options.prehashed:
         return hashlib.new(alg.hash_name, payload).digest()
-    if len(payload) != alg.digest_size:
+    if alg.keytype == "ecdsa":
+        accepted = [n for n in _DIGEST_NAMES if n <= alg.digest_size]
+    else:
+        accepted = [32]
+    if len(payload) not in accepted:
+        sizes = " or ".join(f"{n} ({_DIGEST_NAMES[n].upper()})" for n in accepted)
         raise InvalidArgument(
-            f"digest is {len(payload)} bytes, but {alg.name} signs a {alg.hash_name.upper()} "
-            f"digest of {alg.digest_size} bytes"
+            f"digest is {len(payload)} bytes, but {alg.name} signs a digest of {sizes} bytes"
         )
     return payload
 
@@ -107,9 +119,8 @@ def verify(
     if isinstance(key, ed25519.Ed25519PublicKey):
         key.verify(signature, payload)
         return
-    assert alg.hash_name is not None
     digest = digest_of(alg, payload, options)
-    chosen: hashes.HashAlgorithm = hashes.SHA384() if alg.hash_name == "sha384" else hashes.SHA256()
+    chosen: hashes.HashAlgorithm = hashes.SHA384() if len(digest) == 48 else hashes.SHA256()
     prehashed = utils.Prehashed(chosen)
     if isinstance(key, ec.EllipticCurvePublicKey):
         if options.encoding is Encoding.RAW:

@@ -53,6 +53,25 @@ def test_sign_precomputed_digest(daemon: Daemon, algorithm: str) -> None:
     signing.verify(key.public_key_der, alg, resp.signature, MESSAGE, signing.SignOptions())
 
 
+def test_p384_signs_a_sha256_digest_as_tuf_verifies_it(daemon: Daemon) -> None:
+    digest = hashlib.sha256(MESSAGE).digest()
+    with daemon.client() as c:
+        key = c.create_key(unique_gun(), "targets", "ecdsa-p384")
+        resp = c.sign(key.key_id, digest=digest)
+        too_long = rpc_error(
+            lambda: c.sign(
+                c.create_key(unique_gun(), "targets").key_id,
+                digest=hashlib.sha384(MESSAGE).digest(),
+            )
+        )
+    options = signing.SignOptions(prehashed=True)
+    signing.verify(
+        key.public_key_der, parse_algorithm("ecdsa-p384"), resp.signature, digest, options
+    )
+    assert too_long.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "digest is 48 bytes" in too_long.details()
+
+
 def test_rsa_pkcs1v15_on_request(daemon: Daemon) -> None:
     with daemon.client() as c:
         key = c.create_key(unique_gun(), "targets", "rsa-2048")
@@ -133,7 +152,7 @@ def _bad_inputs(key_p256: str, key_ed: str) -> list[tuple[str, Any, grpc.StatusC
             "digest-wrong-length",
             lambda c: c.sign(key_p256, digest=b"\x01" * 20),
             grpc.StatusCode.INVALID_ARGUMENT,
-            "digest is 20 bytes",
+            "digest is 20 bytes, but ecdsa-p256 signs a digest of 32 (SHA256) bytes",
         ),
         (
             "ed25519-digest",
