@@ -10,52 +10,18 @@ import argparse
 import base64
 import json
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import grpc
 from cryptography.exceptions import InvalidSignature
 
-from signerd import signing
-from signerd.client import Client, ClientConfig
+from signerd import signing, trust_cli
+from signerd._cliutil import CliError, connect, emit
 from signerd.errors import ConfigError, SignerdError
 from signerd.keys import ALGORITHMS, parse_algorithm
 from signerd.v1 import signer_pb2 as pb
-
-Handler = Callable[[argparse.Namespace], Any]
-# Further command groups (e.g. ``trust``) register here: each adds its
-# sub-parsers and sets ``func`` on them.
-COMMAND_GROUPS: list[Callable[[Any], None]] = []
-
-
-class CliError(Exception):
-    """A failure to report as one line on stderr."""
-
-
-def client_config(args: argparse.Namespace) -> ClientConfig:
-    path = args.config or ClientConfig.default_path()
-    if path.exists():
-        cfg = ClientConfig.load(path)
-    elif args.server is None:
-        raise CliError(
-            f"no client config at {path}; start 'signerd serve' once, "
-            "or pass --server with --tls-ca/--tls-cert/--tls-key"
-        )
-    else:
-        cfg = ClientConfig(args.server)
-    return ClientConfig(
-        server=args.server or cfg.server,
-        ca=args.tls_ca or cfg.ca,
-        cert=args.tls_cert or cfg.cert,
-        key=args.tls_key or cfg.key,
-        server_name=args.server_name or cfg.server_name,
-        timeout=args.timeout or cfg.timeout,
-    )
-
-
-def connect(args: argparse.Namespace) -> Client:
-    return Client(client_config(args))
 
 
 def key_dict(k: pb.Key) -> dict[str, Any]:
@@ -69,13 +35,6 @@ def key_dict(k: pb.Key) -> dict[str, Any]:
         "used": k.used,
         "public_key_pem": k.public_key_pem,
     }
-
-
-def emit(args: argparse.Namespace, data: Any, table: Callable[[], str]) -> None:
-    if args.json:
-        print(json.dumps(data, indent=2, sort_keys=True))
-    else:
-        print(table())
 
 
 def _table(keys: Sequence[pb.Key]) -> str:
@@ -290,8 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file")
     p.set_defaults(func=cmd_audit_verify)
 
-    for group in COMMAND_GROUPS:
-        group(sub)
+    trust_cli.register(sub)
     return parser
 
 

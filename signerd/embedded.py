@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import os
 import secrets
-from importlib import resources
 from pathlib import Path
 
 from signerd import _p11, pki
@@ -97,7 +96,9 @@ def ensure(state: Path, listen: str = DEFAULT_LISTEN) -> Path:
     os.chmod(state, 0o700)
     tokendir = state / "tokens"
     tokendir.mkdir(exist_ok=True, mode=0o700)
-    template = resources.files("signerd").joinpath("data/softhsm2.conf.in").read_text()
+    # A path next to this file, not importlib.resources: setuptools' editable
+    # installs break resources.files() when run outside the checkout.
+    template = (Path(__file__).parent / "data" / "softhsm2.conf.in").read_text()
     conf = state / "softhsm2.conf"
     _write(conf, template.replace("@TOKENDIR@", str(tokendir)))
     for name in TOKENS:

@@ -140,6 +140,10 @@ class TrustRepo:
             return {}
         return {str(k): str(v) for k, v in doc.items()}
 
+    def published(self) -> dict[str, str]:
+        """Role → hex SHA-256 of each file as last published or pulled (empty if never)."""
+        return self._published()
+
     def pending(self) -> dict[str, bytes]:
         """Files changed since the last publish or pull: what ``publish`` must upload.
 

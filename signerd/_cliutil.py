@@ -1,0 +1,46 @@
+"""What signerctl's command modules share: client connection, output, errors."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Callable
+from typing import Any
+
+from signerd.client import Client, ClientConfig
+
+
+class CliError(Exception):
+    """A failure to report as one line on stderr."""
+
+
+def client_config(args: argparse.Namespace) -> ClientConfig:
+    path = args.config or ClientConfig.default_path()
+    if path.exists():
+        cfg = ClientConfig.load(path)
+    elif args.server is None:
+        raise CliError(
+            f"no client config at {path}; start 'signerd serve' once, "
+            "or pass --server with --tls-ca/--tls-cert/--tls-key"
+        )
+    else:
+        cfg = ClientConfig(args.server)
+    return ClientConfig(
+        server=args.server or cfg.server,
+        ca=args.tls_ca or cfg.ca,
+        cert=args.tls_cert or cfg.cert,
+        key=args.tls_key or cfg.key,
+        server_name=args.server_name or cfg.server_name,
+        timeout=args.timeout or cfg.timeout,
+    )
+
+
+def connect(args: argparse.Namespace) -> Client:
+    return Client(client_config(args))
+
+
+def emit(args: argparse.Namespace, data: Any, table: Callable[[], str]) -> None:
+    if args.json:
+        print(json.dumps(data, indent=2, sort_keys=True))
+    else:
+        print(table())
