@@ -115,29 +115,10 @@ class _Signer:
 
     def __init__(self, key_id: str, alg: Algorithm, public: bytes) -> None:
         _notary_usable(key_id, alg)
-        self._key_id = key_id
-        self._keytype = alg.keytype
-        self._public = public
-
-    @property
-    def key_id(self) -> str:
-        """Canonical TUF key ID (the ID signerd knows the key by)."""
-        return self._key_id
-
-    @property
-    def keytype(self) -> str:
-        """ecdsa, rsa or ed25519."""
-        return self._keytype
-
-    @property
-    def public(self) -> bytes:
-        """TUF public value: DER SPKI, or 32 raw bytes for ed25519."""
-        return self._public
-
-    @property
-    def method(self) -> str:
-        """Envelope signature method."""
-        return METHODS[self._keytype]
+        self.key_id = key_id  # canonical TUF key ID (the ID signerd knows the key by)
+        self.keytype = alg.keytype
+        self.public = public  # TUF public value: DER SPKI, or 32 raw bytes for ed25519
+        self.method = METHODS[alg.keytype]
 
     def sign(self, message: bytes) -> bytes:
         """Notary's format: raw r||s over SHA-256, RSA-PSS salt 32, or pure Ed25519."""
@@ -147,15 +128,15 @@ class _Signer:
 
     def sign_pkcs1v15(self, message: bytes) -> bytes:
         """RSASSA-PKCS1-v1_5 over SHA-256, for RSA root certificates."""
-        if self._keytype != "rsa":
-            raise InvalidArgument(f"key {self._key_id} is not RSA: no PKCS#1 v1.5 signatures")
+        if self.keytype != "rsa":
+            raise InvalidArgument(f"key {self.key_id} is not RSA: no PKCS#1 v1.5 signatures")
         sig = self._sign(message, signing.RsaPadding.PKCS1V15)
         self._check("rsapkcs1v15", sig, message)
         return sig
 
     def _check(self, method: str, sig: bytes, message: bytes) -> None:
-        if not TufKey(self._keytype, self._public).verify(method, sig, message):
-            raise FailedPrecondition(f"signature by key {self._key_id} does not verify")
+        if not TufKey(self.keytype, self.public).verify(method, sig, message):
+            raise FailedPrecondition(f"signature by key {self.key_id} does not verify")
 
     def _sign(self, message: bytes, padding: signing.RsaPadding) -> bytes:
         raise NotImplementedError

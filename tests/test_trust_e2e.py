@@ -178,28 +178,13 @@ class NotaryApiSigner:
 
     def __init__(self, signer: npb_grpc.SignerStub, created: npb.PublicKey) -> None:
         self._signer = signer
-        self._key_id = created.keyInfo.keyID.ID
-        self._keytype = created.keyInfo.algorithm.algorithm
-        self._public = bytes(created.publicKey)
-
-    @property
-    def key_id(self) -> str:
-        return self._key_id
-
-    @property
-    def keytype(self) -> str:
-        return self._keytype
-
-    @property
-    def public(self) -> bytes:
-        return self._public
-
-    @property
-    def method(self) -> str:
-        return "ecdsa"
+        self.key_id = created.keyInfo.keyID.ID
+        self.keytype = created.keyInfo.algorithm.algorithm
+        self.public = bytes(created.publicKey)
+        self.method = "ecdsa"
 
     def sign(self, message: bytes) -> bytes:
-        req = npb.SignatureRequest(keyID=npb.KeyID(ID=self._key_id), content=message)
+        req = npb.SignatureRequest(keyID=npb.KeyID(ID=self.key_id), content=message)
         resp = self._signer.Sign(req, timeout=30)
         assert resp.algorithm.algorithm == "ecdsa"
         return bytes(resp.content)
