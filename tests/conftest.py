@@ -10,6 +10,7 @@ import datetime as dt
 import json
 import os
 import secrets
+import signal
 import subprocess
 import sys
 import time
@@ -262,6 +263,13 @@ class Process:
         return self.stderr.read_text()
 
 
+def _die_with_parent() -> None:
+    """In the child: get SIGTERM if pytest dies, so no daemon outlives a killed run."""
+    import ctypes
+
+    ctypes.CDLL(None).prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
+
+
 def spawn_daemon(
     config_path: Path | None,
     workdir: Path,
@@ -276,7 +284,11 @@ def spawn_daemon(
     if config_path is not None:
         cmd += ["--config", str(config_path)]
     proc = subprocess.Popen(
-        cmd, stdout=subprocess.DEVNULL, stderr=stderr.open("wb"), env={**os.environ, **(env or {})}
+        cmd,
+        stdout=subprocess.DEVNULL,
+        stderr=stderr.open("wb"),
+        env={**os.environ, **(env or {})},
+        preexec_fn=_die_with_parent,  # only a prctl between fork and exec
     )
     deadline = time.monotonic() + timeout
     while not ready.exists():
