@@ -34,6 +34,20 @@ CKR_PIN_INCORRECT = 0xA0
 CKR_PIN_LOCKED = 0xA4
 CKR_USER_ALREADY_LOGGED_IN = 0x100
 CKU_USER = 1
+CKR_ATTRIBUTE_SENSITIVE = 0x11
+CKR_ATTRIBUTE_TYPE_INVALID = 0x12
+CKR_BUFFER_TOO_SMALL = 0x150
+CKA_CLASS = 0x0
+CKA_LABEL = 0x3
+CKA_ID = 0x102
+CKA_KEY_TYPE = 0x100
+CKA_MODULUS = 0x120
+CKA_PUBLIC_EXPONENT = 0x122
+CKA_EC_POINT = 0x181
+CKO_PUBLIC_KEY = 0x2
+CKO_PRIVATE_KEY = 0x3
+_UNAVAILABLE = CK_ULONG(-1).value  # CK_UNAVAILABLE_INFORMATION
+_FIND_CHUNK = 1024  # handles per C_FindObjects call
 CKS_RO_USER_FUNCTIONS = 1
 CKS_RW_USER_FUNCTIONS = 3
 
@@ -87,6 +101,11 @@ def rv_name(rv: int) -> str:
     return _NAMES.get(rv, f"CKR_0x{rv:08X}")
 
 
+def ulong(value: int) -> bytes:
+    """A CK_ULONG attribute value (CKA_CLASS, CKA_KEY_TYPE) as the module reads it."""
+    return bytes(CK_ULONG(value))
+
+
 class P11Error(Exception):
     """A PKCS#11 call returned something other than CKR_OK."""
 
@@ -128,6 +147,10 @@ class _PssParams(ctypes.Structure):
     _fields_ = [("hashAlg", CK_ULONG), ("mgf", CK_ULONG), ("sLen", CK_ULONG)]
 
 
+class _Attribute(ctypes.Structure):
+    _fields_ = [("type", CK_ULONG), ("pValue", ctypes.c_void_p), ("ulValueLen", CK_ULONG)]
+
+
 # CK_FUNCTION_LIST up to C_Sign, in the order of PKCS#11 v2.40 §5.2 (the
 # struct is only read through the module's pointer, so the tail is omitted).
 _FUNCTIONS = (
@@ -159,6 +182,10 @@ _C_Logout = ctypes.CFUNCTYPE(CK_RV, CK_ULONG)
 _C_GetSessionInfo = ctypes.CFUNCTYPE(CK_RV, CK_ULONG, ctypes.c_void_p)
 _C_SignInit = ctypes.CFUNCTYPE(CK_RV, CK_ULONG, _P(_Mechanism), CK_ULONG)
 _C_Sign = ctypes.CFUNCTYPE(CK_RV, CK_ULONG, ctypes.c_char_p, CK_ULONG, ctypes.c_char_p, _ULONG_P)
+_C_GetAttributeValue = ctypes.CFUNCTYPE(CK_RV, CK_ULONG, CK_ULONG, _P(_Attribute), CK_ULONG)
+_C_FindObjectsInit = ctypes.CFUNCTYPE(CK_RV, CK_ULONG, _P(_Attribute), CK_ULONG)
+_C_FindObjects = ctypes.CFUNCTYPE(CK_RV, CK_ULONG, _ULONG_P, CK_ULONG, _ULONG_P)
+_C_FindObjectsFinal = ctypes.CFUNCTYPE(CK_RV, CK_ULONG)
 
 
 @dataclass(frozen=True)
@@ -204,6 +231,10 @@ class Module:
         self._session_info = _C_GetSessionInfo(fl.C_GetSessionInfo)
         self._sign_init = _C_SignInit(fl.C_SignInit)
         self._sign = _C_Sign(fl.C_Sign)
+        self._get_attribute_value = _C_GetAttributeValue(fl.C_GetAttributeValue)
+        self._find_init = _C_FindObjectsInit(fl.C_FindObjectsInit)
+        self._find = _C_FindObjects(fl.C_FindObjects)
+        self._find_final = _C_FindObjectsFinal(fl.C_FindObjectsFinal)
 
     def initialize(self) -> None:
         args = _InitArgs(None, None, None, None, CKF_OS_LOCKING_OK, None)
@@ -262,6 +293,92 @@ class Module:
         if rv != CKR_OK:
             raise P11Error("C_Sign", rv)
         return out.raw[: out_len.value]
+
+    # Listing keys. python-pkcs11's get_objects() builds a Python object per
+    # handle with several C_GetAttributeValue calls each; with 10,000 keys on
+    # a token that dominated daemon start. These calls read only what
+    # signerd needs, many handles per C_FindObjects.
+
+    def find_objects(self, session: int, template: dict[int, bytes]) -> list[int]:
+        """Every object handle matching ``template`` (attribute type -> the
+        attribute's encoded value, e.g. CKA_CLASS as a native CK_ULONG)."""
+        keep = [ctypes.create_string_buffer(v, len(v)) for v in template.values()]
+        attrs = (_Attribute * max(1, len(template)))(*[
+            _Attribute(t, ctypes.cast(b, ctypes.c_void_p), len(v))
+            for (t, v), b in zip(template.items(), keep, strict=True)
+        ])
+        rv = self._find_init(session, attrs, len(template))
+        if rv != CKR_OK:
+            raise P11Error("C_FindObjectsInit", rv)
+        found: list[int] = []
+        chunk = (CK_ULONG * _FIND_CHUNK)()
+        count = CK_ULONG(0)
+        try:
+            while True:
+                rv = self._find(session, chunk, _FIND_CHUNK, ctypes.byref(count))
+                if rv != CKR_OK:
+                    raise P11Error("C_FindObjects", rv)
+                found.extend(chunk[: count.value])
+                if count.value < _FIND_CHUNK:
+                    return found
+        finally:
+            self._find_final(session)  # must end the search even after an error
+
+    def attribute_reader(self, sizes: dict[int, int]) -> AttributeReader:
+        """A reader of the attributes ``sizes`` names (type -> expected size)."""
+        return AttributeReader(self, sizes)
+
+    def get_attributes(self, session: int, handle: int,
+                       sizes: dict[int, int]) -> dict[int, bytes | None]:
+        """Read the attributes ``sizes`` names with one C_GetAttributeValue
+        (see :class:`AttributeReader`)."""
+        return AttributeReader(self, sizes).read(session, handle)
+
+    def _attribute_lengths(self, session: int, handle: int, types: list[int]) -> list[int]:
+        """§5.7: with NULL buffers, C_GetAttributeValue reports each length."""
+        attrs = (_Attribute * len(types))(*[_Attribute(t, None, 0) for t in types])
+        rv = self._get_attribute_value(session, handle, attrs, len(types))
+        if rv not in (CKR_OK, CKR_ATTRIBUTE_SENSITIVE, CKR_ATTRIBUTE_TYPE_INVALID):
+            raise P11Error("C_GetAttributeValue", rv)
+        return [1 if a.ulValueLen == _UNAVAILABLE else int(a.ulValueLen) for a in attrs]
+
+
+class AttributeReader:
+    """Reads a fixed set of attributes from object after object.
+
+    The CK_ATTRIBUTE array and its buffers are built once and reused:
+    listing a 10,000-key token makes 20,000 calls, and building them per call
+    cost a quarter of the listing. A value larger than its expected size is
+    read again at its real size. An attribute the object lacks (or keeps
+    secret) comes back as None.
+    """
+
+    def __init__(self, module: Module, sizes: dict[int, int]) -> None:
+        self._module = module
+        self._types = list(sizes)
+        self._sizes = [sizes[t] for t in self._types]
+        self._bufs = [ctypes.create_string_buffer(n) for n in self._sizes]
+        self._attrs = (_Attribute * len(self._types))(*[
+            _Attribute(t, ctypes.cast(b, ctypes.c_void_p), n)
+            for t, b, n in zip(self._types, self._bufs, self._sizes, strict=True)
+        ])
+
+    def read(self, session: int, handle: int) -> dict[int, bytes | None]:
+        attrs = self._attrs
+        for a, n in zip(attrs, self._sizes, strict=True):
+            a.ulValueLen = n  # the module overwrote it with the value's length
+        rv = self._module._get_attribute_value(session, handle, attrs, len(self._types))
+        if rv == CKR_BUFFER_TOO_SMALL:
+            # A too-small buffer gets CK_UNAVAILABLE_INFORMATION, not its length.
+            lengths = self._module._attribute_lengths(session, handle, self._types)
+            if lengths == self._sizes:
+                raise P11Error("C_GetAttributeValue", rv)
+            return AttributeReader(self._module, dict(zip(self._types, lengths, strict=True))
+                                   ).read(session, handle)
+        if rv not in (CKR_OK, CKR_ATTRIBUTE_SENSITIVE, CKR_ATTRIBUTE_TYPE_INVALID):
+            raise P11Error("C_GetAttributeValue", rv)
+        return {t: None if a.ulValueLen == _UNAVAILABLE else ctypes.string_at(b, a.ulValueLen)
+                for t, a, b in zip(self._types, attrs, self._bufs, strict=True)}
 
 
 class ThreadSafeLib(_pkcs11.lib):

@@ -389,27 +389,62 @@ class Token:
 
     # -- keys ---------------------------------------------------------------
 
+    # DER SubjectPublicKeyInfo up to the key bits, per curve: listing builds
+    # SPKIs by concatenation rather than parsing each point with
+    # ``cryptography`` (0.3 s for 10,000 keys). Nothing is trusted blindly:
+    # the SPKI must still hash to the key ID stored in CKA_ID, which was
+    # computed from a parsed key when the key was generated.
+    _SPKI_PREFIX = {
+        ("secp256r1", 65): bytes.fromhex("3059301306072a8648ce3d020106082a8648ce3d030107034200"),
+        ("secp384r1", 97): bytes.fromhex("3076301006072a8648ce3d020106052b81040022036200"),
+        (None, 32): bytes.fromhex("302a300506032b6570032100"),  # ed25519
+    }
+
     def _load_keys(self, s: Any) -> None:
         """Read every signerd key on the token: one pass over the private keys
-        (handles and metadata) and one over the public keys (key material)."""
+        (handles and metadata) and one over the public keys (key material).
+
+        Through the ctypes calls of :mod:`signerd._p11`, with one
+        C_GetAttributeValue per object: with SoftHSM's file store each call
+        costs about 70 µs whatever it reads (it re-checks the object's file),
+        and python-pkcs11's ``get_objects`` makes several calls per object. On
+        a 10,000-key token this pass went from 8.9 s to about 3 s."""
+        m, h = self.module, s.handle
         privates: dict[bytes, tuple[int, dict[str, Any]]] = {}
-        for obj in s.get_objects({Attribute.CLASS: ObjectClass.PRIVATE_KEY}):
-            meta = _parse_label(obj[Attribute.LABEL])
-            if meta is not None:
-                privates[bytes(obj[Attribute.ID])] = (obj.handle, meta)
+        read = m.attribute_reader({_p11.CKA_ID: 32, _p11.CKA_LABEL: 128}).read
+        for handle in m.find_objects(h, {_p11.CKA_CLASS: _p11.ulong(_p11.CKO_PRIVATE_KEY)}):
+            attrs = read(h, handle)
+            cka_id, label = attrs[_p11.CKA_ID], attrs[_p11.CKA_LABEL]
+            meta = _parse_label(label.decode("utf-8", "replace")) if label else None
+            if cka_id is not None and meta is not None:
+                privates[cka_id] = (handle, meta)
         keys: dict[KeyID, KeyEntry] = {}
-        for pub in s.get_objects({Attribute.CLASS: ObjectClass.PUBLIC_KEY}):
-            found = privates.get(bytes(pub[Attribute.ID]))
+        # Ask every public key for EC and RSA material at once: the attributes
+        # a key does not have come back as None, and a second call would cost
+        # more than the unused attributes.
+        read = m.attribute_reader({_p11.CKA_ID: 32, _p11.CKA_EC_POINT: 128,
+                                   _p11.CKA_MODULUS: 512, _p11.CKA_PUBLIC_EXPONENT: 8}).read
+        for handle in m.find_objects(h, {_p11.CKA_CLASS: _p11.ulong(_p11.CKO_PUBLIC_KEY)}):
+            pub = read(h, handle)
+            found = privates.get(pub[_p11.CKA_ID] or b"")
             if found is None:
                 continue
-            handle, meta = found
+            private, meta = found
             alg = ALGORITHMS[meta["alg"]]
-            spki = _spki(alg, pub)
-            kid = key_id(alg.keytype, tuf_public_bytes(alg.keytype, spki))
-            if bytes.fromhex(kid) != bytes(pub[Attribute.ID]):
+            kid = spki = None
+            try:
+                point = _octets(pub[_p11.CKA_EC_POINT] or b"")
+                prefix = self._SPKI_PREFIX.get((alg.curve, len(point)))
+                spki = prefix + point if prefix else _spki(alg, pub)  # keyed as Attribute is
+                public = point if alg.keytype == "ed25519" else spki
+                kid = key_id(alg.keytype, public)
+            except (TypeError, ValueError):
+                pass  # missing or malformed key material: not a key we can serve
+            if spki is None or kid is None or bytes.fromhex(kid) != pub[_p11.CKA_ID]:
                 log.warning(
                     "skipping key whose CKA_ID is not its key ID",
-                    extra={"fields": {"token": self.name, "label": pub[Attribute.LABEL]}},
+                    extra={"fields": {"token": self.name, "gun": meta.get("gun"),
+                                      "role": meta.get("role")}},
                 )
                 continue
             keys[kid] = KeyEntry(
@@ -420,7 +455,7 @@ class Token:
                 self.name,
                 spki,
                 bool(meta.get("used")),
-                handle,
+                private,
             )
         self._keys = keys
 
