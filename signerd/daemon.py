@@ -5,6 +5,8 @@
 With no --config, serves the embedded default (see signerd/embedded.py).
 SIGTERM and SIGINT stop gracefully: in-flight requests finish, then sessions
 are closed and the PKCS#11 modules finalised. SIGHUP reloads the policy.
+With ``[server] workers = N`` (N > 1) this process supervises N worker
+processes sharing the port; see signerd/_workers.py.
 """
 
 from __future__ import annotations
@@ -87,6 +89,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ready-file", type=Path, help="write {pid, ports} as JSON here once serving")
     p.add_argument("--debug", action="store_true", help="keep the process dumpable (core dumps)")
     p.add_argument("--log-level", default="info")
+    # Internal: how a [server] workers > 1 supervisor starts its workers.
+    p.add_argument("--worker", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--worker-listen", help=argparse.SUPPRESS)
+    p.add_argument("--supervisor-pid", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     logs.setup(args.log_level)
     try:
@@ -105,6 +111,16 @@ def main(argv: list[str] | None = None) -> int:
             from dataclasses import replace
 
             config = replace(config, debug=True)
+        if args.worker is not None:
+            from signerd import _workers
+
+            _workers.become_worker(args.worker, args.supervisor_pid)
+            config = _workers.worker_config(config, args.worker, args.worker_listen)
+        elif config.workers > 1:
+            from signerd import _workers
+
+            worker_args = ["--log-level", args.log_level, *(["--debug"] if args.debug else [])]
+            return _workers.Supervisor(path, config, worker_args).run(args.ready_file)
         return serve(config, args.ready_file)
     except SignerdError as e:
         print(f"signerd: {e}", file=sys.stderr)

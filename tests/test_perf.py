@@ -1,0 +1,199 @@
+"""Performance features: ``[server] workers = N`` and the ctypes key listing.
+
+The benchmark itself is not a timed test (see tests/test_bench.py); these
+check that what it relies on is correct.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from signerd import _workers, audit, signing
+from signerd.config import Pkcs11Uri, TokenConfig, load_config, parse_config
+from signerd.errors import ConfigError
+from signerd.keys import parse_algorithm
+from signerd.token import Token
+from signerd.v1 import signer_pb2 as pb
+from signerd.v1 import signer_pb2_grpc as pb_grpc
+from tests.conftest import HSM, PKI, Process, daemon_config, spawn_daemon, unique_gun, write_toml
+
+
+def _gone(pid: int) -> bool:
+    """The process has exited (a zombie waiting for init counts as exited)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return stat[stat.rindex(")") + 2] in "ZX"
+
+
+def _wait_gone(pids: list[int], timeout: float = 20) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if all(_gone(p) for p in pids):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def _stub(certs: PKI, port: int) -> tuple[grpc.Channel, Any]:
+    """A stub on a connection of its own. Channels with equal arguments
+    share one connection by default, which would always reach one worker."""
+    cert, key = certs.files["admin"]
+    creds = grpc.ssl_channel_credentials(certs.ca_file.read_bytes(), key.read_bytes(),
+                                         cert.read_bytes())
+    ch = grpc.secure_channel(f"127.0.0.1:{port}", creds,
+                             options=[("grpc.ssl_target_name_override", "localhost"),
+                                      ("grpc.use_local_subchannel_pool", 1)])
+    return ch, pb_grpc.SignerServiceStub(ch)
+
+
+def _signs(path: Path) -> int:
+    if not path.exists():
+        return 0
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    return sum(1 for r in lines if r["operation"] == "sign" and r["status"] == "OK")
+
+
+def _spawn_workers(hsm: HSM, certs: PKI, workdir: Path) -> Process:
+    cfg = daemon_config(hsm, certs, workdir, server={"workers": 2}, tokens=("online",))
+    return spawn_daemon(write_toml(workdir / "signerd.toml", cfg), workdir)
+
+
+def test_two_workers_share_the_port_and_stop_cleanly_on_sigterm(
+    hsm: HSM, certs: PKI, tmp_path: Path
+) -> None:
+    proc = _spawn_workers(hsm, certs, tmp_path)
+    workers: list[int] = proc.info["workers"]
+    try:
+        assert len(workers) == 2 and proc.info["pid"] not in workers
+        ch, stub = _stub(certs, proc.info["tcp"])
+        with ch:
+            key = stub.CreateKey(pb.CreateKeyRequest(gun=unique_gun(), role="targets"))
+        logs = [tmp_path / "audit.log.w1", tmp_path / "audit.log.w2"]
+        message = b"signed by either worker"
+        for _ in range(60):  # new connections until the kernel has used both workers
+            ch, stub = _stub(certs, proc.info["tcp"])
+            with ch:
+                resp = stub.Sign(pb.SignRequest(key_id=key.key_id, message=message), timeout=20)
+            signing.verify(key.public_key_der, parse_algorithm(key.algorithm), resp.signature,
+                           message, signing.SignOptions())
+            if all(_signs(p) for p in logs):
+                break
+        assert [bool(_signs(p)) for p in logs] == [True, True]
+        assert not (tmp_path / "audit.log").exists()  # one chain per worker, no shared file
+
+        os.kill(proc.info["pid"], signal.SIGHUP)  # forwarded: every worker reloads its policy
+        deadline = time.monotonic() + 10
+        while proc.log().count('"policy reloaded"') < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        reloads = [json.loads(line) for line in proc.log().splitlines()
+                   if '"policy reloaded"' in line]
+        assert sorted(r["worker"] for r in reloads) == [1, 2]
+    finally:
+        code = proc.stop(signal.SIGTERM)
+    assert code == 0
+    assert _wait_gone(workers)
+    for p in logs:  # each worker closed its own chain properly
+        result = audit.verify(p)
+        assert result.ok, result
+
+
+def test_workers_exit_when_the_supervisor_is_killed(hsm: HSM, certs: PKI, tmp_path: Path) -> None:
+    """PR_SET_PDEATHSIG: a SIGKILLed supervisor leaves no worker holding the port."""
+    proc = _spawn_workers(hsm, certs, tmp_path)
+    workers: list[int] = proc.info["workers"]
+    proc.stop(signal.SIGKILL)
+    assert _wait_gone(workers)
+
+
+def test_supervisor_stops_when_a_worker_dies(hsm: HSM, certs: PKI, tmp_path: Path) -> None:
+    proc = _spawn_workers(hsm, certs, tmp_path)
+    workers: list[int] = proc.info["workers"]
+    os.kill(workers[0], signal.SIGKILL)
+    assert proc.proc.wait(30) == 1
+    assert _wait_gone(workers)
+    assert "a worker exited" in proc.log()
+
+
+@pytest.fixture
+def online_token(hsm: HSM) -> Any:
+    token = Token(TokenConfig(name="online", module=hsm.module,
+                              uri=Pkcs11Uri(token="test-online"), pin_file=hsm.pins["online"]))
+    yield token
+    token.close()
+
+
+@pytest.mark.parametrize("algorithm", ["ecdsa-p256", "ecdsa-p384", "ed25519", "rsa-2048"])
+def test_key_listing_reads_back_what_generate_made(online_token: Token, algorithm: str) -> None:
+    """The ctypes listing (CKA_ID, CKA_LABEL, key material) rebuilds the same
+    entries as generation did, including a label longer than its first buffer."""
+    long_gun = "docker.io/" + "/".join(["long-repository-name"] * 11)  # a 240-byte label
+    made = online_token.generate(parse_algorithm(algorithm), long_gun, "targets")
+    online_token.refresh()
+    assert online_token.get(made.key_id) == made
+
+
+def test_worker_config_gives_each_worker_its_chain_and_only_worker_1_the_socket(
+    tmp_path: Path,
+) -> None:
+    config = parse_config({
+        "server": {"listen": "127.0.0.1:0", "workers": 3, "unix_socket": "s.sock"},
+        "audit": {"file": "audit.log"},
+        "tokens": [{"name": "t", "module": "m.so", "uri": "pkcs11:token=t", "pin_env": "P"}],
+    }, tmp_path)
+    one = _workers.worker_config(config, 1, "127.0.0.1:4321")
+    two = _workers.worker_config(config, 2, "127.0.0.1:4321")
+    assert (one.listen, one.workers, one.audit_file, one.unix_socket) == (
+        "127.0.0.1:4321", 1, tmp_path / "audit.log.w1", tmp_path / "s.sock")
+    assert (two.audit_file, two.unix_socket) == (tmp_path / "audit.log.w2", None)
+
+
+@pytest.mark.parametrize("listen", ["127.0.0.1:0", "[::1]:0"])
+def test_port_zero_is_chosen_once_for_all_workers(listen: str) -> None:
+    sock, chosen = _workers._reserve(listen)
+    assert sock is not None
+    try:
+        port = int(chosen.rpartition(":")[2])
+        assert port > 0 and chosen.startswith(listen[:-1])
+    finally:
+        sock.close()
+    assert _workers._reserve("127.0.0.1:4443") == (None, "127.0.0.1:4443")
+    with pytest.raises(ConfigError, match="host:port"):
+        _workers._reserve("no-port")
+
+
+def test_supervisor_runs_workers_and_stops_them(hsm: HSM, certs: PKI, tmp_path: Path) -> None:
+    """The supervisor in this process (its workers are real processes)."""
+    path = write_toml(tmp_path / "signerd.toml", daemon_config(
+        hsm, certs, tmp_path, server={"workers": 2}, tokens=("online",)))
+    sup = _workers.Supervisor(path, load_config(path), ["--log-level", "warning"])
+    ready = tmp_path / "ready.json"
+    seen: dict[str, Any] = {}
+
+    def stop_when_ready() -> None:
+        deadline = time.monotonic() + 60
+        while not ready.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        seen.update(json.loads(ready.read_text()))
+        sup.stop.set()
+
+    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+    threading.Thread(target=stop_when_ready, daemon=True).start()
+    try:
+        assert sup.run(ready) == 0
+    finally:
+        for s, handler in saved.items():
+            signal.signal(s, handler)
+    assert seen["pid"] == os.getpid() and len(seen["workers"]) == 2
+    assert seen["tokens"] == {"online": seen["tokens"]["online"]}
+    assert all(p.returncode == 0 for p in sup.procs)
