@@ -1,0 +1,1 @@
+"""signerd's benchmark harness: ``python -m bench.run`` (see bench/run.py)."""

@@ -1,0 +1,822 @@
+"""signerd benchmark: throughput and latency over mTLS against SoftHSM.
+
+    python -m bench.run                 # full run, about 4 minutes (+2 the first time)
+    python -m bench.run --smoke         # ~25 s; what tests/test_bench.py runs
+    python -m bench.run --help          # pick algorithms, RPCs, callers, daemon settings
+
+What one run does, all in a fresh temporary directory:
+
+1. initialise a SoftHSM token, make a CA, a server and a client certificate
+   (mutual TLS on, as users run signerd) and a policy for the client;
+2. start ``signerd serve`` as a subprocess (by default ``workers = 2``,
+   ``threads = 8``) and create one key per algorithm (P-256, Ed25519,
+   RSA-2048) over the v1 API, plus P-256 filler keys up to 10;
+3. in a separate process, measure the token's own rate (python-pkcs11
+   ``key.sign`` with an explicit mechanism, one session per thread) and
+   signerd's in-process signing path (``Token.sign``), one and two threads;
+4. drive the daemon with 1, 4, 16 and 64 closed-loop callers over the
+   signerd.v1 Sign RPC, the Notary-compatible ``/proto.Signer/Sign`` (when
+   the daemon serves it) and SignBatch, with a 512-byte payload; then the
+   same callers against a no-op gRPC server with the same transport
+   (bench/_floor.py), the most any Python gRPC signer can do here. The
+   callers live in their own processes (bench/_loadgen.py). Each point
+   reports signatures/s, p50 and p99 latency, the daemon's CPU
+   (utime+stime from /proc, every worker) and RSS, the load generator's
+   CPU, everything else the machine did meanwhile, and the rate as a ratio
+   to the token's own rate;
+5. the many-keys scenario: a token holding 10,000 keys (generated once and
+   cached under bench/.cache/), measuring daemon start (spawn to ready
+   file), latency and throughput against the small token in alternation,
+   RSS and PSS, the same with one worker, and where the start time goes.
+
+Results go to bench/results/latest.json (``--out``) and Markdown tables are
+printed. CPU figures are in cores: 1.0 is one core busy for the window.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import platform
+import secrets
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from array import array
+from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, replace
+from datetime import UTC, datetime
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # run as a script: python bench/run.py
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import grpc  # noqa: E402
+
+from bench import _loadgen, _proc, _token  # noqa: E402
+from bench._loadgen import Point, Target  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+CACHE = ROOT / "bench" / ".cache"
+IDENTITY = "spiffe://bench/loadgen"
+ALGORITHMS = ("ecdsa-p256", "ed25519", "rsa-2048")
+RPCS = ("v1", "notary", "batch")
+LABEL = "bench"
+SPAWN = multiprocessing.get_context("spawn")
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+@dataclass(frozen=True)
+class Settings:
+    algorithms: tuple[str, ...] = ALGORITHMS
+    rpcs: tuple[str, ...] = RPCS
+    callers: tuple[int, ...] = (1, 4, 16, 64)
+    duration: float = 3.0  # seconds measured per point
+    warmup: float = 0.5  # seconds run before the window opens
+    token_seconds: float = 2.0
+    batch_size: int = 100
+    payload_bytes: int = _token.PAYLOAD_BYTES
+    small_keys: int = 10
+    many_keys: int = 10_000
+    # Daemon settings under test ([server] and [[tokens]] of signerd.toml).
+    # Measured best on 2 cores (see the design notes in the final report):
+    # two workers double throughput; 8 threads per worker beat 32 a little.
+    workers: int = 2
+    threads: int = 8
+    sessions: int = 4
+    audit: bool = True
+    floor: bool = True  # also measure a no-op gRPC server (bench/_floor.py)
+    # Load generator.
+    loadgen_procs: int = 2
+    loadgen_mode: str = "threads"
+    channels_per_proc: int = 8
+    cache_dir: str = str(CACHE)  # where the many-keys token is kept between runs
+
+
+# -- the environment: SoftHSM, certificates, policy, config -------------------
+
+
+@dataclass
+class Env:
+    dir: Path
+    module: str
+    pki: dict[str, Path] = field(default_factory=dict)
+
+    @classmethod
+    def create(cls, base: Path) -> Env:
+        from signerd import embedded, pki
+
+        env = cls(base, embedded.softhsm_module())
+        tls = base / "tls"
+        tls.mkdir()
+        ca = pki.make_ca("signerd bench CA")
+        ca.write(tls / "ca.pem", tls / "ca-key.pem")
+        pki.issue(ca, "localhost", server=True, dns=("localhost",), ips=("127.0.0.1",)).write(
+            tls / "server.pem", tls / "server-key.pem")
+        pki.issue(ca, "loadgen", server=False, uris=(IDENTITY,)).write(
+            tls / "client.pem", tls / "client-key.pem")
+        env.pki = {name: tls / f"{name}.pem" for name in ("ca", "server", "server-key", "client",
+                                                          "client-key")}
+        (base / "policy.toml").write_text(
+            f'[[rule]]\nname = "bench"\nidentities = ["{IDENTITY}"]\noperations = ["*"]\n'
+            'roles = ["*"]\n')
+        return env
+
+    def target(self, port: int) -> Target:
+        return Target(f"127.0.0.1:{port}", self.pki["ca"], self.pki["client"],
+                      self.pki["client-key"])
+
+    def write_config(self, name: str, hsm: Hsm, s: Settings) -> Path:
+        work = self.dir / name
+        work.mkdir(exist_ok=True)
+        audit = f'[audit]\nfile = "{work / "audit.log"}"\n' if s.audit else ""
+        path = work / "signerd.toml"
+        path.write_text(f"""[server]
+listen = "127.0.0.1:0"
+threads = {s.threads}
+workers = {s.workers}
+
+[tls]
+cert = "{self.pki['server']}"
+key = "{self.pki['server-key']}"
+client_ca = "{self.pki['ca']}"
+
+[policy]
+file = "{self.dir / 'policy.toml'}"
+
+{audit}
+[environment]
+SOFTHSM2_CONF = "{hsm.conf}"
+
+[[tokens]]
+name = "bench"
+module = "{self.module}"
+uri = "pkcs11:token={LABEL}"
+pin_file = "{hsm.pin_file}"
+sessions = {s.sessions}
+""")
+        return path
+
+
+@dataclass(frozen=True)
+class Hsm:
+    """A SoftHSM configuration with one initialised token labelled ``bench``."""
+
+    dir: Path
+    module: str
+
+    @property
+    def conf(self) -> Path:
+        return self.dir / "softhsm2.conf"
+
+    @property
+    def pin_file(self) -> Path:
+        return self.dir / "user.pin"
+
+    def write_conf(self) -> None:
+        (self.dir / "tokens").mkdir(parents=True, exist_ok=True)
+        self.conf.write_text(f"directories.tokendir = {self.dir / 'tokens'}\n"
+                             "objectstore.backend = file\nlog.level = ERROR\n"
+                             "slots.removable = false\n")
+
+    @classmethod
+    def create(cls, base: Path, module: str) -> Hsm:
+        from signerd import pki
+
+        hsm = cls(base, module)
+        hsm.write_conf()
+        pin = secrets.token_hex(8).encode()
+        pki.write_private(hsm.pin_file, pin)
+        child(_token.init_token, module, hsm.conf, LABEL, pin, b"so-" + pin)
+        return hsm
+
+    def copy_to(self, base: Path) -> Hsm:
+        """The same token in another directory (SoftHSM's file store is a
+        directory of object files; the config names it by absolute path)."""
+        shutil.copytree(self.dir / "tokens", base / "tokens")
+        shutil.copy2(self.pin_file, base / "user.pin")
+        copy = Hsm(base, self.module)
+        copy.write_conf()
+        return copy
+
+
+def child(fn: Callable[..., Any], *args: Any) -> Any:
+    """Run ``fn(*args)`` in a fresh 'spawn' process and return its result."""
+    with ProcessPoolExecutor(max_workers=1, mp_context=SPAWN) as pool:
+        return pool.submit(fn, *args).result()
+
+
+# -- the daemon -----------------------------------------------------------------
+
+
+@dataclass
+class Daemon:
+    proc: subprocess.Popen[bytes]
+    info: dict[str, Any]
+    start_seconds: float
+    stderr: Path
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    @property
+    def pids(self) -> list[int]:
+        """The daemon's processes: itself, and its workers if it has them."""
+        return [self.pid, *self.info.get("workers", [])]
+
+    def cpu(self) -> float:
+        return sum(_proc.cpu_seconds(p) for p in self.pids)
+
+    def memory_mib(self) -> dict[str, float]:
+        """Total VmRSS and VmHWM over the daemon's processes, in MiB."""
+        mems = [_proc.memory_kib(p) for p in self.pids]
+        return {"rss_mib": round(sum(m.get("VmRSS", 0) for m in mems) / 1024, 1),
+                "hwm_mib": round(sum(m.get("VmHWM", 0) for m in mems) / 1024, 1),
+                "pss_mib": round(sum(m.get("Pss", 0) for m in mems) / 1024, 1),
+                "max_process_rss_mib": round(max(m.get("VmRSS", 0) for m in mems) / 1024, 1),
+                "processes": len(mems)}
+
+    def stop(self) -> dict[str, Any]:
+        t0 = time.monotonic()
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            code = self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            code = self.proc.wait()
+        return {"exit_code": code, "stop_seconds": round(time.monotonic() - t0, 3)}
+
+
+def start_daemon(config: Path, timeout: float = 120) -> Daemon:
+    """``signerd serve`` as users run it; time from spawn to ready file."""
+    ready = config.parent / f"ready-{secrets.token_hex(4)}.json"
+    stderr = config.parent / "signerd.log"
+    cmd = [sys.executable, "-m", "signerd.daemon", "serve", "--config", str(config),
+           "--ready-file", str(ready), "--log-level", "warning"]
+    t0 = time.monotonic()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=stderr.open("ab"), cwd=ROOT)
+    while not ready.exists():
+        if proc.poll() is not None:
+            raise RuntimeError(
+                f"signerd exited with {proc.returncode}:\n{stderr.read_text()[-4000:]}"
+            )
+        if time.monotonic() - t0 > timeout:
+            proc.kill()
+            raise RuntimeError(f"signerd did not start in {timeout}s")
+        time.sleep(0.005)
+    elapsed = time.monotonic() - t0
+    return Daemon(proc, json.loads(ready.read_text()), elapsed, stderr)
+
+
+class Floor(Daemon):
+    """bench/_floor.py in ``workers`` processes sharing one port."""
+
+    others: list[subprocess.Popen[bytes]]
+
+    @classmethod
+    def start(cls, env: Env, s: Settings) -> Floor:
+        procs: list[subprocess.Popen[bytes]] = []
+        port = 0
+        t0 = time.monotonic()
+        for i in range(max(1, s.workers)):
+            port_file = env.dir / f"floor-{i}.port"
+            procs.append(subprocess.Popen(
+                [sys.executable, "-m", "bench._floor", "--tls", str(env.dir / "tls"),
+                 "--threads", str(s.threads), "--port", str(port), "--port-file", str(port_file)],
+                cwd=ROOT, stdout=subprocess.DEVNULL))
+            while not port_file.exists():
+                if procs[-1].poll() is not None:
+                    raise RuntimeError("the floor server did not start")
+                time.sleep(0.01)
+            port = int(port_file.read_text())
+        floor = cls(procs[0], {"tcp": port, "workers": [p.pid for p in procs[1:]]},
+                    time.monotonic() - t0, env.dir / "floor.log")
+        floor.others = procs[1:]
+        return floor
+
+    def stop(self) -> dict[str, Any]:
+        for p in self.others:
+            p.terminate()
+        for p in self.others:
+            p.wait(10)
+        return super().stop()
+
+
+@contextmanager
+def client_channel(target: Target) -> Iterator[grpc.Channel]:
+    creds = grpc.ssl_channel_credentials(target.ca.read_bytes(), target.key.read_bytes(),
+                                         target.cert.read_bytes())
+    ch = grpc.secure_channel(target.address, creds,
+                             options=[("grpc.ssl_target_name_override", target.server_name)])
+    try:
+        yield ch
+    finally:
+        ch.close()
+
+
+def create_keys(target: Target, algorithms: tuple[str, ...], total: int) -> dict[str, str]:
+    """One key per algorithm, and P-256 filler keys up to ``total`` keys."""
+    from signerd.v1 import signer_pb2 as pb
+    from signerd.v1 import signer_pb2_grpc as pb_grpc
+
+    keys: dict[str, str] = {}
+    with client_channel(target) as ch:
+        stub = pb_grpc.SignerServiceStub(ch)
+        for i, alg in enumerate(algorithms):
+            keys[alg] = stub.CreateKey(pb.CreateKeyRequest(gun=f"bench.example/app{i}",
+                                                           role="targets", algorithm=alg)).key_id
+        for i in range(total - len(algorithms)):
+            stub.CreateKey(pb.CreateKeyRequest(gun=f"bench.example/filler{i}", role="targets",
+                                               algorithm="ecdsa-p256"))
+    return keys
+
+
+# -- requests, and one verified answer per (rpc, key) ------------------------------------
+
+
+def payload(n: int) -> bytes:
+    return (bytes(range(256)) * (n // 256 + 1))[:n]
+
+
+def request_bytes(rpc: str, key_id: str, data: bytes, batch: int) -> tuple[bytes, int]:
+    """The serialised request for ``rpc`` and how many signatures it asks for."""
+    from signerd.notary import signer_pb2 as npb
+    from signerd.v1 import signer_pb2 as pb
+
+    if rpc == "v1":
+        return pb.SignRequest(key_id=key_id, message=data).SerializeToString(), 1
+    if rpc == "notary":
+        return npb.SignatureRequest(keyID=npb.KeyID(ID=key_id), content=data).SerializeToString(), 1
+    one = pb.SignRequest(key_id=key_id, message=data)
+    return pb.SignBatchRequest(requests=[one] * batch).SerializeToString(), batch
+
+
+def check_answer(target: Target, rpc: str, key_id: str, algorithm: str, data: bytes) -> str | None:
+    """Send one request and verify the signature; None if fine, else why not.
+
+    The load generator leaves answers unparsed, so this is where a wrong
+    signature (or an RPC that is not there yet) is caught."""
+    from signerd import signing
+    from signerd.keys import parse_algorithm
+    from signerd.notary import signer_pb2 as npb
+    from signerd.v1 import signer_pb2 as pb
+
+    alg = parse_algorithm(algorithm)
+    with client_channel(target) as ch:
+        spki = pb.Key.FromString(ch.unary_unary("/signerd.v1.SignerService/GetKey")(
+            pb.GetKeyRequest(key_id=key_id).SerializeToString())).public_key_der
+        raw_req, _ = request_bytes(rpc, key_id, data, 2)
+        try:
+            raw = ch.unary_unary(_loadgen.PATHS[rpc])(raw_req, timeout=30)
+        except grpc.RpcError as e:
+            return f"{e.code().name}: {e.details()}"
+    if rpc == "v1":
+        sigs = [pb.SignResponse.FromString(raw).signature]
+    elif rpc == "notary":
+        sigs = [npb.Signature.FromString(raw).content]
+    else:
+        items = pb.SignBatchResponse.FromString(raw).items
+        if any(i.code for i in items):
+            return f"batch item failed: {[i.error for i in items if i.code][0]}"
+        sigs = [i.response.signature for i in items]
+    for sig in sigs:
+        try:
+            signing.verify(spki, alg, sig, data, signing.SignOptions())
+        except Exception as e:  # noqa: BLE001 - any failure to verify is the finding
+            return f"signature does not verify: {type(e).__name__} {e}"
+    return None
+
+
+# -- the load generator processes -------------------------------------------------------
+
+
+class LoadGen:
+    """``procs`` persistent load-generating processes."""
+
+    def __init__(self, procs: int, mode: str, channels: int) -> None:
+        self.conns: list[Connection] = []
+        self.procs: list[Any] = []
+        for _ in range(procs):
+            parent, kid = SPAWN.Pipe()
+            p = SPAWN.Process(target=_loadgen.main, args=(kid, mode, channels), daemon=True)
+            p.start()
+            self.conns.append(parent)
+            self.procs.append(p)
+
+    def cpu(self) -> float:
+        return sum(_proc.cpu_seconds(p.pid) for p in self.procs)
+
+    def close(self) -> None:
+        for c in self.conns:
+            c.send(("stop",))
+        for p in self.procs:
+            p.join(10)
+            if p.is_alive():
+                p.kill()
+
+    def run(self, daemon: Daemon, target: Target, rpc: str, request: bytes, items: int,
+            callers: int, s: Settings) -> dict[str, Any]:
+        """One measurement point; CPU of daemon and load generator is read
+        from /proc at the edges of the measuring window."""
+        n = min(len(self.conns), callers)
+        share = [callers // n + (1 if i < callers % n else 0) for i in range(n)]
+        start_at = time.monotonic() + 0.3  # time for every process to get the command
+        for conn, c in zip(self.conns, share, strict=False):
+            conn.send(("run", Point(target, rpc, request, items, c, start_at, s.warmup,
+                                    s.duration)))
+        time.sleep(max(0.0, start_at + s.warmup - time.monotonic()))
+        d0, g0, b0, w0 = daemon.cpu(), self.cpu(), _proc.busy_seconds(), time.monotonic()
+        time.sleep(max(0.0, start_at + s.warmup + s.duration - time.monotonic()))
+        d1, g1, b1, w1 = daemon.cpu(), self.cpu(), _proc.busy_seconds(), time.monotonic()
+        mem = daemon.memory_mib()
+        parts = [conn.recv() for conn in self.conns[:n]]
+        lat = array("d")
+        for part in parts:
+            lat.frombytes(part["latencies"])
+        done = sum(p["items"] for p in parts)
+        errors = sum(p["errors"] for p in parts)
+        window = w1 - w0
+        return {
+            "ops_per_s": round(done / s.duration, 1),
+            "requests": len(lat),
+            "errors": errors,
+            "first_error": next((p["first_error"] for p in parts if p["first_error"]), ""),
+            "p50_ms": round(quantile(lat, 0.50) * 1000, 3),
+            "p99_ms": round(quantile(lat, 0.99) * 1000, 3),
+            "daemon_cpu_cores": round((d1 - d0) / window, 2),
+            "loadgen_cpu_cores": round((g1 - g0) / window, 2),
+            # Everything else the machine did meanwhile (other users' work,
+            # the kernel): the measure of how quiet the machine was.
+            "other_cpu_cores": round(max(0.0, (b1 - b0) - (d1 - d0) - (g1 - g0)) / window, 2),
+            "daemon_rss_mib": mem["rss_mib"],
+        }
+
+
+def quantile(values: array[float], q: float) -> float:
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+# -- the scenarios ---------------------------------------------------------------------
+
+
+Rates = dict[str, dict[str, float]]  # algorithm -> threads -> signatures/s
+
+
+def token_rate_table(hsm: Hsm, keys: dict[str, str], s: Settings) -> tuple[Rates, Rates]:
+    """The token's own rate and signerd's in-process signing path, per
+    algorithm and thread count (see bench/_token.py)."""
+    rates = child(_token.token_rates, hsm.module, hsm.conf, LABEL, hsm.pin_file, keys, [1, 2],
+                  s.token_seconds)
+    return ({alg: {k: round(v, 1) for k, v in r["token"].items()} for alg, r in rates.items()},
+            {alg: {k: round(v, 1) for k, v in r["signerd"].items()} for alg, r in rates.items()})
+
+
+def sweep(daemon: Daemon, target: Target, gen: LoadGen, keys: dict[str, str],
+          rates: dict[str, dict[str, float]], s: Settings) -> tuple[list[dict[str, Any]],
+                                                                  dict[str, str]]:
+    """Every (rpc, algorithm, callers) point; also which RPCs were skipped and why."""
+    data = payload(s.payload_bytes)
+    results: list[dict[str, Any]] = []
+    skipped: dict[str, str] = {}
+    for rpc in s.rpcs:
+        for alg in s.algorithms:
+            problem = check_answer(target, rpc, keys[alg], alg, data)
+            if problem is not None:
+                if rpc == "notary" and problem.startswith("UNIMPLEMENTED"):
+                    skipped[rpc] = "the daemon does not serve /proto.Signer/Sign yet"
+                    log(f"skipping {rpc}: {problem}")
+                    break
+                raise RuntimeError(f"{rpc} {alg}: {problem}")
+            request, items = request_bytes(rpc, keys[alg], data, s.batch_size)
+            for callers in s.callers:
+                point = gen.run(daemon, target, rpc, request, items, callers, s)
+                one, two = rates[alg]["1"], rates[alg]["2"]
+                point = {"rpc": rpc, "algorithm": alg, "callers": callers, **point,
+                         "vs_token_1t": round(point["ops_per_s"] / one, 2) if one else None,
+                         "vs_token_2t": round(point["ops_per_s"] / two, 2) if two else None}
+                if point["errors"]:
+                    log(f"  {point['errors']} errors, first: {point['first_error']}")
+                log(f"{rpc:6} {alg:10} {callers:3} callers: {point['ops_per_s']:9.1f}/s "
+                    f"p50 {point['p50_ms']:.3f} ms p99 {point['p99_ms']:.3f} ms "
+                    f"daemon {point['daemon_cpu_cores']:.2f} loadgen "
+                    f"{point['loadgen_cpu_cores']:.2f} cores")
+                results.append(point)
+    return results, skipped
+
+
+def floor_points(env: Env, gen: LoadGen, s: Settings) -> list[dict[str, Any]]:
+    """The sweep's callers against the no-op server (see bench/_floor.py)."""
+    floor = Floor.start(env, s)
+    try:
+        target = env.target(floor.info["tcp"])
+        request, _ = request_bytes("v1", "0" * 64, payload(s.payload_bytes), 1)
+        points = []
+        for callers in s.callers:
+            point = {"rpc": "floor", "algorithm": "-", "callers": callers,
+                     **gen.run(floor, target, "floor", request, 1, callers, s),
+                     "vs_token_1t": None, "vs_token_2t": None}
+            log(f"floor  (no-op)    {callers:3} callers: {point['ops_per_s']:9.1f}/s "
+                f"p50 {point['p50_ms']:.3f} ms p99 {point['p99_ms']:.3f} ms "
+                f"server {point['daemon_cpu_cores']:.2f} loadgen "
+                f"{point['loadgen_cpu_cores']:.2f} cores")
+            points.append(point)
+        return points
+    finally:
+        floor.stop()
+
+
+def many_keys_hsm(env: Env, count: int, cache: Path = CACHE) -> tuple[Hsm, str]:
+    """A copy of the cached token with ``count`` P-256 keys (made on first use)."""
+    cached = cache / f"many-{count}"
+    marker = cached / "done.json"
+    if not marker.exists():
+        if (cached / "user.pin").exists():  # an interrupted run: carry on filling it
+            hsm = Hsm(cached, env.module)
+        else:
+            shutil.rmtree(cached, ignore_errors=True)
+            cached.mkdir(parents=True)
+            hsm = Hsm.create(cached, env.module)
+        log(f"generating {count} P-256 keys on a cached token in {cached} (once)")
+        made = child(_token.generate_keys, hsm.module, hsm.conf, LABEL, hsm.pin_file, count,
+                     "ecdsa-p256")
+        log(f"generated {count} keys in {made['seconds']:.1f}s")
+        marker.write_text(json.dumps({"keys": count, "last_key_id": made["last_key_id"]}))
+    info = json.loads(marker.read_text())
+    hsm = Hsm(cached, env.module).copy_to(env.dir / "many-hsm")
+    return hsm, str(info["last_key_id"])
+
+
+def many_keys(env: Env, small: Daemon, small_target: Target, small_key: str, gen: LoadGen,
+              s: Settings) -> dict[str, Any]:
+    """Start time, latency and RSS with ``s.many_keys`` keys on the token,
+    against the small daemon measured in alternation (so drift hits both)."""
+    hsm, key = many_keys_hsm(env, s.many_keys, Path(s.cache_dir))
+    daemon = start_daemon(env.write_config("many", hsm, s))
+    try:
+        log(f"{s.many_keys} keys: daemon ready in {daemon.start_seconds:.2f}s "
+            f"(tokens {daemon.info.get('tokens')})")
+        target = env.target(daemon.info["tcp"])
+        data = payload(s.payload_bytes)
+        problem = check_answer(target, "v1", key, "ecdsa-p256", data)
+        if problem is not None:
+            raise RuntimeError(f"many keys: {problem}")
+        req_many, _ = request_bytes("v1", key, data, 1)
+        req_small, _ = request_bytes("v1", small_key, data, 1)
+        p50: dict[str, list[float]] = {"many": [], "small": []}
+        rate: dict[str, list[float]] = {"many": [], "small": []}
+        for _ in range(2):
+            for name, d, t, req in (("small", small, small_target, req_small),
+                                    ("many", daemon, target, req_many)):
+                p50[name].append(gen.run(d, t, "v1", req, 1, 1, s)["p50_ms"])
+                rate[name].append(gen.run(d, t, "v1", req, 1, 16, s)["ops_per_s"])
+        mem = daemon.memory_mib()
+    finally:
+        stopped = daemon.stop()
+    one_worker = None
+    if s.workers > 1:  # each worker holds its own copy of the module's object store
+        single = start_daemon(env.write_config("many-1", hsm, replace(s, workers=1)))
+        try:
+            one_worker = {"start_seconds": round(single.start_seconds, 3), **single.memory_mib()}
+        finally:
+            single.stop()
+        log(f"{s.many_keys} keys, one worker: {json.dumps(one_worker)}")
+    breakdown = child(_token.open_breakdown, hsm.module, hsm.conf, LABEL, hsm.pin_file)
+    log(f"{s.many_keys} keys, start in one process: {json.dumps(breakdown)}")
+    many_p50, small_p50 = statistics.median(p50["many"]), statistics.median(p50["small"])
+    return {
+        "keys": s.many_keys,
+        "keys_loaded": daemon.info.get("tokens", {}).get("bench"),
+        "start_seconds": round(daemon.start_seconds, 3),
+        "small_start_seconds": round(small.start_seconds, 3),
+        "p50_ms": many_p50,
+        "small_p50_ms": small_p50,
+        "p50_ratio": round(many_p50 / small_p50, 3) if small_p50 else None,
+        "ops_per_s_16": statistics.median(rate["many"]),
+        "small_ops_per_s_16": statistics.median(rate["small"]),
+        **mem,
+        **stopped,
+        "one_worker": one_worker,
+        "breakdown": breakdown,
+    }
+
+
+def cpu_available(seconds: float = 0.5) -> float:
+    """How many cores the machine gives us right now: as many spinning
+    processes as CPUs, CPU seconds obtained / wall seconds. On a quiet
+    2-core machine this is about 2.0; other work on the machine lowers it."""
+    n = os.cpu_count() or 1
+    with ProcessPoolExecutor(max_workers=n, mp_context=SPAWN) as pool:
+        start_at = time.monotonic() + 1.0  # every process started and waiting by then
+        return round(sum(pool.map(_proc.spin, [start_at] * n, [seconds] * n)) / seconds, 2)
+
+
+def versions() -> dict[str, str]:
+    import google.protobuf
+
+    out = {"python": platform.python_version(), "grpcio": grpc.__version__,
+           "protobuf": google.protobuf.__version__}
+    try:
+        out["softhsm"] = subprocess.run(["softhsm2-util", "--version"], capture_output=True,
+                                        text=True, check=False).stdout.strip()
+    except OSError:
+        pass
+    return out
+
+
+def run(s: Settings, out: Path | None) -> dict[str, Any]:
+    load_before, cpu_before = _proc.loadavg(), cpu_available()
+    started = datetime.now(UTC)
+    with tempfile.TemporaryDirectory(prefix="signerd-bench-") as tmp:
+        env = Env.create(Path(tmp))
+        hsm = Hsm.create(env.dir / "hsm", env.module)
+        daemon = start_daemon(env.write_config("small", hsm, s))
+        gen: LoadGen | None = None
+        try:
+            log(f"daemon pid {daemon.pid} ready in {daemon.start_seconds:.2f}s, "
+                f"{len(daemon.pids)} process(es)")
+            target = env.target(daemon.info["tcp"])
+            keys = create_keys(target, s.algorithms, max(s.small_keys, len(s.algorithms)))
+            rates, path_rates = token_rate_table(hsm, keys, s)
+            for alg, r in rates.items():
+                log(f"token's own rate {alg}: {r['1']:.0f}/s one thread, {r['2']:.0f}/s two; "
+                    f"signerd's Token.sign: {path_rates[alg]['1']:.0f}/s, "
+                    f"{path_rates[alg]['2']:.0f}/s")
+            gen = LoadGen(s.loadgen_procs, s.loadgen_mode, s.channels_per_proc)
+            results, skipped = sweep(daemon, target, gen, keys, rates, s)
+            if s.floor:
+                results += floor_points(env, gen, s)
+            many = None
+            if s.many_keys:
+                small_key = keys.get("ecdsa-p256") or next(iter(keys.values()))
+                many = many_keys(env, daemon, target, small_key, gen, s)
+                log(f"many keys: {json.dumps(many)}")
+            mem = daemon.memory_mib()
+        finally:
+            if gen is not None:
+                gen.close()
+            stopped = daemon.stop()
+        if stopped["exit_code"] != 0:
+            raise RuntimeError(f"daemon exited with {stopped['exit_code']}: "
+                               f"{daemon.stderr.read_text()[-4000:]}")
+    doc = {
+        "schema": 1,
+        "started": started.isoformat(timespec="seconds"),
+        "machine": {"cpus": os.cpu_count(), "load_before": load_before,
+                    "load_after": _proc.loadavg(), "cpu_available_before": cpu_before,
+                    "cpu_available_after": cpu_available(), "versions": versions()},
+        "settings": asdict(s),
+        "daemon": {"start_seconds": round(daemon.start_seconds, 3), **mem, **stopped},
+        "token_rate": rates,
+        "token_rate_signerd_path": path_rates,
+        "results": results,
+        "skipped": skipped,
+        "many_keys": many,
+    }
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp_out = out.with_suffix(".json.tmp")
+        tmp_out.write_text(json.dumps(doc, indent=2) + "\n")
+        tmp_out.replace(out)
+    return doc
+
+
+# -- the report ------------------------------------------------------------------------
+
+
+def markdown(doc: dict[str, Any]) -> str:
+    """The results as Markdown tables (what README's Performance section shows)."""
+    s, m, d = doc["settings"], doc["machine"], doc["daemon"]
+    rates, ours = doc["token_rate"], doc["token_rate_signerd_path"]
+    lines = [
+        f"signerd with {s['workers']} worker(s) x {s['threads']} threads, {s['sessions']} "
+        f"sessions, audit log {'on' if s['audit'] else 'off'}, mutual TLS; "
+        f"{s['payload_bytes']}-byte payload, batches of {s['batch_size']}. {m['cpus']} CPUs "
+        f"shared with the load generator ({s['loadgen_procs']} processes); load average "
+        f"{m['load_before'][0]:.2f} before, {m['load_after'][0]:.2f} after; CPU available "
+        f"{m['cpu_available_before']:.2f} before, {m['cpu_available_after']:.2f} after "
+        f"(of {m['cpus']}.0); other work on the machine during the measuring windows: at most "
+        f"{max((r['other_cpu_cores'] for r in doc['results']), default=0):.2f} cores.",
+        "",
+        "| in-process, no RPC | 1 thread | 2 threads |",
+        "| --- | ---: | ---: |",
+    ]
+    for alg, r in rates.items():
+        lines.append(f"| {alg}: token's own rate | {r['1']:,.0f}/s | {r['2']:,.0f}/s |")
+        lines.append(f"| {alg}: signerd's Token.sign | {ours[alg]['1']:,.0f}/s "
+                     f"| {ours[alg]['2']:,.0f}/s |")
+    lines += [
+        "",
+        "| RPC | key | callers | signatures/s | x token, 2 thr | p50 ms | p99 ms "
+        "| daemon CPU | loadgen CPU | daemon RSS MiB |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in doc["results"]:
+        ratio = "-" if r["vs_token_2t"] is None else f"{r['vs_token_2t']:.2f}"
+        lines.append(
+            f"| {r['rpc']} | {r['algorithm']} | {r['callers']} | {r['ops_per_s']:,.0f} "
+            f"| {ratio} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['daemon_cpu_cores']:.2f} "
+            f"| {r['loadgen_cpu_cores']:.2f} | {r['daemon_rss_mib']:.0f} |")
+    for rpc, why in doc["skipped"].items():
+        lines.append(f"\n{rpc}: not measured, {why}.")
+    mk = doc.get("many_keys")
+    if mk:
+        lines += [
+            "",
+            "| token holding | start (spawn to ready) | p50, 1 caller | P-256 sig/s, 16 callers "
+            "| daemon RSS (sum of HWM) MiB | PSS MiB |",
+            "| --- | ---: | ---: | ---: | ---: | ---: |",
+            f"| {s['small_keys']} keys | {mk['small_start_seconds']:.2f} s "
+            f"| {mk['small_p50_ms']:.2f} ms | {mk['small_ops_per_s_16']:,.0f} "
+            f"| {d['rss_mib']:.0f} ({d['hwm_mib']:.0f}) | {d['pss_mib']:.0f} |",
+            f"| {mk['keys']:,} keys | {mk['start_seconds']:.2f} s | {mk['p50_ms']:.2f} ms "
+            f"| {mk['ops_per_s_16']:,.0f} | {mk['rss_mib']:.0f} ({mk['hwm_mib']:.0f}) "
+            f"| {mk['pss_mib']:.0f} |",
+        ]
+        one = mk.get("one_worker")
+        if one:
+            lines.append(f"| {mk['keys']:,} keys, 1 worker | {one['start_seconds']:.2f} s | | "
+                         f"| {one['rss_mib']:.0f} ({one['hwm_mib']:.0f}) | {one['pss_mib']:.0f} |")
+        b = mk["breakdown"]
+        lines += ["", f"Start with {mk['keys']:,} keys, step by step in one process: the "
+                  f"module's C_Initialize {b['module_init_s']:.2f} s (RSS {b['rss_before_mib']:.0f}"
+                  f" -> {b['rss_after_module_init_mib']:.0f} MiB), login and "
+                  f"{s['sessions']} sessions {b['login_and_sessions_s']:.2f} s, signerd's key "
+                  f"listing {b['key_listing_s']:.2f} s (RSS {b['rss_after_listing_mib']:.0f} MiB)."]
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None) -> tuple[Settings, Path | None]:
+    d = Settings()
+    p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n\n")[0])
+    p.add_argument("--smoke", action="store_true",
+                   help="tiny run for tests: P-256, 1 and 4 callers, 0.5 s points, 50 keys")
+    p.add_argument("--algorithms", default=",".join(d.algorithms))
+    p.add_argument("--rpcs", default=",".join(d.rpcs))
+    p.add_argument("--callers", default=",".join(map(str, d.callers)))
+    p.add_argument("--duration", type=float, default=d.duration, help="seconds per point")
+    p.add_argument("--warmup", type=float, default=d.warmup)
+    p.add_argument("--token-seconds", type=float, default=d.token_seconds)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--many-keys", type=int, default=d.many_keys, help="0 skips the scenario")
+    p.add_argument("--workers", type=int, default=d.workers)
+    p.add_argument("--threads", type=int, default=d.threads)
+    p.add_argument("--sessions", type=int, default=d.sessions)
+    p.add_argument("--no-audit", action="store_true", help="measure without the audit log")
+    p.add_argument("--no-floor", action="store_true", help="skip the no-op server baseline")
+    p.add_argument("--loadgen-procs", type=int, default=d.loadgen_procs)
+    p.add_argument("--loadgen-mode", choices=("threads", "aio"), default=d.loadgen_mode)
+    p.add_argument("--channels", type=int, default=d.channels_per_proc,
+                   help="connections per load generator process")
+    p.add_argument("--cache", default=d.cache_dir,
+                   help="directory for the many-keys token (kept between runs)")
+    p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "latest.json",
+                   help="where the JSON goes ('-' for nowhere)")
+    a = p.parse_args(argv)
+    s = Settings(
+        algorithms=tuple(x for x in a.algorithms.split(",") if x),
+        rpcs=tuple(x for x in a.rpcs.split(",") if x),
+        callers=tuple(int(x) for x in a.callers.split(",") if x),
+        duration=a.duration, warmup=a.warmup, token_seconds=a.token_seconds,
+        batch_size=a.batch_size, many_keys=a.many_keys, workers=a.workers, threads=a.threads,
+        sessions=a.sessions, audit=not a.no_audit, floor=not a.no_floor,
+        loadgen_procs=a.loadgen_procs,
+        loadgen_mode=a.loadgen_mode, channels_per_proc=a.channels, cache_dir=a.cache,
+    )
+    if a.smoke:
+        s = replace(s, algorithms=("ecdsa-p256",), callers=(1, 4), duration=0.5, warmup=0.2,
+                    token_seconds=0.3, batch_size=10, many_keys=50)
+    return s, (None if str(a.out) == "-" else a.out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    s, out = parse_args(argv)
+    for alg in s.algorithms:
+        if alg not in ALGORITHMS:
+            raise SystemExit(f"unknown algorithm {alg!r}; choose from {', '.join(ALGORITHMS)}")
+    doc = run(s, out)
+    print(markdown(doc))
+    if out is not None:
+        log(f"results written to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

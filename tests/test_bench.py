@@ -1,0 +1,64 @@
+"""The benchmark harness runs end to end (tiny smoke mode), so it cannot rot.
+
+Not a timed test: it checks the structure of the results and that every
+point signed something, never how fast.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_bench_smoke_run_writes_complete_results(tmp_path: Path) -> None:
+    out = tmp_path / "latest.json"
+    run = subprocess.run(
+        [sys.executable, "-m", "bench.run", "--smoke", "--out", str(out),
+         "--cache", str(tmp_path / "cache")],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert run.returncode == 0, run.stderr[-4000:]
+    doc = json.loads(out.read_text())
+
+    assert doc["schema"] == 1
+    assert doc["machine"]["cpus"] >= 1 and len(doc["machine"]["load_before"]) == 3
+    assert doc["settings"]["algorithms"] == ["ecdsa-p256"]
+    for rates in (doc["token_rate"], doc["token_rate_signerd_path"]):
+        assert rates["ecdsa-p256"]["1"] > 0 and rates["ecdsa-p256"]["2"] > 0
+
+    assert doc["skipped"] == {}  # the Notary-compatible Sign is served
+    points = {(r["rpc"], r["callers"]): r for r in doc["results"]}
+    rpcs = ("v1", "notary", "batch", "floor")
+    assert set(points) == {(rpc, c) for rpc in rpcs for c in (1, 4)}
+    for (rpc, _), r in points.items():
+        assert r["ops_per_s"] > 0 and r["requests"] > 0 and r["errors"] == 0, r
+        assert 0 < r["p50_ms"] <= r["p99_ms"]
+        assert r["daemon_cpu_cores"] >= 0 and r["loadgen_cpu_cores"] > 0
+        assert r["other_cpu_cores"] >= 0
+        assert r["daemon_rss_mib"] > 0
+        if rpc == "floor":  # the no-op server: no key, nothing to compare with the token
+            assert r["algorithm"] == "-" and r["vs_token_2t"] is None
+        else:
+            assert r["algorithm"] == "ecdsa-p256" and r["vs_token_2t"] > 0
+
+    daemon = doc["daemon"]
+    assert daemon["exit_code"] == 0 and daemon["start_seconds"] > 0
+    assert daemon["rss_mib"] > 0 and daemon["hwm_mib"] >= daemon["max_process_rss_mib"]
+    assert 0 < daemon["pss_mib"] <= daemon["rss_mib"]
+
+    many = doc["many_keys"]
+    assert many["keys"] == many["keys_loaded"] == 50
+    assert many["start_seconds"] > 0 and many["p50_ms"] > 0 and many["rss_mib"] > 0
+    assert many["exit_code"] == 0
+    assert many["breakdown"]["keys"] == 50 and many["breakdown"]["key_listing_s"] > 0
+    if doc["settings"]["workers"] > 1:
+        assert many["one_worker"]["processes"] == 1
+
+    table = run.stdout
+    assert "| v1 | ecdsa-p256 | 1 |" in table and "| 50 keys |" in table
