@@ -96,11 +96,17 @@ class KeyService:
     def get_key(self, key_id: str) -> KeyEntry:
         kid = validate_key_id(key_id)
         entry = self._lookup(kid)
+        down: Unavailable | None = None
+        for t in self.tokens.values():
+            if entry is not None:
+                break
+            try:  # made by another daemon or worker since we listed the token
+                entry = t.lookup(kid)
+            except Unavailable as e:
+                down = e
         if entry is None:
-            self._refresh()
-            entry = self._lookup(kid)
-        if entry is None:
-            raise NotFound(f"no key with ID {kid}")
+            # Not on any usable token; if one is down, the key may be there.
+            raise down or NotFound(f"no key with ID {kid}")
         return entry
 
     def token(self, name: str) -> Token:

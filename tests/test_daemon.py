@@ -65,6 +65,9 @@ def test_two_daemons_on_one_token_see_each_others_keys(
             assert cb.get_key(made_by_a.key_id).public_key_der == made_by_a.public_key_der
             sig = ca.sign(made_by_b.key_id, message=b"cross").signature
             assert {k.key_id for k in ca.list_keys(gun=gun)} == {made_by_a.key_id, made_by_b.key_id}
+            # B has just listed the token; a key A makes now is usable on B at once
+            fresh = ca.create_key(gun, "targets/releases")
+            assert cb.sign(fresh.key_id, message=b"at once").signature
             cb.delete_key(made_by_a.key_id)
     finally:
         a.stop()
