@@ -451,3 +451,53 @@ def test_refused_login_on_reconnect_is_never_retried(daemon_factory: Any, hsm: A
         assert not svc.check()
     finally:
         MODULES.release(hsm.module)
+
+
+def test_sign_batch_one_bad_item_fails_only_itself(daemon: Daemon) -> None:
+    with daemon.client() as c:
+        p256 = c.create_key(unique_gun(), "targets")
+        ed = c.create_key(unique_gun(), "targets/releases", "ed25519")
+        reqs = [
+            pb.SignRequest(key_id=p256.key_id, message=b"one"),
+            pb.SignRequest(key_id="ab" * 32, message=b"unknown key"),
+            pb.SignRequest(key_id=ed.key_id, message=b"two"),
+            pb.SignRequest(key_id=p256.key_id, digest=b"short"),
+            pb.SignRequest(key_id="not hex", message=b"x"),
+            pb.SignRequest(key_id=ed.key_id, digest=b"\x00" * 32),
+            pb.SignRequest(key_id=p256.key_id, message=b"three", encoding=2),
+        ]
+        resp = c.stub.SignBatch(pb.SignBatchRequest(requests=reqs))
+        empty = rpc_error(lambda: c.stub.SignBatch(pb.SignBatchRequest()))
+    codes = [
+        grpc.StatusCode(next(s for s in grpc.StatusCode if s.value[0] == i.code))
+        for i in resp.items
+    ]
+    assert codes == [
+        grpc.StatusCode.OK,
+        grpc.StatusCode.NOT_FOUND,
+        grpc.StatusCode.OK,
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.OK,
+    ]
+    assert "no key with ID" in resp.items[1].error and "digest is 5 bytes" in resp.items[3].error
+    ok = signing.SignOptions()
+    signing.verify(
+        p256.public_key_der,
+        parse_algorithm("ecdsa-p256"),
+        resp.items[0].response.signature,
+        b"one",
+        ok,
+    )
+    signing.verify(
+        ed.public_key_der, parse_algorithm("ed25519"), resp.items[2].response.signature, b"two", ok
+    )
+    signing.verify(
+        p256.public_key_der,
+        parse_algorithm("ecdsa-p256"),
+        resp.items[6].response.signature,
+        b"three",
+        signing.SignOptions(signing.Encoding.DER),
+    )
+    assert empty.code() == grpc.StatusCode.INVALID_ARGUMENT

@@ -130,6 +130,12 @@ def test_runner_allowed_for_gun_a_cannot_sign_gun_b(daemon_factory: Any) -> None
             assert err.code() == grpc.StatusCode.PERMISSION_DENIED
         err = rpc_error(lambda: runner.create_key("docker.io/acme/app", "targets/ci-2"))
         assert err.code() == grpc.StatusCode.PERMISSION_DENIED
+        batch = runner.stub.SignBatch(
+            pb.SignBatchRequest(
+                requests=[pb.SignRequest(key_id=k.key_id, message=b"m") for k in (a, b, a)]
+            )
+        )
+        assert [i.code for i in batch.items] == [0, grpc.StatusCode.PERMISSION_DENIED.value[0], 0]
         # listing shows only what the runner may read
         assert {k.key_id for k in runner.list_keys()} == {a.key_id}
 

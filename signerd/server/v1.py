@@ -131,10 +131,16 @@ class SignerServicer(pb_grpc.SignerServiceServicer):
 
         return self._run(context, "delete", b"", work)
 
-    def _sign_one(self, scope: Scope, req: pb.SignRequest) -> pb.SignResponse:
-        payload, options = sign_options(req)
-        entry = self.service.get_key(req.key_id)
+    def _authorized_key(self, scope: Scope, key_id: str) -> KeyEntry:
+        entry = self.service.get_key(key_id)
         scope.authorize("", "", key=entry)
+        return entry
+
+    def _sign_one(
+        self, scope: Scope, req: pb.SignRequest, entry: KeyEntry | None = None
+    ) -> pb.SignResponse:
+        payload, options = sign_options(req)
+        entry = entry or self._authorized_key(scope, req.key_id)
         sig = self.service.sign_with(entry, payload, options)
         return pb.SignResponse(
             key_id=entry.key_id,
@@ -159,9 +165,19 @@ class SignerServicer(pb_grpc.SignerServiceServicer):
                     f"a batch holds at most {MAX_BATCH} requests, got {len(request.requests)}"
                 )
             items = []
+            # Each distinct key is looked up and authorized once per batch.
+            keys: dict[str, KeyEntry | SignerdError] = {}
             for req in request.requests:
                 try:
-                    items.append(pb.SignBatchItem(code=0, response=self._sign_one(scope, req)))
+                    if req.key_id not in keys:
+                        try:
+                            keys[req.key_id] = self._authorized_key(scope, req.key_id)
+                        except SignerdError as e:
+                            keys[req.key_id] = e
+                    key = keys[req.key_id]
+                    if isinstance(key, SignerdError):
+                        raise key
+                    items.append(pb.SignBatchItem(code=0, response=self._sign_one(scope, req, key)))
                 except SignerdError as e:  # one bad item fails only itself
                     items.append(pb.SignBatchItem(code=code_for(e).value[0], error=str(e)))
             scope.key_id = ",".join(sorted({r.key_id for r in request.requests}))[:4096]
