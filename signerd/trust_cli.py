@@ -51,7 +51,6 @@ import functools
 import json
 import os
 import re
-import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -81,6 +80,7 @@ from signerd.trust import (
     verify_repository,
     x509_key_id,
 )
+from signerd.trust.repo import write_atomic
 from signerd.trust.signer import METHODS
 from signerd.v1 import signer_pb2 as pb
 
@@ -276,18 +276,6 @@ def trust_dir(args: argparse.Namespace) -> Path:
     return Path(data) / "signerd" / "trust"
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _load_settings(repo: TrustRepo) -> Settings:
     try:
         doc = json.loads((repo.path / SETTINGS_FILE).read_bytes())
@@ -304,7 +292,7 @@ def _load_settings(repo: TrustRepo) -> Settings:
 def _save_settings(repo: TrustRepo, settings: Settings) -> None:
     local = list(settings.local_roles) if settings.local_roles is not None else None
     doc = {"server": settings.server, "local_roles": local, "ca": settings.ca}
-    _write_atomic(repo.path / SETTINGS_FILE, json.dumps(doc, indent=1, sort_keys=True).encode())
+    write_atomic(repo.path / SETTINGS_FILE, json.dumps(doc, indent=1, sort_keys=True).encode())
 
 
 def _load_state(repo: TrustRepo) -> TrustedState | None:
@@ -315,7 +303,7 @@ def _load_state(repo: TrustRepo) -> TrustedState | None:
 
 
 def _save_state(repo: TrustRepo, state: TrustedState) -> None:
-    _write_atomic(repo.path / STATE_FILE, state.to_json())
+    write_atomic(repo.path / STATE_FILE, state.to_json())
 
 
 def _open_repo(args: argparse.Namespace, gun: str) -> TrustRepo:

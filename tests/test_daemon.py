@@ -77,6 +77,16 @@ def test_two_daemons_on_one_token_see_each_others_keys(
     )
 
 
+def _serve_once(cfg: Path) -> subprocess.CompletedProcess[str]:
+    """Run a daemon that is expected to refuse to start."""
+    return subprocess.run(
+        [sys.executable, "-m", "signerd.daemon", "serve", "--config", str(cfg)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
 def test_wrong_pin_stops_startup_with_a_clear_error(hsm: HSM, certs: PKI, tmp_path: Path) -> None:
     data = daemon_config(hsm, certs, tmp_path, tokens=("online",))
     wrong = tmp_path / "wrong.pin"
@@ -84,12 +94,7 @@ def test_wrong_pin_stops_startup_with_a_clear_error(hsm: HSM, certs: PKI, tmp_pa
     wrong.chmod(0o600)
     data["tokens"][0]["pin_file"] = str(wrong)
     cfg = write_toml(tmp_path / "signerd.toml", data)
-    proc = subprocess.run(
-        [sys.executable, "-m", "signerd.daemon", "serve", "--config", str(cfg)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    proc = _serve_once(cfg)
     assert proc.returncode == 2
     assert "login refused (CKR_PIN_INCORRECT)" in proc.stderr
     assert "not-the-pin" not in proc.stderr + proc.stdout
@@ -121,12 +126,7 @@ def test_bad_config_is_one_clear_line(
     else:
         data["server"]["lissten"] = "x"
     cfg = write_toml(tmp_path / "signerd.toml", data)
-    proc = subprocess.run(
-        [sys.executable, "-m", "signerd.daemon", "serve", "--config", str(cfg)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    proc = _serve_once(cfg)
     assert proc.returncode == 2
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("signerd: ") and expected in last

@@ -61,6 +61,19 @@ def _parent(role: str) -> str:
     return role.rsplit("/", 1)[0]
 
 
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file and a rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 class TrustRepo:
     """Trust data for one GUN in a local directory."""
 
@@ -117,16 +130,7 @@ class TrustRepo:
 
     def write(self, role: str, data: bytes) -> None:
         """Write a metadata file atomically (a reader never sees half a file)."""
-        target = self._file(role)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_atomic(self._file(role), data)
 
     def _save(self, role: str, signed: Signed, signers: Mapping[str, TrustSigner]) -> None:
         self.write(role, sign_envelope(signed, signers).to_bytes())
