@@ -31,7 +31,15 @@ from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
 
 from signerd import _p11
 from signerd.config import TokenConfig
-from signerd.errors import ConfigError, NotFound, SignerdError, TokenLoginError, Unavailable
+from signerd.errors import (
+    ConfigError,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    SignerdError,
+    TokenLoginError,
+    Unavailable,
+)
 from signerd.keys import ALGORITHMS, Algorithm, KeyID, key_id, tuf_public_bytes
 
 log = logging.getLogger("signerd.token")
@@ -358,7 +366,11 @@ class Token:
                             f"token {self.name}: {what} failed: {type(e).__name__}"
                         ) from None
             if rv in _p11.DATA_INVALID:
-                raise SignerdError(f"token {self.name}: {what}: {_p11.rv_name(rv)}")
+                raise InvalidArgument(f"token {self.name} rejected the data: {_p11.rv_name(rv)}")
+            if rv in _p11.NOT_SUPPORTED:  # the token is fine; it cannot do this
+                raise FailedPrecondition(
+                    f"token {self.name} cannot do this {what}: {_p11.rv_name(rv)}"
+                )
             lost = rv in _p11.SESSION_LOST | _p11.DEVICE_LOST | _p11.HANDLE_LOST
             if not lost or attempt == 1:
                 self.healthy = False

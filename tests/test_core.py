@@ -501,3 +501,4 @@ def test_sign_batch_one_bad_item_fails_only_itself(daemon: Daemon) -> None:
         signing.SignOptions(signing.Encoding.DER),
     )
     assert empty.code() == grpc.StatusCode.INVALID_ARGUMENT
+
