@@ -603,7 +603,7 @@ def many_keys(env: Env, small: Daemon, small_target: Target, small_key: str, gen
     many_p50, small_p50 = statistics.median(p50["many"]), statistics.median(p50["small"])
     return {
         "keys": s.many_keys,
-        "keys_loaded": daemon.info.get("tokens", {}).get("bench"),
+        "keys_loaded": breakdown["keys"],
         "start_seconds": round(daemon.start_seconds, 3),
         "small_start_seconds": round(small.start_seconds, 3),
         "p50_ms": many_p50,

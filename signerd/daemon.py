@@ -60,7 +60,7 @@ def serve(config: Config, ready_file: Path | None = None) -> int:
         "pid": os.getpid(),
         "tcp": servers.ports.get("tcp"),
         "unix": str(config.unix_socket) if config.unix_socket else None,
-        "tokens": {t.name: len(t.keys()) for t in service.tokens.values()},
+        "tokens": sorted(service.tokens),
         "dumpable": is_dumpable(),
     }
     log.info("signerd serving", extra={"fields": info})

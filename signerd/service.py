@@ -44,7 +44,8 @@ class KeyService:
 
     def __init__(self, tokens: Iterable[Token]) -> None:
         self.tokens = {t.name: t for t in tokens}
-        self._refreshed: dict[str, float] = {}
+        # Each token has just started its first listing.
+        self._refreshed: dict[str, float] = {name: time.monotonic() for name in self.tokens}
         self._refresh_lock = threading.Lock()
 
     @classmethod

@@ -210,11 +210,31 @@ class Token:
         self.healthy = False
         self._token: Any = None
         self.slot_id = -1
+        self._listed = threading.Event()
+        self._lister: threading.Thread | None = None
         try:
-            self._connect()
+            self._connect(list_keys=False)
         except BaseException:
             self.close()
             raise
+        # The first listing runs in the background, so the daemon serves at
+        # once even with many keys: a key not listed yet is found by its ID
+        # (lookup), and only listings wait for it.
+        self._lister = threading.Thread(target=self._first_listing, name=f"list-{self.name}",
+                                         daemon=True)
+        self._lister.start()
+
+    def _first_listing(self) -> None:
+        start = time.monotonic()
+        try:
+            self.refresh()
+            log.info("keys listed", extra={"fields": {
+                "token": self.name, "keys": len(self._keys),
+                "seconds": round(time.monotonic() - start, 3)}})
+        except SignerdError as e:
+            log.error("cannot list keys", extra={"fields": {"token": self.name, "error": str(e)}})
+        finally:
+            self._listed.set()
 
     # -- connection ---------------------------------------------------------
 
@@ -234,8 +254,8 @@ class Token:
             f"token {self.name}: no token matches its uri in module {self.config.module}"
         )
 
-    def _connect(self) -> None:
-        """Open the pool, log in once, and load every key. Caller holds no session."""
+    def _connect(self, list_keys: bool = True) -> None:
+        """Open the pool, log in once, and (unless told not to) load every key."""
         if self._login_refused:
             raise Unavailable(
                 f"token {self.name}: the token refused the configured PIN; "
@@ -260,7 +280,8 @@ class Token:
                 raise
             for _ in range(self.config.sessions - 1):
                 self._sessions.append(self._token.open(rw=True))
-            self._load_keys(first)
+            if list_keys:  # after a reconnect handles may have changed: re-list now
+                self._load_keys(first)
         except (pkcs11.PKCS11Error, _p11.P11Error) as e:
             self.healthy = False
             self._last_error = f"{type(e).__name__} {e}".strip()
@@ -323,6 +344,8 @@ class Token:
                 self._connect()
 
     def close(self) -> None:
+        if self._lister is not None:
+            self._lister.join()  # its session must not close under it
         with self._lock:
             if self._sessions:
                 self.module.logout(self._sessions[0].handle)
@@ -481,6 +504,8 @@ class Token:
         return keys
 
     def keys(self) -> list[KeyEntry]:
+        """Every key on the token (waits for the first listing to finish)."""
+        self._listed.wait()
         return list(self._keys.values())
 
     def get(self, kid: KeyID) -> KeyEntry | None:
@@ -635,6 +660,8 @@ class Token:
 
     def sign(self, kid: KeyID, mechanism: _p11.Mechanism, data: bytes, max_len: int) -> bytes:
         """Sign ``data`` with the cached handle of key ``kid`` on a pooled session."""
+        if kid not in self._keys and self.lookup(kid) is None:
+            raise NotFound(f"no key {kid} on token {self.name}")
 
         def sign(s: Any) -> bytes:
             entry = self._keys.get(kid)

@@ -36,7 +36,7 @@ def _gone(pid: int) -> bool:
     return stat[stat.rindex(")") + 2] in "ZX"
 
 
-def _wait_gone(pids: list[int], timeout: float = 20) -> bool:
+def _wait_gone(pids: list[int], timeout: float = 60) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if all(_gone(p) for p in pids):
@@ -195,5 +195,5 @@ def test_supervisor_runs_workers_and_stops_them(hsm: HSM, certs: PKI, tmp_path: 
         for s, handler in saved.items():
             signal.signal(s, handler)
     assert seen["pid"] == os.getpid() and len(seen["workers"]) == 2
-    assert seen["tokens"] == {"online": seen["tokens"]["online"]}
+    assert seen["tokens"] == ["online"]
     assert all(p.returncode == 0 for p in sup.procs)
