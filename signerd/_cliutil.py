@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from signerd.client import Client, ClientConfig
@@ -12,6 +13,20 @@ from signerd.client import Client, ClientConfig
 
 class CliError(Exception):
     """A failure to report as one line on stderr."""
+
+
+def add_client_options(p: argparse.ArgumentParser, server_flag: str = "--server") -> None:
+    """signerctl's options for reaching signerd. ``trust`` commands name the
+    server flag ``--signerd``, since their ``--server`` is the Notary server."""
+    p.add_argument("--config", type=Path, help="client config (default: the embedded daemon's)")
+    p.add_argument(server_flag, dest="server", metavar="HOST:PORT",
+                   help="signerd: host:port (mutual TLS) or unix:/path/signerd.sock")
+    p.add_argument("--tls-ca", type=Path, help="CA bundle that signed signerd's certificate")
+    p.add_argument("--tls-cert", type=Path, help="client certificate")
+    p.add_argument("--tls-key", type=Path, help="client certificate's private key")
+    p.add_argument("--server-name", help="expected name in signerd's certificate")
+    p.add_argument("--timeout", type=float, help="seconds per signerd call")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
 
 
 def client_config(args: argparse.Namespace) -> ClientConfig:

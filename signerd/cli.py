@@ -18,7 +18,7 @@ import grpc
 from cryptography.exceptions import InvalidSignature
 
 from signerd import signing, trust_cli
-from signerd._cliutil import CliError, connect, emit
+from signerd._cliutil import CliError, add_client_options, connect, emit
 from signerd.errors import ConfigError, SignerdError
 from signerd.keys import ALGORITHMS, parse_algorithm
 from signerd.v1 import signer_pb2 as pb
@@ -183,14 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="signerctl", description="signerd client")
     common = argparse.ArgumentParser(add_help=False, argument_default=argparse.SUPPRESS)
     for p in (parser, common):
-        p.add_argument("--config", type=Path, help="client config (default: the embedded daemon's)")
-        p.add_argument("--server", help="host:port (mutual TLS) or unix:/path/signerd.sock")
-        p.add_argument("--tls-ca", type=Path, help="CA bundle that signed the server certificate")
-        p.add_argument("--tls-cert", type=Path, help="client certificate")
-        p.add_argument("--tls-key", type=Path, help="client certificate's private key")
-        p.add_argument("--server-name", help="expected name in the server certificate")
-        p.add_argument("--timeout", type=float, help="seconds per call")
-        p.add_argument("--json", action="store_true", help="machine-readable output")
+        add_client_options(p)
     sub = parser.add_subparsers(dest="command", required=True)
     keys = sub.add_parser("keys", help="manage keys").add_subparsers(dest="keys_cmd", required=True)
 

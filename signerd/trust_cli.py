@@ -60,7 +60,7 @@ from typing import Any, Protocol
 import grpc
 
 from signerd import embedded, signing
-from signerd._cliutil import connect, emit
+from signerd._cliutil import add_client_options, connect, emit
 from signerd.client import Client
 from signerd.config import load_config
 from signerd.errors import FailedPrecondition, InvalidArgument, NotFound, SignerdError
@@ -781,19 +781,7 @@ def _parents() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser, argpar
     # that they do not overwrite a value given before it). --server is the
     # Notary server inside trust commands; signerd's address is --signerd here.
     common = argparse.ArgumentParser(add_help=False, argument_default=argparse.SUPPRESS)
-    common.add_argument("--config", type=Path, help="signerctl client config")
-    common.add_argument(
-        "--signerd",
-        dest="server",
-        metavar="HOST:PORT",
-        help="signerd address (signerctl's global --server)",
-    )
-    common.add_argument("--tls-ca", type=Path, help="CA bundle that signed signerd's certificate")
-    common.add_argument("--tls-cert", type=Path, help="client certificate")
-    common.add_argument("--tls-key", type=Path, help="client certificate's private key")
-    common.add_argument("--server-name", help="expected name in signerd's certificate")
-    common.add_argument("--timeout", type=float, help="seconds per signerd call")
-    common.add_argument("--json", action="store_true", help="machine-readable output")
+    add_client_options(common, "--signerd")
 
     trust = argparse.ArgumentParser(add_help=False)
     trust.add_argument(

@@ -177,26 +177,12 @@ def test_embedded_default_starts_from_nothing_and_signs(tmp_path: Path) -> None:
             str(tmp_path / "msg"),
         )
         assert signed.returncode == 0, signed.stderr
-        ok = _ctl(
-            env,
-            "verify",
-            "--key",
-            key["key_id"],
-            "--signature",
-            str(tmp_path / "sig"),
-            str(tmp_path / "msg"),
-        )
+        verify = ("verify", "--key", key["key_id"], "--signature", str(tmp_path / "sig"),
+                  str(tmp_path / "msg"))
+        ok = _ctl(env, *verify)
         assert ok.returncode == 0 and b"signature OK" in ok.stdout
         (tmp_path / "msg").write_bytes(b"hellO")
-        bad = _ctl(
-            env,
-            "verify",
-            "--key",
-            key["key_id"],
-            "--signature",
-            str(tmp_path / "sig"),
-            str(tmp_path / "msg"),
-        )
+        bad = _ctl(env, *verify)  # same signature, changed message
         assert bad.returncode == 1 and b"does NOT verify" in bad.stderr
         # root keys land on the separate root token
         root = _ctl(
