@@ -1,7 +1,7 @@
 """The floor: a gRPC server that answers Sign without signing anything.
 
 Same transport as signerd (mutual TLS, a sync server with the same thread
-pool, SO_REUSEPORT workers) and the same method path, but the handler only
+pool, SO_REUSEPORT workers, the same CPU pinning) and the same method path, but the handler only
 reads the caller's certificate (as signerd's gate does) and returns a fixed
 SignResponse. Whatever this reaches is the most any Python gRPC signer can
 reach on the machine; the difference to signerd is signerd's own cost.
@@ -20,6 +20,8 @@ from typing import Any
 
 import grpc
 
+from signerd.config import Config
+from signerd.daemon import pin_cpu
 from signerd.v1 import signer_pb2 as pb
 
 RESPONSE = pb.SignResponse(key_id="0" * 64, signature=bytes(64), algorithm="ecdsa-p256",
@@ -37,7 +39,10 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=8)
     p.add_argument("--port", type=int, default=0)
     p.add_argument("--port-file", type=Path, required=True)
+    p.add_argument("--cpu-index", type=int, help="pin like signerd's cpu_affinity = \"spread\"")
     a = p.parse_args()
+    if a.cpu_index:
+        pin_cpu(Config(tokens=(), cpu_affinity="spread"), a.cpu_index)
     creds = grpc.ssl_server_credentials(
         [((a.tls / "server-key.pem").read_bytes(), (a.tls / "server.pem").read_bytes())],
         root_certificates=(a.tls / "ca.pem").read_bytes(), require_client_auth=True)

@@ -9,7 +9,7 @@ What one run does, all in a fresh temporary directory:
 1. initialise a SoftHSM token, make a CA, a server and a client certificate
    (mutual TLS on, as users run signerd) and a policy for the client;
 2. start ``signerd serve`` as a subprocess (by default ``workers = 2``,
-   ``threads = 8``) and create one key per algorithm (P-256, Ed25519,
+   ``threads = 8``, ``cpu_affinity = "spread"``) and create one key per algorithm (P-256, Ed25519,
    RSA-2048) over the v1 API, plus P-256 filler keys up to 10;
 3. in a separate process, measure the token's own rate (python-pkcs11
    ``key.sign`` with an explicit mechanism, one session per thread) and
@@ -96,6 +96,8 @@ class Settings:
     # two workers double throughput; 8 threads per worker beat 32 a little.
     workers: int = 2
     threads: int = 8
+    # Each worker on its own CPU: fewer cross-CPU wake-ups (README, Performance).
+    cpu_affinity: str = "spread"
     sessions: int = 4
     audit: bool = True
     floor: bool = True  # also measure a no-op gRPC server (bench/_floor.py)
@@ -148,6 +150,7 @@ class Env:
 listen = "127.0.0.1:0"
 threads = {s.threads}
 workers = {s.workers}
+cpu_affinity = "{s.cpu_affinity}"
 
 [tls]
 cert = "{self.pki['server']}"
@@ -297,7 +300,8 @@ class Floor(Daemon):
             port_file = env.dir / f"floor-{i}.port"
             procs.append(subprocess.Popen(
                 [sys.executable, "-m", "bench._floor", "--tls", str(env.dir / "tls"),
-                 "--threads", str(s.threads), "--port", str(port), "--port-file", str(port_file)],
+                 "--threads", str(s.threads), "--port", str(port), "--port-file", str(port_file),
+                 *(["--cpu-index", str(i + 1)] if s.cpu_affinity == "spread" else [])],
                 cwd=ROOT, stdout=subprocess.DEVNULL))
             while not port_file.exists():
                 if procs[-1].poll() is not None:
@@ -706,8 +710,9 @@ def markdown(doc: dict[str, Any]) -> str:
     s, m, d = doc["settings"], doc["machine"], doc["daemon"]
     rates, ours = doc["token_rate"], doc["token_rate_signerd_path"]
     lines = [
-        f"signerd with {s['workers']} worker(s) x {s['threads']} threads, {s['sessions']} "
-        f"sessions, audit log {'on' if s['audit'] else 'off'}, mutual TLS; "
+        f"signerd with {s['workers']} worker(s) x {s['threads']} threads, cpu_affinity "
+        f"{s.get('cpu_affinity', 'none')}, {s['sessions']} sessions, "
+        f"audit log {'on' if s['audit'] else 'off'}, mutual TLS; "
         f"{s['payload_bytes']}-byte payload, batches of {s['batch_size']}. {m['cpus']} CPUs "
         f"shared with the load generator ({s['loadgen_procs']} processes); load average "
         f"{m['load_before'][0]:.2f} before, {m['load_after'][0]:.2f} after; CPU available "
@@ -778,6 +783,7 @@ def parse_args(argv: list[str] | None) -> tuple[Settings, Path | None]:
     p.add_argument("--many-keys", type=int, default=d.many_keys, help="0 skips the scenario")
     p.add_argument("--workers", type=int, default=d.workers)
     p.add_argument("--threads", type=int, default=d.threads)
+    p.add_argument("--cpu-affinity", choices=("none", "spread"), default=d.cpu_affinity)
     p.add_argument("--sessions", type=int, default=d.sessions)
     p.add_argument("--no-audit", action="store_true", help="measure without the audit log")
     p.add_argument("--no-floor", action="store_true", help="skip the no-op server baseline")
@@ -796,6 +802,7 @@ def parse_args(argv: list[str] | None) -> tuple[Settings, Path | None]:
         callers=tuple(int(x) for x in a.callers.split(",") if x),
         duration=a.duration, warmup=a.warmup, token_seconds=a.token_seconds,
         batch_size=a.batch_size, many_keys=a.many_keys, workers=a.workers, threads=a.threads,
+        cpu_affinity=a.cpu_affinity,
         sessions=a.sessions, audit=not a.no_audit, floor=not a.no_floor,
         loadgen_procs=a.loadgen_procs,
         loadgen_mode=a.loadgen_mode, channels_per_proc=a.channels, cache_dir=a.cache,

@@ -43,6 +43,27 @@ def is_dumpable() -> bool:
     return bool(libc.prctl(3, 0, 0, 0, 0))  # PR_GET_DUMPABLE
 
 
+def pin_cpu(config: Config, index: int) -> None:
+    """With ``cpu_affinity = "spread"``, keep this process on one CPU: serving
+    process ``index`` (1-based) on the index-th CPU it may use, round robin.
+
+    Python's gRPC server hands every call between threads under the GIL; on
+    two CPUs those hand-offs are cross-CPU wake-ups, and they cost more than
+    the signing (see README, Performance). Every thread that exists now is
+    pinned, and threads started later inherit it.
+    """
+    if config.cpu_affinity != "spread":
+        return
+    cpus = sorted(os.sched_getaffinity(0))
+    cpu = cpus[(index - 1) % len(cpus)]
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            os.sched_setaffinity(int(tid), {cpu})
+        except OSError:  # the thread ended meanwhile
+            pass
+    log.info("pinned to one CPU", extra={"fields": {"cpu": cpu, "worker": index}})
+
+
 def serve(config: Config, ready_file: Path | None = None) -> int:
     from signerd.server import app
 
@@ -116,11 +137,14 @@ def main(argv: list[str] | None = None) -> int:
 
             _workers.become_worker(args.worker, args.supervisor_pid)
             config = _workers.worker_config(config, args.worker, args.worker_listen)
+            pin_cpu(config, args.worker)
         elif config.workers > 1:
             from signerd import _workers
 
             worker_args = ["--log-level", args.log_level, *(["--debug"] if args.debug else [])]
             return _workers.Supervisor(path, config, worker_args).run(args.ready_file)
+        else:
+            pin_cpu(config, 1)
         return serve(config, args.ready_file)
     except SignerdError as e:
         print(f"signerd: {e}", file=sys.stderr)

@@ -64,9 +64,61 @@ def _signs(path: Path) -> int:
     return sum(1 for r in lines if r["operation"] == "sign" and r["status"] == "OK")
 
 
-def _spawn_workers(hsm: HSM, certs: PKI, workdir: Path) -> Process:
-    cfg = daemon_config(hsm, certs, workdir, server={"workers": 2}, tokens=("online",))
+def _spawn_workers(hsm: HSM, certs: PKI, workdir: Path, **server: Any) -> Process:
+    cfg = daemon_config(hsm, certs, workdir, server={"workers": 2, **server}, tokens=("online",))
     return spawn_daemon(write_toml(workdir / "signerd.toml", cfg), workdir)
+
+
+def _cpus_of_threads(pid: int) -> set[str]:
+    """The Cpus_allowed_list of every thread of ``pid``."""
+    lists = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for line in (task / "status").read_text().splitlines():
+            if line.startswith("Cpus_allowed_list:"):
+                lists.add(line.split()[1])
+    return lists
+
+
+def test_cpu_affinity_spread_pins_each_worker_to_its_own_cpu(
+    hsm: HSM, certs: PKI, tmp_path: Path
+) -> None:
+    cpus = sorted(os.sched_getaffinity(0))
+    proc = _spawn_workers(hsm, certs, tmp_path, cpu_affinity="spread")
+    try:
+        workers: list[int] = proc.info["workers"]
+        for index, pid in enumerate(workers, start=1):  # every thread, gRPC's included
+            assert _cpus_of_threads(pid) == {str(cpus[(index - 1) % len(cpus)])}
+        if len(cpus) > 1:  # the supervisor itself stays unpinned
+            assert _cpus_of_threads(proc.info["pid"]) != {str(cpus[0])}
+        ch, stub = _stub(certs, proc.info["tcp"])
+        with ch:
+            key = stub.CreateKey(pb.CreateKeyRequest(gun=unique_gun(), role="targets"))
+            resp = stub.Sign(pb.SignRequest(key_id=key.key_id, message=b"pinned"), timeout=20)
+        signing.verify(key.public_key_der, parse_algorithm(key.algorithm), resp.signature,
+                       b"pinned", signing.SignOptions())
+    finally:
+        assert proc.stop(signal.SIGTERM) == 0
+
+
+def test_cpu_affinity_spread_pins_a_single_process_daemon(
+    hsm: HSM, certs: PKI, tmp_path: Path
+) -> None:
+    cfg = daemon_config(hsm, certs, tmp_path, server={"cpu_affinity": "spread"},
+                        tokens=("online",))
+    proc = spawn_daemon(write_toml(tmp_path / "signerd.toml", cfg), tmp_path)
+    try:
+        assert _cpus_of_threads(proc.info["pid"]) == {str(min(os.sched_getaffinity(0)))}
+        assert '"pinned to one CPU"' in proc.log()
+    finally:
+        assert proc.stop(signal.SIGTERM) == 0
+
+
+def test_cpu_affinity_must_be_none_or_spread(tmp_path: Path) -> None:
+    raw = {"server": {"cpu_affinity": "all"},
+           "tokens": [{"name": "t", "module": "/m.so", "uri": "pkcs11:token=t", "pin_file": "p"}]}
+    with pytest.raises(ConfigError, match=r"server.cpu_affinity must be one of \['none', "
+                                          r"'spread'\], not 'all'"):
+        parse_config(raw, tmp_path)
 
 
 def test_two_workers_share_the_port_and_stop_cleanly_on_sigterm(
