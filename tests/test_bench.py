@@ -62,3 +62,34 @@ def test_bench_smoke_run_writes_complete_results(tmp_path: Path) -> None:
 
     table = run.stdout
     assert "| v1 | ecdsa-p256 | 1 |" in table and "| 50 keys |" in table
+
+
+def test_ab_runs_variants_in_alternation_and_reports_medians(tmp_path: Path) -> None:
+    out = tmp_path / "ab.json"
+    run = subprocess.run(
+        [sys.executable, "-m", "bench.ab", "--variant", "cpu_affinity=none",
+         "--variant", "cpu_affinity=spread,threads=4", "--set", "workers=1", "--rounds", "2",
+         "--callers", "2", "--duration", "0.5", "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert run.returncode == 0, run.stderr[-4000:]
+    doc = json.loads(out.read_text())
+    assert doc["settings"]["workers"] == 1 and doc["callers"] == 2
+    assert [r["variant"] for r in doc["results"]] == [
+        {"cpu_affinity": "none"}, {"cpu_affinity": "spread", "threads": 4}]
+    for r in doc["results"]:
+        assert len(r["rounds"]) == 2
+        assert r["ops_per_s"] > 0 and 0 < r["p50_ms"] <= r["p99_ms"]
+        assert r["cpu_us_per_signature"] > 0 and r["switches_per_request"] > 0
+    assert "| cpu_affinity=spread, threads=4 |" in run.stdout
+
+
+def test_ab_refuses_a_setting_it_cannot_vary() -> None:
+    run = subprocess.run(
+        [sys.executable, "-m", "bench.ab", "--variant", "colour=red", "--variant", "workers=2"],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert run.returncode == 2
+    assert "expected NAME=VALUE with NAME in" in run.stderr and "Traceback" not in run.stderr

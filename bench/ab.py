@@ -1,0 +1,163 @@
+"""Interleaved A/B of daemon settings: which of two configurations is faster?
+
+    python -m bench.ab --variant cpu_affinity=none --variant cpu_affinity=spread
+    python -m bench.ab --rpc batch --callers 4 --set workers=2 \\
+        --variant cpu_affinity=none --variant cpu_affinity=spread
+
+Separate runs of bench.run on a shared machine differ by 20% or more from
+one minute to the next (the token's own rate too), which hides most effects
+worth measuring. So this starts one signerd per variant, each on its own
+fresh SoftHSM token with one key, and measures them in alternation (A, B, A,
+B, ...) with the same load generator: slow minutes hit every variant alike.
+It reports the median over the rounds of signatures/s, p50, the daemon's CPU
+per signature and its context switches per request (every thread of every
+daemon process, from /proc).
+
+Settings a variant may change: workers, threads, cpu_affinity, sessions,
+audit (true/false).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+from dataclasses import asdict, fields, replace
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # run as a script: python bench/ab.py
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.run import (  # noqa: E402
+    Daemon,
+    Env,
+    Hsm,
+    LoadGen,
+    Settings,
+    create_keys,
+    log,
+    payload,
+    request_bytes,
+    start_daemon,
+)
+
+TUNABLE = ("workers", "threads", "cpu_affinity", "sessions", "audit")
+
+
+def context_switches(pids: list[int]) -> int:
+    """Voluntary plus involuntary context switches of every thread of ``pids``."""
+    total = 0
+    for pid in pids:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            try:
+                status = (task / "status").read_text()
+            except OSError:  # the thread ended meanwhile
+                continue
+            total += sum(int(line.split()[1]) for line in status.splitlines()
+                         if line.split(":")[0].endswith("ctxt_switches"))
+    return total
+
+
+def parse_assignment(text: str) -> tuple[str, Any]:
+    """``name=value`` for one of TUNABLE, with the value in the field's type."""
+    name, sep, value = text.partition("=")
+    if not sep or name not in TUNABLE:
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE with NAME in {TUNABLE}: {text!r}")
+    kind = {f.name: f.type for f in fields(Settings)}[name]
+    if kind == "bool":
+        if value not in ("true", "false"):
+            raise argparse.ArgumentTypeError(f"{name} is true or false, not {value!r}")
+        return name, value == "true"
+    if kind == "int":
+        try:
+            return name, int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} is a number, not {value!r}") from None
+    return name, value
+
+
+def measure(daemon: Daemon, env: Env, gen: LoadGen, key: str, rpc: str, callers: int,
+            s: Settings) -> dict[str, float]:
+    request, items = request_bytes(rpc, key, payload(s.payload_bytes), s.batch_size)
+    before = context_switches(daemon.pids)
+    point = gen.run(daemon, env.target(daemon.info["tcp"]), rpc, request, items, callers, s)
+    switches = context_switches(daemon.pids) - before
+    if point["errors"]:
+        raise RuntimeError(f"{point['errors']} errors, first: {point['first_error']}")
+    ops = point["ops_per_s"]
+    return {"ops_per_s": ops, "p50_ms": point["p50_ms"], "p99_ms": point["p99_ms"],
+            "cpu_us_per_signature": round(point["daemon_cpu_cores"] / ops * 1e6, 1),
+            "switches_per_request": round(switches / max(point["requests"], 1), 1)}
+
+
+def run(base: Settings, variants: list[dict[str, Any]], rpc: str, algorithm: str, callers: int,
+        rounds: int) -> list[dict[str, Any]]:
+    with tempfile.TemporaryDirectory(prefix="signerd-ab-") as tmp:
+        env = Env.create(Path(tmp))
+        daemons: list[tuple[Daemon, str]] = []
+        gen: LoadGen | None = None
+        try:
+            for i, v in enumerate(variants):
+                hsm = Hsm.create(env.dir / f"hsm{i}", env.module)
+                daemon = start_daemon(env.write_config(f"v{i}", hsm, replace(base, **v)))
+                daemons.append((daemon, create_keys(env.target(daemon.info["tcp"]),
+                                                    (algorithm,), 1)[algorithm]))
+            gen = LoadGen(base.loadgen_procs, base.loadgen_mode, base.channels_per_proc)
+            points: list[list[dict[str, float]]] = [[] for _ in variants]
+            for r in range(rounds):
+                for i, (daemon, key) in enumerate(daemons):
+                    points[i].append(measure(daemon, env, gen, key, rpc, callers, base))
+                    log(f"round {r + 1} {variants[i]}: {json.dumps(points[i][-1])}")
+        finally:
+            if gen is not None:
+                gen.close()
+            for daemon, _ in daemons:
+                daemon.stop()
+    return [{"variant": v, "rounds": p,
+             **{k: statistics.median(x[k] for x in p) for k in p[0]}}
+            for v, p in zip(variants, points, strict=True)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.ab", description=__doc__.split("\n")[0])
+    p.add_argument("--variant", action="append", default=[], metavar="NAME=VALUE[,NAME=VALUE]",
+                   help="one configuration to compare (give two or more)")
+    p.add_argument("--set", action="append", default=[], type=parse_assignment,
+                   metavar="NAME=VALUE", help="a setting shared by every variant")
+    p.add_argument("--rpc", choices=("v1", "notary", "batch"), default="v1")
+    p.add_argument("--algorithm", choices=("ecdsa-p256", "ed25519", "rsa-2048"),
+                   default="ecdsa-p256")
+    p.add_argument("--callers", type=int, default=16)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--duration", type=float, default=4.0, help="seconds per point")
+    p.add_argument("--out", type=Path, help="also write the results here as JSON")
+    a = p.parse_args(argv)
+    if len(a.variant) < 2:
+        p.error("give at least two --variant")
+    try:
+        variants = [dict(parse_assignment(x) for x in v.split(",")) for v in a.variant]
+    except argparse.ArgumentTypeError as e:
+        p.error(str(e))
+    base = replace(Settings(), duration=a.duration, **dict(a.set))
+    results = run(base, variants, a.rpc, a.algorithm, a.callers, a.rounds)
+    print(f"{a.rpc} Sign, {a.algorithm}, {a.callers} callers, {base.workers} worker(s) unless "
+          f"the variant says otherwise; median of {a.rounds} alternating rounds of "
+          f"{a.duration:g} s\n")
+    print("| variant | signatures/s | p50 ms | p99 ms | daemon CPU µs/signature | "
+          "context switches/request |\n| --- | ---: | ---: | ---: | ---: | ---: |")
+    for r in results:
+        name = ", ".join(f"{k}={v}" for k, v in r["variant"].items())
+        print(f"| {name} | {r['ops_per_s']:,.0f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | "
+              f"{r['cpu_us_per_signature']:,.0f} | {r['switches_per_request']:.1f} |")
+    if a.out is not None:
+        a.out.write_text(json.dumps({"settings": asdict(base), "rpc": a.rpc,
+                                     "algorithm": a.algorithm, "callers": a.callers,
+                                     "results": results}, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
