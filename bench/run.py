@@ -9,7 +9,7 @@ What one run does, all in a fresh temporary directory:
 1. initialise a SoftHSM token, make a CA, a server and a client certificate
    (mutual TLS on, as users run signerd) and a policy for the client;
 2. start ``signerd serve`` as a subprocess (by default ``workers = 2``,
-   ``threads = 8``) and create one key per algorithm (P-256, Ed25519,
+   ``threads = 8``, ``cpu_affinity = "spread"``) and create one key per algorithm (P-256, Ed25519,
    RSA-2048) over the v1 API, plus P-256 filler keys up to 10;
 3. in a separate process, measure the token's own rate (python-pkcs11
    ``key.sign`` with an explicit mechanism, one session per thread) and
@@ -96,8 +96,8 @@ class Settings:
     # two workers double throughput; 8 threads per worker beat 32 a little.
     workers: int = 2
     threads: int = 8
-    # signerd's default; "spread" is compared with it by bench/ab.py (README, Performance).
-    cpu_affinity: str = "none"
+    # Each worker on its own CPU; bench/ab.py measured it against "none" (README, Performance).
+    cpu_affinity: str = "spread"
     sessions: int = 4
     audit: bool = True
     floor: bool = True  # also measure a no-op gRPC server (bench/_floor.py)

@@ -22,7 +22,6 @@ import os
 import secrets
 from pathlib import Path
 
-from signerd import _p11, pki
 from signerd.errors import ConfigError
 
 SOFTHSM_MODULES = (
@@ -91,6 +90,9 @@ def ensure(state: Path, listen: str = DEFAULT_LISTEN) -> Path:
     config = state / "signerd.toml"
     if config.exists():
         return config
+    # Imported here: a supervisor of workers loads neither, and starts them sooner.
+    from signerd import _p11, pki
+
     module = softhsm_module()
     state.mkdir(parents=True, exist_ok=True, mode=0o700)
     os.chmod(state, 0o700)
