@@ -93,3 +93,18 @@ def test_ab_refuses_a_setting_it_cannot_vary() -> None:
     )
     assert run.returncode == 2
     assert "expected NAME=VALUE with NAME in" in run.stderr and "Traceback" not in run.stderr
+
+
+def test_handler_bench_times_the_sign_handler_and_its_parts() -> None:
+    run = subprocess.run(
+        [sys.executable, "-m", "bench.handler", "--calls", "20"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert run.returncode == 0, run.stderr[-4000:]
+    rows = dict(line.strip("| ").split(" | ") for line in run.stdout.splitlines()[2:])
+    assert set(rows) == {"Sign handler, whole", "KeyService.sign_with (token)", "audit line",
+                         "policy decision", "key lookup", "key ID check"}
+    micros = {name: float(value.replace(",", "")) for name, value in rows.items()}
+    assert all(us > 0 for us in micros.values())
+    assert micros["Sign handler, whole"] > micros["KeyService.sign_with (token)"]
