@@ -103,7 +103,7 @@ class Settings:
     floor: bool = True  # also measure a no-op gRPC server (bench/_floor.py)
     # Load generator.
     loadgen_procs: int = 2
-    loadgen_mode: str = "threads"
+    loadgen_mode: str = "h2"  # raw HTTP/2 (bench/_h2load.py); "threads"/"aio" use grpcio
     channels_per_proc: int = 8
     cache_dir: str = str(CACHE)  # where the many-keys token is kept between runs
 
@@ -788,7 +788,7 @@ def parse_args(argv: list[str] | None) -> tuple[Settings, Path | None]:
     p.add_argument("--no-audit", action="store_true", help="measure without the audit log")
     p.add_argument("--no-floor", action="store_true", help="skip the no-op server baseline")
     p.add_argument("--loadgen-procs", type=int, default=d.loadgen_procs)
-    p.add_argument("--loadgen-mode", choices=("threads", "aio"), default=d.loadgen_mode)
+    p.add_argument("--loadgen-mode", choices=("threads", "aio", "h2"), default=d.loadgen_mode)
     p.add_argument("--channels", type=int, default=d.channels_per_proc,
                    help="connections per load generator process")
     p.add_argument("--cache", default=d.cache_dir,
