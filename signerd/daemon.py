@@ -56,12 +56,18 @@ def pin_cpu(config: Config, index: int) -> None:
         return
     cpus = sorted(os.sched_getaffinity(0))
     cpu = cpus[(index - 1) % len(cpus)]
+    try:
+        os.sched_setaffinity(0, {cpu})
+    except OSError as e:  # e.g. a seccomp or container policy
+        log.warning("cannot pin to one CPU; running unpinned",
+                    extra={"fields": {"cpu": cpu, "error": e.strerror}})
+        return
     for tid in os.listdir("/proc/self/task"):
         try:
             os.sched_setaffinity(int(tid), {cpu})
         except OSError:  # the thread ended meanwhile
             pass
-    log.info("pinned to one CPU", extra={"fields": {"cpu": cpu, "worker": index}})
+    log.info("pinned to one CPU", extra={"fields": {"cpu": cpu}})
 
 
 def serve(config: Config, ready_file: Path | None = None) -> int:
