@@ -1,9 +1,9 @@
 """The floor: a gRPC server that answers Sign without signing anything.
 
 Same transport as signerd (mutual TLS, a sync server with the same thread
-pool, SO_REUSEPORT workers, the same CPU pinning) and the same method path, but the handler only
-reads the caller's certificate (as signerd's gate does) and returns a fixed
-SignResponse. Whatever this reaches is the most any Python gRPC signer can
+pool, SO_REUSEPORT workers, the same CPU pinning) and the same method path,
+but the handler only reads the caller's certificate (as signerd's gate does)
+and returns a fixed SignResponse. Whatever this reaches is the most any Python gRPC signer can
 reach on the machine; the difference to signerd is signerd's own cost.
 
     python -m bench._floor --tls DIR --threads N --port-file F [--port P]

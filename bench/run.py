@@ -9,8 +9,9 @@ What one run does, all in a fresh temporary directory:
 1. initialise a SoftHSM token, make a CA, a server and a client certificate
    (mutual TLS on, as users run signerd) and a policy for the client;
 2. start ``signerd serve`` as a subprocess (by default ``workers = 2``,
-   ``threads = 8``, ``cpu_affinity = "spread"``) and create one key per algorithm (P-256, Ed25519,
-   RSA-2048) over the v1 API, plus P-256 filler keys up to 10;
+   ``threads = 8``, ``cpu_affinity = "spread"``) and create one key per
+   algorithm (P-256, Ed25519, RSA-2048) over the v1 API, plus P-256 filler
+   keys up to 10;
 3. in a separate process, measure the token's own rate (python-pkcs11
    ``key.sign`` with an explicit mechanism, one session per thread) and
    signerd's in-process signing path (``Token.sign``), one and two threads;
@@ -19,7 +20,9 @@ What one run does, all in a fresh temporary directory:
    the daemon serves it) and SignBatch, with a 512-byte payload; then the
    same callers against a no-op gRPC server with the same transport
    (bench/_floor.py), the most any Python gRPC signer can do here. The
-   callers live in their own processes (bench/_loadgen.py). Each point
+   callers live in their own processes (bench/_loadgen.py) and by default
+   speak raw HTTP/2 (bench/_h2load.py), which costs them far less CPU than
+   grpcio's client. Each point
    reports signatures/s, p50 and p99 latency, the daemon's CPU
    (utime+stime from /proc, every worker) and RSS, the load generator's
    CPU, everything else the machine did meanwhile, and the rate as a ratio
