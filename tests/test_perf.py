@@ -73,9 +73,12 @@ def _cpus_of_threads(pid: int) -> set[str]:
     """The Cpus_allowed_list of every thread of ``pid``."""
     lists = set()
     for task in Path(f"/proc/{pid}/task").iterdir():
-        for line in (task / "status").read_text().splitlines():
-            if line.startswith("Cpus_allowed_list:"):
-                lists.add(line.split()[1])
+        try:
+            status = (task / "status").read_text()
+        except OSError:  # the thread ended meanwhile
+            continue
+        lists.update(line.split()[1] for line in status.splitlines()
+                     if line.startswith("Cpus_allowed_list:"))
     return lists
 
 
