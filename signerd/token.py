@@ -52,6 +52,7 @@ _CURVE_OIDS = {  # DER-encoded OBJECT IDENTIFIERs for CKA_EC_PARAMS
 _CURVES = {"secp256r1": ec.SECP256R1(), "secp384r1": ec.SECP384R1()}
 _LABEL_TAG = "signerd"
 _POOL_WAIT = 30.0  # seconds a request waits for a free session before UNAVAILABLE
+_CLOSE_WAIT = 30.0  # seconds close() waits for sessions in use to come back
 _RETRY_EVERY = 1.0  # seconds between reconnect attempts while a token is unusable
 
 
@@ -212,6 +213,8 @@ class Token:
         self.slot_id = -1
         self._listed = threading.Event()
         self._lister: threading.Thread | None = None
+        self._idle = threading.Condition()  # notified when no session is borrowed
+        self._borrowed = 0
         try:
             self._connect(list_keys=False)
         except BaseException:
@@ -346,6 +349,12 @@ class Token:
     def close(self) -> None:
         if self._lister is not None:
             self._lister.join()  # its session must not close under it
+        # Nor may a session in use: closing it, or finalising the module, under
+        # a thread still inside C_Sign is undefined behaviour in the module.
+        with self._idle:
+            if not self._idle.wait_for(lambda: not self._borrowed, _CLOSE_WAIT):
+                log.warning("closing a token with sessions still in use",
+                            extra={"fields": {"token": self.name, "in_use": self._borrowed}})
         with self._lock:
             if self._sessions:
                 self.module.logout(self._sessions[0].handle)
@@ -366,11 +375,17 @@ class Token:
             raise Unavailable(
                 f"token {self.name}: no session free after {_POOL_WAIT:.0f}s"
             ) from None
+        with self._idle:
+            self._borrowed += 1
         try:
             yield gen, s
         finally:
             if gen == self._generation:
                 self._pool.put((gen, s))
+            with self._idle:
+                self._borrowed -= 1
+                if not self._borrowed:
+                    self._idle.notify_all()
 
     def _with_retry(self, what: str, fn: Any) -> Any:
         """Run fn(session) once, and once more after a reconnect if the

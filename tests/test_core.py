@@ -18,7 +18,7 @@ from signerd import signing
 from signerd.keys import ALGORITHMS, key_id, parse_algorithm
 from signerd.token import MODULES
 from signerd.v1 import signer_pb2 as pb
-from tests.conftest import Daemon, rpc_error, unique_gun
+from tests.conftest import Daemon, daemon_config, rpc_error, start_daemon, unique_gun
 
 MESSAGE = b"The quick brown fox signs the canonical JSON" * 7
 
@@ -502,3 +502,17 @@ def test_sign_batch_one_bad_item_fails_only_itself(daemon: Daemon) -> None:
     )
     assert empty.code() == grpc.StatusCode.INVALID_ARGUMENT
 
+
+
+def test_stop_waits_for_the_health_probe_before_closing_tokens(
+    hsm: Any, certs: Any, tmp_path: Path
+) -> None:
+    """A probe still running when the tokens close would use a closed session."""
+    d = start_daemon(daemon_config(hsm, certs, tmp_path, server={"health_interval": 0.01}),
+                     certs, tmp_path)
+    probe = d.servers._health_thread
+    assert probe is not None and probe.is_alive()
+    time.sleep(0.1)  # a few probes
+    d.stop()
+    assert not probe.is_alive()
+    assert not any(t.connected for t in d.servers.service.tokens.values())

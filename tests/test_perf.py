@@ -252,3 +252,30 @@ def test_supervisor_runs_workers_and_stops_them(hsm: HSM, certs: PKI, tmp_path: 
     assert seen["pid"] == os.getpid() and len(seen["workers"]) == 2
     assert seen["tokens"] == ["online"]
     assert all(p.returncode == 0 for p in sup.procs)
+
+
+
+def test_close_waits_for_a_session_in_use(hsm: HSM) -> None:
+    """Closing a session, or finalising the module, under a thread that is
+    still inside the module is undefined behaviour: close() waits for it."""
+    token = Token(TokenConfig(name="online", module=hsm.module,
+                              uri=Pkcs11Uri(token="test-online"), pin_file=hsm.pins["online"]))
+    token.keys()  # the first listing is done
+    held, release = threading.Event(), threading.Event()
+
+    def borrower() -> None:
+        with token.session():
+            held.set()
+            release.wait(30)
+
+    user = threading.Thread(target=borrower)
+    user.start()
+    assert held.wait(30)
+    closer = threading.Thread(target=token.close)
+    closer.start()
+    closer.join(0.5)
+    assert closer.is_alive()  # still waiting for the borrowed session
+    release.set()
+    closer.join(30)
+    user.join(30)
+    assert not closer.is_alive() and not token.connected

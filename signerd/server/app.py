@@ -76,13 +76,16 @@ class Servers:
     health_names: set[str] = field(default_factory=set)
     health_interval: float = 5.0
     _stop: threading.Event = field(default_factory=threading.Event)
+    _health_thread: threading.Thread | None = None
 
     def start(self) -> None:
         for s in self.servers:
             s.start()
         if self.relay is not None:
             self.relay.start()
-        threading.Thread(target=self._watch_health, name="health", daemon=True).start()
+        self._health_thread = threading.Thread(target=self._watch_health, name="health",
+                                               daemon=True)
+        self._health_thread.start()
 
     def update_health(self) -> None:
         ok = self.service.healthy()
@@ -107,6 +110,10 @@ class Servers:
         events = [s.stop(grace) for s in self.servers]
         for e in events:
             e.wait()
+        if self._health_thread is not None:  # a probe must not run into closing tokens
+            self._health_thread.join(grace)
+            if self._health_thread.is_alive():
+                log.warning("a token health probe is still running; closing the tokens anyway")
         self.service.close()
         if self.audit is not None:
             self.audit.close()
