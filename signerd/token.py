@@ -215,6 +215,7 @@ class Token:
         self._lister: threading.Thread | None = None
         self._idle = threading.Condition()  # notified when no session is borrowed
         self._borrowed = 0
+        self._closed = False  # once closed, never reconnects (and logs in) again
         try:
             self._connect(list_keys=False)
         except BaseException:
@@ -324,6 +325,8 @@ class Token:
         While the token stays unusable, attempts are spaced by
         _RETRY_EVERY so that callers fail fast instead of piling up."""
         with self._lock:
+            if self._closed:
+                raise Unavailable(f"token {self.name} is closed: signerd is stopping")
             if (
                 seen_generation is not None
                 and seen_generation != self._generation
@@ -356,6 +359,9 @@ class Token:
                 log.warning("closing a token with sessions still in use",
                             extra={"fields": {"token": self.name, "in_use": self._borrowed}})
         with self._lock:
+            # A login rewrites SoftHSM's token.object, which another thread of
+            # the next user of the module may be reading: no login after close.
+            self._closed = True
             if self._sessions:
                 self.module.logout(self._sessions[0].handle)
             self._drop_sessions()

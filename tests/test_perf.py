@@ -279,3 +279,14 @@ def test_close_waits_for_a_session_in_use(hsm: HSM) -> None:
     closer.join(30)
     user.join(30)
     assert not closer.is_alive() and not token.connected
+
+
+def test_a_closed_token_never_logs_in_again(hsm: HSM) -> None:
+    """A health probe that runs into a closed token must not reconnect: the
+    login would rewrite SoftHSM's token.object under the module's next user."""
+    token = Token(TokenConfig(name="online", module=hsm.module,
+                              uri=Pkcs11Uri(token="test-online"), pin_file=hsm.pins["online"]))
+    token.keys()
+    token.close()
+    assert token.check() is False
+    assert not token.connected
