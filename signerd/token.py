@@ -352,6 +352,10 @@ class Token:
     def close(self) -> None:
         if self._lister is not None:
             self._lister.join()  # its session must not close under it
+        with self._lock:
+            # A login rewrites SoftHSM's token.object, which another thread of
+            # the next user of the module may be reading: no login after close.
+            self._closed = True
         # Nor may a session in use: closing it, or finalising the module, under
         # a thread still inside C_Sign is undefined behaviour in the module.
         with self._idle:
@@ -359,9 +363,6 @@ class Token:
                 log.warning("closing a token with sessions still in use",
                             extra={"fields": {"token": self.name, "in_use": self._borrowed}})
         with self._lock:
-            # A login rewrites SoftHSM's token.object, which another thread of
-            # the next user of the module may be reading: no login after close.
-            self._closed = True
             if self._sessions:
                 self.module.logout(self._sessions[0].handle)
             self._drop_sessions()
