@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -284,12 +285,27 @@ def test_private_key_attributes_and_unextractable(daemon: Daemon, hsm: Any) -> N
         MODULES.release(hsm.module)
 
 
-def _sign_many(sign: Any, n: int, errors: list[BaseException], out: list[bytes]) -> None:
-    try:
-        for i in range(n):
-            out.append(sign(i))
-    except BaseException as e:  # noqa: BLE001 - collected and asserted by the test
-        errors.append(e)
+def _sign_concurrently(signers: list[Callable[[int], bytes]], n: int) -> list[list[bytes]]:
+    """Each signer in a thread of its own, signing ``n`` times (message i = its
+    number); every thread's signatures, after all have finished without error."""
+    errors: list[BaseException] = []
+    results: list[list[bytes]] = [[] for _ in signers]
+
+    def run(sign: Callable[[int], bytes], out: list[bytes]) -> None:
+        try:
+            for i in range(n):
+                out.append(sign(i))
+        except BaseException as e:  # noqa: BLE001 - collected and asserted below
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(sign, out))
+               for sign, out in zip(signers, results, strict=True)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    return results
 
 
 def test_eight_threads_sign_concurrently_on_the_token(daemon: Daemon) -> None:
@@ -299,23 +315,10 @@ def test_eight_threads_sign_concurrently_on_the_token(daemon: Daemon) -> None:
         svc.create_key(unique_gun(), "targets", a)
         for a in ("ecdsa-p256", "ed25519", "ecdsa-p384", "rsa-2048")
     ]
-    errors: list[BaseException] = []
-    results: list[list[bytes]] = [[] for _ in range(8)]
-
-    def signer(k: Any) -> Any:
+    def signer(k: Any) -> Callable[[int], bytes]:
         return lambda i: svc.sign(k.key_id, b"%d" % i, signing.SignOptions()).signature
 
-    threads = [
-        threading.Thread(
-            target=_sign_many, args=(signer(keys[t % len(keys)]), 150, errors, results[t])
-        )
-        for t in range(8)
-    ]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert errors == []
+    results = _sign_concurrently([signer(keys[t % len(keys)]) for t in range(8)], 150)
     for t in range(8):
         k = keys[t % len(keys)]
         assert len(results[t]) == 150
@@ -326,25 +329,8 @@ def test_eight_threads_sign_concurrently_on_the_token(daemon: Daemon) -> None:
 def test_eight_grpc_callers_sign_concurrently(daemon: Daemon) -> None:
     with daemon.client() as c:
         key = c.create_key(unique_gun(), "targets")
-        errors: list[BaseException] = []
-        results: list[list[bytes]] = [[] for _ in range(8)]
-        threads = [
-            threading.Thread(
-                target=_sign_many,
-                args=(
-                    lambda i: c.sign(key.key_id, message=b"%d" % i).signature,
-                    100,
-                    errors,
-                    results[t],
-                ),
-            )
-            for t in range(8)
-        ]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-    assert errors == []
+        results = _sign_concurrently(
+            [lambda i: c.sign(key.key_id, message=b"%d" % i).signature] * 8, 100)
     assert all(len(r) == 100 for r in results)
     signing.verify(
         key.public_key_der,
