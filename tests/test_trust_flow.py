@@ -34,6 +34,7 @@ from signerd.trust import (
     verify_repository,
     x509_key_id,
 )
+from tests.test_trust_x509 import PlainSigner
 
 GUN = "docker.io/acme/app"
 MANIFEST = b'{"schemaVersion":2}'
@@ -497,22 +498,10 @@ def test_targets_parse_of_local_files(world: World) -> None:
     assert world.repo.roles() == ["root", "snapshot", "targets", "targets/releases", "timestamp"]
 
 
-class _NoPkcs1v15:
-    """A TrustSigner that only offers ``sign`` (RSA root certificates then use PSS)."""
-
-    def __init__(self, inner: SoftwareSigner) -> None:
-        self._inner = inner
-        self.key_id, self.keytype = inner.key_id, inner.keytype
-        self.public, self.method = inner.public, inner.method
-
-    def sign(self, message: bytes) -> bytes:
-        return self._inner.sign(message)
-
-
 @pytest.mark.parametrize("kind", ["ecdsa", "rsa-pkcs1v15", "rsa-pss-only"])
 def test_root_key_types(tmp_path: Path, kind: str) -> None:
     inner = SoftwareSigner.generate("ecdsa" if kind == "ecdsa" else "rsa")
-    root = _NoPkcs1v15(inner) if kind == "rsa-pss-only" else inner
+    root = PlainSigner(inner) if kind == "rsa-pss-only" else inner
     w = World(TrustRepo(tmp_path, GUN))
     w.repo.init(root, w.targets, timestamp_key=signer_key(w.timestamp), snapshot_signer=w.snapshot)
     w.repo.add_target("v1", DIGEST, 1, w.targets)
