@@ -19,8 +19,8 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -189,6 +189,55 @@ class _Modules:
 MODULES = _Modules()
 
 
+class _SearchLock:
+    """Keeps object searches off objects that are being created.
+
+    SoftHSM 2.6.1 writes a new object's file in several steps, none of them
+    locked against other threads of the process (fcntl locks only exclude
+    other processes). A search (C_FindObjectsInit re-reads every object whose
+    file changed) or C_GetAttributeValue that reads the file half-written
+    marks the object invalid, and the C_GenerateKeyPair writing it fails with
+    CKR_GENERAL_ERROR (SoftHSM issue 573, fixed after 2.6.1 and in no
+    release). So key generation runs alone, and searches run together.
+    Signing takes no part: it re-reads only its own key's file, and a key is
+    signed with only once its generation has finished. Writers go first, so
+    a steady stream of searches cannot starve a key generation.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._searching = 0
+        self._creating = False
+        self._waiting = 0  # creators waiting
+
+    @contextmanager
+    def search(self) -> Iterator[None]:
+        with self._cond:
+            self._cond.wait_for(lambda: not self._creating and not self._waiting)
+            self._searching += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._searching -= 1
+                if not self._searching:
+                    self._cond.notify_all()
+
+    @contextmanager
+    def create(self) -> Iterator[None]:
+        with self._cond:
+            self._waiting += 1
+            self._cond.wait_for(lambda: not self._creating and not self._searching)
+            self._waiting -= 1
+            self._creating = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._creating = False
+                self._cond.notify_all()
+
+
 class Token:
     """One configured token: its login, session pool and key cache."""
 
@@ -204,6 +253,7 @@ class Token:
         self._sessions: list[Any] = []
         self._keys: dict[KeyID, KeyEntry] = {}
         self._miss_lock = threading.Lock()
+        self._searches = _SearchLock()
         self._login_refused = False
         self._connected = False
         self._last_error = ""
@@ -285,7 +335,8 @@ class Token:
             for _ in range(self.config.sessions - 1):
                 self._sessions.append(self._token.open(rw=True))
             if list_keys:  # after a reconnect handles may have changed: re-list now
-                self._load_keys(first)
+                with self._searches.search():
+                    self._load_keys(first)
         except (pkcs11.PKCS11Error, _p11.P11Error) as e:
             self.healthy = False
             self._last_error = f"{type(e).__name__} {e}".strip()
@@ -353,8 +404,8 @@ class Token:
         if self._lister is not None:
             self._lister.join()  # its session must not close under it
         with self._lock:
-            # A login rewrites SoftHSM's token.object, which another thread of
-            # the next user of the module may be reading: no login after close.
+            # From here on, nothing logs in again: a late health probe or
+            # request would otherwise reconnect a token that is being closed.
             self._closed = True
         # Nor may a session in use: closing it, or finalising the module, under
         # a thread still inside C_Sign is undefined behaviour in the module.
@@ -394,12 +445,13 @@ class Token:
                 if not self._borrowed:
                     self._idle.notify_all()
 
-    def _with_retry(self, what: str, fn: Any) -> Any:
+    def _with_retry(self, what: str, fn: Any,
+                    guard: Callable[[], AbstractContextManager[None]] | None = None) -> Any:
         """Run fn(session) once, and once more after a reconnect if the
-        session, login or device was lost."""
+        session, login or device was lost; inside ``guard()`` if given."""
         for attempt in (0, 1):
             rv: int | None
-            with self.session() as (gen, s):
+            with self.session() as (gen, s), guard() if guard else nullcontext():
                 try:
                     return fn(s)
                 except _p11.P11Error as e:
@@ -592,7 +644,7 @@ class Token:
                 raise
             return KeyEntry(kid, alg, gun, role, self.name, spki, False, priv.handle)
 
-        entry: KeyEntry = self._with_retry("key generation", gen)
+        entry: KeyEntry = self._with_retry("key generation", gen, self._searches.create)
         with self._lock:
             self._keys[entry.key_id] = entry
         log.info(
@@ -632,7 +684,7 @@ class Token:
             for obj in self._objects(s, kid):
                 obj.destroy()
 
-        self._with_retry("key deletion", destroy)
+        self._with_retry("key deletion", destroy, self._searches.search)
         with self._lock:
             self._keys.pop(kid, None)
 
@@ -647,7 +699,7 @@ class Token:
             for obj in self._objects(s, kid):
                 obj[Attribute.LABEL] = label
 
-        self._with_retry("key relabel", relabel)
+        self._with_retry("key relabel", relabel, self._searches.search)
         with self._lock:
             self._keys[kid] = replace(entry, used=True)
 
@@ -664,7 +716,8 @@ class Token:
             def find(s: Any) -> dict[KeyID, KeyEntry]:
                 return self._read_keys(s, kid)
 
-            found: dict[KeyID, KeyEntry] = self._with_retry("key lookup", find)
+            found: dict[KeyID, KeyEntry] = self._with_retry("key lookup", find,
+                                                            self._searches.search)
             entry = found.get(kid)
             if entry is not None:
                 with self._lock:
@@ -678,7 +731,7 @@ class Token:
             self._load_keys(s)
 
         with self._lock:
-            self._with_retry("key listing", load)
+            self._with_retry("key listing", load, self._searches.search)
 
     def sign(self, kid: KeyID, mechanism: _p11.Mechanism, data: bytes, max_len: int) -> bytes:
         """Sign ``data`` with the cached handle of key ``kid`` on a pooled session."""

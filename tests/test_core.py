@@ -341,6 +341,63 @@ def test_eight_grpc_callers_sign_concurrently(daemon: Daemon) -> None:
     )
 
 
+def _while_running(background: Callable[[], None], fn: Callable[[], None]) -> None:
+    """Run ``background`` in a loop in another thread while ``fn`` runs; both must
+    finish without error."""
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def loop() -> None:
+        try:
+            while not stop.is_set():
+                background()
+        except BaseException as e:  # noqa: BLE001 - asserted below
+            errors.append(e)
+
+    t = threading.Thread(target=loop)
+    t.start()
+    try:
+        fn()
+    finally:
+        stop.set()
+        t.join()
+    assert errors == []
+
+
+def test_keys_are_generated_while_another_thread_lists_them(daemon: Daemon) -> None:
+    """Regression: SoftHSM 2.6.1 (its issue 573, fixed after the release) marks
+    an object invalid when a search in one thread reads its file while another
+    thread of the process writes it, and the key generation then fails with
+    CKR_GENERAL_ERROR. This is what a daemon's first listing and a CreateKey
+    at start do."""
+    svc = daemon.servers.service
+    token = svc.tokens["online"]
+    gun = unique_gun()
+    made = []
+    _while_running(token.refresh,
+                   lambda: made.extend(svc.create_key(gun, f"targets/r{i}") for i in range(40)))
+    token.refresh()
+    assert {k.key_id for k in made} <= {k.key_id for k in token.keys()}
+
+
+def test_a_key_is_marked_used_while_other_threads_sign_with_it(daemon: Daemon) -> None:
+    """Relabelling rewrites the key's objects while signing re-reads the key's
+    file: why signing needs no _SearchLock (SoftHSM writes attribute changes in
+    a transaction, which its readers wait for). Neither fails; nothing reconnects."""
+    svc = daemon.servers.service
+    token = svc.tokens["online"]
+    keys = [svc.create_key(unique_gun(), "targets") for _ in range(20)]
+    generation = token._generation
+
+    def sign_all() -> None:
+        for k in keys:
+            svc.sign(k.key_id, MESSAGE, signing.SignOptions())
+
+    _while_running(sign_all, lambda: [svc.mark_used(k) for k in keys])
+    assert all(token.get(k.key_id).used for k in keys)
+    assert token._generation == generation
+
+
 def test_lost_sessions_are_reopened_and_the_sign_retried(daemon: Daemon) -> None:
     """The token drops every session (and so the login); the next sign still works."""
     svc = daemon.servers.service

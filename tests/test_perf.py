@@ -282,8 +282,8 @@ def test_close_waits_for_a_session_in_use(hsm: HSM) -> None:
 
 
 def test_a_closed_token_never_logs_in_again(hsm: HSM) -> None:
-    """A health probe that runs into a closed token must not reconnect: the
-    login would rewrite SoftHSM's token.object under the module's next user."""
+    """A health probe that runs into a closed token must not reconnect (and log
+    in again, holding sessions of a module that is being finalised)."""
     token = Token(TokenConfig(name="online", module=hsm.module,
                               uri=Pkcs11Uri(token="test-online"), pin_file=hsm.pins["online"]))
     token.keys()
