@@ -29,6 +29,8 @@ log = logging.getLogger("signerd.service")
 MAX_PAGE_SIZE = 1000
 DEFAULT_PAGE_SIZE = 100
 _REFRESH_EVERY = 2.0  # seconds: re-reading a token's keys is a C_FindObjects pass
+_OPEN_ATTEMPTS = 4  # at start, see KeyService.open
+_OPEN_BACKOFF = 0.1  # seconds, times the attempt number
 
 
 @dataclass(frozen=True)
@@ -50,15 +52,32 @@ class KeyService:
 
     @classmethod
     def open(cls, config: Config) -> KeyService:
-        opened: list[Token] = []
-        try:
-            for tc in config.tokens:
-                opened.append(Token(tc))
-        except BaseException:
-            for t in opened:
-                t.close()
-            raise
-        return cls(opened)
+        """Open every configured token, trying a few times.
+
+        SoftHSM 2.6.1 flushes an object file only after unlocking it, so a
+        process that initialises the module or logs in while another process
+        logs in (every login rewrites the token's own file) can read that file
+        empty: the token is then missing, or the login fails with
+        CKR_GENERAL_ERROR, until the module is initialised again. Two workers
+        starting together do exactly this. Closing every token finalises the
+        module, so the next attempt reads the token afresh. A refused PIN is
+        a ConfigError and never retried.
+        """
+        for attempt in range(1, _OPEN_ATTEMPTS + 1):
+            opened: list[Token] = []
+            try:
+                for tc in config.tokens:
+                    opened.append(Token(tc))
+                return cls(opened)
+            except BaseException as e:
+                for t in opened:
+                    t.close()
+                if not isinstance(e, Unavailable) or attempt == _OPEN_ATTEMPTS:
+                    raise
+                log.warning("cannot open the tokens yet; trying again",
+                            extra={"fields": {"attempt": attempt, "error": str(e)}})
+                time.sleep(_OPEN_BACKOFF * attempt)
+        raise AssertionError("unreachable")
 
     def close(self) -> None:
         for t in self.tokens.values():

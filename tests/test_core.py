@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -16,7 +18,9 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric import utils
 
 from signerd import signing
+from signerd.config import parse_config
 from signerd.keys import ALGORITHMS, key_id, parse_algorithm
+from signerd.service import KeyService
 from signerd.token import MODULES
 from signerd.v1 import signer_pb2 as pb
 from tests.conftest import Daemon, daemon_config, rpc_error, start_daemon, unique_gun
@@ -396,6 +400,43 @@ def test_a_key_is_marked_used_while_other_threads_sign_with_it(daemon: Daemon) -
     _while_running(sign_all, lambda: [svc.mark_used(k) for k in keys])
     assert all(token.get(k.key_id).used for k in keys)
     assert token._generation == generation
+
+
+_LOGIN_LOOP = """
+import sys
+from pathlib import Path
+from signerd import _p11
+lib = _p11.load(sys.argv[1])
+token = lib.get_token(token_label=sys.argv[2])
+pin = Path(sys.argv[3]).read_bytes()
+print("ready", flush=True)
+while True:
+    s = token.open(rw=True)
+    try:
+        lib.module.login(s.handle, pin)
+    except _p11.P11Error:
+        pass  # this process may read the other's half-written file too
+    s.close()
+"""
+
+
+def test_tokens_open_while_another_process_logs_in(hsm: Any, certs: Any, tmp_path: Path) -> None:
+    """Regression: SoftHSM 2.6.1 writes the token's file on every login and
+    flushes it only after unlocking, so a process starting meanwhile can find
+    the token missing or its login failing (CKR_GENERAL_ERROR). Two workers
+    starting together do this; KeyService.open tries again."""
+    config = parse_config(daemon_config(hsm, certs, tmp_path), tmp_path)
+    other = subprocess.Popen(
+        [sys.executable, "-c", _LOGIN_LOOP, hsm.module, "test-online", str(hsm.pins["online"])],
+        stdout=subprocess.PIPE)
+    try:
+        assert other.stdout is not None and other.stdout.readline() == b"ready\n"
+        for _ in range(40):
+            KeyService.open(config).close()
+        assert other.poll() is None  # it logged in all along
+    finally:
+        other.kill()
+        other.wait()
 
 
 def test_lost_sessions_are_reopened_and_the_sign_retried(daemon: Daemon) -> None:
