@@ -124,6 +124,56 @@ def _spki(alg: Algorithm, pub: Any) -> bytes:
     )
 
 
+class _SearchLock:
+    """Keeps object searches off objects that are being created.
+
+    SoftHSM 2.6.1 writes a new object's file in several steps, none of them
+    locked against other threads of the process (fcntl locks only exclude
+    other processes). A search (C_FindObjectsInit re-reads every object whose
+    file changed) or C_GetAttributeValue that reads the file half-written
+    marks the object invalid, and the C_GenerateKeyPair writing it fails with
+    CKR_GENERAL_ERROR (SoftHSM issue 573, fixed after 2.6.1 and in no
+    release). So key generation runs alone, and searches run together, on
+    each token (one lock per token and process: _Modules.search_lock).
+    Signing takes no part: it re-reads only its own key's file, and a key is
+    signed with only once its generation has finished. Writers go first, so
+    a steady stream of searches cannot starve a key generation.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._searching = 0
+        self._creating = False
+        self._waiting = 0  # creators waiting
+
+    @contextmanager
+    def search(self) -> Iterator[None]:
+        with self._cond:
+            self._cond.wait_for(lambda: not self._creating and not self._waiting)
+            self._searching += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._searching -= 1
+                if not self._searching:
+                    self._cond.notify_all()
+
+    @contextmanager
+    def create(self) -> Iterator[None]:
+        with self._cond:
+            self._waiting += 1
+            self._cond.wait_for(lambda: not self._creating and not self._searching)
+            self._waiting -= 1
+            self._creating = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._creating = False
+                self._cond.notify_all()
+
+
 class _Modules:
     """One initialised module per path per process, finalised on last close."""
 
@@ -131,6 +181,13 @@ class _Modules:
         self._lock = threading.Lock()
         self._libs: dict[str, tuple[_p11.ThreadSafeLib, int]] = {}
         self._users: dict[str, list[Token]] = {}
+        self._search_locks: dict[tuple[str, int], _SearchLock] = {}
+
+    def search_lock(self, path: str, slot_id: int) -> _SearchLock:
+        """The one _SearchLock of a token in this process, however many
+        Token objects use it."""
+        with self._lock:
+            return self._search_locks.setdefault((path, slot_id), _SearchLock())
 
     def acquire(self, path: str, user: Token | None = None) -> _p11.ThreadSafeLib:
         with self._lock:
@@ -189,55 +246,6 @@ class _Modules:
 MODULES = _Modules()
 
 
-class _SearchLock:
-    """Keeps object searches off objects that are being created.
-
-    SoftHSM 2.6.1 writes a new object's file in several steps, none of them
-    locked against other threads of the process (fcntl locks only exclude
-    other processes). A search (C_FindObjectsInit re-reads every object whose
-    file changed) or C_GetAttributeValue that reads the file half-written
-    marks the object invalid, and the C_GenerateKeyPair writing it fails with
-    CKR_GENERAL_ERROR (SoftHSM issue 573, fixed after 2.6.1 and in no
-    release). So key generation runs alone, and searches run together.
-    Signing takes no part: it re-reads only its own key's file, and a key is
-    signed with only once its generation has finished. Writers go first, so
-    a steady stream of searches cannot starve a key generation.
-    """
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition(threading.Lock())
-        self._searching = 0
-        self._creating = False
-        self._waiting = 0  # creators waiting
-
-    @contextmanager
-    def search(self) -> Iterator[None]:
-        with self._cond:
-            self._cond.wait_for(lambda: not self._creating and not self._waiting)
-            self._searching += 1
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._searching -= 1
-                if not self._searching:
-                    self._cond.notify_all()
-
-    @contextmanager
-    def create(self) -> Iterator[None]:
-        with self._cond:
-            self._waiting += 1
-            self._cond.wait_for(lambda: not self._creating and not self._searching)
-            self._waiting -= 1
-            self._creating = True
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._creating = False
-                self._cond.notify_all()
-
-
 class Token:
     """One configured token: its login, session pool and key cache."""
 
@@ -253,7 +261,7 @@ class Token:
         self._sessions: list[Any] = []
         self._keys: dict[KeyID, KeyEntry] = {}
         self._miss_lock = threading.Lock()
-        self._searches = _SearchLock()
+        self._searches = _SearchLock()  # replaced by the token's own in _connect
         self._login_refused = False
         self._connected = False
         self._last_error = ""
@@ -318,6 +326,7 @@ class Token:
         try:
             self._token = self._find_token()
             self.slot_id = self._token.slot.slot_id
+            self._searches = MODULES.search_lock(self.config.module, self.slot_id)
             first = self._token.open(rw=True)
             self._sessions.append(first)
             try:

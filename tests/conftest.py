@@ -24,7 +24,7 @@ import pytest
 
 from signerd import embedded, pki
 from signerd.client import Client, ClientConfig
-from signerd.config import Config, parse_config
+from signerd.config import Config, Pkcs11Uri, TokenConfig, parse_config
 from signerd.server import app
 
 ADMIN = "spiffe://test/admin"
@@ -71,6 +71,12 @@ def make_hsm(base: Path) -> HSM:
         pki.write_private(pins[name], pin)
         embedded.init_softhsm_token(module, conf, f"test-{name}", pin, b"so-" + pin)
     return HSM(base, conf, module, pins)
+
+
+def hsm_token(hsm: HSM, name: str) -> TokenConfig:
+    """The config of one of the test tokens, for a Token opened directly."""
+    return TokenConfig(name=name, module=hsm.module, uri=Pkcs11Uri(token=f"test-{name}"),
+                       pin_file=hsm.pins[name])
 
 
 @pytest.fixture(scope="session")

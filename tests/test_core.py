@@ -21,9 +21,16 @@ from signerd import signing
 from signerd.config import parse_config
 from signerd.keys import ALGORITHMS, key_id, parse_algorithm
 from signerd.service import KeyService
-from signerd.token import MODULES
+from signerd.token import MODULES, Token
 from signerd.v1 import signer_pb2 as pb
-from tests.conftest import Daemon, daemon_config, rpc_error, start_daemon, unique_gun
+from tests.conftest import (
+    Daemon,
+    daemon_config,
+    hsm_token,
+    rpc_error,
+    start_daemon,
+    unique_gun,
+)
 
 MESSAGE = b"The quick brown fox signs the canonical JSON" * 7
 
@@ -368,18 +375,25 @@ def _while_running(background: Callable[[], None], fn: Callable[[], None]) -> No
     assert errors == []
 
 
-def test_keys_are_generated_while_another_thread_lists_them(daemon: Daemon) -> None:
+@pytest.mark.parametrize("lister", ["same Token"])
+def test_keys_are_generated_while_another_thread_lists_them(
+        daemon: Daemon, hsm: Any, lister: str) -> None:
     """Regression: SoftHSM 2.6.1 (its issue 573, fixed after the release) marks
     an object invalid when a search in one thread reads its file while another
     thread of the process writes it, and the key generation then fails with
     CKR_GENERAL_ERROR. This is what a daemon's first listing and a CreateKey
-    at start do."""
+    at start do; a second Token object on the same token must wait too."""
     svc = daemon.servers.service
     token = svc.tokens["online"]
+    other = token if lister == "same Token" else Token(hsm_token(hsm, "online"))
     gun = unique_gun()
     made = []
-    _while_running(token.refresh,
-                   lambda: made.extend(svc.create_key(gun, f"targets/r{i}") for i in range(40)))
+    try:
+        _while_running(other.refresh, lambda: made.extend(
+            svc.create_key(gun, f"targets/r{i}") for i in range(40)))
+    finally:
+        if other is not token:
+            other.close()
     token.refresh()
     assert {k.key_id for k in made} <= {k.key_id for k in token.keys()}
 

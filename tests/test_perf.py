@@ -18,13 +18,22 @@ import grpc
 import pytest
 
 from signerd import _workers, audit, signing
-from signerd.config import Pkcs11Uri, TokenConfig, load_config, parse_config
+from signerd.config import load_config, parse_config
 from signerd.errors import ConfigError
 from signerd.keys import parse_algorithm
 from signerd.token import Token
 from signerd.v1 import signer_pb2 as pb
 from signerd.v1 import signer_pb2_grpc as pb_grpc
-from tests.conftest import HSM, PKI, Process, daemon_config, spawn_daemon, unique_gun, write_toml
+from tests.conftest import (
+    HSM,
+    PKI,
+    Process,
+    daemon_config,
+    hsm_token,
+    spawn_daemon,
+    unique_gun,
+    write_toml,
+)
 
 
 def _gone(pid: int) -> bool:
@@ -182,8 +191,7 @@ def test_supervisor_stops_when_a_worker_dies(hsm: HSM, certs: PKI, tmp_path: Pat
 
 @pytest.fixture
 def online_token(hsm: HSM) -> Any:
-    token = Token(TokenConfig(name="online", module=hsm.module,
-                              uri=Pkcs11Uri(token="test-online"), pin_file=hsm.pins["online"]))
+    token = Token(hsm_token(hsm, "online"))
     yield token
     token.close()
 
@@ -258,8 +266,7 @@ def test_supervisor_runs_workers_and_stops_them(hsm: HSM, certs: PKI, tmp_path: 
 def test_close_waits_for_a_session_in_use(hsm: HSM) -> None:
     """Closing a session, or finalising the module, under a thread that is
     still inside the module is undefined behaviour: close() waits for it."""
-    token = Token(TokenConfig(name="online", module=hsm.module,
-                              uri=Pkcs11Uri(token="test-online"), pin_file=hsm.pins["online"]))
+    token = Token(hsm_token(hsm, "online"))
     token.keys()  # the first listing is done
     held, release = threading.Event(), threading.Event()
 
@@ -284,8 +291,7 @@ def test_close_waits_for_a_session_in_use(hsm: HSM) -> None:
 def test_a_closed_token_never_logs_in_again(hsm: HSM) -> None:
     """A health probe that runs into a closed token must not reconnect (and log
     in again, holding sessions of a module that is being finalised)."""
-    token = Token(TokenConfig(name="online", module=hsm.module,
-                              uri=Pkcs11Uri(token="test-online"), pin_file=hsm.pins["online"]))
+    token = Token(hsm_token(hsm, "online"))
     token.keys()
     token.close()
     assert token.check() is False
