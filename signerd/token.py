@@ -189,6 +189,13 @@ class _Modules:
         with self._lock:
             return self._search_locks.setdefault((path, slot_id), _SearchLock())
 
+    def shares_login(self, token: Token) -> bool:
+        """Whether another connected Token of this process uses ``token``'s
+        slot, and so its login (PKCS#11 logs in per application and token)."""
+        with self._lock:
+            return any(t is not token and t.connected and t.slot_id == token.slot_id
+                       for t in self._users.get(token.config.module, []))
+
     def acquire(self, path: str, user: Token | None = None) -> _p11.ThreadSafeLib:
         with self._lock:
             lib, count = self._libs.get(path, (None, 0))
@@ -423,7 +430,9 @@ class Token:
                 log.warning("closing a token with sessions still in use",
                             extra={"fields": {"token": self.name, "in_use": self._borrowed}})
         with self._lock:
-            if self._sessions:
+            # The login belongs to the token, not to this object: another Token
+            # of this process on the same token would be logged out with it.
+            if self._sessions and not MODULES.shares_login(self):
                 self.module.logout(self._sessions[0].handle)
             self._drop_sessions()
             self.healthy = False
@@ -532,6 +541,10 @@ class Token:
         and python-pkcs11's ``get_objects`` makes several calls per object. On
         a 10,000-key token this pass went from 8.9 s to about 3 s."""
         m, h = self.module, s.handle
+        if m.session_state(h) not in (_p11.CKS_RO_USER_FUNCTIONS, _p11.CKS_RW_USER_FUNCTIONS):
+            # Logged out behind our back, the search would find no private
+            # key and the daemon would forget every key: log in again first.
+            raise _p11.P11Error("C_GetSessionInfo", _p11.CKR_USER_NOT_LOGGED_IN)
         privates: dict[bytes, tuple[int, dict[str, Any]]] = {}
         by_id = {_p11.CKA_ID: bytes.fromhex(only)} if only else {}
         read = m.attribute_reader({_p11.CKA_ID: 32, _p11.CKA_LABEL: 128}).read

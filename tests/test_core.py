@@ -17,7 +17,7 @@ import pytest
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric import utils
 
-from signerd import signing
+from signerd import _p11, signing
 from signerd.config import parse_config
 from signerd.keys import ALGORITHMS, key_id, parse_algorithm
 from signerd.service import KeyService
@@ -375,7 +375,7 @@ def _while_running(background: Callable[[], None], fn: Callable[[], None]) -> No
     assert errors == []
 
 
-@pytest.mark.parametrize("lister", ["same Token"])
+@pytest.mark.parametrize("lister", ["same Token", "another Token"])
 def test_keys_are_generated_while_another_thread_lists_them(
         daemon: Daemon, hsm: Any, lister: str) -> None:
     """Regression: SoftHSM 2.6.1 (its issue 573, fixed after the release) marks
@@ -462,6 +462,29 @@ def test_lost_sessions_are_reopened_and_the_sign_retried(daemon: Daemon) -> None
     sig = svc.sign(key.key_id, MESSAGE, signing.SignOptions())
     signing.verify(key.spki_der, key.algorithm, sig.signature, MESSAGE, signing.SignOptions())
     assert token.healthy
+
+
+def test_a_listing_after_a_logout_logs_in_again(daemon: Daemon) -> None:
+    """Logged out, a search finds no private key: the listing must not
+    conclude that the token has no keys."""
+    svc = daemon.servers.service
+    key = svc.create_key(unique_gun(), "targets")
+    token = svc.tokens["online"]
+    with token.session() as (_, s):
+        token.module.logout(s.handle)
+    token.refresh()
+    assert token.get(key.key_id) is not None
+    assert token.check()
+
+
+def test_closing_a_second_token_object_keeps_the_first_logged_in(
+        daemon: Daemon, hsm: Any) -> None:
+    """PKCS#11 logs in per application and token, so C_Logout from one Token
+    object would log out every other one on the same token."""
+    token = daemon.servers.service.tokens["online"]
+    Token(hsm_token(hsm, "online")).close()
+    with token.session() as (_, s):
+        assert token.module.session_state(s.handle) == _p11.CKS_RW_USER_FUNCTIONS
 
 
 def test_health_and_reflection_are_served(daemon: Daemon) -> None:
