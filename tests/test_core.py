@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import subprocess
 import sys
 import threading
@@ -418,6 +419,7 @@ def test_a_key_is_marked_used_while_other_threads_sign_with_it(daemon: Daemon) -
 
 _LOGIN_LOOP = """
 import sys
+import time
 from pathlib import Path
 from signerd import _p11
 lib = _p11.load(sys.argv[1])
@@ -431,6 +433,7 @@ while True:
     except _p11.P11Error:
         pass  # this process may read the other's half-written file too
     s.close()
+    time.sleep(0.005)
 """
 
 
@@ -445,12 +448,50 @@ def test_tokens_open_while_another_process_logs_in(hsm: Any, certs: Any, tmp_pat
         stdout=subprocess.PIPE)
     try:
         assert other.stdout is not None and other.stdout.readline() == b"ready\n"
-        for _ in range(40):
+        for _ in range(100):
             KeyService.open(config).close()
         assert other.poll() is None  # it logged in all along
     finally:
         other.kill()
         other.wait()
+
+
+class _Seen(logging.Handler):
+    """Sets ``event`` when a record with ``message`` is logged."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__()
+        self.message, self.event = message, threading.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.getMessage() == self.message:
+            self.event.set()
+
+
+def test_tokens_open_once_another_process_has_written_the_token_file(
+        hsm: Any, certs: Any, tmp_path: Path) -> None:
+    """The same, step by step: the token's file is as another process leaves
+    it between truncating and flushing (empty). The first attempt finds no
+    token; once the file is whole again, the next attempt opens it."""
+    config = parse_config(daemon_config(hsm, certs, tmp_path), tmp_path)
+    token_file = token_dir(hsm, "test-online") / "token.object"
+    whole = token_file.read_bytes()
+    seen = _Seen("cannot open the tokens yet; trying again")
+    logging.getLogger("signerd.service").addHandler(seen)
+    opened: list[KeyService] = []
+    opener = threading.Thread(target=lambda: opened.append(KeyService.open(config)))
+    try:
+        token_file.write_bytes(b"")
+        opener.start()
+        while opener.is_alive() and not seen.event.wait(0.01):
+            pass
+        assert seen.event.is_set(), "the first attempt did not fail and try again"
+    finally:
+        token_file.write_bytes(whole)
+        logging.getLogger("signerd.service").removeHandler(seen)
+        opener.join(30)
+    assert len(opened) == 1
+    opened[0].close()
 
 
 def test_lost_sessions_are_reopened_and_the_sign_retried(daemon: Daemon) -> None:
