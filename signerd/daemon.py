@@ -18,7 +18,6 @@ import logging
 import os
 import signal
 import sys
-import threading
 from pathlib import Path
 
 from signerd import embedded, logs
@@ -70,18 +69,23 @@ def pin_cpu(config: Config, index: int) -> None:
     log.info("pinned to one CPU", extra={"fields": {"cpu": cpu}})
 
 
+_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}  # stop, stop, reload the policy
+
+
 def serve(config: Config, ready_file: Path | None = None) -> int:
     from signerd.server import app
 
     os.environ.update(config.environment)  # e.g. SOFTHSM2_CONF, before modules load
     if not config.debug:
         make_undumpable()
+    # Blocked before any thread exists, so every thread (gRPC's, the tokens')
+    # inherits the mask and these signals wait for the sigwait below. With
+    # Python handlers, a signal the kernel gave to another thread ran only
+    # once the main thread woke up, and a main thread asleep in a wait never
+    # did: a SIGHUP or a SIGTERM could be lost.
+    signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
     servers = app.open_servers(config)
     service = servers.service
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
-    signal.signal(signal.SIGHUP, lambda *_: threading.Thread(target=servers.policy.reload).start())
     servers.start()
     info = {
         "pid": os.getpid(),
@@ -95,7 +99,8 @@ def serve(config: Config, ready_file: Path | None = None) -> int:
         tmp = ready_file.with_suffix(".tmp")
         tmp.write_text(json.dumps(info))
         tmp.replace(ready_file)
-    stop.wait()
+    while signal.sigwait(_SIGNALS) == signal.SIGHUP:
+        servers.policy.reload()
     log.info("signerd stopping: finishing in-flight requests")
     servers.stop()
     log.info("signerd stopped")

@@ -307,6 +307,22 @@ def spawn_daemon(
     return Process(proc, json.loads(ready.read_text()), stderr)
 
 
+def threads_taking_signals(pid: int) -> list[str]:
+    """Threads of ``pid`` but its main one that do not block SIGHUP, SIGINT
+    and SIGTERM (the main thread takes them with sigwait, which unblocks them
+    while it waits)."""
+    wanted = (1 << (signal.SIGHUP - 1)) | (1 << (signal.SIGINT - 1)) | (1 << (signal.SIGTERM - 1))
+    taking = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        if task.name == str(pid):
+            continue
+        status = (task / "status").read_text()
+        blocked = int(status.split("SigBlk:")[1].split()[0], 16)
+        if blocked & wanted != wanted:
+            taking.append(f"{task.name} {(task / 'comm').read_text().strip()}")
+    return taking
+
+
 def rpc_error(fn: Any) -> grpc.RpcError:
     """Call fn and return the grpc.RpcError it raises (failing if it does not)."""
     with pytest.raises(grpc.RpcError) as info:

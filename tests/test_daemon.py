@@ -17,7 +17,15 @@ import pytest
 from signerd import signing
 from signerd.client import Client, ClientConfig
 from signerd.keys import parse_algorithm
-from tests.conftest import HSM, PKI, daemon_config, spawn_daemon, unique_gun, write_toml
+from tests.conftest import (
+    HSM,
+    PKI,
+    daemon_config,
+    spawn_daemon,
+    threads_taking_signals,
+    unique_gun,
+    write_toml,
+)
 
 
 def _client(certs: PKI, port: int) -> Client:
@@ -258,6 +266,20 @@ def test_daemon_is_not_dumpable_unless_debug(
         assert proc.info["dumpable"] is debug
     finally:
         proc.stop()
+
+
+def test_only_the_main_thread_takes_signals(hsm: HSM, certs: PKI, tmp_path: Path) -> None:
+    """A Python signal handler runs only when the main thread wakes up, so a
+    SIGHUP or SIGTERM that the kernel gave to a gRPC thread waited for ever
+    (a reload test failed so in CI). Every other thread blocks them."""
+    proc = spawn_daemon(_config(hsm, certs, tmp_path), tmp_path)
+    try:
+        with _client(certs, proc.info["tcp"]) as c:
+            c.create_key(unique_gun(), "targets")  # the server's threads are all up
+        assert len(list(Path(f"/proc/{proc.proc.pid}/task").iterdir())) > 3
+        assert threads_taking_signals(proc.proc.pid) == []
+    finally:
+        assert proc.stop() == 0
 
 
 def test_sigterm_finishes_in_flight_requests(hsm: HSM, certs: PKI, tmp_path: Path) -> None:

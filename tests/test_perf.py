@@ -31,6 +31,7 @@ from tests.conftest import (
     daemon_config,
     hsm_token,
     spawn_daemon,
+    threads_taking_signals,
     unique_gun,
     write_toml,
 )
@@ -154,6 +155,7 @@ def test_two_workers_share_the_port_and_stop_cleanly_on_sigterm(
             if all(_signs(p) for p in logs):
                 break
         assert [bool(_signs(p)) for p in logs] == [True, True]
+        assert [threads_taking_signals(w) for w in workers] == [[], []]
         assert not (tmp_path / "audit.log").exists()  # one chain per worker, no shared file
 
         os.kill(proc.info["pid"], signal.SIGHUP)  # forwarded: every worker reloads its policy
