@@ -22,7 +22,7 @@ from signerd import _p11, signing
 from signerd.config import parse_config
 from signerd.keys import ALGORITHMS, key_id, parse_algorithm
 from signerd.service import KeyService
-from signerd.token import MODULES, Token
+from signerd.token import MODULES, Token, _SearchLock
 from signerd.v1 import signer_pb2 as pb
 from tests.conftest import (
     Daemon,
@@ -397,6 +397,32 @@ def test_keys_are_generated_while_another_thread_lists_them(
             other.close()
     token.refresh()
     assert {k.key_id for k in made} <= {k.key_id for k in token.keys()}
+
+
+def test_search_lock_lets_searches_share_and_a_creation_go_first() -> None:
+    """Searches run together; a creation waits for them and, once waiting,
+    holds back new searches (so a stream of searches cannot starve it)."""
+    lock = _SearchLock()
+    order: list[str] = []
+    with lock.search(), lock.search():  # two searches at once: no deadlock
+        creator = threading.Thread(target=lambda: _hold(lock.create, order, "create"))
+        creator.start()
+        while not lock._waiting:  # the creator waits for the two searches
+            time.sleep(0.01)
+        late = threading.Thread(target=lambda: _hold(lock.search, order, "late search"))
+        late.start()
+        time.sleep(0.2)
+        assert order == []  # neither got in
+        order.append("searches done")
+    creator.join(10)
+    late.join(10)
+    assert order == ["searches done", "create", "late search"]
+
+
+def _hold(guard: Callable[[], Any], order: list[str], name: str) -> None:
+    with guard():
+        order.append(name)
+        time.sleep(0.05)
 
 
 def test_a_key_is_marked_used_while_other_threads_sign_with_it(daemon: Daemon) -> None:
