@@ -221,9 +221,15 @@ class _H2Runner:
         return have[:n]
 
     def close(self) -> None:
-        for have in self.conns.values():
-            for c in have:
-                c.close()
+        for t in list(self.conns):
+            self.hang_up(t)
+
+    def hang_up(self, t: Target) -> None:
+        """Close the connections to ``t``. Between runs nothing reads them,
+        so a server that is stopping would wait its whole grace period for
+        an answer to its GOAWAY (grpcio's clients answer it themselves)."""
+        for c in self.conns.pop(t, []):
+            c.close()
 
     def run(self, p: Point) -> _Result:
         res = _Result()
@@ -251,7 +257,8 @@ class _H2Runner:
 
 
 def main(conn: Connection, mode: str, channels: int) -> None:
-    """Process body: answer ("run", Point) commands until ("stop",).
+    """Process body: answer ("run", Point) and ("hang_up", Target) commands
+    until ("stop",).
 
     ``channels`` caps the connections per daemon address in this process;
     callers beyond it share them (HTTP/2 multiplexing)."""
@@ -266,6 +273,11 @@ def main(conn: Connection, mode: str, channels: int) -> None:
             if isinstance(runner, _H2Runner):
                 runner.close()
             return
+        if cmd[0] == "hang_up":
+            if isinstance(runner, _H2Runner):
+                runner.hang_up(cmd[1])
+            conn.send("done")
+            continue
         conn.send(runner.run(cmd[1]).to_dict())
 
 

@@ -428,6 +428,13 @@ class LoadGen:
     def cpu(self) -> float:
         return sum(_proc.cpu_seconds(p.pid) for p in self.procs)
 
+    def hang_up(self, target: Target) -> None:
+        """Close every connection to ``target`` (before stopping its daemon)."""
+        for c in self.conns:
+            c.send(("hang_up", target))
+        for c in self.conns:
+            c.recv()
+
     def close(self) -> None:
         for c in self.conns:
             c.send(("stop",))
@@ -532,8 +539,8 @@ def sweep(daemon: Daemon, target: Target, gen: LoadGen, keys: dict[str, str],
 def floor_points(env: Env, gen: LoadGen, s: Settings) -> list[dict[str, Any]]:
     """The sweep's callers against the no-op server (see bench/_floor.py)."""
     floor = Floor.start(env, s)
+    target = env.target(floor.info["tcp"])
     try:
-        target = env.target(floor.info["tcp"])
         request, _ = request_bytes("v1", "0" * 64, payload(s.payload_bytes), 1)
         points = []
         for callers in s.callers:
@@ -547,6 +554,7 @@ def floor_points(env: Env, gen: LoadGen, s: Settings) -> list[dict[str, Any]]:
             points.append(point)
         return points
     finally:
+        gen.hang_up(target)
         floor.stop()
 
 
@@ -577,10 +585,10 @@ def many_keys(env: Env, small: Daemon, small_target: Target, small_key: str, gen
     against the small daemon measured in alternation (so drift hits both)."""
     hsm, key = many_keys_hsm(env, s.many_keys, Path(s.cache_dir))
     daemon = start_daemon(env.write_config("many", hsm, s))
+    target = env.target(daemon.info["tcp"])
     try:
         log(f"{s.many_keys} keys: daemon ready in {daemon.start_seconds:.2f}s "
             f"(tokens {daemon.info.get('tokens')})")
-        target = env.target(daemon.info["tcp"])
         data = payload(s.payload_bytes)
         problem = check_answer(target, "v1", key, "ecdsa-p256", data)
         if problem is not None:
@@ -596,6 +604,7 @@ def many_keys(env: Env, small: Daemon, small_target: Target, small_key: str, gen
                 rate[name].append(gen.run(d, t, "v1", req, 1, 16, s)["ops_per_s"])
         mem = daemon.memory_mib()
     finally:
+        gen.hang_up(target)
         stopped = daemon.stop()
     one_worker = None
     if s.workers > 1:  # each worker holds its own copy of the module's object store
