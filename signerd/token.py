@@ -21,7 +21,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import pkcs11
@@ -124,54 +124,71 @@ def _spki(alg: Algorithm, pub: Any) -> bytes:
     )
 
 
-class _SearchLock:
-    """Keeps object searches off objects that are being created.
+class _SharedLock:
+    """Many holders of ``shared()`` at once, or one of ``exclusive()``.
 
-    SoftHSM 2.6.1 writes a new object's file in several steps, none of them
-    locked against other threads of the process (fcntl locks only exclude
-    other processes). A search (C_FindObjectsInit re-reads every object whose
-    file changed) or C_GetAttributeValue that reads the file half-written
-    marks the object invalid, and the C_GenerateKeyPair writing it fails with
-    CKR_GENERAL_ERROR (SoftHSM issue 573, fixed after 2.6.1 and in no
-    release). So key generation runs alone, and searches run together, on
-    each token (one lock per token and process: _Modules.search_lock).
-    Signing takes no part: it re-reads only its own key's file, and a key is
-    signed with only once its generation has finished. Writers go first, so
-    a steady stream of searches cannot starve a key generation.
+    Exclusive holders go first: once one waits, new shared holders wait too,
+    so a steady stream of them cannot starve it.
     """
 
     def __init__(self) -> None:
         self._cond = threading.Condition(threading.Lock())
-        self._searching = 0
-        self._creating = False
-        self._waiting = 0  # creators waiting
+        self._sharing = 0
+        self._exclusive = False
+        self._waiting = 0  # exclusive holders waiting
 
     @contextmanager
-    def search(self) -> Iterator[None]:
+    def shared(self) -> Iterator[None]:
         with self._cond:
-            self._cond.wait_for(lambda: not self._creating and not self._waiting)
-            self._searching += 1
+            self._cond.wait_for(lambda: not self._exclusive and not self._waiting)
+            self._sharing += 1
         try:
             yield
         finally:
             with self._cond:
-                self._searching -= 1
-                if not self._searching:
+                self._sharing -= 1
+                if not self._sharing:
                     self._cond.notify_all()
 
     @contextmanager
-    def create(self) -> Iterator[None]:
+    def exclusive(self) -> Iterator[None]:
         with self._cond:
             self._waiting += 1
-            self._cond.wait_for(lambda: not self._creating and not self._searching)
+            self._cond.wait_for(lambda: not self._exclusive and not self._sharing)
             self._waiting -= 1
-            self._creating = True
+            self._exclusive = True
         try:
             yield
         finally:
             with self._cond:
-                self._creating = False
+                self._exclusive = False
                 self._cond.notify_all()
+
+
+@dataclass
+class _ObjectLocks:
+    """What keeps SoftHSM 2.6.1's readers off the object files it is writing.
+
+    SoftHSM truncates and rewrites an object's file in steps that other
+    threads of the process are not locked out of (its fcntl locks only
+    exclude other processes). A reader that meets the file half-written marks
+    the object invalid: the write then fails (CKR_GENERAL_ERROR from
+    C_GenerateKeyPair; SoftHSM issue 573, fixed after 2.6.1 and in no
+    release), and the reader gets CKR_OBJECT_HANDLE_INVALID.
+
+    - ``searches``: a search (C_FindObjectsInit re-reads every object whose
+      file changed) and attribute reads share it; key generation, which
+      writes new objects, holds it alone.
+    - ``signing``: signing re-reads only its key's file, so it shares this
+      one; relabelling a key (rewriting its files) holds it alone. Key
+      generation needs no part of it: a key is signed with only once made.
+
+    One per token and process (:meth:`_Modules.object_locks`); always taken
+    in this order.
+    """
+
+    searches: _SharedLock = field(default_factory=_SharedLock)
+    signing: _SharedLock = field(default_factory=_SharedLock)
 
 
 class _Modules:
@@ -181,13 +198,13 @@ class _Modules:
         self._lock = threading.Lock()
         self._libs: dict[str, tuple[_p11.ThreadSafeLib, int]] = {}
         self._users: dict[str, list[Token]] = {}
-        self._search_locks: dict[tuple[str, int], _SearchLock] = {}
+        self._object_locks: dict[tuple[str, int], _ObjectLocks] = {}
 
-    def search_lock(self, path: str, slot_id: int) -> _SearchLock:
-        """The one _SearchLock of a token in this process, however many
+    def object_locks(self, path: str, slot_id: int) -> _ObjectLocks:
+        """The one _ObjectLocks of a token in this process, however many
         Token objects use it."""
         with self._lock:
-            return self._search_locks.setdefault((path, slot_id), _SearchLock())
+            return self._object_locks.setdefault((path, slot_id), _ObjectLocks())
 
     def shares_login(self, token: Token) -> bool:
         """Whether another connected Token of this process uses ``token``'s
@@ -268,7 +285,7 @@ class Token:
         self._sessions: list[Any] = []
         self._keys: dict[KeyID, KeyEntry] = {}
         self._miss_lock = threading.Lock()
-        self._searches = _SearchLock()  # replaced by the token's own in _connect
+        self._locks = _ObjectLocks()  # replaced by the token's own in _connect
         self._login_refused = False
         self._connected = False
         self._last_error = ""
@@ -333,7 +350,7 @@ class Token:
         try:
             self._token = self._find_token()
             self.slot_id = self._token.slot.slot_id
-            self._searches = MODULES.search_lock(self.config.module, self.slot_id)
+            self._locks = MODULES.object_locks(self.config.module, self.slot_id)
             first = self._token.open(rw=True)
             self._sessions.append(first)
             try:
@@ -351,7 +368,7 @@ class Token:
             for _ in range(self.config.sessions - 1):
                 self._sessions.append(self._token.open(rw=True))
             if list_keys:  # after a reconnect handles may have changed: re-list now
-                with self._searches.search():
+                with self._locks.searches.shared():
                     self._load_keys(first)
         except (pkcs11.PKCS11Error, _p11.P11Error) as e:
             self.healthy = False
@@ -666,7 +683,7 @@ class Token:
                 raise
             return KeyEntry(kid, alg, gun, role, self.name, spki, False, priv.handle)
 
-        entry: KeyEntry = self._with_retry("key generation", gen, self._searches.create)
+        entry: KeyEntry = self._with_retry("key generation", gen, self._locks.searches.exclusive)
         with self._lock:
             self._keys[entry.key_id] = entry
         log.info(
@@ -706,9 +723,15 @@ class Token:
             for obj in self._objects(s, kid):
                 obj.destroy()
 
-        self._with_retry("key deletion", destroy, self._searches.search)
+        self._with_retry("key deletion", destroy, self._locks.searches.shared)
         with self._lock:
             self._keys.pop(kid, None)
+
+    @contextmanager
+    def _relabelling(self) -> Iterator[None]:
+        """A relabel searches for the key's objects, then rewrites them."""
+        with self._locks.searches.shared(), self._locks.signing.exclusive():
+            yield
 
     def mark_used(self, kid: KeyID) -> None:
         """Record on the token that the key has signed (Notary's reuse rule)."""
@@ -721,7 +744,7 @@ class Token:
             for obj in self._objects(s, kid):
                 obj[Attribute.LABEL] = label
 
-        self._with_retry("key relabel", relabel, self._searches.search)
+        self._with_retry("key relabel", relabel, self._relabelling)
         with self._lock:
             self._keys[kid] = replace(entry, used=True)
 
@@ -739,7 +762,7 @@ class Token:
                 return self._read_keys(s, kid)
 
             found: dict[KeyID, KeyEntry] = self._with_retry("key lookup", find,
-                                                            self._searches.search)
+                                                            self._locks.searches.shared)
             entry = found.get(kid)
             if entry is not None:
                 with self._lock:
@@ -753,7 +776,7 @@ class Token:
             self._load_keys(s)
 
         with self._lock:
-            self._with_retry("key listing", load, self._searches.search)
+            self._with_retry("key listing", load, self._locks.searches.shared)
 
     def sign(self, kid: KeyID, mechanism: _p11.Mechanism, data: bytes, max_len: int) -> bytes:
         """Sign ``data`` with the cached handle of key ``kid`` on a pooled session."""
@@ -766,7 +789,7 @@ class Token:
                 raise NotFound(f"key {kid} is no longer on token {self.name}")
             return self.module.sign(s.handle, entry.handle, mechanism, data, max_len)
 
-        result: bytes = self._with_retry("signing", sign)
+        result: bytes = self._with_retry("signing", sign, self._locks.signing.shared)
         return result
 
 
