@@ -7,6 +7,7 @@ when the thing measured is the daemon's own CPU use.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -41,6 +42,19 @@ def memory_kib(pid: int) -> dict[str, int]:
             if name in names:
                 out[name] = int(value.split()[0])
     return out
+
+
+def thread_statuses(pid: int) -> Iterator[tuple[int, dict[str, str]]]:
+    """(thread id, its /proc status fields) for every thread of ``pid``;
+    threads that end while being read are left out."""
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            text = (task / "status").read_text()
+        except OSError:
+            continue
+        yield int(task.name), dict(
+            (name, value.strip()) for name, _, value in
+            (line.partition(":") for line in text.splitlines()))
 
 
 def spin(start_at: float, seconds: float) -> float:

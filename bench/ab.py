@@ -31,6 +31,7 @@ from typing import Any
 if __package__ in (None, ""):  # run as a script: python bench/ab.py
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench import _proc  # noqa: E402
 from bench.run import (  # noqa: E402
     Daemon,
     Env,
@@ -49,16 +50,8 @@ TUNABLE = ("workers", "threads", "cpu_affinity", "sessions", "audit")
 
 def context_switches(pids: list[int]) -> int:
     """Voluntary plus involuntary context switches of every thread of ``pids``."""
-    total = 0
-    for pid in pids:
-        for task in Path(f"/proc/{pid}/task").iterdir():
-            try:
-                status = (task / "status").read_text()
-            except OSError:  # the thread ended meanwhile
-                continue
-            total += sum(int(line.split()[1]) for line in status.splitlines()
-                         if line.split(":")[0].endswith("ctxt_switches"))
-    return total
+    return sum(int(status["voluntary_ctxt_switches"]) + int(status["nonvoluntary_ctxt_switches"])
+               for pid in pids for _, status in _proc.thread_statuses(pid))
 
 
 def parse_assignment(text: str) -> tuple[str, Any]:

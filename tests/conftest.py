@@ -22,6 +22,7 @@ from typing import Any
 import grpc
 import pytest
 
+from bench import _proc
 from signerd import embedded, pki
 from signerd.client import Client, ClientConfig
 from signerd.config import Config, Pkcs11Uri, TokenConfig, parse_config
@@ -312,15 +313,8 @@ def threads_taking_signals(pid: int) -> list[str]:
     and SIGTERM (the main thread takes them with sigwait, which unblocks them
     while it waits)."""
     wanted = (1 << (signal.SIGHUP - 1)) | (1 << (signal.SIGINT - 1)) | (1 << (signal.SIGTERM - 1))
-    taking = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        if task.name == str(pid):
-            continue
-        status = (task / "status").read_text()
-        blocked = int(status.split("SigBlk:")[1].split()[0], 16)
-        if blocked & wanted != wanted:
-            taking.append(f"{task.name} {(task / 'comm').read_text().strip()}")
-    return taking
+    return [f"{tid} {status['Name']}" for tid, status in _proc.thread_statuses(pid)
+            if tid != pid and int(status["SigBlk"], 16) & wanted != wanted]
 
 
 def rpc_error(fn: Any) -> grpc.RpcError:

@@ -17,6 +17,7 @@ from typing import Any
 import grpc
 import pytest
 
+from bench import _proc
 from signerd import _workers, audit, signing
 from signerd.config import load_config, parse_config
 from signerd.errors import ConfigError
@@ -81,15 +82,7 @@ def _spawn_workers(hsm: HSM, certs: PKI, workdir: Path, **server: Any) -> Proces
 
 def _cpus_of_threads(pid: int) -> set[str]:
     """The Cpus_allowed_list of every thread of ``pid``."""
-    lists = set()
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        try:
-            status = (task / "status").read_text()
-        except OSError:  # the thread ended meanwhile
-            continue
-        lists.update(line.split()[1] for line in status.splitlines()
-                     if line.startswith("Cpus_allowed_list:"))
-    return lists
+    return {status["Cpus_allowed_list"] for _, status in _proc.thread_statuses(pid)}
 
 
 def test_cpu_affinity_spread_pins_each_worker_to_its_own_cpu(
@@ -262,7 +255,6 @@ def test_supervisor_runs_workers_and_stops_them(hsm: HSM, certs: PKI, tmp_path: 
     assert seen["pid"] == os.getpid() and len(seen["workers"]) == 2
     assert seen["tokens"] == ["online"]
     assert all(p.returncode == 0 for p in sup.procs)
-
 
 
 def test_close_waits_for_a_session_in_use(hsm: HSM) -> None:
