@@ -282,6 +282,10 @@ class Module:
             raise P11Error("C_GetSessionInfo", rv)
         return int(info.state)
 
+    def logged_in(self, session: int) -> bool:
+        """Whether ``session`` acts for the logged-in user."""
+        return self.session_state(session) in (CKS_RO_USER_FUNCTIONS, CKS_RW_USER_FUNCTIONS)
+
     def sign(
         self, session: int, key: int, mechanism: Mechanism, data: bytes, max_len: int
     ) -> bytes:

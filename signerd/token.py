@@ -20,7 +20,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -481,12 +481,12 @@ class Token:
                     self._idle.notify_all()
 
     def _with_retry(self, what: str, fn: Any,
-                    guard: Callable[[], AbstractContextManager[None]] | None = None) -> Any:
-        """Run fn(session) once, and once more after a reconnect if the
-        session, login or device was lost; inside ``guard()`` if given."""
+                    guard: Callable[[], AbstractContextManager[None]]) -> Any:
+        """Run fn(session) inside ``guard()`` (one of _ObjectLocks'), once, and
+        once more after a reconnect if the session, login or device was lost."""
         for attempt in (0, 1):
             rv: int | None
-            with self.session() as (gen, s), guard() if guard else nullcontext():
+            with self.session() as (gen, s), guard():
                 try:
                     return fn(s)
                 except _p11.P11Error as e:
@@ -519,8 +519,8 @@ class Token:
         when it is not; a refused PIN is never retried."""
         try:
             with self.session() as (gen, s):
-                state = self.module.session_state(s.handle)
-            if state not in (_p11.CKS_RO_USER_FUNCTIONS, _p11.CKS_RW_USER_FUNCTIONS):
+                logged_in = self.module.logged_in(s.handle)
+            if not logged_in:
                 self.reconnect(gen)
             self.healthy = True
         except _p11.P11Error:
@@ -558,7 +558,7 @@ class Token:
         and python-pkcs11's ``get_objects`` makes several calls per object. On
         a 10,000-key token this pass went from 8.9 s to about 3 s."""
         m, h = self.module, s.handle
-        if m.session_state(h) not in (_p11.CKS_RO_USER_FUNCTIONS, _p11.CKS_RW_USER_FUNCTIONS):
+        if not m.logged_in(h):
             # Logged out behind our back, the search would find no private
             # key and the daemon would forget every key: log in again first.
             raise _p11.P11Error("C_GetSessionInfo", _p11.CKR_USER_NOT_LOGGED_IN)
