@@ -781,6 +781,8 @@ def markdown(doc: dict[str, Any]) -> str:
 
 
 def parse_args(argv: list[str] | None) -> tuple[Settings, Path | None]:
+    from signerd.config import CPU_AFFINITIES
+
     d = Settings()
     p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n\n")[0])
     p.add_argument("--smoke", action="store_true",
@@ -795,7 +797,7 @@ def parse_args(argv: list[str] | None) -> tuple[Settings, Path | None]:
     p.add_argument("--many-keys", type=int, default=d.many_keys, help="0 skips the scenario")
     p.add_argument("--workers", type=int, default=d.workers)
     p.add_argument("--threads", type=int, default=d.threads)
-    p.add_argument("--cpu-affinity", choices=("none", "spread"), default=d.cpu_affinity)
+    p.add_argument("--cpu-affinity", choices=CPU_AFFINITIES, default=d.cpu_affinity)
     p.add_argument("--sessions", type=int, default=d.sessions)
     p.add_argument("--no-audit", action="store_true", help="measure without the audit log")
     p.add_argument("--no-floor", action="store_true", help="skip the no-op server baseline")

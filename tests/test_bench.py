@@ -15,14 +15,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def _python_m(*args: str, timeout: float) -> subprocess.CompletedProcess[str]:
+    """``python -m ARGS`` from the repository root, as its README runs it."""
+    return subprocess.run([sys.executable, "-m", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
 def test_bench_smoke_run_writes_complete_results(tmp_path: Path) -> None:
     out = tmp_path / "latest.json"
-    run = subprocess.run(
-        [sys.executable, "-m", "bench.run", "--smoke", "--out", str(out),
-         "--cache", str(tmp_path / "cache")],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )
+    run = _python_m("bench.run", "--smoke", "--out", str(out),
+                    "--cache", str(tmp_path / "cache"), timeout=300)
     assert run.returncode == 0, run.stderr[-4000:]
     doc = json.loads(out.read_text())
 
@@ -66,13 +68,10 @@ def test_bench_smoke_run_writes_complete_results(tmp_path: Path) -> None:
 
 def test_ab_runs_variants_in_alternation_and_reports_medians(tmp_path: Path) -> None:
     out = tmp_path / "ab.json"
-    run = subprocess.run(
-        [sys.executable, "-m", "bench.ab", "--variant", "cpu_affinity=none",
-         "--variant", "cpu_affinity=spread,threads=4", "--set", "workers=1", "--rounds", "2",
-         "--callers", "2", "--duration", "0.5", "--out", str(out)],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )
+    run = _python_m("bench.ab", "--variant", "cpu_affinity=none",
+                    "--variant", "cpu_affinity=spread,threads=4", "--set", "workers=1",
+                    "--rounds", "2", "--callers", "2", "--duration", "0.5", "--out", str(out),
+                    timeout=300)
     assert run.returncode == 0, run.stderr[-4000:]
     doc = json.loads(out.read_text())
     assert doc["settings"]["workers"] == 1 and doc["callers"] == 2
@@ -86,21 +85,13 @@ def test_ab_runs_variants_in_alternation_and_reports_medians(tmp_path: Path) -> 
 
 
 def test_ab_refuses_a_setting_it_cannot_vary() -> None:
-    run = subprocess.run(
-        [sys.executable, "-m", "bench.ab", "--variant", "colour=red", "--variant", "workers=2"],
-        cwd=ROOT, capture_output=True, text=True, timeout=60,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )
+    run = _python_m("bench.ab", "--variant", "colour=red", "--variant", "workers=2", timeout=60)
     assert run.returncode == 2
     assert "expected NAME=VALUE with NAME in" in run.stderr and "Traceback" not in run.stderr
 
 
 def test_handler_bench_times_the_sign_handler_and_its_parts() -> None:
-    run = subprocess.run(
-        [sys.executable, "-m", "bench.handler", "--calls", "20"],
-        cwd=ROOT, capture_output=True, text=True, timeout=120,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )
+    run = _python_m("bench.handler", "--calls", "20", timeout=120)
     assert run.returncode == 0, run.stderr[-4000:]
     rows = dict(line.strip("| ").split(" | ") for line in run.stdout.splitlines()[2:])
     assert set(rows) == {"Sign handler, whole", "KeyService.sign_with (token)", "audit line",
