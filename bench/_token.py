@@ -129,8 +129,10 @@ def token_rates(module: str, conf: Path, label: str, pin_file: Path, keys: dict[
             alg = parse_algorithm(name)
             mechanism, data = signing.prepare(alg, payload, signing.SignOptions())
             mech, param = _pkcs11_mechanism(alg)
+            entry = token.get(KeyID(kid)) or token.lookup(KeyID(kid))
+            assert entry is not None
             objs = [s.get_key(object_class=ObjectClass.PRIVATE_KEY,
-                              id=bytes.fromhex(kid)) for s in sessions]
+                              id=entry.object_id) for s in sessions]
             assert all(o[Attribute.SIGN] for o in objs)
 
             own = [partial(o.sign, data, mechanism=mech, mechanism_param=param) for o in objs]

@@ -32,6 +32,7 @@ CKR_OK = 0x0
 CKR_CRYPTOKI_ALREADY_INITIALIZED = 0x191
 CKR_PIN_INCORRECT = 0xA0
 CKR_PIN_LOCKED = 0xA4
+CKR_DEVICE_REMOVED = 0x32
 CKR_USER_ALREADY_LOGGED_IN = 0x100
 CKR_USER_NOT_LOGGED_IN = 0x101
 CKU_USER = 1
@@ -45,6 +46,8 @@ CKA_KEY_TYPE = 0x100
 CKA_MODULUS = 0x120
 CKA_PUBLIC_EXPONENT = 0x122
 CKA_EC_POINT = 0x181
+CKA_VALUE = 0x11
+CKO_DATA = 0x0
 CKO_PUBLIC_KEY = 0x2
 CKO_PRIVATE_KEY = 0x3
 _UNAVAILABLE = CK_ULONG(-1).value  # CK_UNAVAILABLE_INFORMATION
@@ -93,6 +96,7 @@ _NAMES = {
     0xB0: "CKR_SESSION_CLOSED",
     0xB3: "CKR_SESSION_HANDLE_INVALID",
     0xE0: "CKR_TOKEN_NOT_PRESENT",
+    0xE1: "CKR_TOKEN_NOT_RECOGNIZED",
     0x101: "CKR_USER_NOT_LOGGED_IN",
     0x102: "CKR_USER_PIN_NOT_INITIALIZED",
     0x150: "CKR_BUFFER_TOO_SMALL",
@@ -137,6 +141,50 @@ class _SessionInfo(ctypes.Structure):
         ("flags", CK_ULONG),
         ("ulDeviceError", CK_ULONG),
     ]
+
+
+class _Version(ctypes.Structure):
+    _fields_ = [("major", ctypes.c_ubyte), ("minor", ctypes.c_ubyte)]
+
+
+class _TokenInfo(ctypes.Structure):
+    """CK_TOKEN_INFO (PKCS#11 v2.40 §3.2)."""
+
+    _fields_ = [
+        ("label", ctypes.c_char * 32),
+        ("manufacturerID", ctypes.c_char * 32),
+        ("model", ctypes.c_char * 16),
+        ("serialNumber", ctypes.c_char * 16),
+        ("flags", CK_ULONG),
+        ("ulMaxSessionCount", CK_ULONG),
+        ("ulSessionCount", CK_ULONG),
+        ("ulMaxRwSessionCount", CK_ULONG),
+        ("ulRwSessionCount", CK_ULONG),
+        ("ulMaxPinLen", CK_ULONG),
+        ("ulMinPinLen", CK_ULONG),
+        ("ulTotalPublicMemory", CK_ULONG),
+        ("ulFreePublicMemory", CK_ULONG),
+        ("ulTotalPrivateMemory", CK_ULONG),
+        ("ulFreePrivateMemory", CK_ULONG),
+        ("hardwareVersion", _Version),
+        ("firmwareVersion", _Version),
+        ("utcTime", ctypes.c_char * 16),
+    ]
+
+
+@dataclass(frozen=True)
+class TokenInfo:
+    """What C_GetTokenInfo says of a token. Text fields are the blank-padded
+    CK_UTF8CHAR fields with the padding stripped; a memory figure the token
+    does not report (CK_UNAVAILABLE_INFORMATION) is None, in bytes otherwise."""
+
+    label: str
+    manufacturer: str
+    model: str
+    serial: str
+    free_public_memory: int | None
+    free_private_memory: int | None
+    max_sessions: int | None
 
 
 class _Mechanism(ctypes.Structure):
@@ -184,6 +232,7 @@ _C_CloseAllSessions = ctypes.CFUNCTYPE(CK_RV, CK_ULONG)
 _C_Login = ctypes.CFUNCTYPE(CK_RV, CK_ULONG, CK_ULONG, ctypes.c_char_p, CK_ULONG)
 _C_Logout = ctypes.CFUNCTYPE(CK_RV, CK_ULONG)
 _C_GetSessionInfo = ctypes.CFUNCTYPE(CK_RV, CK_ULONG, ctypes.c_void_p)
+_C_GetTokenInfo = ctypes.CFUNCTYPE(CK_RV, CK_ULONG, ctypes.c_void_p)
 _C_SignInit = ctypes.CFUNCTYPE(CK_RV, CK_ULONG, _P(_Mechanism), CK_ULONG)
 _C_Sign = ctypes.CFUNCTYPE(CK_RV, CK_ULONG, ctypes.c_char_p, CK_ULONG, ctypes.c_char_p, _ULONG_P)
 _C_GetAttributeValue = ctypes.CFUNCTYPE(CK_RV, CK_ULONG, CK_ULONG, _P(_Attribute), CK_ULONG)
@@ -233,6 +282,7 @@ class Module:
         self._login = _C_Login(fl.C_Login)
         self._logout = _C_Logout(fl.C_Logout)
         self._session_info = _C_GetSessionInfo(fl.C_GetSessionInfo)
+        self._token_info = _C_GetTokenInfo(fl.C_GetTokenInfo)
         self._sign_init = _C_SignInit(fl.C_SignInit)
         self._sign = _C_Sign(fl.C_Sign)
         self._get_attribute_value = _C_GetAttributeValue(fl.C_GetAttributeValue)
@@ -281,6 +331,36 @@ class Module:
         if rv != CKR_OK:
             raise P11Error("C_GetSessionInfo", rv)
         return int(info.state)
+
+    def token_info(self, slot_id: int) -> TokenInfo:
+        """C_GetTokenInfo for ``slot_id``: no session needed, and every module
+        here answers it from the token's store or device, so it doubles as the
+        health probe (SoftHSM 2.6.1 answers CKR_GENERAL_ERROR once the token's
+        directory is gone, and until the module is initialised again).
+        python-pkcs11's Token does not carry the memory figures.
+
+        Raises P11Error."""
+        info = _TokenInfo()
+        rv = self._token_info(slot_id, ctypes.byref(info))
+        if rv != CKR_OK:
+            raise P11Error("C_GetTokenInfo", rv)
+
+        def text(raw: bytes) -> str:
+            return raw.decode("utf-8", "replace").rstrip(" \x00")
+
+        def number(value: int) -> int | None:
+            return None if value == _UNAVAILABLE else int(value)
+
+        return TokenInfo(
+            text(bytes(info.label)),
+            text(bytes(info.manufacturerID)),
+            text(bytes(info.model)),
+            text(bytes(info.serialNumber)),
+            number(info.ulFreePublicMemory),
+            number(info.ulFreePrivateMemory),
+            # 0 is CK_EFFECTIVELY_INFINITE
+            None if info.ulMaxSessionCount in (0, _UNAVAILABLE) else int(info.ulMaxSessionCount),
+        )
 
     def logged_in(self, session: int) -> bool:
         """Whether ``session`` acts for the logged-in user."""

@@ -46,6 +46,42 @@ def _table(keys: Sequence[pb.Key]) -> str:
     )
 
 
+def token_dict(t: pb.TokenInfo) -> dict[str, Any]:
+    def memory(v: int) -> int | None:
+        return None if v < 0 else v
+
+    return {
+        "name": t.name, "module": t.module, "profile": t.profile,
+        "manufacturer": t.manufacturer, "model": t.model, "serial": t.serial,
+        "label": t.label, "healthy": t.healthy, "error": t.error,
+        "algorithms": list(t.algorithms), "key_count": t.key_count, "sessions": t.sessions,
+        "free_public_memory": memory(t.free_public_memory),
+        "free_private_memory": memory(t.free_private_memory),
+    }
+
+
+def _token_lines(tokens: Sequence[pb.TokenInfo]) -> str:
+    out = []
+    for t in tokens:
+        d = token_dict(t)
+        health = "healthy" if t.healthy else f"UNUSABLE ({t.error})"
+        free = ", ".join(f"{k.split('_')[1]} {v} bytes" for k, v in d.items()
+                         if k.startswith("free_") and v is not None)
+        out += [
+            f"{t.name}: {health}",
+            f"  {t.manufacturer} {t.model}, serial {t.serial}, label {t.label!r}",
+            f"  module {t.module}, profile {t.profile}, {t.sessions} sessions",
+            f"  keys {t.key_count}; can create {', '.join(t.algorithms) or 'nothing'}",
+        ] + ([f"  free memory: {free}"] if free else [])
+    return "\n".join(out)
+
+
+def cmd_tokens_list(args: argparse.Namespace) -> None:
+    with connect(args) as c:
+        tokens = c.list_tokens()
+    emit(args, [token_dict(t) for t in tokens], lambda: _token_lines(tokens))
+
+
 def cmd_keys_create(args: argparse.Namespace) -> None:
     with connect(args) as c:
         k = c.create_key(args.gun, args.role, args.algorithm, args.token or "")
@@ -207,6 +243,12 @@ def build_parser() -> argparse.ArgumentParser:
         p = keys.add_parser(name, parents=[common], help=helptext)
         p.add_argument("key_id")
         p.set_defaults(func=func)
+
+    tokens = sub.add_parser("tokens", help="the daemon's tokens").add_subparsers(
+        dest="tokens_cmd", required=True)
+    p = tokens.add_parser("list", parents=[common],
+                          help="each token: what it is, its health, what it can create")
+    p.set_defaults(func=cmd_tokens_list)
 
     p = keys.add_parser("export", parents=[common], help="print the public key")
     p.add_argument("key_id")

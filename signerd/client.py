@@ -119,6 +119,10 @@ class Client:
             if not page:
                 return
 
+    def list_tokens(self) -> list[pb.TokenInfo]:
+        resp = self.stub.ListTokens(pb.ListTokensRequest(), timeout=self.cfg.timeout)
+        return list(resp.tokens)
+
     def delete_key(self, key_id: str) -> None:
         self.stub.DeleteKey(pb.DeleteKeyRequest(key_id=key_id), timeout=self.cfg.timeout)
 

@@ -11,12 +11,13 @@ import fnmatch
 import os
 import stat
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
 
 from signerd.errors import ConfigError
+from signerd.profiles import PROFILE_NAMES, session_budget
 
 DEFAULT_MAX_MESSAGE_BYTES = 1 << 20
 
@@ -67,6 +68,9 @@ class TokenConfig:
     pin_env: str | None = None
     sessions: int = 4  # pooled sessions: concurrent signing operations on this token
     roles: tuple[str, ...] = ("*",)  # roles whose new keys go here by default (globs)
+    # signerd.profiles name; None: chosen from the token's manufacturer at start
+    profile: str | None = None
+    processes: int = 1  # serving processes, each with its own session pool (server.workers)
 
     def holds_role(self, role: str) -> bool:
         return any(fnmatch.fnmatchcase(role, pattern) for pattern in self.roles)
@@ -180,6 +184,9 @@ def _token(base: Path, raw: dict[str, Any], index: int) -> TokenConfig:
         raise ConfigError(f"token {name}: a PIN never goes in the config; use pin_file or pin_env")
     sessions = _take(raw, "sessions", int, 4, where)
     roles = _take(raw, "roles", list, ["*"], where)
+    profile = _take(raw, "profile", str, None, where)
+    if profile is not None and profile not in PROFILE_NAMES:
+        raise ConfigError(f"{where}profile must be one of {list(PROFILE_NAMES)}, not {profile!r}")
     if raw:
         raise ConfigError(f"{where}: unknown keys {sorted(raw)}")
     if sessions < 1:
@@ -193,6 +200,7 @@ def _token(base: Path, raw: dict[str, Any], index: int) -> TokenConfig:
         pin_env=pin_env,
         sessions=sessions,
         roles=tuple(str(r) for r in roles),
+        profile=profile,
     )
 
 
@@ -243,6 +251,13 @@ def parse_config(data: dict[str, Any], base: Path) -> Config:
     )
     if s:
         raise ConfigError(f"unknown keys in [server]: {sorted(s)}")
+    if cfg.workers < 1:
+        raise ConfigError("server.workers must be at least 1")
+    cfg = replace(cfg, tokens=tuple(replace(t, processes=cfg.workers) for t in cfg.tokens))
+    budget = session_budget(((t.name, t.profile, t.sessions) for t in cfg.tokens if t.profile),
+                            cfg.workers)
+    if budget:
+        raise ConfigError(budget[0])
     if cfg.cpu_affinity not in CPU_AFFINITIES:
         raise ConfigError(
             f"server.cpu_affinity must be one of {list(CPU_AFFINITIES)}, "

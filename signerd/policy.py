@@ -229,6 +229,19 @@ class Policy:
         """Shorthand for ``decide(req).allowed`` (for filtering listings)."""
         return self.decide(req).allowed
 
+    def grants_on_token(self, req: Request) -> bool:
+        """Whether some rule grants ``req.operation`` on *some* key of
+        ``req.token`` (its GUN and role left open): who may read a token's
+        description. ``req.gun`` and ``req.role`` are ignored."""
+        if (not req.identity or req.transport not in TRANSPORTS
+                or (req.transport == "tcp" and req.identity.startswith(_UID_PREFIX))):
+            return False
+        return any(
+            req.transport in r.transports and req.operation in r.operations
+            and r._identities.match(req.identity) and r._tokens.match(req.token)
+            for r in self.rules
+        )
+
 
 class PolicyStore:
     """Holds the current :class:`Policy` and swaps it on reload (SIGHUP).

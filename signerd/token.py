@@ -1,4 +1,4 @@
-"""PKCS#11 tokens: load modules, log in, pool sessions, cache key handles.
+"""PKCS#11 tokens: load modules, log in, pool sessions, cache key handles, watch health.
 
 The signing path is: take a pooled session, ``C_SignInit`` + ``C_Sign`` with
 the cached private key handle, give the session back. No ``C_FindObjects``,
@@ -6,15 +6,19 @@ no session open/close, no login. When the token says the session or login is
 gone, the token is re-opened once (new sessions, login, key handles) and the
 operation retried once; only then does the caller see :class:`Unavailable`.
 
-Key metadata lives on the token objects themselves: ``CKA_ID`` is the 32-byte
-TUF key ID and ``CKA_LABEL`` a small JSON document (algorithm, GUN, role,
-used). There is no other database, so a restarted daemon, or a second daemon
-on the same token, sees the same keys.
+Health is whether the token answers now: the probe (:meth:`Token.check`)
+calls ``C_GetTokenInfo``, which reaches the token's store or device, and a
+failure makes the token unusable until a reconnect succeeds. A key search
+whose token stops answering meanwhile is not believed either, so a token
+that goes away never turns known keys into NOT_FOUND.
+
+How keys and their metadata sit on the token is :mod:`signerd._layout`'s
+business; there is no other database, so a restarted daemon, or a second
+daemon on the same token, sees the same keys.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import queue
 import threading
@@ -25,11 +29,9 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import pkcs11
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
 
-from signerd import _p11
+from signerd import _layout, _p11
 from signerd.config import TokenConfig
 from signerd.errors import (
     ConfigError,
@@ -40,25 +42,25 @@ from signerd.errors import (
     TokenLoginError,
     Unavailable,
 )
-from signerd.keys import ALGORITHMS, Algorithm, KeyID, key_id, tuf_public_bytes
+from signerd.keys import Algorithm, KeyID, key_id, tuf_public_bytes
+from signerd.profiles import PROFILES, MechanismInfo, Profile, detect, supported_algorithms
 
 log = logging.getLogger("signerd.token")
 
-_CURVE_OIDS = {  # DER-encoded OBJECT IDENTIFIERs for CKA_EC_PARAMS
-    "secp256r1": bytes.fromhex("06082a8648ce3d030107"),
-    "secp384r1": bytes.fromhex("06052b81040022"),
-    "ed25519": bytes.fromhex("06032b6570"),
-}
-_CURVES = {"secp256r1": ec.SECP256R1(), "secp384r1": ec.SECP384R1()}
-_LABEL_TAG = "signerd"
 _POOL_WAIT = 30.0  # seconds a request waits for a free session before UNAVAILABLE
 _CLOSE_WAIT = 30.0  # seconds close() waits for sessions in use to come back
 _RETRY_EVERY = 1.0  # seconds between reconnect attempts while a token is unusable
+_ID_ATTEMPTS = 8  # tries at a free 2-byte CKA_ID before giving up
+_KEEPALIVE_LABEL = b"signerd-keepalive"  # searched for, never created
 
 
 @dataclass(frozen=True)
 class KeyEntry:
-    """A key pair on a token, as the daemon knows it."""
+    """A key pair on a token, as the daemon knows it.
+
+    ``spki_der`` is the DER SubjectPublicKeyInfo; ``handle`` the private key's
+    object handle, valid in every session of the process; ``object_id`` its
+    CKA_ID (2 bytes in layout 2, the 32-byte key ID in layout 1)."""
 
     key_id: KeyID
     algorithm: Algorithm
@@ -67,61 +69,33 @@ class KeyEntry:
     token: str
     spki_der: bytes
     used: bool
-    handle: int  # private key object handle, valid in every session
+    handle: int
+    object_id: bytes = b""
+    layout: int = 2
 
     @property
     def tuf_public(self) -> bytes:
         return tuf_public_bytes(self.algorithm.keytype, self.spki_der)
 
 
-def _label(alg: Algorithm, gun: str, role: str, used: bool) -> str:
-    return json.dumps(
-        {_LABEL_TAG: 1, "alg": alg.name, "gun": gun, "role": role, "used": used},
-        separators=(",", ":"),
-        sort_keys=True,
-    )
+@dataclass(frozen=True)
+class TokenStatus:
+    """What ``signerctl tokens list`` shows of a token."""
 
-
-def _parse_label(label: str) -> dict[str, Any] | None:
-    try:
-        meta = json.loads(label)
-    except ValueError:
-        return None
-    if not isinstance(meta, dict) or meta.get(_LABEL_TAG) != 1 or meta.get("alg") not in ALGORITHMS:
-        return None
-    return meta
-
-
-def _octets(der: bytes) -> bytes:
-    """The content of a DER OCTET STRING (CKA_EC_POINT is one)."""
-    if not der or der[0] != 0x04:
-        return der  # some modules return the raw point
-    length, offset = der[1], 2
-    if length & 0x80:
-        n = length & 0x7F
-        length, offset = int.from_bytes(der[2 : 2 + n], "big"), 2 + n
-    return der[offset : offset + length]
-
-
-def _spki(alg: Algorithm, pub: Any) -> bytes:
-    """DER SubjectPublicKeyInfo of a public key object on the token."""
-    key: Any
-    if alg.keytype == "rsa":
-        n = int.from_bytes(pub[Attribute.MODULUS], "big")
-        e = int.from_bytes(pub[Attribute.PUBLIC_EXPONENT], "big")
-        key = rsa.RSAPublicNumbers(e, n).public_key()
-    elif alg.keytype == "ed25519":
-        key = ed25519.Ed25519PublicKey.from_public_bytes(_octets(pub[Attribute.EC_POINT]))
-    else:
-        assert alg.curve is not None
-        key = ec.EllipticCurvePublicKey.from_encoded_point(
-            _CURVES[alg.curve], _octets(pub[Attribute.EC_POINT])
-        )
-    return bytes(
-        key.public_bytes(
-            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-        )
-    )
+    name: str
+    module: str
+    profile: str
+    manufacturer: str
+    model: str
+    serial: str
+    label: str
+    healthy: bool
+    error: str
+    algorithms: tuple[str, ...]
+    key_count: int
+    sessions: int
+    free_public_memory: int | None
+    free_private_memory: int | None
 
 
 class _SharedLock:
@@ -258,20 +232,27 @@ class _Modules:
                 lib.module.finalize()
                 lib.module.initialize()
             except _p11.P11Error as e:
-                log.error(
-                    "module re-initialisation failed",
-                    extra={"fields": {"module": path, "error": str(e)}},
-                )
+                # Tried again at every probe while the token is away: the
+                # token's own down/up warnings are what the operator reads.
+                log.debug("module re-initialisation failed",
+                          extra={"fields": {"module": path, "error": str(e)}})
                 return False
-            log.warning("module re-initialised", extra={"fields": {"module": path}})
+            log.info("module re-initialised", extra={"fields": {"module": path}})
             return True
 
 
 MODULES = _Modules()
 
 
+
+
 class Token:
-    """One configured token: its login, session pool and key cache."""
+    """One configured token: its login, session pool, key cache and health.
+
+    Raises, when opened: :class:`TokenLoginError` for a refused PIN,
+    :class:`ConfigError` for a module that cannot be loaded or a session
+    budget the token's profile does not allow, :class:`Unavailable` for a
+    token that cannot be reached (tried again by the caller)."""
 
     def __init__(self, config: TokenConfig) -> None:
         self.config = config
@@ -283,6 +264,7 @@ class Token:
         self._generation = 0
         self._pool: queue.SimpleQueue[tuple[int, Any]] = queue.SimpleQueue()
         self._sessions: list[Any] = []
+        self._touched: dict[int, float] = {}  # session handle -> last use (monotonic s)
         self._keys: dict[KeyID, KeyEntry] = {}
         self._miss_lock = threading.Lock()
         self._locks = _ObjectLocks()  # replaced by the token's own in _connect
@@ -290,9 +272,13 @@ class Token:
         self._connected = False
         self._last_error = ""
         self._next_attempt = 0.0
-        self.healthy = False
+        self._healthy = False
+        self._down_logged = False
         self._token: Any = None
         self.slot_id = -1
+        self.info: _p11.TokenInfo | None = None
+        self.profile: Profile = PROFILES[config.profile or "generic"]
+        self.algorithms: tuple[str, ...] = ()
         self._listed = threading.Event()
         self._lister: threading.Thread | None = None
         self._idle = threading.Condition()  # notified when no session is borrowed
@@ -322,6 +308,31 @@ class Token:
         finally:
             self._listed.set()
 
+    # -- health -------------------------------------------------------------
+
+    @property
+    def healthy(self) -> bool:
+        """Whether the token answered its last probe or operation."""
+        return self._healthy
+
+    def _set_health(self, ok: bool, reason: str = "") -> None:
+        """Record health; warn once when the token goes down and once when
+        it is back, however many probes and requests fail in between."""
+        self._healthy = ok
+        if not ok:
+            self._last_error = reason or self._last_error
+            if not self._down_logged and not self._closed:
+                self._down_logged = True
+                log.warning("token unusable", extra={"fields": {
+                    "token": self.name, "error": self._last_error}})
+        elif self._down_logged:
+            self._down_logged = False
+            log.warning("token usable again", extra={"fields": {"token": self.name}})
+
+    def _unavailable(self, what: str) -> Unavailable:
+        return Unavailable(f"token {self.name} is unavailable ({what}); "
+                           "signerd keeps trying to reach it")
+
     # -- connection ---------------------------------------------------------
 
     def _find_token(self) -> Any:
@@ -340,6 +351,37 @@ class Token:
             f"token {self.name}: no token matches its uri in module {self.config.module}"
         )
 
+    def _learn(self, info: _p11.TokenInfo) -> None:
+        """At the first connection: the token's profile and capabilities."""
+        if self.info is not None:
+            return
+        if self.config.profile is None:
+            self.profile = detect(info.manufacturer, info.model)
+        limit = self.profile.max_sessions
+        if limit is not None and self.config.sessions * self.config.processes > limit:
+            self._login_refused = True  # a config fault: never retried
+            raise ConfigError(
+                f"token {self.name} ({self.profile.name}) allows {limit} sessions in all, but "
+                f"its pool needs {self.config.sessions} × {self.config.processes} worker "
+                "process(es); lower its sessions or server.workers"
+            )
+        slot = self._token.slot
+        mechanisms: dict[int, MechanismInfo] = {}
+        for mech in slot.get_mechanisms():
+            value = int(mech)
+            try:
+                mi = slot.get_mechanism_info(mech)
+                mechanisms[value] = MechanismInfo(int(mi.min_key_length or 0),
+                                                  int(mi.max_key_length or 0), int(mi.flags))
+            except pkcs11.PKCS11Error:
+                continue  # listed but not described: not one to rely on
+        self.algorithms = supported_algorithms(mechanisms, self.profile)
+        self.info = info
+        log.info("token found", extra={"fields": {
+            "token": self.name, "profile": self.profile.name,
+            "manufacturer": info.manufacturer, "model": info.model,
+            "algorithms": list(self.algorithms)}})
+
     def _connect(self, list_keys: bool = True) -> None:
         """Open the pool, log in once, and (unless told not to) load every key."""
         if self._login_refused:
@@ -350,6 +392,7 @@ class Token:
         try:
             self._token = self._find_token()
             self.slot_id = self._token.slot.slot_id
+            self._learn(self.module.token_info(self.slot_id))
             self._locks = MODULES.object_locks(self.config.module, self.slot_id)
             first = self._token.open(rw=True)
             self._sessions.append(first)
@@ -371,14 +414,16 @@ class Token:
                 with self._locks.searches.shared():
                     self._load_keys(first)
         except (pkcs11.PKCS11Error, _p11.P11Error) as e:
-            self.healthy = False
-            self._last_error = f"{type(e).__name__} {e}".strip()
-            raise Unavailable(f"token {self.name} is unusable: {self._last_error}") from None
+            reason = _p11.rv_name(e.rv) if isinstance(e, _p11.P11Error) else type(e).__name__
+            self._set_health(False, reason)
+            raise self._unavailable(reason) from None
         self._generation += 1
+        now = time.monotonic()
         for s in self._sessions:
+            self._touched[s.handle] = now
             self._pool.put((self._generation, s))
         self._connected = True
-        self.healthy = True
+        self._set_health(True)
 
     def _drop_sessions(self) -> None:
         for s in self._sessions:
@@ -397,6 +442,7 @@ class Token:
         or they were just closed)."""
         self._connected = False
         self._sessions = []
+        self._touched = {}
         while True:
             try:
                 self._pool.get_nowait()
@@ -407,7 +453,8 @@ class Token:
         """Re-open sessions and log in again, unless another thread just did.
 
         While the token stays unusable, attempts are spaced by
-        _RETRY_EVERY so that callers fail fast instead of piling up."""
+        _RETRY_EVERY so that callers fail fast instead of piling up.
+        Raises Unavailable (or TokenLoginError)."""
         with self._lock:
             if self._closed:
                 raise Unavailable(f"token {self.name} is closed: signerd is stopping")
@@ -419,11 +466,9 @@ class Token:
                 return
             now = time.monotonic()
             if not self._connected and now < self._next_attempt:
-                raise Unavailable(f"token {self.name} is unusable: {self._last_error}")
+                raise self._unavailable(self._last_error)
             self._next_attempt = now + _RETRY_EVERY
-            log.warning(
-                "token session or login lost; reconnecting", extra={"fields": {"token": self.name}}
-            )
+            log.debug("reconnecting", extra={"fields": {"token": self.name}})
             self._connected = False
             self._drop_sessions()
             try:
@@ -452,7 +497,7 @@ class Token:
             if self._sessions and not MODULES.shares_login(self):
                 self.module.logout(self._sessions[0].handle)
             self._drop_sessions()
-            self.healthy = False
+            self._healthy = False
             if self._lib is not None:
                 MODULES.release(self.config.module, self)
                 self._lib = None
@@ -474,16 +519,30 @@ class Token:
             yield gen, s
         finally:
             if gen == self._generation:
+                self._touched[s.handle] = time.monotonic()
                 self._pool.put((gen, s))
             with self._idle:
                 self._borrowed -= 1
                 if not self._borrowed:
                     self._idle.notify_all()
 
+    def _answers(self) -> bool:
+        """Whether the token answers C_GetTokenInfo now."""
+        try:
+            self.module.token_info(self.slot_id)
+            return True
+        except _p11.P11Error as e:
+            self._last_error = _p11.rv_name(e.rv)
+            return False
+
     def _with_retry(self, what: str, fn: Any,
                     guard: Callable[[], AbstractContextManager[None]]) -> Any:
         """Run fn(session) inside ``guard()`` (one of _ObjectLocks'), once, and
-        once more after a reconnect if the session, login or device was lost."""
+        once more after a reconnect if the session, login or device was lost.
+
+        Raises InvalidArgument (data the token rejects), FailedPrecondition
+        (a mechanism it cannot do), Unavailable (anything else; the message
+        names the token, never the module's own text)."""
         for attempt in (0, 1):
             rv: int | None
             with self.session() as (gen, s), guard():
@@ -494,8 +553,13 @@ class Token:
                 except pkcs11.PKCS11Error as e:
                     rv = _pkcs11_rv(e)
                     if rv is None:
+                        if not self._answers():
+                            self._set_health(False)
+                            raise self._unavailable(self._last_error) from None
+                        log.warning("token operation failed", exc_info=True, extra={"fields": {
+                            "token": self.name, "operation": what, "error": type(e).__name__}})
                         raise Unavailable(
-                            f"token {self.name}: {what} failed: {type(e).__name__}"
+                            f"token {self.name}: {what} failed ({type(e).__name__})"
                         ) from None
             if rv in _p11.DATA_INVALID:
                 raise InvalidArgument(f"token {self.name} rejected the data: {_p11.rv_name(rv)}")
@@ -504,117 +568,199 @@ class Token:
                     f"token {self.name} cannot do this {what}: {_p11.rv_name(rv)}"
                 )
             lost = rv in _p11.SESSION_LOST | _p11.DEVICE_LOST | _p11.HANDLE_LOST
+            if not self._answers():
+                lost = True
             if not lost or attempt == 1:
-                self.healthy = False
-                raise Unavailable(f"token {self.name}: {what} failed: {_p11.rv_name(rv)}")
+                self._set_health(False, _p11.rv_name(rv))
+                raise self._unavailable(_p11.rv_name(rv))
             try:
                 self.reconnect(gen)
             except SignerdError:
-                self.healthy = False
+                self._set_health(False)
                 raise
         raise AssertionError("unreachable")
 
     def check(self) -> bool:
-        """Health probe: a pooled session is open and logged in. Reconnects
-        when it is not; a refused PIN is never retried."""
+        """Health probe: the token answers C_GetTokenInfo (which reaches its
+        store or device), and a pooled session is still logged in. Idle
+        sessions are touched when the profile asks for a keepalive.
+        Reconnects when any of it fails; a refused PIN is never retried."""
+        if self._closed:
+            return False
         try:
-            with self.session() as (gen, s):
-                logged_in = self.module.logged_in(s.handle)
-            if not logged_in:
-                self.reconnect(gen)
-            self.healthy = True
-        except _p11.P11Error:
+            if not self._connected:
+                self.reconnect()
+            if not self._answers():
+                with self._lock:
+                    self._set_health(False)
+                    self._connected = False  # sessions of a token that went away
+                self.reconnect()
+            self._check_idle_sessions()
+            self._set_health(True)
+        except _p11.P11Error as e:
+            self._set_health(False, _p11.rv_name(e.rv))
             try:
                 self.reconnect()
             except SignerdError:
-                self.healthy = False
-        except SignerdError:
-            self.healthy = False
-        return self.healthy
+                pass
+        except SignerdError as e:
+            self._set_health(False, str(e))
+        return self._healthy
+
+    def _check_idle_sessions(self) -> None:
+        """Check the login on one idle session, and touch every idle session
+        the profile's keepalive says is due. A session in use is left alone:
+        it is in use. Raises P11Error."""
+        idle: list[tuple[int, Any]] = []
+        while True:
+            try:
+                idle.append(self._pool.get_nowait())
+            except queue.Empty:
+                break
+        try:
+            now = time.monotonic()
+            for i, (_, s) in enumerate(idle):
+                if i == 0 and not self.module.logged_in(s.handle):
+                    raise _p11.P11Error("C_GetSessionInfo", _p11.CKR_USER_NOT_LOGGED_IN)
+                keepalive = self.profile.keepalive
+                if keepalive is not None and now - self._touched.get(s.handle, 0) >= keepalive:
+                    # A search reaches the device (YubiHSM: a list-objects command
+                    # on the device session), which resets its idle timer.
+                    with self._locks.searches.shared():
+                        self.module.find_objects(s.handle, {
+                            _p11.CKA_CLASS: _p11.ulong(_p11.CKO_DATA),
+                            _p11.CKA_LABEL: _KEEPALIVE_LABEL})
+                    self._touched[s.handle] = time.monotonic()
+        finally:
+            for gen, s in idle:
+                if gen == self._generation:
+                    self._pool.put((gen, s))
+
+    def status(self) -> TokenStatus:
+        """The token as ``signerctl tokens list`` shows it."""
+        info = self.info
+        return TokenStatus(
+            name=self.name, module=self.config.module, profile=self.profile.name,
+            manufacturer=info.manufacturer if info else "", model=info.model if info else "",
+            serial=info.serial if info else "", label=info.label if info else "",
+            healthy=self._healthy, error="" if self._healthy else self._last_error,
+            algorithms=self.algorithms, key_count=len(self._keys),
+            sessions=self.config.sessions,
+            free_public_memory=info.free_public_memory if info else None,
+            free_private_memory=info.free_private_memory if info else None,
+        )
 
     # -- keys ---------------------------------------------------------------
-
-    # DER SubjectPublicKeyInfo up to the key bits, per curve: listing builds
-    # SPKIs by concatenation rather than parsing each point with
-    # ``cryptography`` (0.3 s for 10,000 keys). Nothing is trusted blindly:
-    # the SPKI must still hash to the key ID stored in CKA_ID, which was
-    # computed from a parsed key when the key was generated.
-    _SPKI_PREFIX = {
-        ("secp256r1", 65): bytes.fromhex("3059301306072a8648ce3d020106082a8648ce3d030107034200"),
-        ("secp384r1", 97): bytes.fromhex("3076301006072a8648ce3d020106052b81040022036200"),
-        (None, 32): bytes.fromhex("302a300506032b6570032100"),  # ed25519
-    }
 
     def _load_keys(self, s: Any) -> None:
         self._keys = self._read_keys(s)
 
     def _read_keys(self, s: Any, only: KeyID | None = None) -> dict[KeyID, KeyEntry]:
-        """Read every signerd key on the token: one pass over the private keys
-        (handles and metadata) and one over the public keys (key material).
+        """Read signerd's keys on the token, in either layout
+        (:mod:`signerd._layout`): every key, or only key ``only``.
 
-        Through the ctypes calls of :mod:`signerd._p11`, with one
+        One pass over the private keys (handles, CKA_ID, CKA_LABEL), one over
+        the data objects (metadata), one over the public keys (key material),
+        through the ctypes calls of :mod:`signerd._p11`, with one
         C_GetAttributeValue per object: with SoftHSM's file store each call
-        costs about 70 µs whatever it reads (it re-checks the object's file),
-        and python-pkcs11's ``get_objects`` makes several calls per object. On
-        a 10,000-key token this pass went from 8.9 s to about 3 s."""
+        costs about 70 µs whatever it reads, and python-pkcs11's
+        ``get_objects`` makes several calls per object. A result is believed
+        only if the token still answers afterwards: a token that went away
+        answers searches with nothing (SoftHSM does), which is not "no keys".
+
+        Raises P11Error."""
         m, h = self.module, s.handle
         if not m.logged_in(h):
             # Logged out behind our back, the search would find no private
             # key and the daemon would forget every key: log in again first.
             raise _p11.P11Error("C_GetSessionInfo", _p11.CKR_USER_NOT_LOGGED_IN)
-        privates: dict[bytes, tuple[int, dict[str, Any]]] = {}
-        by_id = {_p11.CKA_ID: bytes.fromhex(only)} if only else {}
-        read = m.attribute_reader({_p11.CKA_ID: 32, _p11.CKA_LABEL: 128}).read
-        for handle in m.find_objects(
-            h, {_p11.CKA_CLASS: _p11.ulong(_p11.CKO_PRIVATE_KEY), **by_id}
-        ):
-            attrs = read(h, handle)
-            cka_id, label = attrs[_p11.CKA_ID], attrs[_p11.CKA_LABEL]
-            meta = _parse_label(label.decode("utf-8", "replace")) if label else None
-            if cka_id is not None and meta is not None:
-                privates[cka_id] = (handle, meta)
-        keys: dict[KeyID, KeyEntry] = {}
+        data_class = {_p11.CKA_CLASS: _p11.ulong(_p11.CKO_DATA)}
+        read_data = m.attribute_reader({_p11.CKA_LABEL: 40, _p11.CKA_VALUE: 512}).read
+        metas: dict[KeyID, _layout.KeyMeta] = {}
+        used: set[str] = set()
+
+        def read_data_objects(template: dict[int, bytes]) -> None:
+            for handle in m.find_objects(h, {**data_class, **template}):
+                attrs = read_data(h, handle)
+                prefix = _layout.used_prefix(attrs[_p11.CKA_LABEL])
+                meta = _layout.parse_meta_value(attrs[_p11.CKA_VALUE])
+                if prefix is not None:
+                    used.add(prefix)
+                elif meta is not None and meta.key_id is not None:
+                    metas[meta.key_id] = meta
+
+        if only is None:
+            scopes: list[dict[int, bytes]] = [{}]
+            read_data_objects({})
+        else:
+            # Layout 1 keys carry the key ID as CKA_ID; layout 2 keys are
+            # found through their metadata object's label.
+            read_data_objects({_p11.CKA_LABEL: _layout.meta_label(only)})
+            read_data_objects({_p11.CKA_LABEL: _layout.used_label(only)})
+            ids = [bytes.fromhex(only)] + [meta.object_id for meta in metas.values()]
+            scopes = [{_p11.CKA_ID: i} for i in ids if i]
+        privates: dict[bytes, tuple[int, bytes | None]] = {}
+        publics: dict[bytes, dict[int, bytes | None]] = {}
+        read_priv = m.attribute_reader({_p11.CKA_ID: 32, _p11.CKA_LABEL: 128}).read
         # Ask every public key for EC and RSA material at once: the attributes
         # a key does not have come back as None, and a second call would cost
         # more than the unused attributes.
-        read = m.attribute_reader({_p11.CKA_ID: 32, _p11.CKA_EC_POINT: 128,
-                                   _p11.CKA_MODULUS: 512, _p11.CKA_PUBLIC_EXPONENT: 8}).read
-        for handle in m.find_objects(
-            h, {_p11.CKA_CLASS: _p11.ulong(_p11.CKO_PUBLIC_KEY), **by_id}
-        ):
-            pub = read(h, handle)
-            found = privates.get(pub[_p11.CKA_ID] or b"")
-            if found is None:
-                continue
-            private, meta = found
-            alg = ALGORITHMS[meta["alg"]]
-            kid = spki = None
-            try:
-                point = _octets(pub[_p11.CKA_EC_POINT] or b"")
-                prefix = self._SPKI_PREFIX.get((alg.curve, len(point)))
-                spki = prefix + point if prefix else _spki(alg, pub)  # keyed as Attribute is
-                public = point if alg.keytype == "ed25519" else spki
-                kid = key_id(alg.keytype, public)
-            except (TypeError, ValueError):
-                pass  # missing or malformed key material: not a key we can serve
-            if spki is None or kid is None or bytes.fromhex(kid) != pub[_p11.CKA_ID]:
-                log.warning(
-                    "skipping key whose CKA_ID is not its key ID",
-                    extra={"fields": {"token": self.name, "gun": meta.get("gun"),
-                                      "role": meta.get("role")}},
-                )
-                continue
-            keys[kid] = KeyEntry(
-                kid,
-                alg,
-                str(meta["gun"]),
-                str(meta["role"]),
-                self.name,
-                spki,
-                bool(meta.get("used")),
-                private,
-            )
+        read_pub = m.attribute_reader({_p11.CKA_ID: 32, _p11.CKA_EC_POINT: 128,
+                                       _p11.CKA_MODULUS: 512,
+                                       _p11.CKA_PUBLIC_EXPONENT: 8}).read
+        for scope in scopes:
+            for handle in m.find_objects(h, {_p11.CKA_CLASS: _p11.ulong(_p11.CKO_PRIVATE_KEY),
+                                             **scope}):
+                attrs = read_priv(h, handle)
+                if attrs[_p11.CKA_ID]:
+                    privates[attrs[_p11.CKA_ID] or b""] = (handle, attrs[_p11.CKA_LABEL])
+        for scope in scopes:
+            for handle in m.find_objects(h, {_p11.CKA_CLASS: _p11.ulong(_p11.CKO_PUBLIC_KEY),
+                                             **scope}):
+                pub = read_pub(h, handle)
+                if pub[_p11.CKA_ID] in privates:
+                    publics[pub[_p11.CKA_ID] or b""] = pub
+        if not self._answers():
+            raise _p11.P11Error("C_GetTokenInfo", _p11.CKR_DEVICE_REMOVED)
+        keys: dict[KeyID, KeyEntry] = {}
+        for object_id, (private, label) in privates.items():
+            entry = self._entry(object_id, private, label, publics.get(object_id), metas, used)
+            if entry is not None and (only is None or entry.key_id == only):
+                keys[entry.key_id] = entry
         return keys
+
+    def _entry(self, object_id: bytes, private: int, label: bytes | None,
+               pub: dict[int, bytes | None] | None, metas: dict[KeyID, _layout.KeyMeta],
+               used: set[str]) -> KeyEntry | None:
+        """The KeyEntry of one key pair read off the token, or None when it
+        is not a well-formed signerd key (with a warning if it claims to be)."""
+        v1 = _layout.parse_v1_label(label) if len(object_id) == 32 else None
+        alg = v1[0].algorithm if v1 is not None else _layout.parse_key_label(label)
+        if alg is None or pub is None:
+            return None  # not signerd's, or half a key pair
+        try:
+            spki = _layout.spki(alg, pub[_p11.CKA_EC_POINT], pub[_p11.CKA_MODULUS],
+                                pub[_p11.CKA_PUBLIC_EXPONENT])
+            kid = key_id(alg.keytype, tuf_public_bytes(alg.keytype, spki))
+        except ValueError as e:
+            log.warning("skipping a key whose public key cannot be read", extra={"fields": {
+                "token": self.name, "cka_id": object_id.hex(), "error": str(e)}})
+            return None
+        if v1 is not None:
+            if bytes.fromhex(kid) == object_id:
+                meta = v1[0]
+                return KeyEntry(kid, alg, meta.gun, meta.role, self.name, spki, v1[1],
+                                private, object_id, 1)
+        else:
+            found = metas.get(kid)
+            if found is not None and found.object_id == object_id and found.algorithm == alg:
+                return KeyEntry(kid, alg, found.gun, found.role, self.name, spki,
+                                kid[:_layout.USED_KID_HEX] in used, private, object_id, 2)
+            if found is None:
+                return None  # generation under way in another process, or abandoned
+        log.warning("skipping a key whose public key does not match its metadata",
+                    extra={"fields": {"token": self.name, "cka_id": object_id.hex()}})
+        return None
 
     def keys(self) -> list[KeyEntry]:
         """Every key on the token (waits for the first listing to finish)."""
@@ -624,80 +770,122 @@ class Token:
     def get(self, kid: KeyID) -> KeyEntry | None:
         return self._keys.get(kid)
 
+    def check_algorithm(self, alg: Algorithm) -> None:
+        """Raise FailedPrecondition unless the token can create ``alg`` keys."""
+        if alg.name not in self.algorithms:
+            can = ", ".join(self.algorithms) or "no algorithm signerd uses"
+            raise FailedPrecondition(
+                f"token {self.name} cannot create {alg.name} keys; it supports {can}"
+            )
+
+    def _free_object_id(self, s: Any) -> bytes:
+        """A 2-byte CKA_ID that no key on the token has."""
+        for _ in range(_ID_ATTEMPTS):
+            candidate = _layout.new_object_id()
+            if not self.module.find_objects(s.handle, {_p11.CKA_ID: candidate}):
+                return candidate
+        raise Unavailable(f"token {self.name}: found no free 2-byte CKA_ID; is it full?")
+
     def generate(self, alg: Algorithm, gun: str, role: str) -> KeyEntry:
-        """Generate a key pair on the token. The private key is a sensitive,
-        non-extractable token object that can only sign."""
-        label = _label(alg, gun, role, used=False)
-        pub_tpl: dict[Any, Any] = {
-            Attribute.TOKEN: True,
-            Attribute.PRIVATE: False,
-            Attribute.VERIFY: True,
-            Attribute.ENCRYPT: False,
-            Attribute.WRAP: False,
-            Attribute.DERIVE: False,
-            Attribute.LABEL: label,
-        }
-        priv_tpl: dict[Any, Any] = {
-            Attribute.TOKEN: True,
-            Attribute.PRIVATE: True,
-            Attribute.SENSITIVE: True,
-            Attribute.EXTRACTABLE: False,
-            Attribute.SIGN: True,
-            Attribute.DECRYPT: False,
-            Attribute.UNWRAP: False,
-            Attribute.DERIVE: False,
-            Attribute.LABEL: label,
-        }
+        """Generate a key pair on the token, in layout 2, with its metadata
+        object. The private key is a sensitive, non-extractable token object
+        that can only sign.
+
+        Raises FailedPrecondition (an algorithm the token cannot do),
+        Unavailable."""
+        self.check_algorithm(alg)
+        label = _layout.key_label(alg).decode()  # python-pkcs11 takes str labels
+
+        def templates(object_id: bytes) -> tuple[dict[Any, Any], dict[Any, Any]]:
+            # CKA_ID and CKA_LABEL are the same on both halves and set here,
+            # never afterwards: a YubiHSM would need a meta object for either.
+            pub: dict[Any, Any] = {
+                Attribute.TOKEN: True,
+                Attribute.PRIVATE: False,
+                Attribute.VERIFY: True,
+                Attribute.ENCRYPT: False,
+                Attribute.WRAP: False,
+                Attribute.ID: object_id,
+                Attribute.LABEL: label,
+            }
+            priv: dict[Any, Any] = {
+                Attribute.TOKEN: True,
+                Attribute.PRIVATE: True,
+                Attribute.SENSITIVE: True,
+                Attribute.EXTRACTABLE: False,
+                Attribute.SIGN: True,
+                Attribute.DECRYPT: False,
+                Attribute.UNWRAP: False,
+                Attribute.ID: object_id,
+                Attribute.LABEL: label,
+            }
+            if alg.keytype == "rsa":
+                pub[Attribute.PUBLIC_EXPONENT] = b"\x01\x00\x01"
+                pub[Attribute.MODULUS_BITS] = alg.bits
+            else:
+                pub[Attribute.EC_PARAMS] = _layout.CURVE_OIDS[alg.curve or "ed25519"]
+            return pub, priv
+
         if alg.keytype == "rsa":
             key_type, bits, mech = KeyType.RSA, alg.bits, Mechanism.RSA_PKCS_KEY_PAIR_GEN
-            pub_tpl[Attribute.PUBLIC_EXPONENT] = b"\x01\x00\x01"
-            pub_tpl[Attribute.MODULUS_BITS] = alg.bits
         elif alg.keytype == "ed25519":
             key_type, bits, mech = KeyType.EC_EDWARDS, None, Mechanism.EC_EDWARDS_KEY_PAIR_GEN
-            pub_tpl[Attribute.EC_PARAMS] = _CURVE_OIDS["ed25519"]
         else:
-            assert alg.curve is not None
             key_type, bits, mech = KeyType.EC, None, Mechanism.EC_KEY_PAIR_GEN
-            pub_tpl[Attribute.EC_PARAMS] = _CURVE_OIDS[alg.curve]
 
-        def gen(s: Any) -> KeyEntry:
+        def gen(s: Any) -> KeyEntry | None:
             self._sync_index(s)
+            object_id = self._free_object_id(s)
+            pub_tpl, priv_tpl = templates(object_id)
             pub, priv = s.generate_keypair(
-                key_type,
-                bits,
-                store=True,
-                mechanism=mech,
-                capabilities=0,
-                public_template=pub_tpl,
-                private_template=priv_tpl,
+                key_type, bits, store=True, mechanism=mech, capabilities=0,
+                public_template=pub_tpl, private_template=priv_tpl,
             )
+            made = [priv, pub]
             try:
-                spki = _spki(alg, pub)
+                attrs = self.module.get_attributes(s.handle, pub.handle, {
+                    _p11.CKA_EC_POINT: 128, _p11.CKA_MODULUS: 512,
+                    _p11.CKA_PUBLIC_EXPONENT: 8})
+                spki = _layout.spki(alg, attrs[_p11.CKA_EC_POINT], attrs[_p11.CKA_MODULUS],
+                                    attrs[_p11.CKA_PUBLIC_EXPONENT])
                 kid = key_id(alg.keytype, tuf_public_bytes(alg.keytype, spki))
-                # The key ID depends on the public key, so it is set after generation.
-                pub[Attribute.ID] = bytes.fromhex(kid)
-                priv[Attribute.ID] = bytes.fromhex(kid)
-            except BaseException:
-                priv.destroy()
-                pub.destroy()
+                meta = _layout.KeyMeta(alg, gun, role, kid, object_id)
+                made.append(s.create_object({
+                    Attribute.CLASS: ObjectClass.DATA,
+                    Attribute.TOKEN: True,
+                    Attribute.PRIVATE: False,
+                    Attribute.LABEL: _layout.meta_label(kid).decode(),
+                    Attribute.APPLICATION: _layout.APPLICATION.decode(),
+                    Attribute.VALUE: _layout.meta_value(meta),
+                }))
+                # Another process may have taken the same CKA_ID meanwhile:
+                # then ours is undone and made again with another.
+                if len(self.module.find_objects(s.handle, {_p11.CKA_ID: object_id})) != 2:
+                    raise _Collision()
+            except BaseException as e:
+                for obj in made:
+                    try:
+                        obj.destroy()
+                    except (pkcs11.PKCS11Error, _p11.P11Error):
+                        pass  # best effort; a leftover half is skipped when listing
+                if isinstance(e, _Collision):
+                    return None
                 raise
-            return KeyEntry(kid, alg, gun, role, self.name, spki, False, priv.handle)
+            return KeyEntry(kid, alg, gun, role, self.name, spki, False, priv.handle,
+                            object_id, 2)
 
-        entry: KeyEntry = self._with_retry("key generation", gen, self._locks.searches.exclusive)
+        entry: KeyEntry | None = None
+        for _ in range(_ID_ATTEMPTS):
+            entry = self._with_retry("key generation", gen, self._locks.searches.exclusive)
+            if entry is not None:
+                break
+        if entry is None:
+            raise Unavailable(f"token {self.name}: key generation kept colliding on CKA_ID")
         with self._lock:
             self._keys[entry.key_id] = entry
-        log.info(
-            "key created",
-            extra={
-                "fields": {
-                    "token": self.name,
-                    "key_id": entry.key_id,
-                    "algorithm": alg.name,
-                    "gun": gun,
-                    "role": role,
-                }
-            },
-        )
+        log.info("key created", extra={"fields": {
+            "token": self.name, "key_id": entry.key_id, "algorithm": alg.name,
+            "gun": gun, "role": role}})
         return entry
 
     @staticmethod
@@ -712,15 +900,22 @@ class Token:
         """
         list(s.get_objects({Attribute.CLASS: ObjectClass.DATA, Attribute.LABEL: "signerd-sync"}))
 
-    def _objects(self, s: Any, kid: KeyID) -> list[Any]:
-        return list(s.get_objects({Attribute.ID: bytes.fromhex(kid)}))
+    def _objects(self, s: Any, entry: KeyEntry) -> list[Any]:
+        """Every object of a key: the pair, its metadata and "has signed" objects."""
+        found = list(s.get_objects({Attribute.ID: entry.object_id}))
+        if entry.layout == 2:
+            for label in (_layout.meta_label(entry.key_id), _layout.used_label(entry.key_id)):
+                found += list(s.get_objects({Attribute.CLASS: ObjectClass.DATA,
+                                             Attribute.LABEL: label.decode()}))
+        return found
 
     def delete(self, kid: KeyID) -> None:
-        if kid not in self._keys:
+        entry = self._keys.get(kid)
+        if entry is None:
             raise NotFound(f"no key {kid} on token {self.name}")
 
         def destroy(s: Any) -> None:
-            for obj in self._objects(s, kid):
+            for obj in self._objects(s, entry):
                 obj.destroy()
 
         self._with_retry("key deletion", destroy, self._locks.searches.shared)
@@ -734,25 +929,43 @@ class Token:
             yield
 
     def mark_used(self, kid: KeyID) -> None:
-        """Record on the token that the key has signed (Notary's reuse rule)."""
+        """Record on the token that the key has signed (Notary's reuse rule):
+        a new "has signed" object in layout 2, a rewritten label in layout 1."""
         entry = self._keys.get(kid)
         if entry is None or entry.used:
             return
-        label = _label(entry.algorithm, entry.gun, entry.role, used=True)
+        if entry.layout == 1:
+            label = _layout.v1_label(entry.algorithm, entry.gun, entry.role, used=True)
 
-        def relabel(s: Any) -> None:
-            for obj in self._objects(s, kid):
-                obj[Attribute.LABEL] = label
+            def relabel(s: Any) -> None:
+                for obj in self._objects(s, entry):
+                    obj[Attribute.LABEL] = label.decode()
 
-        self._with_retry("key relabel", relabel, self._relabelling)
+            self._with_retry("key relabel", relabel, self._relabelling)
+        else:
+            def record(s: Any) -> None:
+                self._sync_index(s)
+                s.create_object({
+                    Attribute.CLASS: ObjectClass.DATA,
+                    Attribute.TOKEN: True,
+                    Attribute.PRIVATE: False,
+                    Attribute.LABEL: _layout.used_label(kid).decode(),
+                    Attribute.APPLICATION: _layout.APPLICATION.decode(),
+                    Attribute.VALUE: b"1",
+                })
+
+            # A new object: no search may read it half-written (see _ObjectLocks).
+            self._with_retry("recording a key's first signature", record,
+                             self._locks.searches.exclusive)
         with self._lock:
             self._keys[kid] = replace(entry, used=True)
 
     def lookup(self, kid: KeyID) -> KeyEntry | None:
         """Find one key this process has not seen (made by another daemon or
-        worker) with a search by its CKA_ID. Misses are searched one at a
-        time per token, so unknown IDs cannot pile up token scans; signing
-        with known keys never waits for them."""
+        worker) with a search by its ID. Misses are searched one at a time
+        per token, so unknown IDs cannot pile up token scans; signing with
+        known keys never waits for them. Raises Unavailable while the token
+        is unusable: a key on a token that is away is not "not found"."""
         with self._miss_lock:
             entry = self._keys.get(kid)
             if entry is not None:
@@ -791,6 +1004,10 @@ class Token:
 
         result: bytes = self._with_retry("signing", sign, self._locks.signing.shared)
         return result
+
+
+class _Collision(Exception):
+    """Another process took the CKA_ID of a key being generated."""
 
 
 def _pkcs11_rv(e: Exception) -> int | None:

@@ -274,9 +274,9 @@ def test_private_key_attributes_and_unextractable(daemon: Daemon, hsm: Any) -> N
                 template={pkcs11.Attribute.WRAP: True, pkcs11.Attribute.ENCRYPT: True},
             )
             for k in keys:
-                priv = session.get_key(
-                    object_class=pkcs11.ObjectClass.PRIVATE_KEY, id=bytes.fromhex(k.key_id)
-                )
+                object_id = daemon.servers.service.get_key(k.key_id).object_id
+                assert len(object_id) == 2  # layout 2: fits a YubiHSM's 16-bit object ID
+                priv = session.get_key(object_class=pkcs11.ObjectClass.PRIVATE_KEY, id=object_id)
                 A = pkcs11.Attribute
                 assert priv[A.TOKEN] is True and priv[A.PRIVATE] is True
                 assert priv[A.SENSITIVE] is True and priv[A.EXTRACTABLE] is False

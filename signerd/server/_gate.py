@@ -68,6 +68,12 @@ class Scope:
         )
         return self.policy.decide(req).allowed
 
+    def allowed_token(self, token: str) -> bool:
+        """Whether the caller may do this operation on some key of ``token``."""
+        return self.policy.grants_on_token(Request(
+            identity=self.caller.identity, transport=self.caller.transport,
+            operation=self.operation, gun="", role="", token=token))
+
     def authorize(self, gun: str, role: str, token: str = "", key: KeyEntry | None = None) -> None:
         """Raise PermissionDenied unless the policy grants this operation."""
         if key is not None:

@@ -8,12 +8,12 @@ from typing import TypeVar
 import grpc
 
 from signerd import signing
-from signerd.errors import InvalidArgument, SignerdError
+from signerd.errors import InvalidArgument, PermissionDenied, SignerdError
 from signerd.keys import parse_algorithm, spki_to_pem, validate_gun, validate_role
 from signerd.server._gate import Caller, Gate, Scope
 from signerd.server._status import code_for
 from signerd.service import KeyService
-from signerd.token import KeyEntry
+from signerd.token import KeyEntry, TokenStatus
 from signerd.v1 import signer_pb2 as pb
 from signerd.v1 import signer_pb2_grpc as pb_grpc
 
@@ -49,6 +49,16 @@ def key_message(k: KeyEntry) -> pb.Key:
         public_key_pem=spki_to_pem(k.spki_der),
         tuf_public=k.tuf_public,
         used=k.used,
+    )
+
+
+def token_message(t: TokenStatus) -> pb.TokenInfo:
+    return pb.TokenInfo(
+        name=t.name, module=t.module, profile=t.profile, manufacturer=t.manufacturer,
+        model=t.model, serial=t.serial, label=t.label, healthy=t.healthy, error=t.error,
+        algorithms=list(t.algorithms), key_count=t.key_count, sessions=t.sessions,
+        free_public_memory=-1 if t.free_public_memory is None else t.free_public_memory,
+        free_private_memory=-1 if t.free_private_memory is None else t.free_private_memory,
     )
 
 
@@ -117,6 +127,20 @@ class SignerServicer(pb_grpc.SignerServiceServicer):
             return pb.ListKeysResponse(
                 keys=[key_message(k) for k in visible], next_page_token=next_token
             )
+
+        return self._run(context, "read", b"", work)
+
+    def ListTokens(
+        self, request: pb.ListTokensRequest, context: grpc.ServicerContext
+    ) -> pb.ListTokensResponse:
+        def work(scope: Scope) -> pb.ListTokensResponse:
+            visible = [t for t in self.service.tokens.values() if scope.allowed_token(t.name)]
+            if not visible:
+                scope.decision = "deny"
+                raise PermissionDenied(
+                    f"identity {scope.caller.identity!r} may read keys on no token"
+                )
+            return pb.ListTokensResponse(tokens=[token_message(t.status()) for t in visible])
 
         return self._run(context, "read", b"", work)
 

@@ -148,3 +148,45 @@ class SignBatchResponse(_message.Message):
     ITEMS_FIELD_NUMBER: _ClassVar[int]
     items: _containers.RepeatedCompositeFieldContainer[SignBatchItem]
     def __init__(self, items: _Optional[_Iterable[_Union[SignBatchItem, _Mapping]]] = ...) -> None: ...
+
+class ListTokensRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class TokenInfo(_message.Message):
+    __slots__ = ("name", "module", "profile", "manufacturer", "model", "serial", "label", "healthy", "error", "algorithms", "key_count", "sessions", "free_public_memory", "free_private_memory")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    MODULE_FIELD_NUMBER: _ClassVar[int]
+    PROFILE_FIELD_NUMBER: _ClassVar[int]
+    MANUFACTURER_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    SERIAL_FIELD_NUMBER: _ClassVar[int]
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    HEALTHY_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    ALGORITHMS_FIELD_NUMBER: _ClassVar[int]
+    KEY_COUNT_FIELD_NUMBER: _ClassVar[int]
+    SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    FREE_PUBLIC_MEMORY_FIELD_NUMBER: _ClassVar[int]
+    FREE_PRIVATE_MEMORY_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    module: str
+    profile: str
+    manufacturer: str
+    model: str
+    serial: str
+    label: str
+    healthy: bool
+    error: str
+    algorithms: _containers.RepeatedScalarFieldContainer[str]
+    key_count: int
+    sessions: int
+    free_public_memory: int
+    free_private_memory: int
+    def __init__(self, name: _Optional[str] = ..., module: _Optional[str] = ..., profile: _Optional[str] = ..., manufacturer: _Optional[str] = ..., model: _Optional[str] = ..., serial: _Optional[str] = ..., label: _Optional[str] = ..., healthy: _Optional[bool] = ..., error: _Optional[str] = ..., algorithms: _Optional[_Iterable[str]] = ..., key_count: _Optional[int] = ..., sessions: _Optional[int] = ..., free_public_memory: _Optional[int] = ..., free_private_memory: _Optional[int] = ...) -> None: ...
+
+class ListTokensResponse(_message.Message):
+    __slots__ = ("tokens",)
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    tokens: _containers.RepeatedCompositeFieldContainer[TokenInfo]
+    def __init__(self, tokens: _Optional[_Iterable[_Union[TokenInfo, _Mapping]]] = ...) -> None: ...

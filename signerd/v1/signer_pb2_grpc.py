@@ -64,6 +64,11 @@ class SignerServiceStub:
                 request_serializer=signerd_dot_v1_dot_signer__pb2.SignBatchRequest.SerializeToString,
                 response_deserializer=signerd_dot_v1_dot_signer__pb2.SignBatchResponse.FromString,
                 _registered_method=True)
+        self.ListTokens = channel.unary_unary(
+                '/signerd.v1.SignerService/ListTokens',
+                request_serializer=signerd_dot_v1_dot_signer__pb2.ListTokensRequest.SerializeToString,
+                response_deserializer=signerd_dot_v1_dot_signer__pb2.ListTokensResponse.FromString,
+                _registered_method=True)
 
 
 class SignerServiceServicer:
@@ -113,6 +118,15 @@ class SignerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListTokens(self, request, context):
+        """Describes the configured tokens the caller may read keys on: what each
+        is, whether it can sign now, and which algorithms it can create.
+        PERMISSION_DENIED if the caller may read on no token.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SignerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -145,6 +159,11 @@ def add_SignerServiceServicer_to_server(servicer, server):
                     servicer.SignBatch,
                     request_deserializer=signerd_dot_v1_dot_signer__pb2.SignBatchRequest.FromString,
                     response_serializer=signerd_dot_v1_dot_signer__pb2.SignBatchResponse.SerializeToString,
+            ),
+            'ListTokens': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListTokens,
+                    request_deserializer=signerd_dot_v1_dot_signer__pb2.ListTokensRequest.FromString,
+                    response_serializer=signerd_dot_v1_dot_signer__pb2.ListTokensResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -309,6 +328,33 @@ class SignerService:
             '/signerd.v1.SignerService/SignBatch',
             signerd_dot_v1_dot_signer__pb2.SignBatchRequest.SerializeToString,
             signerd_dot_v1_dot_signer__pb2.SignBatchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListTokens(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/signerd.v1.SignerService/ListTokens',
+            signerd_dot_v1_dot_signer__pb2.ListTokensRequest.SerializeToString,
+            signerd_dot_v1_dot_signer__pb2.ListTokensResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,135 @@
+"""Token profiles and capabilities: what a kind of token needs, and what it can do.
+
+A profile is data plus a few settings, not a subclass: every token runs the
+same code (securesystemslib's signers differ the same way, behind one
+interface). It is chosen by the token's ``profile`` setting, or from the
+manufacturer that ``C_GetTokenInfo`` reports.
+
+Capabilities come from the token itself at start: ``C_GetMechanismList`` and
+``C_GetMechanismInfo`` (PKCS#11 v2.40 §5.5), so that signerd refuses an
+algorithm the token cannot do before asking it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from signerd.keys import ALGORITHMS, Algorithm
+
+# Mechanisms (PKCS#11 v2.40 §2; CKM_EC_EDWARDS_KEY_PAIR_GEN and CKM_EDDSA from v3.0)
+CKM_RSA_PKCS_KEY_PAIR_GEN = 0x0
+CKM_RSA_PKCS = 0x1
+CKM_RSA_PKCS_PSS = 0xD
+CKM_EC_KEY_PAIR_GEN = 0x1040
+CKM_ECDSA = 0x1041
+CKM_EC_EDWARDS_KEY_PAIR_GEN = 0x1055
+CKM_EDDSA = 0x1057
+
+
+@dataclass(frozen=True)
+class Profile:
+    """What signerd does differently for one kind of token.
+
+    - ``max_sessions``: sessions the device allows in total, counted against
+      ``sessions`` × worker processes of every token using this profile on
+      one module (None: no limit known).
+    - ``keepalive``: seconds after which an idle pooled session is touched,
+      because the device closes idle sessions (None: never).
+    - ``manufacturers``: C_GetTokenInfo manufacturerID prefixes that select
+      this profile when the config names none.
+    - ``signs_pss_unlisted``: the module signs CKM_RSA_PKCS_PSS although its
+      mechanism list omits it (tpm2-pkcs11 1.9).
+    """
+
+    name: str
+    max_sessions: int | None = None
+    keepalive: float | None = None
+    manufacturers: tuple[str, ...] = ()
+    signs_pss_unlisted: bool = False
+
+
+PROFILES: dict[str, Profile] = {
+    p.name: p
+    for p in (
+        Profile("generic"),
+        Profile("softhsm", manufacturers=("SoftHSM",)),
+        # tpm2-pkcs11 reports the TPM's vendor (swtpm: "IBM"); it is chosen by
+        # its model, see detect().
+        Profile("tpm", signs_pss_unlisted=True),
+        # YubiHSM 2: 16 sessions per device, and a session idle for 30 s is
+        # closed by the device (Yubico's YubiHSM 2 user guide, "Sessions").
+        Profile("yubihsm", max_sessions=16, keepalive=20.0, manufacturers=("Yubico",)),
+    )
+}
+PROFILE_NAMES = tuple(PROFILES)
+
+
+def detect(manufacturer: str, model: str) -> Profile:
+    """The profile for a token's C_GetTokenInfo manufacturerID and model."""
+    if model.startswith("TPM2") or "tpm2" in model.lower():
+        return PROFILES["tpm"]
+    for p in PROFILES.values():
+        if any(manufacturer.startswith(m) for m in p.manufacturers):
+            return p
+    return PROFILES["generic"]
+
+
+@dataclass(frozen=True)
+class MechanismInfo:
+    """CK_MECHANISM_INFO: key sizes as the token reports them (bits for RSA
+    and EC, per v2.40 §2.1 and §2.3), and the CKF_* flags."""
+
+    min_key_size: int
+    max_key_size: int
+    flags: int
+
+
+def supported_algorithms(mechanisms: Mapping[int, MechanismInfo],
+                         profile: Profile) -> tuple[str, ...]:
+    """Names of the signerd algorithms a token can generate and sign with.
+
+    An algorithm needs its key-pair generation mechanism with a key size
+    range that covers it, and a signing mechanism signerd uses for it.
+    """
+
+    def covers(mech: int, bits: int) -> bool:
+        info = mechanisms.get(mech)
+        if info is None:
+            return False
+        # A module that reports no maximum (0) sets no limit.
+        return info.min_key_size <= bits <= (info.max_key_size or bits)
+
+    def can(alg: Algorithm) -> bool:
+        if alg.keytype == "rsa":
+            signs = (CKM_RSA_PKCS_PSS in mechanisms or CKM_RSA_PKCS in mechanisms
+                     or profile.signs_pss_unlisted)
+            return signs and covers(CKM_RSA_PKCS_KEY_PAIR_GEN, alg.bits)
+        if alg.keytype == "ed25519":
+            return CKM_EDDSA in mechanisms and CKM_EC_EDWARDS_KEY_PAIR_GEN in mechanisms
+        return CKM_ECDSA in mechanisms and covers(CKM_EC_KEY_PAIR_GEN, alg.bits)
+
+    return tuple(name for name, alg in ALGORITHMS.items() if can(alg))
+
+
+def session_budget(tokens: Iterable[tuple[str, str, int]], processes: int) -> list[str]:
+    """Errors for profiles whose session limit the pool sizes exceed.
+
+    ``tokens``: (name, profile name, sessions) of each configured token whose
+    profile is set; ``processes``: serving processes, each with its own pool.
+    """
+    used: dict[str, list[tuple[str, int]]] = {}
+    for name, profile, sessions in tokens:
+        used.setdefault(profile, []).append((name, sessions))
+    errors = []
+    for profile, members in used.items():
+        limit = PROFILES[profile].max_sessions
+        total = sum(n for _, n in members) * processes
+        if limit is not None and total > limit:
+            names = ", ".join(f"{name} ({n})" for name, n in members)
+            errors.append(
+                f"{profile} tokens allow {limit} sessions in all, but the pools need {total}: "
+                f"sessions of {names} × {processes} worker process(es); lower tokens.sessions "
+                "or server.workers"
+            )
+    return errors

@@ -1,0 +1,366 @@
+"""One conformance suite, run against every token profile in the test suite.
+
+Each kind is a real PKCS#11 implementation: SoftHSM as itself, SoftHSM under
+the YubiHSM profile (the short layout, the session budget and keepalive run
+in CI), and a TPM 2.0 (swtpm + tpm2-pkcs11) where the stack is installed
+(``./dev.sh test`` installs it; under CI=true its absence fails).
+
+Faults are real too: a SoftHSM token's directory is moved away and back, and
+the TPM simulator is stopped and started again.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pkcs11
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from signerd import signing
+from signerd.keys import ALGORITHMS, parse_algorithm
+from signerd.notary import signer_pb2 as npb
+from signerd.notary import signer_pb2_grpc as npb_grpc
+from signerd.token import MODULES
+from tests.conftest import HSM, PKI, Daemon, rpc_error, unique_gun
+from tests.test_core import token_dir
+
+MESSAGE = b"conformance"
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+HEALTH_INTERVAL = 0.5  # seconds: the probe period of the fault tests' daemons
+
+
+@dataclass
+class Kind:
+    """A kind of token: how to configure it, take it away and bring it back."""
+
+    name: str
+    token: dict[str, Any]  # the [[tokens]] table, named "dut"
+    environment: dict[str, str]
+    algorithms: tuple[str, ...]  # what the token can create
+    unplug: Callable[[], None]
+    replug: Callable[[], None]
+    module: str
+    label: str
+
+
+def _softhsm_kind(hsm: HSM, tmp: Path, profile: str) -> Kind:
+    where = token_dir(hsm, "test-online")
+    away = tmp / f"unplugged-{profile}"
+    table = hsm.token_table("online", profile=profile)
+    table.update(name="dut", roles=["*"])
+    return Kind(profile, table, {"SOFTHSM2_CONF": str(hsm.conf)}, tuple(ALGORITHMS),
+                lambda: where.rename(away), lambda: away.rename(where), hsm.module,
+                "test-online")
+
+
+@pytest.fixture(params=["softhsm", "yubihsm"])
+def kind(request: pytest.FixtureRequest, hsm: HSM, tmp_path: Path) -> Kind:
+    return _softhsm_kind(hsm, tmp_path, request.param)
+
+
+def _start(kind: Kind, certs: PKI, workdir: Path, **server: Any) -> Daemon:
+    from tests.conftest import start_daemon
+
+    cfg = daemon_config_for(kind, certs, workdir, server)
+    return start_daemon(cfg, certs, workdir)
+
+
+def daemon_config_for(kind: Kind, certs: PKI, workdir: Path,
+                      server: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A daemon config whose only token is ``kind``'s."""
+    from tests.conftest import ADMIN_POLICY
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "policy.toml").write_text(ADMIN_POLICY)
+    cert, key = certs.files["server"]
+    return {
+        "server": {"listen": "127.0.0.1:0", "threads": 16, **(server or {})},
+        "tls": {"cert": str(cert), "key": str(key), "client_ca": str(certs.ca_file)},
+        "policy": {"file": str(workdir / "policy.toml")},
+        "audit": {"file": str(workdir / "audit.log")},
+        "environment": kind.environment,
+        "tokens": [kind.token],
+    }
+
+
+@pytest.fixture
+def dut(kind: Kind, certs: PKI, tmp_path: Path) -> Iterator[Daemon]:
+    d = _start(kind, certs, tmp_path / "d", health_interval=HEALTH_INTERVAL)
+    yield d
+    d.stop()
+
+
+# -- keys and signatures ------------------------------------------------------
+
+
+def test_every_supported_algorithm_signs_in_both_encodings(kind: Kind, dut: Daemon) -> None:
+    with dut.client() as c:
+        [info] = c.list_tokens()
+        assert tuple(info.algorithms) == kind.algorithms
+        assert info.healthy and info.profile == kind.name
+        for name in kind.algorithms:
+            alg = parse_algorithm(name)
+            key = c.create_key(unique_gun(), "targets", name)
+            assert key.token == "dut"
+            encodings = ("raw", "der") if alg.keytype == "ecdsa" else ("raw",)
+            for enc in encodings:
+                sig = c.sign(key.key_id, message=MESSAGE, encoding=enc).signature
+                options = signing.SignOptions(signing.Encoding(enc))
+                signing.verify(key.public_key_der, alg, sig, MESSAGE, options)  # cryptography
+
+
+def test_an_algorithm_the_token_cannot_do_is_refused_by_name(kind: Kind, dut: Daemon) -> None:
+    token = dut.servers.service.tokens["dut"]
+    missing = [a for a in ALGORITHMS if a not in kind.algorithms]
+    saved = token.algorithms
+    if not missing:  # SoftHSM does every algorithm: pretend it lacks Ed25519
+        token.algorithms = tuple(a for a in saved if a != "ed25519")
+        missing = ["ed25519"]
+    try:
+        with dut.client() as c:
+            err = rpc_error(lambda: c.create_key(unique_gun(), "targets", missing[0]))
+    finally:
+        token.algorithms = saved
+    assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert err.details().startswith(f"token dut cannot create {missing[0]} keys; it supports ")
+
+
+def test_keys_are_listed_and_survive_a_restart(kind: Kind, certs: PKI, tmp_path: Path) -> None:
+    gun = unique_gun()
+    first = _start(kind, certs, tmp_path / "a")
+    try:
+        with first.client() as c:
+            made = {c.create_key(gun, role, kind.algorithms[0]).key_id
+                    for role in ("targets", "snapshot")}
+            svc = first.servers.service
+            svc.mark_used(svc.get_key(sorted(made)[0]))  # as notary Sign does
+            assert {k.key_id for k in c.list_keys(gun=gun)} == made
+    finally:
+        first.stop()
+    second = _start(kind, certs, tmp_path / "b")
+    try:
+        with second.client() as c:
+            listed = {k.key_id: k for k in c.list_keys(gun=gun)}
+            assert set(listed) == made
+            assert listed[sorted(made)[0]].used and not listed[sorted(made)[1]].used
+            for kid in made:
+                assert c.sign(kid, message=MESSAGE).signature
+                c.delete_key(kid)
+            assert list(c.list_keys(gun=gun)) == []
+    finally:
+        second.stop()
+
+
+def test_eight_threads_sign_at_once(kind: Kind, dut: Daemon) -> None:
+    svc = dut.servers.service
+    key = svc.create_key(unique_gun(), "targets", kind.algorithms[0])
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            for i in range(20):
+                sig = svc.sign(key.key_id, b"%d" % i, signing.SignOptions()).signature
+                signing.verify(key.spki_der, key.algorithm, sig, b"%d" % i,
+                               signing.SignOptions())
+        except BaseException as e:  # noqa: BLE001 - asserted below
+            errors.append(e)
+
+    threads = [threading.Thread(target=run) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+
+
+def test_private_keys_are_sensitive_and_cannot_be_read_or_wrapped(
+        kind: Kind, dut: Daemon) -> None:
+    svc = dut.servers.service
+    keys = [svc.create_key(unique_gun(), "targets", a) for a in kind.algorithms
+            if a in ("ecdsa-p256", "rsa-2048", "ed25519")]
+    token = svc.tokens["dut"]
+    lib = MODULES.acquire(kind.module)
+    try:
+        session = lib.get_token(token_label=kind.label).open(rw=True)  # shares the login
+        try:
+            A = pkcs11.Attribute
+            for k in keys:
+                assert len(k.object_id) == 2  # fits a YubiHSM's 16-bit object ID
+                priv = session.get_key(object_class=pkcs11.ObjectClass.PRIVATE_KEY,
+                                       id=k.object_id)
+                assert priv[A.SENSITIVE] is True and priv[A.EXTRACTABLE] is False
+                assert priv[A.SIGN] is True and priv[A.DECRYPT] is False
+                assert len(priv[A.LABEL].encode()) <= 40
+                secret = A.PRIVATE_EXPONENT if k.algorithm.keytype == "rsa" else A.VALUE
+                with pytest.raises(pkcs11.PKCS11Error):
+                    priv[secret]
+                wrapping = session.generate_key(
+                    pkcs11.KeyType.AES, 256, store=False, capabilities=0,
+                    template={A.WRAP: True, A.ENCRYPT: True})
+                with pytest.raises(pkcs11.PKCS11Error):
+                    wrapping.wrap_key(priv, mechanism=pkcs11.Mechanism.AES_KEY_WRAP_PAD)
+                # the metadata object, found by the key ID, holds no secret
+                meta = list(session.get_objects({
+                    A.CLASS: pkcs11.ObjectClass.DATA,
+                    A.LABEL: f"signerd:{k.key_id[:32]}"}))
+                assert len(meta) == 1 and meta[0][A.PRIVATE] is False
+        finally:
+            session.close()
+    finally:
+        MODULES.release(kind.module)
+    assert token.healthy
+
+
+def test_notary_compatible_rpcs(kind: Kind, dut: Daemon) -> None:
+    with dut.client() as c:
+        km = npb_grpc.KeyManagementStub(c.channel)
+        signer = npb_grpc.SignerStub(c.channel)
+        gun = unique_gun()
+        made = km.CreateKey(npb.CreateKeyRequest(algorithm="ecdsa", role="timestamp", gun=gun))
+        info = km.GetKeyInfo(npb.KeyID(ID=made.keyInfo.keyID.ID))
+        assert info.keyInfo.algorithm.algorithm == "ecdsa" and info.role == "timestamp"
+        resp = signer.Sign(npb.SignatureRequest(
+            keyID=npb.KeyID(ID=made.keyInfo.keyID.ID), content=MESSAGE))
+    key = dut.servers.service.get_key(made.keyInfo.keyID.ID)
+    assert key.used  # Notary's reuse rule, recorded on the token
+    signing.verify(key.spki_der, key.algorithm, resp.content, MESSAGE, signing.SignOptions())
+
+
+# -- faults -------------------------------------------------------------------
+
+
+class _Log(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        fields = getattr(record, "fields", {})
+        if fields.get("token") == "dut":
+            self.messages.append(record.getMessage())
+
+
+def _health(c: Any) -> list[int]:
+    """The daemon's health under the overall name and each service's name."""
+    stub = health_pb2_grpc.HealthStub(c.channel)
+    return [stub.Check(health_pb2.HealthCheckRequest(service=name)).status
+            for name in ("", "signerd.v1.SignerService", "proto.Signer")]
+
+
+def _wait_for(what: str, test: Callable[[], bool], seconds: float = 15.0) -> None:
+    """Poll ``test`` until true; the bound is generous on purpose (the time
+    itself is measured by bench/faults.py, not asserted here)."""
+    deadline = time.monotonic() + seconds
+    while not test():
+        assert time.monotonic() < deadline, f"{what} did not happen in {seconds}s"
+        time.sleep(0.05)
+
+
+@pytest.fixture
+def token_log() -> Iterator[_Log]:
+    handler = _Log()
+    logging.getLogger("signerd.token").addHandler(handler)
+    yield handler
+    logging.getLogger("signerd.token").removeHandler(handler)
+
+
+def _outage_answers(c: Any, key_id: str) -> None:
+    """What a caller sees while the token is away: UNAVAILABLE naming the
+    token for every request that needs it, never NOT_FOUND for a known key."""
+    for call in (lambda: c.sign(key_id, message=MESSAGE),
+                 lambda: c.get_key(key_id) and c.sign(key_id, message=MESSAGE),
+                 lambda: c.create_key(unique_gun(), "targets")):
+        err = rpc_error(call)
+        assert err.code() == grpc.StatusCode.UNAVAILABLE, err.details()
+        assert "token dut" in err.details()
+    [info] = c.list_tokens()
+    assert not info.healthy and info.error
+
+
+def test_an_idle_token_that_goes_away_and_comes_back(
+        kind: Kind, dut: Daemon, token_log: _Log) -> None:
+    """Regression: with no request in flight the probe only asked whether a
+    session looked logged in, so health stayed SERVING, a known key answered
+    NOT_FOUND, and nothing recovered without a restart."""
+    with dut.client() as c:
+        key = c.create_key(unique_gun(), "targets", kind.algorithms[0])
+        assert _health(c) == [SERVING] * 3
+        kind.unplug()
+        try:
+            _wait_for("NOT_SERVING", lambda: _health(c) == [NOT_SERVING] * 3)
+            _outage_answers(c, key.key_id)
+            time.sleep(3 * HEALTH_INTERVAL)  # more probes fail: still one warning
+        finally:
+            kind.replug()
+        _wait_for("SERVING", lambda: _health(c) == [SERVING] * 3)
+        sig = c.sign(key.key_id, message=MESSAGE).signature
+        assert {k.key_id for k in c.list_keys()} >= {key.key_id}
+    signing.verify(key.public_key_der, parse_algorithm(key.algorithm), sig, MESSAGE,
+                   signing.SignOptions())
+    assert token_log.messages == ["token unusable", "token usable again"]
+
+
+def test_a_token_that_goes_away_under_load(kind: Kind, dut: Daemon) -> None:
+    with dut.client() as c:
+        key = c.create_key(unique_gun(), "targets", kind.algorithms[0])
+    stop = threading.Event()
+    codes: dict[grpc.StatusCode, int] = {}
+    details: set[str] = set()
+
+    def load() -> None:
+        with dut.client() as c:
+            while not stop.is_set():
+                try:
+                    c.sign(key.key_id, message=MESSAGE)
+                    code = grpc.StatusCode.OK
+                except grpc.RpcError as e:
+                    code = e.code()
+                    details.add(e.details())
+                codes[code] = codes.get(code, 0) + 1
+
+    threads = [threading.Thread(target=load) for _ in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(0.3)
+        kind.unplug()
+        try:
+            with dut.client() as c:
+                _wait_for("NOT_SERVING", lambda: _health(c) == [NOT_SERVING] * 3)
+        finally:
+            kind.replug()
+        with dut.client() as c:
+            _wait_for("SERVING", lambda: _health(c) == [SERVING] * 3)
+            before = codes.get(grpc.StatusCode.OK, 0)
+            _wait_for("signing again", lambda: codes.get(grpc.StatusCode.OK, 0) > before + 10)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert set(codes) == {grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE}, codes
+    assert all("token dut" in d for d in details), details
+
+
+def test_tokens_list_shows_what_the_token_is(kind: Kind, dut: Daemon) -> None:
+    with dut.client() as c:
+        [info] = c.list_tokens()
+    token = dut.servers.service.tokens["dut"]
+    assert token.info is not None
+    assert (info.name, info.module, info.label) == ("dut", kind.module, kind.label)
+    assert info.manufacturer == token.info.manufacturer and info.model == token.info.model
+    assert info.serial and info.sessions == 4 and info.key_count >= 0
+
+
+def test_tokens_list_needs_read_on_the_token(dut: Daemon) -> None:
+    with dut.client("nobody") as c:
+        err = rpc_error(c.list_tokens)
+    assert err.code() == grpc.StatusCode.PERMISSION_DENIED
