@@ -7,40 +7,56 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
+# softhsm2: the development token.
 APT_PACKAGES=(softhsm2 opensc python3 python3-venv python3-pip)
+# The TPM 2.0 token of the test suite: the simulator, its tools, the tpm2-pkcs11
+# module and tpm2_ptool.
+APT_TEST_PACKAGES=(swtpm swtpm-tools tpm2-tools libtpm2-pkcs11-1 libtpm2-pkcs11-tools)
+APT_LOCK_WAIT=900  # seconds apt-get waits for another apt or dpkg to finish
 VENV=${SIGNERD_VENV:-.venv}
 
 install_system() {
     local missing=()
-    for p in "${APT_PACKAGES[@]}"; do
+    for p in "$@"; do
         dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
     done
     if ((${#missing[@]})); then
         local sudo=""
         [ "$(id -u)" -eq 0 ] || sudo=sudo
         echo "installing Debian packages: ${missing[*]}" >&2
-        $sudo apt-get update -qq
-        $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+        # Wait for the apt lock instead of failing when another apt-get holds it.
+        $sudo apt-get -o DPkg::Lock::Timeout=$APT_LOCK_WAIT update -qq
+        $sudo env DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=$APT_LOCK_WAIT \
+            install -y -qq "${missing[@]}" >/dev/null
     fi
 }
 
 install_python() {
     local extra=$1
+    # An editable install: only a changed pyproject.toml (dependencies, entry
+    # points) needs pip again, so a restart does not need the package index.
+    local stamp="$VENV/.installed${extra}"
+    local want
+    want=$(sha256sum pyproject.toml | cut -d' ' -f1)
+    if [ -x "$VENV/bin/python" ] && [ "$(cat "$stamp" 2>/dev/null)" = "$want" ]; then
+        return
+    fi
     [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
     "$VENV/bin/python" -m pip install -q --upgrade pip >/dev/null
     "$VENV/bin/python" -m pip install -q -e ".$extra"
+    echo "$want" > "$stamp"
 }
 
 case "${1:-}" in
     serve)
         shift
-        install_system
+        install_system "${APT_PACKAGES[@]}"
         install_python ""
         exec "$VENV/bin/signerd" serve "$@"
         ;;
     test)
         shift
-        install_system
+        install_system "${APT_PACKAGES[@]}" "${APT_TEST_PACKAGES[@]}"
         install_python "[test]"
         "$VENV/bin/ruff" check signerd tests bench tools
         "$VENV/bin/mypy"
@@ -49,7 +65,7 @@ case "${1:-}" in
         ;;
     bench)
         shift
-        install_system
+        install_system "${APT_PACKAGES[@]}" "${APT_TEST_PACKAGES[@]}"
         install_python "[test]"
         exec "$VENV/bin/python" -m bench.run "$@"
         ;;

@@ -36,7 +36,8 @@ class Profile:
       one module (None: no limit known).
     - ``keepalive``: seconds after which an idle pooled session is touched,
       because the device closes idle sessions (None: never).
-    - ``manufacturers``: C_GetTokenInfo manufacturerID prefixes that select
+    - ``modules``: substrings of the PKCS#11 module's file name, and
+      ``manufacturers``: C_GetTokenInfo manufacturerID prefixes, that select
       this profile when the config names none.
     - ``signs_pss_unlisted``: the module signs CKM_RSA_PKCS_PSS although its
       mechanism list omits it (tpm2-pkcs11 1.9).
@@ -45,6 +46,7 @@ class Profile:
     name: str
     max_sessions: int | None = None
     keepalive: float | None = None
+    modules: tuple[str, ...] = ()
     manufacturers: tuple[str, ...] = ()
     signs_pss_unlisted: bool = False
 
@@ -53,22 +55,26 @@ PROFILES: dict[str, Profile] = {
     p.name: p
     for p in (
         Profile("generic"),
-        Profile("softhsm", manufacturers=("SoftHSM",)),
-        # tpm2-pkcs11 reports the TPM's vendor (swtpm: "IBM"); it is chosen by
-        # its model, see detect().
-        Profile("tpm", signs_pss_unlisted=True),
+        Profile("softhsm", modules=("softhsm",), manufacturers=("SoftHSM",)),
+        # tpm2-pkcs11 reports the TPM's own vendor and model (swtpm: "IBM",
+        # "SW   TPM"), so it is known by its module.
+        Profile("tpm", modules=("tpm2_pkcs11",), signs_pss_unlisted=True),
         # YubiHSM 2: 16 sessions per device, and a session idle for 30 s is
         # closed by the device (Yubico's YubiHSM 2 user guide, "Sessions").
-        Profile("yubihsm", max_sessions=16, keepalive=20.0, manufacturers=("Yubico",)),
+        Profile("yubihsm", max_sessions=16, keepalive=20.0, modules=("yubihsm_pkcs11",),
+                manufacturers=("Yubico",)),
     )
 }
 PROFILE_NAMES = tuple(PROFILES)
 
 
-def detect(manufacturer: str, model: str) -> Profile:
-    """The profile for a token's C_GetTokenInfo manufacturerID and model."""
-    if model.startswith("TPM2") or "tpm2" in model.lower():
-        return PROFILES["tpm"]
+def detect(module: str, manufacturer: str) -> Profile:
+    """The profile for a token, from its module's path and its
+    C_GetTokenInfo manufacturerID; "generic" when neither is known."""
+    name = module.rsplit("/", 1)[-1]
+    for p in PROFILES.values():
+        if any(m in name for m in p.modules):
+            return p
     for p in PROFILES.values():
         if any(manufacturer.startswith(m) for m in p.manufacturers):
             return p

@@ -52,6 +52,7 @@ _CLOSE_WAIT = 30.0  # seconds close() waits for sessions in use to come back
 _RETRY_EVERY = 1.0  # seconds between reconnect attempts while a token is unusable
 _ID_ATTEMPTS = 8  # tries at a free 2-byte CKA_ID before giving up
 _KEEPALIVE_LABEL = b"signerd-keepalive"  # searched for, never created
+_PAUSE_WAIT = 5.0  # seconds a module re-initialisation waits for another token's sessions
 
 
 @dataclass(frozen=True)
@@ -216,28 +217,48 @@ class _Modules:
                     "C_Finalize failed", extra={"fields": {"module": path, "error": str(e)}}
                 )
 
-    def reinitialize(self, path: str) -> bool:
-        """C_Finalize + C_Initialize a module whose tokens are all unusable:
-        some modules (SoftHSM among them) only find a token that went away
-        and came back after re-initialisation. Never done while another
-        token of the module is in use, since it ends every session."""
+    def reinitialize(self, path: str, for_token: Token | None = None) -> bool:
+        """C_Finalize + C_Initialize a module: some modules (SoftHSM among
+        them) only find a token that went away and came back after
+        re-initialisation.
+
+        Without ``for_token``, only when every token of the module is
+        unusable. With it (the health probe of a token that stays unusable),
+        the module's other tokens are paused for it: each one's reconnects
+        are held and its borrowed sessions awaited (up to _PAUSE_WAIT
+        seconds, else nothing is done), and each reconnects on its next use.
+        That costs them a new login once per probe while a token is away,
+        and is how a token comes back while its neighbours stayed up."""
         with self._lock:
             users = self._users.get(path, [])
-            if any(t.connected for t in users) or path not in self._libs:
+            if path not in self._libs:
                 return False
-            for t in users:
-                t.forget_sessions()  # C_Finalize closes them; their handles may be reused
-            lib = self._libs[path][0]
+            others = [t for t in users if t is not for_token and t.connected]
+            if others and for_token is None:
+                return False
+            held: list[Token] = []
             try:
-                lib.module.finalize()
-                lib.module.initialize()
-            except _p11.P11Error as e:
-                # Tried again at every probe while the token is away: the
-                # token's own down/up warnings are what the operator reads.
-                log.debug("module re-initialisation failed",
-                          extra={"fields": {"module": path, "error": str(e)}})
-                return False
-            log.info("module re-initialised", extra={"fields": {"module": path}})
+                for t in others:
+                    if not t.pause(_PAUSE_WAIT):
+                        return False
+                    held.append(t)
+                for t in users:
+                    t.forget_sessions()  # C_Finalize closes them; their handles may be reused
+                lib = self._libs[path][0]
+                try:
+                    lib.module.finalize()
+                    lib.module.initialize()
+                except _p11.P11Error as e:
+                    # Tried again at every probe while the token is away: the
+                    # token's own down/up warnings are what the operator reads.
+                    log.debug("module re-initialisation failed",
+                              extra={"fields": {"module": path, "error": str(e)}})
+                    return False
+            finally:
+                for t in held:
+                    t.resume()
+            log.info("module re-initialised", extra={"fields": {"module": path,
+                                                                "paused": len(held)}})
             return True
 
 
@@ -347,6 +368,7 @@ class Token:
             if uri.serial is not None and tok.serial.decode().strip() != uri.serial:
                 continue
             return tok
+        self._last_error = "no token matches its uri"
         raise Unavailable(
             f"token {self.name}: no token matches its uri in module {self.config.module}"
         )
@@ -356,7 +378,7 @@ class Token:
         if self.info is not None:
             return
         if self.config.profile is None:
-            self.profile = detect(info.manufacturer, info.model)
+            self.profile = detect(self.config.module, info.manufacturer)
         limit = self.profile.max_sessions
         if limit is not None and self.config.sessions * self.config.processes > limit:
             self._login_refused = True  # a config fault: never retried
@@ -449,11 +471,29 @@ class Token:
             except queue.Empty:
                 break
 
-    def reconnect(self, seen_generation: int | None = None) -> None:
+    def pause(self, timeout: float) -> bool:
+        """For a module re-initialisation: hold this token's reconnects and
+        wait for its borrowed sessions to come back. True if paused (then
+        :meth:`resume` must follow); False, and nothing held, on time-out."""
+        if not self._lock.acquire(timeout=timeout):
+            return False
+        self._connected = False  # new borrowers reconnect, and wait for the lock
+        with self._idle:
+            if self._idle.wait_for(lambda: not self._borrowed, timeout):
+                return True
+        self._lock.release()
+        return False
+
+    def resume(self) -> None:
+        self._lock.release()
+
+    def reconnect(self, seen_generation: int | None = None, probe: bool = False) -> None:
         """Re-open sessions and log in again, unless another thread just did.
 
         While the token stays unusable, attempts are spaced by
-        _RETRY_EVERY so that callers fail fast instead of piling up.
+        _RETRY_EVERY so that callers fail fast instead of piling up; the
+        health probe (``probe``) may also re-initialise the module under the
+        module's other tokens (:meth:`_Modules.reinitialize`).
         Raises Unavailable (or TokenLoginError)."""
         with self._lock:
             if self._closed:
@@ -474,7 +514,8 @@ class Token:
             try:
                 self._connect()
             except Unavailable:
-                if self._login_refused or not MODULES.reinitialize(self.config.module):
+                if self._login_refused or not MODULES.reinitialize(
+                        self.config.module, self if probe else None):
                     raise
                 self._connect()
 
@@ -589,20 +630,22 @@ class Token:
             return False
         try:
             if not self._connected:
-                self.reconnect()
+                self.reconnect(probe=True)
             if not self._answers():
                 with self._lock:
                     self._set_health(False)
                     self._connected = False  # sessions of a token that went away
-                self.reconnect()
+                self.reconnect(probe=True)
             self._check_idle_sessions()
             self._set_health(True)
         except _p11.P11Error as e:
             self._set_health(False, _p11.rv_name(e.rv))
             try:
-                self.reconnect()
+                self.reconnect(probe=True)
             except SignerdError:
                 pass
+        except Unavailable:
+            self._set_health(False)  # the reason is already recorded
         except SignerdError as e:
             self._set_health(False, str(e))
         return self._healthy

@@ -124,8 +124,8 @@ def test_metadata_round_trips_and_junk_is_not_metadata() -> None:
 TPM_MECHANISMS = {
     CKM_RSA_PKCS_KEY_PAIR_GEN: MechanismInfo(1024, 3072, 0x10001),
     CKM_RSA_PKCS: MechanismInfo(1024, 3072, 0x2B01),
-    CKM_EC_KEY_PAIR_GEN: MechanismInfo(256, 384, 0x1510001),
-    CKM_ECDSA: MechanismInfo(256, 384, 0x1502801),
+    CKM_EC_KEY_PAIR_GEN: MechanismInfo(192, 638, 0x10001),
+    CKM_ECDSA: MechanismInfo(192, 638, 0x2801),
 }
 
 
@@ -139,11 +139,13 @@ def test_capabilities_follow_the_mechanism_list() -> None:
     assert supported_algorithms({}, PROFILES["generic"]) == ()
 
 
-def test_profiles_are_detected_from_the_token_info() -> None:
-    assert detect("SoftHSM project", "SoftHSM v2").name == "softhsm"
-    assert detect("Yubico (www.yubico.com)", "YubiHSM").name == "yubihsm"
-    assert detect("IBM", "SW   TPM").name == "generic"
-    assert detect("Acme", "Box").name == "generic"
+def test_profiles_are_detected_from_the_module_and_the_token_info() -> None:
+    assert detect("/usr/lib/softhsm/libsofthsm2.so", "SoftHSM project").name == "softhsm"
+    assert detect("/opt/lib/pkcs11/yubihsm_pkcs11.so", "Yubico (www.yubico.com)").name == "yubihsm"
+    assert detect("/usr/local/lib/vendor.so", "Yubico (www.yubico.com)").name == "yubihsm"
+    # tpm2-pkcs11 over swtpm reports manufacturer "IBM", model "SW   TPM"
+    assert detect("/usr/lib/x86_64-linux-gnu/pkcs11/libtpm2_pkcs11.so", "IBM").name == "tpm"
+    assert detect("/usr/lib/acme.so", "Acme").name == "generic"
 
 
 def test_a_yubihsm_session_budget_is_checked_at_config_load() -> None:

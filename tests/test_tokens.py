@@ -364,3 +364,102 @@ def test_tokens_list_needs_read_on_the_token(dut: Daemon) -> None:
     with dut.client("nobody") as c:
         err = rpc_error(c.list_tokens)
     assert err.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+# -- layout 1 and the YubiHSM profile's keepalive (SoftHSM only) ---------------
+
+
+def _make_layout_1_key(session: Any, gun: str, role: str) -> str:
+    """A P-256 key as signerd 0.1 wrote it: CKA_ID = the 32-byte key ID, and
+    a JSON CKA_LABEL set after generation."""
+    from signerd import _layout
+    from signerd.keys import key_id, tuf_public_bytes
+
+    A = pkcs11.Attribute
+    alg = ALGORITHMS["ecdsa-p256"]
+    pub, priv = session.generate_keypair(
+        pkcs11.KeyType.EC, None, store=True, mechanism=pkcs11.Mechanism.EC_KEY_PAIR_GEN,
+        capabilities=0,
+        public_template={A.TOKEN: True, A.PRIVATE: False, A.VERIFY: True,
+                         A.EC_PARAMS: _layout.CURVE_OIDS["secp256r1"]},
+        private_template={A.TOKEN: True, A.PRIVATE: True, A.SENSITIVE: True,
+                          A.EXTRACTABLE: False, A.SIGN: True})
+    spki = _layout.spki(alg, pub[A.EC_POINT], None, None)
+    kid = key_id("ecdsa", tuf_public_bytes("ecdsa", spki))
+    label = _layout.v1_label(alg, gun, role, used=False).decode()
+    for obj in (pub, priv):
+        obj[A.ID] = bytes.fromhex(kid)
+        obj[A.LABEL] = label
+    return kid
+
+
+def test_keys_of_layout_1_keep_working(hsm: HSM, daemon_factory: Any) -> None:
+    """Tokens written by signerd 0.1 need no manual step: their keys are
+    listed, sign, are marked used in place, and can be deleted."""
+    d = daemon_factory(tokens=("online",))
+    svc = d.servers.service
+    gun = unique_gun()
+    lib = MODULES.acquire(hsm.module)
+    try:
+        session = lib.get_token(token_label="test-online").open(rw=True)
+        try:
+            kid = _make_layout_1_key(session, gun, "targets")
+        finally:
+            session.close()
+    finally:
+        MODULES.release(hsm.module)
+    entry = svc.get_key(kid)  # found by a lookup, as a key another daemon made
+    assert (entry.layout, entry.gun, entry.role, entry.used) == (1, gun, "targets", False)
+    sig = svc.sign(kid, MESSAGE, signing.SignOptions()).signature
+    signing.verify(entry.spki_der, entry.algorithm, sig, MESSAGE, signing.SignOptions())
+    svc.mark_used(entry)
+    token = svc.tokens["online"]
+    token.refresh()  # re-read from the token: the label says used now
+    assert token.get(entry.key_id) is not None and token.get(entry.key_id).used  # type: ignore[union-attr]
+    assert [k.key_id for k in svc.list_keys(gun=gun)[0]] == [kid]
+    svc.delete_key(kid)
+    token.refresh()
+    assert token.get(entry.key_id) is None
+
+
+def test_the_yubihsm_profile_touches_idle_sessions(
+        hsm: HSM, certs: PKI, tmp_path: Path) -> None:
+    """A YubiHSM 2 closes a session idle for 30 s: the probe touches every
+    idle pooled session once the profile's keepalive is due."""
+    y = _start(_softhsm_kind(hsm, tmp_path, "yubihsm"), certs, tmp_path / "y")
+    try:
+        token = y.servers.service.tokens["dut"]
+        assert token.profile.keepalive is not None
+        stale = time.monotonic() - token.profile.keepalive - 1
+        token._touched = {h: stale for h in token._touched}
+        assert token.check()
+        assert len(token._touched) == 4
+        assert all(t > stale + 1 for t in token._touched.values())
+    finally:
+        y.stop()
+
+
+def test_a_token_comes_back_while_its_neighbour_on_the_module_stayed_up(
+        hsm: HSM, daemon_factory: Any, tmp_path: Path) -> None:
+    """Regression: SoftHSM finds a token that came back only after its module
+    is initialised again, and that was done only once every token of the
+    module was down, so one token of two stayed unusable until a restart."""
+    d = daemon_factory(server={"health_interval": HEALTH_INTERVAL})
+    where, away = token_dir(hsm, "test-online"), tmp_path / "away"
+    with d.client() as c:
+        online = c.create_key(unique_gun(), "targets")
+        root = c.create_key(unique_gun(), "root")
+        assert root.token == "root" and online.token == "online"
+        where.rename(away)
+        try:
+            _wait_for("NOT_SERVING", lambda: _health(c) == [NOT_SERVING] * 3)
+            assert c.sign(root.key_id, message=MESSAGE).signature  # the neighbour signs
+            assert rpc_error(lambda: c.sign(online.key_id, message=MESSAGE)).code() == \
+                grpc.StatusCode.UNAVAILABLE
+        finally:
+            away.rename(where)
+        _wait_for("SERVING", lambda: _health(c) == [SERVING] * 3)
+        for key in (online, root):
+            sig = c.sign(key.key_id, message=MESSAGE).signature
+            signing.verify(key.public_key_der, parse_algorithm(key.algorithm), sig, MESSAGE,
+                           signing.SignOptions())
