@@ -9,9 +9,11 @@ cd "$(dirname "$0")"
 
 # softhsm2: the development token.
 APT_PACKAGES=(softhsm2 opensc python3 python3-venv python3-pip)
-# The TPM 2.0 token of the test suite: the simulator, its tools, the tpm2-pkcs11
-# module and tpm2_ptool.
-APT_TEST_PACKAGES=(swtpm swtpm-tools tpm2-tools libtpm2-pkcs11-1 libtpm2-pkcs11-tools)
+# The TPM 2.0 token of the test suite (tests/_tpm.py): the simulator, its tools, the
+# tpm2-pkcs11 module and tpm2_ptool, and the resource manager tpm2-abrmd with its TCTI and
+# the D-Bus daemon it talks over.
+APT_TEST_PACKAGES=(swtpm swtpm-tools tpm2-tools libtpm2-pkcs11-1 libtpm2-pkcs11-tools
+                   tpm2-abrmd libtss2-tcti-tabrmd0 dbus-daemon dbus-bin)
 APT_LOCK_WAIT=900  # seconds apt-get waits for another apt or dpkg to finish
 VENV=${SIGNERD_VENV:-.venv}
 

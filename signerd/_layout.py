@@ -179,6 +179,16 @@ def _json_object(raw: bytes | None) -> dict[str, Any] | None:
 # -- public key material ----------------------------------------------------
 
 
+def algorithm_of(object_id: bytes, label: bytes | None) -> Algorithm | None:
+    """The algorithm a key pair's CKA_ID and CKA_LABEL name, in either
+    layout; None if the pair is not signerd's."""
+    if len(object_id) == 32:
+        v1 = parse_v1_label(label)
+        if v1 is not None:
+            return v1[0].algorithm
+    return parse_key_label(label)
+
+
 def point_size(alg: Algorithm) -> int:
     """Bytes of the raw public point: 0x04||X||Y for ECDSA, 32 for Ed25519."""
     if alg.keytype == "ed25519":

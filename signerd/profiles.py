@@ -41,6 +41,25 @@ class Profile:
       this profile when the config names none.
     - ``signs_pss_unlisted``: the module signs CKM_RSA_PKCS_PSS although its
       mechanism list omits it (tpm2-pkcs11 1.9).
+    - ``ties_sign_to_decrypt``: the token keeps CKA_SIGN/CKA_ENCRYPT and
+      CKA_VERIFY/CKA_DECRYPT in one attribute bit each, so a template that
+      sets SIGN and clears ENCRYPT fails (tpm2-pkcs11 1.9: TPMA_OBJECT_SIGN_ENCRYPT
+      and TPMA_OBJECT_DECRYPT; CKR_GENERAL_ERROR). Generation then leaves
+      ENCRYPT and DECRYPT to the token; tpm2-pkcs11 needs DECRYPT anyway,
+      since it signs RSA with TPM2_RSA_Decrypt. signerd itself never asks
+      such a key for anything but signatures.
+    - ``private_data``: signerd's data objects (key metadata) must be
+      CKA_PRIVATE, readable only when logged in: tpm2-pkcs11 refuses public
+      ones (CKR_ATTRIBUTE_VALUE_INVALID), and YubiHSM's module refuses
+      private ones, so the default is public.
+    - ``reads_mixed_attributes``: one C_GetAttributeValue may ask a public
+      key for both EC and RSA material (the ones it lacks come back
+      unavailable, as PKCS#11 v2.40 §5.7 says). SoftHSM does; tpm2-pkcs11
+      1.9 stops at the first attribute the object lacks and leaves the rest
+      unfilled, so elsewhere a key's material is read by its type.
+    - ``probe_random``: C_GetTokenInfo is answered from the module's cache,
+      so the health probe asks the device for random bytes instead
+      (tpm2-pkcs11: TPM2_GetRandom; it fails at once when the TPM is gone).
     """
 
     name: str
@@ -49,16 +68,22 @@ class Profile:
     modules: tuple[str, ...] = ()
     manufacturers: tuple[str, ...] = ()
     signs_pss_unlisted: bool = False
+    ties_sign_to_decrypt: bool = False
+    private_data: bool = False
+    reads_mixed_attributes: bool = False
+    probe_random: bool = False
 
 
 PROFILES: dict[str, Profile] = {
     p.name: p
     for p in (
         Profile("generic"),
-        Profile("softhsm", modules=("softhsm",), manufacturers=("SoftHSM",)),
+        Profile("softhsm", modules=("softhsm",), manufacturers=("SoftHSM",),
+                reads_mixed_attributes=True),
         # tpm2-pkcs11 reports the TPM's own vendor and model (swtpm: "IBM",
         # "SW   TPM"), so it is known by its module.
-        Profile("tpm", modules=("tpm2_pkcs11",), signs_pss_unlisted=True),
+        Profile("tpm", modules=("tpm2_pkcs11",), signs_pss_unlisted=True,
+                ties_sign_to_decrypt=True, private_data=True, probe_random=True),
         # YubiHSM 2: 16 sessions per device, and a session idle for 30 s is
         # closed by the device (Yubico's YubiHSM 2 user guide, "Sessions").
         Profile("yubihsm", max_sessions=16, keepalive=20.0, modules=("yubihsm_pkcs11",),

@@ -52,6 +52,9 @@ _CLOSE_WAIT = 30.0  # seconds close() waits for sessions in use to come back
 _RETRY_EVERY = 1.0  # seconds between reconnect attempts while a token is unusable
 _ID_ATTEMPTS = 8  # tries at a free 2-byte CKA_ID before giving up
 _KEEPALIVE_LABEL = b"signerd-keepalive"  # searched for, never created
+# Attributes holding a public key, with the buffer sizes to try first.
+_EC_MATERIAL = {_p11.CKA_EC_POINT: 128}
+_RSA_MATERIAL = {_p11.CKA_MODULUS: 512, _p11.CKA_PUBLIC_EXPONENT: 8}
 _PAUSE_WAIT = 5.0  # seconds a module re-initialisation waits for another token's sessions
 
 
@@ -509,7 +512,12 @@ class Token:
                 raise self._unavailable(self._last_error)
             self._next_attempt = now + _RETRY_EVERY
             log.debug("reconnecting", extra={"fields": {"token": self.name}})
-            self._connected = False
+            self._connected = False  # new borrowers wait for this reconnect
+            # Sessions still borrowed are closed under no thread: a module
+            # (tpm2-pkcs11) can lose its device context when a session is
+            # closed, or the module finalised, under a call in progress.
+            with self._idle:
+                self._idle.wait_for(lambda: not self._borrowed, _PAUSE_WAIT)
             self._drop_sessions()
             try:
                 self._connect()
@@ -567,53 +575,54 @@ class Token:
                 if not self._borrowed:
                     self._idle.notify_all()
 
-    def _answers(self) -> bool:
-        """Whether the token answers C_GetTokenInfo now."""
+    def _answers(self, session: Any | None = None) -> bool:
+        """Whether the token answers now: C_GetTokenInfo, or with a profile
+        that asks for it and a session, C_GenerateRandom (which reaches the
+        device where C_GetTokenInfo is answered from a cache)."""
         try:
-            self.module.token_info(self.slot_id)
+            if self.profile.probe_random and session is not None:
+                session.generate_random(64)
+            else:
+                self.module.token_info(self.slot_id)
             return True
         except _p11.P11Error as e:
             self._last_error = _p11.rv_name(e.rv)
-            return False
+        except pkcs11.PKCS11Error as e:
+            self._last_error = type(e).__name__
+        return False
 
     def _with_retry(self, what: str, fn: Any,
                     guard: Callable[[], AbstractContextManager[None]]) -> Any:
         """Run fn(session) inside ``guard()`` (one of _ObjectLocks'), once, and
-        once more after a reconnect if the session, login or device was lost.
+        once more after a reconnect if the session, login or device was lost
+        (the return value says so, or the token no longer answers).
 
         Raises InvalidArgument (data the token rejects), FailedPrecondition
-        (a mechanism it cannot do), Unavailable (anything else; the message
-        names the token, never the module's own text)."""
+        (a mechanism or template it cannot do), Unavailable (anything else;
+        the message names the token, never the module's own text)."""
         for attempt in (0, 1):
             rv: int | None
             with self.session() as (gen, s), guard():
                 try:
                     return fn(s)
                 except _p11.P11Error as e:
-                    rv = e.rv
+                    rv, failure = e.rv, _p11.rv_name(e.rv)
                 except pkcs11.PKCS11Error as e:
-                    rv = _pkcs11_rv(e)
-                    if rv is None:
-                        if not self._answers():
-                            self._set_health(False)
-                            raise self._unavailable(self._last_error) from None
-                        log.warning("token operation failed", exc_info=True, extra={"fields": {
-                            "token": self.name, "operation": what, "error": type(e).__name__}})
-                        raise Unavailable(
-                            f"token {self.name}: {what} failed ({type(e).__name__})"
-                        ) from None
+                    rv, failure = _pkcs11_rv(e), type(e).__name__
+                refused = rv in _p11.DATA_INVALID | _p11.NOT_SUPPORTED
+                alive = refused or self._answers(s)
             if rv in _p11.DATA_INVALID:
-                raise InvalidArgument(f"token {self.name} rejected the data: {_p11.rv_name(rv)}")
+                raise InvalidArgument(f"token {self.name} rejected the data: {failure}")
             if rv in _p11.NOT_SUPPORTED:  # the token is fine; it cannot do this
-                raise FailedPrecondition(
-                    f"token {self.name} cannot do this {what}: {_p11.rv_name(rv)}"
-                )
-            lost = rv in _p11.SESSION_LOST | _p11.DEVICE_LOST | _p11.HANDLE_LOST
-            if not self._answers():
-                lost = True
-            if not lost or attempt == 1:
-                self._set_health(False, _p11.rv_name(rv))
-                raise self._unavailable(_p11.rv_name(rv))
+                raise FailedPrecondition(f"token {self.name} cannot do this {what}: {failure}")
+            lost = not alive or rv in _p11.SESSION_LOST | _p11.DEVICE_LOST | _p11.HANDLE_LOST
+            if not lost:  # the token answers: this operation failed on its own
+                log.warning("token operation failed", extra={"fields": {
+                    "token": self.name, "operation": what, "error": failure}})
+                raise Unavailable(f"token {self.name}: {what} failed ({failure})")
+            if attempt == 1:
+                self._set_health(False, failure)
+                raise self._unavailable(failure)
             try:
                 self.reconnect(gen)
             except SignerdError:
@@ -638,8 +647,9 @@ class Token:
                 self.reconnect(probe=True)
             self._check_idle_sessions()
             self._set_health(True)
-        except _p11.P11Error as e:
-            self._set_health(False, _p11.rv_name(e.rv))
+        except (_p11.P11Error, pkcs11.PKCS11Error) as e:
+            self._set_health(False, _p11.rv_name(e.rv) if isinstance(e, _p11.P11Error)
+                             else type(e).__name__)
             try:
                 self.reconnect(probe=True)
             except SignerdError:
@@ -651,9 +661,10 @@ class Token:
         return self._healthy
 
     def _check_idle_sessions(self) -> None:
-        """Check the login on one idle session, and touch every idle session
-        the profile's keepalive says is due. A session in use is left alone:
-        it is in use. Raises P11Error."""
+        """Check the login on one idle session (and, if the profile asks,
+        that the device answers it), and touch every idle session the
+        profile's keepalive says is due. A session in use is left alone: it
+        is in use. Raises P11Error or python-pkcs11's PKCS11Error."""
         idle: list[tuple[int, Any]] = []
         while True:
             try:
@@ -665,6 +676,8 @@ class Token:
             for i, (_, s) in enumerate(idle):
                 if i == 0 and not self.module.logged_in(s.handle):
                     raise _p11.P11Error("C_GetSessionInfo", _p11.CKR_USER_NOT_LOGGED_IN)
+                if i == 0 and self.profile.probe_random:
+                    s.generate_random(64)  # reaches the device; raises if it is gone
                 keepalive = self.profile.keepalive
                 if keepalive is not None and now - self._touched.get(s.handle, 0) >= keepalive:
                     # A search reaches the device (YubiHSM: a list-objects command
@@ -748,9 +761,8 @@ class Token:
         # Ask every public key for EC and RSA material at once: the attributes
         # a key does not have come back as None, and a second call would cost
         # more than the unused attributes.
-        read_pub = m.attribute_reader({_p11.CKA_ID: 32, _p11.CKA_EC_POINT: 128,
-                                       _p11.CKA_MODULUS: 512,
-                                       _p11.CKA_PUBLIC_EXPONENT: 8}).read
+        read_pub = m.attribute_reader({_p11.CKA_ID: 32, **_EC_MATERIAL, **_RSA_MATERIAL}).read
+        read_id = m.attribute_reader({_p11.CKA_ID: 32}).read
         for scope in scopes:
             for handle in m.find_objects(h, {_p11.CKA_CLASS: _p11.ulong(_p11.CKO_PRIVATE_KEY),
                                              **scope}):
@@ -760,10 +772,19 @@ class Token:
         for scope in scopes:
             for handle in m.find_objects(h, {_p11.CKA_CLASS: _p11.ulong(_p11.CKO_PUBLIC_KEY),
                                              **scope}):
-                pub = read_pub(h, handle)
+                if self.profile.reads_mixed_attributes:
+                    pub = read_pub(h, handle)
+                else:  # one call for the CKA_ID, one for the key's own material
+                    pub = read_id(h, handle)
+                    found = privates.get(pub[_p11.CKA_ID] or b"")
+                    alg = _layout.algorithm_of(pub[_p11.CKA_ID] or b"", found[1]) \
+                        if found else None
+                    if alg is None:
+                        continue
+                    pub.update(self._material(h, handle, alg))
                 if pub[_p11.CKA_ID] in privates:
                     publics[pub[_p11.CKA_ID] or b""] = pub
-        if not self._answers():
+        if not self._answers(s):
             raise _p11.P11Error("C_GetTokenInfo", _p11.CKR_DEVICE_REMOVED)
         keys: dict[KeyID, KeyEntry] = {}
         for object_id, (private, label) in privates.items():
@@ -771,6 +792,13 @@ class Token:
             if entry is not None and (only is None or entry.key_id == only):
                 keys[entry.key_id] = entry
         return keys
+
+    def _material(self, session: int, handle: int, alg: Algorithm) -> dict[int, bytes | None]:
+        """A public key object's key material, by its algorithm: CKA_EC_POINT,
+        or CKA_MODULUS and CKA_PUBLIC_EXPONENT; the others as None."""
+        wanted = _RSA_MATERIAL if alg.keytype == "rsa" else _EC_MATERIAL
+        got = self.module.get_attributes(session, handle, wanted)
+        return {t: got.get(t) for t in (*_EC_MATERIAL, *_RSA_MATERIAL)}
 
     def _entry(self, object_id: bytes, private: int, label: bytes | None,
                pub: dict[int, bytes | None] | None, metas: dict[KeyID, _layout.KeyMeta],
@@ -848,6 +876,7 @@ class Token:
                 Attribute.VERIFY: True,
                 Attribute.ENCRYPT: False,
                 Attribute.WRAP: False,
+                Attribute.DERIVE: False,
                 Attribute.ID: object_id,
                 Attribute.LABEL: label,
             }
@@ -859,9 +888,13 @@ class Token:
                 Attribute.SIGN: True,
                 Attribute.DECRYPT: False,
                 Attribute.UNWRAP: False,
+                Attribute.DERIVE: False,
                 Attribute.ID: object_id,
                 Attribute.LABEL: label,
             }
+            if self.profile.ties_sign_to_decrypt:
+                # DEFAULT drops the attribute from python-pkcs11's own template too.
+                pub[Attribute.ENCRYPT] = priv[Attribute.DECRYPT] = pkcs11.DEFAULT
             if alg.keytype == "rsa":
                 pub[Attribute.PUBLIC_EXPONENT] = b"\x01\x00\x01"
                 pub[Attribute.MODULUS_BITS] = alg.bits
@@ -886,9 +919,7 @@ class Token:
             )
             made = [priv, pub]
             try:
-                attrs = self.module.get_attributes(s.handle, pub.handle, {
-                    _p11.CKA_EC_POINT: 128, _p11.CKA_MODULUS: 512,
-                    _p11.CKA_PUBLIC_EXPONENT: 8})
+                attrs = self._material(s.handle, pub.handle, alg)
                 spki = _layout.spki(alg, attrs[_p11.CKA_EC_POINT], attrs[_p11.CKA_MODULUS],
                                     attrs[_p11.CKA_PUBLIC_EXPONENT])
                 kid = key_id(alg.keytype, tuf_public_bytes(alg.keytype, spki))
@@ -896,7 +927,7 @@ class Token:
                 made.append(s.create_object({
                     Attribute.CLASS: ObjectClass.DATA,
                     Attribute.TOKEN: True,
-                    Attribute.PRIVATE: False,
+                    Attribute.PRIVATE: self.profile.private_data,
                     Attribute.LABEL: _layout.meta_label(kid).decode(),
                     Attribute.APPLICATION: _layout.APPLICATION.decode(),
                     Attribute.VALUE: _layout.meta_value(meta),
@@ -991,7 +1022,7 @@ class Token:
                 s.create_object({
                     Attribute.CLASS: ObjectClass.DATA,
                     Attribute.TOKEN: True,
-                    Attribute.PRIVATE: False,
+                    Attribute.PRIVATE: self.profile.private_data,
                     Attribute.LABEL: _layout.used_label(kid).decode(),
                     Attribute.APPLICATION: _layout.APPLICATION.decode(),
                     Attribute.VALUE: b"1",
@@ -1066,5 +1097,11 @@ def _pkcs11_rv(e: Exception) -> int | None:
         "KeyHandleInvalid": 0x60,
         "DeviceMemory": 0x31,
         "TokenNotRecognised": 0xE1,
+        "AttributeTypeInvalid": 0x12,
+        "AttributeValueInvalid": 0x13,
+        "MechanismInvalid": 0x70,
+        "MechanismParamInvalid": 0x71,
+        "TemplateIncomplete": 0xD0,
+        "TemplateInconsistent": 0xD1,
     }
     return names.get(type(e).__name__)

@@ -2,8 +2,8 @@
 
 Each kind is a real PKCS#11 implementation: SoftHSM as itself, SoftHSM under
 the YubiHSM profile (the short layout, the session budget and keepalive run
-in CI), and a TPM 2.0 (swtpm + tpm2-pkcs11) where the stack is installed
-(``./dev.sh test`` installs it; under CI=true its absence fails).
+in CI), and a TPM 2.0 (swtpm + tpm2-abrmd + tpm2-pkcs11, tests/_tpm.py;
+``./dev.sh test`` installs it, and under CI=true its absence fails).
 
 Faults are real too: a SoftHSM token's directory is moved away and back, and
 the TPM simulator is stopped and started again.
@@ -11,7 +11,9 @@ the TPM simulator is stopped and started again.
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -24,11 +26,12 @@ import pkcs11
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from signerd import signing
+from signerd import _p11, signing
 from signerd.keys import ALGORITHMS, parse_algorithm
 from signerd.notary import signer_pb2 as npb
 from signerd.notary import signer_pb2_grpc as npb_grpc
 from signerd.token import MODULES
+from tests import _tpm
 from tests.conftest import HSM, PKI, Daemon, rpc_error, unique_gun
 from tests.test_core import token_dir
 
@@ -62,8 +65,33 @@ def _softhsm_kind(hsm: HSM, tmp: Path, profile: str) -> Kind:
                 "test-online")
 
 
-@pytest.fixture(params=["softhsm", "yubihsm"])
+@pytest.fixture(scope="session")
+def tpm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[_tpm.Tpm]:
+    """The TPM stack, once per test session; its environment is set in this
+    process before tpm2-pkcs11 is first initialised."""
+    gone = _tpm.missing()
+    if gone:
+        message = f"the TPM 2.0 stack is missing ({', '.join(gone)}); ./dev.sh test installs it"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    t = _tpm.start(tmp_path_factory.mktemp("tpm"))
+    os.environ.update(t.env)
+    yield t
+    t.stop()
+
+
+def _tpm_kind(tpm: _tpm.Tpm) -> Kind:
+    table = {"name": "dut", "module": _tpm.MODULE, "uri": f"pkcs11:token={_tpm.LABEL}",
+             "pin_file": str(tpm.pin_file), "roles": ["*"]}
+    return Kind("tpm", table, tpm.env, ("ecdsa-p256", "ecdsa-p384", "rsa-2048", "rsa-3072"),
+                tpm.unplug, tpm.replug, _tpm.MODULE, _tpm.LABEL)
+
+
+@pytest.fixture(params=["softhsm", "yubihsm", "tpm"])
 def kind(request: pytest.FixtureRequest, hsm: HSM, tmp_path: Path) -> Kind:
+    if request.param == "tpm":
+        return _tpm_kind(request.getfixturevalue("tpm"))
     return _softhsm_kind(hsm, tmp_path, request.param)
 
 
@@ -182,6 +210,28 @@ def test_eight_threads_sign_at_once(kind: Kind, dut: Daemon) -> None:
     assert errors == []
 
 
+def _wrap(module: str, session: Any, priv: Any, keys: list[Any]) -> None:
+    """Try to wrap (export) ``priv``; raises PKCS11Error or AssertionError
+    if anything comes out. With a session AES key where the token makes one;
+    on a token that makes none (tpm2-pkcs11: CKR_FUNCTION_NOT_SUPPORTED),
+    C_WrapKey itself with an RSA public key of the token."""
+    A = pkcs11.Attribute
+    try:
+        aes = session.generate_key(pkcs11.KeyType.AES, 256, store=False, capabilities=0,
+                                   template={A.WRAP: True, A.ENCRYPT: True})
+    except pkcs11.exceptions.FunctionNotSupported:
+        rsa = next(k for k in keys if k.algorithm.keytype == "rsa")
+        pub = session.get_key(object_class=pkcs11.ObjectClass.PUBLIC_KEY, id=rsa.object_id)
+        mech = _p11._Mechanism(0x9, None, 0)  # CKM_RSA_PKCS_OAEP
+        out, out_len = ctypes.create_string_buffer(4096), ctypes.c_ulong(4096)
+        rv = ctypes.CDLL(module).C_WrapKey(
+            ctypes.c_ulong(session.handle), ctypes.byref(mech), ctypes.c_ulong(pub.handle),
+            ctypes.c_ulong(priv.handle), out, ctypes.byref(out_len))
+        assert rv != 0, "C_WrapKey exported the private key"
+        raise pkcs11.PKCS11Error(f"C_WrapKey: 0x{rv:x}") from None
+    aes.wrap_key(priv, mechanism=pkcs11.Mechanism.AES_KEY_WRAP_PAD)
+
+
 def test_private_keys_are_sensitive_and_cannot_be_read_or_wrapped(
         kind: Kind, dut: Daemon) -> None:
     svc = dut.servers.service
@@ -198,21 +248,20 @@ def test_private_keys_are_sensitive_and_cannot_be_read_or_wrapped(
                 priv = session.get_key(object_class=pkcs11.ObjectClass.PRIVATE_KEY,
                                        id=k.object_id)
                 assert priv[A.SENSITIVE] is True and priv[A.EXTRACTABLE] is False
-                assert priv[A.SIGN] is True and priv[A.DECRYPT] is False
+                assert priv[A.SIGN] is True
+                # tpm2-pkcs11 ties DECRYPT to VERIFY and signs RSA through it
+                assert priv[A.DECRYPT] is token.profile.ties_sign_to_decrypt
                 assert len(priv[A.LABEL].encode()) <= 40
                 secret = A.PRIVATE_EXPONENT if k.algorithm.keytype == "rsa" else A.VALUE
                 with pytest.raises(pkcs11.PKCS11Error):
                     priv[secret]
-                wrapping = session.generate_key(
-                    pkcs11.KeyType.AES, 256, store=False, capabilities=0,
-                    template={A.WRAP: True, A.ENCRYPT: True})
                 with pytest.raises(pkcs11.PKCS11Error):
-                    wrapping.wrap_key(priv, mechanism=pkcs11.Mechanism.AES_KEY_WRAP_PAD)
+                    _wrap(kind.module, session, priv, keys)
                 # the metadata object, found by the key ID, holds no secret
                 meta = list(session.get_objects({
                     A.CLASS: pkcs11.ObjectClass.DATA,
                     A.LABEL: f"signerd:{k.key_id[:32]}"}))
-                assert len(meta) == 1 and meta[0][A.PRIVATE] is False
+                assert len(meta) == 1 and meta[0][A.PRIVATE] is token.profile.private_data
         finally:
             session.close()
     finally:
@@ -426,9 +475,12 @@ def test_the_yubihsm_profile_touches_idle_sessions(
         hsm: HSM, certs: PKI, tmp_path: Path) -> None:
     """A YubiHSM 2 closes a session idle for 30 s: the probe touches every
     idle pooled session once the profile's keepalive is due."""
-    y = _start(_softhsm_kind(hsm, tmp_path, "yubihsm"), certs, tmp_path / "y")
+    # No probe of its own meanwhile: this test runs the probe itself.
+    y = _start(_softhsm_kind(hsm, tmp_path, "yubihsm"), certs, tmp_path / "y",
+               health_interval=3600)
     try:
         token = y.servers.service.tokens["dut"]
+        token.keys()  # the first listing, which borrows a session, is over
         assert token.profile.keepalive is not None
         stale = time.monotonic() - token.profile.keepalive - 1
         token._touched = {h: stale for h in token._touched}
