@@ -515,3 +515,28 @@ def test_a_token_comes_back_while_its_neighbour_on_the_module_stayed_up(
             sig = c.sign(key.key_id, message=MESSAGE).signature
             signing.verify(key.public_key_der, parse_algorithm(key.algorithm), sig, MESSAGE,
                            signing.SignOptions())
+
+
+def test_signerctl_tokens_list(kind: Kind, dut: Daemon) -> None:
+    import json
+    import subprocess
+    import sys
+
+    cfg = dut.client_config()
+    args = ["--server", cfg.server, "--tls-ca", str(cfg.ca), "--tls-cert", str(cfg.cert),
+            "--tls-key", str(cfg.key), "--server-name", "localhost", "tokens", "list"]
+
+    def ctl(*extra: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "signerd.cli", *args, *extra],
+                              capture_output=True, text=True, timeout=60)
+
+    as_json = ctl("--json")
+    assert as_json.returncode == 0, as_json.stderr
+    [token] = json.loads(as_json.stdout)
+    assert token["name"] == "dut" and token["healthy"] is True
+    assert token["profile"] == kind.name and tuple(token["algorithms"]) == kind.algorithms
+    assert {"module", "manufacturer", "model", "serial", "key_count",
+            "free_public_memory"} <= token.keys()
+    text = ctl()
+    assert text.returncode == 0 and text.stdout.startswith("dut: healthy\n"), text
+    assert f"can create {', '.join(kind.algorithms)}" in text.stdout

@@ -1,0 +1,239 @@
+"""Token benchmarks: signing rates on the TPM, and how fast health follows a token.
+
+    python -m bench.tokens [--seconds 5] [--out bench/results/tokens-latest.json]
+
+For each token kind the test suite has (SoftHSM, SoftHSM under the yubihsm
+profile, a TPM 2.0 through swtpm + tpm2-abrmd + tpm2-pkcs11), it starts
+``signerd serve`` with mutual TLS, policy and audit log on and the default
+``health_interval`` (5 s), then:
+
+- signs P-256 over mTLS (v1 Sign, grpcio client threads) at 1 and 16
+  callers, and measures the token's own in-process rate in the same run
+  (signerd's ``Token.sign`` from 1 and 2 threads, in a separate process);
+- takes the token away with no request in flight (SoftHSM: its directory is
+  moved; TPM: the simulator and resource manager are stopped), and times
+  how long health takes to turn NOT_SERVING, then, once the token is back,
+  how long until health is SERVING and until a Sign succeeds.
+
+Health is polled every 20 ms, so the times carry up to 20 ms of polling.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from bench.run import SPAWN, Env, Hsm, client_channel, start_daemon
+from signerd.v1 import signer_pb2 as pb
+from signerd.v1 import signer_pb2_grpc as pb_grpc
+
+ROOT = Path(__file__).resolve().parent.parent
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+@dataclass
+class Kind:
+    name: str
+    token_toml: str  # the [[tokens]] table
+    environment: dict[str, str]
+    unplug: Callable[[], None]
+    replug: Callable[[], None]
+    stop: Callable[[], None]
+
+
+def softhsm_kind(env: Env, base: Path, profile: str) -> Kind:
+    hsm = Hsm.create(base, env.module)
+    [where] = list((hsm.dir / "tokens").iterdir())
+    away = base / "away"
+    table = (f'[[tokens]]\nname = "dut"\nmodule = "{env.module}"\nuri = "pkcs11:token=bench"\n'
+             f'pin_file = "{hsm.pin_file}"\nprofile = "{profile}"\n')
+    return Kind(profile, table, {"SOFTHSM2_CONF": str(hsm.conf)},
+                lambda: where.rename(away), lambda: away.rename(where), lambda: None)
+
+
+def tpm_kind(base: Path) -> Kind:
+    sys.path.insert(0, str(ROOT))
+    from tests import _tpm
+
+    tpm = _tpm.start(base)
+    table = (f'[[tokens]]\nname = "dut"\nmodule = "{_tpm.MODULE}"\n'
+             f'uri = "pkcs11:token={_tpm.LABEL}"\npin_file = "{tpm.pin_file}"\n')
+    return Kind("tpm", table, tpm.env, tpm.unplug, tpm.replug, tpm.stop)
+
+
+def write_config(env: Env, kind: Kind, work: Path) -> Path:
+    work.mkdir(parents=True, exist_ok=True)
+    environment = "".join(f'{k} = "{v}"\n' for k, v in kind.environment.items())
+    path = work / "signerd.toml"
+    path.write_text(f"""[server]
+listen = "127.0.0.1:0"
+threads = 16
+
+[tls]
+cert = "{env.pki['server']}"
+key = "{env.pki['server-key']}"
+client_ca = "{env.pki['ca']}"
+
+[policy]
+file = "{env.dir / 'policy.toml'}"
+
+[audit]
+file = "{work / 'audit.log'}"
+
+[environment]
+{environment}
+{kind.token_toml}""")
+    return path
+
+
+def _sign_rate(channel: grpc.Channel, key_id: str, callers: int, seconds: float) -> float:
+    stub = pb_grpc.SignerServiceStub(channel)
+    request = pb.SignRequest(key_id=key_id, message=bytes(512))
+    counts = [0] * callers
+    stop = time.monotonic() + seconds
+
+    def run(i: int) -> None:
+        while time.monotonic() < stop:
+            stub.Sign(request, timeout=30)
+            counts[i] += 1
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(callers)]
+    start = time.monotonic()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return sum(counts) / (time.monotonic() - start)
+
+
+def _token_rate(toml_path: str, key_id: str, threads: int, seconds: float) -> float:
+    """signerd's own Token.sign from ``threads`` threads, in this (child) process."""
+    from signerd import signing
+    from signerd.config import load_config
+    from signerd.keys import KeyID
+    from signerd.token import Token
+
+    config = load_config(Path(toml_path))
+    os.environ.update(config.environment)
+    token = Token(config.tokens[0])
+    try:
+        entry = token.lookup(KeyID(key_id))
+        assert entry is not None
+        mechanism, data = signing.prepare(entry.algorithm, bytes(512), signing.SignOptions())
+        counts = [0] * threads
+        stop = time.monotonic() + seconds
+
+        def run(i: int) -> None:
+            while time.monotonic() < stop:
+                token.sign(entry.key_id, mechanism, data, entry.algorithm.signature_size)
+                counts[i] += 1
+
+        workers = [threading.Thread(target=run, args=(i,)) for i in range(threads)]
+        start = time.monotonic()
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        return sum(counts) / (time.monotonic() - start)
+    finally:
+        token.close()
+
+
+def _wait(test: Callable[[], bool], limit: float = 60.0) -> float:
+    start = time.monotonic()
+    while not test():
+        if time.monotonic() - start > limit:
+            raise RuntimeError(f"not reached in {limit}s")
+        time.sleep(0.02)
+    return time.monotonic() - start
+
+
+def measure(env: Env, kind: Kind, work: Path, seconds: float) -> dict[str, Any]:
+    config = write_config(env, kind, work)
+    daemon = start_daemon(config)
+    result: dict[str, Any] = {"kind": kind.name, "health_interval_s": 5.0}
+    try:
+        target = env.target(daemon.info["tcp"])
+        with client_channel(target) as ch:
+            stub = pb_grpc.SignerServiceStub(ch)
+            key = stub.CreateKey(pb.CreateKeyRequest(gun="docker.io/bench/tokens",
+                                                     role="targets", algorithm="ecdsa-p256"))
+            for callers in (1, 16):
+                _sign_rate(ch, key.key_id, callers, 0.5)  # warm up
+                result[f"p256_sign_per_s_{callers}_callers"] = round(
+                    _sign_rate(ch, key.key_id, callers, seconds), 1)
+            with ProcessPoolExecutor(max_workers=1, mp_context=SPAWN) as pool:
+                for threads in (1, 2):
+                    result[f"token_p256_per_s_{threads}_threads"] = round(pool.submit(
+                        _token_rate, str(config), key.key_id, threads, seconds).result(), 1)
+            health = health_pb2_grpc.HealthStub(ch)
+
+            def status() -> int:
+                return int(health.Check(health_pb2.HealthCheckRequest(service=""),
+                                        timeout=5).status)
+
+            def signs() -> bool:
+                try:
+                    stub.Sign(pb.SignRequest(key_id=key.key_id, message=b"m"), timeout=5)
+                    return True
+                except grpc.RpcError:
+                    return False
+
+            time.sleep(1)
+            kind.unplug()
+            result["not_serving_after_s"] = round(_wait(lambda: status() == NOT_SERVING), 3)
+            time.sleep(1)
+            kind.replug()
+            back = time.monotonic()
+            result["serving_after_s"] = round(_wait(lambda: status() == SERVING), 3)
+            _wait(signs)
+            result["signing_after_s"] = round(time.monotonic() - back, 3)
+    finally:
+        daemon.stop()
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.tokens", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=float, default=5.0, help="per rate point")
+    parser.add_argument("--kinds", default="softhsm,yubihsm,tpm")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench/results/tokens-latest.json")
+    args = parser.parse_args(argv)
+    base = Path(tempfile.mkdtemp(prefix="signerd-bench-tokens-"))
+    results = []
+    try:
+        env = Env.create(base)
+        for name in args.kinds.split(","):
+            kind = tpm_kind(base / name) if name == "tpm" else \
+                softhsm_kind(env, base / name, name)
+            try:
+                results.append(measure(env, kind, base / name / "work", args.seconds))
+                print(json.dumps(results[-1]), flush=True)
+            finally:
+                kind.stop()
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+    doc = {"when": datetime.now(UTC).isoformat(timespec="seconds"), "results": results}
+    args.out.write_text(json.dumps(doc, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
