@@ -1,1 +1,35 @@
 """signerd: a gRPC daemon that keeps TUF / Docker Content Trust keys on PKCS#11 tokens."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from typing import Any
+
+
+def version() -> str:
+    """signerd's version, from the installed package's metadata (pyproject.toml's
+    ``version``); ``"unknown (not installed)"`` when run from a bare checkout."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
+
+    try:
+        return dist_version("signerd")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+class _Version(argparse.Action):
+    """Like argparse's ``version`` action, but reads the metadata only when
+    asked: importlib.metadata costs tens of milliseconds on every run."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: str | Sequence[Any] | None, option_string: str | None = None) -> None:
+        print(f"{parser.prog} {version()}")
+        parser.exit()
+
+
+def add_version_flag(parser: argparse.ArgumentParser) -> None:
+    """``--version``: print ``PROG VERSION`` and exit 0."""
+    parser.add_argument("--version", action=_Version, nargs=0, default=argparse.SUPPRESS,
+                        help="print the version and exit")

@@ -26,10 +26,17 @@ Each worker:
   client connection always lands on one worker);
 * serves the Unix socket only if it is worker 1 (a path binds once);
 * exits when the supervisor dies (PR_SET_PDEATHSIG), so a killed
-  supervisor cannot leave workers holding the port.
+  supervisor cannot leave workers holding the port;
+* rotates its own audit chain on SIGHUP (forwarded by the supervisor) and at
+  ``[audit] max_bytes``, as one process does: ``audit.log.w1`` becomes
+  ``audit.log.w1.20261128T141503Z`` and so on;
+* gets no ``NOTIFY_SOCKET``: the supervisor is the main PID that systemd
+  listens to, and it reports READY=1 once every worker serves.
 
 If a worker exits on its own, the supervisor stops the others and exits 1:
-restarting is the service manager's job, as it is with one process.
+restarting is the service manager's job, as it is with one process. A worker
+that exits 2 while starting (a config fault, a refused PIN) makes it exit 2,
+which the systemd unit does not restart.
 """
 
 from __future__ import annotations
@@ -49,6 +56,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from signerd import _sdnotify
 from signerd.config import Config
 from signerd.errors import ConfigError
 
@@ -140,6 +148,13 @@ class Supervisor:
             if p.poll() is None:
                 p.send_signal(signum)
 
+    def _reload(self) -> None:
+        """SIGHUP: each worker reloads its policy and rotates its audit chain.
+        READY=1 follows at once: the workers' reloads run on their own."""
+        _sdnotify.notify(_sdnotify.reloading())
+        self._signal(signal.SIGHUP)
+        _sdnotify.notify(_sdnotify.READY)
+
     def _start(self, listen: str | None, readydir: Path) -> list[Path]:
         files = []
         for i in range(1, self.config.workers + 1):
@@ -149,7 +164,9 @@ class Supervisor:
                    "--supervisor-pid", str(os.getpid()), *self.worker_args]
             if listen is not None:
                 cmd += ["--worker-listen", listen]
-            self.procs.append(subprocess.Popen(cmd))  # inherits stderr: one log stream
+            # Inherits stderr (one log stream), not NOTIFY_SOCKET: see the module doc.
+            env = {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"}
+            self.procs.append(subprocess.Popen(cmd, env=env))
             files.append(ready)
         return files
 
@@ -181,7 +198,7 @@ class Supervisor:
     def run(self, ready_file: Path | None) -> int:
         signal.signal(signal.SIGTERM, lambda *_: self.stop.set())
         signal.signal(signal.SIGINT, lambda *_: self.stop.set())
-        signal.signal(signal.SIGHUP, lambda *_: self._signal(signal.SIGHUP))
+        signal.signal(signal.SIGHUP, lambda *_: self._reload())
         reserved, listen = _reserve(self.config.listen) if self.config.listen else (None, None)
         readydir = Path(tempfile.mkdtemp(prefix="signerd-workers-"))
         try:
@@ -192,10 +209,12 @@ class Supervisor:
             shutil.rmtree(readydir, ignore_errors=True)
         if infos is None:
             failed = not self.stop.is_set()
+            # A worker's 2 (config fault, refused PIN) is passed on: no restart fixes it.
+            config_fault = any(p.poll() == 2 for p in self.procs)
             code = self._stop_all()
             if failed:
                 log.error("a worker exited during startup; stopping")
-                return 1
+                return 2 if config_fault else 1
             return code
         first = infos[0]
         info = {"pid": os.getpid(), "tcp": first.get("tcp"), "unix": first.get("unix"),
@@ -206,6 +225,7 @@ class Supervisor:
             tmp = ready_file.with_suffix(".tmp")
             tmp.write_text(json.dumps(info))
             tmp.replace(ready_file)
+        _sdnotify.notify(_sdnotify.READY, f"STATUS=serving; {len(self.procs)} workers")
         while not self.stop.wait(_POLL * 4):
             dead = [p for p in self.procs if p.poll() is not None]
             if dead:
@@ -214,6 +234,7 @@ class Supervisor:
                                             "exit_code": dead[0].returncode}})
                 self._stop_all()
                 return 1
+        _sdnotify.notify(_sdnotify.STOPPING)
         log.info("signerd stopping: workers finish in-flight requests")
         code = self._stop_all()
         log.info("signerd stopped", extra={"fields": {"exit_code": code}})

@@ -64,24 +64,65 @@ write that fails (disk full, file unwritable) raises
 chain does not advance; bytes of a partly written line are cut off again.
 If they cannot be, the log refuses every later write until restart. If the
 file is removed or renamed while open (rotation), the next write creates a
-new file at the path and continues the chain in it (``seq`` and ``prev``
-carry on), so the rotated files verify when concatenated in order; if the
+new file at the path and continues the chain in it (see Rotation); if the
 new file cannot be created, that write raises ``Unavailable``.
+
+Rotation
+--------
+:meth:`AuditLog.rotate` (the daemon calls it on SIGHUP) and ``max_bytes``
+(``[audit] max_bytes``: the file rotates once a line takes it to that size
+or more; unset, never by size) close the current file, rename it to
+``<file>.<UTC time>Z`` and start a new file at the path. The name is the
+rotation's time to the second, ``audit.log.20261128T141503Z``; further
+rotations in the same second (or a name already taken) add ``_001``,
+``_002``, ... The names sort in chain order, so ``audit.log.2* audit.log``
+lists a chain oldest first, and logrotate's ``dateext`` with ``dateformat
+.%Y%m%dT%H%M%SZ`` makes the same shape (its ``maxage`` expires them and
+``compress`` packs them, except the rare ``_NNN`` ones;
+deploy/logrotate/signerd). The new file's first line is a rotation record,
+chained like any other line::
+
+    {"operation":"audit.rotate","previous_file":"audit.log.20261128T141503Z",
+     "prev":"<SHA-256 of the old file's last line>","reason":"sighup","seq":N+1,...}
+
+so ``seq`` and ``prev`` run on across files and :func:`verify_files` checks
+the files as one chain. A file that starts with a rotation record also
+verifies on its own: the result says which earlier file it continues.
+
+A log renamed while signerd was stopped (an empty or missing file whose head
+names a line) is found again at the next start: the newest sibling
+``<file>.*`` that ends with the head's line; the new file then starts with a
+rotation record naming it. If none does, the start is refused as for any
+log shorter than its head.
+
+The switch is atomic for readers of the path: the new file is written in
+full as ``.<file>.next``, the old file gets its rotated name as a second
+link, and ``.<file>.next`` is renamed over the path. A crash in between
+leaves ``.<file>.next``; the next start renames it into place if the old
+file already has its rotated name, else deletes it. The head file keeps its
+name and goes on naming the chain's last line. A file renamed or removed by
+another program (logrotate without ``copytruncate``) is noticed at the next
+write or rotation; the new file at the path then starts with a rotation
+record whose ``previous_file`` is null (its new name is unknown). A rotation
+that fails (say, the directory is not writable) is logged and the log goes
+on in the current file: rotating is housekeeping, the line is the evidence.
 """
 
 from __future__ import annotations
 
 import fcntl
+import gzip
 import hashlib
 import json
 import logging
 import os
 import threading
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
-from datetime import UTC, datetime
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import IO, Any, Final, Literal
+from typing import IO, Any, Final, Literal, cast
 
 from signerd.errors import ConfigError, Unavailable
 
@@ -91,7 +132,10 @@ ZERO_HASH: Final = "0" * 64
 HEAD_SIZE: Final = 128
 MAX_LINE_BYTES: Final = 1 << 20  # verify and the tail reader give up on longer lines
 MAX_VALUE_CHARS: Final = 1024
+ROTATE_OPERATION: Final = "audit.rotate"  # the "operation" of a rotation record
 _TAIL_WINDOW: Final = 64 * 1024
+_ROTATE_RETRY: Final = 5.0  # seconds before a failed size rotation is tried again
+_MAX_EXTRA: Final = 999  # rotations in one second after the first (the _NNN suffix)
 _RESERVED: Final = frozenset({"time", "seq", "prev"})
 _HEX: Final = frozenset("0123456789abcdef")
 # Compact, sorted keys, ASCII only (no raw newline or odd byte can reach the file);
@@ -99,7 +143,8 @@ _HEX: Final = frozenset("0123456789abcdef")
 _ENCODER: Final = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=True,
                                    allow_nan=False, default=str)
 
-Problem = Literal["edited", "deleted", "reordered", "truncated", "head", "anchor", "unreadable"]
+Problem = Literal["edited", "deleted", "reordered", "truncated", "missing", "head", "anchor",
+                  "unreadable"]
 
 
 def head_path(path: Path) -> Path:
@@ -107,15 +152,33 @@ def head_path(path: Path) -> Path:
     return path.with_name(path.name + ".head")
 
 
+def rotated_path(path: Path, when: datetime, extra: int = 0) -> Path:
+    """The name a rotation at ``when`` (UTC, to the second) gives the log
+    ``path``: ``audit.log`` -> ``audit.log.20261128T141503Z``, and
+    ``audit.log.20261128T141503Z_001`` for the ``extra``-th further rotation
+    in that second (``_`` sorts after ``.``, so after ``...Z.gz`` too)."""
+    name = f"{path.name}.{when.astimezone(UTC):%Y%m%dT%H%M%S}Z"
+    return path.with_name(f"{name}_{extra:03d}" if extra else name)
+
+
+def _next_path(path: Path) -> Path:
+    # Hidden, so that no glob for the log or its rotated files picks it up.
+    return path.with_name(f".{path.name}.next")
+
+
 class AuditLog:
     """Appends hash-chained JSON lines to ``path``; thread-safe.
+
+    ``max_bytes`` (None: never) rotates the file once a line takes it to
+    that many bytes or more; it may also be set after opening.
 
     Raises :class:`ConfigError` at startup when the file cannot be opened, is
     locked by another process, ends in a line that is not a complete record
     (a torn write), or is shorter than its head file says.
     """
 
-    def __init__(self, path: Path, *, fsync: bool = False, checkpoint_every: int = 1000) -> None:
+    def __init__(self, path: Path, *, fsync: bool = False, checkpoint_every: int = 1000,
+                 max_bytes: int | None = None) -> None:
         self.path = path
         self.head_path = head_path(path)
         self._fsync = fsync
@@ -125,7 +188,15 @@ class AuditLog:
         self._head_warned = False
         self._fd: int | None = None
         self._head_fd: int | None = None
+        self._size = 0  # bytes in the current file
+        self._max_bytes: int | None = None
+        self.max_bytes = max_bytes
+        self._rotate_after = 0.0  # monotonic time before which a size rotation is not retried
+        self._last_rotation: tuple[datetime, int] | None = None  # (second, extra): last name
+        # (reason, previous file) of a rotation record the current file still needs
+        self._pending: tuple[str, str | None] | None = None
         try:
+            _finish_rotation(path)
             self._fd, self._ident = _open_locked(path)
         except (OSError, _Locked) as e:
             raise ConfigError(f"audit log {path}: cannot open: {_why(e)}") from None
@@ -143,6 +214,11 @@ class AuditLog:
             os.ftruncate(self._head_fd, HEAD_SIZE)  # drop anything past the fixed-size record
         except OSError:
             pass  # a longer head still parses: only trailing padding follows the record
+        try:
+            self._write_pending()  # the link to a file renamed while stopped, at once
+        except Unavailable as e:
+            self._close_fds()
+            raise ConfigError(f"audit log {path}: {e}") from None
         self._checkpoint("audit log opened")
 
     @property
@@ -155,12 +231,24 @@ class AuditLog:
         """SHA-256 of the last line written (:data:`ZERO_HASH` for an empty log)."""
         return self._last
 
+    @property
+    def max_bytes(self) -> int | None:
+        """Size in bytes at which the file rotates (None: never by size)."""
+        return self._max_bytes
+
+    @max_bytes.setter
+    def max_bytes(self, value: int | None) -> None:
+        if value is not None and value < 1:
+            raise ValueError(f"max_bytes must be at least 1, got {value}")
+        self._max_bytes = value
+
     def write(self, record: Mapping[str, Any]) -> None:
         """Append one record, adding ``time``, ``seq`` and ``prev``.
 
         Raises :class:`Unavailable` if the line cannot be written; the chain
         then stays where it was. ``ValueError`` means a caller bug: a
-        reserved key, or a value JSON cannot hold.
+        reserved key, or a value JSON cannot hold. A size rotation that
+        fails after the line is written is logged, not raised.
         """
         reserved = _RESERVED.intersection(record)
         if reserved:
@@ -170,24 +258,29 @@ class AuditLog:
             if isinstance(v, str) and len(v) > MAX_VALUE_CHARS:
                 doc[k] = _shorten(v)
         with self._lock:
-            if self._fd is None:
-                raise Unavailable("audit log cannot be written: it is closed")
-            if self._broken is not None:
-                raise Unavailable(f"audit log cannot be written: {self._broken}")
+            self._check_writable()
             self._follow_path()
-            seq = self._seq + 1
-            doc.update(time=_now(), seq=seq, prev=self._last)
-            try:
-                line = _ENCODER.encode(doc).encode("ascii")
-            except (TypeError, ValueError) as e:
-                raise ValueError(f"audit record cannot be serialised: {e}") from None
-            if len(line) >= MAX_LINE_BYTES:
-                raise ValueError(f"audit record is {len(line)} bytes; limit {MAX_LINE_BYTES}")
-            self._append(line + b"\n")
-            self._seq, self._last = seq, hashlib.sha256(line).hexdigest()
-            self._write_head()
-            if seq % self._checkpoint_every == 0:
-                self._checkpoint("audit checkpoint")
+            self._write_pending()
+            self._commit(self._encode(doc))
+            if self._max_bytes is not None and self._size >= self._max_bytes:
+                self._rotate_for_size()
+
+    def rotate(self, reason: str = "sighup") -> Path | None:
+        """Close the current file, rename it and start a new one (see Rotation).
+
+        Returns the rotated file's new path; None when there was nothing to
+        rotate (the file is empty) or another program had already renamed
+        the file (then the chain continues in a new file at the path, as it
+        would at the next write). Raises :class:`Unavailable` when the log
+        is closed or broken or the rotation fails; the log then goes on in
+        the current file.
+        """
+        with self._lock:
+            self._check_writable()
+            if self._follow_path():
+                self._write_pending()
+                return None
+            return self._rotate(reason)
 
     def close(self) -> None:
         """Update the head, log a final checkpoint and close. Idempotent."""
@@ -206,38 +299,67 @@ class AuditLog:
 
     # -- internals; every method below runs with self._lock held or in __init__
 
+    def _check_writable(self) -> None:
+        if self._fd is None:
+            raise Unavailable("audit log cannot be written: it is closed")
+        if self._broken is not None:
+            raise Unavailable(f"audit log cannot be written: {self._broken}")
+
+    def _encode(self, doc: dict[str, Any]) -> bytes:
+        """The next line (without newline) for ``doc``; the chain does not move."""
+        doc.update(time=_now(), seq=self._seq + 1, prev=self._last)
+        try:
+            line = _ENCODER.encode(doc).encode("ascii")
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"audit record cannot be serialised: {e}") from None
+        if len(line) >= MAX_LINE_BYTES:
+            raise ValueError(f"audit record is {len(line)} bytes; limit {MAX_LINE_BYTES}")
+        return line
+
+    def _commit(self, line: bytes) -> None:
+        """Append ``line`` to the current file and move the chain past it."""
+        self._append(line + b"\n")
+        self._size += len(line) + 1
+        self._seq, self._last = self._seq + 1, hashlib.sha256(line).hexdigest()
+        self._write_head()
+        if self._seq % self._checkpoint_every == 0:
+            self._checkpoint("audit checkpoint")
+
+    def _rotation_line(self, reason: str, previous: str | None) -> bytes:
+        return self._encode({"operation": ROTATE_OPERATION, "reason": reason,
+                             "previous_file": previous})
+
+    def _write_pending(self) -> None:
+        """Start a file that another program put at the path with its rotation
+        record. Raises Unavailable (the record stays pending)."""
+        if self._pending is not None:
+            reason, previous = self._pending
+            self._commit(self._rotation_line(reason, previous))
+            self._pending = None
+
     def _resume(self) -> tuple[int, str]:
         assert self._fd is not None
-        size = os.fstat(self._fd).st_size
-        seq, last = 0, ZERO_HASH
-        if size:
-            seq, last = _resume_point(self._fd, size, self.path)
-        head = _read_head(self.head_path)
-        if isinstance(head, str):
-            raise ConfigError(f"audit log {self.path}: {head}; run 'signerctl audit verify "
-                              f"{self.path}' and repair or move both files before starting")
-        if head is None:
-            if seq:
-                log.warning("audit head file is missing; recreating it (removal of lines at the "
-                            "end of the log before now cannot be detected)",
-                            extra={"fields": {"file": str(self.head_path), "seq": seq}})
-            return seq, last
-        head_seq, head_hash = head
-        if head_seq > seq or (head_seq == seq and head_hash != last):
-            what = (f"ends at seq {seq} but its head file records seq {head_seq}"
-                    if head_seq > seq else "last line does not match its head file")
-            raise ConfigError(f"audit log {self.path}: {what}: lines were removed or edited; run "
-                              f"'signerctl audit verify {self.path}' before starting (to start a "
-                              f"new chain, move both {self.path.name} and "
-                              f"{self.head_path.name} away)")
-        return seq, last
+        self._size = os.fstat(self._fd).st_size
+        state = _resume_state(self._fd, self._size, self.path)
+        if state.head_missing and state.seq:
+            log.warning("audit head file is missing; recreating it (removal of lines at the "
+                        "end of the log before now cannot be detected)",
+                        extra={"fields": {"file": str(self.head_path), "seq": state.seq}})
+        if state.renamed is not None:
+            self._pending = ("renamed", state.renamed.name)
+            log.warning("audit log was renamed while signerd was stopped; continuing its "
+                        "chain in a new file", extra={"fields": {
+                            "file": str(self.path), "previous_file": str(state.renamed),
+                            "seq": state.seq + 1}})
+        return state.seq, state.last
 
-    def _follow_path(self) -> None:
-        """Reopen the path if the file was removed or replaced (rotation)."""
+    def _follow_path(self) -> bool:
+        """Reopen the path if the file was removed or replaced (rotated by
+        another program); True if it was. Raises Unavailable."""
         try:
             st = os.stat(self.path)
             if (st.st_dev, st.st_ino) == self._ident:
-                return
+                return False
         except OSError:
             pass
         try:
@@ -247,14 +369,97 @@ class AuditLog:
                               f"replaced and cannot be recreated: {_why(e)}") from None
         try:
             head_fd = os.open(self.head_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            size = os.fstat(fd).st_size
         except OSError as e:
             os.close(fd)
             raise Unavailable(f"audit log cannot be written: cannot open "
                               f"{self.head_path}: {_why(e)}") from None
         self._close_fds()
-        self._fd, self._ident, self._head_fd = fd, ident, head_fd
+        self._fd, self._ident, self._head_fd, self._size = fd, ident, head_fd, size
+        self._pending = ("renamed", None)
         log.warning("audit log file was removed or replaced; continuing the chain in a new file",
                     extra={"fields": {"file": str(self.path), "seq": self._seq + 1}})
+        return True
+
+    def _rotate_for_size(self) -> None:
+        now = time.monotonic()
+        if now < self._rotate_after:
+            return
+        try:
+            self._rotate("max_bytes")
+        except Unavailable as e:
+            self._rotate_after = now + _ROTATE_RETRY
+            log.error("audit log rotation failed; writing on in the current file",
+                      extra={"fields": {"file": str(self.path), "error": str(e)}})
+
+    def _free_name(self) -> tuple[Path, tuple[datetime, int]]:
+        """A name that sorts after every earlier one: this second's, else the
+        second's next ``_NNN`` (names never run ahead of the clock, which
+        logrotate's names, made from the clock, must sort after)."""
+        when, extra = datetime.now(UTC).replace(microsecond=0), 0
+        if self._last_rotation is not None and when <= self._last_rotation[0]:
+            when, extra = self._last_rotation[0], self._last_rotation[1] + 1
+        while os.path.lexists(rotated_path(self.path, when, extra)) or extra > _MAX_EXTRA:
+            extra += 1
+            if extra > _MAX_EXTRA:  # a thousand in one second: borrow the next second
+                when, extra = when + timedelta(seconds=1), 0
+        return rotated_path(self.path, when, extra), (when, extra)
+
+    def _rotate(self, reason: str) -> Path | None:
+        assert self._fd is not None
+        if self._size == 0:
+            return None
+        target, when = self._free_name()
+        line = self._rotation_line(reason, target.name)
+        nxt = _next_path(self.path)
+        fail = f"audit log {self.path} cannot be rotated"
+        try:
+            if os.path.lexists(nxt):
+                os.unlink(nxt)
+            fd, ident = _open_locked(nxt)
+        except (OSError, _Locked) as e:
+            raise Unavailable(f"{fail}: {nxt.name}: {_why(e)}") from None
+        linked = renamed = False
+        try:
+            _write_all(fd, line + b"\n")
+            if self._fsync:
+                os.fsync(fd)
+            try:
+                os.link(self.path, target)  # fails if the name was taken meanwhile
+                linked = True
+            except FileExistsError:
+                raise
+            except OSError:  # a file system without hard links: a brief gap instead
+                os.rename(self.path, target)
+                renamed = True
+            os.rename(nxt, self.path)  # the switch: nothing is undone after it
+        except OSError as e:
+            os.close(fd)
+            # Back to the old file at the path (a path left missing is recreated
+            # by the next write), and no stray new file.
+            if linked:
+                _quietly(os.unlink, target)
+            if renamed:
+                _quietly(os.rename, target, self.path)
+            _quietly(os.unlink, nxt)
+            raise Unavailable(f"{fail}: {_why(e)}") from None
+        if self._fsync:
+            try:
+                _fsync_dir(self.path.parent)
+            except OSError as e:
+                log.warning("audit log rotated, but its directory cannot be synced",
+                            extra={"fields": {"file": str(self.path), "error": _why(e)}})
+        os.close(self._fd)  # releases the old file's flock
+        self._fd, self._ident, self._size = fd, ident, len(line) + 1
+        self._seq, self._last = self._seq + 1, hashlib.sha256(line).hexdigest()
+        self._last_rotation = when
+        self._write_head()
+        log.info("audit log rotated", extra={"fields": {
+            "file": str(self.path), "rotated_to": str(target), "reason": reason,
+            "seq": self._seq, "sha256": self._last}})
+        if self._seq % self._checkpoint_every == 0:
+            self._checkpoint("audit checkpoint")
+        return target
 
     def _append(self, data: bytes) -> None:
         assert self._fd is not None
@@ -313,6 +518,133 @@ class AuditLog:
         self._fd = self._head_fd = None
 
 
+def check_resumable(path: Path) -> tuple[int, str | None]:
+    """What a start would find in the log at ``path``, read only: no lock,
+    nothing created. Returns the seq the chain would continue from (0 for a
+    new or empty log) and, when the log was renamed while signerd was
+    stopped, the name of the file it continues. Raises :class:`ConfigError`
+    for what would stop a start (a torn or foreign last line, a log shorter
+    than its head file, an unreadable file). A log another process writes is
+    read as it is."""
+    nxt = _next_path(path)
+    source = path if os.path.lexists(path) or not os.path.lexists(nxt) else nxt
+    try:
+        fd = os.open(source, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        fd = None
+    except OSError as e:
+        raise ConfigError(f"audit log {path}: cannot open: {_why(e)}") from None
+    try:
+        size = os.fstat(fd).st_size if fd is not None else 0
+        state = _resume_state(fd, size, path)
+        return state.seq, state.renamed.name if state.renamed is not None else None
+    except OSError as e:
+        raise ConfigError(f"audit log {path}: cannot read: {_why(e)}") from None
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
+@dataclass(frozen=True)
+class _ResumeState:
+    seq: int  # of the last line (0: a new chain)
+    last: str  # hash of the last line
+    head_missing: bool
+    renamed: Path | None = None  # the chain's end is in this file, renamed while stopped
+
+
+def _resume_state(fd: int | None, size: int, path: Path) -> _ResumeState:
+    """Where the log open as ``fd`` continues; ConfigError if a start must
+    not continue it."""
+    seq, last = 0, ZERO_HASH
+    if size:
+        assert fd is not None
+        seq, last = _resume_point(fd, size, path)
+    hp = head_path(path)
+    head = _read_head(hp)
+    if isinstance(head, str):
+        raise ConfigError(f"audit log {path}: {head}; run 'signerctl audit verify "
+                          f"{path}' and repair or move both files before starting")
+    if head is None:
+        return _ResumeState(seq, last, True)
+    head_seq, head_hash = head
+    if seq == 0 and head_seq > 0:
+        # An empty or missing log whose head names a line: renamed by another
+        # program (logrotate) while signerd was stopped, if a sibling ends there.
+        renamed = _find_renamed(path, head)
+        if renamed is not None:
+            return _ResumeState(head_seq, head_hash, False, renamed)
+    if head_seq > seq or (head_seq == seq and head_hash != last):
+        what = (f"ends at seq {seq} but its head file records seq {head_seq}"
+                if head_seq > seq else "last line does not match its head file")
+        raise ConfigError(f"audit log {path}: {what}: lines were removed or edited; run "
+                          f"'signerctl audit verify {path}' before starting (to start a "
+                          f"new chain, move both {path.name} and {hp.name} away)")
+    return _ResumeState(seq, last, False)
+
+
+_RENAMED_CANDIDATES: Final = 8  # newest siblings read when looking for a renamed log
+
+
+def _find_renamed(path: Path, head: tuple[int, str]) -> Path | None:
+    """The sibling ``<name>.*`` (not compressed, not the head) whose last line
+    is the one ``head`` names; the most recently modified are tried first."""
+    skip = {head_path(path).name, _next_path(path).name}
+    try:
+        entries = [e for e in os.scandir(path.parent)
+                   if e.name.startswith(path.name + ".") and e.name not in skip
+                   and not e.name.endswith(".gz") and e.is_file(follow_symlinks=False)]
+        entries.sort(key=lambda e: e.stat(follow_symlinks=False).st_mtime, reverse=True)
+    except OSError:
+        return None
+    for entry in entries[:_RENAMED_CANDIDATES]:
+        try:
+            fd = os.open(entry.path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            continue
+        try:
+            size = os.fstat(fd).st_size
+            if size and _resume_point(fd, size, Path(entry.path)) == head:
+                return Path(entry.path)
+        except (OSError, ConfigError):
+            continue
+        finally:
+            os.close(fd)
+    return None
+
+
+def _finish_rotation(path: Path) -> None:
+    """Complete or undo a rotation that a crash interrupted (see Rotation).
+    Raises OSError, or _Locked while another process is rotating the log."""
+    nxt = _next_path(path)
+    try:
+        fd = os.open(nxt, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise _Locked("another process is rotating it") from None
+        first = os.pread(fd, MAX_LINE_BYTES, 0).split(b"\n", 1)[0]
+        parsed = _parse(first)
+        previous = parsed[2] if isinstance(parsed, tuple) else None
+        old = path.with_name(previous) if previous else None
+        # The old file is safe under its rotated name (a second link to the
+        # path's file, or the only name left): the new file may take the path.
+        done = old is not None and os.path.lexists(old) and (
+            not os.path.lexists(path) or os.path.samefile(old, path))
+        if done:
+            os.rename(nxt, path)
+        else:
+            os.unlink(nxt)
+        log.warning("finished an interrupted audit log rotation" if done else
+                    "removed the new file of an audit log rotation that did not happen",
+                    extra={"fields": {"file": str(path), "rotated_to": str(old)}})
+    finally:
+        os.close(fd)
+
+
 class _Locked(Exception):
     pass
 
@@ -330,6 +662,28 @@ def _open_locked(path: Path) -> tuple[int, tuple[int, int]]:
         os.close(fd)
         raise
     return fd, (st.st_dev, st.st_ino)
+
+
+def _quietly(fn: Callable[..., object], *args: object) -> None:
+    """Call ``fn``, ignoring OSError: for undoing what may not have happened."""
+    try:
+        fn(*args)
+    except OSError:
+        pass
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    written = 0
+    while written < len(data):
+        written += os.write(fd, data[written:])
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _why(e: BaseException) -> str:
@@ -375,8 +729,11 @@ def _is_hash(value: Any) -> bool:
     return isinstance(value, str) and len(value) == 64 and set(value) <= _HEX
 
 
-def _parse(line: bytes) -> tuple[int, str] | str:
-    """(seq, prev) of a record line, or why it is not one."""
+def _parse(line: bytes) -> tuple[int, str, str | None] | str:
+    """(seq, prev, rotation) of a record line, or why it is not one.
+
+    ``rotation`` is None for a request line; for a rotation record, the
+    name of the file it continues ("" when unknown)."""
     try:
         doc = json.loads(line)
     except (ValueError, UnicodeDecodeError):
@@ -388,7 +745,12 @@ def _parse(line: bytes) -> tuple[int, str] | str:
         return "no valid 'seq'"
     if not isinstance(prev, str) or not _is_hash(prev):
         return "no valid 'prev'"
-    return seq, prev
+    rotation = None
+    if doc.get("operation") == ROTATE_OPERATION:
+        previous = doc.get("previous_file")
+        # A bare file name only: a rotation record never points elsewhere.
+        rotation = previous if isinstance(previous, str) and "/" not in previous else ""
+    return seq, prev, rotation
 
 
 def _resume_point(fd: int, size: int, path: Path) -> tuple[int, str]:
@@ -425,11 +787,14 @@ def _resume_point(fd: int, size: int, path: Path) -> tuple[int, str]:
 
 @dataclass(frozen=True)
 class VerifyResult:
-    """Outcome of :func:`verify`. Lines are numbered from 1.
+    """Outcome of :func:`verify` or :func:`verify_files`. Lines are numbered
+    from 1 in each file.
 
-    ``lines`` counts the complete lines in the file; ``first_bad_line`` is the
-    first line edited, removed (the position where lines are missing),
-    reordered or truncated, or None when the fault has no line.
+    ``lines`` counts the complete lines of every file read; ``path`` is the
+    file the fault is in (the last file when there is none);
+    ``first_bad_line`` is the first line edited, removed (the position where
+    lines are missing), reordered or truncated, or None when the fault has
+    no line. ``files`` names every file checked, in the order given.
     """
 
     ok: bool
@@ -438,6 +803,7 @@ class VerifyResult:
     reason: str
     problem: Problem | None = None
     path: str = ""
+    files: tuple[str, ...] = field(default=(), compare=False)
 
 
 def _lines(f: IO[bytes]) -> Iterator[bytes | None]:
@@ -454,136 +820,252 @@ def _lines(f: IO[bytes]) -> Iterator[bytes | None]:
         yield raw
 
 
+def _open_log(path: Path) -> IO[bytes]:
+    # logrotate's "compress" gzips rotated files; anything else is read as is.
+    if path.name.endswith(".gz"):
+        return cast(IO[bytes], gzip.open(path, "rb"))
+    return open(path, "rb")
+
+
 def verify(path: Path, expect_last: str | None = None, *, head: Path | None = None) -> VerifyResult:
     """Check the chain of the log at ``path`` and name the first bad line.
 
     The head file (``head``, default ``<path>.head``) is used when present to
     detect lines removed from the end. ``expect_last`` is the hex SHA-256 of
-    the line the file must end with (an anchor kept elsewhere).
+    the line the file must end with (an anchor kept elsewhere). A file that
+    starts with a rotation record is checked from there on; the result says
+    which file it continues.
     """
+    return verify_files([path], expect_last, head=head)
+
+
+def verify_files(paths: Sequence[Path], expect_last: str | None = None, *,
+                 head: Path | None = None) -> VerifyResult:
+    """Check rotated files, oldest first, as one chain (see Rotation).
+
+    Each file must continue the one before it: its first line's ``prev`` is
+    the hash of the previous file's last line and its ``seq`` the next one.
+    The result names the file and line of the first fault: a line edited,
+    removed or reordered inside a file; lines cut off the end of a file (the
+    next file's rotation record names it as the file it continues); a file
+    missing between two others; files out of order. The head file (default:
+    the last file's ``<file>.head``) and ``expect_last`` apply to the end of
+    the whole chain. Files ending in ``.gz`` are read through gzip.
+    Raises ValueError for an empty ``paths``.
+    """
+    if not paths:
+        raise ValueError("verify_files needs at least one file")
+    names = tuple(str(p) for p in paths)
+    heads = [p for p in paths if p.name.endswith(".head")]
+    if heads:  # a glob such as audit.log* picks them up
+        return VerifyResult(False, 0, None, f"{heads[0]} is a head file, not a log: give the "
+                            "log files only (audit.log.2* audit.log)", "head", str(heads[0]),
+                            names)
     if expect_last is not None:
         expect_last = expect_last.strip().lower()
         if not _is_hash(expect_last):
             return VerifyResult(False, 0, None, "the expected last line hash must be 64 hex "
-                                "digits (a SHA-256)", "anchor", str(path))
-    # Head first, log second: the writer updates the head after the line, so
+                                "digits (a SHA-256)", "anchor", names[-1], names)
+    # Head first, logs second: the writer updates the head after the line, so
     # a live log always holds at least what this head names.
-    anchor = _read_head(head if head is not None else head_path(path))
+    anchor = _read_head(head if head is not None else head_path(paths[-1]))
     if isinstance(anchor, str):
-        return VerifyResult(False, 0, None, anchor, "head", str(path))
-    try:
-        f = open(path, "rb")
-    except OSError as e:
-        return VerifyResult(False, 0, None, f"cannot read: {_why(e)}", "unreadable", str(path))
-    with f:
-        return _check(f, anchor, expect_last, str(path))
+        return VerifyResult(False, 0, None, anchor, "head", names[-1], names)
+    chain = _Chain(names, anchor, expect_last)
+    for i, path in enumerate(paths):
+        try:
+            with _open_log(path) as f:
+                chain.read(i, f)
+        except (OSError, EOFError) as e:
+            return VerifyResult(False, chain.total, None, f"cannot read: {_why(e)}",
+                                "unreadable", names[i], names)
+    return chain.result()
 
 
 class _Fail(Exception):
-    def __init__(self, line: int, reason: str, problem: Problem,
+    def __init__(self, file: int, line: int | None, reason: str, problem: Problem,
                  missing: range | None = None) -> None:
         super().__init__(reason)
-        self.line, self.reason, self.problem, self.missing = line, reason, problem, missing
+        self.file, self.line, self.reason, self.problem = file, line, reason, problem
+        self.missing = missing
 
 
-def _check(f: IO[bytes], anchor: tuple[int, str] | None, expect_last: str | None,
-           name: str) -> VerifyResult:
-    n = 0
-    prev_hash, prev_seq = ZERO_HASH, 0
-    anchor_line: int | None = None
-    anchor_ok = True
-    expect_line: int | None = None
-    fail: _Fail | None = None
-    for raw in _lines(f):
-        if raw is not None and not raw.endswith(b"\n"):
-            # The end of the file, in the middle of a line.
-            if fail is None:
-                fail = _Fail(n + 1, "line incomplete (no newline at the end of the file): "
-                             "truncated write", "truncated")
-            break
-        n += 1
-        if fail is not None:
-            # Keep counting; for a seq gap, look for the missing seqs further on.
-            later = _parse(raw[:-1]) if raw is not None and fail.missing is not None else None
-            if isinstance(later, tuple) and fail.missing is not None and later[0] in fail.missing:
-                fail = _Fail(fail.line, f"lines reordered (seq {fail.missing.stop} here, but "
-                             f"seq {later[0]} appears later, at line {n})", "reordered")
-            continue
-        if raw is None:
-            fail = _Fail(n, f"line edited (longer than {MAX_LINE_BYTES} bytes)", "edited")
-            continue
-        line = raw[:-1]
-        parsed = _parse(line)
-        if isinstance(parsed, str):
-            fail = _Fail(n, f"line edited (not an audit record: {parsed})", "edited")
-            continue
-        seq, prev = parsed
-        linked, in_order = prev == prev_hash, seq == prev_seq + 1
-        if not (linked and in_order):
-            fail = _classify(n, seq, prev_seq, linked, in_order)
-            continue
-        prev_hash, prev_seq = hashlib.sha256(line).hexdigest(), seq
-        if anchor is not None and seq == anchor[0]:
-            anchor_line, anchor_ok = n, prev_hash == anchor[1]
-        if expect_last is not None and prev_hash == expect_last:
-            expect_line = n
+class _Chain:
+    """The state of a verification, carried from one file to the next."""
 
-    def bad(line: int | None, reason: str, problem: Problem) -> VerifyResult:
-        return VerifyResult(False, n, line, reason, problem, name)
+    def __init__(self, names: tuple[str, ...], anchor: tuple[int, str] | None,
+                 expect_last: str | None) -> None:
+        self.names, self.anchor, self.expect_last = names, anchor, expect_last
+        self.total = 0  # complete lines in every file read so far
+        self.counts = [0] * len(names)  # complete lines per file
+        self.prev_hash, self.prev_seq = ZERO_HASH, 0
+        self.prev_at: tuple[int, int] | None = None  # (file, line) of the last good line
+        self.start_note = ""  # set when the first file continues one not given
+        self.anchor_at: tuple[int, int] | None = None
+        self.anchor_ok = True
+        self.expect_at: tuple[int, int] | None = None
+        self.fail: _Fail | None = None
 
-    if fail is not None:
-        return bad(fail.line, fail.reason, fail.problem)
-    if anchor is not None:
-        head_seq = anchor[0]
-        if anchor_line is not None and not anchor_ok:
-            return bad(anchor_line, "line edited (its hash does not match the head file's, "
-                       f"seq {head_seq})", "edited")
-        if head_seq > prev_seq:
-            return bad(n + 1, f"lines missing at the end: truncated (the file ends at seq "
-                       f"{prev_seq}; the head file records seq {head_seq})", "truncated")
-    if expect_last is not None and expect_last != prev_hash:
-        if expect_line is not None:
-            return bad(expect_line + 1, f"lines were added after the expected last line "
-                       f"(line {expect_line})", "anchor")
-        return bad(None, "the expected last line is not in the file: truncated or rewritten",
-                   "anchor")
-    if anchor is None:
-        note = "no head file, so lines removed from the end cannot be detected"
-    elif anchor[0] < prev_seq:
-        note = f"head file lags at seq {anchor[0]} (accepted)"
-    else:
-        note = f"end matches the head file (seq {anchor[0]})"
-    if expect_last is not None:
-        note += "; ends with the expected line"
-    return VerifyResult(True, n, None, f"chain intact; {note}", None, name)
+    def read(self, i: int, f: IO[bytes]) -> None:
+        n = 0
+        for raw in _lines(f):
+            if raw is not None and not raw.endswith(b"\n"):
+                # The end of the file, in the middle of a line.
+                if self.fail is None:
+                    self.fail = _Fail(i, n + 1, "line incomplete (no newline at the end of the "
+                                      "file): truncated write", "truncated")
+                break
+            n += 1
+            self.total += 1
+            self.counts[i] = n
+            if self.fail is not None:
+                # Keep counting; for a seq gap, look for the missing seqs further on.
+                if raw is not None and self.fail.missing is not None:
+                    self._look_for_missing(i, n, _parse(raw[:-1]))
+                continue
+            if raw is None:
+                self.fail = _Fail(i, n, f"line edited (longer than {MAX_LINE_BYTES} bytes)",
+                                  "edited")
+                continue
+            line = raw[:-1]
+            parsed = _parse(line)
+            if isinstance(parsed, str):
+                self.fail = _Fail(i, n, f"line edited (not an audit record: {parsed})", "edited")
+                continue
+            seq, prev, rotation = parsed
+            if self.prev_at is None and rotation is not None and seq > 1:
+                # The first file continues one that was not given (expired, or
+                # simply not asked for): the chain is checked from here on.
+                self.prev_hash, self.prev_seq = prev, seq - 1
+                self.start_note = (f"starts at seq {seq}, continuing "
+                                   f"{rotation or 'a file renamed by another program'}, "
+                                   "which was not checked; ")
+            linked, in_order = prev == self.prev_hash, seq == self.prev_seq + 1
+            if not (linked and in_order):
+                self.fail = self._classify(i, n, seq, rotation, linked, in_order)
+                continue
+            self.prev_hash, self.prev_seq = hashlib.sha256(line).hexdigest(), seq
+            self.prev_at = (i, n)
+            if self.anchor is not None and seq == self.anchor[0]:
+                self.anchor_at, self.anchor_ok = (i, n), self.prev_hash == self.anchor[1]
+            if self.expect_last is not None and self.prev_hash == self.expect_last:
+                self.expect_at = (i, n)
+
+    def _look_for_missing(self, i: int, n: int, later: tuple[int, str, str | None] | str) -> None:
+        fail = self.fail
+        assert fail is not None and fail.missing is not None
+        if not isinstance(later, tuple) or later[0] not in fail.missing:
+            return
+        here = f"seq {fail.missing.stop}"
+        if i == fail.file:
+            self.fail = _Fail(fail.file, fail.line, f"lines reordered ({here} here, but seq "
+                              f"{later[0]} appears later, at line {n})", "reordered")
+        elif n == 1 and fail.line == 1:
+            self.fail = _Fail(fail.file, 1, f"files out of order: {self.names[i]} (from seq "
+                              f"{later[0]}) must come before {self.names[fail.file]} (from "
+                              f"{here})", "reordered")
+        else:
+            self.fail = _Fail(fail.file, fail.line, f"lines reordered ({here} here, but seq "
+                              f"{later[0]} appears later, in {self.names[i]} at line {n})",
+                              "reordered")
+
+    def _classify(self, i: int, n: int, seq: int, rotation: str | None, linked: bool,
+                  in_order: bool) -> _Fail:
+        """Name what happened at line ``n`` of file ``i``, the first line whose
+        links do not hold."""
+        prev_seq, expected = self.prev_seq, self.prev_seq + 1
+        at_start = n == 1 and self.prev_at is not None  # the first line after another file
+        if linked:
+            # Its prev still hashes the line before, so nothing between was
+            # removed: this line's own seq was changed.
+            return _Fail(i, n, f"line edited (seq is {seq}, expected {expected})", "edited")
+        if in_order:
+            if self.prev_at is None:
+                return _Fail(i, n, "line edited (the first line's prev is not 64 zeros)",
+                             "edited")
+            # Right seq, wrong prev: the line before changed after this one was written.
+            if at_start and self.prev_at is not None:
+                f, line = self.prev_at
+                return _Fail(f, line, f"line edited (hash does not match the prev of "
+                             f"{self.names[i]} line 1)", "edited")
+            return _Fail(i, n - 1, f"line edited (hash does not match line {n}'s prev)", "edited")
+        if seq > expected:
+            missing = range(expected, seq)
+            if self.prev_at is None:
+                what = (f"the file starts at seq {seq}: the first {seq - 1} line(s) were "
+                        "removed, or it continues a rotated log (give the files before it "
+                        "first)")
+                return _Fail(i, n, what, "deleted", missing)
+            if not at_start:
+                return _Fail(i, n, f"line(s) removed before this line (seq jumps from "
+                             f"{prev_seq} to {seq})", "deleted", missing)
+            before = self.names[self.prev_at[0]]
+            if rotation and _base_name(before) == rotation:
+                # It names the file before it, which lost lines at its end.
+                return _Fail(self.prev_at[0], self.prev_at[1] + 1,
+                             f"lines missing at the end: truncated ({before} ends at seq "
+                             f"{prev_seq}; {self.names[i]} continues it from seq {seq - 1})",
+                             "truncated")
+            gap = f"seq {expected}" if seq == expected + 1 else f"seq {expected}..{seq - 1}"
+            names = f"{rotation} is" if rotation else "a file is"
+            return _Fail(i, 1, f"{names} missing ({gap}): {self.names[i]} starts at seq {seq} "
+                         f"but {before} ends at seq {prev_seq}", "missing", missing)
+        if at_start and self.prev_at is not None:
+            return _Fail(i, 1, f"files out of order or repeated: {self.names[i]} starts at seq "
+                         f"{seq}, but {self.names[self.prev_at[0]]} before it ends at seq "
+                         f"{prev_seq}", "reordered")
+        return _Fail(i, n, f"lines reordered or duplicated (seq {seq} after seq {prev_seq})",
+                     "reordered")
+
+    def result(self) -> VerifyResult:
+        names, last = self.names, len(self.names) - 1
+
+        def bad(at: tuple[int, int | None], reason: str, problem: Problem) -> VerifyResult:
+            return VerifyResult(False, self.total, at[1], reason, problem, names[at[0]], names)
+
+        if self.fail is not None:
+            return bad((self.fail.file, self.fail.line), self.fail.reason, self.fail.problem)
+        end = (last, self.counts[last] + 1)  # just past the last line
+        if self.anchor is not None:
+            head_seq = self.anchor[0]
+            if self.anchor_at is not None and not self.anchor_ok:
+                return bad(self.anchor_at, "line edited (its hash does not match the head "
+                           f"file's, seq {head_seq})", "edited")
+            if head_seq > self.prev_seq:
+                return bad(end, f"lines missing at the end: truncated (the file ends at seq "
+                           f"{self.prev_seq}; the head file records seq {head_seq})", "truncated")
+        if self.expect_last is not None and self.expect_last != self.prev_hash:
+            if self.expect_at is not None:
+                f, line = self.expect_at
+                return bad((f, line + 1), f"lines were added after the expected last line "
+                           f"(line {line})", "anchor")
+            return bad((last, None), "the expected last line is not in the file: truncated or "
+                       "rewritten", "anchor")
+        if self.anchor is None:
+            note = "no head file, so lines removed from the end cannot be detected"
+        elif self.anchor[0] < self.prev_seq:
+            note = f"head file lags at seq {self.anchor[0]} (accepted)"
+        else:
+            note = f"end matches the head file (seq {self.anchor[0]})"
+        if self.expect_last is not None:
+            note += "; ends with the expected line"
+        across = f" across {len(names)} files" if len(names) > 1 else ""
+        return VerifyResult(True, self.total, None, f"chain intact{across}; {self.start_note}"
+                            f"{note}", None, names[last], names)
 
 
-def _classify(n: int, seq: int, prev_seq: int, linked: bool, in_order: bool) -> _Fail:
-    """Name what happened at line ``n``, the first line whose links do not hold."""
-    expected = prev_seq + 1
-    if linked:
-        # Its prev still hashes the line before, so nothing between was
-        # removed: this line's own seq was changed.
-        return _Fail(n, f"line edited (seq is {seq}, expected {expected})", "edited")
-    if in_order:
-        if n == 1:
-            return _Fail(1, "line edited (the first line's prev is not 64 zeros)", "edited")
-        # Right seq, wrong prev: the line before changed after this one was written.
-        return _Fail(n - 1, f"line edited (hash does not match line {n}'s prev)", "edited")
-    if seq > expected:
-        missing = range(expected, seq)
-        what = (f"the file starts at seq {seq}: the first {seq - 1} line(s) were removed, or it "
-                "continues a rotated log (verify the files concatenated in order)" if n == 1
-                else f"line(s) removed before this line (seq jumps from {prev_seq} to {seq})")
-        # Becomes "reordered" if a missing seq turns up later in the file.
-        return _Fail(n, what, "deleted", missing)
-    return _Fail(n, f"lines reordered or duplicated (seq {seq} after seq {prev_seq})",
-                 "reordered")
+def _base_name(path: str) -> str:
+    """A file's name as a rotation record names it (without a .gz suffix)."""
+    return Path(path).name.removesuffix(".gz")
 
 
 def format_result(result: VerifyResult) -> str:
-    """One line for people, e.g. ``audit.log: chain broken at line 17: line edited (...)``."""
+    """One line for people, e.g. ``audit.log: chain broken at line 17: line edited (...)``;
+    several files: ``audit.log.20261128T141503Z .. audit.log: OK: 3 files, ...``."""
     if result.ok:
+        if len(result.files) > 1:
+            return (f"{result.files[0]} .. {result.files[-1]}: OK: {len(result.files)} files, "
+                    f"{result.lines} lines, {result.reason}")
         return f"{result.path}: OK: {result.lines} lines, {result.reason}"
     if result.first_bad_line is not None:
         return f"{result.path}: chain broken at line {result.first_bad_line}: {result.reason}"

@@ -17,7 +17,7 @@ from typing import Any
 import grpc
 from cryptography.exceptions import InvalidSignature
 
-from signerd import signing, trust_cli
+from signerd import add_version_flag, signing, trust_cli
 from signerd._cliutil import CliError, add_client_options, connect, emit
 from signerd.errors import ConfigError, SignerdError
 from signerd.keys import ALGORITHMS, parse_algorithm
@@ -198,7 +198,8 @@ def cmd_verify(args: argparse.Namespace) -> None:
 def cmd_audit_verify(args: argparse.Namespace) -> None:
     from signerd import audit
 
-    result = audit.verify(Path(args.file))
+    # Several files: rotated files oldest first, as one chain (audit.log.2* audit.log).
+    result = audit.verify_files([Path(f) for f in args.file])
     emit(
         args,
         {
@@ -206,6 +207,9 @@ def cmd_audit_verify(args: argparse.Namespace) -> None:
             "lines": result.lines,
             "first_bad_line": result.first_bad_line,
             "reason": result.reason,
+            "problem": result.problem,
+            "file": result.path,
+            "files": list(result.files),
         },
         lambda: audit.format_result(result),
     )
@@ -217,6 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     # Global options are accepted before or after the command. Sub-parsers
     # use SUPPRESS so that they do not overwrite a value given earlier.
     parser = argparse.ArgumentParser(prog="signerctl", description="signerd client")
+    add_version_flag(parser)
     common = argparse.ArgumentParser(add_help=False, argument_default=argparse.SUPPRESS)
     for p in (parser, common):
         add_client_options(p)
@@ -281,7 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
         dest="audit_cmd", required=True
     )
     p = audit.add_parser("verify", parents=[common], help="check an audit log's hash chain")
-    p.add_argument("file")
+    p.add_argument("file", nargs="+", help="the log, or rotated files oldest first then the log")
     p.set_defaults(func=cmd_audit_verify)
 
     trust_cli.register(sub)

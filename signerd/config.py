@@ -121,6 +121,10 @@ class Config:
     cpu_affinity: str = "none"
     policy_file: Path | None = None
     audit_file: Path | None = None
+    # [audit] max_bytes: the audit log rotates once a line takes it to this
+    # size (bytes) or more; None (unset) rotates only on SIGHUP. With workers,
+    # each worker's chain rotates at this size. See signerd/audit.py, Rotation.
+    audit_max_bytes: int | None = None
     debug: bool = False  # keep the process dumpable
     health_interval: float = 5.0
     environment: dict[str, str] = field(default_factory=dict)
@@ -214,6 +218,8 @@ def parse_config(data: dict[str, Any], base: Path) -> Config:
     environment = data.pop("environment", {})
     if data:
         raise ConfigError(f"unknown config sections {sorted(data)}")
+    if not isinstance(audit, dict):
+        raise ConfigError("[audit] must be a table")
     if not tokens or not isinstance(tokens, list):
         raise ConfigError("at least one [[tokens]] entry is required")
     token_cfgs = tuple(_token(base, t, i) for i, t in enumerate(tokens))
@@ -246,11 +252,16 @@ def parse_config(data: dict[str, Any], base: Path) -> Config:
         debug=_take(s, "debug", bool, False, "server."),
         health_interval=float(_take(s, "health_interval", (int, float), 5.0, "server.")),
         policy_file=_path(base, policy["file"], "policy.file") if "file" in policy else None,
-        audit_file=_path(base, audit["file"], "audit.file") if "file" in audit else None,
+        audit_file=_path(base, audit.pop("file"), "audit.file") if "file" in audit else None,
+        audit_max_bytes=_take(audit, "max_bytes", int, None, "audit."),
         environment={str(k): str(v) for k, v in environment.items()},
     )
     if s:
         raise ConfigError(f"unknown keys in [server]: {sorted(s)}")
+    if audit:
+        raise ConfigError(f"unknown keys in [audit]: {sorted(audit)}")
+    if cfg.audit_max_bytes is not None and cfg.audit_max_bytes < 4096:
+        raise ConfigError("audit.max_bytes must be at least 4096 (bytes)")
     if cfg.workers < 1:
         raise ConfigError("server.workers must be at least 1")
     cfg = replace(cfg, tokens=tuple(replace(t, processes=cfg.workers) for t in cfg.tokens))

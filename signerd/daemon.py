@@ -1,12 +1,23 @@
 """``signerd``: the daemon's command line.
 
     signerd serve [--config signerd.toml] [--ready-file FILE] [--debug]
+    signerd check-config [--config signerd.toml] [--strict]
+    signerd --version
 
 With no --config, serves the embedded default (see signerd/embedded.py).
 SIGTERM and SIGINT stop gracefully: in-flight requests finish, then sessions
-are closed and the PKCS#11 modules finalised. SIGHUP reloads the policy.
-With ``[server] workers = N`` (N > 1) this process supervises N worker
-processes sharing the port; see signerd/_workers.py.
+are closed and the PKCS#11 modules finalised. SIGHUP reloads the policy and
+rotates the audit log (signerd/audit.py, Rotation). Under systemd
+(``Type=notify``) it reports READY=1 once serving, RELOADING=1 and READY=1
+around a SIGHUP, and STOPPING=1 (signerd/_sdnotify.py). With ``[server]
+workers = N`` (N > 1) this process supervises N worker processes sharing
+the port; see signerd/_workers.py. ``check-config`` loads and checks
+everything a start would, serving nothing (signerd/_checkconfig.py).
+
+Exit status of ``serve``: 0 after a clean stop; 2 for a config fault or a
+PIN the token refused (no restart can fix those: the systemd unit's
+RestartPreventExitStatus=2); 3 for another failure to start, such as a
+token that cannot be reached yet; 1 when a worker dies.
 """
 
 from __future__ import annotations
@@ -19,10 +30,14 @@ import os
 import signal
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from signerd import embedded, logs
+from signerd import _sdnotify, add_version_flag, embedded, logs
 from signerd.config import Config, load_config
-from signerd.errors import SignerdError
+from signerd.errors import ConfigError, SignerdError, Unavailable
+
+if TYPE_CHECKING:
+    from signerd.audit import AuditLog
 
 log = logging.getLogger("signerd")
 PR_SET_DUMPABLE = 4
@@ -69,7 +84,21 @@ def pin_cpu(config: Config, index: int) -> None:
     log.info("pinned to one CPU", extra={"fields": {"cpu": cpu}})
 
 
-_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}  # stop, stop, reload the policy
+# stop, stop, reload the policy and rotate the audit log
+_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
+
+
+def rotate_audit(audit: AuditLog | None) -> None:
+    """SIGHUP's audit log rotation. A failure is logged and the log goes on
+    in the current file: every line is still written (fail closed is about
+    lines, not files)."""
+    if audit is None:
+        return
+    try:
+        audit.rotate("sighup")
+    except Unavailable as e:
+        log.error("audit log rotation failed; writing on in the current file",
+                  extra={"fields": {"file": str(audit.path), "error": str(e)}})
 
 
 def serve(config: Config, ready_file: Path | None = None) -> int:
@@ -86,6 +115,8 @@ def serve(config: Config, ready_file: Path | None = None) -> int:
     signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
     servers = app.open_servers(config)
     service = servers.service
+    if servers.audit is not None:  # opened by app.build; set before the first line
+        servers.audit.max_bytes = config.audit_max_bytes
     servers.start()
     info = {
         "pid": os.getpid(),
@@ -99,8 +130,13 @@ def serve(config: Config, ready_file: Path | None = None) -> int:
         tmp = ready_file.with_suffix(".tmp")
         tmp.write_text(json.dumps(info))
         tmp.replace(ready_file)
+    _sdnotify.notify(_sdnotify.READY, f"STATUS=serving; tokens {', '.join(sorted(service.tokens))}")
     while signal.sigwait(_SIGNALS) == signal.SIGHUP:
+        _sdnotify.notify(_sdnotify.reloading())
         servers.policy.reload()
+        rotate_audit(servers.audit)
+        _sdnotify.notify(_sdnotify.READY)
+    _sdnotify.notify(_sdnotify.STOPPING)
     log.info("signerd stopping: finishing in-flight requests")
     servers.stop()
     log.info("signerd stopped")
@@ -109,7 +145,13 @@ def serve(config: Config, ready_file: Path | None = None) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="signerd", description="PKCS#11-backed signing daemon")
+    add_version_flag(parser)
     sub = parser.add_subparsers(dest="command", required=True)
+    c = sub.add_parser("check-config", help="check everything a start would, serve nothing")
+    c.add_argument("--config", type=Path,
+                   help="signerd.toml (default: the embedded default's, if it exists)")
+    c.add_argument("--state-dir", type=Path, help="state directory of the embedded default")
+    c.add_argument("--strict", action="store_true", help="warnings fail the check too")
     p = sub.add_parser("serve", help="run the daemon")
     p.add_argument("--config", type=Path, help="signerd.toml (default: the embedded default)")
     p.add_argument("--state-dir", type=Path, help="state directory of the embedded default")
@@ -126,6 +168,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--worker-listen", help=argparse.SUPPRESS)
     p.add_argument("--supervisor-pid", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.command == "check-config":
+        from signerd import _checkconfig
+
+        logs.setup("error")  # findings are printed; the loaders' info lines are noise here
+        path = args.config or (args.state_dir or embedded.state_dir()) / "signerd.toml"
+        try:
+            return _checkconfig.main(path, strict=args.strict, explicit=args.config is not None)
+        except Exception as e:  # noqa: BLE001 - a check that broke: one line, no traceback
+            print(f"signerd: check-config: the check itself failed: {type(e).__name__}: {e}",
+                  file=sys.stderr)
+            return 1
     logs.setup(args.log_level)
     try:
         path = args.config
@@ -157,9 +210,12 @@ def main(argv: list[str] | None = None) -> int:
         else:
             pin_cpu(config, 1)
         return serve(config, args.ready_file)
-    except SignerdError as e:
+    except ConfigError as e:  # a config fault or a refused PIN: a restart cannot help
         print(f"signerd: {e}", file=sys.stderr)
         return 2
+    except SignerdError as e:  # e.g. a token not reachable yet: a restart may help
+        print(f"signerd: {e}", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":

@@ -283,11 +283,14 @@ def spawn_daemon(
     env: dict[str, str] | None = None,
     args: tuple[str, ...] = (),
     timeout: float = 60,
+    prefix: tuple[str, ...] = (),
 ) -> Process:
-    """Run ``signerd serve`` as a separate process and wait until it serves."""
+    """Run ``signerd serve`` as a separate process and wait until it serves.
+    ``prefix`` runs it through another command (``prefix... python -m ...``)."""
     ready = workdir / f"ready-{secrets.token_hex(4)}.json"
     stderr = workdir / f"signerd-{secrets.token_hex(4)}.log"
-    cmd = [sys.executable, "-m", "signerd.daemon", "serve", "--ready-file", str(ready), *args]
+    cmd = [*prefix, sys.executable, "-m", "signerd.daemon", "serve", "--ready-file", str(ready),
+           *args]
     if config_path is not None:
         cmd += ["--config", str(config_path)]
     proc = subprocess.Popen(
