@@ -12,8 +12,9 @@ APT_PACKAGES=(softhsm2 opensc python3 python3-venv python3-pip)
 # The TPM 2.0 token of the test suite (tests/_tpm.py): the simulator, its tools, the
 # tpm2-pkcs11 module and tpm2_ptool, and the resource manager tpm2-abrmd with its TCTI and
 # the D-Bus daemon it talks over.
+# systemd-analyze and logrotate check the shipped unit and logrotate snippet (deploy/).
 APT_TEST_PACKAGES=(swtpm swtpm-tools tpm2-tools libtpm2-pkcs11-1 libtpm2-pkcs11-tools
-                   tpm2-abrmd libtss2-tcti-tabrmd0 dbus-daemon dbus-bin)
+                   tpm2-abrmd libtss2-tcti-tabrmd0 dbus-daemon dbus-bin systemd logrotate)
 APT_LOCK_WAIT=900  # seconds apt-get waits for another apt or dpkg to finish
 VENV=${SIGNERD_VENV:-.venv}
 

@@ -15,6 +15,26 @@ class CliError(Exception):
     """A failure to report as one line on stderr."""
 
 
+def rpc_error_line(code_name: str, details: str, server: str | None) -> str:
+    """The one line signerctl prints for a failed call: the status and the
+    daemon's message, or, when signerd could not be reached at all, what
+    failed and what to check. gRPC's transport text (``failed to connect to
+    all addresses; last error: ...``, a stray ``: OK``) is cut down to its
+    reason."""
+    where = f"signerd at {server}" if server else "signerd"
+    if code_name == "UNAVAILABLE" and "failed to connect to all addresses" in details:
+        reason = details.rpartition("last error: ")[2].removesuffix(": OK")
+        reason = reason.split(": ", 2)[-1] if reason.startswith("UNKNOWN: ") else reason
+        if "handshake" in reason.lower() or "SSL_ERROR" in reason:
+            return (f"TLS handshake with {where} failed ({reason.rpartition(': ')[2]}); "
+                    "check --tls-ca, --tls-cert, --tls-key and --server-name")
+        return (f"cannot reach {where} ({reason}); is 'signerd serve' running, "
+                "and is --server right?")
+    if code_name == "DEADLINE_EXCEEDED":
+        return f"{where} did not answer in time; is it overloaded, or is --server right?"
+    return f"{code_name}: {details.removesuffix(': OK')}"
+
+
 def add_client_options(p: argparse.ArgumentParser, server_flag: str = "--server") -> None:
     """signerctl's options for reaching signerd. ``trust`` commands name the
     server flag ``--signerd``, since their ``--server`` is the Notary server."""

@@ -55,6 +55,7 @@ import threading
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from signerd import _sdnotify
 from signerd.config import Config
@@ -81,6 +82,8 @@ def worker_config(config: Config, index: int, listen: str | None) -> Config:
         audit_file=(worker_audit_file(config.audit_file, index)
                     if config.audit_file is not None else None),
         unix_socket=config.unix_socket if index == 1 else None,
+        metrics_listen=None,  # the supervisor serves every worker's figures in one scrape
+        shares_port=True,
     )
 
 
@@ -195,10 +198,41 @@ class Supervisor:
                 code = 1
         return code
 
+    def _metrics(self) -> tuple[Any, Path | None]:
+        """With [metrics] listen: every worker counts into prometheus-client's
+        multiprocess files in a directory of this supervisor's (set in the
+        workers' environment), and this process serves /metrics, /livez and
+        /readyz from them. Raises ConfigError if the address is taken."""
+        if self.config.metrics_listen is None:
+            return None, None
+        directory = Path(tempfile.mkdtemp(prefix="signerd-metrics-"))
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(directory)  # before metrics is imported
+        from signerd import metrics
+
+        registry = metrics.multiprocess_registry()
+        try:
+            listener = metrics.HttpListener(self.config.metrics_listen,
+                                            lambda: metrics.unusable_tokens(registry), registry)
+        except OSError as e:
+            shutil.rmtree(directory, ignore_errors=True)
+            raise ConfigError(f"cannot listen on metrics.listen {self.config.metrics_listen}: "
+                              f"{e.strerror}") from None
+        return listener, directory
+
     def run(self, ready_file: Path | None) -> int:
         signal.signal(signal.SIGTERM, lambda *_: self.stop.set())
         signal.signal(signal.SIGINT, lambda *_: self.stop.set())
         signal.signal(signal.SIGHUP, lambda *_: self._reload())
+        listener, metrics_dir = self._metrics()
+        try:
+            return self._run(ready_file, listener)
+        finally:
+            if listener is not None:
+                listener.stop()
+            if metrics_dir is not None:
+                shutil.rmtree(metrics_dir, ignore_errors=True)
+
+    def _run(self, ready_file: Path | None, listener: Any) -> int:
         reserved, listen = _reserve(self.config.listen) if self.config.listen else (None, None)
         readydir = Path(tempfile.mkdtemp(prefix="signerd-workers-"))
         try:
@@ -219,7 +253,10 @@ class Supervisor:
         first = infos[0]
         info = {"pid": os.getpid(), "tcp": first.get("tcp"), "unix": first.get("unix"),
                 "tokens": first.get("tokens"), "dumpable": first.get("dumpable"),
-                "workers": [i.get("pid") for i in infos]}
+                "workers": [i.get("pid") for i in infos],
+                "metrics": listener.port if listener is not None else None}
+        if listener is not None:
+            listener.start()
         log.info("signerd serving", extra={"fields": info})
         if ready_file is not None:
             tmp = ready_file.with_suffix(".tmp")

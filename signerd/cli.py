@@ -6,19 +6,33 @@ people. On failure it prints one line on stderr and exits non-zero.
 
 from __future__ import annotations
 
-import argparse
-import base64
-import json
-import sys
-from collections.abc import Sequence
-from pathlib import Path
-from typing import Any
+import os
 
-import grpc
+# gRPC's core logs to stderr by itself (a failed TLS handshake gave a raw line
+# before signerctl's own), and reads this when grpc is first imported:
+# signerctl prints only its one line.
+os.environ.setdefault("GRPC_VERBOSITY", "NONE")
+
+import argparse  # noqa: E402
+import base64  # noqa: E402
+import json  # noqa: E402
+import sys  # noqa: E402
+from collections.abc import Sequence  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+import grpc  # noqa: E402
 from cryptography.exceptions import InvalidSignature
 
 from signerd import add_version_flag, signing, trust_cli
-from signerd._cliutil import CliError, add_client_options, connect, emit
+from signerd._cliutil import (
+    CliError,
+    add_client_options,
+    client_config,
+    connect,
+    emit,
+    rpc_error_line,
+)
 from signerd.errors import ConfigError, SignerdError
 from signerd.keys import ALGORITHMS, parse_algorithm
 from signerd.v1 import signer_pb2 as pb
@@ -153,16 +167,23 @@ def _payload(args: argparse.Namespace) -> bytes:
 
 def cmd_sign(args: argparse.Namespace) -> None:
     payload = _payload(args)
-    with connect(args) as c:
-        resp = c.sign(
-            args.key_id,
-            digest=payload if args.digest else None,
-            message=None if args.digest else payload,
-            encoding=args.encoding,
-            rsa_padding=args.rsa_padding,
-        )
-    if args.out:
-        Path(args.out).write_bytes(resp.signature)
+    out = None
+    if args.out:  # opened before signing: a signature must not be made, then lost
+        try:
+            out = open(args.out, "wb")  # noqa: SIM115 - closed below, after the signature
+        except OSError as e:
+            raise CliError(f"cannot write the signature to {args.out}: {e.strerror}") from None
+    try:
+        resp = _sign(args, payload)
+        if out is not None:
+            out.write(resp.signature)
+    except BaseException:
+        if out is not None:  # no empty file where a signature was expected
+            out.close()
+            Path(args.out).unlink(missing_ok=True)
+        raise
+    if out is not None:
+        out.close()
     data = {
         "key_id": resp.key_id,
         "algorithm": resp.algorithm,
@@ -174,6 +195,18 @@ def cmd_sign(args: argparse.Namespace) -> None:
         print(json.dumps(data, indent=2, sort_keys=True))
     elif not args.out:
         print(data["signature"])
+
+
+def _sign(args: argparse.Namespace, payload: bytes) -> pb.SignResponse:
+    with connect(args) as c:
+        resp = c.sign(
+            args.key_id,
+            digest=payload if args.digest else None,
+            message=None if args.digest else payload,
+            encoding=args.encoding,
+            rsa_padding=args.rsa_padding,
+        )
+    return resp
 
 
 def cmd_verify(args: argparse.Namespace) -> None:
@@ -302,7 +335,13 @@ def main(argv: list[str] | None = None) -> int:
         code = e.code() if hasattr(e, "code") else None
         name = code.name if code is not None else "ERROR"
         detail = e.details() if hasattr(e, "details") else str(e)
-        print(f"signerctl: {name}: {detail}", file=sys.stderr)
+        server = getattr(args, "server", None)
+        if server is None:
+            try:
+                server = client_config(args).server
+            except (CliError, ConfigError):
+                server = None
+        print(f"signerctl: {rpc_error_line(name, detail or '', server)}", file=sys.stderr)
         return 1
     except (CliError, SignerdError, ConfigError) as e:
         print(f"signerctl: {e}", file=sys.stderr)

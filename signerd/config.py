@@ -128,6 +128,11 @@ class Config:
     debug: bool = False  # keep the process dumpable
     health_interval: float = 5.0
     environment: dict[str, str] = field(default_factory=dict)
+    # Set for a supervisor's workers only: they share the TCP port (SO_REUSEPORT).
+    shares_port: bool = False
+    # [metrics] listen: plain HTTP for /metrics, /livez and /readyz (signerd.metrics);
+    # None (unset) serves none of them.
+    metrics_listen: str | None = None
 
 
 _warned: set[Path] = set()
@@ -216,6 +221,7 @@ def parse_config(data: dict[str, Any], base: Path) -> Config:
     policy = data.pop("policy", {})
     audit = data.pop("audit", {})
     environment = data.pop("environment", {})
+    metrics_table = data.pop("metrics", {})
     if data:
         raise ConfigError(f"unknown config sections {sorted(data)}")
     if not isinstance(audit, dict):
@@ -258,6 +264,16 @@ def parse_config(data: dict[str, Any], base: Path) -> Config:
     )
     if s:
         raise ConfigError(f"unknown keys in [server]: {sorted(s)}")
+    if not isinstance(metrics_table, dict):
+        raise ConfigError("[metrics] must be a table")
+    metrics_listen = _take(metrics_table, "listen", str, None, "metrics.")
+    if metrics_table:
+        raise ConfigError(f"unknown keys in [metrics]: {sorted(metrics_table)}")
+    if metrics_listen is not None:
+        host, sep, port = metrics_listen.rpartition(":")
+        if not sep or not host or not port.isdigit() or int(port) > 65535:
+            raise ConfigError(f"metrics.listen must be HOST:PORT, got {metrics_listen!r}")
+        cfg = replace(cfg, metrics_listen=metrics_listen)
     if audit:
         raise ConfigError(f"unknown keys in [audit]: {sorted(audit)}")
     if cfg.audit_max_bytes is not None and cfg.audit_max_bytes < 4096:

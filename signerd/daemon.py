@@ -24,10 +24,12 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import errno
 import json
 import logging
 import os
 import signal
+import socket
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -84,6 +86,37 @@ def pin_cpu(config: Config, index: int) -> None:
     log.info("pinned to one CPU", extra={"fields": {"cpu": cpu}})
 
 
+def claim_address(listen: str | None) -> socket.socket | None:
+    """Make sure no other signerd, and no other program, serves ``listen``
+    ("HOST:PORT"); the returned socket holds the claim while it is open.
+
+    signerd's own claim is an abstract Unix socket named after the address
+    (unique per network namespace, gone with the process); another program's
+    is found by binding the address once without SO_REUSEPORT. A port of 0
+    claims nothing. Raises ConfigError "address ... is already in use"."""
+    if not listen:
+        return None
+    host, _, port = listen.rpartition(":")
+    if not port.isdigit() or int(port) == 0:
+        return None
+    claim = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        claim.bind(f"\0signerd-listen-{host.strip('[]')}:{port}")
+        family, kind, proto, _, addr = socket.getaddrinfo(host.strip("[]"), int(port),
+                                                          type=socket.SOCK_STREAM)[0]
+        with socket.socket(family, kind, proto) as probe:
+            # As gRPC binds: SO_REUSEADDR lets a restart bind past its old
+            # connections in TIME_WAIT, and still fails beside a listener.
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(addr)
+    except OSError as e:
+        claim.close()
+        if e.errno == errno.EADDRINUSE:
+            raise ConfigError(f"address {listen} is already in use") from None
+        raise ConfigError(f"cannot listen on {listen}: {e.strerror}") from None
+    return claim
+
+
 # stop, stop, reload the policy and rotate the audit log
 _SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
 
@@ -102,8 +135,7 @@ def rotate_audit(audit: AuditLog | None) -> None:
 
 
 def serve(config: Config, ready_file: Path | None = None) -> int:
-    from signerd.server import app
-
+    """Serve ``config`` in this process until SIGTERM or SIGINT; 0 when stopped."""
     os.environ.update(config.environment)  # e.g. SOFTHSM2_CONF, before modules load
     if not config.debug:
         make_undumpable()
@@ -113,6 +145,19 @@ def serve(config: Config, ready_file: Path | None = None) -> int:
     # once the main thread woke up, and a main thread asleep in a wait never
     # did: a SIGHUP or a SIGTERM could be lost.
     signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
+    # gRPC's core logs to fd 2 on its own: its lines become JSON lines too.
+    from signerd import _corelog
+
+    restore_stderr = _corelog.route_stderr()
+    try:
+        return _serve(config, ready_file)
+    finally:
+        restore_stderr()
+
+
+def _serve(config: Config, ready_file: Path | None) -> int:
+    from signerd.server import app
+
     servers = app.open_servers(config)
     service = servers.service
     if servers.audit is not None:  # opened by app.build; set before the first line
@@ -124,6 +169,7 @@ def serve(config: Config, ready_file: Path | None = None) -> int:
         "unix": str(config.unix_socket) if config.unix_socket else None,
         "tokens": sorted(service.tokens),
         "dumpable": is_dumpable(),
+        "metrics": servers.http.port if servers.http is not None else None,
     }
     log.info("signerd serving", extra={"fields": info})
     if ready_file is not None:
@@ -160,9 +206,15 @@ def main(argv: list[str] | None = None) -> int:
         default=embedded.DEFAULT_LISTEN,
         help="listen address the embedded default is created with",
     )
+    p.add_argument(
+        "--metrics-listen",
+        default=embedded.DEFAULT_METRICS_LISTEN,
+        help="metrics and health address the embedded default is created with",
+    )
     p.add_argument("--ready-file", type=Path, help="write {pid, ports} as JSON here once serving")
     p.add_argument("--debug", action="store_true", help="keep the process dumpable (core dumps)")
-    p.add_argument("--log-level", default="info")
+    p.add_argument("--log-level", default="info",
+                   choices=("debug", "info", "warning", "error"))
     # Internal: how a [server] workers > 1 supervisor starts its workers.
     p.add_argument("--worker", type=int, help=argparse.SUPPRESS)
     p.add_argument("--worker-listen", help=argparse.SUPPRESS)
@@ -184,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
         path = args.config
         if path is None:
             state = args.state_dir or embedded.state_dir()
-            path = embedded.ensure(state, args.listen)
+            path = embedded.ensure(state, args.listen, args.metrics_listen)
             log.info(
                 "embedded default",
                 extra={
@@ -206,9 +258,15 @@ def main(argv: list[str] | None = None) -> int:
             from signerd import _workers
 
             worker_args = ["--log-level", args.log_level, *(["--debug"] if args.debug else [])]
-            return _workers.Supervisor(path, config, worker_args).run(args.ready_file)
+            claim = claim_address(config.listen)  # held until the supervisor exits
+            try:
+                return _workers.Supervisor(path, config, worker_args).run(args.ready_file)
+            finally:
+                if claim is not None:
+                    claim.close()
         else:
             pin_cpu(config, 1)
+            claim = claim_address(config.listen)  # held while this process serves
         return serve(config, args.ready_file)
     except ConfigError as e:  # a config fault or a refused PIN: a restart cannot help
         print(f"signerd: {e}", file=sys.stderr)

@@ -31,6 +31,7 @@ SOFTHSM_MODULES = (
     "/usr/local/lib/softhsm/libsofthsm2.so",
 )
 DEFAULT_LISTEN = "127.0.0.1:4443"
+DEFAULT_METRICS_LISTEN = "127.0.0.1:9464"  # /metrics, /livez, /readyz (signerd.metrics)
 CLIENT_IDENTITY = "spiffe://signerd.local/signerctl"
 TOKENS = ("root", "online")
 
@@ -85,8 +86,10 @@ def _toml_str(value: str | Path) -> str:
     return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def ensure(state: Path, listen: str = DEFAULT_LISTEN) -> Path:
-    """Create the embedded default under ``state`` if needed; return its config path."""
+def ensure(state: Path, listen: str = DEFAULT_LISTEN,
+           metrics_listen: str = DEFAULT_METRICS_LISTEN) -> Path:
+    """Create the embedded default under ``state`` if needed; return its config path.
+    ``listen`` and ``metrics_listen`` ("HOST:PORT") are used only when creating it."""
     config = state / "signerd.toml"
     if config.exists():
         return config
@@ -168,6 +171,9 @@ file = "policy.toml"
 
 [audit]
 file = "audit.log"
+
+[metrics]
+listen = {_toml_str(metrics_listen)}
 
 [environment]
 SOFTHSM2_CONF = {_toml_str(conf)}

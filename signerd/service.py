@@ -12,7 +12,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from signerd import signing
+from signerd import metrics, signing
 from signerd.config import Config
 from signerd.errors import InvalidArgument, NotFound, Unavailable
 from signerd.keys import (
@@ -197,6 +197,7 @@ class KeyService:
         alg: Algorithm = entry.algorithm
         mechanism, data = signing.prepare(alg, payload, options)
         raw = self.tokens[entry.token].sign(entry.key_id, mechanism, data, alg.signature_size)
+        metrics.SIGNATURES.labels(alg.name, entry.token).inc()
         return Signature(
             entry, signing.encode(alg, raw, options), signing.method(alg, options), options
         )
@@ -218,4 +219,25 @@ class KeyService:
 
     def check(self) -> bool:
         """Probe every token (reconnecting where needed); True if all are usable."""
-        return all([t.check() for t in self.tokens.values()])
+        results = []
+        for t in self.tokens.values():
+            with metrics.PROBE_DURATION.labels(t.name).time():
+                results.append(t.check())
+        return all(results)
+
+    def unusable(self) -> list[str]:
+        """Names of the tokens that cannot sign now."""
+        return [t.name for t in self.tokens.values() if not t.healthy]
+
+    def export_gauges(self) -> None:
+        """Set the token gauges of :mod:`signerd.metrics` to what is true now."""
+        for t in self.tokens.values():
+            metrics.TOKEN_HEALTHY.labels(t.name).set(1 if t.healthy else 0)
+            metrics.SESSIONS.labels(t.name).set(t.config.sessions)
+            metrics.SESSIONS_IN_USE.labels(t.name).set(t.sessions_in_use)
+            counts: dict[str, int] = dict.fromkeys(
+                (*metrics.BASE_ROLES, "delegation"), 0)
+            for k in t.known_keys():
+                counts[metrics.role_kind(k.role)] += 1
+            for role, n in counts.items():
+                metrics.KEYS.labels(t.name, role).set(n)

@@ -841,6 +841,15 @@ class Token:
     def get(self, kid: KeyID) -> KeyEntry | None:
         return self._keys.get(kid)
 
+    def known_keys(self) -> list[KeyEntry]:
+        """The keys listed so far (does not wait for the first listing)."""
+        return list(self._keys.values())
+
+    @property
+    def sessions_in_use(self) -> int:
+        """Pooled sessions borrowed now."""
+        return self._borrowed
+
     def check_algorithm(self, alg: Algorithm) -> None:
         """Raise FailedPrecondition unless the token can create ``alg`` keys."""
         if alg.name not in self.algorithms:

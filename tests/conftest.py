@@ -155,8 +155,11 @@ def daemon_config(
     server: dict[str, Any] | None = None,
     tokens: tuple[str, ...] = TOKENS,
     audit: bool = True,
+    metrics: bool = False,
+    metrics_listen: str | None = None,
 ) -> dict[str, Any]:
-    """A signerd config (as a TOML-shaped dict) for tests."""
+    """A signerd config (as a TOML-shaped dict) for tests; ``metrics`` serves
+    /metrics, /livez and /readyz on a free loopback port (or ``metrics_listen``)."""
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "policy.toml").write_text(policy)
     cert, key = certs.files["server"]
@@ -169,6 +172,8 @@ def daemon_config(
     }
     if audit:
         cfg["audit"] = {"file": str(workdir / "audit.log")}
+    if metrics or metrics_listen:
+        cfg["metrics"] = {"listen": metrics_listen or "127.0.0.1:0"}
     return cfg
 
 

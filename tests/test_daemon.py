@@ -162,7 +162,8 @@ def _ctl(
 def test_embedded_default_starts_from_nothing_and_signs(tmp_path: Path) -> None:
     state = tmp_path / "state"
     env = {"SIGNERD_STATE_DIR": str(state)}
-    proc = spawn_daemon(None, tmp_path, env=env, args=("--listen", f"127.0.0.1:{_free_port()}"))
+    proc = spawn_daemon(None, tmp_path, env=env, args=("--listen", f"127.0.0.1:{_free_port()}",
+                                                   "--metrics-listen", f"127.0.0.1:{_free_port()}"))
     try:
         assert (state / "root.pin").stat().st_mode & 0o777 == 0o600
         assert (state / "tls" / "client-key.pem").stat().st_mode & 0o777 == 0o600
@@ -251,7 +252,8 @@ def test_cli_errors_are_one_line_on_stderr(
 def embedded_daemon(tmp_path_factory: pytest.TempPathFactory) -> Any:
     tmp = tmp_path_factory.mktemp("embedded")
     env = {"SIGNERD_STATE_DIR": str(tmp / "state")}
-    proc = spawn_daemon(None, tmp, env=env, args=("--listen", f"127.0.0.1:{_free_port()}"))
+    proc = spawn_daemon(None, tmp, env=env, args=("--listen", f"127.0.0.1:{_free_port()}",
+                                                   "--metrics-listen", f"127.0.0.1:{_free_port()}"))
     yield env
     proc.stop()
 
@@ -303,3 +305,95 @@ def test_sigterm_finishes_in_flight_requests(hsm: HSM, certs: PKI, tmp_path: Pat
     assert [item.code for item in result["r"].items] == [0] * 120
     log = proc.log()
     assert log.index("finishing in-flight requests") < log.index("signerd stopped")
+
+
+@pytest.mark.parametrize("first_workers,second_workers", [(1, 1), (2, 1), (1, 2), (2, 2)])
+def test_one_daemon_per_port(hsm: HSM, certs: PKI, tmp_path: Path,
+                             first_workers: int, second_workers: int) -> None:
+    """Regression: gRPC turns SO_REUSEPORT on, so a second daemon (another CA,
+    another policy) could bind a port signerd held and take half its
+    connections. Only a supervisor's own workers share a port."""
+    port = _free_port()
+    first = spawn_daemon(_config(hsm, certs, tmp_path / "a",
+                                 server={"listen": f"127.0.0.1:{port}",
+                                         "workers": first_workers}), tmp_path / "a")
+    try:
+        second = subprocess.run(
+            [sys.executable, "-m", "signerd.daemon", "serve", "--config",
+             str(_config(hsm, certs, tmp_path / "b", server={"listen": f"127.0.0.1:{port}",
+                                                             "workers": second_workers}))],
+            capture_output=True, text=True, timeout=60)
+        assert second.returncode == 2
+        assert second.stderr.strip().splitlines()[-1] == \
+            f"signerd: address 127.0.0.1:{port} is already in use"
+        with _client(certs, port) as c:
+            assert c.sign(c.create_key(unique_gun(), "targets").key_id, message=b"m").signature
+    finally:
+        assert first.stop() == 0
+    # once the first is gone, the port is free again at once (TIME_WAIT notwithstanding)
+    again = spawn_daemon(_config(hsm, certs, tmp_path / "c",
+                                 server={"listen": f"127.0.0.1:{port}"}), tmp_path / "c")
+    assert again.stop() == 0
+
+
+def test_another_program_on_the_port_is_found(hsm: HSM, certs: PKI, tmp_path: Path) -> None:
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        port = other.getsockname()[1]
+        run = subprocess.run(
+            [sys.executable, "-m", "signerd.daemon", "serve", "--config",
+             str(_config(hsm, certs, tmp_path, server={"listen": f"127.0.0.1:{port}"}))],
+            capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2
+    assert run.stderr.strip().splitlines()[-1] == \
+        f"signerd: address 127.0.0.1:{port} is already in use"
+
+
+def test_signerctl_says_what_to_check_in_one_line(hsm: HSM, certs: PKI, tmp_path: Path) -> None:
+    """Regression: a TLS failure printed a raw gRPC core line, then a line ending
+    in ': OK'; a daemon that was down gave gRPC's transport text."""
+    proc = spawn_daemon(_config(hsm, certs, tmp_path), tmp_path)
+    cert, key = certs.files["admin"]
+    common = ("--tls-cert", str(cert), "--tls-key", str(key), "--server-name", "localhost")
+    try:
+        other_ca = certs.files["foreign"][0]  # a certificate signerd's was not issued by
+        wrong = _ctl({}, "--server", f"127.0.0.1:{proc.info['tcp']}", "--tls-ca",
+                     str(other_ca), *common, "keys", "list")
+    finally:
+        proc.stop()
+    down = _ctl({}, "--server", f"127.0.0.1:{_free_port()}", "--tls-ca", str(certs.ca_file),
+                *common, "keys", "list")
+    for run, start in ((wrong, "signerctl: TLS handshake with signerd at 127.0.0.1:"),
+                       (down, "signerctl: cannot reach signerd at 127.0.0.1:")):
+        lines = run.stderr.decode().splitlines()
+        assert run.returncode == 1 and len(lines) == 1, lines
+        assert lines[0].startswith(start) and not lines[0].endswith(": OK"), lines
+    assert "check --tls-ca" in wrong.stderr.decode()
+    assert "is 'signerd serve' running" in down.stderr.decode()
+
+
+def test_sign_to_a_path_that_cannot_be_written_fails_before_signing(
+        hsm: HSM, certs: PKI, tmp_path: Path) -> None:
+    """Regression: the signature was made, then lost in a FileNotFoundError traceback."""
+    proc = spawn_daemon(_config(hsm, certs, tmp_path), tmp_path)
+    cert, key = certs.files["admin"]
+    common = ("--server", f"127.0.0.1:{proc.info['tcp']}", "--tls-ca", str(certs.ca_file),
+              "--tls-cert", str(cert), "--tls-key", str(key), "--server-name", "localhost")
+    try:
+        made = _ctl({}, *common, "keys", "create", "--gun", unique_gun(), "--role",
+                    "targets", "--json")
+        kid = json.loads(made.stdout)["key_id"]
+        (tmp_path / "msg").write_bytes(b"m")
+        run = _ctl({}, *common, "sign", "--key", kid, "--out", str(tmp_path / "no" / "x.sig"),
+                   str(tmp_path / "msg"))
+        ok = _ctl({}, *common, "sign", "--key", kid, "--out", str(tmp_path / "x.sig"),
+                  str(tmp_path / "msg"))
+    finally:
+        proc.stop()
+    lines = run.stderr.decode().splitlines()
+    assert run.returncode == 1 and len(lines) == 1, lines
+    assert lines[0].startswith("signerctl: cannot write the signature to ")
+    assert ok.returncode == 0 and len((tmp_path / "x.sig").read_bytes()) == 64
+    audit = [json.loads(line) for line in (tmp_path / "audit.log").read_text().splitlines()]
+    assert sum(1 for e in audit if e.get("operation") == "sign") == 1  # only the one that wrote

@@ -115,6 +115,7 @@ def daemon_config_for(kind: Kind, certs: PKI, workdir: Path,
         "tls": {"cert": str(cert), "key": str(key), "client_ca": str(certs.ca_file)},
         "policy": {"file": str(workdir / "policy.toml")},
         "audit": {"file": str(workdir / "audit.log")},
+        "metrics": {"listen": "127.0.0.1:0"},
         "environment": kind.environment,
         "tokens": [kind.token],
     }
@@ -322,6 +323,14 @@ def token_log() -> Iterator[_Log]:
     logging.getLogger("signerd.token").removeHandler(handler)
 
 
+def http_get(d: Daemon, path: str) -> tuple[int, Any]:
+    """GET ``path`` on the daemon's metrics and health listener."""
+    from tests.test_metrics import get
+
+    assert d.servers.http is not None
+    return get(d.servers.http.port, path)
+
+
 def _outage_answers(c: Any, key_id: str) -> None:
     """What a caller sees while the token is away: UNAVAILABLE naming the
     token for every request that needs it, never NOT_FOUND for a known key."""
@@ -343,14 +352,18 @@ def test_an_idle_token_that_goes_away_and_comes_back(
     with dut.client() as c:
         key = c.create_key(unique_gun(), "targets", kind.algorithms[0])
         assert _health(c) == [SERVING] * 3
+        assert http_get(dut, "/readyz") == (200, {"status": "ready"})
         kind.unplug()
         try:
             _wait_for("NOT_SERVING", lambda: _health(c) == [NOT_SERVING] * 3)
             _outage_answers(c, key.key_id)
+            assert http_get(dut, "/readyz") == (503, {"unusable": ["dut"]})
+            assert http_get(dut, "/livez")[0] == 200
             time.sleep(3 * HEALTH_INTERVAL)  # more probes fail: still one warning
         finally:
             kind.replug()
         _wait_for("SERVING", lambda: _health(c) == [SERVING] * 3)
+        assert http_get(dut, "/readyz") == (200, {"status": "ready"})
         sig = c.sign(key.key_id, message=MESSAGE).signature
         assert {k.key_id for k in c.list_keys()} >= {key.key_id}
     signing.verify(key.public_key_der, parse_algorithm(key.algorithm), sig, MESSAGE,

@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 
 import grpc
 
+from signerd import metrics
 from signerd.audit import AuditLog
 from signerd.errors import PermissionDenied, ResourceExhausted, SignerdError, Unavailable
 from signerd.policy import Policy, PolicyStore, Request
@@ -164,6 +165,8 @@ class Gate:
                 self._leave(caller.identity)
         if isinstance(error, PermissionDenied):
             scope.decision = "deny"
+        if scope.decision == "deny":
+            metrics.DENIALS.labels(operation).inc()
         status = code_for(error) if error is not None else grpc.StatusCode.OK
         if self.audit is not None:
             try:
@@ -184,7 +187,9 @@ class Gate:
                         "latency_ms": round((time.perf_counter() - start) * 1000, 3),
                     }
                 )
+                metrics.AUDIT_WRITES.inc()
             except Unavailable as e:
+                metrics.AUDIT_FAILURES.inc()
                 log.error(
                     "audit write failed; failing the request closed",
                     extra={"fields": {"request_id": request_id, "error": str(e)}},

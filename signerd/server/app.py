@@ -5,15 +5,18 @@ from __future__ import annotations
 import ipaddress
 import logging
 import threading
+import time
 from collections.abc import Callable
 from concurrent import futures
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 from google.protobuf import descriptor_pool
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from signerd import metrics
 from signerd.audit import AuditLog
 from signerd.config import Config, warn_if_exposed
 from signerd.errors import ConfigError, SignerdError
@@ -28,6 +31,7 @@ from signerd.v1 import signer_pb2, signer_pb2_grpc
 
 log = logging.getLogger("signerd.server")
 
+_GAUGES_EVERY = 1.0  # seconds between refreshes of the token gauges
 V1_SERVICE = signer_pb2.DESCRIPTOR.services_by_name["SignerService"].full_name
 Identify = Callable[[grpc.ServicerContext], Caller | SignerdError]
 
@@ -55,8 +59,10 @@ def _options(config: Config) -> list[tuple[str, int]]:
         # Oversized requests are refused by gRPC itself with RESOURCE_EXHAUSTED.
         ("grpc.max_receive_message_length", config.max_message_bytes),
         ("grpc.max_send_message_length", config.max_message_bytes * 2),
-        # Several worker processes may share the port (SO_REUSEPORT).
-        ("grpc.so_reuseport", 1),
+        # Only a supervisor's workers share the port (SO_REUSEPORT): on by
+        # default in gRPC, it would let any other process of the same user bind
+        # a port signerd holds and take half of its connections.
+        ("grpc.so_reuseport", 1 if config.shares_port else 0),
         ("grpc.max_concurrent_streams", 1024),
     ]
 
@@ -75,10 +81,25 @@ class Servers:
     ports: dict[str, int] = field(default_factory=dict)
     health_names: set[str] = field(default_factory=set)
     health_interval: float = 5.0
+    metrics_listen: str | None = None
     _stop: threading.Event = field(default_factory=threading.Event)
     _health_thread: threading.Thread | None = None
+    _gauges_thread: threading.Thread | None = None
+    http: metrics.HttpListener | None = None
 
     def start(self) -> None:
+        """Start serving; raises ConfigError if the metrics address is taken."""
+        if self.metrics_listen is not None:
+            try:
+                self.http = metrics.HttpListener(self.metrics_listen, self.service.unusable)
+            except OSError as e:
+                # Nothing has started: close what open_servers opened (the tokens'
+                # logins and the audit log), as a stop would.
+                self.service.close()
+                if self.audit is not None:
+                    self.audit.close()
+                raise ConfigError(f"cannot listen on metrics.listen {self.metrics_listen}: "
+                                  f"{e.strerror}") from None
         for s in self.servers:
             s.start()
         if self.relay is not None:
@@ -86,6 +107,19 @@ class Servers:
         self._health_thread = threading.Thread(target=self._watch_health, name="health",
                                                daemon=True)
         self._health_thread.start()
+        self._gauges_thread = threading.Thread(target=self._watch_gauges, name="gauges",
+                                               daemon=True)
+        self._gauges_thread.start()
+        if self.http is not None:
+            self.http.start()
+
+    def _watch_gauges(self) -> None:
+        """Keep the token gauges current (every _GAUGES_EVERY seconds): with
+        workers, a scrape reads them from every worker's file, not from code."""
+        while True:
+            self.service.export_gauges()
+            if self._stop.wait(_GAUGES_EVERY):
+                return
 
     def update_health(self) -> None:
         ok = self.service.healthy()
@@ -105,6 +139,8 @@ class Servers:
     def stop(self, grace: float = 10.0) -> None:
         """Finish in-flight requests (up to ``grace`` seconds), then close tokens."""
         self._stop.set()
+        if self.http is not None:
+            self.http.stop()
         if self.relay is not None:
             self.relay.stop()
         events = [s.stop(grace) for s in self.servers]
@@ -117,6 +153,38 @@ class Servers:
         self.service.close()
         if self.audit is not None:
             self.audit.close()
+
+
+class _Metrics(grpc.ServerInterceptor):
+    """Counts every answered request by service, method and status code, and
+    times it (signerd.metrics). Requests that never reach a handler (an
+    unknown method) are not counted."""
+
+    def intercept_service(self, continuation: Any, details: Any) -> Any:
+        handler = continuation(details)
+        if handler is None or handler.unary_unary is None:
+            return handler
+        service, _, method = details.method.lstrip("/").rpartition("/")
+        inner = handler.unary_unary
+        requests, latency = metrics.REQUESTS, metrics.LATENCY.labels(method)
+
+        def counted(request: Any, context: grpc.ServicerContext) -> Any:
+            start = time.perf_counter()
+            code = grpc.StatusCode.UNKNOWN
+            try:
+                result = inner(request, context)
+                code = context.code() or grpc.StatusCode.OK  # type: ignore[attr-defined]
+                return result
+            except BaseException:
+                code = context.code() or grpc.StatusCode.UNKNOWN  # type: ignore[attr-defined]
+                raise
+            finally:
+                latency.observe(time.perf_counter() - start)
+                requests.labels(service, method, code.name).inc()
+
+        return grpc.unary_unary_rpc_method_handler(
+            counted, request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer)
 
 
 def _tls_credentials(config: Config) -> grpc.ServerCredentials:
@@ -168,7 +236,8 @@ def build(config: Config, service: KeyService) -> Servers:
 
     def make(identify: Identify) -> grpc.Server:
         server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=config.threads), options=_options(config)
+            futures.ThreadPoolExecutor(max_workers=config.threads), options=_options(config),
+            interceptors=[_Metrics()],
         )
         signer_pb2_grpc.add_SignerServiceServicer_to_server(
             SignerServicer(service, gate, identify), server
@@ -218,6 +287,7 @@ def build(config: Config, service: KeyService) -> Servers:
         ports,
         health_names,
         config.health_interval,
+        config.metrics_listen,
     )
     holder["s"] = result
     result.update_health()
