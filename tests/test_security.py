@@ -344,3 +344,28 @@ def test_audit_verify_cli_names_the_tampered_line(daemon: Daemon, tmp_path: Path
         )
         assert r.returncode == rc, (name, r.stdout, r.stderr)
         assert json.loads(r.stdout)["first_bad_line"] == first_bad, name
+
+
+def test_connections_that_never_speak_are_closed(daemon_factory: Any) -> None:
+    """Regression: TCP connections that never sent a ClientHello stayed open
+    for more than 90 s (gRPC's handshake timeout is 120 s by default)."""
+    import socket
+    import time
+
+    d = daemon_factory(server={"handshake_timeout": 1.0, "max_connections": 4})
+    silent = socket.create_connection(("127.0.0.1", d.port))
+    silent.settimeout(15)
+    start = time.monotonic()
+    assert silent.recv(1) == b""  # closed by the daemon
+    assert time.monotonic() - start < 10
+    silent.close()
+    # past max_connections, new connections are closed at once; the held ones stay
+    held = [socket.create_connection(("127.0.0.1", d.port)) for _ in range(4)]
+    extra = socket.create_connection(("127.0.0.1", d.port))
+    extra.settimeout(5)
+    assert extra.recv(1) == b""
+    for s in (*held, extra):
+        s.close()
+    time.sleep(0.5)  # the daemon notices the closed ones
+    with d.client() as c:  # and serves again
+        assert c.create_key(unique_gun(), "targets").key_id

@@ -64,6 +64,10 @@ def _options(config: Config) -> list[tuple[str, int]]:
         # a port signerd holds and take half of its connections.
         ("grpc.so_reuseport", 1 if config.shares_port else 0),
         ("grpc.max_concurrent_streams", 1024),
+        # A connection that never finishes its TLS handshake is closed after
+        # this (gRPC's default is 120 s); and at most this many at once.
+        ("grpc.server_handshake_timeout_ms", int(config.handshake_timeout * 1000)),
+        ("grpc.max_allowed_incoming_connections", config.max_connections),
     ]
 
 
