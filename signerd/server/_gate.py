@@ -128,6 +128,20 @@ class Gate:
             if not self._inflight[identity]:
                 del self._inflight[identity]
 
+    def _audit_or_abort(self, context: grpc.ServicerContext, line: dict[str, object]) -> None:
+        """Write one audit line; if it cannot be written, fail the request
+        closed (UNAVAILABLE)."""
+        if self.audit is None:
+            return
+        try:
+            self.audit.write(line)
+            metrics.AUDIT_WRITES.inc()
+        except Unavailable as e:
+            metrics.AUDIT_FAILURES.inc()
+            log.error("audit write failed; failing the request closed",
+                      extra={"fields": {"request_id": line["request_id"], "error": str(e)}})
+            context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
+
     def run(
         self,
         context: grpc.ServicerContext,
@@ -140,7 +154,14 @@ class Gate:
         request_id = secrets.token_hex(8)
         context.set_trailing_metadata((("x-request-id", request_id),))
         if isinstance(caller, SignerdError):  # the listener could not identify the peer
-            context.abort(code_for(caller), str(caller))
+            status = code_for(caller)
+            self._audit_or_abort(context, {
+                "request_id": request_id, "identity": "", "peer": context.peer(),
+                "transport": "", "operation": operation, "key_id": "", "gun": "",
+                "role": "", "token": "", "payload_sha256": "", "decision": "deny",
+                "status": status_name(status),
+                "latency_ms": round((time.perf_counter() - start) * 1000, 3)})
+            context.abort(status, str(caller))
         scope = Scope(
             caller,
             operation,
@@ -168,33 +189,21 @@ class Gate:
         if scope.decision == "deny":
             metrics.DENIALS.labels(operation).inc()
         status = code_for(error) if error is not None else grpc.StatusCode.OK
-        if self.audit is not None:
-            try:
-                self.audit.write(
-                    {
-                        "request_id": request_id,
-                        "identity": caller.identity,
-                        "peer": caller.peer,
-                        "transport": caller.transport,
-                        "operation": operation,
-                        "key_id": scope.key_id,
-                        "gun": scope.gun,
-                        "role": scope.role,
-                        "token": scope.token,
-                        "payload_sha256": scope.payload_sha256,
-                        "decision": scope.decision,
-                        "status": status_name(status),
-                        "latency_ms": round((time.perf_counter() - start) * 1000, 3),
-                    }
-                )
-                metrics.AUDIT_WRITES.inc()
-            except Unavailable as e:
-                metrics.AUDIT_FAILURES.inc()
-                log.error(
-                    "audit write failed; failing the request closed",
-                    extra={"fields": {"request_id": request_id, "error": str(e)}},
-                )
-                context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
+        self._audit_or_abort(context, {
+            "request_id": request_id,
+            "identity": caller.identity,
+            "peer": caller.peer,
+            "transport": caller.transport,
+            "operation": operation,
+            "key_id": scope.key_id,
+            "gun": scope.gun,
+            "role": scope.role,
+            "token": scope.token,
+            "payload_sha256": scope.payload_sha256,
+            "decision": scope.decision,
+            "status": status_name(status),
+            "latency_ms": round((time.perf_counter() - start) * 1000, 3),
+        })
         if error is not None:
             if isinstance(error, Unavailable):
                 self._on_unavailable()
