@@ -404,3 +404,53 @@ def test_a_certificate_with_no_identity_is_refused_and_audited(
     [line] = [entry for entry in audit_lines(daemon) if entry["status"] == "UNAUTHENTICATED"]
     assert line["operation"] == "read" and line["decision"] == "deny"
     assert line["peer"].startswith("ipv4:127.0.0.1:")
+
+
+BAD_MESSAGE = bytes.fromhex("0a02fffe")  # field 1, length 2, not UTF-8
+
+
+@pytest.mark.parametrize("method", [
+    "/signerd.v1.SignerService/Sign",
+    "/signerd.v1.SignerService/GetKey",
+    "/proto.Signer/Sign",
+    "/proto.KeyManagement/GetKeyInfo",
+    "/grpc.health.v1.Health/Check",
+])
+def test_undecodable_requests_are_invalid_argument_and_audited(
+        daemon: Daemon, method: str) -> None:
+    with daemon.client() as c:
+        call = c.channel.unary_unary(method)
+        err = rpc_error(lambda: call(BAD_MESSAGE, timeout=10))
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.details().startswith("the request is not a valid ")
+    line = audit_lines(daemon)[-1]
+    assert (line["status"], line["operation"]) == ("INVALID_ARGUMENT", method.rpartition("/")[2])
+
+
+def test_undecodable_requests_cost_nothing(hsm: Any, certs: PKI, tmp_path: Path) -> None:
+    """Regression: grpcio's own deserializer answered INTERNAL and leaked an
+    HTTP/2 stream slot and ~19 KB per request: after 1,024 the connection
+    refused every call, and 5,000 took RSS from 243 to 338 MB."""
+    from bench import _proc
+    from tests.conftest import daemon_config, spawn_daemon, write_toml
+
+    proc = spawn_daemon(write_toml(tmp_path / "signerd.toml",
+                                   daemon_config(hsm, certs, tmp_path)), tmp_path)
+    cert, key = certs.files["admin"]
+    try:
+        with Client(ClientConfig(f"127.0.0.1:{proc.info['tcp']}", certs.ca_file, cert, key,
+                                 "localhost", 20)) as c:
+            made = c.create_key(unique_gun(), "targets")
+            call = c.channel.unary_unary("/signerd.v1.SignerService/Sign")
+            for _ in range(100):  # warm up allocator and audit file
+                rpc_error(lambda: call(BAD_MESSAGE, timeout=10))
+            before = _proc.memory_kib(proc.proc.pid)["VmRSS"]
+            for _ in range(5000):
+                with pytest.raises(grpc.RpcError) as info:
+                    call(BAD_MESSAGE, timeout=10)
+                assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            after = _proc.memory_kib(proc.proc.pid)["VmRSS"]
+            assert c.sign(made.key_id, message=b"m").signature  # the same connection
+    finally:
+        proc.stop()
+    assert after - before < 5 * 1024, f"RSS grew {after - before} KiB"

@@ -142,6 +142,19 @@ class Gate:
                       extra={"fields": {"request_id": line["request_id"], "error": str(e)}})
             context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
 
+    def reject_undecodable(self, context: grpc.ServicerContext, method: str,
+                           message: str) -> None:
+        """Answer INVALID_ARGUMENT for a request whose bytes are not the
+        method's message, after auditing it (the caller is not identified:
+        its peer address is recorded). Raises, as context.abort does."""
+        request_id = secrets.token_hex(8)
+        self._audit_or_abort(context, {
+            "request_id": request_id, "identity": "", "peer": context.peer(),
+            "transport": "", "operation": method.rpartition("/")[2], "key_id": "", "gun": "",
+            "role": "", "token": "", "payload_sha256": "", "decision": "deny",
+            "status": "INVALID_ARGUMENT", "latency_ms": 0.0})
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT, message)
+
     def run(
         self,
         context: grpc.ServicerContext,
