@@ -190,6 +190,11 @@ def _serve(config: Config, ready_file: Path | None) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # gRPC's core reports a failed TLS handshake only at INFO, and reads this
+    # when grpc is first imported (not yet: only serve() imports it). signerd
+    # turns those lines into JSON lines and counts them (signerd._corelog), so
+    # an inherited GRPC_VERBOSITY=NONE or ERROR must not hide them.
+    os.environ["GRPC_VERBOSITY"] = "INFO"
     parser = argparse.ArgumentParser(prog="signerd", description="PKCS#11-backed signing daemon")
     add_version_flag(parser)
     sub = parser.add_subparsers(dest="command", required=True)
