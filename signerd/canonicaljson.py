@@ -54,4 +54,9 @@ def encode_canonical(value: Any) -> bytes:
     """Return the canonical JSON encoding of ``value`` as UTF-8 bytes."""
     out: list[str] = []
     _encode(value, out)
-    return "".join(out).encode("utf-8")
+    try:
+        return "".join(out).encode("utf-8")
+    except UnicodeEncodeError:
+        # A lone surrogate ("\ud800" in JSON) has no UTF-8 form; Go's decoder
+        # would turn it into U+FFFD, so the signed bytes could not match.
+        raise InvalidArgument("canonical JSON strings must be valid Unicode") from None

@@ -64,37 +64,83 @@ def parse_algorithm(name: str) -> Algorithm:
         ) from None
 
 
-# A GUN is a repository name such as "docker.io/acme/app": path components of
-# letters, digits, ".", "_" and "-", with an optional registry port.
-_GUN_RE = re.compile(
-    r"^[a-z0-9]+(?:[._-][a-z0-9]+)*(?::[0-9]{1,5})?(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*$"
+# One validator per kind of name, each matching the whole string (fullmatch:
+# Python's "$" would also accept a trailing newline).
+#
+# GUNs follow Docker's reference grammar (distribution/reference regexp.go):
+# a domain (DNS components, "--" allowed inside as in punycode "xn--" hosts, or
+# an IPv6 literal in brackets) with an optional port, then path components.
+_DOMAIN_COMPONENT = r"(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9])"
+_DOMAIN = (
+    rf"(?:{_DOMAIN_COMPONENT}(?:\.{_DOMAIN_COMPONENT})*|\[[a-fA-F0-9:]+\])(?::[0-9]+)?"
 )
-_DELEGATION_RE = re.compile(r"^targets(?:/[A-Za-z0-9_][A-Za-z0-9_.-]*)+$")
+_PATH_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|[-]+)[a-z0-9]+)*"
+_GUN_RE = re.compile(rf"(?P<domain>{_DOMAIN})/(?P<path>{_PATH_COMPONENT}(?:/{_PATH_COMPONENT})*)")
+_TAG_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
+# Notary's delegation names (tuf/data/roles.go IsDelegation): "targets/" then
+# only [-a-z0-9_/], path.Clean unchanged (no empty segment, no trailing "/").
+_DELEGATION_RE = re.compile(r"targets(?:/[-a-z0-9_]+)+")
+MAX_NAME_LENGTH = 255  # notary-server's gun and role columns are varchar(255)
 BASE_ROLES = ("root", "targets", "snapshot", "timestamp")
 
 
+def _docker_domain(domain: str) -> bool:
+    # distribution/reference splitDockerDomain: the first component is a registry
+    # host only if it is "localhost", holds "." or ":", or has upper case.
+    return domain == "localhost" or any(c in domain for c in ".:") or domain.lower() != domain
+
+
 def validate_gun(gun: str) -> str:
+    """A Notary GUN: Docker's fully qualified repository name, ``registry.example.com/acme/app``.
+
+    The first component must be a registry host as Docker reads one, and the
+    name must be canonical (``docker.io/library/app``, not ``docker.io/app``
+    or ``index.docker.io/...``), so that it is what Docker asks Notary for.
+    """
     if not gun:
         raise InvalidArgument("gun is required, for example 'docker.io/acme/app'")
-    if len(gun) > 255 or not _GUN_RE.match(gun):
+    m = _GUN_RE.fullmatch(gun) if len(gun) <= MAX_NAME_LENGTH else None
+    if m is None:
         raise InvalidArgument(
-            f"invalid gun {gun!r}: use a lowercase repository name such as "
-            "'docker.io/acme/app' (letters, digits, '.', '_', '-', separated by '/')"
+            f"invalid gun {gun[:300]!r}: use a repository name such as 'docker.io/acme/app' "
+            "(a registry host, then lowercase path components of letters, digits, "
+            f"'.', '_', '-', separated by '/'; at most {MAX_NAME_LENGTH} characters)"
         )
+    domain, path = m["domain"], m["path"]
+    if not _docker_domain(domain):
+        raise InvalidArgument(
+            f"invalid gun {gun!r}: Docker would not read {domain!r} as a registry host; "
+            f"name the registry, for example 'docker.io/{gun}'"
+        )
+    if domain == "index.docker.io" or (domain == "docker.io" and "/" not in path):
+        canonical = f"docker.io/{path if '/' in path else 'library/' + path}"
+        raise InvalidArgument(f"invalid gun {gun!r}: Docker's canonical name is {canonical!r}")
     return gun
 
 
+def validate_tag(tag: str) -> str:
+    """A Docker tag (distribution/reference): ``[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}``."""
+    if not _TAG_RE.fullmatch(tag):
+        raise InvalidArgument(
+            f"invalid tag {tag[:200]!r}: up to 128 letters, digits, '_', '.' and '-', "
+            "not starting with '.' or '-'"
+        )
+    return tag
+
+
 def validate_role(role: str) -> str:
+    """A base role, or a delegation ``targets/NAME`` as Notary allows it."""
     if role in BASE_ROLES:
         return role
     if not role:
         raise InvalidArgument(
             "role is required: root, targets, targets/<name>, snapshot or timestamp"
         )
-    if len(role) > 255 or not _DELEGATION_RE.match(role) or "/." in role:
+    if len(role) > MAX_NAME_LENGTH or not _DELEGATION_RE.fullmatch(role):
         raise InvalidArgument(
-            f"invalid role {role!r}: use root, targets, snapshot, timestamp or "
-            "targets/<name> with a name of letters, digits, '_', '.' and '-'"
+            f"invalid role {role[:300]!r}: use root, targets, snapshot, timestamp or "
+            "targets/<name>, a name of lowercase letters, digits, '-' and '_' "
+            "(Notary's rule; '/' separates nested delegations)"
         )
     return role
 

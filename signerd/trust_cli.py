@@ -7,10 +7,11 @@ Commands (each also takes ``--json``, ``--trust-dir DIR`` and ``--local``)::
     trust unsign GUN:TAG [--role ROLE]
     trust delegation add GUN targets/NAME (--key KEYID | --pubkey FILE)... [--paths P...]
     trust delegation remove GUN targets/NAME
-    trust rotate GUN ROLE [--key KEYID]                (ROLE: root, targets, targets/NAME)
+    trust rotate GUN ROLE [--key KEYID] [--server URL ...]
+                          (ROLE: root, targets, targets/NAME, snapshot, timestamp)
     trust publish GUN [--server URL ...]
-    trust pull GUN [--server URL ...] [--force]
-    trust inspect GUN[:TAG]
+    trust pull GUN [--server URL ...] [--force] [--reset-trust]
+    trust inspect GUN[:TAG] [--reset-trust]
 
 Where the keys are. Every signature is made by signerd: through the daemon
 (the client's mTLS identity and signerd's policy decide which keys it may
@@ -27,18 +28,27 @@ trust sign`` writes), else ``targets``.
 
 Snapshot and timestamp. ``init --server`` takes the timestamp key, and the
 snapshot key unless ``--local-snapshot``, from the Notary server, which then
-signs those roles itself on every publish. Without a server (offline use and
+signs those roles itself on every publish. ``rotate GUN timestamp|snapshot``
+asks the server for a new key (``POST .../ROLE.key``), lists it in a new
+root.json signed by the root key and publishes at once; where this directory
+signs the role itself, the new key is made in signerd instead. Without a server (offline use and
 tests) signerd holds all four keys, and each change re-signs snapshot and
 timestamp. A trust directory remembers this in ``.signerctl.json``; one that
 was pulled instead follows notary's client: it re-signs the snapshot if signerd
 holds its key for the caller, and otherwise leaves it to the server.
 
 ``.trusted.json`` keeps what the last successful verification trusted (root
-and versions), so that ``inspect`` and ``pull`` refuse rollbacks.
+and versions), so that ``inspect`` and ``pull`` refuse rollbacks, and a root
+that the trusted root's keys did not sign, whatever its version. A root that
+really changed is re-trusted with ``pull --reset-trust`` (or ``inspect
+--reset-trust`` offline), which prints the old and the new root key IDs.
+A root change that clients could not follow (a second root key rotation
+before the first was published or verified) is refused with what to do.
 
 Notary credentials are never taken from argv: ``--password-file`` or
 ``$SIGNERD_NOTARY_PASSWORD`` (with ``--username`` or
 ``$SIGNERD_NOTARY_USERNAME``), or ``--token-file`` or ``$SIGNERD_NOTARY_TOKEN``.
+Behind a registry's token auth, the basic credentials fetch the token.
 ``--server`` inside ``trust`` commands names the Notary server (as in notary's
 own CLI); give signerd's address before ``trust``, in the client config, or
 with ``--signerd``.
@@ -64,11 +74,13 @@ from signerd._cliutil import add_client_options, connect, emit
 from signerd.client import Client
 from signerd.config import load_config
 from signerd.errors import FailedPrecondition, InvalidArgument, NotFound, SignerdError
-from signerd.keys import Algorithm, parse_algorithm, validate_gun, validate_role
+from signerd.keys import Algorithm, parse_algorithm, validate_gun, validate_role, validate_tag
 from signerd.service import KeyService
 from signerd.token import KeyEntry
 from signerd.trust import (
+    Envelope,
     NotaryClient,
+    Root,
     TrustedState,
     TrustRepo,
     TrustSigner,
@@ -80,6 +92,8 @@ from signerd.trust import (
     verify_repository,
     x509_key_id,
 )
+from signerd.trust.errors import DamagedState
+from signerd.trust.metadata import check_writable
 from signerd.trust.repo import write_atomic
 from signerd.trust.signer import METHODS
 from signerd.v1 import signer_pb2 as pb
@@ -87,9 +101,7 @@ from signerd.v1 import signer_pb2 as pb
 SETTINGS_FILE = ".signerctl.json"
 STATE_FILE = ".trusted.json"
 NEW_KEY_ALGORITHM = "ecdsa-p256"  # what notary generates; every Notary client verifies it
-# Docker's tag grammar (distribution/reference): what `docker push` accepts.
-_TAG_RE = re.compile(r"^[\w][\w.-]{0,127}$", re.ASCII)
-_DIGEST_RE = re.compile(r"^(?:sha256:)?([0-9a-f]{64})$")
+_DIGEST_RE = re.compile(r"(?:sha256:)?([0-9a-f]{64})")
 
 
 # --- signers ---------------------------------------------------------------------
@@ -286,7 +298,10 @@ def _load_settings(repo: TrustRepo) -> Settings:
     except FileNotFoundError:
         return Settings()
     except (ValueError, AttributeError, TypeError) as e:
-        raise InvalidArgument(f"{repo.path / SETTINGS_FILE} is damaged: {e}") from None
+        raise DamagedState(
+            f"{repo.path / SETTINGS_FILE} is damaged ({e}): remove it and give --server "
+            "(and --ca) again"
+        ) from None
 
 
 def _save_settings(repo: TrustRepo, settings: Settings) -> None:
@@ -295,11 +310,19 @@ def _save_settings(repo: TrustRepo, settings: Settings) -> None:
     write_atomic(repo.path / SETTINGS_FILE, json.dumps(doc, indent=1, sort_keys=True).encode())
 
 
-def _load_state(repo: TrustRepo) -> TrustedState | None:
+def _load_state(repo: TrustRepo, *, reset_trust: bool = False) -> TrustedState | None:
     try:
         return TrustedState.from_json((repo.path / STATE_FILE).read_bytes())
     except FileNotFoundError:
         return None  # first use: trust on first use, as a notary client does
+    except InvalidArgument as e:
+        if reset_trust:
+            return None  # being replaced anyway
+        raise DamagedState(
+            f"{repo.path / STATE_FILE} is damaged ({e}): re-trust the repository with "
+            f"'signerctl trust pull {repo.gun} --reset-trust' (or, without a Notary server, "
+            f"'signerctl trust inspect {repo.gun} --reset-trust')"
+        ) from None
 
 
 def _save_state(repo: TrustRepo, state: TrustedState) -> None:
@@ -390,14 +413,36 @@ def _refresh(repo: TrustRepo, keys: KeySource) -> None:
 
 
 def _check_root_change(repo: TrustRepo) -> None:
+    """Refuse a root change that clients could not follow; say what to do instead."""
     # notary-server takes a new root only at the next version, and clients
     # follow rotations through every version (N.root): a second root change
-    # before publishing would skip one. Never-published trust dirs are free.
+    # before publishing would skip one.
     if "root" in repo.published() and "root" in repo.pending():
         raise FailedPrecondition(
-            f"root.json of {repo.gun} already has an unpublished change: publish it "
-            "before changing root again"
+            f"root.json of {repo.gun} already has an unpublished change: publish it with "
+            f"'signerctl trust publish {repo.gun}' before changing root again (or discard it "
+            f"with 'signerctl trust pull {repo.gun} --force')"
         )
+    # Every new root (root or targets rotation) is signed by the current root's
+    # keys; clients (and .trusted.json) accept it only if those are the keys they
+    # trust. After one unverified root key rotation they are not, and no
+    # intermediate root is kept here, so the next change would never verify.
+    state = _load_state(repo)
+    if state is None or state.root is None:
+        return  # nothing pinned yet: the first verification trusts what is there
+    trusted = {k.canonical_id for k in _root_of(state.root).role_keys("root").values()}
+    current = {k.canonical_id for k in repo.root().role_keys("root").values()}
+    if trusted != current:
+        raise FailedPrecondition(
+            f"the root key of {repo.gun} was already rotated since it was last verified "
+            f"({', '.join(sorted(trusted))} -> {', '.join(sorted(current))}): a second "
+            f"root change would not chain. Run 'signerctl trust publish {repo.gun}' (or, without "
+            f"a Notary server, 'signerctl trust inspect {repo.gun}') first, then rotate again"
+        )
+
+
+def _root_of(data: bytes) -> Root:
+    return Root.from_dict(Envelope.from_bytes(data, "root").signed)
 
 
 def _default_role(repo: TrustRepo) -> str:
@@ -408,9 +453,7 @@ def split_reference(ref: str, *, tag_required: bool) -> tuple[str, str | None]:
     """``GUN[:TAG]`` → (gun, tag); a registry port (``host:5000/app``) is not a tag."""
     head, sep, tail = ref.rpartition(":")
     if sep and head and "/" not in tail:
-        gun, tag = head, tail
-        if not _TAG_RE.match(tag):
-            raise InvalidArgument(f"invalid tag {tag!r}: letters, digits, '_', '.', '-'")
+        gun, tag = head, validate_tag(tail)
     else:
         gun, tag = ref, None
     validate_gun(gun)
@@ -420,7 +463,7 @@ def split_reference(ref: str, *, tag_required: bool) -> tuple[str, str | None]:
 
 
 def _digest(text: str) -> bytes:
-    m = _DIGEST_RE.match(text.strip().lower())
+    m = _DIGEST_RE.fullmatch(text.strip().lower())
     if m is None:
         raise InvalidArgument(f"--digest must be sha256:<64 hex digits>, not {text[:80]!r}")
     return bytes.fromhex(m[1])
@@ -471,16 +514,34 @@ def _notary(args: argparse.Namespace, settings: Settings | None) -> NotaryClient
     return NotaryClient(url, ca_file=ca, username=username, password=password, token=token)
 
 
-def _pull_into(repo: TrustRepo, client: NotaryClient) -> VerifiedRepository:
-    """Fetch, verify against what this directory trusted before, store, remember."""
-    state = _load_state(repo)
+def _root_key_ids(root_json: bytes | None) -> list[str]:
+    """The root role's key IDs as root.json lists them (empty if unreadable)."""
+    if root_json is None:
+        return []
+    try:
+        return sorted(Root.from_dict(Envelope.from_bytes(root_json, "root").signed).roles["root"]
+                      .keyids)
+    except (VerificationError, KeyError):
+        return []
+
+
+def _pull_into(
+    repo: TrustRepo, client: NotaryClient, *, reset_trust: bool = False
+) -> tuple[VerifiedRepository, TrustedState | None]:
+    """Fetch, verify against what this directory trusted before, store, remember.
+
+    With ``reset_trust`` the pinned root is forgotten (trust on first use
+    again); returns the state that was trusted before, for reporting.
+    """
+    state = _load_state(repo, reset_trust=reset_trust)
+    pinned = None if reset_trust else state
     pulled = client.pull(
-        repo.gun, trusted_root_version=state.versions.get("root") if state else None
+        repo.gun, trusted_root_version=pinned.versions.get("root") if pinned else None
     )
-    result = verify_repository(repo.gun, pulled, trusted=state)
+    result = verify_repository(repo.gun, pulled, trusted=pinned)
     repo.store_pulled(pulled)
     _save_state(repo, result.state)
-    return result
+    return result, state
 
 
 # --- commands ---------------------------------------------------------------------------
@@ -606,6 +667,7 @@ def cmd_delegation_add(args: argparse.Namespace) -> None:
     if not args.key and not args.pubkey:
         raise InvalidArgument("give the delegation's key: --key KEYID or --pubkey FILE")
     repo = _open_repo(args, gun)
+    check_writable(list(args.paths or []), _parent(role), "delegation path")
     pems = [key_from_pem(_read_file(Path(p), "public key")) for p in args.pubkey]
     with _key_source(args) as keys, _changes(repo) as changed:
         added = [signer_key(keys.get(k)) for k in args.key] + pems
@@ -639,12 +701,13 @@ def cmd_delegation_remove(args: argparse.Namespace) -> None:
 
 
 def cmd_rotate(args: argparse.Namespace) -> None:
-    """Replace the key of root, targets or a delegation."""
+    """Replace the key of root, targets, a delegation, or the snapshot or timestamp."""
     gun = validate_gun(args.gun)
     role = validate_role(args.role)
-    if role in ("snapshot", "timestamp"):
-        raise InvalidArgument(f"{role} keys belong to the Notary server; rotate them there")
     repo = _open_repo(args, gun)
+    if role in ("snapshot", "timestamp"):
+        _rotate_server_role(args, repo, role)
+        return
     if role in ("root", "targets"):
         _check_root_change(repo)
     with _key_source(args) as keys, _changes(repo) as changed:
@@ -673,6 +736,69 @@ def cmd_rotate(args: argparse.Namespace) -> None:
     emit(args, data, lambda: f"rotated {role} of {gun}: {', '.join(sorted(old))} -> {new.key_id}")
 
 
+def _rotate_server_role(args: argparse.Namespace, repo: TrustRepo, role: str) -> None:
+    """Rotate the snapshot or timestamp key.
+
+    Where this directory signs the role (offline, or ``--local-snapshot``) the
+    new key is made in signerd. Otherwise the Notary server makes it
+    (``POST .../ROLE.key``); a new root.json signed by the root key lists it
+    and is published at once, so the server signs with it from then on.
+    """
+    gun = repo.gun
+    if args.key:
+        raise InvalidArgument(f"--key does not apply to {role}: the new key is made for you")
+    _check_root_change(repo)
+    settings = _load_settings(repo)
+    local = settings.local_roles is not None and role in settings.local_roles
+    pending = sorted(repo.pending()) if not local and repo.published() else []
+    if pending:
+        raise FailedPrecondition(
+            f"{gun} has unpublished changes ({', '.join(pending)}): publish them with "
+            f"'signerctl trust publish {gun}' before rotating the {role} key"
+        )
+    client = None if local else _notary(args, settings)
+    old = sorted(repo.root().roles[role].keyids)
+    published: list[str] = []
+    with _key_source(args) as keys, _changes(repo) as changed:
+        root_signer = _signer_for(keys, repo, "root")  # before the server makes a key
+        signer = keys.create(gun, role) if local else None
+        new_key = signer_key(signer) if signer is not None else None
+        if client is not None:
+            new_key = client.rotate_key(gun, role)
+        assert new_key is not None
+        if new_key.key_id in old:
+            raise FailedPrecondition(f"the Notary server returned the current {role} key")
+        if role == "snapshot":
+            repo.rotate_snapshot_key(root_signer, new_key, snapshot_signer=signer)
+        else:
+            repo.rotate_timestamp_key(root_signer, new_key, timestamp_signer=signer)
+        _refresh(repo, keys)
+        if client is not None:
+            files = repo.pending()
+            client.publish(gun, files)  # a refusal rolls the local change back
+            repo.mark_published(files)
+            published = sorted(files)
+    if client is not None:
+        try:
+            _pull_into(repo, client)
+        except SignerdError as e:
+            raise FailedPrecondition(
+                f"published {', '.join(published)}, but the server's trust data does not "
+                f"verify: {e}"
+            ) from None
+    data = {
+        "gun": gun,
+        "role": role,
+        "old_key_ids": old,
+        "new_key_id": new_key.key_id,
+        "files": changed,
+        "published": published,
+    }
+    where = f"; published {', '.join(published)}" if published else ""
+    line = f"rotated {role} of {gun}: {', '.join(old)} -> {new_key.key_id}{where}"
+    emit(args, data, lambda: line)
+
+
 def cmd_publish(args: argparse.Namespace) -> None:
     """Upload changed metadata, then fetch back and verify what the server now serves."""
     gun = validate_gun(args.gun)
@@ -685,7 +811,7 @@ def cmd_publish(args: argparse.Namespace) -> None:
     client.publish(gun, files)
     repo.mark_published(files)
     try:
-        result = _pull_into(repo, client)
+        result, _ = _pull_into(repo, client)
     except SignerdError as e:
         raise FailedPrecondition(
             f"published {', '.join(sorted(files))}, but the server's trust data "
@@ -699,28 +825,37 @@ def cmd_pull(args: argparse.Namespace) -> None:
     """Fetch and verify a repository's trust data into the trust directory."""
     gun = validate_gun(args.gun)
     repo = TrustRepo(trust_dir(args), gun)
-    pending = sorted(repo.pending())
-    if pending and not args.force:
+    pending = [] if args.force else sorted(repo.pending())
+    if pending:
         raise FailedPrecondition(
             f"{gun} has unpublished changes ({', '.join(pending)}): publish them, "
             "or pull --force to discard them"
         )
     settings = _load_settings(repo)
     client = _notary(args, settings)
-    result = _pull_into(repo, client)
+    result, before = _pull_into(repo, client, reset_trust=args.reset_trust)
     if settings.server is None:  # later publishes and pulls need no --server
         _save_settings(repo, Settings(client.url, settings.local_roles, client.ca_file))
-    data = {
+    data: dict[str, Any] = {
         "gun": gun,
         "tags": [t.to_dict() for t in result.tags],
         "versions": dict(result.state.versions),
     }
-    emit(
-        args,
-        data,
-        lambda: (
-            f"pulled {gun}: {len(result.tags)} signed tag(s), root version {result.root.version}"
-        ),
+    lines = [f"pulled {gun}: {len(result.tags)} signed tag(s), root version {result.root.version}"]
+    if args.reset_trust:
+        lines.insert(0, _reset_report(data, before, result))
+    emit(args, data, lambda: "\n".join(lines))
+
+
+def _reset_report(
+    data: dict[str, Any], before: TrustedState | None, result: VerifiedRepository
+) -> str:
+    """Record and describe a re-trust: the old and the new root key IDs."""
+    old = _root_key_ids(before.root if before else None)
+    new = sorted(result.root.roles["root"].keyids)
+    data["old_root_key_ids"], data["new_root_key_ids"] = old, new
+    return (
+        f"re-trusted {result.gun}: root keys {', '.join(old) or 'none'} -> {', '.join(new)}"
     )
 
 
@@ -752,8 +887,9 @@ def cmd_inspect(args: argparse.Namespace) -> None:
             f"{gun} has no timestamp.json in {repo.path}: publish it (the Notary server "
             "signs the timestamp), or pull it"
         )
+    before = _load_state(repo, reset_trust=args.reset_trust)
     try:
-        result = verify_repository(gun, files, trusted=_load_state(repo))
+        result = verify_repository(gun, files, trusted=None if args.reset_trust else before)
     except VerificationError as e:
         changed = sorted(repo.pending()) if repo.published() else []
         if not changed:
@@ -762,15 +898,16 @@ def cmd_inspect(args: argparse.Namespace) -> None:
         raise VerificationError(
             e.role,
             f"{e.reason} (local files differ from the last "
-            f"publish or pull: {', '.join(changed)}; publish "
-            "them, or pull again)",
+            f"publish or pull: {', '.join(changed)}; publish them with 'signerctl trust "
+            f"publish {gun}', or discard them with 'signerctl trust pull {gun} --force')",
         ) from None
     _save_state(repo, result.state)
     tags = [result.tag(tag)] if tag is not None else list(result.tags)
     signers = {role: _signing_keys(result, role) for role in result.targets}
     rows = [t.to_dict() for t in tags]
     data = {"gun": gun, "tags": rows, "versions": dict(result.state.versions), "signers": signers}
-    emit(args, data, lambda: _tag_table(rows) if rows else f"{gun}: no signed tags")
+    report = _reset_report(data, before, result) + "\n" if args.reset_trust else ""
+    emit(args, data, lambda: report + (_tag_table(rows) if rows else f"{gun}: no signed tags"))
 
 
 # --- argv ----------------------------------------------------------------------------------
@@ -903,9 +1040,11 @@ def register(sub: Any) -> None:
     p.add_argument("gun")
     p.add_argument("role", metavar="targets/NAME")
 
-    p = command(cmds, "rotate", cmd_rotate, "replace the key of root, targets or a delegation")
+    p = command(cmds, "rotate", cmd_rotate, "replace the key of a role", notary)
     p.add_argument("gun")
-    p.add_argument("role", metavar="ROLE", help="root, targets or targets/NAME")
+    p.add_argument(
+        "role", metavar="ROLE", help="root, targets, targets/NAME, snapshot or timestamp"
+    )
     p.add_argument("--key", metavar="KEYID", help="the new key (default: create one)")
 
     p = command(cmds, "publish", cmd_publish, "upload to the Notary server", notary)
@@ -914,6 +1053,16 @@ def register(sub: Any) -> None:
     p = command(cmds, "pull", cmd_pull, "fetch and verify from the Notary server", notary)
     p.add_argument("gun")
     p.add_argument("--force", action="store_true", help="discard unpublished local changes")
+    p.add_argument(
+        "--reset-trust",
+        action="store_true",
+        help="forget the pinned root and trust the server's (prints old and new root key IDs)",
+    )
 
     p = command(cmds, "inspect", cmd_inspect, "verify and list signed tags")
     p.add_argument("ref", metavar="GUN[:TAG]")
+    p.add_argument(
+        "--reset-trust",
+        action="store_true",
+        help="forget the pinned root and trust the local one (prints old and new root key IDs)",
+    )

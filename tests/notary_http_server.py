@@ -3,6 +3,7 @@
 Routes (notary's server/server.go):
   GET  /v2/                                   → 200 {}
   GET  /v2/GUN/_trust/tuf/{timestamp|snapshot}.key
+  POST /v2/GUN/_trust/tuf/{timestamp|snapshot}.key   a new (pending) key, as RotateKeyHandler
   POST /v2/GUN/_trust/tuf/                    multipart, field "files", filename = role
   GET  /v2/GUN/_trust/tuf/ROLE.json | ROLE.<sha256>.json | N.ROLE.json
 
@@ -12,7 +13,15 @@ and its version must be the current one or the next; every targets file must
 be signed by the keys its parent lists; every stored version only goes up.
 It then signs snapshot (unless uploaded) and timestamp with keys it gets from
 ``key_provider(gun, role)``, which returns a TrustSigner: a SoftwareSigner in
-unit tests, a signer that goes through signerd in the end-to-end test.
+unit tests, a signer that goes through signerd in the end-to-end test. A
+rotated key is pending until a root.json that lists it is accepted; from then
+on the server signs with it.
+
+Auth: basic, a fixed bearer token, or registry tokens (``token_auth``): a
+request without a valid token is answered 401 with a Bearer challenge naming
+the realm of a :class:`TokenServer`, and each route needs the actions
+notary-server's router gives it (server/server.go): ``pull`` for metadata,
+``push,pull`` for uploads and GET .key, ``*`` for POST .key.
 """
 
 from __future__ import annotations
@@ -22,8 +31,10 @@ import functools
 import hashlib
 import json
 import re
+import secrets
 import ssl
 import threading
+import urllib.parse
 from collections.abc import Callable
 from datetime import UTC, datetime
 from email.parser import BytesParser
@@ -74,10 +85,13 @@ class NotaryTestServer:
         tls: tuple[str, str] | None = None,
         basic_auth: tuple[str, str] | None = None,
         bearer_token: str | None = None,
+        token_auth: TokenServer | None = None,
     ) -> None:
         self.key_provider = key_provider
         self.basic_auth = basic_auth
         self.bearer_token = bearer_token
+        self.token_auth = token_auth
+        self.pending_keys: dict[tuple[str, str], list[TrustSigner]] = {}
         # gun → role → list of (version, bytes), oldest first
         self.store: dict[str, dict[str, list[tuple[int, bytes]]]] = {}
         self.keys: dict[tuple[str, str], TrustSigner] = {}
@@ -122,6 +136,13 @@ class NotaryTestServer:
             if (gun, role) not in self.keys:
                 self.keys[(gun, role)] = self.key_provider(gun, role)
             return self.keys[(gun, role)]
+
+    def rotate_key(self, gun: str, role: str) -> TrustSigner:
+        """A new key for ``role``, used once a published root.json lists it."""
+        with self.lock:
+            signer = self.key_provider(gun, role)
+            self.pending_keys.setdefault((gun, role), []).append(signer)
+            return signer
 
     # --- update validation (notary's server/handlers/validation.go) -----------
 
@@ -195,6 +216,11 @@ class NotaryTestServer:
     def _server_signer(self, gun: str, root: Root, role: str) -> tuple[str, TrustSigner]:
         signer = self.keys.get((gun, role))
         keys = root.role_keys(role)
+        for pending in self.pending_keys.get((gun, role), []):
+            if signer_key(pending).key_id in keys:  # the new root adopts a rotated key
+                signer = self.keys[(gun, role)] = pending
+                self.pending_keys[(gun, role)].remove(pending)
+                break
         if signer is None or signer_key(signer).key_id not in keys:
             raise UpdateRejected(
                 "bad_hierarchy",
@@ -227,6 +253,7 @@ class NotaryTestServer:
 def _handler(server: NotaryTestServer) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
+        _challenge: str | None = None  # the Bearer challenge for this request's 401
 
         def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib name
             pass  # keep test output clean
@@ -236,7 +263,8 @@ def _handler(server: NotaryTestServer) -> type[BaseHTTPRequestHandler]:
             self.send_header("Content-Type", ctype)
             self.send_header("Content-Length", str(len(body)))
             if status == 401:
-                self.send_header("WWW-Authenticate", 'Basic realm="notary"')
+                challenge = self._challenge or 'Basic realm="notary"'
+                self.send_header("WWW-Authenticate", challenge)
             self.end_headers()
             self.wfile.write(body)
 
@@ -244,8 +272,13 @@ def _handler(server: NotaryTestServer) -> type[BaseHTTPRequestHandler]:
             doc = {"errors": [{"code": code.upper(), "message": message, "detail": None}]}
             self._send(status, json.dumps(doc).encode())
 
-        def _authorized(self) -> bool:
+        def _authorized(self, actions: str = "pull", gun: str = "") -> bool:
             header = self.headers.get("Authorization", "")
+            if server.token_auth is not None:
+                if server.token_auth.allows(header, gun, actions):
+                    return True
+                self._challenge = server.token_auth.challenge(gun, actions)
+                return False
             if server.bearer_token is not None:
                 return header == f"Bearer {server.bearer_token}"
             if server.basic_auth is not None:
@@ -255,7 +288,9 @@ def _handler(server: NotaryTestServer) -> type[BaseHTTPRequestHandler]:
 
         def do_GET(self) -> None:  # noqa: N802 - http.server's naming
             server.requests.append(("GET", self.path))
-            if not self._authorized():
+            m = _KEY.match(self.path) or _META.match(self.path)
+            actions = "push,pull" if _KEY.match(self.path) else "pull"
+            if not self._authorized(actions, m["gun"] if m else ""):
                 return self._error(401, "unauthorized", "authentication required")
             if self.path == "/v2/":
                 return self._send(200, b"{}")
@@ -275,9 +310,14 @@ def _handler(server: NotaryTestServer) -> type[BaseHTTPRequestHandler]:
 
         def do_POST(self) -> None:  # noqa: N802
             server.requests.append(("POST", self.path))
-            if not self._authorized():
-                return self._error(401, "unauthorized", "authentication required")
+            if k := _KEY.match(self.path):
+                if not self._authorized("*", k["gun"]):
+                    return self._error(401, "unauthorized", "authentication required")
+                key = signer_key(server.rotate_key(k["gun"], k["role"]))
+                return self._send(200, json.dumps(key.to_dict()).encode())
             m = _POST.match(self.path)
+            if not self._authorized("push,pull", m["gun"] if m else ""):
+                return self._error(401, "unauthorized", "authentication required")
             if not m:
                 return self._error(404, "not_found", "not found")
             length = int(self.headers.get("Content-Length", "0"))
@@ -310,3 +350,90 @@ def _parse_multipart(content_type: str, body: bytes) -> dict[str, bytes]:
             raise ValueError(f"bad part for role {role!r}")
         files[role] = payload
     return files
+
+
+class TokenServer:
+    """A registry token server (Docker's token auth), started by the test.
+
+    ``GET /token?service=S&scope=repository:GUN:ACTIONS`` with the basic
+    credentials (if set) returns ``{"token": ...}`` granting those actions.
+    ``requests`` records each (scope, Authorization header).
+    """
+
+    def __init__(self, service: str = "notary.test", basic_auth: tuple[str, str] | None = None
+                 ) -> None:
+        self.service = service
+        self.basic_auth = basic_auth
+        self.grants: dict[str, tuple[str, frozenset[str]]] = {}  # token → (gun, actions)
+        self.requests: list[tuple[str, str]] = []
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), _token_handler(self))
+        self.httpd.daemon_threads = True
+        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True)
+
+    @property
+    def realm(self) -> str:
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}/token"
+
+    def __enter__(self) -> TokenServer:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.thread.join(timeout=5)
+
+    def challenge(self, gun: str, actions: str) -> str:
+        scope = f"repository:{gun}:{actions}"
+        return f'Bearer realm="{self.realm}",service="{self.service}",scope="{scope}"'
+
+    def allows(self, header: str, gun: str, actions: str) -> bool:
+        if not header.startswith("Bearer "):
+            return False
+        granted = self.grants.get(header[len("Bearer "):])
+        if granted is None or granted[0] != gun:
+            return False
+        return "*" in granted[1] or set(actions.split(",")) <= granted[1]
+
+    def issue(self, scope: str) -> str | None:
+        parts = scope.split(":")
+        if len(parts) != 3 or parts[0] != "repository":
+            return None
+        token = secrets.token_hex(16)
+        self.grants[token] = (parts[1], frozenset(parts[2].split(",")))
+        return token
+
+
+def _token_handler(server: TokenServer) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib name
+            pass
+
+        def _send(self, status: int, doc: dict[str, Any]) -> None:
+            body = json.dumps(doc).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+            url = urllib.parse.urlsplit(self.path)
+            query = urllib.parse.parse_qs(url.query)
+            scope = query.get("scope", [""])[0]
+            header = self.headers.get("Authorization", "")
+            server.requests.append((scope, header))
+            if server.basic_auth is not None:
+                pair = base64.b64encode(":".join(server.basic_auth).encode()).decode()
+                if header != f"Basic {pair}":
+                    return self._send(401, {"errors": [{"message": "bad credentials"}]})
+            if url.path != "/token" or query.get("service", [""])[0] != server.service:
+                return self._send(400, {"errors": [{"message": "bad request"}]})
+            token = server.issue(scope)
+            if token is None:
+                return self._send(400, {"errors": [{"message": "bad scope"}]})
+            return self._send(200, {"token": token, "expires_in": 300})
+
+    return Handler

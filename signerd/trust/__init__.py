@@ -12,6 +12,7 @@ from signerd.trust.errors import (
     NotAuthorized,
     TrustError,
     UnsignedTag,
+    UnwritableValue,
     VerificationError,
 )
 from signerd.trust.metadata import (
@@ -71,6 +72,7 @@ __all__ = [
     "TrustedState",
     "TufKey",
     "UnsignedTag",
+    "UnwritableValue",
     "VerificationError",
     "VerifiedRepository",
     "build_root_certificate",

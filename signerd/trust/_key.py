@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import binascii
 import hashlib
 from dataclasses import dataclass
 from typing import Any
@@ -47,7 +46,7 @@ class TufKey:
         try:
             keytype = value["keytype"]
             public = base64.b64decode(value["keyval"]["public"], validate=True)
-        except (KeyError, TypeError, binascii.Error) as e:
+        except (KeyError, TypeError, ValueError) as e:  # ValueError: binascii.Error, non-ASCII
             raise InvalidArgument(f"malformed public key: {e}") from None
         if keytype not in KEYTYPES:
             raise InvalidArgument(f"unsupported key type {keytype!r}")

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-from signerd.errors import InvalidArgument, NotFound, SignerdError, Unavailable
+from signerd.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    SignerdError,
+    Unavailable,
+)
 
 
 class TrustError(SignerdError):
@@ -33,3 +39,20 @@ class NotaryServerError(TrustError, Unavailable):
     def __init__(self, message: str, status: int | None = None) -> None:
         self.status = status
         super().__init__(message)
+
+
+class UnwritableValue(TrustError, InvalidArgument):
+    """A string that would go into metadata holds a control character (or is not UTF-8).
+
+    Canonical JSON writes such characters raw, which no JSON parser reads
+    back; refused before anything is written. ``file`` names the file.
+    """
+
+    def __init__(self, role: str, message: str) -> None:
+        self.role = role
+        self.file = f"{role}.json"
+        super().__init__(f"{self.file}: {message} (nothing was written)")
+
+
+class DamagedState(TrustError, FailedPrecondition):
+    """A bookkeeping file of a trust directory is unreadable; the message says how to recover."""

@@ -8,7 +8,6 @@ file written by another Notary client loses nothing.
 from __future__ import annotations
 
 import base64
-import binascii
 import hashlib
 import json
 import re
@@ -19,8 +18,9 @@ from typing import Any, ClassVar, TypeVar
 
 from signerd.canonicaljson import encode_canonical
 from signerd.errors import InvalidArgument
+from signerd.keys import validate_role
 from signerd.trust._key import TufKey
-from signerd.trust.errors import VerificationError
+from signerd.trust.errors import UnwritableValue, VerificationError
 from signerd.trust.signer import TrustSigner
 
 # Go's notary.Year is 365 days; these are notary.Notary*Expiry (const.go).
@@ -65,7 +65,15 @@ def parse_expires(text: str) -> datetime:
         sign = -1 if zone[0] == "-" else 1
         offset = sign * timedelta(hours=int(zone[1:3]), minutes=int(zone[4:6]))
     local = datetime(year, month, day, hour, minute, second, micros, tzinfo=UTC)
-    return local - offset
+    try:
+        return local - offset
+    except OverflowError:
+        # Valid RFC 3339 whose UTC time lies outside Python's years 1-9999
+        # ("9999-12-31T23:59:59-01:00" is in the year 10000). Go's time holds
+        # it, so notary compares it; only the order against now matters here.
+        return datetime.max.replace(tzinfo=UTC) if offset < timedelta(0) else datetime.min.replace(
+            tzinfo=UTC
+        )
 
 
 def default_expires(role: str, now: datetime | None = None) -> datetime:
@@ -94,7 +102,7 @@ def _b64(text: Any, role: str, what: str) -> bytes:
         raise VerificationError(role, f"{what} must be a base64 string")
     try:
         raw = base64.b64decode(text, validate=True)
-    except binascii.Error:
+    except ValueError:  # binascii.Error, or non-ASCII characters
         raise VerificationError(role, f"{what} is not valid base64") from None
     # Refuse non-canonical base64 (stray padding bits), so that every byte of a
     # file matters; encoders, Go's included, never write it.
@@ -105,6 +113,40 @@ def _b64(text: Any, role: str, what: str) -> bytes:
 
 def _extra(obj: Json, known: tuple[str, ...]) -> Json:
     return {k: v for k, v in obj.items() if k not in known}
+
+
+# --- strings signerctl writes ---------------------------------------------------
+
+
+def unwritable_reason(text: str) -> str | None:
+    """Why ``text`` cannot go into metadata, or None if it can.
+
+    Canonical JSON (signerd's and notary's) writes control characters raw,
+    which makes the file invalid JSON; a lone surrogate is not UTF-8 at all.
+    """
+    for c in text:
+        if ord(c) < 0x20:
+            return f"control character U+{ord(c):04X}"
+        if 0xD800 <= ord(c) <= 0xDFFF:
+            return "a character that is not valid UTF-8"
+    return None
+
+
+def check_writable(value: Any, role: str, what: str = "value") -> None:
+    """Raise UnwritableValue(role) if any string in ``value`` (keys too) cannot be written."""
+    stack: list[tuple[Any, str]] = [(value, what)]
+    while stack:
+        item, where = stack.pop()
+        if isinstance(item, str):
+            reason = unwritable_reason(item)
+            if reason is not None:
+                raise UnwritableValue(role, f"{where} {item[:100]!r} contains {reason}")
+        elif isinstance(item, dict):
+            stack += [(k, f"{where} key") for k in item]
+            stack += [(v, f"{where} {k[:40]!r}" if isinstance(k, str) else where)
+                      for k, v in item.items()]
+        elif isinstance(item, list | tuple):
+            stack += [(v, where) for v in item]
 
 
 # --- file meta ----------------------------------------------------------------
@@ -348,6 +390,12 @@ class Targets(Signed):
         roles: list[DelegatedRole] = []
         for raw in _get(raw_del, "roles", list, role):
             name = _get(raw, "name", str, role)
+            try:
+                validate_role(name)  # Notary's delegation names: [-a-z0-9_/]
+            except InvalidArgument:
+                raise VerificationError(
+                    role, f"delegation name {name[:100]!r} is not a valid Notary role name"
+                ) from None
             # Children must sit directly under this role (targets/a → targets/a/b).
             if name.rsplit("/", 1)[0] != role or not name.startswith("targets/"):
                 raise VerificationError(role, f"delegation {name!r} is not a child of {role}")
@@ -495,6 +543,8 @@ class Envelope:
             doc = json.loads(data)
         except (ValueError, UnicodeDecodeError) as e:
             raise VerificationError(role, f"not valid JSON: {e}") from None
+        except RecursionError:
+            raise VerificationError(role, "not valid JSON: nested too deeply") from None
         if not isinstance(doc, dict):
             raise VerificationError(role, "not a signed metadata object")
         signed = _get(doc, "signed", dict, role)
@@ -509,6 +559,8 @@ class Envelope:
             encode_canonical(signed)
         except InvalidArgument as e:  # floats: notary cannot canonicalise them either
             raise VerificationError(role, str(e)) from None
+        except RecursionError:
+            raise VerificationError(role, "nested too deeply to canonicalise") from None
         return cls(signed, sigs)
 
     def valid_keyids(self, keys: Mapping[str, TufKey]) -> set[str]:

@@ -1,32 +1,43 @@
-"""notary-server's HTTP API: publish, pull and fetch server-managed keys.
+"""notary-server's HTTP API: publish, pull, fetch and rotate server-managed keys.
 
 Endpoints as in notary's server/server.go and storage/httpstore.go:
 ``POST /v2/GUN/_trust/tuf/`` (multipart, field ``files``, filename = role),
-``GET /v2/GUN/_trust/tuf/ROLE.json`` and ``GET /v2/GUN/_trust/tuf/ROLE.key``.
+``GET /v2/GUN/_trust/tuf/ROLE.json``, ``GET /v2/GUN/_trust/tuf/ROLE.key`` and
+``POST /v2/GUN/_trust/tuf/ROLE.key`` (a new key; notary's RotateKeyHandler).
+
+Registry token auth, as Docker's and notary's clients do it (notary's
+cmd/notary/tuf.go getTransport): a request answered 401 with
+``WWW-Authenticate: Bearer realm=...,service=...`` is retried once with a token
+fetched from the realm for ``repository:GUN:ACTIONS``, with the basic
+credentials if configured. Actions are ``pull`` to read metadata,
+``push,pull`` to publish or read a key, ``*`` to rotate a key.
 """
 
 from __future__ import annotations
 
 import base64
+import http.client
 import json
+import re
 import secrets
 import ssl
 import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from signerd.errors import InvalidArgument, NotFound
 from signerd.keys import validate_gun, validate_role
 from signerd.trust._key import TufKey
-from signerd.trust.errors import NotaryServerError
+from signerd.trust.errors import NotaryServerError, VerificationError
 from signerd.trust.metadata import Envelope
 
 MAX_METADATA_SIZE = 100 << 20  # notary.MaxDownloadSize
 MAX_KEY_SIZE = 256 << 10  # storage.MaxKeySize
 MAX_ERROR_SIZE = 1 << 10  # storage.MaxErrorResponseSize
+MAX_ROOT_STEPS = 1000  # intermediate roots fetched to follow rotations (signerd's bound)
 
 
 class MetadataNotFound(NotaryServerError, NotFound):
@@ -47,6 +58,8 @@ class NotaryClient:
     password: str | None = None
     token: str | None = None
     timeout: float = 30.0
+    # Registry tokens fetched after a Bearer challenge, by scope (not part of equality).
+    _tokens: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         parsed = urllib.parse.urlsplit(self.url)
@@ -62,39 +75,107 @@ class NotaryClient:
     def _base(self, gun: str) -> str:
         return f"{self.url.rstrip('/')}/v2/{validate_gun(gun)}/_trust/tuf/"
 
-    def _context(self) -> ssl.SSLContext | None:
-        if not self.url.startswith("https:"):
+    def _context(self, url: str) -> ssl.SSLContext | None:
+        if not url.startswith("https:"):
             return None
         return ssl.create_default_context(cafile=self.ca_file)
 
     def _request(
         self, method: str, url: str, what: str, limit: int,
         body: bytes | None = None, headers: Mapping[str, str] | None = None,
+        *, scope: str | None = None,
     ) -> bytes:
-        # Only http(s) URLs reach here: the scheme is checked in __post_init__.
+        """One request; on a Bearer challenge, fetch a token for ``scope`` and retry once."""
+        bearer = self._tokens.get(scope) if scope else None
+        try:
+            return self._send(method, url, what, limit, body, headers, bearer)
+        except _Challenge as challenge:
+            if scope is None or bearer is not None:
+                raise challenge.error from None
+            token = self._fetch_token(challenge.header, scope, what)
+            self._tokens[scope] = token
+            try:
+                return self._send(method, url, what, limit, body, headers, token)
+            except _Challenge as again:
+                raise again.error from None
+
+    def _send(
+        self, method: str, url: str, what: str, limit: int, body: bytes | None,
+        headers: Mapping[str, str] | None, bearer: str | None,
+    ) -> bytes:
+        # Only http(s) URLs reach here: the scheme is checked in __post_init__
+        # (and in _fetch_token for a realm).
         req = urllib.request.Request(  # noqa: S310
             url, data=body, method=method, headers=dict(headers or {})
         )
-        if self.token:
+        if bearer is not None:
+            req.add_header("Authorization", f"Bearer {bearer}")
+        elif self.token:
             req.add_header("Authorization", f"Bearer {self.token}")
         elif self.username is not None:
-            pair = f"{self.username}:{self.password or ''}".encode()
-            req.add_header("Authorization", "Basic " + base64.b64encode(pair).decode())
+            req.add_header("Authorization", self._basic())
+        context = self._context(url)
         try:
-            with urllib.request.urlopen(req, timeout=self.timeout, context=self._context()) as resp:  # noqa: S310
+            with urllib.request.urlopen(req, timeout=self.timeout, context=context) as resp:  # noqa: S310
                 length = resp.headers.get("Content-Length")
-                if length is not None and int(length) > limit:
+                if length is not None and (not length.isdigit() or int(length) > limit):
                     raise NotaryServerError(f"{what}: server response larger than {limit} bytes")
                 data: bytes = resp.read(limit + 1)
         except urllib.error.HTTPError as e:
-            raise _http_error(e, what) from None
+            challenge = e.headers.get("WWW-Authenticate", "") if e.headers else ""
+            error = _http_error(e, what)
+            if e.code == 401 and challenge.lower().startswith("bearer "):
+                raise _Challenge(challenge, error) from None
+            raise error from None
         except urllib.error.URLError as e:
             raise self._unreachable(what, e.reason) from None
-        except (TimeoutError, ConnectionError, ssl.SSLError) as e:
+        except (TimeoutError, ConnectionError, ssl.SSLError, http.client.HTTPException) as e:
             raise self._unreachable(what, e) from None
         if len(data) > limit:
             raise NotaryServerError(f"{what}: server response larger than {limit} bytes")
         return data
+
+    def _basic(self) -> str:
+        pair = f"{self.username}:{self.password or ''}".encode()
+        return "Basic " + base64.b64encode(pair).decode()
+
+    def _fetch_token(self, challenge: str, scope: str, what: str) -> str:
+        """A registry token for ``scope`` from the challenge's realm (Docker's token flow)."""
+        params = dict(_CHALLENGE_PARAM.findall(challenge[len("bearer "):]))
+        realm = params.get("realm", "")
+        parsed = urllib.parse.urlsplit(realm)
+        if parsed.scheme not in ("http", "https") or not parsed.netloc:
+            raise NotaryServerError(f"{what}: unusable token realm {realm[:200]!r} (HTTP 401)", 401)
+        if parsed.scheme == "http" and self.url.startswith("https:"):
+            # Credentials and tokens must not fall back to plain HTTP.
+            raise NotaryServerError(f"{what}: token realm {realm[:200]!r} is not https", 401)
+        query = {"scope": scope}
+        if params.get("service"):
+            query["service"] = params["service"]
+        sep = "&" if parsed.query else "?"
+        url = realm + sep + urllib.parse.urlencode(query)
+        req = urllib.request.Request(url, method="GET")  # noqa: S310 - scheme checked above
+        if self.username is not None:
+            req.add_header("Authorization", self._basic())
+        fetch = f"{what}: token for {scope} from {parsed.netloc}"
+        context = self._context(url)
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout, context=context) as resp:  # noqa: S310
+                data = resp.read(MAX_KEY_SIZE + 1)
+        except urllib.error.HTTPError as e:
+            raise _http_error(e, fetch) from None
+        except urllib.error.URLError as e:
+            raise self._unreachable(fetch, e.reason) from None
+        except (TimeoutError, ConnectionError, ssl.SSLError, http.client.HTTPException) as e:
+            raise self._unreachable(fetch, e) from None
+        try:
+            doc = json.loads(data)
+            token = doc.get("token") or doc.get("access_token")
+        except (ValueError, AttributeError, RecursionError):
+            token = None
+        if not isinstance(token, str) or not token or len(data) > MAX_KEY_SIZE:
+            raise NotaryServerError(f"{fetch}: the token server sent no token")
+        return token
 
     def _unreachable(self, what: str, reason: object) -> NotaryServerError:
         return NotaryServerError(f"{what}: cannot reach notary server {self.url}: {reason}")
@@ -105,20 +186,33 @@ class NotaryClient:
         """Fetch ``name``.json: a role (``targets/releases``), ``N.root`` or ``ROLE.<sha256>``."""
         path = urllib.parse.quote(name, safe="/.")
         url = self._base(gun) + f"{path}.json"
-        return self._request("GET", url, f"GET {name}.json", MAX_METADATA_SIZE)
+        return self._request(
+            "GET", url, f"GET {name}.json", MAX_METADATA_SIZE, scope=_scope(gun, "pull")
+        )
 
     def get_key(self, gun: str, role: str) -> TufKey:
         """The server-managed public key for ``timestamp`` or ``snapshot`` (created if needed)."""
+        return self._key("GET", gun, role, "push,pull")
+
+    def rotate_key(self, gun: str, role: str) -> TufKey:
+        """Ask the server for a new ``timestamp`` or ``snapshot`` key (notary's RotateKey).
+
+        The server signs with it once a root.json that lists it is published.
+        """
+        return self._key("POST", gun, role, "*")
+
+    def _key(self, method: str, gun: str, role: str, actions: str) -> TufKey:
         if role not in ("timestamp", "snapshot"):
             raise InvalidArgument(
                 f"the server manages only timestamp and snapshot keys, not {role!r}"
             )
         url = self._base(gun) + f"{role}.key"
-        data = self._request("GET", url, f"GET {role}.key", MAX_KEY_SIZE)
+        what = f"{method} {role}.key"
+        data = self._request(method, url, what, MAX_KEY_SIZE, scope=_scope(gun, actions))
         try:
             return TufKey.from_dict(json.loads(data))
-        except (ValueError, InvalidArgument) as e:
-            raise NotaryServerError(f"GET {role}.key: invalid key from server: {e}") from None
+        except (ValueError, InvalidArgument, RecursionError) as e:
+            raise NotaryServerError(f"{what}: invalid key from server: {e}") from None
 
     def publish(self, gun: str, files: Mapping[str, bytes]) -> None:
         """Upload metadata files in one atomic update (one multipart part per role)."""
@@ -130,7 +224,7 @@ class NotaryClient:
         body, content_type = encode_multipart(files, boundary)
         self._request(
             "POST", self._base(gun), f"publish {gun}", MAX_ERROR_SIZE,
-            body=body, headers={"Content-Type": content_type},
+            body=body, headers={"Content-Type": content_type}, scope=_scope(gun, "push,pull"),
         )
 
     def pull(self, gun: str, *, trusted_root_version: int | None = None) -> dict[str, bytes]:
@@ -145,16 +239,44 @@ class NotaryClient:
         meta = snapshot.get("meta", {})
         for role in sorted(meta if isinstance(meta, dict) else {}):
             if role == "targets" or role.startswith("targets/"):
-                validate_role(role)  # a hostile snapshot must not steer paths
+                try:
+                    validate_role(role)  # a hostile snapshot must not steer paths
+                except InvalidArgument:
+                    raise VerificationError(
+                        "snapshot", f"lists {role[:100]!r}, not a valid Notary role name"
+                    ) from None
                 files[role] = self.get(gun, role)
         if "targets" not in files:
             files["targets"] = self.get(gun, "targets")
         if trusted_root_version is not None:
             current = Envelope.from_bytes(files["root"], "root").signed.get("version")
-            if isinstance(current, int):
+            if isinstance(current, int) and not isinstance(current, bool):
+                if current - trusted_root_version > MAX_ROOT_STEPS:
+                    # Each step is one request: a hostile version must not make millions.
+                    raise VerificationError(
+                        "root",
+                        f"version {current} is more than {MAX_ROOT_STEPS} rotations ahead "
+                        f"of the trusted version {trusted_root_version}",
+                    )
                 for v in range(trusted_root_version + 1, current):
                     files[f"{v}.root"] = self.get(gun, f"{v}.root")
         return files
+
+
+_CHALLENGE_PARAM = re.compile(r'(\w+)="([^"]*)"')
+
+
+def _scope(gun: str, actions: str) -> str:
+    return f"repository:{gun}:{actions}"
+
+
+class _Challenge(Exception):  # noqa: N818 - internal control flow, never escapes
+    """A 401 with a Bearer challenge: ``header`` is WWW-Authenticate, ``error`` the failure."""
+
+    def __init__(self, header: str, error: NotaryServerError) -> None:
+        self.header = header
+        self.error = error
+        super().__init__(header)
 
 
 def encode_multipart(files: Mapping[str, bytes], boundary: str) -> tuple[bytes, str]:

@@ -23,7 +23,7 @@ from pathlib import Path
 from signerd.errors import InvalidArgument, NotFound
 from signerd.keys import validate_gun, validate_role
 from signerd.trust._key import TufKey
-from signerd.trust.errors import NotAuthorized
+from signerd.trust.errors import DamagedState, NotAuthorized
 from signerd.trust.metadata import (
     DelegatedRole,
     Envelope,
@@ -34,6 +34,7 @@ from signerd.trust.metadata import (
     Snapshot,
     Targets,
     Timestamp,
+    check_writable,
     default_expires,
     parse_signed,
     sign_envelope,
@@ -115,8 +116,10 @@ class TrustRepo:
         found = []
         for p in self.path.rglob("*.json"):
             name = p.relative_to(self.path).as_posix()[: -len(".json")]
-            if name in ("root", "targets", "snapshot", "timestamp") or name.startswith("targets/"):
-                found.append(name)
+            try:
+                found.append(validate_role(name))
+            except InvalidArgument:
+                continue  # not a metadata file (N.root.json, or a name Notary refuses)
         return sorted(found)
 
     def files(self) -> dict[str, bytes]:
@@ -133,16 +136,24 @@ class TrustRepo:
         write_atomic(self._file(role), data)
 
     def _save(self, role: str, signed: Signed, signers: Mapping[str, TrustSigner]) -> None:
-        self.write(role, sign_envelope(signed, signers).to_bytes())
+        body = signed.to_dict()
+        check_writable(body, role, "metadata string")  # before any signature is made
+        self.write(role, sign_envelope(body, signers).to_bytes())
 
     # --- publish bookkeeping -------------------------------------------------
 
     def _published(self) -> dict[str, str]:
+        path = self.path / _PUBLISHED
         try:
-            doc = json.loads((self.path / _PUBLISHED).read_bytes())
+            doc = json.loads(path.read_bytes())
+            return {str(k): str(v) for k, v in doc.items()}
         except FileNotFoundError:
             return {}
-        return {str(k): str(v) for k, v in doc.items()}
+        except (ValueError, AttributeError, RecursionError) as e:
+            raise DamagedState(
+                f"{path} is damaged ({type(e).__name__}): fetch the server's trust data "
+                f"again with 'signerctl trust pull {self.gun} --force'"
+            ) from None
 
     def published(self) -> dict[str, str]:
         """Role → hex SHA-256 of each file as last published or pulled (empty if never)."""
@@ -278,8 +289,9 @@ class TrustRepo:
 
         ``digest`` is the raw SHA-256 of the manifest and ``length`` its size.
         """
-        if not name or any(ord(c) < 0x20 for c in name):
-            raise InvalidArgument(f"invalid target name {name!r}")
+        if not name:
+            raise InvalidArgument("a target name is required")
+        check_writable(name, role, "target name")
         if len(digest) != 32:
             raise InvalidArgument("digest must be 32 bytes of SHA-256")
         if length < 0:
@@ -334,6 +346,7 @@ class TrustRepo:
         if threshold < 1:
             raise InvalidArgument("threshold must be at least 1")
         parent_name = _parent(role)
+        check_writable(list(paths or []), parent_name, "delegation path")
         at = now or datetime.now(UTC)
         parent = self._load_or_new(parent_name, at)
         entry = parent.delegation(role)
@@ -417,6 +430,26 @@ class TrustRepo:
             self.sign_snapshot(snapshot_signer, now=at)
         else:
             self._file("snapshot").unlink(missing_ok=True)
+
+    def rotate_timestamp_key(
+        self,
+        root_signer: TrustSigner,
+        new_key: TufKey,
+        *,
+        timestamp_signer: TrustSigner | None = None,
+        now: datetime | None = None,
+    ) -> None:
+        """Replace the timestamp key (a server key, or a local one with ``timestamp_signer``).
+
+        With a server key the local timestamp.json stays until the server's
+        new one is pulled: it is never uploaded.
+        """
+        at = now or datetime.now(UTC)
+        root = self.root()
+        self._set_role_key(root, "timestamp", new_key)
+        self._sign_root(root, [root_signer], at)
+        if timestamp_signer is not None:
+            self.sign_timestamp(timestamp_signer, now=at)
 
     def rotate_delegation_key(
         self,

@@ -32,7 +32,7 @@ from signerd.trust.metadata import (
     Targets,
     Timestamp,
 )
-from signerd.trust.x509 import check_root_certificate
+from signerd.trust.x509 import root_certificate_key
 
 # Where `docker pull` looks first; a tag signed in several roles resolves here.
 TAG_ROLE_PREFERENCE = ("targets/releases", "targets")
@@ -117,21 +117,31 @@ def _check_common(signed: Signed, role: str, trusted: TrustedState | None, now: 
 def _root_cert_keys(
     root: Root, gun: str, now: datetime, check_expiry: bool, role: str
 ) -> dict[str, TufKey]:
-    """Root keys whose certificates pass notary's leaf checks (validRootLeafCerts)."""
+    """Root keys rebuilt from certificates that pass notary's checks, by notary's key ID.
+
+    notary's parseAllCerts, validRootLeafCerts and CertsToKeys: a key whose
+    bundle fails is skipped; the signatures must then use the rebuilt key's ID.
+    """
     keys: dict[str, TufKey] = {}
     reason = "no root key carries a certificate"
-    for kid, key in root.role_keys("root").items():
+    for key in root.role_keys("root").values():
         if key.keytype not in ("ecdsa-x509", "rsa-x509"):
             continue  # notary only trusts root keys that carry a certificate
         try:
-            check_root_certificate(key.public, gun, now=now, check_expiry=check_expiry)
+            rebuilt = root_certificate_key(key, gun, now=now, check_expiry=check_expiry)
         except VerificationError as e:
             reason = e.reason
             continue
-        keys[kid] = key
+        keys[rebuilt.key_id] = rebuilt
     if not keys:
         raise VerificationError(role, reason)
     return keys
+
+
+def _reset_hint(gun: str) -> str:
+    return (
+        f"if its root really changed, re-trust it with 'signerctl trust pull {gun} --reset-trust'"
+    )
 
 
 def verify_root(
@@ -145,6 +155,10 @@ def verify_root(
 ) -> Root:
     """Verify root.json on its own and, if given, against the previously trusted root.
 
+    Trust on first use holds at every version (notary's trustpinning.ValidateRoot):
+    with a trusted root, the new root must be signed by a threshold of the
+    trusted root's keys whatever its version, and a root whose content
+    differs from the trusted one at the same or a lower version is refused.
     ``intermediates`` maps versions between the trusted and the new root to
     their files (``N.root.json``); each step must be signed by the previous
     root's keys. Raises VerificationError for ``role``'s file.
@@ -153,15 +167,18 @@ def verify_root(
     env = Envelope.from_bytes(data, role)
     root = Root.from_dict(env.signed, role)
     if trusted_root is not None:
-        previous = Root.from_dict(Envelope.from_bytes(trusted_root, "root").signed)
+        # A damaged pinned root is named as the state file the CLI keeps it in.
+        previous_env = Envelope.from_bytes(trusted_root, ".trusted")
+        previous = Root.from_dict(previous_env.signed, ".trusted")
         for version, step in sorted((intermediates or {}).items()):
             if previous.version < version < root.version:
                 name = f"{version}.root"
-                step_root = _root_step(gun, step, previous, at, name)
+                step_root = _root_step(gun, step, previous, previous_env.signed, at, name)
                 if step_root.version != version:
                     raise VerificationError(name, f"holds version {step_root.version}")
                 previous = step_root
-        _root_step(gun, data, previous, at, role)
+                previous_env = Envelope.from_bytes(step, name)
+        _root_step(gun, data, previous, previous_env.signed, at, role)
     own = _root_cert_keys(root, gun, at, check_expiry=True, role=role)
     env.check_threshold(own, root.roles["root"].threshold, role)
     if root.is_expired(at):
@@ -169,24 +186,34 @@ def verify_root(
     return root
 
 
-def _root_step(gun: str, data: bytes, previous: Root, at: datetime, role: str) -> Root:
+def _root_step(
+    gun: str, data: bytes, previous: Root, previous_signed: Mapping[str, Any], at: datetime,
+    role: str,
+) -> Root:
     env = Envelope.from_bytes(data, role)
     root = Root.from_dict(env.signed, role)
     if root.version < previous.version:
         raise VerificationError(role, _rollback(root.version, previous.version))
-    if root.version > previous.version:
-        # A rotation must be approved by the keys trusted so far; their
-        # certificates may have expired since (notary does not check that here).
-        try:
-            old = _root_cert_keys(previous, gun, at, check_expiry=False, role=role)
-        except VerificationError as e:
-            raise VerificationError(role, f"previous root has no usable keys: {e.reason}") from None
-        try:
-            env.check_threshold(old, previous.roles["root"].threshold, role)
-        except VerificationError:
-            raise VerificationError(
-                role, "not signed by the previously trusted root keys (rotation not approved)"
-            ) from None
+    if root.version == previous.version and env.signed != previous_signed:
+        raise VerificationError(
+            role,
+            f"differs from the trusted root at the same version {root.version} "
+            f"(could not rotate trust to a new trusted root; {_reset_hint(gun)})",
+        )
+    # Whatever the version, the keys trusted so far must approve this root;
+    # their certificates may have expired since (notary does not check that here).
+    try:
+        old = _root_cert_keys(previous, gun, at, check_expiry=False, role=role)
+    except VerificationError as e:
+        raise VerificationError(role, f"previous root has no usable keys: {e.reason}") from None
+    try:
+        env.check_threshold(old, previous.roles["root"].threshold, role)
+    except VerificationError:
+        raise VerificationError(
+            role,
+            "not signed by the currently trusted root keys (rotation not approved: "
+            f"could not rotate trust to a new trusted root; {_reset_hint(gun)})",
+        ) from None
     return root
 
 

@@ -10,6 +10,7 @@ TBSCertificate is assembled here with asn1crypto and its DER is handed to
 from __future__ import annotations
 
 import base64
+import re
 import secrets
 from datetime import UTC, datetime, timedelta
 
@@ -18,13 +19,13 @@ from asn1crypto import keys as asn1keys
 from asn1crypto import x509 as asn1x509
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from cryptography.x509.oid import NameOID
 
 from signerd.errors import InvalidArgument
-from signerd.trust._key import TufKey
+from signerd.trust._key import MIN_RSA_BITS, TufKey
 from signerd.trust.errors import VerificationError
 from signerd.trust.metadata import YEAR
 from signerd.trust.signer import PSS_SALT_LENGTH, Pkcs1v15Signer, TrustSigner
@@ -155,44 +156,164 @@ def _load(pem: bytes) -> x509.Certificate:
         raise InvalidArgument(f"not a PEM certificate: {e}") from None
 
 
-def check_root_certificate(
-    pem: bytes, gun: str, *, now: datetime | None = None, check_expiry: bool = True
-) -> x509.Certificate:
-    """Check a root certificate the way notary's trustpinning does; return it parsed.
+# Go's x509 maps all of these to a SHA-1 signature algorithm (SHA1WithRSA,
+# DSAWithSHA1, ECDSAWithSHA1); notary's ValidateCertificate refuses them.
+_SHA1_SIGNATURES = frozenset(
+    {
+        "1.2.840.113549.1.1.5",  # sha1WithRSAEncryption
+        "1.3.14.3.2.29",  # sha1WithRSASignature (the ISO OID Go also accepts)
+        "1.2.840.10040.4.3",  # dsa-with-sha1
+        "1.2.840.10045.4.1",  # ecdsa-with-SHA1
+    }
+)
+_PEM_BLOCK = re.compile(rb"-----BEGIN ([^-\r\n]*)-----\r?\n(.*?)-----END \1-----", re.DOTALL)
 
-    CN must equal the GUN (or be a ``prefix*`` wildcard matching it), the
-    signature algorithm must not be SHA-1, RSA keys need 2048 bits, and with
-    ``check_expiry`` it must be valid now (start allowed up to a day ahead).
-    Raises VerificationError for root.json.
+
+def _bad(reason: str) -> VerificationError:
+    return VerificationError("root", f"invalid root certificate: {reason}")
+
+
+def load_certificate_bundle(pem: bytes) -> list[x509.Certificate]:
+    """Every certificate of a PEM bundle (notary's LoadCertBundleFromPEM).
+
+    A block that is not a CERTIFICATE, or a certificate that does not parse,
+    makes the whole bundle invalid. Raises VerificationError for root.json.
     """
+    blocks = _PEM_BLOCK.findall(pem)
+    if not blocks:
+        raise _bad("no PEM certificate found")
+    certs = []
+    for kind, _ in blocks:
+        if kind != b"CERTIFICATE":
+            raise _bad(f"invalid PEM block type {kind.decode(errors='replace')[:40]!r}")
+    for block in _PEM_BLOCK.finditer(pem):
+        certs.append(_load(block.group(0)))
+    return certs
+
+
+def _is_ca(cert: x509.Certificate) -> bool:
+    # Go's IsCA: a basicConstraints extension with cA true.
     try:
-        cert = _load(pem)
-        return _check(cert, gun, now, check_expiry)
-    except (InvalidArgument, ValueError) as e:
-        # cryptography parses some fields lazily: a corrupt subject or key
-        # surfaces only when read.
-        raise VerificationError("root", f"invalid root certificate: {e}") from None
+        return cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    except x509.ExtensionNotFound:
+        return False
 
 
-def _check(
-    cert: x509.Certificate, gun: str, now: datetime | None, check_expiry: bool
-) -> x509.Certificate:
-    cns = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-    cn = str(cns[0].value) if cns else ""
-    matches = gun.startswith(cn.rstrip("*")) if cn.endswith("*") else cn == gun
-    if not matches:
-        raise VerificationError("root", f"root certificate CN {cn!r} does not match GUN {gun!r}")
+def split_root_bundle(pem: bytes) -> tuple[x509.Certificate, list[x509.Certificate]]:
+    """The leaf and the intermediates of a root key's bundle (notary's parseAllCerts).
+
+    Exactly one certificate is not a CA, and it comes first; every other
+    certificate is a CA, used as an intermediate.
+    """
+    certs = load_certificate_bundle(pem)
+    leaves = [c for c in certs if not _is_ca(c)]
+    if len(leaves) != 1:
+        raise _bad(
+            "the root key holds a CA certificate, not a leaf (notary accepts only a "
+            "non-CA certificate as the root key)"
+            if not leaves
+            else f"the root key holds {len(leaves)} leaf certificates, notary allows one"
+        )
+    if _is_ca(certs[0]):
+        raise _bad("the leaf certificate must come first, before its intermediates")
+    return certs[0], certs[1:]
+
+
+def validate_certificate(
+    cert: x509.Certificate, *, now: datetime | None = None, check_expiry: bool = True
+) -> None:
+    """Notary's utils.ValidateCertificate; raises VerificationError for root.json.
+
+    The validity window must not be inverted, the signature must not use
+    SHA-1, RSA keys need 2048 bits, and with ``check_expiry`` the certificate
+    must be valid now (its start may be up to a day ahead).
+    """
+    cn = _common_name(cert)
+    if cert.not_valid_before_utc > cert.not_valid_after_utc:
+        raise _bad(f"certificate of {cn!r} has an invalid validity window")
     algo = cert.signature_algorithm_oid.dotted_string
-    if algo in ("1.2.840.113549.1.1.5", "1.2.840.10040.4.3", "1.2.840.10045.4.1"):
-        raise VerificationError("root", f"root certificate for {cn} uses a SHA-1 signature")
+    pss_hash = cert.signature_algorithm_parameters
+    if algo in _SHA1_SIGNATURES or (
+        isinstance(pss_hash, padding.PSS) and isinstance(
+            cert.signature_hash_algorithm, hashes.SHA1)
+    ):
+        raise _bad(f"certificate of {cn!r} uses a SHA-1 signature")
     public = cert.public_key()
-    if isinstance(public, rsa.RSAPublicKey) and public.key_size < 2048:
-        raise VerificationError("root", "root certificate RSA key is shorter than 2048 bits")
+    if isinstance(public, rsa.RSAPublicKey) and public.key_size < MIN_RSA_BITS:
+        raise _bad(f"certificate of {cn!r} has an RSA key shorter than {MIN_RSA_BITS} bits")
     if check_expiry:
         at = now or datetime.now(UTC)
         if cert.not_valid_before_utc > at + NOT_BEFORE_LEEWAY or at > cert.not_valid_after_utc:
-            raise VerificationError("root", f"root certificate of {cn} expired or not valid yet")
-    return cert
+            raise _bad(f"certificate of {cn!r} expired or not valid yet")
+
+
+def _common_name(cert: x509.Certificate) -> str:
+    # Go's pkix.Name.FillFromRDNSequence keeps the last CN when there are several.
+    cns = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    return str(cns[-1].value) if cns else ""
+
+
+def match_cn_to_gun(cn: str, gun: str) -> bool:
+    """notary's MatchCNToGun: equal, or a ``prefix*`` wildcard that the GUN starts with."""
+    if cn.endswith("*"):
+        return gun.startswith(cn.rstrip("*"))
+    return cn == gun
+
+
+def check_root_certificate(
+    pem: bytes, gun: str, *, now: datetime | None = None, check_expiry: bool = True
+) -> x509.Certificate:
+    """Check a root key's certificate bundle as notary's trustpinning does; return the leaf.
+
+    The bundle holds one leaf (non-CA) certificate first, then CA
+    intermediates; the leaf's CN equals the GUN (or is a ``prefix*`` wildcard
+    matching it) and it passes :func:`validate_certificate`. Raises
+    VerificationError for root.json.
+    """
+    try:
+        leaf, _ = split_root_bundle(pem)
+        cn = _common_name(leaf)
+        if not match_cn_to_gun(cn, gun):
+            raise _bad(f"CN {cn!r} does not match GUN {gun!r}")
+        validate_certificate(leaf, now=now, check_expiry=check_expiry)
+        return leaf
+    except VerificationError:
+        raise
+    except Exception as e:  # noqa: BLE001 - cryptography parses lazily: corrupt DER fails late
+        # with ValueError, TypeError, DuplicateExtension and others, only when a field is read.
+        raise _bad(f"{type(e).__name__}: {e}") from None
+
+
+def root_certificate_key(
+    key: TufKey, gun: str, *, now: datetime | None = None, check_expiry: bool = True
+) -> TufKey:
+    """The key notary verifies root signatures with (trustpinning, utils.CertsToKeys).
+
+    The leaf is checked by :func:`check_root_certificate`; intermediates that
+    fail :func:`validate_certificate` are dropped, as notary's
+    validRootIntCerts does; the key is rebuilt from the re-encoded PEM of the
+    leaf and the valid intermediates, and typed by the leaf's key, so its ID
+    is the one notary computes.
+    """
+    leaf = check_root_certificate(key.public, gun, now=now, check_expiry=check_expiry)
+    try:
+        _, intermediates = split_root_bundle(key.public)
+        kept = []
+        for cert in intermediates:
+            try:
+                validate_certificate(cert, now=now, check_expiry=True)
+            except VerificationError:
+                continue
+            kept.append(cert)
+        pem = b"".join(_pem(c.public_bytes(serialization.Encoding.DER)) for c in [leaf, *kept])
+        public = leaf.public_key()
+    except Exception as e:  # noqa: BLE001 - as in check_root_certificate
+        raise _bad(f"{type(e).__name__}: {e}") from None
+    if isinstance(public, ec.EllipticCurvePublicKey):
+        return TufKey("ecdsa-x509", pem)
+    if isinstance(public, rsa.RSAPublicKey):
+        return TufKey("rsa-x509", pem)
+    raise _bad("root certificates must hold an ECDSA or RSA key")
 
 
 def verify_self_signature(cert: x509.Certificate) -> None:
@@ -217,6 +338,8 @@ __all__ = [
     "build_root_certificate",
     "certificate_key",
     "check_root_certificate",
+    "root_certificate_key",
+    "validate_certificate",
     "verify_self_signature",
     "x509_key_id",
 ]
