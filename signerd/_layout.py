@@ -29,8 +29,18 @@ an extra "meta" object per key).
   of the key ID. Making one object is atomic on every token; rewriting one
   is not possible on a YubiHSM.
 
+A key's X.509 certificate (``signerctl keys certify``) is where other
+PKCS#11 clients look for it (v2.40 §4.6): one ``CKO_CERTIFICATE`` object of
+type ``CKC_X_509`` with the key pair's ``CKA_ID``, ``CKA_VALUE`` = the DER
+certificate, ``CKA_SUBJECT``, ``CKA_ISSUER`` and ``CKA_SERIAL_NUMBER`` (DER,
+as the certificate has them), labelled ``signerd-cert:`` + 27 hex digits of
+the key ID, and public (``CKA_PRIVATE`` false): YubiHSM's module stores it as
+an opaque X.509 object and refuses private ones, and tpm2-pkcs11 refuses
+private certificates too. Certifying a key again replaces the object.
+
 The key ID is never trusted from the token: it is computed from the public
-key (:func:`signerd.keys.key_id`) and must match what the metadata says.
+key (:func:`signerd.keys.key_id`) and must match what the metadata says; a
+certificate is used only if its public key is the key's.
 """
 
 from __future__ import annotations
@@ -51,8 +61,10 @@ MAX_LABEL = 40  # bytes: the YubiHSM 2 limit, the strictest token in scope
 _V1_TAG = "signerd"
 _META_PREFIX = "signerd:"
 _USED_PREFIX = "signerd-used:"
+_CERT_PREFIX = "signerd-cert:"
 META_KID_HEX = MAX_LABEL - len(_META_PREFIX)  # 32 hex digits = 128 bits of the key ID
 USED_KID_HEX = MAX_LABEL - len(_USED_PREFIX)  # 27 hex digits = 108 bits
+CERT_KID_HEX = MAX_LABEL - len(_CERT_PREFIX)  # 27 hex digits
 
 # DER OBJECT IDENTIFIERs for CKA_EC_PARAMS (RFC 5480 §2.1.1.1, RFC 8410 §3)
 CURVE_OIDS = {
@@ -126,6 +138,11 @@ def meta_label(kid: KeyID) -> bytes:
 def used_label(kid: KeyID) -> bytes:
     """CKA_LABEL of a key's "has signed" object (40 bytes)."""
     return f"{_USED_PREFIX}{kid[:USED_KID_HEX]}".encode()
+
+
+def cert_label(kid: KeyID) -> bytes:
+    """CKA_LABEL of a key's certificate object (40 bytes)."""
+    return f"{_CERT_PREFIX}{kid[:CERT_KID_HEX]}".encode()
 
 
 def used_prefix(label: bytes | None) -> str | None:

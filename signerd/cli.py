@@ -137,12 +137,66 @@ def cmd_keys_delete(args: argparse.Namespace) -> None:
 
 
 def cmd_keys_export(args: argparse.Namespace) -> None:
+    if args.certificate:
+        _export_chain(args)
+        return
     with connect(args) as c:
         k = c.get_key(args.key_id)
     if args.format == "der":
         sys.stdout.buffer.write(k.public_key_der)
     else:
         sys.stdout.write(k.public_key_pem)
+
+
+def _pem_chain(chain: Sequence[bytes]) -> str:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    return "".join(x509.load_der_x509_certificate(der).public_bytes(
+        serialization.Encoding.PEM).decode() for der in chain)
+
+
+def _export_chain(args: argparse.Namespace) -> None:
+    if args.format != "pem":
+        raise CliError("--certificate writes the chain as PEM; --format der is for public keys")
+    with connect(args) as c:
+        chain = c.certificate_chain(args.key_id)
+    sys.stdout.write(_pem_chain(chain))
+
+
+def _cert_dict(der: bytes) -> dict[str, Any]:
+    from cryptography import x509
+
+    cert = x509.load_der_x509_certificate(der)
+    try:
+        ca = cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    except x509.ExtensionNotFound:
+        ca = False
+    return {
+        "subject": cert.subject.rfc4514_string(),
+        "issuer": cert.issuer.rfc4514_string(),
+        "serial": f"{cert.serial_number:x}",
+        "not_before": cert.not_valid_before_utc.isoformat(),
+        "not_after": cert.not_valid_after_utc.isoformat(),
+        "ca": ca,
+    }
+
+
+def cmd_keys_certify(args: argparse.Namespace) -> None:
+    with connect(args) as c:
+        chain = c.certify_key(args.key_id, args.subject, args.issuer_key or "", args.days,
+                              args.profile or "")
+    leaf = _cert_dict(chain[0])
+    data = {"key_id": args.key_id, **leaf,
+            "chain": [_cert_dict(der) for der in chain], "chain_pem": _pem_chain(chain)}
+    emit(args, data, lambda: "\n".join([
+        f"certified key {args.key_id}: {'CA' if leaf['ca'] else 'code-signing'} certificate",
+        f"  subject {leaf['subject']}",
+        f"  issuer  {leaf['issuer']}",
+        f"  valid   {leaf['not_before']} to {leaf['not_after']}",
+        f"  chain of {len(chain)}; 'signerctl keys export {args.key_id} --certificate' "
+        "prints it",
+    ]))
 
 
 def _read_input(name: str) -> bytes:
@@ -291,7 +345,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = keys.add_parser("export", parents=[common], help="print the public key")
     p.add_argument("key_id")
     p.add_argument("--format", choices=("pem", "der"), default="pem")
+    p.add_argument("--certificate", action="store_true",
+                   help="print the key's certificate chain instead (PEM, leaf first)")
     p.set_defaults(func=cmd_keys_export)
+
+    p = keys.add_parser("certify", parents=[common],
+                        help="issue an X.509 certificate for a key, signed on the token")
+    p.add_argument("key_id")
+    p.add_argument("--subject", required=True,
+                   help="RFC 4514 name, e.g. 'CN=acme signer,O=Acme,ST=WA,C=US'")
+    p.add_argument("--issuer-key", metavar="KEYID",
+                   help="the CA key that signs it (default: the key itself, a self-signed root)")
+    p.add_argument("--days", type=int, default=0,
+                   help="validity in days (default: 3650 for a CA, 365 otherwise)")
+    p.add_argument("--profile", choices=("ca", "code-signing"),
+                   help="default: ca when self-signed, code-signing when another key issues it")
+    p.set_defaults(func=cmd_keys_certify)
 
     def sign_flags(p: argparse.ArgumentParser) -> None:
         p.add_argument(

@@ -17,6 +17,11 @@ from signerd.v1 import signer_pb2_grpc as pb_grpc
 
 ENCODINGS = {"raw": pb.SIGNATURE_ENCODING_RAW, "der": pb.SIGNATURE_ENCODING_DER}
 PADDINGS = {"pss": pb.RSA_PADDING_PSS, "pkcs1v15": pb.RSA_PADDING_PKCS1V15}
+CERTIFICATE_PROFILES = {
+    "": pb.CERTIFICATE_PROFILE_UNSPECIFIED,
+    "ca": pb.CERTIFICATE_PROFILE_CA,
+    "code-signing": pb.CERTIFICATE_PROFILE_CODE_SIGNING,
+}
 
 
 @dataclass(frozen=True)
@@ -142,3 +147,27 @@ class Client:
         else:
             req.message = message or b""
         return self.stub.Sign(req, timeout=self.cfg.timeout)
+
+    def certify_key(
+        self,
+        key_id: str,
+        subject: str,
+        issuer_key_id: str = "",
+        days: int = 0,
+        profile: str = "",
+    ) -> list[bytes]:
+        """CertifyKey: issue and store a certificate for ``key_id``, signed by
+        ``issuer_key_id`` (empty: self-signed); ``profile`` is "", "ca" or
+        "code-signing". Returns the new chain, DER, leaf first."""
+        resp = self.stub.CertifyKey(
+            pb.CertifyKeyRequest(key_id=key_id, subject=subject, issuer_key_id=issuer_key_id,
+                                 validity_days=days, profile=CERTIFICATE_PROFILES[profile]),
+            timeout=self.cfg.timeout,
+        )
+        return list(resp.certificates)
+
+    def certificate_chain(self, key_id: str) -> list[bytes]:
+        """GetCertificateChain: the key's chain, DER, leaf first, root last."""
+        resp = self.stub.GetCertificateChain(
+            pb.GetCertificateChainRequest(key_id=key_id), timeout=self.cfg.timeout)
+        return list(resp.certificates)

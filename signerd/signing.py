@@ -26,7 +26,9 @@ class Encoding(Enum):
 
 
 class RsaPadding(Enum):
-    PSS = "pss"  # RSASSA-PSS, SHA-256, MGF1-SHA-256, salt 32
+    # RSASSA-PSS, MGF1 with the digest's own hash, salt as long as the digest:
+    # SHA-256 and salt 32 for messages; SHA-384/-512 for digests of 48/64 bytes.
+    PSS = "pss"
     PKCS1V15 = "pkcs1v15"
 
 
@@ -37,15 +39,20 @@ class SignOptions:
     prehashed: bool = False  # the payload is a digest, not the whole message
 
 
-PSS_SALT = 32
+PSS_SALT = 32  # SHA-256's size: the salt of every signature over a whole message
 _DIGEST_INFO = {  # RFC 8017 §9.2 note 1: DER DigestInfo prefixes
     "sha256": bytes.fromhex("3031300d060960864801650304020105000420"),
     "sha384": bytes.fromhex("3041300d060960864801650304020205000430"),
+    "sha512": bytes.fromhex("3051300d060960864801650304020305000440"),
 }
+# RSASSA-PSS as RFC 8017 §9.1 and RFC 7518 §3.5 (JWS PS256/PS384/PS512, which
+# Notation verifies: notation-core-go signature/jws, golang-jwt) use it: MGF1
+# with the message hash, and a salt as long as the digest. PKCS#11 v2.40
+# §2.1.10 CK_RSA_PKCS_PSS_PARAMS: hashAlg, mgf, sLen in bytes.
 _PSS = {
-    "sha256": _p11.Mechanism(
-        _p11.CKM_RSA_PKCS_PSS, _p11.CKM_SHA256, _p11.CKG_MGF1_SHA256, PSS_SALT
-    ),
+    "sha256": _p11.Mechanism(_p11.CKM_RSA_PKCS_PSS, _p11.CKM_SHA256, _p11.CKG_MGF1_SHA256, 32),
+    "sha384": _p11.Mechanism(_p11.CKM_RSA_PKCS_PSS, _p11.CKM_SHA384, _p11.CKG_MGF1_SHA384, 48),
+    "sha512": _p11.Mechanism(_p11.CKM_RSA_PKCS_PSS, _p11.CKM_SHA512, _p11.CKG_MGF1_SHA512, 64),
 }
 _ECDSA = _p11.Mechanism(_p11.CKM_ECDSA)
 _EDDSA = _p11.Mechanism(_p11.CKM_EDDSA)
@@ -59,15 +66,23 @@ def method(alg: Algorithm, options: SignOptions) -> str:
     return "eddsa" if alg.keytype == "ed25519" else "ecdsa"
 
 
-_DIGEST_NAMES = {32: "sha256", 48: "sha384"}
+_DIGEST_NAMES = {32: "sha256", 48: "sha384", 64: "sha512"}
+_HASHES: dict[int, hashes.HashAlgorithm] = {
+    32: hashes.SHA256(), 48: hashes.SHA384(), 64: hashes.SHA512()}
 
 
 def digest_of(alg: Algorithm, payload: bytes, options: SignOptions) -> bytes:
     """The digest the token signs (ECDSA, RSA), checking a precomputed one.
 
-    RSA signs SHA-256 digests (the PSS parameters and DigestInfo say so).
-    ECDSA signs a SHA-256 or SHA-384 digest no longer than the curve: P-384
-    also takes SHA-256, which is what TUF and Notary verify ECDSA with.
+    A whole message is hashed with the algorithm's hash (SHA-256; SHA-384 for
+    P-384). A precomputed digest's hash is known by its length:
+    RSA takes SHA-256, SHA-384 or SHA-512 (32, 48 or 64 bytes: the PSS
+    parameters and the PKCS#1 v1.5 DigestInfo follow it; Notation signs
+    RSA-3072 with PS384 and RSA-4096 with PS512). ECDSA signs a SHA-256 or
+    SHA-384 digest no longer than the curve: P-384 also takes SHA-256, which
+    is what TUF and Notary verify ECDSA with.
+
+    Raises InvalidArgument for a digest of another length.
     """
     assert alg.hash_name is not None and alg.digest_size is not None
     if not options.prehashed:
@@ -75,7 +90,7 @@ def digest_of(alg: Algorithm, payload: bytes, options: SignOptions) -> bytes:
     if alg.keytype == "ecdsa":
         accepted = [n for n in _DIGEST_NAMES if n <= alg.digest_size]
     else:
-        accepted = [32]
+        accepted = list(_DIGEST_NAMES)
     if len(payload) not in accepted:
         sizes = " or ".join(f"{n} ({_DIGEST_NAMES[n].upper()})" for n in accepted)
         raise InvalidArgument(
@@ -85,7 +100,10 @@ def digest_of(alg: Algorithm, payload: bytes, options: SignOptions) -> bytes:
 
 
 def prepare(alg: Algorithm, payload: bytes, options: SignOptions) -> tuple[_p11.Mechanism, bytes]:
-    """The mechanism and the bytes to hand to C_Sign."""
+    """The mechanism and the bytes to hand to C_Sign.
+
+    Raises InvalidArgument (an empty payload, a digest of the wrong size, a
+    digest for Ed25519)."""
     if not payload:
         raise InvalidArgument("nothing to sign: the message (or digest) is empty")
     if alg.keytype == "ed25519":
@@ -97,9 +115,10 @@ def prepare(alg: Algorithm, payload: bytes, options: SignOptions) -> tuple[_p11.
     digest = digest_of(alg, payload, options)
     if alg.keytype == "ecdsa":
         return _ECDSA, digest
+    name = _DIGEST_NAMES[len(digest)]
     if options.rsa_padding is RsaPadding.PSS:
-        return _PSS["sha256"], digest
-    return _RSA_PKCS, _DIGEST_INFO["sha256"] + digest
+        return _PSS[name], digest
+    return _RSA_PKCS, _DIGEST_INFO[name] + digest
 
 
 def encode(alg: Algorithm, raw: bytes, options: SignOptions) -> bytes:
@@ -120,7 +139,7 @@ def verify(
         key.verify(signature, payload)
         return
     digest = digest_of(alg, payload, options)
-    chosen: hashes.HashAlgorithm = hashes.SHA384() if len(digest) == 48 else hashes.SHA256()
+    chosen = _HASHES[len(digest)]
     prehashed = utils.Prehashed(chosen)
     if isinstance(key, ec.EllipticCurvePublicKey):
         if options.encoding is Encoding.RAW:
@@ -133,7 +152,7 @@ def verify(
         key.verify(signature, digest, ec.ECDSA(prehashed))
     elif isinstance(key, rsa.RSAPublicKey):
         pad: padding.AsymmetricPadding = (
-            padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=PSS_SALT)
+            padding.PSS(mgf=padding.MGF1(chosen), salt_length=len(digest))
             if options.rsa_padding is RsaPadding.PSS
             else padding.PKCS1v15()
         )

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import pkcs11
-from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
+from pkcs11 import Attribute, CertificateType, KeyType, Mechanism, ObjectClass
 
 from signerd import _layout, _p11
 from signerd.config import TokenConfig
@@ -354,7 +354,7 @@ class Token:
             log.warning("token usable again", extra={"fields": {"token": self.name}})
 
     def _unavailable(self, what: str) -> Unavailable:
-        return Unavailable(f"token {self.name} is unavailable ({what}); "
+        return Unavailable(f"token {self.name} is unavailable ({what or 'reconnecting'}); "
                            "signerd keeps trying to reach it")
 
     # -- connection ---------------------------------------------------------
@@ -481,6 +481,7 @@ class Token:
         if not self._lock.acquire(timeout=timeout):
             return False
         self._connected = False  # new borrowers reconnect, and wait for the lock
+        self._next_attempt = 0.0  # at once: this token did not fail
         with self._idle:
             if self._idle.wait_for(lambda: not self._borrowed, timeout):
                 return True
@@ -749,11 +750,16 @@ class Token:
             scopes: list[dict[int, bytes]] = [{}]
             read_data_objects({})
         else:
-            # Layout 1 keys carry the key ID as CKA_ID; layout 2 keys are
-            # found through their metadata object's label.
+            # Layout 2 keys are found through their metadata object's label;
+            # a key without one can only be a layout 1 key, whose CKA_ID is
+            # the key ID. Every search scans the token (SoftHSM's file store:
+            # about 35 µs an object), so only the searches one layout needs run.
             read_data_objects({_p11.CKA_LABEL: _layout.meta_label(only)})
-            read_data_objects({_p11.CKA_LABEL: _layout.used_label(only)})
-            ids = [bytes.fromhex(only)] + [meta.object_id for meta in metas.values()]
+            if metas:
+                read_data_objects({_p11.CKA_LABEL: _layout.used_label(only)})
+                ids = [meta.object_id for meta in metas.values()]
+            else:
+                ids = [bytes.fromhex(only)]
             scopes = [{_p11.CKA_ID: i} for i in ids if i]
         privates: dict[bytes, tuple[int, bytes | None]] = {}
         publics: dict[bytes, dict[int, bytes | None]] = {}
@@ -919,7 +925,8 @@ class Token:
             key_type, bits, mech = KeyType.EC, None, Mechanism.EC_KEY_PAIR_GEN
 
         def gen(s: Any) -> KeyEntry | None:
-            self._sync_index(s)
+            # The free-ID search is also the search before a write that
+            # _sync_index explains: one scan of the token, not two.
             object_id = self._free_object_id(s)
             pub_tpl, priv_tpl = templates(object_id)
             pub, priv = s.generate_keypair(
@@ -1042,6 +1049,90 @@ class Token:
                              self._locks.searches.exclusive)
         with self._lock:
             self._keys[kid] = replace(entry, used=True)
+
+    # -- certificates ---------------------------------------------------------
+
+    def _known(self, kid: KeyID) -> KeyEntry:
+        entry = self._keys.get(kid) or self.lookup(kid)
+        if entry is None:
+            raise NotFound(f"no key {kid} on token {self.name}")
+        return entry
+
+    def certificates(self, kid: KeyID) -> list[bytes]:
+        """The DER X.509 certificates stored for key ``kid``: the values of
+        the CKO_CERTIFICATE objects of type CKC_X_509 with the key pair's
+        CKA_ID (one, when only signerd writes them; see :mod:`signerd._layout`).
+        Nothing is checked here: the caller compares each certificate's
+        public key with the key's.
+
+        Raises NotFound (no key ``kid`` on this token), Unavailable (the token
+        does not answer: a token that went away answers searches with
+        nothing, which is not "no certificate")."""
+        entry = self._known(kid)
+        template = {_p11.CKA_CLASS: _p11.ulong(_p11.CKO_CERTIFICATE),
+                    _p11.CKA_ID: entry.object_id}
+
+        x509_type = _p11.ulong(_p11.CKC_X_509)
+
+        def read(s: Any) -> list[bytes]:
+            m, h = self.module, s.handle
+            reader = m.attribute_reader({_p11.CKA_CERTIFICATE_TYPE: len(x509_type),
+                                         _p11.CKA_VALUE: 2048})
+            found = []
+            for handle in m.find_objects(h, template):
+                attrs = reader.read(h, handle)
+                value = attrs[_p11.CKA_VALUE]
+                if attrs[_p11.CKA_CERTIFICATE_TYPE] == x509_type and value:
+                    found.append(value)
+            if not self._answers(s):
+                raise _p11.P11Error("C_GetTokenInfo", _p11.CKR_DEVICE_REMOVED)
+            return found
+
+        result: list[bytes] = self._with_retry("certificate lookup", read,
+                                                self._locks.searches.shared)
+        return result
+
+    def store_certificate(self, kid: KeyID, der: bytes, subject: bytes, issuer: bytes,
+                          serial: bytes) -> None:
+        """Store ``der`` (a DER X.509 certificate) as key ``kid``'s
+        certificate, replacing the ones it had: a CKO_CERTIFICATE object of
+        type CKC_X_509 with the key pair's CKA_ID, public, labelled by
+        :func:`signerd._layout.cert_label`. ``subject`` and ``issuer`` are the
+        certificate's DER Names and ``serial`` the DER INTEGER of its serial
+        number, as CKA_SUBJECT, CKA_ISSUER and CKA_SERIAL_NUMBER hold them
+        (PKCS#11 v2.40 §4.6.3).
+
+        The old objects are destroyed before the new one is made, since a
+        YubiHSM keeps one opaque object per ID: if the token then refuses the
+        new one, the key has no certificate until it is certified again.
+        Creating an object holds the searches lock alone (see _ObjectLocks).
+
+        Raises NotFound, FailedPrecondition (the token refuses the template),
+        Unavailable."""
+        entry = self._known(kid)
+
+        def write(s: Any) -> None:
+            self._sync_index(s)
+            # The search ends before the first object is destroyed.
+            for old in list(s.get_objects({Attribute.CLASS: ObjectClass.CERTIFICATE,
+                                           Attribute.ID: entry.object_id})):
+                old.destroy()
+            s.create_object({
+                Attribute.CLASS: ObjectClass.CERTIFICATE,
+                Attribute.CERTIFICATE_TYPE: CertificateType.X_509,
+                Attribute.TOKEN: True,
+                # Certificates are public; YubiHSM and tpm2-pkcs11 refuse private ones.
+                Attribute.PRIVATE: False,
+                Attribute.ID: entry.object_id,
+                Attribute.LABEL: _layout.cert_label(kid).decode(),
+                Attribute.SUBJECT: subject,
+                Attribute.ISSUER: issuer,
+                Attribute.SERIAL_NUMBER: serial,
+                Attribute.VALUE: der,
+            })
+
+        self._with_retry("certificate storage", write, self._locks.searches.exclusive)
+        log.info("certificate stored", extra={"fields": {"token": self.name, "key_id": kid}})
 
     def lookup(self, kid: KeyID) -> KeyEntry | None:
         """Find one key this process has not seen (made by another daemon or

@@ -68,6 +68,15 @@ def _wait_port(port: int, seconds: float = 10.0) -> None:
             time.sleep(0.02)
 
 
+def _die_with_parent() -> None:
+    """In the child: SIGTERM when the test process dies, so that a killed run
+    leaves no simulator, bus or resource manager behind."""
+    import ctypes
+    import signal
+
+    ctypes.CDLL(None).prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
+
+
 def _stop(proc: subprocess.Popen[bytes] | None) -> None:
     if proc is not None and proc.poll() is None:
         proc.terminate()
@@ -122,7 +131,8 @@ class Tpm:
              "--server", f"type=tcp,port={self.port},bindaddr=127.0.0.1",
              "--ctrl", f"type=tcp,port={self.port + 1},bindaddr=127.0.0.1",
              "--flags", "not-need-init,startup-clear", "--tpmstate", f"dir={self.dir / 'state'}"],
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            preexec_fn=_die_with_parent)  # only a prctl between fork and exec
         log.close()
         _wait_port(self.port + 1)  # the control port: swtpm serves one data connection
 
@@ -137,7 +147,8 @@ class Tpm:
             "<allow own=\"*\"/></policy></busconfig>\n")
         bus = subprocess.Popen(["dbus-daemon", f"--config-file={conf}", "--nofork",
                                 "--print-address=1"], stdout=subprocess.PIPE,
-                               stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+                               stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
+                               preexec_fn=_die_with_parent)
         self.procs["dbus"] = bus  # type: ignore[assignment]
         assert bus.stdout is not None
         ready, _, _ = select.select([bus.stdout], [], [], 10)
@@ -151,7 +162,7 @@ class Tpm:
             ["tpm2-abrmd", f"--tcti=swtpm:host=127.0.0.1,port={self.port}", "--session",
              "--allow-root", "--flush-all", "--max-transients=100"],
             env={**os.environ, **self.env}, stdout=log, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL)
+            stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
         log.close()
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:

@@ -27,6 +27,7 @@ from signerd import embedded, pki
 from signerd.client import Client, ClientConfig
 from signerd.config import Config, Pkcs11Uri, TokenConfig, parse_config
 from signerd.server import app
+from tests import _tpm
 
 ADMIN = "spiffe://test/admin"
 RUNNER = "spiffe://ci/runner-1"
@@ -85,6 +86,24 @@ def hsm(tmp_path_factory: pytest.TempPathFactory) -> HSM:
     h = make_hsm(tmp_path_factory.mktemp("softhsm"))
     os.environ["SOFTHSM2_CONF"] = str(h.conf)  # one SoftHSM config for this process
     return h
+
+
+@pytest.fixture(scope="session")
+def tpm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[_tpm.Tpm]:
+    """The TPM stack (tests/_tpm.py), once per test session and process: its
+    environment is set here before tpm2-pkcs11 is first initialised, and
+    tpm2-abrmd's TCTI keeps the first D-Bus session bus it reached, so a
+    second stack in one process could not be reached."""
+    gone = _tpm.missing()
+    if gone:
+        message = f"the TPM 2.0 stack is missing ({', '.join(gone)}); ./dev.sh test installs it"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    t = _tpm.start(tmp_path_factory.mktemp("tpm"))
+    os.environ.update(t.env)
+    yield t
+    t.stop()
 
 
 @dataclass

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import ctypes
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -63,22 +62,6 @@ def _softhsm_kind(hsm: HSM, tmp: Path, profile: str) -> Kind:
     return Kind(profile, table, {"SOFTHSM2_CONF": str(hsm.conf)}, tuple(ALGORITHMS),
                 lambda: where.rename(away), lambda: away.rename(where), hsm.module,
                 "test-online")
-
-
-@pytest.fixture(scope="session")
-def tpm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[_tpm.Tpm]:
-    """The TPM stack, once per test session; its environment is set in this
-    process before tpm2-pkcs11 is first initialised."""
-    gone = _tpm.missing()
-    if gone:
-        message = f"the TPM 2.0 stack is missing ({', '.join(gone)}); ./dev.sh test installs it"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
-    t = _tpm.start(tmp_path_factory.mktemp("tpm"))
-    os.environ.update(t.env)
-    yield t
-    t.stop()
 
 
 def _tpm_kind(tpm: _tpm.Tpm) -> Kind:

@@ -7,9 +7,10 @@ from typing import TypeVar
 
 import grpc
 
-from signerd import signing
+from signerd import certs, signing
 from signerd.errors import InvalidArgument, PermissionDenied, SignerdError
 from signerd.keys import parse_algorithm, spki_to_pem, validate_gun, validate_role
+from signerd.policy import Request
 from signerd.server._gate import Caller, Gate, Scope
 from signerd.server._status import code_for
 from signerd.service import KeyService
@@ -30,6 +31,11 @@ _PADDINGS = {
     pb.RSA_PADDING_UNSPECIFIED: signing.RsaPadding.PSS,
     pb.RSA_PADDING_PSS: signing.RsaPadding.PSS,
     pb.RSA_PADDING_PKCS1V15: signing.RsaPadding.PKCS1V15,
+}
+_PROFILES = {
+    pb.CERTIFICATE_PROFILE_UNSPECIFIED: None,
+    pb.CERTIFICATE_PROFILE_CA: certs.Profile.CA,
+    pb.CERTIFICATE_PROFILE_CODE_SIGNING: certs.Profile.CODE_SIGNING,
 }
 _ENCODING_PB = {
     signing.Encoding.RAW: pb.SIGNATURE_ENCODING_RAW,
@@ -210,3 +216,47 @@ class SignerServicer(pb_grpc.SignerServiceServicer):
 
         digest_input = b"".join(r.message or r.digest for r in request.requests)
         return self._run(context, "sign", digest_input, work)
+
+    def CertifyKey(
+        self, request: pb.CertifyKeyRequest, context: grpc.ServicerContext
+    ) -> pb.CertificateChain:
+        def work(scope: Scope) -> pb.CertificateChain:
+            if request.profile not in _PROFILES:
+                raise InvalidArgument(
+                    f"unknown profile {request.profile}; use CA (1) or CODE_SIGNING (2)")
+            subject = self.service.get_key(request.key_id)
+            issuer = (self.service.get_key(request.issuer_key_id)
+                      if request.issuer_key_id else subject)
+            both = (issuer.key_id if issuer.key_id == subject.key_id
+                    else f"{issuer.key_id},{subject.key_id}")
+            # Certifying gives the key an identity, as creating it did: "create"
+            # on the certified key; the issuer key signs: "sign" on it.
+            create = scope.policy.decide(Request(
+                identity=scope.caller.identity, transport=scope.caller.transport,
+                operation="create", gun=subject.gun, role=subject.role, token=subject.token))
+            if not create.allowed:
+                scope.key_id, scope.gun, scope.role, scope.token = (
+                    both, subject.gun, subject.role, subject.token)
+                scope.decision = "deny"
+                raise PermissionDenied(
+                    f"identity {scope.caller.identity!r} may not certify {subject.role} keys of "
+                    f"{subject.gun}: that needs create on them over {scope.caller.transport}: "
+                    f"{create.reason}")
+            scope.authorize("", "", key=issuer)
+            scope.key_id = both
+            done = self.service.certify(subject, issuer, request.subject,
+                                        request.validity_days, _PROFILES[request.profile])
+            scope.payload_sha256 = done.tbs_sha256
+            return pb.CertificateChain(key_id=subject.key_id, certificates=done.chain)
+
+        return self._run(context, "sign", b"", work)
+
+    def GetCertificateChain(
+        self, request: pb.GetCertificateChainRequest, context: grpc.ServicerContext
+    ) -> pb.CertificateChain:
+        def work(scope: Scope) -> pb.CertificateChain:
+            entry = self._authorized_key(scope, request.key_id)
+            return pb.CertificateChain(key_id=entry.key_id,
+                                       certificates=self.service.certificate_chain(entry))
+
+        return self._run(context, "read", b"", work)

@@ -18,12 +18,21 @@ class RsaPadding(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     RSA_PADDING_UNSPECIFIED: _ClassVar[RsaPadding]
     RSA_PADDING_PSS: _ClassVar[RsaPadding]
     RSA_PADDING_PKCS1V15: _ClassVar[RsaPadding]
+
+class CertificateProfile(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    CERTIFICATE_PROFILE_UNSPECIFIED: _ClassVar[CertificateProfile]
+    CERTIFICATE_PROFILE_CA: _ClassVar[CertificateProfile]
+    CERTIFICATE_PROFILE_CODE_SIGNING: _ClassVar[CertificateProfile]
 SIGNATURE_ENCODING_UNSPECIFIED: SignatureEncoding
 SIGNATURE_ENCODING_RAW: SignatureEncoding
 SIGNATURE_ENCODING_DER: SignatureEncoding
 RSA_PADDING_UNSPECIFIED: RsaPadding
 RSA_PADDING_PSS: RsaPadding
 RSA_PADDING_PKCS1V15: RsaPadding
+CERTIFICATE_PROFILE_UNSPECIFIED: CertificateProfile
+CERTIFICATE_PROFILE_CA: CertificateProfile
+CERTIFICATE_PROFILE_CODE_SIGNING: CertificateProfile
 
 class Key(_message.Message):
     __slots__ = ("key_id", "algorithm", "gun", "role", "token", "keytype", "public_key_der", "public_key_pem", "tuf_public", "used")
@@ -190,3 +199,31 @@ class ListTokensResponse(_message.Message):
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     tokens: _containers.RepeatedCompositeFieldContainer[TokenInfo]
     def __init__(self, tokens: _Optional[_Iterable[_Union[TokenInfo, _Mapping]]] = ...) -> None: ...
+
+class CertifyKeyRequest(_message.Message):
+    __slots__ = ("key_id", "subject", "issuer_key_id", "validity_days", "profile")
+    KEY_ID_FIELD_NUMBER: _ClassVar[int]
+    SUBJECT_FIELD_NUMBER: _ClassVar[int]
+    ISSUER_KEY_ID_FIELD_NUMBER: _ClassVar[int]
+    VALIDITY_DAYS_FIELD_NUMBER: _ClassVar[int]
+    PROFILE_FIELD_NUMBER: _ClassVar[int]
+    key_id: str
+    subject: str
+    issuer_key_id: str
+    validity_days: int
+    profile: CertificateProfile
+    def __init__(self, key_id: _Optional[str] = ..., subject: _Optional[str] = ..., issuer_key_id: _Optional[str] = ..., validity_days: _Optional[int] = ..., profile: _Optional[_Union[CertificateProfile, str]] = ...) -> None: ...
+
+class GetCertificateChainRequest(_message.Message):
+    __slots__ = ("key_id",)
+    KEY_ID_FIELD_NUMBER: _ClassVar[int]
+    key_id: str
+    def __init__(self, key_id: _Optional[str] = ...) -> None: ...
+
+class CertificateChain(_message.Message):
+    __slots__ = ("key_id", "certificates")
+    KEY_ID_FIELD_NUMBER: _ClassVar[int]
+    CERTIFICATES_FIELD_NUMBER: _ClassVar[int]
+    key_id: str
+    certificates: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, key_id: _Optional[str] = ..., certificates: _Optional[_Iterable[bytes]] = ...) -> None: ...

@@ -69,6 +69,16 @@ class SignerServiceStub:
                 request_serializer=signerd_dot_v1_dot_signer__pb2.ListTokensRequest.SerializeToString,
                 response_deserializer=signerd_dot_v1_dot_signer__pb2.ListTokensResponse.FromString,
                 _registered_method=True)
+        self.CertifyKey = channel.unary_unary(
+                '/signerd.v1.SignerService/CertifyKey',
+                request_serializer=signerd_dot_v1_dot_signer__pb2.CertifyKeyRequest.SerializeToString,
+                response_deserializer=signerd_dot_v1_dot_signer__pb2.CertificateChain.FromString,
+                _registered_method=True)
+        self.GetCertificateChain = channel.unary_unary(
+                '/signerd.v1.SignerService/GetCertificateChain',
+                request_serializer=signerd_dot_v1_dot_signer__pb2.GetCertificateChainRequest.SerializeToString,
+                response_deserializer=signerd_dot_v1_dot_signer__pb2.CertificateChain.FromString,
+                _registered_method=True)
 
 
 class SignerServiceServicer:
@@ -127,6 +137,32 @@ class SignerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CertifyKey(self, request, context):
+        """Issues an X.509 certificate for a key, signed on the token by the issuer
+        key (by the key itself when issuer_key_id is empty: a self-signed root),
+        and stores it on the key's token as a PKCS#11 certificate object
+        (CKO_CERTIFICATE, CKC_X_509, the key pair's CKA_ID, public), replacing
+        the key's certificate. Returns the key's new chain.
+        Policy: "sign" on the issuer key and "create" on the certified key (the
+        audit line is a "sign" of the issuer key, key_id "ISSUER,SUBJECT" unless
+        self-signed, with the SHA-256 of the TBSCertificate signed).
+        INVALID_ARGUMENT: subject or validity; FAILED_PRECONDITION: the issuer
+        key has no CA certificate on its token; NOT_FOUND: unknown key.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetCertificateChain(self, request, context):
+        """Returns a key's certificate chain: its certificate, then each issuer
+        key's certificate (on any token) up to a self-signed root. Needs "read"
+        on the key. NOT_FOUND: unknown key; FAILED_PRECONDITION: the key, or an
+        issuer on the way, has no certificate (the message says which).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SignerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -164,6 +200,16 @@ def add_SignerServiceServicer_to_server(servicer, server):
                     servicer.ListTokens,
                     request_deserializer=signerd_dot_v1_dot_signer__pb2.ListTokensRequest.FromString,
                     response_serializer=signerd_dot_v1_dot_signer__pb2.ListTokensResponse.SerializeToString,
+            ),
+            'CertifyKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.CertifyKey,
+                    request_deserializer=signerd_dot_v1_dot_signer__pb2.CertifyKeyRequest.FromString,
+                    response_serializer=signerd_dot_v1_dot_signer__pb2.CertificateChain.SerializeToString,
+            ),
+            'GetCertificateChain': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetCertificateChain,
+                    request_deserializer=signerd_dot_v1_dot_signer__pb2.GetCertificateChainRequest.FromString,
+                    response_serializer=signerd_dot_v1_dot_signer__pb2.CertificateChain.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -355,6 +401,60 @@ class SignerService:
             '/signerd.v1.SignerService/ListTokens',
             signerd_dot_v1_dot_signer__pb2.ListTokensRequest.SerializeToString,
             signerd_dot_v1_dot_signer__pb2.ListTokensResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CertifyKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/signerd.v1.SignerService/CertifyKey',
+            signerd_dot_v1_dot_signer__pb2.CertifyKeyRequest.SerializeToString,
+            signerd_dot_v1_dot_signer__pb2.CertificateChain.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetCertificateChain(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/signerd.v1.SignerService/GetCertificateChain',
+            signerd_dot_v1_dot_signer__pb2.GetCertificateChainRequest.SerializeToString,
+            signerd_dot_v1_dot_signer__pb2.CertificateChain.FromString,
             options,
             channel_credentials,
             insecure,
