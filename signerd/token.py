@@ -291,6 +291,8 @@ class Token:
         self._touched: dict[int, float] = {}  # session handle -> last use (monotonic s)
         self._keys: dict[KeyID, KeyEntry] = {}
         self._miss_lock = threading.Lock()
+        self._made: dict[KeyID, float] = {}  # keys generated here -> when (monotonic s)
+        self._gone: dict[KeyID, float] = {}  # keys deleted here -> when (monotonic s)
         self._locks = _ObjectLocks()  # replaced by the token's own in _connect
         self._login_refused = False
         self._connected = False
@@ -973,6 +975,7 @@ class Token:
             raise Unavailable(f"token {self.name}: key generation kept colliding on CKA_ID")
         with self._lock:
             self._keys[entry.key_id] = entry
+            self._made[entry.key_id] = time.monotonic()
         log.info("key created", extra={"fields": {
             "token": self.name, "key_id": entry.key_id, "algorithm": alg.name,
             "gun": gun, "role": role}})
@@ -1011,6 +1014,8 @@ class Token:
         self._with_retry("key deletion", destroy, self._locks.searches.shared)
         with self._lock:
             self._keys.pop(kid, None)
+            self._made.pop(kid, None)
+            self._gone[kid] = time.monotonic()
 
     @contextmanager
     def _relabelling(self) -> Iterator[None]:
@@ -1157,13 +1162,33 @@ class Token:
             return entry
 
     def refresh(self) -> None:
-        """Re-read the keys from the token (keys made by another daemon)."""
+        """Re-read the keys from the token (keys made by another daemon).
 
-        def load(s: Any) -> None:
-            self._load_keys(s)
+        The listing runs without the cache lock, which is taken only to swap
+        the new cache in: a listing of a large token takes seconds, and a
+        thread listing in a loop would otherwise starve every other writer of
+        the cache (a key generation waiting to record its key hung a test).
+        Keys this object made since the listing began are kept, and keys it
+        deleted meanwhile stay deleted."""
+        start = time.monotonic()
 
+        def load(s: Any) -> dict[KeyID, KeyEntry]:
+            return self._read_keys(s)
+
+        keys: dict[KeyID, KeyEntry] = self._with_retry("key listing", load,
+                                                       self._locks.searches.shared)
         with self._lock:
-            self._with_retry("key listing", load, self._locks.searches.shared)
+            for kid, made in list(self._made.items()):
+                if made < start:
+                    del self._made[kid]
+                elif kid in self._keys:
+                    keys.setdefault(kid, self._keys[kid])
+            for kid, gone in list(self._gone.items()):
+                if gone >= start:
+                    keys.pop(kid, None)  # deleted here while the listing ran
+                else:
+                    del self._gone[kid]
+            self._keys = keys
 
     def sign(self, kid: KeyID, mechanism: _p11.Mechanism, data: bytes, max_len: int) -> bytes:
         """Sign ``data`` with the cached handle of key ``kid`` on a pooled session."""
