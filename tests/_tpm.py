@@ -68,13 +68,12 @@ def _wait_port(port: int, seconds: float = 10.0) -> None:
             time.sleep(0.02)
 
 
-def _die_with_parent() -> None:
-    """In the child: SIGTERM when the test process dies, so that a killed run
-    leaves no simulator, bus or resource manager behind."""
-    import ctypes
-    import signal
-
-    ctypes.CDLL(None).prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
+# Children get SIGTERM when the test process dies (a killed run leaves no
+# simulator, bus or resource manager behind). setpriv sets it and execs, so
+# no Python runs between fork and exec: a preexec_fn makes subprocess fork()
+# instead of vfork(), and gRPC's fork handlers then aborted children of a
+# process with gRPC threads (seen in CI: "epoll_wait error: Bad file descriptor").
+DIE_WITH_PARENT = ("setpriv", "--pdeathsig", "TERM")
 
 
 def _stop(proc: subprocess.Popen[bytes] | None) -> None:
@@ -127,12 +126,11 @@ class Tpm:
         (self.dir / "state").mkdir(exist_ok=True)
         log = (self.dir / "swtpm.log").open("ab")
         self.procs["swtpm"] = subprocess.Popen(
-            ["swtpm", "socket", "--tpm2",
+            [*DIE_WITH_PARENT, "swtpm", "socket", "--tpm2",
              "--server", f"type=tcp,port={self.port},bindaddr=127.0.0.1",
              "--ctrl", f"type=tcp,port={self.port + 1},bindaddr=127.0.0.1",
              "--flags", "not-need-init,startup-clear", "--tpmstate", f"dir={self.dir / 'state'}"],
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            preexec_fn=_die_with_parent)  # only a prctl between fork and exec
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         log.close()
         _wait_port(self.port + 1)  # the control port: swtpm serves one data connection
 
@@ -145,10 +143,9 @@ class Tpm:
             "<auth>EXTERNAL</auth><policy context=\"default\">"
             "<allow send_destination=\"*\" eavesdrop=\"true\"/><allow eavesdrop=\"true\"/>"
             "<allow own=\"*\"/></policy></busconfig>\n")
-        bus = subprocess.Popen(["dbus-daemon", f"--config-file={conf}", "--nofork",
-                                "--print-address=1"], stdout=subprocess.PIPE,
-                               stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
-                               preexec_fn=_die_with_parent)
+        bus = subprocess.Popen([*DIE_WITH_PARENT, "dbus-daemon", f"--config-file={conf}",
+                                "--nofork", "--print-address=1"], stdout=subprocess.PIPE,
+                               stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
         self.procs["dbus"] = bus  # type: ignore[assignment]
         assert bus.stdout is not None
         ready, _, _ = select.select([bus.stdout], [], [], 10)
@@ -159,10 +156,10 @@ class Tpm:
     def _start_abrmd(self) -> None:
         log = (self.dir / "abrmd.log").open("ab")
         self.procs["abrmd"] = subprocess.Popen(
-            ["tpm2-abrmd", f"--tcti=swtpm:host=127.0.0.1,port={self.port}", "--session",
-             "--allow-root", "--flush-all", "--max-transients=100"],
+            [*DIE_WITH_PARENT, "tpm2-abrmd", f"--tcti=swtpm:host=127.0.0.1,port={self.port}",
+             "--session", "--allow-root", "--flush-all", "--max-transients=100"],
             env={**os.environ, **self.env}, stdout=log, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
+            stdin=subprocess.DEVNULL)
         log.close()
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:

@@ -294,13 +294,6 @@ class Process:
         return self.stderr.read_text()
 
 
-def _die_with_parent() -> None:
-    """In the child: get SIGTERM if pytest dies, so no daemon outlives a killed run."""
-    import ctypes
-
-    ctypes.CDLL(None).prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
-
-
 def spawn_daemon(
     config_path: Path | None,
     workdir: Path,
@@ -313,8 +306,10 @@ def spawn_daemon(
     ``prefix`` runs it through another command (``prefix... python -m ...``)."""
     ready = workdir / f"ready-{secrets.token_hex(4)}.json"
     stderr = workdir / f"signerd-{secrets.token_hex(4)}.log"
-    cmd = [*prefix, sys.executable, "-m", "signerd.daemon", "serve", "--ready-file", str(ready),
-           *args]
+    # setpriv: SIGTERM when pytest dies, so no daemon outlives a killed run;
+    # see tests/_tpm.py on why not a preexec_fn.
+    cmd = [*_tpm.DIE_WITH_PARENT, *prefix, sys.executable, "-m", "signerd.daemon", "serve",
+           "--ready-file", str(ready), *args]
     if config_path is not None:
         cmd += ["--config", str(config_path)]
     proc = subprocess.Popen(
@@ -322,7 +317,6 @@ def spawn_daemon(
         stdout=subprocess.DEVNULL,
         stderr=stderr.open("wb"),
         env={**os.environ, **(env or {})},
-        preexec_fn=_die_with_parent,  # only a prctl between fork and exec
     )
     deadline = time.monotonic() + timeout
     while not ready.exists():
