@@ -8,6 +8,7 @@ import socket
 from pathlib import Path
 
 from signerd.client import ClientConfig
+from tests.conftest import ADMIN_POLICY, RUNNER
 
 
 def write_client_toml(cfg: ClientConfig, path: Path) -> Path:
@@ -27,3 +28,12 @@ def closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+# signerd policy: the admin may do anything; the runner may only read keys.
+RUNNER_READS_POLICY = ADMIN_POLICY + f"""
+[[rule]]
+name = "runner-reads"
+identities = ["{RUNNER}"]
+operations = ["read"]
+"""

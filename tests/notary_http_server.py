@@ -40,7 +40,7 @@ from datetime import UTC, datetime
 from email.parser import BytesParser
 from email.policy import HTTP
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, Self
 
 from signerd.trust import (
     Envelope,
@@ -75,7 +75,23 @@ class UpdateRejected(Exception):
         super().__init__(message)
 
 
-class NotaryTestServer:
+class _Serving:
+    """An HTTP server (``httpd``) served by ``thread`` inside a ``with``."""
+
+    httpd: ThreadingHTTPServer
+    thread: threading.Thread
+
+    def __enter__(self) -> Self:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.thread.join(timeout=5)
+
+
+class NotaryTestServer(_Serving):
     """Threaded HTTP(S) server on 127.0.0.1 and an ephemeral port. Use as a context manager."""
 
     def __init__(
@@ -111,15 +127,6 @@ class NotaryTestServer:
     @property
     def url(self) -> str:
         return f"{self.scheme}://127.0.0.1:{self.httpd.server_address[1]}"
-
-    def __enter__(self) -> NotaryTestServer:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
-        self.thread.join(timeout=5)
 
     # --- storage -------------------------------------------------------------
 
@@ -352,7 +359,7 @@ def _parse_multipart(content_type: str, body: bytes) -> dict[str, bytes]:
     return files
 
 
-class TokenServer:
+class TokenServer(_Serving):
     """A registry token server (Docker's token auth), started by the test.
 
     ``GET /token?service=S&scope=repository:GUN:ACTIONS`` with the basic
@@ -373,15 +380,6 @@ class TokenServer:
     @property
     def realm(self) -> str:
         return f"http://127.0.0.1:{self.httpd.server_address[1]}/token"
-
-    def __enter__(self) -> TokenServer:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
-        self.thread.join(timeout=5)
 
     def challenge(self, gun: str, actions: str) -> str:
         scope = f"repository:{gun}:{actions}"

@@ -24,8 +24,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa, utils
 
 from signerd.cosign_plugin import ALGORITHMS
-from tests.adapter_helpers import closed_port, write_client_toml
-from tests.conftest import ADMIN_POLICY, RUNNER, Daemon, unique_gun
+from tests.adapter_helpers import RUNNER_READS_POLICY, closed_port, write_client_toml
+from tests.conftest import Daemon, unique_gun
 
 MESSAGE = b"cosign signs this payload\n" * 50
 BIN = Path(sys.executable).parent
@@ -220,13 +220,7 @@ def test_sign_refuses_what_the_key_cannot_sign(daemon: Daemon, config: Path) -> 
 
 
 def test_errors_are_error_messages(daemon_factory: Any, tmp_path: Path) -> None:
-    policy = ADMIN_POLICY + f"""
-[[rule]]
-name = "runner-reads"
-identities = ["{RUNNER}"]
-operations = ["read"]
-"""
-    d = daemon_factory(policy=policy)
+    d = daemon_factory(policy=RUNNER_READS_POLICY)
     admin = write_client_toml(d.client_config(), tmp_path / "admin.toml")
     runner = write_client_toml(d.client_config("runner"), tmp_path / "runner.toml")
     nowhere = dataclasses.replace(d.client_config(), server=f"127.0.0.1:{closed_port()}")

@@ -35,8 +35,8 @@ from tuf.api.metadata import (
 from tuf.ngclient import Updater
 
 from signerd.tuf_signer import SignerdSigner, SignerdSignerError, make_uri, parse_uri
-from tests.adapter_helpers import closed_port, write_client_toml
-from tests.conftest import ADMIN_POLICY, RUNNER, Daemon, unique_gun
+from tests.adapter_helpers import RUNNER_READS_POLICY, closed_port, write_client_toml
+from tests.conftest import Daemon, unique_gun
 
 PAYLOAD = b'{"_type":"targets","spec_version":"1.0.31","version":7}'
 EXPECTED = {  # signerd algorithm -> (keytype, scheme) of the imported SSlibKey
@@ -155,13 +155,7 @@ def test_daemon_down_is_a_clear_unavailable(
 
 
 def test_policy_denial_names_the_status(daemon_factory: Any, tmp_path: Path) -> None:
-    policy = ADMIN_POLICY + f"""
-[[rule]]
-name = "runner-reads"
-identities = ["{RUNNER}"]
-operations = ["read"]
-"""
-    d = daemon_factory(policy=policy)
+    d = daemon_factory(policy=RUNNER_READS_POLICY)
     runner_toml = write_client_toml(d.client_config("runner"), tmp_path / "runner.toml")
     uri, key = SignerdSigner.import_(_create(d, "ecdsa-p256"), runner_toml)  # read: allowed
     with pytest.raises(SignerdSignerError) as info:
