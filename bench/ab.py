@@ -45,7 +45,7 @@ from bench.run import (  # noqa: E402
     start_daemon,
 )
 
-TUNABLE = ("workers", "threads", "cpu_affinity", "sessions", "audit")
+TUNABLE = ("workers", "threads", "cpu_affinity", "engine", "sessions", "audit")
 
 
 def context_switches(pids: list[int]) -> int:

@@ -101,6 +101,7 @@ class Settings:
     threads: int = 8
     # Each worker on its own CPU; bench/ab.py measured it against "none" (README, Performance).
     cpu_affinity: str = "spread"
+    engine: str = "aio"  # [server] engine; bench.ab measured it against "threads" (README)
     sessions: int = 4
     audit: bool = True
     floor: bool = True  # also measure a no-op gRPC server (bench/_floor.py)
@@ -154,6 +155,7 @@ listen = "127.0.0.1:0"
 threads = {s.threads}
 workers = {s.workers}
 cpu_affinity = "{s.cpu_affinity}"
+engine = "{s.engine}"
 
 [tls]
 cert = "{self.pki['server']}"

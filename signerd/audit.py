@@ -250,18 +250,34 @@ class AuditLog:
         reserved key, or a value JSON cannot hold. A size rotation that
         fails after the line is written is logged, not raised.
         """
-        reserved = _RESERVED.intersection(record)
-        if reserved:
-            raise ValueError(f"audit record must not set {sorted(reserved)}; the log adds them")
-        doc = dict(record)
-        for k, v in doc.items():
-            if isinstance(v, str) and len(v) > MAX_VALUE_CHARS:
-                doc[k] = _shorten(v)
+        self.write_many((record,))
+
+    def write_many(self, records: Sequence[Mapping[str, Any]]) -> None:
+        """Append several records as consecutive lines of the chain with one
+        ``write`` (and one head update): a group commit for the items of a
+        streaming call. All or none: if the write fails, no line of the group
+        stays and the chain does not move (raises :class:`Unavailable`).
+        ``ValueError`` as for :meth:`write`, before anything is written."""
+        docs = []
+        for record in records:
+            reserved = _RESERVED.intersection(record)
+            if reserved:
+                raise ValueError(f"audit record must not set {sorted(reserved)}; the log adds them")
+            doc = dict(record)
+            for k, v in doc.items():
+                if isinstance(v, str) and len(v) > MAX_VALUE_CHARS:
+                    doc[k] = _shorten(v)
+            docs.append(doc)
+        if not docs:
+            return
         with self._lock:
             self._check_writable()
             self._follow_path()
             self._write_pending()
-            self._commit(self._encode(doc))
+            if len(docs) == 1:
+                self._commit(self._encode(docs[0]))
+            else:
+                self._commit_group(docs)
             if self._max_bytes is not None and self._size >= self._max_bytes:
                 self._rotate_for_size()
 
@@ -323,6 +339,32 @@ class AuditLog:
         self._seq, self._last = self._seq + 1, hashlib.sha256(line).hexdigest()
         self._write_head()
         if self._seq % self._checkpoint_every == 0:
+            self._checkpoint("audit checkpoint")
+
+    def _commit_group(self, docs: list[dict[str, Any]]) -> None:
+        """Encode ``docs`` as a run of chained lines, append them with one
+        write, then move the chain past all of them (nothing moves if the
+        write fails). A checkpoint falling inside the run is logged once,
+        for its last line."""
+        seq, last, when = self._seq, self._last, _now()
+        lines = []
+        for doc in docs:
+            doc.update(time=when, seq=seq + 1, prev=last)
+            try:
+                line = _ENCODER.encode(doc).encode("ascii")
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"audit record cannot be serialised: {e}") from None
+            if len(line) >= MAX_LINE_BYTES:
+                raise ValueError(f"audit record is {len(line)} bytes; limit {MAX_LINE_BYTES}")
+            lines.append(line)
+            seq, last = seq + 1, hashlib.sha256(line).hexdigest()
+        data = b"\n".join(lines) + b"\n"
+        self._append(data)
+        self._size += len(data)
+        crossed = seq // self._checkpoint_every > self._seq // self._checkpoint_every
+        self._seq, self._last = seq, last
+        self._write_head()
+        if crossed:
             self._checkpoint("audit checkpoint")
 
     def _rotation_line(self, reason: str, previous: str | None) -> bytes:

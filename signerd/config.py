@@ -102,6 +102,9 @@ class TLSConfig:
 
 
 CPU_AFFINITIES = ("none", "spread")
+# "aio": one grpc.aio event loop per serving process, fast signatures on the
+# loop thread (signerd.server._aio); "threads": grpc's thread-per-call server.
+ENGINES = ("aio", "threads")
 
 
 @dataclass(frozen=True)
@@ -125,6 +128,7 @@ class Config:
     # "spread": each serving process is pinned to one CPU (worker i to the
     # i-th allowed CPU); see signerd.daemon.pin_cpu. "none" leaves it to the kernel.
     cpu_affinity: str = "none"
+    engine: str = "threads"
     policy_file: Path | None = None
     audit_file: Path | None = None
     # [audit] max_bytes: the audit log rotates once a line takes it to this
@@ -263,6 +267,7 @@ def parse_config(data: dict[str, Any], base: Path) -> Config:
         max_connections=_take(s, "max_connections", int, 1000, "server."),
         workers=_take(s, "workers", int, 1, "server."),
         cpu_affinity=_take(s, "cpu_affinity", str, "none", "server."),
+        engine=_take(s, "engine", str, "threads", "server."),
         debug=_take(s, "debug", bool, False, "server."),
         health_interval=float(_take(s, "health_interval", (int, float), 5.0, "server.")),
         policy_file=_path(base, policy["file"], "policy.file") if "file" in policy else None,
@@ -297,6 +302,8 @@ def parse_config(data: dict[str, Any], base: Path) -> Config:
                             cfg.workers)
     if budget:
         raise ConfigError(budget[0])
+    if cfg.engine not in ENGINES:
+        raise ConfigError(f"server.engine must be one of {list(ENGINES)}, not {cfg.engine!r}")
     if cfg.cpu_affinity not in CPU_AFFINITIES:
         raise ConfigError(
             f"server.cpu_affinity must be one of {list(CPU_AFFINITIES)}, "

@@ -24,6 +24,7 @@ and accepts no signing: bind it to loopback or a scrape-only network.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -71,6 +72,14 @@ SESSIONS = Gauge("signerd_token_sessions", "Pooled sessions (the pool size).", [
                  multiprocess_mode="livesum")
 KEYS = Gauge("signerd_keys", "signerd keys on the token, by role (delegations as one).",
              ["token", "role"], multiprocess_mode="livemax")
+
+
+@functools.lru_cache(maxsize=1024)
+def child(metric: Any, *labels: str) -> Any:
+    """``metric.labels(*labels)``, remembered: prometheus_client's labels()
+    takes a lock and builds its key on every call, and the signing path
+    asks for the same few children on every request."""
+    return metric.labels(*labels)
 
 
 def role_kind(role: str) -> str:

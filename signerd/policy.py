@@ -168,6 +168,9 @@ class Rule:
         )
 
 
+_DECISIONS = 4096  # decisions one Policy remembers
+
+
 class Policy:
     """An immutable set of rules. Share one object freely between threads."""
 
@@ -176,6 +179,10 @@ class Policy:
         self.rules: tuple[Rule, ...] = tuple(rules)
         self.source = source
         self.sha256 = sha256  # of the file's bytes, when loaded from a file
+        # Decisions already made, by request: a policy never changes (a
+        # reload makes a new Policy), so neither does a decision. Emptied
+        # when full; dict reads and writes are atomic under the GIL.
+        self._decisions: dict[Request, Decision] = {}
 
     @classmethod
     def load(cls, path: Path) -> Policy:
@@ -202,7 +209,18 @@ class Policy:
         return cls(_parse_rules(data, source), source)
 
     def decide(self, req: Request) -> Decision:
-        """Allow ``req`` if some rule grants it; otherwise deny, saying why."""
+        """Allow ``req`` if some rule grants it; otherwise deny, saying why.
+        Remembered per request (at most _DECISIONS of them), since the
+        rules never change."""
+        decision = self._decisions.get(req)
+        if decision is None:
+            decision = self._decide(req)
+            if len(self._decisions) >= _DECISIONS:
+                self._decisions.clear()
+            self._decisions[req] = decision
+        return decision
+
+    def _decide(self, req: Request) -> Decision:
         who = f"{req.identity!r} over {req.transport}"
         if not req.identity:
             return Decision(False, None, "the request has no identity")

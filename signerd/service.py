@@ -127,6 +127,18 @@ class KeyService:
                 return entry
         return None
 
+    def signs_fast(self, key_id: str) -> bool:
+        """Whether a signature with key ``key_id`` (lowercase hex) is a short
+        computation in this process: the key is known without asking a
+        token, its token is healthy and signs in process (Profile), and the
+        algorithm is not RSA (about 1.7 ms for RSA-2048 on SoftHSM here, 25
+        times P-256). Never raises; False for anything it cannot tell."""
+        entry = self._lookup(KeyID(key_id)) if len(key_id) == 64 else None
+        if entry is None or entry.algorithm.keytype == "rsa":
+            return False
+        token = self.tokens[entry.token]
+        return token.profile.signs_in_process and token.healthy
+
     def get_key(self, key_id: str) -> KeyEntry:
         kid = validate_key_id(key_id)
         entry = self._lookup(kid)
@@ -211,7 +223,7 @@ class KeyService:
         alg: Algorithm = entry.algorithm
         mechanism, data = signing.prepare(alg, payload, options)
         raw = self.tokens[entry.token].sign(entry.key_id, mechanism, data, alg.signature_size)
-        metrics.SIGNATURES.labels(alg.name, entry.token).inc()
+        metrics.child(metrics.SIGNATURES, alg.name, entry.token).inc()
         return Signature(
             entry, signing.encode(alg, raw, options), signing.method(alg, options), options
         )

@@ -166,6 +166,12 @@ transports = ["unix"]
 """
 
 
+# SIGNERD_TEST_ENGINE=threads|aio runs the in-process daemons on that engine
+# (default: the config's default).
+ENGINE = ({"engine": os.environ["SIGNERD_TEST_ENGINE"]}
+          if os.environ.get("SIGNERD_TEST_ENGINE") else {})
+
+
 def daemon_config(
     hsm: HSM,
     certs: PKI,
@@ -183,7 +189,7 @@ def daemon_config(
     (workdir / "policy.toml").write_text(policy)
     cert, key = certs.files["server"]
     cfg: dict[str, Any] = {
-        "server": {"listen": "127.0.0.1:0", "threads": 16, **(server or {})},
+        "server": {"listen": "127.0.0.1:0", "threads": 16, **ENGINE, **(server or {})},
         "tls": {"cert": str(cert), "key": str(key), "client_ca": str(certs.ca_file)},
         "policy": {"file": str(workdir / "policy.toml")},
         "environment": {"SOFTHSM2_CONF": str(hsm.conf)},
@@ -336,6 +342,33 @@ def threads_taking_signals(pid: int) -> list[str]:
     wanted = (1 << (signal.SIGHUP - 1)) | (1 << (signal.SIGINT - 1)) | (1 << (signal.SIGTERM - 1))
     return [f"{tid} {status['Name']}" for tid, status in _proc.thread_statuses(pid)
             if tid != pid and int(status["SigBlk"], 16) & wanted != wanted]
+
+
+def anonymous_client_cert(certs: PKI, directory: Path) -> tuple[Path, Path]:
+    """A client certificate from the test CA with no URI SAN, DNS SAN or CN
+    (nothing to identify its holder by), and its key: (cert, key) PEM files."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = dt.datetime.now(dt.UTC)
+    cert = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Acme")]))
+            .issuer_name(certs.ca.cert.subject).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(now + dt.timedelta(days=1))
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]),
+                           critical=False)
+            .sign(certs.ca.key, hashes.SHA256()))
+    paths = directory / "anon.pem", directory / "anon-key.pem"
+    paths[0].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    paths[1].write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return paths
 
 
 def rpc_error(fn: Any) -> grpc.RpcError:

@@ -519,3 +519,38 @@ def test_head_write_failure_warns_once_and_keeps_logging(
     warnings = [r for r in caplog.records if "head file cannot be updated" in r.getMessage()]
     assert len(warnings) == 1
     assert verify(log_path).ok and verify(log_path).lines == 3
+
+
+def test_a_group_is_consecutive_lines_of_the_chain(log_path: Path) -> None:
+    """write_many (a SignStream chunk) appends one line per record, chained as
+    single writes would be, with a checkpoint when the group passes one."""
+    with AuditLog(log_path, checkpoint_every=4) as log:
+        log.write(record(1))
+        log.write_many([record(i) for i in range(2, 7)])
+        log.write_many([])
+        assert log.seq == 6
+        log.write(record(7))
+    lines = [json.loads(x) for x in log_path.read_text().splitlines()]
+    assert [x["seq"] for x in lines] == list(range(1, 8))
+    assert [x["request_id"] for x in lines] == [record(i)["request_id"] for i in range(1, 8)]
+    assert verify(log_path).reason == "chain intact; end matches the head file (seq 7)"
+
+
+def test_a_group_that_cannot_be_written_leaves_no_line(tmp_path: Path) -> None:
+    path = tmp_path / "full.log"
+    path.symlink_to("/dev/full")
+    log = AuditLog(path)
+    try:
+        with pytest.raises(Unavailable, match="No space left"):
+            log.write_many([record(1), record(2), record(3)])
+        assert (log.seq, log.last_hash) == (0, ZERO_HASH)
+    finally:
+        log.close()
+
+
+def test_a_group_with_a_bad_record_writes_nothing(log_path: Path) -> None:
+    with AuditLog(log_path) as log:
+        with pytest.raises(ValueError, match="must not set"):
+            log.write_many([record(1), {**record(2), "seq": 5}])
+        assert log.seq == 0
+    assert log_path.read_text() == ""

@@ -23,6 +23,7 @@ from tests.conftest import (
     PKI,
     RUNNER,
     Daemon,
+    anonymous_client_cert,
     daemon_config,
     rpc_error,
     spawn_daemon,
@@ -375,30 +376,9 @@ def test_a_certificate_with_no_identity_is_refused_and_audited(
         daemon: Daemon, certs: Any, tmp_path: Path) -> None:
     """Regression: a client certificate from the right CA with no URI SAN, DNS
     SAN or CN was refused UNAUTHENTICATED but never audited."""
-    import datetime as dt
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = dt.datetime.now(dt.UTC)
-    cert = (x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Acme")]))
-            .issuer_name(certs.ca.cert.subject).public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(minutes=5))
-            .not_valid_after(now + dt.timedelta(days=1))
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]),
-                           critical=False)
-            .sign(certs.ca.key, hashes.SHA256()))
-    (tmp_path / "anon.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    (tmp_path / "anon-key.pem").write_bytes(key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption()))
-    with Client(ClientConfig(f"127.0.0.1:{daemon.port}", certs.ca_file, tmp_path / "anon.pem",
-                             tmp_path / "anon-key.pem", "localhost", 20)) as c:
+    cert, key = anonymous_client_cert(certs, tmp_path)
+    with Client(ClientConfig(f"127.0.0.1:{daemon.port}", certs.ca_file, cert, key,
+                             "localhost", 20)) as c:
         err = rpc_error(lambda: c.get_key("ab" * 32))
     assert err.code() == grpc.StatusCode.UNAUTHENTICATED
     [line] = [entry for entry in audit_lines(daemon) if entry["status"] == "UNAUTHENTICATED"]

@@ -15,7 +15,7 @@ import secrets
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -128,18 +128,18 @@ class Gate:
             if not self._inflight[identity]:
                 del self._inflight[identity]
 
-    def _audit_or_abort(self, context: grpc.ServicerContext, line: dict[str, object]) -> None:
-        """Write one audit line; if it cannot be written, fail the request
-        closed (UNAVAILABLE)."""
+    def _audit_or_abort(self, context: grpc.ServicerContext, *lines: dict[str, object]) -> None:
+        """Write the audit lines (one write for all of them); if they cannot
+        be written, fail the request closed (UNAVAILABLE)."""
         if self.audit is None:
             return
         try:
-            self.audit.write(line)
-            metrics.AUDIT_WRITES.inc()
+            self.audit.write_many(lines)
+            metrics.AUDIT_WRITES.inc(len(lines))
         except Unavailable as e:
             metrics.AUDIT_FAILURES.inc()
             log.error("audit write failed; failing the request closed",
-                      extra={"fields": {"request_id": line["request_id"], "error": str(e)}})
+                      extra={"fields": {"request_id": lines[0]["request_id"], "error": str(e)}})
             context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
 
     def reject_undecodable(self, context: grpc.ServicerContext, method: str,
@@ -155,26 +155,27 @@ class Gate:
             "status": "INVALID_ARGUMENT", "latency_ms": 0.0})
         context.abort(grpc.StatusCode.INVALID_ARGUMENT, message)
 
-    def run(
-        self,
-        context: grpc.ServicerContext,
-        caller: Caller | SignerdError,
-        operation: str,
-        payload: bytes,
-        work: Callable[[Scope], T],
-    ) -> T:
+    def _unidentified(self, context: grpc.ServicerContext, operation: str,
+                      error: SignerdError, start: float) -> None:
+        """Audit and refuse a call whose listener could not identify the peer.
+        Raises, as context.abort does."""
+        status = code_for(error)
+        self._audit_or_abort(context, {
+            "request_id": secrets.token_hex(8), "identity": "", "peer": context.peer(),
+            "transport": "", "operation": operation, "key_id": "", "gun": "",
+            "role": "", "token": "", "payload_sha256": "", "decision": "deny",
+            "status": status_name(status),
+            "latency_ms": round((time.perf_counter() - start) * 1000, 3)})
+        context.abort(status, str(error))
+
+    def decide(self, caller: Caller, operation: str, payload: bytes,
+               work: Callable[[Scope], T]) -> tuple[T | SignerdError, dict[str, object]]:
+        """Run ``work`` for one request of ``caller`` under the per-identity
+        limit, and return its result (or the SignerdError it ends in) with
+        the audit line that records it, not yet written. A bug in ``work``
+        (any other exception) is logged and becomes an INTERNAL error."""
         start = time.perf_counter()
         request_id = secrets.token_hex(8)
-        context.set_trailing_metadata((("x-request-id", request_id),))
-        if isinstance(caller, SignerdError):  # the listener could not identify the peer
-            status = code_for(caller)
-            self._audit_or_abort(context, {
-                "request_id": request_id, "identity": "", "peer": context.peer(),
-                "transport": "", "operation": operation, "key_id": "", "gun": "",
-                "role": "", "token": "", "payload_sha256": "", "decision": "deny",
-                "status": status_name(status),
-                "latency_ms": round((time.perf_counter() - start) * 1000, 3)})
-            context.abort(status, str(caller))
         scope = Scope(
             caller,
             operation,
@@ -182,27 +183,26 @@ class Gate:
             self.policy.current,
             hashlib.sha256(payload).hexdigest() if payload else "",
         )
-        result: T | None = None
-        error: SignerdError | None = None
+        outcome: T | SignerdError
         entered = False
         try:
             self._enter(caller.identity)
             entered = True
-            result = work(scope)
+            outcome = work(scope)
         except SignerdError as e:
-            error = e
+            outcome = e
         except Exception:  # a bug, not the client's fault: log it, answer INTERNAL
             log.exception("internal error", extra={"fields": {"request_id": request_id}})
-            error = SignerdError(f"internal error; request id {request_id}")
+            outcome = SignerdError(f"internal error; request id {request_id}")
         finally:
             if entered:
                 self._leave(caller.identity)
-        if isinstance(error, PermissionDenied):
+        if isinstance(outcome, PermissionDenied):
             scope.decision = "deny"
         if scope.decision == "deny":
             metrics.DENIALS.labels(operation).inc()
-        status = code_for(error) if error is not None else grpc.StatusCode.OK
-        self._audit_or_abort(context, {
+        status = code_for(outcome) if isinstance(outcome, SignerdError) else grpc.StatusCode.OK
+        return outcome, {
             "request_id": request_id,
             "identity": caller.identity,
             "peer": caller.peer,
@@ -216,10 +216,50 @@ class Gate:
             "decision": scope.decision,
             "status": status_name(status),
             "latency_ms": round((time.perf_counter() - start) * 1000, 3),
-        })
-        if error is not None:
-            if isinstance(error, Unavailable):
+        }
+
+    def run(
+        self,
+        context: grpc.ServicerContext,
+        caller: Caller | SignerdError,
+        operation: str,
+        payload: bytes,
+        work: Callable[[Scope], T],
+    ) -> T:
+        """One unary request: decide, write its audit line, then answer
+        (context.abort with the error's status if it failed)."""
+        if isinstance(caller, SignerdError):  # the listener could not identify the peer
+            self._unidentified(context, operation, caller, time.perf_counter())
+            raise AssertionError("unreachable: context.abort raises")
+        outcome, line = self.decide(caller, operation, payload, work)
+        context.set_trailing_metadata((("x-request-id", str(line["request_id"])),))
+        self._audit_or_abort(context, line)
+        if isinstance(outcome, SignerdError):
+            if isinstance(outcome, Unavailable):
                 self._on_unavailable()
-            context.abort(status, str(error))
-        assert result is not None
-        return result
+            context.abort(code_for(outcome), str(outcome))
+            raise AssertionError("unreachable: context.abort raises")
+        return outcome
+
+    def run_items(
+        self,
+        context: grpc.ServicerContext,
+        caller: Caller,
+        operation: str,
+        items: Sequence[tuple[bytes, Callable[[Scope], T]]],
+    ) -> list[T | SignerdError]:
+        """Several requests of one streaming call: each (payload, work) pair
+        is decided on its own and gets its own audit line; the lines are
+        written with one write before any result is returned. If they cannot
+        be written, the call fails closed (context.abort UNAVAILABLE)."""
+        decided = [self.decide(caller, operation, payload, work) for payload, work in items]
+        self._audit_or_abort(context, *(line for _, line in decided))
+        if any(isinstance(o, Unavailable) for o, _ in decided):
+            self._on_unavailable()
+        return [o for o, _ in decided]
+
+    def refuse_unidentified(self, context: grpc.ServicerContext, operation: str,
+                            error: SignerdError) -> None:
+        """Audit and refuse a streaming call whose peer is not identified.
+        Raises, as context.abort does."""
+        self._unidentified(context, operation, error, time.perf_counter())

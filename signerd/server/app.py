@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import ipaddress
 import logging
 import threading
@@ -20,8 +22,9 @@ from signerd import metrics
 from signerd.audit import AuditLog
 from signerd.config import Config, warn_if_exposed
 from signerd.errors import ConfigError, SignerdError
+from signerd.notary import signer_pb2 as notary_pb2
 from signerd.policy import PolicyStore
-from signerd.server import notary
+from signerd.server import _aio, notary
 from signerd.server._gate import Caller, Gate
 from signerd.server._identity import UnixPeers, dev_caller, tls_caller
 from signerd.server._unix import UnixRelay
@@ -75,7 +78,7 @@ def _options(config: Config) -> list[tuple[str, int]]:
 class Servers:
     """The running servers of one daemon process."""
 
-    servers: list[grpc.Server]
+    servers: list[Any]  # grpc.Server, or grpc.aio.Server on ``loop``
     health: health.HealthServicer
     service: KeyService
     gate: Gate
@@ -90,6 +93,7 @@ class Servers:
     _health_thread: threading.Thread | None = None
     _gauges_thread: threading.Thread | None = None
     http: metrics.HttpListener | None = None
+    loop: _aio.Loop | None = None  # the aio engine's event loop
 
     def start(self) -> None:
         """Start serving; raises ConfigError if the metrics address is taken."""
@@ -105,7 +109,10 @@ class Servers:
                 raise ConfigError(f"cannot listen on metrics.listen {self.metrics_listen}: "
                                   f"{e.strerror}") from None
         for s in self.servers:
-            s.start()
+            if self.loop is not None:
+                self.loop.run(s.start())
+            else:
+                s.start()
         if self.relay is not None:
             self.relay.start()
         self._health_thread = threading.Thread(target=self._watch_health, name="health",
@@ -147,9 +154,17 @@ class Servers:
             self.http.stop()
         if self.relay is not None:
             self.relay.stop()
-        events = [s.stop(grace) for s in self.servers]
-        for e in events:
-            e.wait()
+        if self.loop is not None:
+            if self.loop.running:  # not stopped before
+                async def stop_all() -> None:
+                    await asyncio.gather(*(s.stop(grace) for s in self.servers))
+
+                self.loop.run(stop_all())
+                self.loop.close()
+        else:
+            events = [s.stop(grace) for s in self.servers]
+            for e in events:
+                e.wait()
         if self._health_thread is not None:  # a probe must not run into closing tokens
             self._health_thread.join(grace)
             if self._health_thread.is_alive():
@@ -175,9 +190,19 @@ class _Requests(grpc.ServerInterceptor):
 
     def __init__(self, reject: Callable[[grpc.ServicerContext, str, str], None]) -> None:
         self._reject = reject
+        self._wrapped: dict[str, Any] = {}
 
     def intercept_service(self, continuation: Any, details: Any) -> Any:
-        handler = continuation(details)
+        # gRPC asks on every call; a method's handler never changes, so its
+        # wrapper is made once (the cache holds only methods that exist).
+        wrapped = self._wrapped.get(details.method)
+        if wrapped is None:
+            wrapped = self._wrap(continuation(details), details)
+            if wrapped is not None:
+                self._wrapped[details.method] = wrapped
+        return wrapped
+
+    def _wrap(self, handler: Any, details: Any) -> Any:
         if handler is None or handler.request_deserializer is None:
             return handler
         service, _, method = details.method.lstrip("/").rpartition("/")
@@ -191,6 +216,10 @@ class _Requests(grpc.ServerInterceptor):
                 reject(context, details.method, f"the request is not a valid {method} message")
 
         def decoded_stream(raws: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[Any]:
+            if details.method == _aio.SIGN_STREAM:  # an item that does not decode fails alone
+                for raw in raws:
+                    yield _aio.decode_sign_request(raw)
+                return
             for raw in raws:
                 yield decode(raw, context)
 
@@ -211,7 +240,7 @@ class _Requests(grpc.ServerInterceptor):
                     raise
                 finally:
                     latency.observe(time.perf_counter() - start)
-                    requests.labels(service, method, code.name).inc()
+                    metrics.child(requests, service, method, code.name).inc()
 
             return grpc.unary_unary_rpc_method_handler(counted, response_serializer=serializer)
         if handler.unary_stream is not None:
@@ -228,6 +257,21 @@ class _Requests(grpc.ServerInterceptor):
         return grpc.stream_stream_rpc_method_handler(
             lambda raws, context: both(decoded_stream(raws, context), context),
             response_serializer=serializer)
+
+
+class _OnLoop:
+    """A grpc.aio server being built: its port methods run on its loop thread
+    (grpc.aio objects are used only on the thread of their loop)."""
+
+    def __init__(self, loop: _aio.Loop, server: grpc.aio.Server) -> None:
+        self._loop = loop
+        self._server = server
+
+    def add_secure_port(self, address: str, credentials: grpc.ServerCredentials) -> int:
+        return self._loop.call(lambda: self._server.add_secure_port(address, credentials))
+
+    def add_insecure_port(self, address: str) -> int:
+        return self._loop.call(lambda: self._server.add_insecure_port(address))
 
 
 def _tls_credentials(config: Config) -> grpc.ServerCredentials:
@@ -266,7 +310,7 @@ def build(config: Config, service: KeyService) -> Servers:
     policy = PolicyStore(config.policy_file)
     audit = AuditLog(config.audit_file) if config.audit_file is not None else None
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
-    servers: list[grpc.Server] = []
+    servers: list[Any] = []
     holder: dict[str, Servers] = {}
     gate = Gate(
         policy,
@@ -277,14 +321,45 @@ def build(config: Config, service: KeyService) -> Servers:
     ports: dict[str, int] = {}
     health_names = {V1_SERVICE}
 
-    def make(identify: Identify) -> grpc.Server:
-        server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=config.threads), options=_options(config),
-            interceptors=[_Requests(gate.reject_undecodable)],
-        )
-        signer_pb2_grpc.add_SignerServiceServicer_to_server(
-            SignerServicer(service, gate, identify), server
-        )
+    loop = _aio.Loop() if config.engine == "aio" else None
+    executor = futures.ThreadPoolExecutor(max_workers=config.threads,
+                                          thread_name_prefix="grpc-handler")
+
+    def inline(method: str, request: Any) -> bool:
+        """Whether the aio engine answers this call on its loop thread."""
+        if method != "Sign":
+            return False
+        if isinstance(request, signer_pb2.SignRequest):
+            return service.signs_fast(request.key_id)
+        if isinstance(request, notary_pb2.SignatureRequest):
+            return service.signs_fast(request.keyID.ID)
+        return False
+
+    def make(identify: Identify) -> Any:
+        servicer = SignerServicer(service, gate, identify)
+        if loop is None:
+            server = grpc.server(executor, options=_options(config),
+                                 interceptors=[_Requests(gate.reject_undecodable)])
+            register(server, servicer, identify)
+            servers.append(server)
+            return server
+        requests = _aio.Requests(
+            gate.reject_undecodable, executor, inline,
+            functools.partial(_aio.sign_stream, identify, gate.refuse_unidentified,
+                              servicer.sign_items, inline, executor))
+
+        def create() -> Any:
+            aio_server = grpc.aio.server(migration_thread_pool=executor,
+                                         options=_options(config), interceptors=[requests])
+            register(aio_server, servicer, identify)
+            return aio_server
+
+        aio_server = loop.call(create)
+        servers.append(aio_server)
+        return _OnLoop(loop, aio_server)
+
+    def register(server: Any, servicer: SignerServicer, identify: Identify) -> None:
+        signer_pb2_grpc.add_SignerServiceServicer_to_server(servicer, server)
         names = [V1_SERVICE, *notary.add_to_server(server, service, gate, identify)]
         health_names.update(names)
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -296,8 +371,6 @@ def build(config: Config, service: KeyService) -> Servers:
             ],
             server,
         )
-        servers.append(server)
-        return server
 
     if config.listen:
         if config.dev_plaintext:
@@ -331,6 +404,7 @@ def build(config: Config, service: KeyService) -> Servers:
         health_names,
         config.health_interval,
         config.metrics_listen,
+        loop=loop,
     )
     holder["s"] = result
     result.update_health()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from typing import TypeVar
 
 import grpc
@@ -216,6 +216,39 @@ class SignerServicer(pb_grpc.SignerServiceServicer):
 
         digest_input = b"".join(r.message or r.digest for r in request.requests)
         return self._run(context, "sign", digest_input, work)
+
+    def sign_items(self, context: grpc.ServicerContext, caller: Caller,
+                   requests: Sequence[pb.SignRequest | SignerdError]) -> list[pb.SignBatchItem]:
+        """Answer requests of a SignStream call: each one authorized, signed
+        and audited on its own (one audit line each, written together), one
+        item per request in the same order. A request that could not be
+        decoded arrives as its InvalidArgument and is audited as refused.
+        Aborts the call (UNAVAILABLE) if the audit lines cannot be written."""
+        def work_for(req: pb.SignRequest | SignerdError) -> Callable[[Scope], pb.SignResponse]:
+            def work(scope: Scope) -> pb.SignResponse:
+                if isinstance(req, SignerdError):
+                    raise req
+                return self._sign_one(scope, req)
+            return work
+
+        outcomes = self.gate.run_items(context, caller, "sign", [
+            (b"" if isinstance(r, SignerdError) else (r.message or r.digest), work_for(r))
+            for r in requests])
+        return [pb.SignBatchItem(code=code_for(o).value[0], error=str(o))
+                if isinstance(o, SignerdError) else pb.SignBatchItem(code=0, response=o)
+                for o in outcomes]
+
+    def SignStream(self, request_iterator: Iterator[pb.SignRequest | SignerdError],
+                   context: grpc.ServicerContext) -> Iterator[pb.SignBatchItem]:
+        """Sign requests as they arrive on the stream, one item each, in order
+        (the thread-per-call engine; the aio engine reads several requests
+        at a time, see signerd.server._aio)."""
+        caller = self.identify(context)
+        if isinstance(caller, SignerdError):
+            self.gate.refuse_unidentified(context, "sign", caller)
+            return
+        for request in request_iterator:
+            yield from self.sign_items(context, caller, [request])
 
     def CertifyKey(
         self, request: pb.CertifyKeyRequest, context: grpc.ServicerContext

@@ -64,6 +64,11 @@ class SignerServiceStub:
                 request_serializer=signerd_dot_v1_dot_signer__pb2.SignBatchRequest.SerializeToString,
                 response_deserializer=signerd_dot_v1_dot_signer__pb2.SignBatchResponse.FromString,
                 _registered_method=True)
+        self.SignStream = channel.stream_stream(
+                '/signerd.v1.SignerService/SignStream',
+                request_serializer=signerd_dot_v1_dot_signer__pb2.SignRequest.SerializeToString,
+                response_deserializer=signerd_dot_v1_dot_signer__pb2.SignBatchItem.FromString,
+                _registered_method=True)
         self.ListTokens = channel.unary_unary(
                 '/signerd.v1.SignerService/ListTokens',
                 request_serializer=signerd_dot_v1_dot_signer__pb2.ListTokensRequest.SerializeToString,
@@ -123,6 +128,19 @@ class SignerServiceServicer:
     def SignBatch(self, request, context):
         """Signs many payloads, with one or several keys. Each item has its own
         status: one bad item fails only itself.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SignStream(self, request_iterator, context):
+        """Signs a stream of requests on one call: the client sends requests as
+        they come and reads one item per request, in request order. Each item
+        is authorized, audited (one audit line per request) and answered on its
+        own, as in SignBatch; a bad item fails only itself and the stream goes
+        on. The call itself ends with a status only for the whole stream: an
+        unidentified caller (UNAUTHENTICATED), or an audit log that cannot be
+        written (UNAVAILABLE, after the items already answered).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -195,6 +213,11 @@ def add_SignerServiceServicer_to_server(servicer, server):
                     servicer.SignBatch,
                     request_deserializer=signerd_dot_v1_dot_signer__pb2.SignBatchRequest.FromString,
                     response_serializer=signerd_dot_v1_dot_signer__pb2.SignBatchResponse.SerializeToString,
+            ),
+            'SignStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.SignStream,
+                    request_deserializer=signerd_dot_v1_dot_signer__pb2.SignRequest.FromString,
+                    response_serializer=signerd_dot_v1_dot_signer__pb2.SignBatchItem.SerializeToString,
             ),
             'ListTokens': grpc.unary_unary_rpc_method_handler(
                     servicer.ListTokens,
@@ -374,6 +397,33 @@ class SignerService:
             '/signerd.v1.SignerService/SignBatch',
             signerd_dot_v1_dot_signer__pb2.SignBatchRequest.SerializeToString,
             signerd_dot_v1_dot_signer__pb2.SignBatchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SignStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/signerd.v1.SignerService/SignStream',
+            signerd_dot_v1_dot_signer__pb2.SignRequest.SerializeToString,
+            signerd_dot_v1_dot_signer__pb2.SignBatchItem.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,346 @@
+"""``[server] engine = "aio"``: signerd's servicers on a grpc.aio server.
+
+The servicers (signerd.server.v1 and .notary) are plain functions of a
+request and a context. The threads engine runs each call on a thread of a
+pool, so every request crosses from gRPC's polling thread to a handler
+thread and back, and the two pass the GIL to each other on every call (the
+profile in issue 15 put gRPC's machinery, most of it that hand-off, at half
+of the daemon's Python time). Here one event loop (uvloop when installed)
+runs the server, and:
+
+* a Sign whose key signs fast (``Token.signs_inline``: a software token and
+  an elliptic-curve key, about 70 µs) runs **inline on the loop thread**;
+* every other unary call (key generation, listings, RSA, a hardware token,
+  anything that may wait on a device) runs on a small executor, so a slow
+  token never stalls the loop;
+* SignStream reads requests as they arrive and answers each chunk of
+  requests that are already waiting with one call of
+  :meth:`~signerd.server.v1.SignerServicer.sign_items` (one audit write for
+  the chunk, one line per request).
+
+Each call gets a :class:`CallContext`: the part of a sync ServicerContext the
+servicers use, whose ``abort`` raises :class:`Aborted`, which the wrapper
+turns into the aio context's ``abort``. Request bytes are decoded here, as
+in the threads engine (signerd.server.app._Requests), so an undecodable
+request is INVALID_ARGUMENT and audited, and costs nothing afterwards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Mapping
+from concurrent import futures
+from typing import Any, NoReturn, TypeVar
+
+import grpc
+
+from signerd import metrics
+from signerd.errors import InvalidArgument, SignerdError
+from signerd.v1 import signer_pb2 as pb
+
+log = logging.getLogger("signerd.server")
+T = TypeVar("T")
+
+STREAM_CHUNK = 64  # most requests of one SignStream answered by one sign_items call
+STREAM_QUEUE = 256  # requests read ahead of signing; then HTTP/2 flow control holds the client
+
+
+class Aborted(Exception):
+    """Raised by :meth:`CallContext.abort`: the call ends with this status."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(details)
+        self.code = code
+        self.details = details
+
+
+class CallContext:
+    """The part of ``grpc.ServicerContext`` signerd's servicers use, over a
+    ``grpc.aio.ServicerContext``, for calling them as plain functions (on
+    the loop thread or on the executor)."""
+
+    __slots__ = ("_ctx", "_code")
+
+    def __init__(self, ctx: grpc.aio.ServicerContext[Any, Any]) -> None:
+        self._ctx = ctx
+        self._code: grpc.StatusCode | None = None
+
+    def abort(self, code: grpc.StatusCode, details: str) -> NoReturn:
+        """End the call with ``code`` and ``details``: raises Aborted."""
+        self._code = code
+        raise Aborted(code, details)
+
+    def peer(self) -> str:
+        """The peer's address, as gRPC names it (``ipv4:127.0.0.1:50312``)."""
+        return self._ctx.peer()
+
+    def auth_context(self) -> Mapping[str, Iterable[bytes]]:
+        """The TLS auth context (``x509_pem_cert``...), as gRPC gives it."""
+        return self._ctx.auth_context()
+
+    def set_trailing_metadata(self, metadata: Any) -> None:
+        """Trailing metadata sent with the status."""
+        self._ctx.set_trailing_metadata(metadata)
+
+    def code(self) -> grpc.StatusCode | None:
+        """The status this call was aborted with, None until then."""
+        return self._code
+
+
+class Loop:
+    """An event loop on its own thread (uvloop's when installed), for the aio
+    servers of one daemon process and everything that touches them."""
+
+    def __init__(self) -> None:
+        try:
+            import uvloop
+        except ImportError:  # pragma: no cover - uvloop is a dependency
+            self.loop = asyncio.new_event_loop()
+            self.kind = "asyncio"
+        else:
+            self.loop = uvloop.new_event_loop()
+            self.kind = "uvloop"
+        self._thread = threading.Thread(target=self._run, name="grpc-loop", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.run_forever()
+
+    @property
+    def running(self) -> bool:
+        """Whether the loop still runs (False once closed)."""
+        return self._thread.is_alive()
+
+    def run(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
+        """Run ``coro`` on the loop and wait for its result (from another
+        thread). Raises RuntimeError when the loop was closed."""
+        if not self.running:
+            coro.close()
+            raise RuntimeError("the server's event loop is closed")
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def call(self, fn: Callable[[], T]) -> T:
+        """Run ``fn()`` on the loop thread and wait for its result."""
+        async def call() -> T:
+            return fn()
+        return self.run(call())
+
+    def close(self) -> None:
+        """Stop the loop and its thread (after the servers stopped). Idempotent."""
+        if self.running:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(10)
+
+
+class Requests(grpc.aio.ServerInterceptor):
+    """The aio engine's wrapper around every method: raw request bytes are
+    decoded here; unary methods become coroutines that run the sync
+    servicer inline (``inline(method, request)`` says when) or on
+    ``executor``; SignStream gets the chunked stream driver; every unary call
+    is counted and timed (signerd.metrics) as in the threads engine.
+
+    Methods this does not wrap: streaming methods with sync servicers
+    (health's Watch), which grpc.aio runs on its migration thread pool with
+    their request decoded by the wrapper below."""
+
+    def __init__(self, reject: Callable[[Any, str, str], None],
+                 executor: futures.ThreadPoolExecutor,
+                 inline: Callable[[str, Any], bool],
+                 sign_stream: Callable[[AsyncIterator[bytes], Any], AsyncIterator[Any]]
+                 ) -> None:
+        self._reject = reject
+        self._executor = executor
+        self._inline = inline
+        self._sign_stream = sign_stream
+        self._wrapped: dict[str, Any] = {}
+
+    async def intercept_service(self, continuation: Any, details: Any) -> Any:
+        # gRPC asks on every call; a method's handler never changes, so its
+        # wrapper is made once (the cache holds only methods that exist).
+        wrapped = self._wrapped.get(details.method)
+        if wrapped is None:
+            wrapped = self._wrap(await continuation(details), details)
+            if wrapped is not None:
+                self._wrapped[details.method] = wrapped
+        return wrapped
+
+    def _wrap(self, handler: Any, details: Any) -> Any:
+        if handler is None or handler.request_deserializer is None:
+            return handler
+        service, _, method = details.method.lstrip("/").rpartition("/")
+        decode_one = handler.request_deserializer
+        reject = self._reject
+        serializer = handler.response_serializer
+
+        def decode(raw: bytes, context: Any) -> Any:
+            try:
+                return decode_one(raw)
+            except Exception:  # noqa: BLE001 - protobuf raises DecodeError and others
+                reject(context, details.method, f"the request is not a valid {method} message")
+
+        if handler.unary_unary is not None:
+            return grpc.unary_unary_rpc_method_handler(
+                self._unary(service, method, handler.unary_unary, decode),
+                response_serializer=serializer)
+        if handler.stream_stream is not None and details.method == SIGN_STREAM:
+            sign_stream = self._sign_stream
+
+            async def stream(raws: AsyncIterator[bytes], context: Any) -> AsyncIterator[Any]:
+                async for item in sign_stream(raws, context):
+                    yield item
+
+            return grpc.stream_stream_rpc_method_handler(stream, response_serializer=serializer)
+        return _decoding_stream_handler(handler, decode, serializer)
+
+    def _unary(self, service: str, method: str, inner: Callable[..., Any],
+               decode: Callable[[bytes, Any], Any]) -> Callable[..., Any]:
+        requests, latency = metrics.REQUESTS, metrics.LATENCY.labels(method)
+        loop_executor, inline = self._executor, self._inline
+        is_async = inspect.iscoroutinefunction(inner)
+
+        async def call(raw: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            start = time.perf_counter()
+            ctx = CallContext(context)
+            code = grpc.StatusCode.UNKNOWN
+            try:
+                request = decode(raw, ctx)
+                if is_async:
+                    result = await inner(request, context)
+                elif inline(method, request):
+                    result = inner(request, ctx)
+                else:
+                    result = await asyncio.get_running_loop().run_in_executor(
+                        loop_executor, inner, request, ctx)
+                code = grpc.StatusCode.OK
+                return result
+            except Aborted as a:
+                code = a.code
+                await context.abort(a.code, a.details)
+            finally:
+                latency.observe(time.perf_counter() - start)
+                metrics.child(requests, service, method, code.name).inc()
+
+        return call
+
+
+SIGN_STREAM = "/signerd.v1.SignerService/SignStream"
+
+
+def _decoding_stream_handler(handler: Any, decode: Callable[[bytes, Any], Any],
+                             serializer: Any) -> Any:
+    """A streaming method with its request bytes decoded by ``decode``: the
+    servicer is async (reflection) or sync (health's Watch, which grpc.aio
+    then runs on its migration pool with a sync context)."""
+    if handler.unary_stream is not None:
+        inner = handler.unary_stream
+        if inspect.isasyncgenfunction(inner):
+            async def unary_stream(raw: bytes, context: Any) -> AsyncIterator[Any]:
+                try:
+                    request = decode(raw, CallContext(context))
+                except Aborted as a:
+                    await context.abort(a.code, a.details)
+                async for item in inner(request, context):
+                    yield item
+            return grpc.unary_stream_rpc_method_handler(unary_stream,
+                                                        response_serializer=serializer)
+        return grpc.unary_stream_rpc_method_handler(
+            lambda raw, context: inner(decode(raw, context), context),
+            response_serializer=serializer)
+    both = handler.stream_stream or handler.stream_unary
+    if not (inspect.isasyncgenfunction(both) or inspect.iscoroutinefunction(both)):
+        raise TypeError(f"signerd's aio engine has no sync driver for {both}")
+
+    async def decoded(raws: AsyncIterator[bytes], context: Any) -> AsyncIterator[Any]:
+        ctx = CallContext(context)
+        async for raw in raws:
+            try:
+                yield decode(raw, ctx)
+            except Aborted as a:
+                await context.abort(a.code, a.details)
+
+    if handler.stream_stream is not None:
+        async def stream_stream(raws: AsyncIterator[bytes], context: Any) -> AsyncIterator[Any]:
+            async for item in both(decoded(raws, context), context):
+                yield item
+        return grpc.stream_stream_rpc_method_handler(stream_stream,
+                                                     response_serializer=serializer)
+
+    async def stream_unary(raws: AsyncIterator[bytes], context: Any) -> Any:
+        return await both(decoded(raws, context), context)
+    return grpc.stream_unary_rpc_method_handler(stream_unary, response_serializer=serializer)
+
+
+async def sign_stream(
+    identify: Callable[[Any], Any],
+    refuse: Callable[[Any, str, SignerdError], None],
+    sign_items: Callable[[Any, Any, list[Any]], list[Any]],
+    inline: Callable[[str, Any], bool],
+    executor: futures.ThreadPoolExecutor,
+    raws: AsyncIterator[bytes],
+    context: grpc.aio.ServicerContext[Any, Any],
+) -> AsyncIterator[Any]:
+    """Drive one SignStream call: a reader task queues request bytes as they
+    arrive; each round takes every request already waiting (up to
+    STREAM_CHUNK), decodes them (a request that does not decode is its own
+    INVALID_ARGUMENT item), and answers them with one ``sign_items`` call,
+    inline when ``inline("Sign", request)`` holds for all of them, else on
+    ``executor``. Items are yielded in request order."""
+    ctx = CallContext(context)
+    caller = identify(ctx)
+    if isinstance(caller, SignerdError):
+        try:
+            refuse(ctx, "sign", caller)
+        except Aborted as a:
+            await context.abort(a.code, a.details)
+        return
+    queue: asyncio.Queue[bytes | None] = asyncio.Queue(STREAM_QUEUE)
+
+    async def read() -> None:
+        try:
+            async for raw in raws:
+                await queue.put(raw)
+        finally:
+            await queue.put(None)
+
+    reader = asyncio.ensure_future(read())
+    loop = asyncio.get_running_loop()
+    try:
+        done = False
+        while not done:
+            first = await queue.get()
+            if first is None:
+                break
+            chunk = [first]
+            while len(chunk) < STREAM_CHUNK and not queue.empty():
+                raw = queue.get_nowait()
+                if raw is None:
+                    done = True
+                    break
+                chunk.append(raw)
+            requests = [decode_sign_request(raw) for raw in chunk]
+            try:
+                if all(isinstance(r, SignerdError) or inline("Sign", r) for r in requests):
+                    items = sign_items(ctx, caller, requests)
+                else:
+                    items = await loop.run_in_executor(executor, sign_items, ctx, caller,
+                                                       requests)
+            except Aborted as a:
+                await context.abort(a.code, a.details)
+            for item in items:
+                yield item
+    finally:
+        reader.cancel()
+
+
+def decode_sign_request(raw: bytes) -> pb.SignRequest | SignerdError:
+    """One SignStream request from its bytes, or the InvalidArgument that
+    answers it when they are not a SignRequest."""
+    try:
+        return pb.SignRequest.FromString(raw)
+    except Exception:  # noqa: BLE001 - protobuf raises DecodeError and others
+        return InvalidArgument("the request is not a valid SignRequest message")

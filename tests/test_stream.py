@@ -1,0 +1,170 @@
+"""SignStream: one call, requests sent as they come, one answer per request in
+order; each request authorized and audited on its own. Both engines."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from signerd import signing
+from signerd.client import Client, ClientConfig
+from signerd.keys import parse_algorithm
+from signerd.v1 import signer_pb2 as pb
+from tests.conftest import (
+    ADMIN,
+    RUNNER,
+    Daemon,
+    anonymous_client_cert,
+    rpc_error,
+    unique_gun,
+)
+
+ENGINES = ("aio", "threads")
+SIGN_STREAM = "/signerd.v1.SignerService/SignStream"
+
+# The runner may sign only targets/releases keys of one repository.
+POLICY = f"""
+[[rule]]
+name = "admin"
+identities = ["{ADMIN}"]
+operations = ["*"]
+
+[[rule]]
+name = "runner"
+identities = ["{RUNNER}"]
+operations = ["sign", "read"]
+roles = ["targets/releases"]
+"""
+
+
+def codes(items: list[pb.SignBatchItem]) -> list[str]:
+    return [grpc.StatusCode(next(s for s in grpc.StatusCode if s.value[0] == i.code)).name
+            for i in items]
+
+
+def sign_lines(daemon: Daemon) -> list[dict[str, Any]]:
+    lines = [json.loads(x) for x in (daemon.workdir / "audit.log").read_text().splitlines()]
+    return [x for x in lines if x.get("operation") == "sign"]
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_each_request_is_answered_in_order_with_its_own_status(daemon_factory: Any,
+                                                               engine: str) -> None:
+    d: Daemon = daemon_factory(server={"engine": engine}, policy=POLICY)
+    with d.client() as admin:
+        p256 = admin.create_key(unique_gun(), "targets/releases")
+        rsa = admin.create_key(unique_gun(), "targets/releases", "rsa-2048")
+        targets = admin.create_key(unique_gun(), "targets")
+    reqs = [
+        pb.SignRequest(key_id=p256.key_id, message=b"one"),
+        pb.SignRequest(key_id="ab" * 32, message=b"unknown key"),
+        pb.SignRequest(key_id=targets.key_id, message=b"not the runner's role"),
+        pb.SignRequest(key_id=rsa.key_id, message=b"two"),  # RSA: off the loop in aio
+        pb.SignRequest(key_id=p256.key_id, digest=b"short"),
+        pb.SignRequest(key_id="not hex", message=b"x"),
+        pb.SignRequest(key_id=p256.key_id, message=b"three", encoding=pb.SIGNATURE_ENCODING_DER),
+    ]
+    before = len(sign_lines(d))
+    with d.client("runner") as runner:
+        items = list(runner.stub.SignStream(iter(reqs), timeout=30))
+    assert codes(items) == ["OK", "NOT_FOUND", "PERMISSION_DENIED", "OK", "INVALID_ARGUMENT",
+                            "INVALID_ARGUMENT", "OK"]
+    assert "digest is 5 bytes" in items[4].error
+    options = signing.SignOptions()
+    signing.verify(p256.public_key_der, parse_algorithm("ecdsa-p256"),
+                   items[0].response.signature, b"one", options)
+    signing.verify(rsa.public_key_der, parse_algorithm("rsa-2048"),
+                   items[3].response.signature, b"two", options)
+    signing.verify(p256.public_key_der, parse_algorithm("ecdsa-p256"),
+                   items[6].response.signature, b"three",
+                   signing.SignOptions(signing.Encoding.DER))
+    # One audit line per request, in order, with its own payload hash and outcome.
+    lines = sign_lines(d)[before:]
+    assert [x["status"] for x in lines] == codes(items)
+    assert [x["payload_sha256"] for x in lines] == [
+        hashlib.sha256(r.message or r.digest).hexdigest() for r in reqs]
+    assert lines[2]["decision"] == "deny" and lines[2]["key_id"] == targets.key_id
+    assert {x["identity"] for x in lines} == {RUNNER}
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_requests_sent_as_they_come_are_all_answered(daemon_factory: Any, engine: str) -> None:
+    """A client that keeps many requests outstanding on one stream (the aio
+    engine then answers several at a time) gets every answer, in order."""
+    d: Daemon = daemon_factory(server={"engine": engine})
+    with d.client() as c:
+        keys = [c.create_key(unique_gun(), "targets", alg) for alg in ("ecdsa-p256", "ed25519")]
+        n = 600
+        sent: list[pb.SignRequest] = []
+
+        def requests() -> Iterator[pb.SignRequest]:
+            for i in range(n):
+                req = pb.SignRequest(key_id=keys[i % 2].key_id, message=b"m%d" % i)
+                sent.append(req)
+                yield req
+
+        items = list(c.stub.SignStream(requests(), timeout=60))
+    assert len(items) == n and set(codes(items)) == {"OK"}
+    for i in (0, 1, n // 2, n - 1):
+        key = keys[i % 2]
+        assert items[i].response.key_id == key.key_id
+        signing.verify(key.public_key_der, parse_algorithm(key.algorithm),
+                       items[i].response.signature, sent[i].message, signing.SignOptions())
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_an_undecodable_request_fails_alone(daemon_factory: Any, engine: str) -> None:
+    d: Daemon = daemon_factory(server={"engine": engine})
+    with d.client() as c:
+        key = c.create_key(unique_gun(), "targets")
+        good = pb.SignRequest(key_id=key.key_id, message=b"ok").SerializeToString()
+        call = c.channel.stream_stream(SIGN_STREAM)
+        answers = [pb.SignBatchItem.FromString(raw)
+                   for raw in call(iter([good, b"\x0a\x02\xff\xfe", good]), timeout=30)]
+    assert codes(answers) == ["OK", "INVALID_ARGUMENT", "OK"]
+    assert answers[1].error == "the request is not a valid SignRequest message"
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_an_unidentified_caller_is_refused_and_audited(daemon_factory: Any, certs: Any,
+                                                       tmp_path: Path, engine: str) -> None:
+    d: Daemon = daemon_factory(server={"engine": engine})
+    with d.client() as c:
+        key = c.create_key(unique_gun(), "targets")
+    cert, private = anonymous_client_cert(certs, tmp_path)
+    with Client(ClientConfig(f"127.0.0.1:{d.port}", certs.ca_file, cert, private, "localhost",
+                             20)) as anon:
+        err = rpc_error(lambda: list(anon.stub.SignStream(
+            iter([pb.SignRequest(key_id=key.key_id, message=b"x")]), timeout=30)))
+    assert err.code() == grpc.StatusCode.UNAUTHENTICATED
+    [line] = [x for x in sign_lines(d) if x["status"] == "UNAUTHENTICATED"]
+    assert line["decision"] == "deny" and line["identity"] == ""
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_stream_ends_cleanly_when_the_client_goes_away(daemon_factory: Any,
+                                                         engine: str) -> None:
+    """A client that cancels mid-stream leaves the daemon serving."""
+    d: Daemon = daemon_factory(server={"engine": engine})
+    with d.client() as c:
+        key = c.create_key(unique_gun(), "targets")
+        stop = threading.Event()
+
+        def forever() -> Iterator[pb.SignRequest]:
+            while not stop.is_set():
+                yield pb.SignRequest(key_id=key.key_id, message=b"x")
+
+        call = c.stub.SignStream(forever(), timeout=30)
+        for i, _ in enumerate(call):
+            if i == 50:
+                call.cancel()
+                break
+        stop.set()
+        assert c.sign(key.key_id, b"after").signature
