@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -147,6 +147,17 @@ class Client:
         else:
             req.message = message or b""
         return self.stub.Sign(req, timeout=self.cfg.timeout)
+
+    def sign_stream(self, requests: Iterable[pb.SignRequest],
+                    timeout: float | None = None) -> Iterator[pb.SignBatchItem]:
+        """SignStream: send ``requests`` on one call as the iterable yields
+        them (it is read on gRPC's thread), and yield one item per request,
+        in request order, as the answers arrive. ``timeout`` (seconds) bounds
+        the whole call (default: none). Raises grpc.RpcError only for the
+        call as a whole (UNAUTHENTICATED, UNAVAILABLE...); a bad request is
+        an item with its own code."""
+        for response in self.stub.SignStream(iter(requests), timeout=timeout):
+            yield from response.items
 
     def certify_key(
         self,

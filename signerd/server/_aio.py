@@ -278,7 +278,7 @@ def _decoding_stream_handler(handler: Any, decode: Callable[[bytes, Any], Any],
 async def sign_stream(
     identify: Callable[[Any], Any],
     refuse: Callable[[Any, str, SignerdError], None],
-    sign_items: Callable[[Any, Any, list[Any]], list[Any]],
+    sign_items: Callable[[Any, Any, list[Any]], Any],
     inline: Callable[[str, Any], bool],
     executor: futures.ThreadPoolExecutor,
     raws: AsyncIterator[bytes],
@@ -289,7 +289,8 @@ async def sign_stream(
     STREAM_CHUNK), decodes them (a request that does not decode is its own
     INVALID_ARGUMENT item), and answers them with one ``sign_items`` call,
     inline when ``inline("Sign", request)`` holds for all of them, else on
-    ``executor``. Items are yielded in request order."""
+    ``executor``, whose one response (their items, in request order) is
+    yielded."""
     ctx = CallContext(context)
     caller = identify(ctx)
     if isinstance(caller, SignerdError):
@@ -325,14 +326,13 @@ async def sign_stream(
             requests = [decode_sign_request(raw) for raw in chunk]
             try:
                 if all(isinstance(r, SignerdError) or inline("Sign", r) for r in requests):
-                    items = sign_items(ctx, caller, requests)
+                    response = sign_items(ctx, caller, requests)
                 else:
-                    items = await loop.run_in_executor(executor, sign_items, ctx, caller,
-                                                       requests)
+                    response = await loop.run_in_executor(executor, sign_items, ctx, caller,
+                                                          requests)
             except Aborted as a:
                 await context.abort(a.code, a.details)
-            for item in items:
-                yield item
+            yield response
     finally:
         reader.cancel()
 

@@ -218,10 +218,10 @@ class SignerServicer(pb_grpc.SignerServiceServicer):
         return self._run(context, "sign", digest_input, work)
 
     def sign_items(self, context: grpc.ServicerContext, caller: Caller,
-                   requests: Sequence[pb.SignRequest | SignerdError]) -> list[pb.SignBatchItem]:
+                   requests: Sequence[pb.SignRequest | SignerdError]) -> pb.SignStreamResponse:
         """Answer requests of a SignStream call: each one authorized, signed
-        and audited on its own (one audit line each, written together), one
-        item per request in the same order. A request that could not be
+        and audited on its own (one audit line each, written together); one
+        response holding one item per request, in the same order. A request that could not be
         decoded arrives as its InvalidArgument and is audited as refused.
         Aborts the call (UNAVAILABLE) if the audit lines cannot be written."""
         def work_for(req: pb.SignRequest | SignerdError) -> Callable[[Scope], pb.SignResponse]:
@@ -234,21 +234,23 @@ class SignerServicer(pb_grpc.SignerServiceServicer):
         outcomes = self.gate.run_items(context, caller, "sign", [
             (b"" if isinstance(r, SignerdError) else (r.message or r.digest), work_for(r))
             for r in requests])
-        return [pb.SignBatchItem(code=code_for(o).value[0], error=str(o))
-                if isinstance(o, SignerdError) else pb.SignBatchItem(code=0, response=o)
-                for o in outcomes]
+        return pb.SignStreamResponse(items=[
+            pb.SignBatchItem(code=code_for(o).value[0], error=str(o))
+            if isinstance(o, SignerdError) else pb.SignBatchItem(code=0, response=o)
+            for o in outcomes])
 
     def SignStream(self, request_iterator: Iterator[pb.SignRequest | SignerdError],
-                   context: grpc.ServicerContext) -> Iterator[pb.SignBatchItem]:
-        """Sign requests as they arrive on the stream, one item each, in order
-        (the thread-per-call engine; the aio engine reads several requests
-        at a time, see signerd.server._aio)."""
+                   context: grpc.ServicerContext) -> Iterator[pb.SignStreamResponse]:
+        """Sign requests as they arrive on the stream, one response with one
+        item each, in order (the thread-per-call engine; the aio engine
+        answers the requests already waiting together, see
+        signerd.server._aio)."""
         caller = self.identify(context)
         if isinstance(caller, SignerdError):
             self.gate.refuse_unidentified(context, "sign", caller)
             return
         for request in request_iterator:
-            yield from self.sign_items(context, caller, [request])
+            yield self.sign_items(context, caller, [request])
 
     def CertifyKey(
         self, request: pb.CertifyKeyRequest, context: grpc.ServicerContext

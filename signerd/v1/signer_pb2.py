@@ -24,19 +24,19 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17signerd/v1/signer.proto\x12\nsignerd.v1\"\xb5\x01\n\x03Key\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x11\n\talgorithm\x18\x02 \x01(\t\x12\x0b\n\x03gun\x18\x03 \x01(\t\x12\x0c\n\x04role\x18\x04 \x01(\t\x12\r\n\x05token\x18\x05 \x01(\t\x12\x0f\n\x07keytype\x18\x06 \x01(\t\x12\x16\n\x0epublic_key_der\x18\x07 \x01(\x0c\x12\x16\n\x0epublic_key_pem\x18\x08 \x01(\t\x12\x12\n\ntuf_public\x18\t \x01(\x0c\x12\x0c\n\x04used\x18\n \x01(\x08\"O\n\x10\x43reateKeyRequest\x12\x0b\n\x03gun\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x11\n\talgorithm\x18\x03 \x01(\t\x12\r\n\x05token\x18\x04 \x01(\t\"\x1f\n\rGetKeyRequest\x12\x0e\n\x06key_id\x18\x01 \x01(\t\"b\n\x0fListKeysRequest\x12\x0b\n\x03gun\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\r\n\x05token\x18\x03 \x01(\t\x12\x11\n\tpage_size\x18\x04 \x01(\x05\x12\x12\n\npage_token\x18\x05 \x01(\t\"J\n\x10ListKeysResponse\x12\x1d\n\x04keys\x18\x01 \x03(\x0b\x32\x0f.signerd.v1.Key\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\"\n\x10\x44\x65leteKeyRequest\x12\x0e\n\x06key_id\x18\x01 \x01(\t\"\x13\n\x11\x44\x65leteKeyResponse\"\xab\x01\n\x0bSignRequest\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x11\n\x07message\x18\x02 \x01(\x0cH\x00\x12\x10\n\x06\x64igest\x18\x03 \x01(\x0cH\x00\x12/\n\x08\x65ncoding\x18\x04 \x01(\x0e\x32\x1d.signerd.v1.SignatureEncoding\x12+\n\x0brsa_padding\x18\x05 \x01(\x0e\x32\x16.signerd.v1.RsaPaddingB\t\n\x07payload\"\x85\x01\n\x0cSignResponse\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x11\n\tsignature\x18\x02 \x01(\x0c\x12\x11\n\talgorithm\x18\x03 \x01(\t\x12\x0e\n\x06method\x18\x04 \x01(\t\x12/\n\x08\x65ncoding\x18\x05 \x01(\x0e\x32\x1d.signerd.v1.SignatureEncoding\"=\n\x10SignBatchRequest\x12)\n\x08requests\x18\x01 \x03(\x0b\x32\x17.signerd.v1.SignRequest\"X\n\rSignBatchItem\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\r\n\x05\x65rror\x18\x02 \x01(\t\x12*\n\x08response\x18\x03 \x01(\x0b\x32\x18.signerd.v1.SignResponse\"=\n\x11SignBatchResponse\x12(\n\x05items\x18\x01 \x03(\x0b\x32\x19.signerd.v1.SignBatchItem\"\x13\n\x11ListTokensRequest\"\x90\x02\n\tTokenInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06module\x18\x02 \x01(\t\x12\x0f\n\x07profile\x18\x03 \x01(\t\x12\x14\n\x0cmanufacturer\x18\x04 \x01(\t\x12\r\n\x05model\x18\x05 \x01(\t\x12\x0e\n\x06serial\x18\x06 \x01(\t\x12\r\n\x05label\x18\x07 \x01(\t\x12\x0f\n\x07healthy\x18\x08 \x01(\x08\x12\r\n\x05\x65rror\x18\t \x01(\t\x12\x12\n\nalgorithms\x18\n \x03(\t\x12\x11\n\tkey_count\x18\x0b \x01(\x03\x12\x10\n\x08sessions\x18\x0c \x01(\x05\x12\x1a\n\x12\x66ree_public_memory\x18\r \x01(\x03\x12\x1b\n\x13\x66ree_private_memory\x18\x0e \x01(\x03\";\n\x12ListTokensResponse\x12%\n\x06tokens\x18\x01 \x03(\x0b\x32\x15.signerd.v1.TokenInfo\"\x93\x01\n\x11\x43\x65rtifyKeyRequest\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x0f\n\x07subject\x18\x02 \x01(\t\x12\x15\n\rissuer_key_id\x18\x03 \x01(\t\x12\x15\n\rvalidity_days\x18\x04 \x01(\x05\x12/\n\x07profile\x18\x05 \x01(\x0e\x32\x1e.signerd.v1.CertificateProfile\",\n\x1aGetCertificateChainRequest\x12\x0e\n\x06key_id\x18\x01 \x01(\t\"8\n\x10\x43\x65rtificateChain\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x14\n\x0c\x63\x65rtificates\x18\x02 \x03(\x0c*o\n\x11SignatureEncoding\x12\"\n\x1eSIGNATURE_ENCODING_UNSPECIFIED\x10\x00\x12\x1a\n\x16SIGNATURE_ENCODING_RAW\x10\x01\x12\x1a\n\x16SIGNATURE_ENCODING_DER\x10\x02*X\n\nRsaPadding\x12\x1b\n\x17RSA_PADDING_UNSPECIFIED\x10\x00\x12\x13\n\x0fRSA_PADDING_PSS\x10\x01\x12\x18\n\x14RSA_PADDING_PKCS1V15\x10\x02*{\n\x12\x43\x65rtificateProfile\x12#\n\x1f\x43\x45RTIFICATE_PROFILE_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x43\x45RTIFICATE_PROFILE_CA\x10\x01\x12$\n CERTIFICATE_PROFILE_CODE_SIGNING\x10\x02\x32\xd2\x05\n\rSignerService\x12:\n\tCreateKey\x12\x1c.signerd.v1.CreateKeyRequest\x1a\x0f.signerd.v1.Key\x12\x34\n\x06GetKey\x12\x19.signerd.v1.GetKeyRequest\x1a\x0f.signerd.v1.Key\x12\x45\n\x08ListKeys\x12\x1b.signerd.v1.ListKeysRequest\x1a\x1c.signerd.v1.ListKeysResponse\x12H\n\tDeleteKey\x12\x1c.signerd.v1.DeleteKeyRequest\x1a\x1d.signerd.v1.DeleteKeyResponse\x12\x39\n\x04Sign\x12\x17.signerd.v1.SignRequest\x1a\x18.signerd.v1.SignResponse\x12H\n\tSignBatch\x12\x1c.signerd.v1.SignBatchRequest\x1a\x1d.signerd.v1.SignBatchResponse\x12\x44\n\nSignStream\x12\x17.signerd.v1.SignRequest\x1a\x19.signerd.v1.SignBatchItem(\x01\x30\x01\x12K\n\nListTokens\x12\x1d.signerd.v1.ListTokensRequest\x1a\x1e.signerd.v1.ListTokensResponse\x12I\n\nCertifyKey\x12\x1d.signerd.v1.CertifyKeyRequest\x1a\x1c.signerd.v1.CertificateChain\x12[\n\x13GetCertificateChain\x12&.signerd.v1.GetCertificateChainRequest\x1a\x1c.signerd.v1.CertificateChainb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17signerd/v1/signer.proto\x12\nsignerd.v1\"\xb5\x01\n\x03Key\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x11\n\talgorithm\x18\x02 \x01(\t\x12\x0b\n\x03gun\x18\x03 \x01(\t\x12\x0c\n\x04role\x18\x04 \x01(\t\x12\r\n\x05token\x18\x05 \x01(\t\x12\x0f\n\x07keytype\x18\x06 \x01(\t\x12\x16\n\x0epublic_key_der\x18\x07 \x01(\x0c\x12\x16\n\x0epublic_key_pem\x18\x08 \x01(\t\x12\x12\n\ntuf_public\x18\t \x01(\x0c\x12\x0c\n\x04used\x18\n \x01(\x08\"O\n\x10\x43reateKeyRequest\x12\x0b\n\x03gun\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x11\n\talgorithm\x18\x03 \x01(\t\x12\r\n\x05token\x18\x04 \x01(\t\"\x1f\n\rGetKeyRequest\x12\x0e\n\x06key_id\x18\x01 \x01(\t\"b\n\x0fListKeysRequest\x12\x0b\n\x03gun\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\r\n\x05token\x18\x03 \x01(\t\x12\x11\n\tpage_size\x18\x04 \x01(\x05\x12\x12\n\npage_token\x18\x05 \x01(\t\"J\n\x10ListKeysResponse\x12\x1d\n\x04keys\x18\x01 \x03(\x0b\x32\x0f.signerd.v1.Key\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\"\n\x10\x44\x65leteKeyRequest\x12\x0e\n\x06key_id\x18\x01 \x01(\t\"\x13\n\x11\x44\x65leteKeyResponse\"\xab\x01\n\x0bSignRequest\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x11\n\x07message\x18\x02 \x01(\x0cH\x00\x12\x10\n\x06\x64igest\x18\x03 \x01(\x0cH\x00\x12/\n\x08\x65ncoding\x18\x04 \x01(\x0e\x32\x1d.signerd.v1.SignatureEncoding\x12+\n\x0brsa_padding\x18\x05 \x01(\x0e\x32\x16.signerd.v1.RsaPaddingB\t\n\x07payload\"\x85\x01\n\x0cSignResponse\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x11\n\tsignature\x18\x02 \x01(\x0c\x12\x11\n\talgorithm\x18\x03 \x01(\t\x12\x0e\n\x06method\x18\x04 \x01(\t\x12/\n\x08\x65ncoding\x18\x05 \x01(\x0e\x32\x1d.signerd.v1.SignatureEncoding\"=\n\x10SignBatchRequest\x12)\n\x08requests\x18\x01 \x03(\x0b\x32\x17.signerd.v1.SignRequest\"X\n\rSignBatchItem\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\r\n\x05\x65rror\x18\x02 \x01(\t\x12*\n\x08response\x18\x03 \x01(\x0b\x32\x18.signerd.v1.SignResponse\">\n\x12SignStreamResponse\x12(\n\x05items\x18\x01 \x03(\x0b\x32\x19.signerd.v1.SignBatchItem\"=\n\x11SignBatchResponse\x12(\n\x05items\x18\x01 \x03(\x0b\x32\x19.signerd.v1.SignBatchItem\"\x13\n\x11ListTokensRequest\"\x90\x02\n\tTokenInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06module\x18\x02 \x01(\t\x12\x0f\n\x07profile\x18\x03 \x01(\t\x12\x14\n\x0cmanufacturer\x18\x04 \x01(\t\x12\r\n\x05model\x18\x05 \x01(\t\x12\x0e\n\x06serial\x18\x06 \x01(\t\x12\r\n\x05label\x18\x07 \x01(\t\x12\x0f\n\x07healthy\x18\x08 \x01(\x08\x12\r\n\x05\x65rror\x18\t \x01(\t\x12\x12\n\nalgorithms\x18\n \x03(\t\x12\x11\n\tkey_count\x18\x0b \x01(\x03\x12\x10\n\x08sessions\x18\x0c \x01(\x05\x12\x1a\n\x12\x66ree_public_memory\x18\r \x01(\x03\x12\x1b\n\x13\x66ree_private_memory\x18\x0e \x01(\x03\";\n\x12ListTokensResponse\x12%\n\x06tokens\x18\x01 \x03(\x0b\x32\x15.signerd.v1.TokenInfo\"\x93\x01\n\x11\x43\x65rtifyKeyRequest\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x0f\n\x07subject\x18\x02 \x01(\t\x12\x15\n\rissuer_key_id\x18\x03 \x01(\t\x12\x15\n\rvalidity_days\x18\x04 \x01(\x05\x12/\n\x07profile\x18\x05 \x01(\x0e\x32\x1e.signerd.v1.CertificateProfile\",\n\x1aGetCertificateChainRequest\x12\x0e\n\x06key_id\x18\x01 \x01(\t\"8\n\x10\x43\x65rtificateChain\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x14\n\x0c\x63\x65rtificates\x18\x02 \x03(\x0c*o\n\x11SignatureEncoding\x12\"\n\x1eSIGNATURE_ENCODING_UNSPECIFIED\x10\x00\x12\x1a\n\x16SIGNATURE_ENCODING_RAW\x10\x01\x12\x1a\n\x16SIGNATURE_ENCODING_DER\x10\x02*X\n\nRsaPadding\x12\x1b\n\x17RSA_PADDING_UNSPECIFIED\x10\x00\x12\x13\n\x0fRSA_PADDING_PSS\x10\x01\x12\x18\n\x14RSA_PADDING_PKCS1V15\x10\x02*{\n\x12\x43\x65rtificateProfile\x12#\n\x1f\x43\x45RTIFICATE_PROFILE_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x43\x45RTIFICATE_PROFILE_CA\x10\x01\x12$\n CERTIFICATE_PROFILE_CODE_SIGNING\x10\x02\x32\xd7\x05\n\rSignerService\x12:\n\tCreateKey\x12\x1c.signerd.v1.CreateKeyRequest\x1a\x0f.signerd.v1.Key\x12\x34\n\x06GetKey\x12\x19.signerd.v1.GetKeyRequest\x1a\x0f.signerd.v1.Key\x12\x45\n\x08ListKeys\x12\x1b.signerd.v1.ListKeysRequest\x1a\x1c.signerd.v1.ListKeysResponse\x12H\n\tDeleteKey\x12\x1c.signerd.v1.DeleteKeyRequest\x1a\x1d.signerd.v1.DeleteKeyResponse\x12\x39\n\x04Sign\x12\x17.signerd.v1.SignRequest\x1a\x18.signerd.v1.SignResponse\x12H\n\tSignBatch\x12\x1c.signerd.v1.SignBatchRequest\x1a\x1d.signerd.v1.SignBatchResponse\x12I\n\nSignStream\x12\x17.signerd.v1.SignRequest\x1a\x1e.signerd.v1.SignStreamResponse(\x01\x30\x01\x12K\n\nListTokens\x12\x1d.signerd.v1.ListTokensRequest\x1a\x1e.signerd.v1.ListTokensResponse\x12I\n\nCertifyKey\x12\x1d.signerd.v1.CertifyKeyRequest\x1a\x1c.signerd.v1.CertificateChain\x12[\n\x13GetCertificateChain\x12&.signerd.v1.GetCertificateChainRequest\x1a\x1c.signerd.v1.CertificateChainb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'signerd.v1.signer_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_SIGNATUREENCODING']._serialized_start=1707
-  _globals['_SIGNATUREENCODING']._serialized_end=1818
-  _globals['_RSAPADDING']._serialized_start=1820
-  _globals['_RSAPADDING']._serialized_end=1908
-  _globals['_CERTIFICATEPROFILE']._serialized_start=1910
-  _globals['_CERTIFICATEPROFILE']._serialized_end=2033
+  _globals['_SIGNATUREENCODING']._serialized_start=1771
+  _globals['_SIGNATUREENCODING']._serialized_end=1882
+  _globals['_RSAPADDING']._serialized_start=1884
+  _globals['_RSAPADDING']._serialized_end=1972
+  _globals['_CERTIFICATEPROFILE']._serialized_start=1974
+  _globals['_CERTIFICATEPROFILE']._serialized_end=2097
   _globals['_KEY']._serialized_start=40
   _globals['_KEY']._serialized_end=221
   _globals['_CREATEKEYREQUEST']._serialized_start=223
@@ -59,20 +59,22 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SIGNBATCHREQUEST']._serialized_end=941
   _globals['_SIGNBATCHITEM']._serialized_start=943
   _globals['_SIGNBATCHITEM']._serialized_end=1031
-  _globals['_SIGNBATCHRESPONSE']._serialized_start=1033
-  _globals['_SIGNBATCHRESPONSE']._serialized_end=1094
-  _globals['_LISTTOKENSREQUEST']._serialized_start=1096
-  _globals['_LISTTOKENSREQUEST']._serialized_end=1115
-  _globals['_TOKENINFO']._serialized_start=1118
-  _globals['_TOKENINFO']._serialized_end=1390
-  _globals['_LISTTOKENSRESPONSE']._serialized_start=1392
-  _globals['_LISTTOKENSRESPONSE']._serialized_end=1451
-  _globals['_CERTIFYKEYREQUEST']._serialized_start=1454
-  _globals['_CERTIFYKEYREQUEST']._serialized_end=1601
-  _globals['_GETCERTIFICATECHAINREQUEST']._serialized_start=1603
-  _globals['_GETCERTIFICATECHAINREQUEST']._serialized_end=1647
-  _globals['_CERTIFICATECHAIN']._serialized_start=1649
-  _globals['_CERTIFICATECHAIN']._serialized_end=1705
-  _globals['_SIGNERSERVICE']._serialized_start=2036
-  _globals['_SIGNERSERVICE']._serialized_end=2758
+  _globals['_SIGNSTREAMRESPONSE']._serialized_start=1033
+  _globals['_SIGNSTREAMRESPONSE']._serialized_end=1095
+  _globals['_SIGNBATCHRESPONSE']._serialized_start=1097
+  _globals['_SIGNBATCHRESPONSE']._serialized_end=1158
+  _globals['_LISTTOKENSREQUEST']._serialized_start=1160
+  _globals['_LISTTOKENSREQUEST']._serialized_end=1179
+  _globals['_TOKENINFO']._serialized_start=1182
+  _globals['_TOKENINFO']._serialized_end=1454
+  _globals['_LISTTOKENSRESPONSE']._serialized_start=1456
+  _globals['_LISTTOKENSRESPONSE']._serialized_end=1515
+  _globals['_CERTIFYKEYREQUEST']._serialized_start=1518
+  _globals['_CERTIFYKEYREQUEST']._serialized_end=1665
+  _globals['_GETCERTIFICATECHAINREQUEST']._serialized_start=1667
+  _globals['_GETCERTIFICATECHAINREQUEST']._serialized_end=1711
+  _globals['_CERTIFICATECHAIN']._serialized_start=1713
+  _globals['_CERTIFICATECHAIN']._serialized_end=1769
+  _globals['_SIGNERSERVICE']._serialized_start=2100
+  _globals['_SIGNERSERVICE']._serialized_end=2827
 # @@protoc_insertion_point(module_scope)

@@ -152,6 +152,12 @@ class SignBatchItem(_message.Message):
     response: SignResponse
     def __init__(self, code: _Optional[int] = ..., error: _Optional[str] = ..., response: _Optional[_Union[SignResponse, _Mapping]] = ...) -> None: ...
 
+class SignStreamResponse(_message.Message):
+    __slots__ = ("items",)
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    items: _containers.RepeatedCompositeFieldContainer[SignBatchItem]
+    def __init__(self, items: _Optional[_Iterable[_Union[SignBatchItem, _Mapping]]] = ...) -> None: ...
+
 class SignBatchResponse(_message.Message):
     __slots__ = ("items",)
     ITEMS_FIELD_NUMBER: _ClassVar[int]

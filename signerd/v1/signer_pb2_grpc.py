@@ -67,7 +67,7 @@ class SignerServiceStub:
         self.SignStream = channel.stream_stream(
                 '/signerd.v1.SignerService/SignStream',
                 request_serializer=signerd_dot_v1_dot_signer__pb2.SignRequest.SerializeToString,
-                response_deserializer=signerd_dot_v1_dot_signer__pb2.SignBatchItem.FromString,
+                response_deserializer=signerd_dot_v1_dot_signer__pb2.SignStreamResponse.FromString,
                 _registered_method=True)
         self.ListTokens = channel.unary_unary(
                 '/signerd.v1.SignerService/ListTokens',
@@ -135,12 +135,15 @@ class SignerServiceServicer:
 
     def SignStream(self, request_iterator, context):
         """Signs a stream of requests on one call: the client sends requests as
-        they come and reads one item per request, in request order. Each item
-        is authorized, audited (one audit line per request) and answered on its
+        they come, one SignRequest per message, and reads the answers: one item
+        per request, in request order, carried by as few responses as the
+        server finds convenient (the items of requests that arrived together
+        share one response, which saves a message per signature). Each item is
+        authorized, audited (one audit line per request) and answered on its
         own, as in SignBatch; a bad item fails only itself and the stream goes
-        on. The call itself ends with a status only for the whole stream: an
-        unidentified caller (UNAUTHENTICATED), or an audit log that cannot be
-        written (UNAVAILABLE, after the items already answered).
+        on. The call itself ends with a status other than OK only for the whole
+        stream: an unidentified caller (UNAUTHENTICATED), or an audit log that
+        cannot be written (UNAVAILABLE; items already answered stay answered).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -217,7 +220,7 @@ def add_SignerServiceServicer_to_server(servicer, server):
             'SignStream': grpc.stream_stream_rpc_method_handler(
                     servicer.SignStream,
                     request_deserializer=signerd_dot_v1_dot_signer__pb2.SignRequest.FromString,
-                    response_serializer=signerd_dot_v1_dot_signer__pb2.SignBatchItem.SerializeToString,
+                    response_serializer=signerd_dot_v1_dot_signer__pb2.SignStreamResponse.SerializeToString,
             ),
             'ListTokens': grpc.unary_unary_rpc_method_handler(
                     servicer.ListTokens,
@@ -423,7 +426,7 @@ class SignerService:
             target,
             '/signerd.v1.SignerService/SignStream',
             signerd_dot_v1_dot_signer__pb2.SignRequest.SerializeToString,
-            signerd_dot_v1_dot_signer__pb2.SignBatchItem.FromString,
+            signerd_dot_v1_dot_signer__pb2.SignStreamResponse.FromString,
             options,
             channel_credentials,
             insecure,
