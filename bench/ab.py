@@ -99,7 +99,8 @@ def measure(daemon: Daemon, env: Env, gen: LoadGen, key: str, rpc: str, callers:
     ops = point["ops_per_s"]
     return {"ops_per_s": ops, "p50_ms": point["p50_ms"], "p99_ms": point["p99_ms"],
             "cpu_us_per_signature": round(point["daemon_cpu_cores"] / ops * 1e6, 1),
-            "switches_per_request": round(switches / max(point["requests"], 1), 1)}
+            "switches_per_request": round(switches / max(point["requests"], 1), 1),
+            "loadgen_cpu_cores": point["loadgen_cpu_cores"]}
 
 
 def run(base: Settings, variants: list[dict[str, Any]], rpc: str, algorithm: str, callers: int,
@@ -173,11 +174,13 @@ def main(argv: list[str] | None = None) -> int:
           f"the variant says otherwise; median of {a.rounds} alternating rounds of "
           f"{a.duration:g} s\n")
     print("| variant | signatures/s | p50 ms | p99 ms | daemon CPU µs/signature | "
-          "context switches/request |\n| --- | ---: | ---: | ---: | ---: | ---: |")
+          "context switches/request | loadgen CPU |\n| --- | ---: | ---: | ---: | ---: | ---: "
+          "| ---: |")
     for r in results:
         name = ", ".join(f"{k}={v}" for k, v in r["variant"].items())
         print(f"| {name} | {r['ops_per_s']:,.0f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | "
-              f"{r['cpu_us_per_signature']:,.0f} | {r['switches_per_request']:.1f} |")
+              f"{r['cpu_us_per_signature']:,.0f} | {r['switches_per_request']:.1f} | "
+              f"{r['loadgen_cpu_cores']:.2f} |")
     if a.out is not None:
         a.out.write_text(json.dumps({"settings": asdict(base), "rpc": a.rpc, "floor": a.floor,
                                      "algorithm": a.algorithm, "callers": a.callers,

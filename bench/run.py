@@ -367,18 +367,23 @@ class Peer(Daemon):
             proc = subprocess.Popen([NOTARY_SIGNER, "-config", str(config)],
                                     stdout=subprocess.DEVNULL, stderr=stderr.open("ab"), cwd=work)
             peer = cls(proc, {"tcp": port, "workers": []}, 0.0, stderr)
-            with client_channel(env.target(port)) as ch:
-                ready = grpc.channel_ready_future(ch)
-                while True:
+            # Listening first (a channel that fails to connect backs off for a second or more),
+            # then a TLS channel ready: the handshake with the bench's client certificate works.
+            while proc.poll() is None and time.monotonic() - t0 < timeout:
+                try:
+                    socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                    break
+                except OSError:
+                    time.sleep(0.01)
+            if proc.poll() is None:
+                with client_channel(env.target(port)) as ch:
                     try:
-                        ready.result(timeout=0.05)
-                        break
+                        grpc.channel_ready_future(ch).result(
+                            timeout=max(1.0, timeout - (time.monotonic() - t0)))
+                        peer.start_seconds = time.monotonic() - t0
+                        return peer
                     except grpc.FutureTimeoutError:
-                        if proc.poll() is not None or time.monotonic() - t0 > timeout:
-                            break
-            if proc.poll() is None and ready.done():
-                peer.start_seconds = time.monotonic() - t0
-                return peer
+                        pass
             peer.stop()
         raise RuntimeError(f"notary-signer did not start:\n{stderr.read_text()[-4000:]}")
 
@@ -688,16 +693,17 @@ def best_floor(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def peer_points(env: Env, gen: LoadGen, daemon: Daemon, target: Target,
-                keys: dict[str, str], skipped: dict[str, str],
-                s: Settings) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+                keys: dict[str, str], skipped: dict[str, str], s: Settings,
+                info: dict[str, Any]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """notary-signer's Sign, driven like signerd's Notary Sign: the same load
     generator, P-256 key, payload and callers. At each caller count it is
     measured in alternation with signerd's Notary Sign (``s.peer_rounds``
     times), so the pair saw the same minute. Returns its rows (rpc "peer")
-    and the pairs."""
+    and the pairs; ``info`` gets its start time, memory and exit."""
     data = payload(s.payload_bytes)
     peer = Peer.start(env)
     peer_target = env.target(peer.info["tcp"])
+    info["start_seconds"] = round(peer.start_seconds, 3)
     try:
         log(f"notary-signer pid {peer.pid} ready in {peer.start_seconds:.2f}s")
         key_id, spki = peer.create_key(peer_target)
@@ -729,13 +735,11 @@ def peer_points(env: Env, gen: LoadGen, daemon: Daemon, target: Target,
                         f"loadgen {mine['loadgen_cpu_cores']:.2f} cores")
                     pairs.append({"callers": callers, "round": r, "notary_signer": point,
                                   "signerd_notary": mine})
-        mem = peer.memory_mib()
-        for row in rows:
-            row["peer_rss_mib"] = mem["rss_mib"]
+        info.update(peer.memory_mib())
         return rows, pairs
     finally:
         gen.hang_up(peer_target)
-        peer.stop()
+        info.update(peer.stop())
 
 
 def many_keys_hsm(env: Env, count: int, cache: Path = CACHE) -> tuple[Hsm, str]:
@@ -862,12 +866,14 @@ def run(s: Settings, out: Path | None) -> dict[str, Any]:
             gen = LoadGen(s.loadgen_procs, s.loadgen_mode, s.channels_per_proc)
             results, skipped = sweep(daemon, target, gen, keys, rates, s)
             pairs: list[dict[str, Any]] = []
+            peer: dict[str, Any] = {}
             if s.peer and not os.access(NOTARY_SIGNER, os.X_OK):
                 skipped["peer"] = (f"{NOTARY_SIGNER} is not installed (Debian's notary "
                                    "package; ./dev.sh bench installs it)")
                 log(f"skipping the peer: {skipped['peer']}")
             elif s.peer:
-                peer_rows, pairs = peer_points(env, gen, daemon, target, keys, skipped, s)
+                peer_rows, pairs = peer_points(env, gen, daemon, target, keys, skipped, s,
+                                               peer)
                 results += peer_rows
             if s.floor:
                 results += floor_points(env, gen, s)
@@ -897,6 +903,7 @@ def run(s: Settings, out: Path | None) -> dict[str, Any]:
         "results": results,
         "skipped": skipped,
         "best_floor": best_floor(results),
+        "peer": peer,  # notary-signer: start_seconds, RSS, exit (-15: SIGTERM ends it)
         "peer_pairs": pairs,
         "many_keys": many,
     }
@@ -965,6 +972,11 @@ def markdown(doc: dict[str, Any]) -> str:
                 f"| {a['p50_ms']:.2f} | {a['daemon_cpu_cores']:.2f} | {b['ops_per_s']:,.0f} "
                 f"| {b['p50_ms']:.2f} | {b['daemon_cpu_cores']:.2f} "
                 f"| {a['loadgen_cpu_cores']:.2f} / {b['loadgen_cpu_cores']:.2f} |")
+    peer = doc.get("peer")
+    if peer and "rss_mib" in peer:
+        lines += ["", f"notary-signer ({m['versions'].get('notary_signer', '?')}, memory key "
+                  f"store, GOMAXPROCS = CPUs, not pinned): ready in {peer['start_seconds']:.2f} s, "
+                  f"RSS {peer['rss_mib']:.0f} MiB after the points."]
     mk = doc.get("many_keys")
     if mk:
         lines += [
