@@ -15,6 +15,8 @@ APT_PACKAGES=(softhsm2 opensc python3 python3-venv python3-pip)
 # systemd-analyze and logrotate check the shipped unit and logrotate snippet (deploy/).
 APT_TEST_PACKAGES=(swtpm swtpm-tools tpm2-tools libtpm2-pkcs11-1 libtpm2-pkcs11-tools
                    tpm2-abrmd libtss2-tcti-tabrmd0 dbus-daemon dbus-bin systemd logrotate)
+# The benchmark's Go peer: stock notary-signer (/usr/bin/notary-signer), driven like signerd.
+APT_BENCH_PACKAGES=(notary)
 APT_LOCK_WAIT=900  # seconds apt-get waits for another apt or dpkg to finish
 VENV=${SIGNERD_VENV:-.venv}
 
@@ -68,7 +70,7 @@ case "${1:-}" in
         ;;
     bench)
         shift
-        install_system "${APT_PACKAGES[@]}" "${APT_TEST_PACKAGES[@]}"
+        install_system "${APT_PACKAGES[@]}" "${APT_TEST_PACKAGES[@]}" "${APT_BENCH_PACKAGES[@]}"
         install_python "[test]"
         exec "$VENV/bin/python" -m bench.run "$@"
         ;;

@@ -1,4 +1,5 @@
-"""A lean gRPC load generator: unary calls over raw HTTP/2 on TLS sockets.
+"""A lean gRPC load generator: unary and bidirectional-streaming calls over raw
+HTTP/2 on TLS sockets.
 
 The grpcio client costs about 0.4 ms of CPU per call on this machine, as much
 as a Python gRPC server: with it, the load generator takes up to half of the
@@ -15,7 +16,12 @@ selector per process, for a few tens of microseconds per call:
   message, and a reset stream is an error too. For SignBatch the message is
   parsed to count the items that were signed;
 * SETTINGS and PING are acknowledged, WINDOW_UPDATE is honoured, and the
-  receive windows are opened wide (and topped up), so nothing stalls.
+  receive windows are opened wide (and topped up), so nothing stalls;
+* streaming (:func:`run_streaming`): each caller keeps one stream open and
+  up to ``depth`` request messages outstanding on it; answers come back in
+  request order (signerd's SignStream promises it), one or more per response
+  message (``codes`` says how many, and their status codes), so the send
+  time of the oldest outstanding request is the one an answer belongs to.
 
 The harness still checks one real answer per point with grpcio and verifies
 the signature (bench/run.py: check_answer), so this client cannot make a
@@ -29,6 +35,7 @@ import socket
 import ssl
 import struct
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -65,6 +72,13 @@ class _Stream:
     done: Callable[[_Stream], None]
     message: bytearray = field(default_factory=bytearray)
     reset: bool = False
+    # False while a streaming call may still send: END_STREAM waits for it.
+    half_close: bool = True
+    end_sent: bool = False
+    # Streaming calls: called with each complete response message as it
+    # arrives (unary calls collect theirs in ``message``).
+    on_message: Callable[[bytes], None] | None = None
+    sid: int = 0
 
 
 class Connection:
@@ -101,9 +115,31 @@ class Connection:
         """Open a stream for one request (``message`` is already length-prefixed);
         it leaves with the next :meth:`flush`."""
         sid, self.next_id = self.next_id, self.next_id + 2
-        stream = _Stream(time.monotonic(), memoryview(message), self.initial_window, done)
+        stream = _Stream(time.monotonic(), memoryview(message), self.initial_window, done, sid=sid)
         self.streams[sid] = stream
         self.outbox += (frame(HEADERS, END_HEADERS, sid, block), self._data(sid, stream))
+
+    def open(self, block: bytes, on_message: Callable[[bytes], None],
+             done: Callable[[_Stream], None]) -> _Stream:
+        """Open a streaming call: HEADERS only; messages follow with
+        :meth:`send` and END_STREAM with :meth:`half_close`."""
+        sid, self.next_id = self.next_id, self.next_id + 2
+        stream = _Stream(time.monotonic(), memoryview(b""), self.initial_window, done,
+                         half_close=False, on_message=on_message, sid=sid)
+        self.streams[sid] = stream
+        self.outbox.append(frame(HEADERS, END_HEADERS, sid, block))
+        return stream
+
+    def send(self, stream: _Stream, message: bytes) -> None:
+        """Queue one more (length-prefixed) message on an open stream."""
+        stream.unsent = (memoryview(bytes(stream.unsent) + message) if stream.unsent
+                         else memoryview(message))
+        self.outbox.append(self._data(stream.sid, stream))
+
+    def half_close(self, stream: _Stream) -> None:
+        """End the request side of a streaming call (after what is queued)."""
+        stream.half_close = True
+        self.outbox.append(self._data(stream.sid, stream))
 
     def flush(self) -> None:
         """Send everything queued in one write: requests started while reading
@@ -118,13 +154,19 @@ class Connection:
         while s.unsent and self.send_window > 0 and s.window > 0:
             n = min(len(s.unsent), self.max_frame, self.send_window, s.window)
             chunk, s.unsent = s.unsent[:n], s.unsent[n:]
-            out.append(frame(DATA, 0 if s.unsent else END_STREAM, sid, bytes(chunk)))
+            last = not s.unsent and s.half_close
+            out.append(frame(DATA, END_STREAM if last else 0, sid, bytes(chunk)))
+            s.end_sent = s.end_sent or last
             self.send_window -= n
             s.window -= n
+        if s.half_close and not s.unsent and not s.end_sent:  # a streaming call's end
+            out.append(frame(DATA, END_STREAM, sid))
+            s.end_sent = True
         return b"".join(out)
 
     def _send_unsent(self) -> None:
-        self.outbox += (self._data(sid, s) for sid, s in self.streams.items() if s.unsent)
+        self.outbox += (self._data(sid, s) for sid, s in self.streams.items()
+                        if s.unsent or (s.half_close and not s.end_sent))
 
     def read(self) -> None:
         """Read what has arrived and act on every complete frame."""
@@ -156,8 +198,11 @@ class Connection:
             self.received += len(payload)
             if flags & PADDED:
                 payload = payload[1:len(payload) - payload[0]]
-            if sid in self.streams:
-                self.streams[sid].message += payload
+            stream = self.streams.get(sid)
+            if stream is not None:
+                stream.message += payload
+                if stream.on_message is not None:
+                    _deliver(stream, stream.on_message)
             if flags & END_STREAM:
                 self._end(sid)
         elif kind == HEADERS:  # the header block itself is skipped, not decoded
@@ -194,6 +239,22 @@ class Connection:
         stream = self.streams.pop(sid, None)
         if stream is not None:
             stream.done(stream)
+
+
+def _deliver(stream: _Stream, on_message: Callable[[bytes], None]) -> None:
+    """Hand every complete length-prefixed message in ``stream.message`` to
+    ``on_message`` and keep the rest (a message may span DATA frames)."""
+    m, pos = stream.message, 0
+    while len(m) - pos >= 5:
+        size = struct.unpack_from(">I", m, pos + 1)[0]
+        if len(m) - pos - 5 < size:
+            break
+        if m[pos] != 0:  # compressed: never asked for (no grpc-accept-encoding sent)
+            raise ConnectionError("the server sent a compressed message")
+        body = bytes(m[pos + 5:pos + 5 + size])
+        pos += 5 + size
+        on_message(body)
+    del m[:pos]
 
 
 def context(ca: str, cert: str, key: str) -> ssl.SSLContext:
@@ -242,6 +303,90 @@ def run_closed_loop(conns: list[Connection], callers: int, block: bytes, request
     try:
         for i in range(callers):
             conns[i % len(conns)].start(block, body, dones[i % len(conns)])
+        for c in conns:
+            c.flush()
+        while active:
+            events = selector.select(timeout=60)
+            if not events:
+                raise TimeoutError("no answer from the server for 60 s")
+            for key, _ in events:
+                conn: Any = key.data
+                conn.read()
+    finally:
+        selector.close()
+
+
+class _StreamCaller:
+    """One caller of :func:`run_streaming`: one open stream on ``conn``, up to
+    ``depth`` requests outstanding, a new one sent as each answer arrives."""
+
+    def __init__(self, conn: Connection, block: bytes, body: bytes, depth: int, end: float,
+                 codes: Callable[[bytes], list[int]],
+                 on_answer: Callable[[float, float, int | None], None],
+                 finished: Callable[[], None]) -> None:
+        self.conn, self.block, self.body, self.depth, self.end = conn, block, body, depth, end
+        self.codes, self.on_answer, self.finished = codes, on_answer, finished
+        self.sent: deque[float] = deque()  # send times of the outstanding requests, in order
+        self.stream = self._open()
+
+    def _open(self) -> _Stream:
+        stream = self.conn.open(self.block, self._answer, self._ended)
+        now = time.monotonic()
+        for _ in range(self.depth):
+            self.sent.append(now)
+            self.conn.send(stream, self.body)
+        return stream
+
+    def _answer(self, answer: bytes) -> None:
+        now = time.monotonic()
+        for code in self.codes(answer):
+            if not self.sent:
+                raise ConnectionError("the server answered more requests than it was sent")
+            self.on_answer(self.sent.popleft(), now, code)
+            if now < self.end:
+                self.sent.append(now)
+                self.conn.send(self.stream, self.body)
+        if now >= self.end and not self.sent:
+            self.conn.half_close(self.stream)
+
+    def _ended(self, stream: _Stream) -> None:
+        """The stream ended (trailers or a reset): requests still outstanding
+        failed; before ``end``, open a new stream, as a unary caller would
+        send its next call."""
+        now = time.monotonic()
+        while self.sent:
+            self.on_answer(self.sent.popleft(), now, None)
+        if now < self.end:
+            self.stream = self._open()
+        else:
+            self.finished()
+
+
+def run_streaming(conns: list[Connection], callers: int, block: bytes, request: bytes,
+                  depth: int, end: float, codes: Callable[[bytes], list[int]],
+                  on_answer: Callable[[float, float, int | None], None]) -> None:
+    """``callers`` callers over ``conns`` (caller i on connection i mod n), each
+    keeping ONE bidirectional stream open and ``depth`` requests outstanding on
+    it until ``end`` (monotonic); then each waits for its answers and half-closes.
+    ``codes(message)`` gives the status codes of the answers one response
+    message carries; ``on_answer(sent, answered, code_or_None)`` sees every
+    request: None when its stream ended before answering it."""
+    if depth < 1:
+        raise ValueError("depth must be at least 1")
+    body = message(request)
+    selector = selectors.DefaultSelector()
+    for c in conns:
+        selector.register(c.sock, selectors.EVENT_READ, c)
+    active = callers
+
+    def finished() -> None:
+        nonlocal active
+        active -= 1
+
+    try:
+        for i in range(callers):
+            _StreamCaller(conns[i % len(conns)], block, body, depth, end, codes, on_answer,
+                          finished)
         for c in conns:
             c.flush()
         while active:

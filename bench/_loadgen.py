@@ -11,6 +11,13 @@ the answer, and sends the next. Three ways to run them:
 ``aio``      one grpc.aio event loop with a coroutine per caller;
 ``threads``  a thread per caller, blocking grpcio calls.
 
+The "stream" RPC (signerd.v1 SignStream, bidirectional) is not closed-loop
+per call: each caller keeps one stream open for the whole window with up to
+``depth`` requests outstanding, sending the next as each answer arrives
+(bench/_h2load.py: run_streaming; h2 mode only). It counts a signature per
+item (of a SignStreamResponse) whose code is 0; a request's latency runs from its send
+to its answer.
+
 Requests are serialised once and answers are left unparsed (raw bytes) on
 the hot path: the load generator should spend its CPU on gRPC, not on
 protobuf. Correctness is checked once per point, outside the clock, by
@@ -38,9 +45,13 @@ from bench import _h2load
 
 SIGN = "/signerd.v1.SignerService/Sign"
 SIGN_BATCH = "/signerd.v1.SignerService/SignBatch"
+SIGN_STREAM = "/signerd.v1.SignerService/SignStream"
+# Notary's signer API, as signerd and notary-signer serve it (notary's proto package is "proto").
 NOTARY_SIGN = "/proto.Signer/Sign"
 # "floor" is bench/_floor.py: the v1 Sign path on a server that does not sign.
-PATHS = {"v1": SIGN, "notary": NOTARY_SIGN, "batch": SIGN_BATCH, "floor": SIGN}
+PATHS = {"v1": SIGN, "notary": NOTARY_SIGN, "batch": SIGN_BATCH, "stream": SIGN_STREAM,
+         "floor": SIGN}
+STREAM_DEPTH = 32  # requests outstanding per stream, by default
 
 
 @dataclass(frozen=True)
@@ -57,13 +68,14 @@ class Point:
     """One measurement: ``callers`` callers in this process sending ``request``."""
 
     target: Target
-    rpc: str  # "v1", "notary" or "batch"
+    rpc: str  # a key of PATHS: "v1", "notary", "batch", "stream" or "floor"
     request: bytes  # serialised request message
     items: int  # signatures per request (batch size, else 1)
     callers: int
     start_at: float  # time.monotonic() when calls begin
     warmup: float
     duration: float
+    depth: int = STREAM_DEPTH  # "stream": requests outstanding per caller
 
 
 def _options(index: int) -> list[tuple[str, Any]]:
@@ -99,6 +111,18 @@ def _batch_items_ok(raw: bytes) -> int:
     return sum(1 for item in pb.SignBatchResponse.FromString(raw).items if item.code == 0)
 
 
+def _stream_codes(raw: bytes) -> list[int]:
+    """The status codes of the answers one SignStream response carries."""
+    from signerd.v1 import signer_pb2 as pb
+
+    return [item.code for item in pb.SignStreamResponse.FromString(raw).items]
+
+
+def _streaming_needs_h2(p: Point) -> None:
+    if p.rpc == "stream":
+        raise ValueError("the stream RPC is driven by the h2 load generator only")
+
+
 class _AioRunner:
     def __init__(self, channels: int) -> None:
         self.max_channels = channels
@@ -118,9 +142,11 @@ class _AioRunner:
                 await ch.close()
 
     async def run(self, p: Point) -> _Result:
+        _streaming_needs_h2(p)
         res = _Result()
-        calls = [(await self._channel(p.target, i)).unary_unary(PATHS[p.rpc])
-                 for i in range(p.callers)]
+        calls: list[grpc.aio.UnaryUnaryMultiCallable[bytes, bytes]] = [
+            (await self._channel(p.target, i)).unary_unary(PATHS[p.rpc])
+            for i in range(p.callers)]
         measure_from = p.start_at + p.warmup
         end = measure_from + p.duration
         await asyncio.sleep(max(0.0, p.start_at - time.monotonic()))
@@ -163,9 +189,11 @@ class _ThreadRunner:
         return have[i % self.max_channels]
 
     def run(self, p: Point) -> _Result:
+        _streaming_needs_h2(p)
         res = _Result()
         lock = threading.Lock()
-        calls = [self._channel(p.target, i).unary_unary(PATHS[p.rpc]) for i in range(p.callers)]
+        calls: list[grpc.UnaryUnaryMultiCallable[bytes, bytes]] = [
+            self._channel(p.target, i).unary_unary(PATHS[p.rpc]) for i in range(p.callers)]
         measure_from = p.start_at + p.warmup
         end = measure_from + p.duration
 
@@ -245,14 +273,28 @@ class _H2Runner:
             else:
                 ok = _batch_items_ok(body) if p.rpc == "batch" else 1
                 bad = p.items - ok
+            count(t0, t1, ok, bad)
+
+        def on_item(t0: float, t1: float, code: int | None) -> None:
+            if code is None:
+                res.first_error = res.first_error or "a stream ended before answering a request"
+            elif code:
+                res.first_error = res.first_error or f"a stream answer with code {code}"
+            count(t0, t1, int(code == 0), int(code != 0))
+
+        def count(t0: float, t1: float, ok: int, bad: int) -> None:
             if measure_from <= t1 <= end:
                 res.items += ok
                 res.errors += bad
                 res.latencies.append(t1 - t0)
 
+        block = _h2load.header_block(PATHS[p.rpc], p.target.server_name)
         time.sleep(max(0.0, p.start_at - time.monotonic()))
-        _h2load.run_closed_loop(conns, p.callers, _h2load.header_block(PATHS[p.rpc],
-                                p.target.server_name), p.request, end, on_answer)
+        if p.rpc == "stream":
+            _h2load.run_streaming(conns, p.callers, block, p.request, p.depth, end,
+                                  _stream_codes, on_item)
+        else:
+            _h2load.run_closed_loop(conns, p.callers, block, p.request, end, on_answer)
         return res
 
 

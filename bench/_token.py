@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -61,7 +61,7 @@ def generate_keys(module: str, conf: Path, label: str, pin_file: Path, count: in
     return {"keys": count, "seconds": time.monotonic() - start, "last_key_id": last}
 
 
-def _rate(calls: list[Callable[[], object]], seconds: float) -> float:
+def _rate(calls: Sequence[Callable[[], object]], seconds: float) -> float:
     """Calls per second with one thread per callable, each calling its own."""
     counts = [0] * len(calls)
     start = threading.Barrier(len(calls) + 1)

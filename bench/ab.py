@@ -15,6 +15,15 @@ daemon process, from /proc).
 
 Settings a variant may change: workers, threads, cpu_affinity, sessions,
 audit (true/false).
+
+With ``--floor`` the variants are no-op servers (bench/_floor.py) instead of
+signerd: ``mode`` is the gRPC stack (sync: grpcio's sync server; aio:
+grpc.aio on uvloop), and workers, threads and cpu_affinity apply as to
+signerd. ``--rpc v1`` drives their Sign, ``--rpc stream`` their SignStream::
+
+    python -m bench.ab --floor --callers 16 \\
+        --variant mode=sync,workers=1 --variant mode=aio,workers=1 \\
+        --variant mode=sync,workers=2 --variant mode=aio,workers=2
 """
 
 from __future__ import annotations
@@ -33,8 +42,10 @@ if __package__ in (None, ""):  # run as a script: python bench/ab.py
 
 from bench import _proc  # noqa: E402
 from bench.run import (  # noqa: E402
+    FLOOR_MODES,
     Daemon,
     Env,
+    Floor,
     Hsm,
     LoadGen,
     Settings,
@@ -46,6 +57,7 @@ from bench.run import (  # noqa: E402
 )
 
 TUNABLE = ("workers", "threads", "cpu_affinity", "engine", "sessions", "audit")
+FLOOR_TUNABLE = ("mode", "workers", "threads", "cpu_affinity")  # with --floor
 
 
 def context_switches(pids: list[int]) -> int:
@@ -57,6 +69,10 @@ def context_switches(pids: list[int]) -> int:
 def parse_assignment(text: str) -> tuple[str, Any]:
     """``name=value`` for one of TUNABLE, with the value in the field's type."""
     name, sep, value = text.partition("=")
+    if sep and name == "mode":  # the floor's gRPC stack (--floor only)
+        if value not in FLOOR_MODES:
+            raise argparse.ArgumentTypeError(f"mode is one of {FLOOR_MODES}, not {value!r}")
+        return name, value
     if not sep or name not in TUNABLE:
         raise argparse.ArgumentTypeError(f"expected NAME=VALUE with NAME in {TUNABLE}: {text!r}")
     kind = {f.name: f.type for f in fields(Settings)}[name]
@@ -83,17 +99,25 @@ def measure(daemon: Daemon, env: Env, gen: LoadGen, key: str, rpc: str, callers:
     ops = point["ops_per_s"]
     return {"ops_per_s": ops, "p50_ms": point["p50_ms"], "p99_ms": point["p99_ms"],
             "cpu_us_per_signature": round(point["daemon_cpu_cores"] / ops * 1e6, 1),
-            "switches_per_request": round(switches / max(point["requests"], 1), 1)}
+            "switches_per_request": round(switches / max(point["requests"], 1), 1),
+            "loadgen_cpu_cores": point["loadgen_cpu_cores"]}
 
 
 def run(base: Settings, variants: list[dict[str, Any]], rpc: str, algorithm: str, callers: int,
-        rounds: int) -> list[dict[str, Any]]:
+        rounds: int, floor: bool = False) -> list[dict[str, Any]]:
+    """Start one server per variant (signerd, or with ``floor`` the no-op
+    server) and measure them in alternation; the median of each over the rounds."""
     with tempfile.TemporaryDirectory(prefix="signerd-ab-") as tmp:
         env = Env.create(Path(tmp))
         daemons: list[tuple[Daemon, str]] = []
         gen: LoadGen | None = None
         try:
             for i, v in enumerate(variants):
+                if floor:
+                    settings = {k: x for k, x in v.items() if k != "mode"}
+                    daemons.append((Floor.start(env, replace(base, **settings),
+                                                v.get("mode", "sync")), "0" * 64))
+                    continue
                 hsm = Hsm.create(env.dir / f"hsm{i}", env.module)
                 daemon = start_daemon(env.write_config(f"v{i}", hsm, replace(base, **v)))
                 daemons.append((daemon, create_keys(env.target(daemon.info["tcp"]),
@@ -120,7 +144,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="one configuration to compare (give two or more)")
     p.add_argument("--set", action="append", default=[], type=parse_assignment,
                    metavar="NAME=VALUE", help="a setting shared by every variant")
-    p.add_argument("--rpc", choices=("v1", "notary", "batch"), default="v1")
+    p.add_argument("--rpc", choices=("v1", "notary", "batch", "stream"), default="v1")
+    p.add_argument("--floor", action="store_true",
+                   help="compare no-op servers (bench/_floor.py; variants may set mode=sync|aio)")
     p.add_argument("--algorithm", choices=("ecdsa-p256", "ed25519", "rsa-2048"),
                    default="ecdsa-p256")
     p.add_argument("--callers", type=int, default=16)
@@ -134,19 +160,29 @@ def main(argv: list[str] | None = None) -> int:
         variants = [dict(parse_assignment(x) for x in v.split(",")) for v in a.variant]
     except argparse.ArgumentTypeError as e:
         p.error(str(e))
+    allowed = FLOOR_TUNABLE if a.floor else TUNABLE
+    for v in variants:
+        if set(v) - set(allowed):
+            p.error(f"{', '.join(sorted(set(v) - set(allowed)))}: a variant may set only "
+                    f"{', '.join(allowed)}" + ("" if a.floor else " (mode needs --floor)"))
+    if a.floor and a.rpc not in ("v1", "stream"):
+        p.error("a floor serves Sign (--rpc v1) and SignStream (--rpc stream)")
     base = replace(Settings(), duration=a.duration, **dict(a.set))
-    results = run(base, variants, a.rpc, a.algorithm, a.callers, a.rounds)
-    print(f"{a.rpc} Sign, {a.algorithm}, {a.callers} callers, {base.workers} worker(s) unless "
+    results = run(base, variants, a.rpc, a.algorithm, a.callers, a.rounds, a.floor)
+    what = "floor (no-op server)" if a.floor else a.algorithm
+    print(f"{a.rpc} Sign, {what}, {a.callers} callers, {base.workers} worker(s) unless "
           f"the variant says otherwise; median of {a.rounds} alternating rounds of "
           f"{a.duration:g} s\n")
     print("| variant | signatures/s | p50 ms | p99 ms | daemon CPU µs/signature | "
-          "context switches/request |\n| --- | ---: | ---: | ---: | ---: | ---: |")
+          "context switches/request | loadgen CPU |\n| --- | ---: | ---: | ---: | ---: | ---: "
+          "| ---: |")
     for r in results:
         name = ", ".join(f"{k}={v}" for k, v in r["variant"].items())
         print(f"| {name} | {r['ops_per_s']:,.0f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | "
-              f"{r['cpu_us_per_signature']:,.0f} | {r['switches_per_request']:.1f} |")
+              f"{r['cpu_us_per_signature']:,.0f} | {r['switches_per_request']:.1f} | "
+              f"{r['loadgen_cpu_cores']:.2f} |")
     if a.out is not None:
-        a.out.write_text(json.dumps({"settings": asdict(base), "rpc": a.rpc,
+        a.out.write_text(json.dumps({"settings": asdict(base), "rpc": a.rpc, "floor": a.floor,
                                      "algorithm": a.algorithm, "callers": a.callers,
                                      "results": results}, indent=2) + "\n")
     return 0

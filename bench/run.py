@@ -46,6 +46,7 @@ import platform
 import secrets
 import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -73,7 +74,11 @@ ROOT = Path(__file__).resolve().parent.parent
 CACHE = ROOT / "bench" / ".cache"
 IDENTITY = "spiffe://bench/loadgen"
 ALGORITHMS = ("ecdsa-p256", "ed25519", "rsa-2048")
-RPCS = ("v1", "notary", "batch")
+RPCS = ("v1", "notary", "batch", "stream")
+# The Go peer: stock notary-signer (Debian's `notary` package), software keys in memory.
+NOTARY_SIGNER = "/usr/bin/notary-signer"
+PEER_GUN = "bench.example/peer"
+FLOOR_MODES = ("sync", "aio")  # bench/_floor.py: grpcio's sync server, grpc.aio on uvloop
 LABEL = "bench"
 SPAWN = multiprocessing.get_context("spawn")
 
@@ -104,7 +109,16 @@ class Settings:
     engine: str = "aio"  # [server] engine; bench.ab measured it against "threads" (README)
     sessions: int = 4
     audit: bool = True
+    # SignStream: callers, each with one stream and this many requests outstanding.
+    stream_callers: tuple[int, ...] = (1, 4)
+    stream_depth: int = _loadgen.STREAM_DEPTH
     floor: bool = True  # also measure a no-op gRPC server (bench/_floor.py)
+    # Both Python gRPC stacks, measured in alternation; "best floor" is the faster.
+    floor_modes: tuple[str, ...] = FLOOR_MODES
+    # notary-signer on the same transport, driven like signerd's Notary Sign.
+    peer: bool = True
+    peer_callers: tuple[int, ...] = (1, 16)
+    peer_rounds: int = 1  # alternations of notary-signer and signerd per caller count
     # Load generator.
     loadgen_procs: int = 2
     loadgen_mode: str = "h2"  # raw HTTP/2 (bench/_h2load.py); "threads"/"aio" use grpcio
@@ -292,20 +306,23 @@ def start_daemon(config: Path, timeout: float = 120) -> Daemon:
 
 
 class Floor(Daemon):
-    """bench/_floor.py in ``workers`` processes sharing one port."""
+    """bench/_floor.py in ``workers`` processes sharing one port; ``mode`` is
+    its gRPC stack: "sync" (grpcio's sync server) or "aio" (grpc.aio on uvloop)."""
 
     others: list[subprocess.Popen[bytes]]
 
     @classmethod
-    def start(cls, env: Env, s: Settings) -> Floor:
+    def start(cls, env: Env, s: Settings, mode: str = "sync") -> Floor:
+        """Start the workers one after the other (the first binds the port)."""
         procs: list[subprocess.Popen[bytes]] = []
         port = 0
         t0 = time.monotonic()
         for i in range(max(1, s.workers)):
-            port_file = env.dir / f"floor-{i}.port"
+            port_file = env.dir / f"floor-{mode}-{secrets.token_hex(4)}-{i}.port"
             procs.append(subprocess.Popen(
                 [sys.executable, "-m", "bench._floor", "--tls", str(env.dir / "tls"),
-                 "--threads", str(s.threads), "--port", str(port), "--port-file", str(port_file),
+                 "--mode", mode, "--threads", str(s.threads), "--port", str(port),
+                 "--port-file", str(port_file),
                  *(["--cpu-index", str(i + 1)] if s.cpu_affinity == "spread" else [])],
                 cwd=ROOT, stdout=subprocess.DEVNULL))
             while not port_file.exists():
@@ -326,6 +343,70 @@ class Floor(Daemon):
         return super().stop()
 
 
+class Peer(Daemon):
+    """Stock notary-signer (Go) with software keys in memory storage, on the
+    bench's mutual TLS: the same CA, server certificate and client certificate."""
+
+    @classmethod
+    def start(cls, env: Env, timeout: float = 30) -> Peer:
+        """Start it on a free loopback port; ready once a TLS channel is."""
+        work = env.dir / "peer"
+        work.mkdir(exist_ok=True)
+        stderr = work / "notary-signer.log"
+        for _ in range(5):  # the port is picked before notary-signer binds it: retry a race
+            port = _free_port()
+            config = work / "signer-config.json"
+            config.write_text(json.dumps({
+                "server": {"grpc_addr": f"127.0.0.1:{port}",
+                           "tls_cert_file": str(env.pki["server"]),
+                           "tls_key_file": str(env.pki["server-key"]),
+                           "client_ca_file": str(env.pki["ca"])},
+                "logging": {"level": "error"},  # notary-signer logs every Sign at info
+                # Keys in memory: no database, and no passphrase alias to set.
+                "storage": {"backend": "memory"},
+            }, indent=2))
+            t0 = time.monotonic()
+            proc = subprocess.Popen([NOTARY_SIGNER, "-config", str(config)],
+                                    stdout=subprocess.DEVNULL, stderr=stderr.open("ab"), cwd=work)
+            peer = cls(proc, {"tcp": port, "workers": []}, 0.0, stderr)
+            # Listening first (a channel that fails to connect backs off for a second or more),
+            # then a TLS channel ready: the handshake with the bench's client certificate works.
+            while proc.poll() is None and time.monotonic() - t0 < timeout:
+                try:
+                    socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                    break
+                except OSError:
+                    time.sleep(0.01)
+            if proc.poll() is None:
+                with client_channel(env.target(port)) as ch:
+                    try:
+                        grpc.channel_ready_future(ch).result(
+                            timeout=max(1.0, timeout - (time.monotonic() - t0)))
+                        peer.start_seconds = time.monotonic() - t0
+                        return peer
+                    except grpc.FutureTimeoutError:
+                        pass
+            peer.stop()
+        raise RuntimeError(f"notary-signer did not start:\n{stderr.read_text()[-4000:]}")
+
+    def create_key(self, target: Target) -> tuple[str, bytes]:
+        """An ECDSA P-256 key through /proto.KeyManagement/CreateKey: its ID
+        and public key (SubjectPublicKeyInfo DER)."""
+        from signerd.notary import signer_pb2 as npb
+
+        with client_channel(target) as ch:
+            raw = unary(ch, "/proto.KeyManagement/CreateKey")(npb.CreateKeyRequest(
+                algorithm="ecdsa", role="targets", gun=PEER_GUN).SerializeToString(), timeout=30)
+        key = npb.PublicKey.FromString(raw)
+        return key.keyInfo.keyID.ID, key.publicKey
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
 @contextmanager
 def client_channel(target: Target) -> Iterator[grpc.Channel]:
     creds = grpc.ssl_channel_credentials(target.ca.read_bytes(), target.key.read_bytes(),
@@ -338,6 +419,12 @@ def client_channel(target: Target) -> Iterator[grpc.Channel]:
         ch.close()
 
 
+def unary(ch: grpc.Channel, path: str) -> grpc.UnaryUnaryMultiCallable[bytes, bytes]:
+    """A unary call on raw bytes (no serialiser either way)."""
+    call: grpc.UnaryUnaryMultiCallable[bytes, bytes] = ch.unary_unary(path)
+    return call
+
+
 def create_keys(target: Target, algorithms: tuple[str, ...], total: int) -> dict[str, str]:
     """One key per algorithm, and P-256 filler keys up to ``total`` keys."""
     from signerd.v1 import signer_pb2 as pb
@@ -345,7 +432,7 @@ def create_keys(target: Target, algorithms: tuple[str, ...], total: int) -> dict
 
     keys: dict[str, str] = {}
     with client_channel(target) as ch:
-        stub = pb_grpc.SignerServiceStub(ch)
+        stub = pb_grpc.SignerServiceStub(ch)  # type: ignore[no-untyped-call]
         for i, alg in enumerate(algorithms):
             keys[alg] = stub.CreateKey(pb.CreateKeyRequest(gun=f"bench.example/app{i}",
                                                            role="targets", algorithm=alg)).key_id
@@ -367,7 +454,7 @@ def request_bytes(rpc: str, key_id: str, data: bytes, batch: int) -> tuple[bytes
     from signerd.notary import signer_pb2 as npb
     from signerd.v1 import signer_pb2 as pb
 
-    if rpc == "v1":
+    if rpc in ("v1", "stream"):  # a stream sends SignRequest messages, one signature each
         return pb.SignRequest(key_id=key_id, message=data).SerializeToString(), 1
     if rpc == "notary":
         return npb.SignatureRequest(keyID=npb.KeyID(ID=key_id), content=data).SerializeToString(), 1
@@ -375,11 +462,15 @@ def request_bytes(rpc: str, key_id: str, data: bytes, batch: int) -> tuple[bytes
     return pb.SignBatchRequest(requests=[one] * batch).SerializeToString(), batch
 
 
-def check_answer(target: Target, rpc: str, key_id: str, algorithm: str, data: bytes) -> str | None:
+def check_answer(target: Target, rpc: str, key_id: str, algorithm: str, data: bytes,
+                 spki: bytes | None = None) -> str | None:
     """Send one request and verify the signature; None if fine, else why not.
 
     The load generator leaves answers unparsed, so this is where a wrong
-    signature (or an RPC that is not there yet) is caught."""
+    signature (or an RPC that is not there yet) is caught. The public key
+    comes from signerd's GetKey unless ``spki`` (DER) is given, as it is for
+    notary-signer. "stream" sends two requests on one SignStream call and
+    checks both answers, in order."""
     from signerd import signing
     from signerd.keys import parse_algorithm
     from signerd.notary import signer_pb2 as npb
@@ -387,11 +478,17 @@ def check_answer(target: Target, rpc: str, key_id: str, algorithm: str, data: by
 
     alg = parse_algorithm(algorithm)
     with client_channel(target) as ch:
-        spki = pb.Key.FromString(ch.unary_unary("/signerd.v1.SignerService/GetKey")(
-            pb.GetKeyRequest(key_id=key_id).SerializeToString())).public_key_der
+        if spki is None:
+            spki = pb.Key.FromString(unary(ch, "/signerd.v1.SignerService/GetKey")(
+                pb.GetKeyRequest(key_id=key_id).SerializeToString())).public_key_der
         raw_req, _ = request_bytes(rpc, key_id, data, 2)
         try:
-            raw = ch.unary_unary(_loadgen.PATHS[rpc])(raw_req, timeout=30)
+            if rpc == "stream":
+                call: grpc.StreamStreamMultiCallable[bytes, bytes] = ch.stream_stream(
+                    _loadgen.PATHS[rpc])
+                answers = list(call(iter([raw_req, raw_req]), timeout=30))
+            else:
+                raw = unary(ch, _loadgen.PATHS[rpc])(raw_req, timeout=30)
         except grpc.RpcError as e:
             return f"{e.code().name}: {e.details()}"
     if rpc == "v1":
@@ -399,9 +496,14 @@ def check_answer(target: Target, rpc: str, key_id: str, algorithm: str, data: by
     elif rpc == "notary":
         sigs = [npb.Signature.FromString(raw).content]
     else:
-        items = pb.SignBatchResponse.FromString(raw).items
+        if rpc == "stream":
+            items = [i for a in answers for i in pb.SignStreamResponse.FromString(a).items]
+            if len(items) != 2:
+                return f"2 requests on one stream brought {len(items)} answers"
+        else:
+            items = list(pb.SignBatchResponse.FromString(raw).items)
         if any(i.code for i in items):
-            return f"batch item failed: {[i.error for i in items if i.code][0]}"
+            return f"{rpc} item failed: {[i.error for i in items if i.code][0]}"
         sigs = [i.response.signature for i in items]
     for sig in sigs:
         try:
@@ -454,7 +556,7 @@ class LoadGen:
         start_at = time.monotonic() + 0.3  # time for every process to get the command
         for conn, c in zip(self.conns, share, strict=False):
             conn.send(("run", Point(target, rpc, request, items, c, start_at, s.warmup,
-                                    s.duration)))
+                                    s.duration, s.stream_depth)))
         time.sleep(max(0.0, start_at + s.warmup - time.monotonic()))
         d0, g0, b0, w0 = daemon.cpu(), self.cpu(), _proc.busy_seconds(), time.monotonic()
         time.sleep(max(0.0, start_at + s.warmup + s.duration - time.monotonic()))
@@ -513,16 +615,21 @@ def sweep(daemon: Daemon, target: Target, gen: LoadGen, keys: dict[str, str],
     results: list[dict[str, Any]] = []
     skipped: dict[str, str] = {}
     for rpc in s.rpcs:
+        if rpc == "stream" and s.loadgen_mode != "h2":
+            skipped[rpc] = "SignStream is driven by the h2 load generator only"
+            log(f"skipping {rpc}: {skipped[rpc]}")
+            continue
         for alg in s.algorithms:
             problem = check_answer(target, rpc, keys[alg], alg, data)
             if problem is not None:
-                if rpc == "notary" and problem.startswith("UNIMPLEMENTED"):
-                    skipped[rpc] = "the daemon does not serve /proto.Signer/Sign yet"
+                if rpc in ("notary", "stream") and problem.startswith("UNIMPLEMENTED"):
+                    skipped[rpc] = (f"the daemon does not serve {_loadgen.PATHS[rpc]} yet "
+                                    f"({problem})")
                     log(f"skipping {rpc}: {problem}")
                     break
                 raise RuntimeError(f"{rpc} {alg}: {problem}")
             request, items = request_bytes(rpc, keys[alg], data, s.batch_size)
-            for callers in s.callers:
+            for callers in (s.stream_callers if rpc == "stream" else s.callers):
                 point = gen.run(daemon, target, rpc, request, items, callers, s)
                 one, two = rates[alg]["1"], rates[alg]["2"]
                 point = {"rpc": rpc, "algorithm": alg, "callers": callers, **point,
@@ -539,25 +646,102 @@ def sweep(daemon: Daemon, target: Target, gen: LoadGen, keys: dict[str, str],
 
 
 def floor_points(env: Env, gen: LoadGen, s: Settings) -> list[dict[str, Any]]:
-    """The sweep's callers against the no-op server (see bench/_floor.py)."""
-    floor = Floor.start(env, s)
-    target = env.target(floor.info["tcp"])
+    """The sweep's callers against the no-op server (see bench/_floor.py), one
+    per gRPC stack in ``s.floor_modes``, measured in alternation (sync, aio,
+    sync, aio...) so a slow minute hits both; SignStream at the stream
+    callers too when the sweep has "stream". Rows: rpc "floor" (unary Sign)
+    or "floor-stream", ``server`` the stack."""
+    floors: dict[str, Floor] = {}
     try:
+        for mode in s.floor_modes:
+            floors[mode] = Floor.start(env, s, mode)
         request, _ = request_bytes("v1", "0" * 64, payload(s.payload_bytes), 1)
+        kinds = [("floor", "v1", s.callers)]
+        if "stream" in s.rpcs and s.loadgen_mode == "h2":
+            kinds.append(("floor-stream", "stream", s.stream_callers))
         points = []
-        for callers in s.callers:
-            point = {"rpc": "floor", "algorithm": "-", "callers": callers,
-                     **gen.run(floor, target, "floor", request, 1, callers, s),
-                     "vs_token_1t": None, "vs_token_2t": None}
-            log(f"floor  (no-op)    {callers:3} callers: {point['ops_per_s']:9.1f}/s "
-                f"p50 {point['p50_ms']:.3f} ms p99 {point['p99_ms']:.3f} ms "
-                f"server {point['daemon_cpu_cores']:.2f} loadgen "
-                f"{point['loadgen_cpu_cores']:.2f} cores")
-            points.append(point)
+        for row, rpc, callers_list in kinds:
+            for callers in callers_list:
+                for mode, floor in floors.items():
+                    target = env.target(floor.info["tcp"])
+                    point = {"rpc": row, "algorithm": "-", "server": mode, "callers": callers,
+                             **gen.run(floor, target, rpc, request, 1, callers, s),
+                             "vs_token_1t": None, "vs_token_2t": None}
+                    if point["errors"]:
+                        log(f"  {point['errors']} errors, first: {point['first_error']}")
+                    log(f"{row:12} {mode:4} {callers:3} callers: {point['ops_per_s']:9.1f}/s "
+                        f"p50 {point['p50_ms']:.3f} ms p99 {point['p99_ms']:.3f} ms "
+                        f"server {point['daemon_cpu_cores']:.2f} loadgen "
+                        f"{point['loadgen_cpu_cores']:.2f} cores")
+                    points.append(point)
         return points
     finally:
-        gen.hang_up(target)
-        floor.stop()
+        for floor in floors.values():
+            gen.hang_up(env.target(floor.info["tcp"]))
+            floor.stop()
+
+
+def best_floor(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per floor row and caller count, the stack with the higher throughput
+    and its p50: the most a Python gRPC signer can do here."""
+    best: dict[tuple[str, int], dict[str, Any]] = {}
+    for p in points:
+        if p["rpc"].startswith("floor"):
+            key = (p["rpc"], p["callers"])
+            if key not in best or p["ops_per_s"] > best[key]["ops_per_s"]:
+                best[key] = p
+    return [{"rpc": p["rpc"], "callers": p["callers"], "server": p["server"],
+             "ops_per_s": p["ops_per_s"], "p50_ms": p["p50_ms"]} for p in best.values()]
+
+
+def peer_points(env: Env, gen: LoadGen, daemon: Daemon, target: Target,
+                keys: dict[str, str], skipped: dict[str, str], s: Settings,
+                info: dict[str, Any]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """notary-signer's Sign, driven like signerd's Notary Sign: the same load
+    generator, P-256 key, payload and callers. At each caller count it is
+    measured in alternation with signerd's Notary Sign (``s.peer_rounds``
+    times), so the pair saw the same minute. Returns its rows (rpc "peer")
+    and the pairs; ``info`` gets its start time, memory and exit."""
+    data = payload(s.payload_bytes)
+    peer = Peer.start(env)
+    peer_target = env.target(peer.info["tcp"])
+    info["start_seconds"] = round(peer.start_seconds, 3)
+    try:
+        log(f"notary-signer pid {peer.pid} ready in {peer.start_seconds:.2f}s")
+        key_id, spki = peer.create_key(peer_target)
+        problem = check_answer(peer_target, "notary", key_id, "ecdsa-p256", data, spki=spki)
+        if problem is not None:
+            raise RuntimeError(f"notary-signer: {problem}")
+        request, _ = request_bytes("notary", key_id, data, 1)
+        ours = None
+        if "notary" in s.rpcs and "notary" not in skipped and "ecdsa-p256" in keys:
+            ours = request_bytes("notary", keys["ecdsa-p256"], data, 1)[0]
+        rows, pairs = [], []
+        for callers in s.peer_callers:
+            for r in range(s.peer_rounds):
+                point = {"rpc": "peer", "algorithm": "ecdsa-p256", "server": "notary-signer",
+                         "callers": callers, "round": r,
+                         **gen.run(peer, peer_target, "notary", request, 1, callers, s),
+                         "vs_token_1t": None, "vs_token_2t": None}
+                if point["errors"]:
+                    log(f"  {point['errors']} errors, first: {point['first_error']}")
+                log(f"peer (notary-signer) {callers:3} callers: {point['ops_per_s']:9.1f}/s "
+                    f"p50 {point['p50_ms']:.3f} ms p99 {point['p99_ms']:.3f} ms "
+                    f"server {point['daemon_cpu_cores']:.2f} loadgen "
+                    f"{point['loadgen_cpu_cores']:.2f} cores")
+                rows.append(point)
+                if ours is not None:
+                    mine = gen.run(daemon, target, "notary", ours, 1, callers, s)
+                    log(f"  signerd Notary Sign, right after: {mine['ops_per_s']:9.1f}/s "
+                        f"p50 {mine['p50_ms']:.3f} ms daemon {mine['daemon_cpu_cores']:.2f} "
+                        f"loadgen {mine['loadgen_cpu_cores']:.2f} cores")
+                    pairs.append({"callers": callers, "round": r, "notary_signer": point,
+                                  "signerd_notary": mine})
+        info.update(peer.memory_mib())
+        return rows, pairs
+    finally:
+        gen.hang_up(peer_target)
+        info.update(peer.stop())
 
 
 def many_keys_hsm(env: Env, count: int, cache: Path = CACHE) -> tuple[Hsm, str]:
@@ -656,6 +840,10 @@ def versions() -> dict[str, str]:
                                         text=True, check=False).stdout.strip()
     except OSError:
         pass
+    notary = subprocess.run(["dpkg-query", "-W", "-f=${Version}", "notary"], capture_output=True,
+                            text=True, check=False)
+    if notary.returncode == 0 and notary.stdout:
+        out["notary_signer"] = f"notary {notary.stdout.strip()} (Debian)"
     return out
 
 
@@ -679,6 +867,16 @@ def run(s: Settings, out: Path | None) -> dict[str, Any]:
                     f"{path_rates[alg]['2']:.0f}/s")
             gen = LoadGen(s.loadgen_procs, s.loadgen_mode, s.channels_per_proc)
             results, skipped = sweep(daemon, target, gen, keys, rates, s)
+            pairs: list[dict[str, Any]] = []
+            peer: dict[str, Any] = {}
+            if s.peer and not os.access(NOTARY_SIGNER, os.X_OK):
+                skipped["peer"] = (f"{NOTARY_SIGNER} is not installed (Debian's notary "
+                                   "package; ./dev.sh bench installs it)")
+                log(f"skipping the peer: {skipped['peer']}")
+            elif s.peer:
+                peer_rows, pairs = peer_points(env, gen, daemon, target, keys, skipped, s,
+                                               peer)
+                results += peer_rows
             if s.floor:
                 results += floor_points(env, gen, s)
             many = None
@@ -706,6 +904,9 @@ def run(s: Settings, out: Path | None) -> dict[str, Any]:
         "token_rate_signerd_path": path_rates,
         "results": results,
         "skipped": skipped,
+        "best_floor": best_floor(results),
+        "peer": peer,  # notary-signer: start_seconds, RSS, exit (-15: SIGTERM ends it)
+        "peer_pairs": pairs,
         "many_keys": many,
     }
     if out is not None:
@@ -749,12 +950,35 @@ def markdown(doc: dict[str, Any]) -> str:
     ]
     for r in doc["results"]:
         ratio = "-" if r["vs_token_2t"] is None else f"{r['vs_token_2t']:.2f}"
+        rpc = f"{r['rpc']} ({r['server']})" if r.get("server") else r["rpc"]
         lines.append(
-            f"| {r['rpc']} | {r['algorithm']} | {r['callers']} | {r['ops_per_s']:,.0f} "
+            f"| {rpc} | {r['algorithm']} | {r['callers']} | {r['ops_per_s']:,.0f} "
             f"| {ratio} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['daemon_cpu_cores']:.2f} "
             f"| {r['loadgen_cpu_cores']:.2f} | {r['daemon_rss_mib']:.0f} |")
     for rpc, why in doc["skipped"].items():
         lines.append(f"\n{rpc}: not measured, {why}.")
+    if doc.get("best_floor"):
+        lines += ["", "Best Python floor (the faster stack of "
+                  f"{' and '.join(s.get('floor_modes', ['sync']))}, measured in alternation): "
+                  + "; ".join(f"{b['rpc']} {b['callers']} callers {b['ops_per_s']:,.0f}/s "
+                              f"p50 {b['p50_ms']:.2f} ms ({b['server']})"
+                              for b in doc["best_floor"]) + "."]
+    if doc.get("peer_pairs"):
+        lines += ["", "| Notary Sign, P-256, alternated | callers | notary-signer sig/s | p50 ms "
+                  "| CPU | signerd sig/s | p50 ms | CPU | loadgen CPU (peer / signerd) |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        for pair in doc["peer_pairs"]:
+            a, b = pair["notary_signer"], pair["signerd_notary"]
+            lines.append(
+                f"| round {pair['round'] + 1} | {pair['callers']} | {a['ops_per_s']:,.0f} "
+                f"| {a['p50_ms']:.2f} | {a['daemon_cpu_cores']:.2f} | {b['ops_per_s']:,.0f} "
+                f"| {b['p50_ms']:.2f} | {b['daemon_cpu_cores']:.2f} "
+                f"| {a['loadgen_cpu_cores']:.2f} / {b['loadgen_cpu_cores']:.2f} |")
+    peer = doc.get("peer")
+    if peer and "rss_mib" in peer:
+        lines += ["", f"notary-signer ({m['versions'].get('notary_signer', '?')}, memory key "
+                  f"store, GOMAXPROCS = CPUs, not pinned): ready in {peer['start_seconds']:.2f} s, "
+                  f"RSS {peer['rss_mib']:.0f} MiB after the points."]
     mk = doc.get("many_keys")
     if mk:
         lines += [
@@ -802,7 +1026,20 @@ def parse_args(argv: list[str] | None) -> tuple[Settings, Path | None]:
     p.add_argument("--cpu-affinity", choices=CPU_AFFINITIES, default=d.cpu_affinity)
     p.add_argument("--sessions", type=int, default=d.sessions)
     p.add_argument("--no-audit", action="store_true", help="measure without the audit log")
+    p.add_argument("--stream-callers", default=",".join(map(str, d.stream_callers)),
+                   help="callers for SignStream (each keeps one stream open)")
+    p.add_argument("--stream-depth", type=int, default=d.stream_depth,
+                   help="SignStream requests outstanding per caller")
     p.add_argument("--no-floor", action="store_true", help="skip the no-op server baseline")
+    p.add_argument("--floor-modes", default=",".join(d.floor_modes),
+                   help="gRPC stacks for the floor: sync, aio (grpc.aio on uvloop)")
+    p.add_argument("--peer", action=argparse.BooleanOptionalAction,
+                   default=os.access(NOTARY_SIGNER, os.X_OK),
+                   help=f"also measure stock notary-signer ({NOTARY_SIGNER}, Debian's notary "
+                        "package); on when it is installed")
+    p.add_argument("--peer-callers", default=",".join(map(str, d.peer_callers)))
+    p.add_argument("--peer-rounds", type=int, default=d.peer_rounds,
+                   help="alternations of notary-signer and signerd's Notary Sign per callers")
     p.add_argument("--loadgen-procs", type=int, default=d.loadgen_procs)
     p.add_argument("--loadgen-mode", choices=("threads", "aio", "h2"), default=d.loadgen_mode)
     p.add_argument("--channels", type=int, default=d.channels_per_proc,
@@ -820,12 +1057,18 @@ def parse_args(argv: list[str] | None) -> tuple[Settings, Path | None]:
         batch_size=a.batch_size, many_keys=a.many_keys, workers=a.workers, threads=a.threads,
         cpu_affinity=a.cpu_affinity,
         sessions=a.sessions, audit=not a.no_audit, floor=not a.no_floor,
+        stream_callers=tuple(int(x) for x in a.stream_callers.split(",") if x),
+        stream_depth=a.stream_depth,
+        floor_modes=tuple(x for x in a.floor_modes.split(",") if x),
+        peer=a.peer, peer_callers=tuple(int(x) for x in a.peer_callers.split(",") if x),
+        peer_rounds=a.peer_rounds,
         loadgen_procs=a.loadgen_procs,
         loadgen_mode=a.loadgen_mode, channels_per_proc=a.channels, cache_dir=a.cache,
     )
     if a.smoke:
         s = replace(s, algorithms=("ecdsa-p256",), callers=(1, 4), duration=0.5, warmup=0.2,
-                    token_seconds=0.3, batch_size=10, many_keys=50)
+                    token_seconds=0.3, batch_size=10, many_keys=50, stream_callers=(1, 4),
+                    peer_callers=(1, 4), peer_rounds=1)
     return s, (None if str(a.out) == "-" else a.out)
 
 
@@ -834,6 +1077,9 @@ def main(argv: list[str] | None = None) -> int:
     for alg in s.algorithms:
         if alg not in ALGORITHMS:
             raise SystemExit(f"unknown algorithm {alg!r}; choose from {', '.join(ALGORITHMS)}")
+    for mode in s.floor_modes:
+        if mode not in FLOOR_MODES:
+            raise SystemExit(f"unknown floor mode {mode!r}; choose from sync, aio")
     doc = run(s, out)
     print(markdown(doc))
     if out is not None:

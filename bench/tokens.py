@@ -52,9 +52,9 @@ class Kind:
     name: str
     token_toml: str  # the [[tokens]] table
     environment: dict[str, str]
-    unplug: Callable[[], None]
-    replug: Callable[[], None]
-    stop: Callable[[], None]
+    unplug: Callable[[], object]
+    replug: Callable[[], object]
+    stop: Callable[[], object]
 
 
 def softhsm_kind(env: Env, base: Path, profile: str) -> Kind:
@@ -103,7 +103,7 @@ file = "{work / 'audit.log'}"
 
 
 def _sign_rate(channel: grpc.Channel, key_id: str, callers: int, seconds: float) -> float:
-    stub = pb_grpc.SignerServiceStub(channel)
+    stub = pb_grpc.SignerServiceStub(channel)  # type: ignore[no-untyped-call]
     request = pb.SignRequest(key_id=key_id, message=bytes(512))
     counts = [0] * callers
     stop = time.monotonic() + seconds
@@ -171,7 +171,7 @@ def measure(env: Env, kind: Kind, work: Path, seconds: float) -> dict[str, Any]:
     try:
         target = env.target(daemon.info["tcp"])
         with client_channel(target) as ch:
-            stub = pb_grpc.SignerServiceStub(ch)
+            stub = pb_grpc.SignerServiceStub(ch)  # type: ignore[no-untyped-call]
             key = stub.CreateKey(pb.CreateKeyRequest(gun="docker.io/bench/tokens",
                                                      role="targets", algorithm="ecdsa-p256"))
             for callers in (1, 16):
