@@ -106,7 +106,7 @@ class Settings:
     threads: int = 8
     # Each worker on its own CPU; bench/ab.py measured it against "none" (README, Performance).
     cpu_affinity: str = "spread"
-    engine: str = "aio"  # [server] engine; bench.ab measured it against "threads" (README)
+    engine: str = "threads"  # [server] engine: the default; bench.ab measured "aio" (README)
     sessions: int = 4
     audit: bool = True
     # SignStream: callers, each with one stream and this many requests outstanding.
@@ -1007,7 +1007,7 @@ def markdown(doc: dict[str, Any]) -> str:
 
 
 def parse_args(argv: list[str] | None) -> tuple[Settings, Path | None]:
-    from signerd.config import CPU_AFFINITIES
+    from signerd.config import CPU_AFFINITIES, ENGINES
 
     d = Settings()
     p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n\n")[0])
@@ -1024,6 +1024,7 @@ def parse_args(argv: list[str] | None) -> tuple[Settings, Path | None]:
     p.add_argument("--workers", type=int, default=d.workers)
     p.add_argument("--threads", type=int, default=d.threads)
     p.add_argument("--cpu-affinity", choices=CPU_AFFINITIES, default=d.cpu_affinity)
+    p.add_argument("--engine", choices=ENGINES, default=d.engine, help="[server] engine")
     p.add_argument("--sessions", type=int, default=d.sessions)
     p.add_argument("--no-audit", action="store_true", help="measure without the audit log")
     p.add_argument("--stream-callers", default=",".join(map(str, d.stream_callers)),
@@ -1056,6 +1057,7 @@ def parse_args(argv: list[str] | None) -> tuple[Settings, Path | None]:
         duration=a.duration, warmup=a.warmup, token_seconds=a.token_seconds,
         batch_size=a.batch_size, many_keys=a.many_keys, workers=a.workers, threads=a.threads,
         cpu_affinity=a.cpu_affinity,
+        engine=a.engine,
         sessions=a.sessions, audit=not a.no_audit, floor=not a.no_floor,
         stream_callers=tuple(int(x) for x in a.stream_callers.split(",") if x),
         stream_depth=a.stream_depth,
