@@ -454,3 +454,111 @@ def test_undecodable_requests_cost_nothing(hsm: Any, certs: PKI, tmp_path: Path)
     finally:
         proc.stop()
     assert after - before < 5 * 1024, f"RSS grew {after - before} KiB"
+
+
+# One identity's callers, in a process of their own (so that their Python
+# threads do not share a GIL with the caller being measured). Each keeps one
+# Sign in flight; refused (RESOURCE_EXHAUSTED), it tries again 0.1 s later, as
+# gRPC retry policies back off: one that retried at once would flood the
+# daemon with requests rather than hold its threads, which no thread limit
+# bounds. Prints "refused" at the first refusal; stops when stdin closes, then
+# prints the count of each status code as JSON.
+_FLOOD = """
+import json, sys, threading, time
+from pathlib import Path
+import grpc
+from signerd.client import Client, ClientConfig
+port, ca, cert, key, key_id, callers = sys.argv[1:]
+cfg = ClientConfig("127.0.0.1:" + port, Path(ca), Path(cert), Path(key), "localhost", 60)
+counts, lock, stop = {}, threading.Lock(), threading.Event()
+
+def caller() -> None:
+    with Client(cfg) as c:
+        while not stop.is_set():
+            try:
+                c.sign(key_id, message=b"flood")
+                code = "OK"
+            except grpc.RpcError as e:
+                code = e.code().name
+            with lock:
+                counts[code] = counts.get(code, 0) + 1
+                if code == "RESOURCE_EXHAUSTED" and counts[code] == 1:
+                    print("refused", flush=True)
+            if code != "OK":
+                time.sleep(0.1)
+
+threads = [threading.Thread(target=caller) for _ in range(int(callers))]
+for t in threads:
+    t.start()
+sys.stdin.read()
+stop.set()
+for t in threads:
+    t.join()
+print(json.dumps(counts), flush=True)
+"""
+
+
+def _median_seconds(fn: Any, n: int = 21) -> float:
+    times = []
+    for _ in range(n):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[n // 2]
+
+
+def test_one_identity_flooding_leaves_threads_for_the_others(daemon_factory: Any) -> None:
+    """Regression (issue 11 §4): with threads = 8 and max_inflight_per_identity
+    = 256, one identity's slow calls held every handler thread and another
+    identity's calls queued behind them. With the limit unset (threads / 2 =
+    4), an identity keeping 32 slow calls in flight is refused the rest, and
+    another identity signs about as fast as on an idle daemon."""
+    import select
+    import subprocess
+    import sys
+    from contextlib import ExitStack
+
+    policy = ADMIN_POLICY + f"""
+[[rule]]
+name = "runner"
+identities = ["{RUNNER}"]
+operations = ["sign", "read"]
+guns = ["docker.io/victim/*"]
+"""
+    d = daemon_factory(policy=policy, server={"threads": 8})
+    assert d.config.inflight_limit == 4
+    with d.client("admin") as admin:
+        slow = admin.create_key(unique_gun(), "targets")
+        mine = admin.create_key("docker.io/victim/app", "targets", token="root")
+    online = d.servers.service.tokens["online"]
+    cert, key = d.certs.files["admin"]
+    with d.client("runner") as runner, ExitStack() as busy:
+        def sign() -> None:
+            try:
+                runner.stub.Sign(pb.SignRequest(key_id=mine.key_id, message=b"m"), timeout=5)
+            except grpc.RpcError as e:
+                pytest.fail(f"the other identity's call failed: {e.code()} {e.details()}")
+
+        sign()
+        idle = _median_seconds(sign)
+        # Every session of the flooded key's token is taken, as by a slow
+        # device: each of the flood's signatures then holds a handler thread
+        # (waiting for a session) and no CPU.
+        for _ in range(online.config.sessions):
+            busy.enter_context(online.session())
+        flood = subprocess.Popen(
+            [sys.executable, "-c", _FLOOD, str(d.port), str(d.certs.ca_file), str(cert),
+             str(key), slow.key_id, "32"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        try:
+            assert flood.stdout is not None
+            ready, _, _ = select.select([flood.stdout], [], [], 30)
+            assert ready and flood.stdout.readline() == "refused\n", "the flood was never refused"
+            loaded = _median_seconds(sign)
+        finally:
+            busy.close()  # the flood's calls get their sessions
+            out, _ = flood.communicate("", timeout=120)
+    counts = json.loads(out)
+    assert counts.get("OK", 0) > 0 and counts.get("RESOURCE_EXHAUSTED", 0) > 0, counts
+    assert set(counts) <= {"OK", "RESOURCE_EXHAUSTED"}, counts
+    assert loaded < 10 * idle, f"idle {idle * 1000:.1f} ms, during the flood {loaded * 1000:.1f} ms"

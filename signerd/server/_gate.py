@@ -99,6 +99,14 @@ class Scope:
 
 
 class Gate:
+    """Identity, limits, policy and audit around every RPC handler.
+
+    ``max_inflight``: requests one identity may have inside handlers at once
+    (signerd.config.Config.inflight_limit). It counts handler threads, since
+    a request holds one from here until it is answered; one more is refused
+    at once with RESOURCE_EXHAUSTED, before any token work, so an identity at
+    its limit gives the thread straight back to the others' requests."""
+
     def __init__(
         self,
         policy: PolicyStore,
@@ -117,8 +125,8 @@ class Gate:
         with self._lock:
             if self._inflight[identity] >= self.max_inflight:
                 raise ResourceExhausted(
-                    f"identity {identity!r} already has {self.max_inflight} requests in flight; "
-                    "wait for some to finish"
+                    f"identity {identity!r} already has {self.max_inflight} requests in flight "
+                    "(server.max_inflight_per_identity); retry once some have finished"
                 )
             self._inflight[identity] += 1
 
