@@ -20,6 +20,14 @@ class NotFound(SignerdError):
     """No such key or token."""
 
 
+class NoSuchKey(NotFound):
+    """No key with this ID that the caller may know of: the one answer both
+    for a key that does not exist and for one the caller may not read."""
+
+    def __init__(self, key_id: str) -> None:
+        super().__init__(f"no key with ID {key_id}")
+
+
 class PermissionDenied(SignerdError):
     """Policy does not grant this identity the operation."""
 

@@ -49,8 +49,8 @@ Other keys are refused (VALIDATION_ERROR), so a misspelt one is not ignored.
 
 Errors (``errorCode``): VALIDATION_ERROR for a malformed request (bad JSON,
 a missing or malformed attribute, a key spec or hash signerd does not do,
-unknown pluginConfig keys) and for a key signerd does not have (NOT_FOUND,
-as the contract says) or a request signerd finds malformed
+unknown pluginConfig keys) and for a key signerd does not have, or one the
+caller may not read (NOT_FOUND, as the contract says) or a request signerd finds malformed
 (INVALID_ARGUMENT); UNSUPPORTED_CONTRACT_VERSION for a contract version
 other than 1.x; ACCESS_DENIED when signerd's policy refuses the caller
 (PERMISSION_DENIED) or cannot identify it (UNAUTHENTICATED); TIMEOUT when a

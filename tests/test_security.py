@@ -83,21 +83,145 @@ def test_plaintext_client_cannot_talk_to_the_tls_port(daemon: Daemon) -> None:
     assert err.code() == grpc.StatusCode.UNAVAILABLE
 
 
-def test_identity_without_rule_is_denied_and_audited(daemon: Daemon) -> None:
-    with daemon.client("admin") as admin:
-        key = admin.create_key(unique_gun(), "targets")
-    with daemon.client("nobody") as c:
-        err = rpc_error(lambda: c.sign(key.key_id, message=b"payload"))
+HIDING_POLICY = ADMIN_POLICY + f"""
+[[rule]]
+name = "runner-acme"
+identities = ["{RUNNER}"]
+operations = ["create", "read", "sign"]
+guns = ["docker.io/acme/*"]
+
+[[rule]]
+name = "runner-reads-team"
+identities = ["{RUNNER}"]
+operations = ["read"]
+guns = ["docker.io/team/*"]
+"""
+_MISSING = "cd" * 32
+
+
+def _key_id_calls(mine: str) -> dict[str, Any]:
+    """Every RPC that names a key by its ID: id -> fn(v1 channel, key_id)."""
+    from signerd.notary import signer_pb2 as npb
+    from signerd.notary import signer_pb2_grpc as npb_grpc
+
+    def v1(ch: grpc.Channel) -> Any:
+        return pb_grpc.SignerServiceStub(ch)
+
+    def batch(ch: grpc.Channel, kid: str) -> Any:
+        reply = v1(ch).SignBatch(pb.SignBatchRequest(requests=[
+            pb.SignRequest(key_id=mine, message=b"m"), pb.SignRequest(key_id=kid, message=b"m")]),
+            timeout=20)
+        return reply.items[1].code, reply.items[1].error  # as (code, details)
+
+    return {
+        "GetKey": lambda ch, kid: v1(ch).GetKey(pb.GetKeyRequest(key_id=kid), timeout=20),
+        "Sign": lambda ch, kid: v1(ch).Sign(pb.SignRequest(key_id=kid, message=b"m"),
+                                            timeout=20),
+        "SignBatch-item": batch,
+        "DeleteKey": lambda ch, kid: v1(ch).DeleteKey(pb.DeleteKeyRequest(key_id=kid),
+                                                      timeout=20),
+        "CertifyKey-subject": lambda ch, kid: v1(ch).CertifyKey(pb.CertifyKeyRequest(
+            key_id=kid, subject="CN=x", issuer_key_id=mine), timeout=20),
+        "CertifyKey-issuer": lambda ch, kid: v1(ch).CertifyKey(pb.CertifyKeyRequest(
+            key_id=mine, subject="CN=x", issuer_key_id=kid), timeout=20),
+        "GetCertificateChain": lambda ch, kid: v1(ch).GetCertificateChain(
+            pb.GetCertificateChainRequest(key_id=kid), timeout=20),
+        "notary-GetKeyInfo": lambda ch, kid: npb_grpc.KeyManagementStub(ch).GetKeyInfo(
+            npb.KeyID(ID=kid), timeout=20),
+        "notary-DeleteKey": lambda ch, kid: npb_grpc.KeyManagementStub(ch).DeleteKey(
+            npb.KeyID(ID=kid), timeout=20),
+        "notary-Sign": lambda ch, kid: npb_grpc.SignerStub(ch).Sign(npb.SignatureRequest(
+            keyID=npb.KeyID(ID=kid), content=b"{}"), timeout=20),
+    }
+
+
+def _answer(call: Any, channel: grpc.Channel, key_id: str) -> tuple[int, str]:
+    """(status code, message) of a call that must be refused."""
+    try:
+        result = call(channel, key_id)
+    except grpc.RpcError as e:
+        return e.code().value[0], e.details()
+    assert isinstance(result, tuple), f"expected a refusal, got {result}"
+    return result
+
+
+@pytest.mark.parametrize("who", ["nobody", "runner"])
+def test_a_caller_that_may_not_read_a_key_cannot_tell_it_from_a_missing_one(
+        daemon_factory: Any, who: str) -> None:
+    """Regression (issue 11 §6): an identity no rule names got PERMISSION_DENIED,
+    naming the key's GUN and role, for a key that exists and NOT_FOUND for
+    one that does not. Now every RPC that takes a key ID answers both alike."""
+    d = daemon_factory(policy=HIDING_POLICY)
+    with d.client("admin") as admin:
+        hidden = admin.create_key("docker.io/secret/app", "targets/releases", token="root")
+        mine = admin.create_key("docker.io/acme/app", "targets")
+        admin.certify_key(mine.key_id, "CN=acme ca")  # an issuer the runner may sign with
+    calls = _key_id_calls(mine.key_id)
+    with d.client(who) as c:
+        for name, call in calls.items():
+            there = _answer(call, c.channel, hidden.key_id)
+            gone = _answer(call, c.channel, _MISSING)
+            assert there[0] == gone[0] == grpc.StatusCode.NOT_FOUND.value[0], (name, there, gone)
+            assert there[1].replace(hidden.key_id, "KEY") == gone[1].replace(_MISSING, "KEY"), (
+                name, there, gone)
+            assert there[1].startswith("no key with ID "), name
+            assert not {"secret", "releases", "root"} & set(there[1].split()), name
+    with d.client("admin") as admin:
+        assert admin.get_key(hidden.key_id).key_id == hidden.key_id  # still there
+    # The audit log still says which key was asked for, and that it was a denial.
+    lines = [line for line in audit_lines(d)
+             if line["identity"] != ADMIN and hidden.key_id in line["key_id"]]
+    assert {line["operation"] for line in lines} == {"read", "sign", "delete"}
+    for line in lines:
+        assert (line["gun"], line["role"], line["token"]) == (
+            "docker.io/secret/app", "targets/releases", "root"), line
+        if "," not in line["key_id"]:  # not the batch's line: it is answered OK, item by item
+            assert (line["decision"], line["status"]) == ("deny", "NOT_FOUND"), line
+
+
+def test_listings_give_nothing_away(daemon_factory: Any) -> None:
+    """Regression (issue 11 §6): ListKeys paged over every key and filtered
+    afterwards, so a stranger got empty pages whose page tokens were the IDs
+    of keys it may not read; and an unknown token name was answered with the
+    names of every configured token."""
+    d = daemon_factory(policy=HIDING_POLICY)
+    with d.client("admin") as admin:
+        hidden = [admin.create_key("docker.io/secret/app", "targets") for _ in range(3)]
+        team = admin.create_key("docker.io/team/app", "targets")
+    with d.client("nobody") as c:
+        page = c.stub.ListKeys(pb.ListKeysRequest(page_size=1), timeout=20)
+        assert (list(page.keys), page.next_page_token) == ([], "")
+        err = rpc_error(lambda: list(c.list_keys(token="nope")))
+        assert (err.code(), err.details()) == (grpc.StatusCode.NOT_FOUND,
+                                               "no token named 'nope'; you may use none")
+        err = rpc_error(lambda: c.create_key("docker.io/secret/app", "targets", token="nope"))
+        assert err.code() == grpc.StatusCode.PERMISSION_DENIED  # before the token is looked up
+    with d.client("runner") as runner:
+        listed = list(runner.list_keys())  # page by page (the tokens hold other tests' keys)
+        assert team.key_id in {k.key_id for k in listed}
+        assert all(k.gun.startswith(("docker.io/acme/", "docker.io/team/")) for k in listed)
+        page = runner.stub.ListKeys(pb.ListKeysRequest(page_size=1), timeout=20)
+        assert len(page.keys) == 1 and page.next_page_token in ("", page.keys[0].key_id)
+        err = rpc_error(lambda: list(runner.list_keys(token="nope")))
+        assert err.details() == "no token named 'nope'; yours: root, online"
+    shown = {k.key_id for k in hidden}
+    assert not shown & {line["key_id"] for line in audit_lines(d) if line["identity"] != ADMIN}
+
+
+def test_a_caller_that_may_read_a_key_is_told_what_it_may_not_do(daemon_factory: Any) -> None:
+    d = daemon_factory(policy=HIDING_POLICY)
+    with d.client("admin") as admin:
+        team = admin.create_key("docker.io/team/app", "targets")
+    with d.client("runner") as runner:
+        assert runner.get_key(team.key_id).gun == "docker.io/team/app"
+        err = rpc_error(lambda: runner.sign(team.key_id, message=b"payload"))
     assert err.code() == grpc.StatusCode.PERMISSION_DENIED
-    assert "spiffe://test/nobody" in err.details() and "may not sign" in err.details()
-    denial = audit_lines(daemon)[-1]
-    assert denial["identity"] == "spiffe://test/nobody"
-    assert (denial["decision"], denial["status"], denial["operation"]) == (
-        "deny",
-        "PERMISSION_DENIED",
-        "sign",
-    )
-    assert denial["key_id"] == key.key_id and denial["gun"] == key.gun
+    assert err.details().startswith(
+        f"identity {RUNNER!r} may not sign targets keys of docker.io/team/app over tcp: ")
+    denial = audit_lines(d)[-1]
+    assert (denial["identity"], denial["operation"], denial["key_id"], denial["gun"]) == (
+        RUNNER, "sign", team.key_id, "docker.io/team/app")
+    assert (denial["decision"], denial["status"]) == ("deny", "PERMISSION_DENIED")
     import hashlib
 
     assert denial["payload_sha256"] == hashlib.sha256(b"payload").hexdigest()
@@ -125,9 +249,9 @@ def test_runner_allowed_for_gun_a_cannot_sign_gun_b(daemon_factory: Any) -> None
         a_targets = admin.create_key("docker.io/acme/app", "targets")
     with d.client("runner") as runner:
         assert runner.sign(a.key_id, message=b"m").signature
-        for key in (b, a_targets):
+        for key in (b, a_targets):  # it may not even read them: as if they did not exist
             err = rpc_error(lambda k=key: runner.sign(k.key_id, message=b"m"))
-            assert err.code() == grpc.StatusCode.PERMISSION_DENIED
+            assert err.code() == grpc.StatusCode.NOT_FOUND
         err = rpc_error(lambda: runner.create_key("docker.io/acme/app", "targets/ci-2"))
         assert err.code() == grpc.StatusCode.PERMISSION_DENIED
         batch = runner.stub.SignBatch(
@@ -135,7 +259,7 @@ def test_runner_allowed_for_gun_a_cannot_sign_gun_b(daemon_factory: Any) -> None
                 requests=[pb.SignRequest(key_id=k.key_id, message=b"m") for k in (a, b, a)]
             )
         )
-        assert [i.code for i in batch.items] == [0, grpc.StatusCode.PERMISSION_DENIED.value[0], 0]
+        assert [i.code for i in batch.items] == [0, grpc.StatusCode.NOT_FOUND.value[0], 0]
         # listing shows only what the runner may read
         assert {k.key_id for k in runner.list_keys()} == {a.key_id}
 
@@ -165,9 +289,9 @@ transports = ["unix"]
         assert root.token == "root"
         assert local.sign(root.key_id, message=b"root.json").signature
         assert local.get_key(targets.key_id).key_id == targets.key_id
-    with d.client("admin") as tcp:
+    with d.client("admin") as tcp:  # not even readable over tcp: as if it did not exist
         err = rpc_error(lambda: tcp.sign(root.key_id, message=b"root.json"))
-        assert err.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert err.code() == grpc.StatusCode.NOT_FOUND
         assert root.key_id not in {k.key_id for k in tcp.list_keys()}
     unix_lines = [line for line in audit_lines(d) if line["transport"] == "unix"]
     assert unix_lines and all(line["identity"] == f"uid:{os.getuid()}" for line in unix_lines)
@@ -265,9 +389,9 @@ def test_policy_reload_on_sighup_good_and_broken(hsm: HSM, certs: PKI, tmp_path:
 
         t = threading.Thread(target=hammer)
         t.start()
-        assert (
+        assert (  # no rule names the runner yet: the key is not there for it
             rpc_error(lambda: runner.sign(k.key_id, message=b"m")).code()
-            == grpc.StatusCode.PERMISSION_DENIED
+            == grpc.StatusCode.NOT_FOUND
         )
         (tmp_path / "policy.toml").write_text(RUNNER_POLICY)
         proc.proc.send_signal(signal.SIGHUP)

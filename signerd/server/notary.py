@@ -170,7 +170,7 @@ class KeyManagementServicer(_Base):
                    context: grpc.ServicerContext) -> pb.GetKeyInfoResponse:
         def work(scope: Scope) -> pb.GetKeyInfoResponse:
             entry = self._key(request)
-            scope.authorize("", "", key=entry)
+            scope.authorize_key(entry)
             _check_usable(entry)
             return pb.GetKeyInfoResponse(keyInfo=_key_info(entry), publicKey=entry.tuf_public,
                                          role=entry.role)
@@ -181,7 +181,7 @@ class KeyManagementServicer(_Base):
     def DeleteKey(self, request: pb.KeyID, context: grpc.ServicerContext) -> pb.Void:
         def work(scope: Scope) -> pb.Void:
             entry = self._key(request)
-            scope.authorize("", "", key=entry)
+            scope.authorize_key(entry)
             self.service.delete_key(entry.key_id)
             return pb.Void()
 
@@ -195,7 +195,7 @@ class SignerServicer(_Base):
     def Sign(self, request: pb.SignatureRequest, context: grpc.ServicerContext) -> pb.Signature:
         def work(scope: Scope) -> pb.Signature:
             entry = self._key(request.keyID)
-            scope.authorize("", "", key=entry)
+            scope.authorize_key(entry)
             _check_usable(entry)
             sig = self.service.sign_with(entry, request.content, _SIGN_OPTIONS)
             if not entry.used:
