@@ -17,7 +17,14 @@ from cryptography.hazmat.primitives import serialization
 
 from signerd import certs, metrics, signing
 from signerd.config import Config
-from signerd.errors import FailedPrecondition, InvalidArgument, NoSuchKey, NotFound, Unavailable
+from signerd.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NoSuchKey,
+    NotFound,
+    Unavailable,
+    quoted,
+)
 from signerd.keys import (
     Algorithm,
     KeyID,
@@ -148,7 +155,7 @@ class KeyService:
             return self.tokens[name]
         except KeyError:
             raise NotFound(
-                f"no token named {name!r}; configured: {', '.join(self.tokens)}"
+                f"no token named {quoted(name)}; configured: {', '.join(self.tokens)}"
             ) from None
 
     def token_for_role(self, role: str) -> Token:

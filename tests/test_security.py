@@ -208,6 +208,73 @@ def test_listings_give_nothing_away(daemon_factory: Any) -> None:
     assert not shown & {line["key_id"] for line in audit_lines(d) if line["identity"] != ADMIN}
 
 
+_HUGE = "a" * (100 * 1024)  # 100 KB
+
+
+def _huge_value_calls() -> list[Any]:
+    """(id, who, value, fn(channel, value), status): a refused call that
+    quotes ``value``, for each kind of value a caller sends."""
+    from signerd.notary import signer_pb2 as npb
+    from signerd.notary import signer_pb2_grpc as npb_grpc
+
+    def v1(ch: grpc.Channel) -> Any:
+        return pb_grpc.SignerServiceStub(ch)
+
+    def create(field: str) -> Any:
+        def call(ch: grpc.Channel, value: str) -> Any:
+            request = {"gun": "docker.io/acme/app", "role": "targets", field: value}
+            return v1(ch).CreateKey(pb.CreateKeyRequest(**request), timeout=20)
+        return call
+
+    def notary_create(field: str) -> Any:
+        def call(ch: grpc.Channel, value: str) -> Any:
+            request = {"gun": "docker.io/acme/app", "role": "timestamp", "algorithm": "ecdsa",
+                       field: value}
+            return npb_grpc.KeyManagementStub(ch).CreateKey(npb.CreateKeyRequest(**request),
+                                                            timeout=20)
+        return call
+
+    def certify(ch: grpc.Channel, value: str) -> Any:
+        mine = v1(ch).CreateKey(pb.CreateKeyRequest(gun="docker.io/acme/app", role="targets"),
+                                timeout=20).key_id
+        return v1(ch).CertifyKey(pb.CertifyKeyRequest(key_id=mine, subject=value), timeout=20)
+
+    invalid, not_found = grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND
+    return [
+        ("key-id", "admin", _HUGE, lambda ch, v: v1(ch).GetKey(
+            pb.GetKeyRequest(key_id=v), timeout=20), invalid),
+        ("page-token", "admin", _HUGE, lambda ch, v: v1(ch).ListKeys(
+            pb.ListKeysRequest(page_token=v), timeout=20), invalid),
+        ("gun", "admin", _HUGE, create("gun"), invalid),
+        ("role", "admin", _HUGE, create("role"), invalid),
+        ("delegation", "admin", "targets/" + _HUGE, create("role"), invalid),
+        ("algorithm", "admin", _HUGE, create("algorithm"), invalid),
+        ("token", "admin", _HUGE, create("token"), not_found),
+        ("token-denied", "nobody", _HUGE, create("token"), grpc.StatusCode.PERMISSION_DENIED),
+        ("list-token", "admin", _HUGE, lambda ch, v: v1(ch).ListKeys(
+            pb.ListKeysRequest(token=v), timeout=20), not_found),
+        ("subject", "admin", "CN=" + _HUGE, certify, invalid),
+        ("notary-key-id", "admin", _HUGE, lambda ch, v: npb_grpc.KeyManagementStub(ch).GetKeyInfo(
+            npb.KeyID(ID=v), timeout=20), not_found),
+        ("notary-algorithm", "admin", _HUGE, notary_create("algorithm"), invalid),
+        ("notary-gun", "admin", _HUGE, notary_create("gun"), invalid),
+        ("notary-role", "admin", "targets/" + _HUGE, notary_create("role"), invalid),
+    ]
+
+
+@pytest.mark.parametrize(("who", "value", "call", "status"),
+                         [pytest.param(*c[1:], id=c[0]) for c in _huge_value_calls()])
+def test_a_huge_value_is_quoted_in_short(daemon: Daemon, who: str, value: str, call: Any,
+                                         status: grpc.StatusCode) -> None:
+    """Regression (issue 11 §6): an unknown algorithm or token name came back
+    whole in the error message, however large."""
+    with daemon.client(who) as c:
+        err = rpc_error(lambda: call(c.channel, value))
+    assert err.code() == status, err.details()[:300]
+    assert len(err.details()) < 400, err.details()[:300]
+    assert f"{value[:64]!r}…({len(value)} bytes)" in err.details(), err.details()
+
+
 def test_a_caller_that_may_read_a_key_is_told_what_it_may_not_do(daemon_factory: Any) -> None:
     d = daemon_factory(policy=HIDING_POLICY)
     with d.client("admin") as admin:

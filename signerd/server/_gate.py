@@ -29,6 +29,7 @@ from signerd.errors import (
     ResourceExhausted,
     SignerdError,
     Unavailable,
+    quoted,
 )
 from signerd.policy import Decision, Policy, PolicyStore, Request
 from signerd.server._status import code_for, status_name
@@ -89,7 +90,7 @@ class Scope:
     def _denied(self, action: str, gun: str, role: str, reason: str) -> PermissionDenied:
         self.decision = "deny"
         what = f"{role} keys of {gun}" if gun else "this"
-        return PermissionDenied(f"identity {self.caller.identity!r} may not {action} {what} "
+        return PermissionDenied(f"identity {quoted(self.caller.identity)} may not {action} {what} "
                                 f"over {self.caller.transport}: {reason}")
 
     def authorize(self, gun: str, role: str, token: str = "", key: KeyEntry | None = None) -> None:
@@ -154,8 +155,8 @@ class Gate:
         with self._lock:
             if self._inflight[identity] >= self.max_inflight:
                 raise ResourceExhausted(
-                    f"identity {identity!r} already has {self.max_inflight} requests in flight "
-                    "(server.max_inflight_per_identity); retry once some have finished"
+                    f"identity {quoted(identity)} already has {self.max_inflight} requests in "
+                    "flight (server.max_inflight_per_identity); retry once some have finished"
                 )
             self._inflight[identity] += 1
 

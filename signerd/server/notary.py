@@ -43,7 +43,7 @@ from typing import Any, cast
 import grpc
 
 from signerd import signing
-from signerd.errors import FailedPrecondition, InvalidArgument, NotFound, SignerdError
+from signerd.errors import FailedPrecondition, InvalidArgument, NotFound, SignerdError, quoted
 from signerd.keys import Algorithm, parse_algorithm, validate_gun, validate_key_id, validate_role
 from signerd.notary import signer_pb2 as pb
 from signerd.notary import signer_pb2_grpc as pb_grpc
@@ -87,7 +87,7 @@ def notary_algorithm(name: str) -> Algorithm:
         return parse_algorithm(NOTARY_ALGORITHMS[name])
     except KeyError:
         raise InvalidArgument(
-            f"unsupported algorithm {name[:40]!r} for a notary key: use one of "
+            f"unsupported algorithm {quoted(name)} for a notary key: use one of "
             f"{', '.join(repr(a) for a in NOTARY_ALGORITHMS)} "
             "(notary-server's trust_service.key_algorithm)"
         ) from None
@@ -137,7 +137,7 @@ class _Base:
         try:
             validate_key_id(key_id.ID)
         except InvalidArgument:
-            raise NotFound(f"key {key_id.ID[:80]!r} not found: notary key IDs are "
+            raise NotFound(f"key {quoted(key_id.ID)} not found: notary key IDs are "
                            "64 lowercase hex characters") from None
         return self.service.get_key(key_id.ID)
 

@@ -8,7 +8,7 @@ from typing import TypeVar
 import grpc
 
 from signerd import certs, signing
-from signerd.errors import InvalidArgument, NotFound, PermissionDenied, SignerdError
+from signerd.errors import InvalidArgument, NotFound, PermissionDenied, SignerdError, quoted
 from signerd.keys import parse_algorithm, spki_to_pem, validate_gun, validate_role
 from signerd.server._gate import Caller, Gate, Scope
 from signerd.server._status import code_for
@@ -141,7 +141,7 @@ class SignerServicer(pb_grpc.SignerServiceServicer):
             if not visible:
                 scope.decision = "deny"
                 raise PermissionDenied(
-                    f"identity {scope.caller.identity!r} may read keys on no token"
+                    f"identity {quoted(scope.caller.identity)} may read keys on no token"
                 )
             return pb.ListTokensResponse(tokens=[token_message(t.status()) for t in visible])
 
@@ -165,7 +165,7 @@ class SignerServicer(pb_grpc.SignerServiceServicer):
         if not name or name in self.service.tokens:
             return
         yours = [t for t in self.service.tokens if scope.allowed_token(t)]
-        raise NotFound(f"no token named {name!r}; "
+        raise NotFound(f"no token named {quoted(name)}; "
                        + (f"yours: {', '.join(yours)}" if yours else "you may use none"))
 
     def _authorized_key(self, scope: Scope, key_id: str) -> KeyEntry:
