@@ -167,6 +167,7 @@ class Env:
         path.write_text(f"""[server]
 listen = "127.0.0.1:0"
 threads = {s.threads}
+max_inflight_per_identity = {s.threads}  # one identity, up to 64 callers: it gets every thread
 workers = {s.workers}
 cpu_affinity = "{s.cpu_affinity}"
 engine = "{s.engine}"

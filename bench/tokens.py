@@ -84,6 +84,7 @@ def write_config(env: Env, kind: Kind, work: Path) -> Path:
     path.write_text(f"""[server]
 listen = "127.0.0.1:0"
 threads = 16
+max_inflight_per_identity = 16  # the bench's one identity signs from 16 callers: every thread
 
 [tls]
 cert = "{env.pki['server']}"

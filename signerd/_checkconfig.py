@@ -7,6 +7,8 @@ What it checks, in the order a start meets them:
 * listeners: mutual TLS on TCP (or ``dev_plaintext`` on loopback only), the
   Unix socket's directory and path length (``sun_path``, 108 bytes with NUL:
   unix(7));
+* limits: a ``max_inflight_per_identity`` that lets one identity hold every
+  handler thread (``threads``) is a warning (Config.inflight_warning);
 * TLS: the server certificate chain in ``tls.cert`` (each certificate
   issued by the next, the top one found in the file or ``tls.client_ca``),
   its dates, subjectAltName and extendedKeyUsage (RFC 5280 §4.2.1.6 and
@@ -127,6 +129,7 @@ def check(path: Path) -> list[Finding]:
     os.environ.update(config.environment)  # e.g. SOFTHSM2_CONF, before modules load
     _environment(report, config)
     _listeners(report, config)
+    _limits(report, config)
     _tls(report, config)
     _policy(report, config)
     _audit(report, config)
@@ -209,6 +212,17 @@ def _listeners(report: _Report, config: Config) -> None:
     if not config.listen and sock is None:
         report.error("server", "configure at least one listener: server.listen or "
                      "server.unix_socket")
+
+
+def _limits(report: _Report, config: Config) -> None:
+    subject = "server.max_inflight_per_identity"
+    too_high = config.inflight_warning()
+    if too_high is not None:
+        report.warn(subject, too_high)
+    else:
+        how = "set" if config.max_inflight_per_identity is not None else "unset: half of threads"
+        report.ok(subject, f"{config.inflight_limit} of {config.threads} handler threads per "
+                  f"identity ({how})")
 
 
 def _read(report: _Report, subject: str, path: Path) -> bytes | None:

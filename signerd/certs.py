@@ -43,7 +43,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from signerd import signing
-from signerd.errors import FailedPrecondition, InvalidArgument
+from signerd.errors import FailedPrecondition, InvalidArgument, quoted
 from signerd.keys import Algorithm, load_public_key
 
 CA_DAYS = 3650  # default validity of a CA certificate
@@ -86,11 +86,12 @@ def parse_subject(text: str) -> x509.Name:
         name = x509.Name.from_rfc4514_string(text, _NAME_OVERRIDES)
         der = name.public_bytes()
     except ValueError as e:
+        why = f": {e}" if str(e) else ""
         raise InvalidArgument(
-            f"invalid subject {text[:120]!r}: {e}; use RFC 4514, e.g. 'CN=acme signer,O=Acme,C=US'"
+            f"invalid subject {quoted(text)}{why}; use RFC 4514, e.g. 'CN=acme signer,O=Acme,C=US'"
         ) from None
     if not len(name):
-        raise InvalidArgument(f"subject {text[:120]!r} names no attribute")
+        raise InvalidArgument(f"subject {quoted(text)} names no attribute")
     if len(der) > MAX_SUBJECT_BYTES:
         raise InvalidArgument(f"subject is {len(der)} bytes DER; at most {MAX_SUBJECT_BYTES}")
     return name

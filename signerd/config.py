@@ -116,7 +116,9 @@ class Config:
     # Plaintext TCP, loopback only: the embedded development default's escape hatch.
     dev_plaintext: bool = False
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
-    max_inflight_per_identity: int = 256
+    # Handler threads one identity may hold at once (per serving process);
+    # None (unset): half of threads, at least 1. See inflight_limit.
+    max_inflight_per_identity: int | None = None
     threads: int = 8  # bench: 8 beat 32 at 64 callers (p99 85 vs 124 ms)
     # Seconds a TCP connection may take to finish its TLS handshake; a
     # connection that never speaks is closed then.
@@ -143,6 +145,30 @@ class Config:
     # [metrics] listen: plain HTTP for /metrics, /livez and /readyz (signerd.metrics);
     # None (unset) serves none of them.
     metrics_listen: str | None = None
+
+    @property
+    def inflight_limit(self) -> int:
+        """Requests one identity may have in handlers at once, per serving
+        process: ``max_inflight_per_identity``, or when unset half of
+        ``threads`` (at least 1), so that one identity never holds every
+        handler thread while others wait."""
+        if self.max_inflight_per_identity is not None:
+            return self.max_inflight_per_identity
+        return max(1, self.threads // 2)
+
+    def inflight_warning(self) -> str | None:
+        """Why the per-identity limit protects no one, or None.
+
+        A limit of ``threads`` or more lets one identity hold every handler
+        thread: other callers then wait behind it. That is allowed (a daemon
+        with a single client, such as a notary-server or a benchmark, wants
+        it), but said at start and by ``signerd check-config``."""
+        if self.inflight_limit < self.threads:
+            return None
+        return (f"server.max_inflight_per_identity = {self.inflight_limit} lets one identity "
+                f"hold all {self.threads} handler threads (server.threads), so other callers "
+                "wait behind it; leave it unset (half of threads) or set it below threads "
+                "unless one client is signerd's only caller")
 
 
 _warned: set[Path] = set()
@@ -261,7 +287,7 @@ def parse_config(data: dict[str, Any], base: Path) -> Config:
         tls=tls_cfg,
         dev_plaintext=_take(s, "dev_plaintext", bool, False, "server."),
         max_message_bytes=_take(s, "max_message_bytes", int, DEFAULT_MAX_MESSAGE_BYTES, "server."),
-        max_inflight_per_identity=_take(s, "max_inflight_per_identity", int, 256, "server."),
+        max_inflight_per_identity=_take(s, "max_inflight_per_identity", int, None, "server."),
         threads=_take(s, "threads", int, 8, "server."),
         handshake_timeout=float(_take(s, "handshake_timeout", (int, float), 10.0, "server.")),
         max_connections=_take(s, "max_connections", int, 1000, "server."),
@@ -293,6 +319,10 @@ def parse_config(data: dict[str, Any], base: Path) -> Config:
         raise ConfigError("audit.max_bytes must be at least 4096 (bytes)")
     if cfg.workers < 1:
         raise ConfigError("server.workers must be at least 1")
+    if cfg.threads < 1:
+        raise ConfigError("server.threads must be at least 1")
+    if cfg.max_inflight_per_identity is not None and cfg.max_inflight_per_identity < 1:
+        raise ConfigError("server.max_inflight_per_identity must be at least 1 (requests)")
     if not 0 < cfg.handshake_timeout <= 3600:
         raise ConfigError("server.handshake_timeout must be between 0 and 3600 seconds")
     if cfg.max_connections < 1:

@@ -76,7 +76,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa,
 
 from signerd import _remote, keys
 from signerd.client import Client, ClientConfig
-from signerd.errors import InvalidArgument, SignerdError
+from signerd.errors import InvalidArgument, SignerdError, quoted
 from signerd.keys import Algorithm, KeyID
 from signerd.v1 import signer_pb2 as pb
 
@@ -132,18 +132,20 @@ def parse_key_ref(ref: str) -> KeyRef:
             return KeyRef(key_id=keys.validate_key_id(ref))
         except InvalidArgument:
             raise PluginError(
-                f"key reference signerd://{ref[:80]}: use signerd://KEYID (signerd's "
+                f"key reference {quoted('signerd://' + ref)}: use signerd://KEYID (signerd's "
                 "64-hex key ID) or signerd://GUN?role=ROLE"
             ) from None
     gun, _, query = ref.partition("?")
     try:
         params = parse.parse_qs(query, strict_parsing=True)
     except ValueError:
-        raise PluginError(f"key reference signerd://{ref[:80]}: bad query {query!r}") from None
+        raise PluginError(f"key reference {quoted('signerd://' + ref)}: bad query "
+                          f"{quoted(query)}") from None
     unknown = sorted(set(params) - {"role", "token"})
     if unknown or len(params.get("role", [])) != 1 or len(params.get("token", [""])) != 1:
         raise PluginError(
-            f"key reference signerd://{ref[:80]}: use signerd://GUN?role=ROLE[&token=NAME]"
+            f"key reference {quoted('signerd://' + ref)}: use "
+            "signerd://GUN?role=ROLE[&token=NAME]"
         )
     return KeyRef(
         gun=keys.validate_gun(gun),

@@ -7,6 +7,23 @@ written for people and never contain secrets.
 
 from __future__ import annotations
 
+QUOTE_CHARS = 64  # characters of a caller's value that an error message shows
+
+
+def quoted(value: str, limit: int = QUOTE_CHARS) -> str:
+    """``value`` (a caller's key ID, GUN, role, name...) as an error message
+    quotes it: its ``repr()``, or when longer than ``limit`` characters
+    (escapes included), the first of them and ``…(N bytes)``, N its size in
+    UTF-8. Every message that echoes a caller's value does it through here,
+    so that a message stays short whatever the value's size."""
+    shown = repr(value[:limit])
+    if len(value) <= limit and len(shown) <= limit + 2:
+        return shown
+    if len(shown) > limit + 2:  # escapes (control characters...) made it longer
+        shown = shown[:limit + 1] + shown[0]
+    size = len(value.encode("utf-8", "surrogatepass"))
+    return f"{shown}…({size} bytes)"
+
 
 class SignerdError(Exception):
     """Base of every error signerd raises on purpose."""
@@ -18,6 +35,14 @@ class InvalidArgument(SignerdError):
 
 class NotFound(SignerdError):
     """No such key or token."""
+
+
+class NoSuchKey(NotFound):
+    """No key with this ID that the caller may know of: the one answer both
+    for a key that does not exist and for one the caller may not read."""
+
+    def __init__(self, key_id: str) -> None:
+        super().__init__(f"no key with ID {key_id}")
 
 
 class PermissionDenied(SignerdError):

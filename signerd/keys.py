@@ -12,7 +12,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from signerd.canonicaljson import encode_canonical
-from signerd.errors import InvalidArgument
+from signerd.errors import InvalidArgument, quoted
 
 KeyID = NewType("KeyID", str)
 PublicKey = ec.EllipticCurvePublicKey | rsa.RSAPublicKey | ed25519.Ed25519PublicKey
@@ -60,7 +60,7 @@ def parse_algorithm(name: str) -> Algorithm:
         return ALGORITHMS[name or DEFAULT_ALGORITHM]
     except KeyError:
         raise InvalidArgument(
-            f"unknown algorithm {name!r}; use one of: {', '.join(ALGORITHMS)}"
+            f"unknown algorithm {quoted(name)}; use one of: {', '.join(ALGORITHMS)}"
         ) from None
 
 
@@ -102,19 +102,21 @@ def validate_gun(gun: str) -> str:
     m = _GUN_RE.fullmatch(gun) if len(gun) <= MAX_NAME_LENGTH else None
     if m is None:
         raise InvalidArgument(
-            f"invalid gun {gun[:300]!r}: use a repository name such as 'docker.io/acme/app' "
+            f"invalid gun {quoted(gun)}: use a repository name such as 'docker.io/acme/app' "
             "(a registry host, then lowercase path components of letters, digits, "
             f"'.', '_', '-', separated by '/'; at most {MAX_NAME_LENGTH} characters)"
         )
     domain, path = m["domain"], m["path"]
     if not _docker_domain(domain):
         raise InvalidArgument(
-            f"invalid gun {gun!r}: Docker would not read {domain!r} as a registry host; "
+            f"invalid gun {quoted(gun)}: Docker would not read {quoted(domain)} as a registry "
+            "host; "
             f"name the registry, for example 'docker.io/{gun}'"
         )
     if domain == "index.docker.io" or (domain == "docker.io" and "/" not in path):
         canonical = f"docker.io/{path if '/' in path else 'library/' + path}"
-        raise InvalidArgument(f"invalid gun {gun!r}: Docker's canonical name is {canonical!r}")
+        raise InvalidArgument(f"invalid gun {quoted(gun)}: Docker's canonical name is "
+                              f"{quoted(canonical)}")
     return gun
 
 
@@ -122,7 +124,7 @@ def validate_tag(tag: str) -> str:
     """A Docker tag (distribution/reference): ``[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}``."""
     if not _TAG_RE.fullmatch(tag):
         raise InvalidArgument(
-            f"invalid tag {tag[:200]!r}: up to 128 letters, digits, '_', '.' and '-', "
+            f"invalid tag {quoted(tag)}: up to 128 letters, digits, '_', '.' and '-', "
             "not starting with '.' or '-'"
         )
     return tag
@@ -138,7 +140,7 @@ def validate_role(role: str) -> str:
         )
     if len(role) > MAX_NAME_LENGTH or not _DELEGATION_RE.fullmatch(role):
         raise InvalidArgument(
-            f"invalid role {role[:300]!r}: use root, targets, snapshot, timestamp or "
+            f"invalid role {quoted(role)}: use root, targets, snapshot, timestamp or "
             "targets/<name>, a name of lowercase letters, digits, '-' and '_' "
             "(Notary's rule; '/' separates nested delegations)"
         )
@@ -172,7 +174,7 @@ def key_id(keytype: str, tuf_public: bytes) -> KeyID:
 def validate_key_id(value: str) -> KeyID:
     if len(value) != 64 or any(c not in "0123456789abcdef" for c in value):
         raise InvalidArgument(
-            f"invalid key_id {value[:80]!r}: expected 64 lowercase hex characters (a TUF key ID)"
+            f"invalid key_id {quoted(value)}: expected 64 lowercase hex characters (a TUF key ID)"
         )
     return KeyID(value)
 

@@ -49,8 +49,8 @@ Other keys are refused (VALIDATION_ERROR), so a misspelt one is not ignored.
 
 Errors (``errorCode``): VALIDATION_ERROR for a malformed request (bad JSON,
 a missing or malformed attribute, a key spec or hash signerd does not do,
-unknown pluginConfig keys) and for a key signerd does not have (NOT_FOUND,
-as the contract says) or a request signerd finds malformed
+unknown pluginConfig keys) and for a key signerd does not have, or one the
+caller may not read (NOT_FOUND, as the contract says) or a request signerd finds malformed
 (INVALID_ARGUMENT); UNSUPPORTED_CONTRACT_VERSION for a contract version
 other than 1.x; ACCESS_DENIED when signerd's policy refuses the caller
 (PERMISSION_DENIED) or cannot identify it (UNAUTHENTICATED); TIMEOUT when a
@@ -82,7 +82,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa, utils
 
 from signerd import _remote, certs
 from signerd.client import Client, ClientConfig
-from signerd.errors import ConfigError, InvalidArgument
+from signerd.errors import ConfigError, InvalidArgument, quoted
 from signerd.keys import validate_key_id
 
 NAME = "signerd"
@@ -195,7 +195,7 @@ def client_config(config: Mapping[str, str]) -> ClientConfig:
         if timeout is None or not 0 < timeout <= 3600:
             raise PluginError(
                 VALIDATION_ERROR,
-                f"pluginConfig timeout {config['timeout'][:40]!r} must be seconds, "
+                f"pluginConfig timeout {quoted(config['timeout'])} must be seconds, "
                 "more than 0 and at most 3600")
     try:
         cfg = _remote.load_client_config(Path(config["config"]) if "config" in config else None)
@@ -224,7 +224,7 @@ def _key_id(request: Mapping[str, Any]) -> str:
     except InvalidArgument:
         raise PluginError(
             VALIDATION_ERROR,
-            f"keyId {key_id[:80]!r} is not a signerd key ID (64 lowercase hex digits, "
+            f"keyId {quoted(key_id)} is not a signerd key ID (64 lowercase hex digits, "
             "as 'signerctl keys list' shows them)") from None
     return key_id
 
@@ -346,13 +346,13 @@ def generate_signature(request: Mapping[str, Any]) -> dict[str, Any]:
     if key_spec not in SPEC_ALGORITHMS:
         known = "is not a key spec" if key_spec not in _ALL_SPECS else "is not supported"
         raise PluginError(VALIDATION_ERROR,
-                          f"keySpec {key_spec[:40]!r} {known}; signerd signs with "
+                          f"keySpec {quoted(key_spec)} {known}; signerd signs with "
                           f"{', '.join(SPEC_ALGORITHMS)}")
     hash_name, signing_algorithm = SPEC_ALGORITHMS[key_spec]
     requested_hash = _string(request, "hashAlgorithm")
     if requested_hash != hash_name:
         raise PluginError(VALIDATION_ERROR,
-                          f"hashAlgorithm {requested_hash[:40]!r} does not go with keySpec "
+                          f"hashAlgorithm {quoted(requested_hash)} does not go with keySpec "
                           f"{key_spec}, which signs with {hash_name}")
     try:
         payload = base64.b64decode(_string(request, "payload"), validate=True)

@@ -53,7 +53,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, Literal, get_args
 
-from signerd.errors import ConfigError
+from signerd.errors import ConfigError, quoted
 
 log = logging.getLogger("signerd.policy")
 
@@ -221,20 +221,21 @@ class Policy:
         return decision
 
     def _decide(self, req: Request) -> Decision:
-        who = f"{req.identity!r} over {req.transport}"
+        who = f"{quoted(req.identity)} over {req.transport}"
         if not req.identity:
             return Decision(False, None, "the request has no identity")
         if req.transport not in TRANSPORTS:
-            return Decision(False, None, f"unknown transport {req.transport!r}")
+            return Decision(False, None, f"unknown transport {quoted(req.transport)}")
         if req.operation not in OPERATIONS:
-            return Decision(False, None, f"unknown operation {req.operation!r}")
+            return Decision(False, None, f"unknown operation {quoted(req.operation)}")
         if req.transport == "tcp" and req.identity.startswith(_UID_PREFIX):
             return Decision(False, None, f"{who}: uid: identities exist only on the unix socket")
         for rule in self.rules:
             if rule.matches(req):
                 return Decision(True, rule.name,
                                 f"rule {rule.name!r} grants {req.operation} to {who}")
-        target = f"gun {req.gun or '*'!r}, role {req.role or '*'!r}, token {req.token or '*'!r}"
+        target = (f"gun {quoted(req.gun or '*')}, role {quoted(req.role or '*')}, "
+                  f"token {quoted(req.token or '*')}")
         reason = f"no rule grants {req.operation} on {target} to {who}"
         if req.transport == "tcp" and _is_root(req.role):
             near = next((r.name for r in self.rules if r.matches(req, root_by_glob=True)), None)

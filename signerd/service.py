@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from cryptography import x509
@@ -17,7 +17,14 @@ from cryptography.hazmat.primitives import serialization
 
 from signerd import certs, metrics, signing
 from signerd.config import Config
-from signerd.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from signerd.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NoSuchKey,
+    NotFound,
+    Unavailable,
+    quoted,
+)
 from signerd.keys import (
     Algorithm,
     KeyID,
@@ -152,7 +159,7 @@ class KeyService:
                 down = e
         if entry is None:
             # Not on any usable token; if one is down, the key may be there.
-            raise down or NotFound(f"no key with ID {kid}")
+            raise down or NoSuchKey(kid)
         return entry
 
     def token(self, name: str) -> Token:
@@ -160,7 +167,7 @@ class KeyService:
             return self.tokens[name]
         except KeyError:
             raise NotFound(
-                f"no token named {name!r}; configured: {', '.join(self.tokens)}"
+                f"no token named {quoted(name)}; configured: {', '.join(self.tokens)}"
             ) from None
 
     def token_for_role(self, role: str) -> Token:
@@ -184,7 +191,16 @@ class KeyService:
         token: str = "",
         page_size: int = 0,
         page_token: str = "",
+        readable: Callable[[KeyEntry], bool] = lambda k: True,
     ) -> tuple[list[KeyEntry], str]:
+        """One page of keys, sorted by key ID, and the next page's token
+        ("" on the last page): those of ``gun``, ``role`` and ``token`` (""
+        for any) for which ``readable`` is true. Pages hold ``page_size``
+        keys (0: DEFAULT_PAGE_SIZE, at most MAX_PAGE_SIZE); a page token is
+        the last key ID of the page before, so only a readable key's ID is
+        ever one.
+
+        Raises InvalidArgument (page size, page token), NotFound (token)."""
         if page_size < 0 or page_size > MAX_PAGE_SIZE:
             raise InvalidArgument(
                 f"page_size must be between 0 and {MAX_PAGE_SIZE}, got {page_size}"
@@ -204,6 +220,7 @@ class KeyService:
                 if (not gun or k.gun == gun)
                 and (not role or k.role == role)
                 and k.key_id > page_token
+                and readable(k)
             ),
             key=lambda k: k.key_id,
         )

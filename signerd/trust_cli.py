@@ -73,7 +73,7 @@ from signerd import embedded, signing
 from signerd._cliutil import add_client_options, connect, emit
 from signerd.client import Client
 from signerd.config import load_config
-from signerd.errors import FailedPrecondition, InvalidArgument, NotFound, SignerdError
+from signerd.errors import FailedPrecondition, InvalidArgument, NotFound, SignerdError, quoted
 from signerd.keys import Algorithm, parse_algorithm, validate_gun, validate_role, validate_tag
 from signerd.service import KeyService
 from signerd.token import KeyEntry
@@ -465,7 +465,7 @@ def split_reference(ref: str, *, tag_required: bool) -> tuple[str, str | None]:
 def _digest(text: str) -> bytes:
     m = _DIGEST_RE.fullmatch(text.strip().lower())
     if m is None:
-        raise InvalidArgument(f"--digest must be sha256:<64 hex digits>, not {text[:80]!r}")
+        raise InvalidArgument(f"--digest must be sha256:<64 hex digits>, not {quoted(text)}")
     return bytes.fromhex(m[1])
 
 

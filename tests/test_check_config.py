@@ -49,6 +49,8 @@ def test_a_good_config_passes_and_serves_nothing(hsm: HSM, certs: PKI, tmp_path:
     for subject in ("config", "server.listen", "server.unix_socket", "tls.client_ca",
                     "tls.cert", "tls.key", "policy", "audit", "token root", "token online"):
         assert any(line.startswith(f"ok: {subject}: ") for line in oks), (subject, run.stdout)
+    assert ("ok: server.max_inflight_per_identity: 8 of 16 handler threads per identity "
+            "(unset: half of threads)") in oks
     assert any("token online: logged in: SoftHSM" in line for line in oks), run.stdout
     assert any("chains to CN=signerd test CA from tls.client_ca" in line for line in oks)
     assert not (tmp_path / "run").exists()  # no socket, nothing served
@@ -114,6 +116,12 @@ def _token(**changes: Any) -> Mutation:
     return apply
 
 
+def _server(**changes: Any) -> Mutation:
+    def apply(data: dict[str, Any], hsm: HSM, certs: PKI, tmp: Path) -> None:
+        data["server"].update(changes)
+    return apply
+
+
 def _exposed_pin(data: dict[str, Any], hsm: HSM, certs: PKI, tmp: Path) -> None:
     pin = tmp / "exposed.pin"
     pin.write_bytes(hsm.pins["online"].read_bytes())
@@ -158,6 +166,8 @@ CASES = [
     ("session-budget", None, _token(profile="yubihsm", sessions=20), "config",
      "yubihsm tokens allow 16 sessions"),
     ("audit-log-torn", None, _torn_audit, "audit", "has no newline (a torn write?)"),
+    ("no-request-per-identity", None, _server(max_inflight_per_identity=0), "config",
+     "server.max_inflight_per_identity must be at least 1"),
 ]
 
 
@@ -193,6 +203,23 @@ def test_group_readable_pin_is_a_warning_and_strict_fails_on_it(
     assert [w for w in findings(lenient, "warning") if "accessible by its group" in w]
     strict = check_config(cfg, "--strict")
     assert strict.returncode == 1 and "error(s) or warning(s)" in strict.stderr
+
+
+def test_an_identity_limit_that_takes_every_thread_is_a_warning(
+        hsm: HSM, certs: PKI, tmp_path: Path) -> None:
+    data = good_config(hsm, certs, tmp_path)
+    data["server"].update(threads=8, max_inflight_per_identity=8)
+    cfg = write_toml(tmp_path / "signerd.toml", data)
+    lenient = check_config(cfg)
+    assert lenient.returncode == 0, lenient.stdout
+    [warning] = [w for w in findings(lenient, "warning")
+                 if w.startswith("warning: server.max_inflight_per_identity: ")]
+    assert "lets one identity hold all 8 handler threads" in warning
+    assert check_config(cfg, "--strict").returncode == 1
+    data["server"]["max_inflight_per_identity"] = 7
+    fair = check_config(write_toml(tmp_path / "signerd.toml", data))
+    assert ("ok: server.max_inflight_per_identity: 7 of 8 handler threads per identity (set)"
+            in findings(fair, "ok")), fair.stdout
 
 
 def test_no_config_anywhere_is_one_error(tmp_path: Path) -> None:

@@ -300,12 +300,13 @@ guns = ["{ci}"]
             c.certify_key(key.key_id, SUBJECT, root.key_id)
     runner = write_client_toml(d.client_config("runner"), tmp_path / "runner.toml")
     payload = jws_signing_input("ES256")
+    # not readable: as if it did not exist (issue 11 §6)
     code, message = error_of("describe-key", {"contractVersion": "1.0", "keyId": other.key_id},
                              runner)
-    assert code == "ACCESS_DENIED" and "PERMISSION_DENIED" in message
+    assert code == "VALIDATION_ERROR" and f"NOT_FOUND: no key with ID {other.key_id}" in message
     code, message = error_of("generate-signature", sign_request(other.key_id, "EC-256", payload),
                              runner)
-    assert code == "ACCESS_DENIED" and "GetCertificateChain" in message
+    assert code == "VALIDATION_ERROR" and "GetCertificateChain" in message
     # read, but not sign: the chain is given, the signature is not.
     code, message = error_of("generate-signature",
                              sign_request(readable.key_id, "EC-256", payload), runner)

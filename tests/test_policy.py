@@ -322,3 +322,13 @@ def test_store_raises_config_error_at_startup(tmp_path: Path) -> None:
     path = write(tmp_path, "[[rule]]\nidentities = ['a']\n")
     with pytest.raises(ConfigError, match=r"rule\[0\]: field 'operations' is required"):
         PolicyStore(path)
+
+
+def test_a_denial_quotes_huge_values_in_short() -> None:
+    """Issue 11 §6: a denial's reason quotes the caller's values (its
+    identity, a token name it gave) up to 64 characters, whatever their size."""
+    policy = Policy.parse({"rule": [{"identities": ["x"], "operations": ["read"]}]}, "<test>")
+    huge = "spiffe://ci/" + "a" * 100_000
+    decision = policy.decide(Request(huge, "tcp", "create", "docker.io/a/b", "targets", huge))
+    assert not decision.allowed and len(decision.reason) < 400
+    assert decision.reason.count(f"…({len(huge)} bytes)") == 2, decision.reason

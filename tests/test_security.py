@@ -84,21 +84,212 @@ def test_plaintext_client_cannot_talk_to_the_tls_port(daemon: Daemon) -> None:
     assert err.code() == grpc.StatusCode.UNAVAILABLE
 
 
-def test_identity_without_rule_is_denied_and_audited(daemon: Daemon) -> None:
-    with daemon.client("admin") as admin:
-        key = admin.create_key(unique_gun(), "targets")
-    with daemon.client("nobody") as c:
-        err = rpc_error(lambda: c.sign(key.key_id, message=b"payload"))
+HIDING_POLICY = ADMIN_POLICY + f"""
+[[rule]]
+name = "runner-acme"
+identities = ["{RUNNER}"]
+operations = ["create", "read", "sign"]
+guns = ["docker.io/acme/*"]
+
+[[rule]]
+name = "runner-reads-team"
+identities = ["{RUNNER}"]
+operations = ["read"]
+guns = ["docker.io/team/*"]
+"""
+_MISSING = "cd" * 32
+
+
+def _key_id_calls(mine: str) -> dict[str, Any]:
+    """Every RPC that names a key by its ID: id -> fn(v1 channel, key_id)."""
+    from signerd.notary import signer_pb2 as npb
+    from signerd.notary import signer_pb2_grpc as npb_grpc
+
+    def v1(ch: grpc.Channel) -> Any:
+        return pb_grpc.SignerServiceStub(ch)
+
+    def batch(ch: grpc.Channel, kid: str) -> Any:
+        reply = v1(ch).SignBatch(pb.SignBatchRequest(requests=[
+            pb.SignRequest(key_id=mine, message=b"m"), pb.SignRequest(key_id=kid, message=b"m")]),
+            timeout=20)
+        return reply.items[1].code, reply.items[1].error  # as (code, details)
+
+    return {
+        "GetKey": lambda ch, kid: v1(ch).GetKey(pb.GetKeyRequest(key_id=kid), timeout=20),
+        "Sign": lambda ch, kid: v1(ch).Sign(pb.SignRequest(key_id=kid, message=b"m"),
+                                            timeout=20),
+        "SignBatch-item": batch,
+        "DeleteKey": lambda ch, kid: v1(ch).DeleteKey(pb.DeleteKeyRequest(key_id=kid),
+                                                      timeout=20),
+        "CertifyKey-subject": lambda ch, kid: v1(ch).CertifyKey(pb.CertifyKeyRequest(
+            key_id=kid, subject="CN=x", issuer_key_id=mine), timeout=20),
+        "CertifyKey-issuer": lambda ch, kid: v1(ch).CertifyKey(pb.CertifyKeyRequest(
+            key_id=mine, subject="CN=x", issuer_key_id=kid), timeout=20),
+        "GetCertificateChain": lambda ch, kid: v1(ch).GetCertificateChain(
+            pb.GetCertificateChainRequest(key_id=kid), timeout=20),
+        "notary-GetKeyInfo": lambda ch, kid: npb_grpc.KeyManagementStub(ch).GetKeyInfo(
+            npb.KeyID(ID=kid), timeout=20),
+        "notary-DeleteKey": lambda ch, kid: npb_grpc.KeyManagementStub(ch).DeleteKey(
+            npb.KeyID(ID=kid), timeout=20),
+        "notary-Sign": lambda ch, kid: npb_grpc.SignerStub(ch).Sign(npb.SignatureRequest(
+            keyID=npb.KeyID(ID=kid), content=b"{}"), timeout=20),
+    }
+
+
+def _answer(call: Any, channel: grpc.Channel, key_id: str) -> tuple[int, str]:
+    """(status code, message) of a call that must be refused."""
+    try:
+        result = call(channel, key_id)
+    except grpc.RpcError as e:
+        return e.code().value[0], e.details()
+    assert isinstance(result, tuple), f"expected a refusal, got {result}"
+    return result
+
+
+@pytest.mark.parametrize("who", ["nobody", "runner"])
+def test_a_caller_that_may_not_read_a_key_cannot_tell_it_from_a_missing_one(
+        daemon_factory: Any, who: str) -> None:
+    """Regression (issue 11 §6): an identity no rule names got PERMISSION_DENIED,
+    naming the key's GUN and role, for a key that exists and NOT_FOUND for
+    one that does not. Now every RPC that takes a key ID answers both alike."""
+    d = daemon_factory(policy=HIDING_POLICY)
+    with d.client("admin") as admin:
+        hidden = admin.create_key("docker.io/secret/app", "targets/releases", token="root")
+        mine = admin.create_key("docker.io/acme/app", "targets")
+        admin.certify_key(mine.key_id, "CN=acme ca")  # an issuer the runner may sign with
+    calls = _key_id_calls(mine.key_id)
+    with d.client(who) as c:
+        for name, call in calls.items():
+            there = _answer(call, c.channel, hidden.key_id)
+            gone = _answer(call, c.channel, _MISSING)
+            assert there[0] == gone[0] == grpc.StatusCode.NOT_FOUND.value[0], (name, there, gone)
+            assert there[1].replace(hidden.key_id, "KEY") == gone[1].replace(_MISSING, "KEY"), (
+                name, there, gone)
+            assert there[1].startswith("no key with ID "), name
+            assert not {"secret", "releases", "root"} & set(there[1].split()), name
+    with d.client("admin") as admin:
+        assert admin.get_key(hidden.key_id).key_id == hidden.key_id  # still there
+    # The audit log still says which key was asked for, and that it was a denial.
+    lines = [line for line in audit_lines(d)
+             if line["identity"] != ADMIN and hidden.key_id in line["key_id"]]
+    assert {line["operation"] for line in lines} == {"read", "sign", "delete"}
+    for line in lines:
+        assert (line["gun"], line["role"], line["token"]) == (
+            "docker.io/secret/app", "targets/releases", "root"), line
+        if "," not in line["key_id"]:  # not the batch's line: it is answered OK, item by item
+            assert (line["decision"], line["status"]) == ("deny", "NOT_FOUND"), line
+
+
+def test_listings_give_nothing_away(daemon_factory: Any) -> None:
+    """Regression (issue 11 §6): ListKeys paged over every key and filtered
+    afterwards, so a stranger got empty pages whose page tokens were the IDs
+    of keys it may not read; and an unknown token name was answered with the
+    names of every configured token."""
+    d = daemon_factory(policy=HIDING_POLICY)
+    with d.client("admin") as admin:
+        hidden = [admin.create_key("docker.io/secret/app", "targets") for _ in range(3)]
+        team = admin.create_key("docker.io/team/app", "targets")
+    with d.client("nobody") as c:
+        page = c.stub.ListKeys(pb.ListKeysRequest(page_size=1), timeout=20)
+        assert (list(page.keys), page.next_page_token) == ([], "")
+        err = rpc_error(lambda: list(c.list_keys(token="nope")))
+        assert (err.code(), err.details()) == (grpc.StatusCode.NOT_FOUND,
+                                               "no token named 'nope'; you may use none")
+        err = rpc_error(lambda: c.create_key("docker.io/secret/app", "targets", token="nope"))
+        assert err.code() == grpc.StatusCode.PERMISSION_DENIED  # before the token is looked up
+    with d.client("runner") as runner:
+        listed = list(runner.list_keys())  # page by page (the tokens hold other tests' keys)
+        assert team.key_id in {k.key_id for k in listed}
+        assert all(k.gun.startswith(("docker.io/acme/", "docker.io/team/")) for k in listed)
+        page = runner.stub.ListKeys(pb.ListKeysRequest(page_size=1), timeout=20)
+        assert len(page.keys) == 1 and page.next_page_token in ("", page.keys[0].key_id)
+        err = rpc_error(lambda: list(runner.list_keys(token="nope")))
+        assert err.details() == "no token named 'nope'; yours: root, online"
+    shown = {k.key_id for k in hidden}
+    assert not shown & {line["key_id"] for line in audit_lines(d) if line["identity"] != ADMIN}
+
+
+_HUGE = "a" * (100 * 1024)  # 100 KB
+
+
+def _huge_value_calls() -> list[Any]:
+    """(id, who, value, fn(channel, value), status): a refused call that
+    quotes ``value``, for each kind of value a caller sends."""
+    from signerd.notary import signer_pb2 as npb
+    from signerd.notary import signer_pb2_grpc as npb_grpc
+
+    def v1(ch: grpc.Channel) -> Any:
+        return pb_grpc.SignerServiceStub(ch)
+
+    def create(field: str) -> Any:
+        def call(ch: grpc.Channel, value: str) -> Any:
+            request = {"gun": "docker.io/acme/app", "role": "targets", field: value}
+            return v1(ch).CreateKey(pb.CreateKeyRequest(**request), timeout=20)
+        return call
+
+    def notary_create(field: str) -> Any:
+        def call(ch: grpc.Channel, value: str) -> Any:
+            request = {"gun": "docker.io/acme/app", "role": "timestamp", "algorithm": "ecdsa",
+                       field: value}
+            return npb_grpc.KeyManagementStub(ch).CreateKey(npb.CreateKeyRequest(**request),
+                                                            timeout=20)
+        return call
+
+    def certify(ch: grpc.Channel, value: str) -> Any:
+        mine = v1(ch).CreateKey(pb.CreateKeyRequest(gun="docker.io/acme/app", role="targets"),
+                                timeout=20).key_id
+        return v1(ch).CertifyKey(pb.CertifyKeyRequest(key_id=mine, subject=value), timeout=20)
+
+    invalid, not_found = grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND
+    return [
+        ("key-id", "admin", _HUGE, lambda ch, v: v1(ch).GetKey(
+            pb.GetKeyRequest(key_id=v), timeout=20), invalid),
+        ("page-token", "admin", _HUGE, lambda ch, v: v1(ch).ListKeys(
+            pb.ListKeysRequest(page_token=v), timeout=20), invalid),
+        ("gun", "admin", _HUGE, create("gun"), invalid),
+        ("role", "admin", _HUGE, create("role"), invalid),
+        ("delegation", "admin", "targets/" + _HUGE, create("role"), invalid),
+        ("algorithm", "admin", _HUGE, create("algorithm"), invalid),
+        ("token", "admin", _HUGE, create("token"), not_found),
+        ("token-denied", "nobody", _HUGE, create("token"), grpc.StatusCode.PERMISSION_DENIED),
+        ("list-token", "admin", _HUGE, lambda ch, v: v1(ch).ListKeys(
+            pb.ListKeysRequest(token=v), timeout=20), not_found),
+        ("subject", "admin", "CN=" + _HUGE, certify, invalid),
+        ("notary-key-id", "admin", _HUGE, lambda ch, v: npb_grpc.KeyManagementStub(ch).GetKeyInfo(
+            npb.KeyID(ID=v), timeout=20), not_found),
+        ("notary-algorithm", "admin", _HUGE, notary_create("algorithm"), invalid),
+        ("notary-gun", "admin", _HUGE, notary_create("gun"), invalid),
+        ("notary-role", "admin", "targets/" + _HUGE, notary_create("role"), invalid),
+    ]
+
+
+@pytest.mark.parametrize(("who", "value", "call", "status"),
+                         [pytest.param(*c[1:], id=c[0]) for c in _huge_value_calls()])
+def test_a_huge_value_is_quoted_in_short(daemon: Daemon, who: str, value: str, call: Any,
+                                         status: grpc.StatusCode) -> None:
+    """Regression (issue 11 §6): an unknown algorithm or token name came back
+    whole in the error message, however large."""
+    with daemon.client(who) as c:
+        err = rpc_error(lambda: call(c.channel, value))
+    assert err.code() == status, err.details()[:300]
+    assert len(err.details()) < 400, err.details()[:300]
+    assert f"{value[:64]!r}…({len(value)} bytes)" in err.details(), err.details()
+
+
+def test_a_caller_that_may_read_a_key_is_told_what_it_may_not_do(daemon_factory: Any) -> None:
+    d = daemon_factory(policy=HIDING_POLICY)
+    with d.client("admin") as admin:
+        team = admin.create_key("docker.io/team/app", "targets")
+    with d.client("runner") as runner:
+        assert runner.get_key(team.key_id).gun == "docker.io/team/app"
+        err = rpc_error(lambda: runner.sign(team.key_id, message=b"payload"))
     assert err.code() == grpc.StatusCode.PERMISSION_DENIED
-    assert "spiffe://test/nobody" in err.details() and "may not sign" in err.details()
-    denial = audit_lines(daemon)[-1]
-    assert denial["identity"] == "spiffe://test/nobody"
-    assert (denial["decision"], denial["status"], denial["operation"]) == (
-        "deny",
-        "PERMISSION_DENIED",
-        "sign",
-    )
-    assert denial["key_id"] == key.key_id and denial["gun"] == key.gun
+    assert err.details().startswith(
+        f"identity {RUNNER!r} may not sign targets keys of docker.io/team/app over tcp: ")
+    denial = audit_lines(d)[-1]
+    assert (denial["identity"], denial["operation"], denial["key_id"], denial["gun"]) == (
+        RUNNER, "sign", team.key_id, "docker.io/team/app")
+    assert (denial["decision"], denial["status"]) == ("deny", "PERMISSION_DENIED")
     import hashlib
 
     assert denial["payload_sha256"] == hashlib.sha256(b"payload").hexdigest()
@@ -126,9 +317,9 @@ def test_runner_allowed_for_gun_a_cannot_sign_gun_b(daemon_factory: Any) -> None
         a_targets = admin.create_key("docker.io/acme/app", "targets")
     with d.client("runner") as runner:
         assert runner.sign(a.key_id, message=b"m").signature
-        for key in (b, a_targets):
+        for key in (b, a_targets):  # it may not even read them: as if they did not exist
             err = rpc_error(lambda k=key: runner.sign(k.key_id, message=b"m"))
-            assert err.code() == grpc.StatusCode.PERMISSION_DENIED
+            assert err.code() == grpc.StatusCode.NOT_FOUND
         err = rpc_error(lambda: runner.create_key("docker.io/acme/app", "targets/ci-2"))
         assert err.code() == grpc.StatusCode.PERMISSION_DENIED
         batch = runner.stub.SignBatch(
@@ -136,7 +327,7 @@ def test_runner_allowed_for_gun_a_cannot_sign_gun_b(daemon_factory: Any) -> None
                 requests=[pb.SignRequest(key_id=k.key_id, message=b"m") for k in (a, b, a)]
             )
         )
-        assert [i.code for i in batch.items] == [0, grpc.StatusCode.PERMISSION_DENIED.value[0], 0]
+        assert [i.code for i in batch.items] == [0, grpc.StatusCode.NOT_FOUND.value[0], 0]
         # listing shows only what the runner may read
         assert {k.key_id for k in runner.list_keys()} == {a.key_id}
 
@@ -166,9 +357,9 @@ transports = ["unix"]
         assert root.token == "root"
         assert local.sign(root.key_id, message=b"root.json").signature
         assert local.get_key(targets.key_id).key_id == targets.key_id
-    with d.client("admin") as tcp:
+    with d.client("admin") as tcp:  # not even readable over tcp: as if it did not exist
         err = rpc_error(lambda: tcp.sign(root.key_id, message=b"root.json"))
-        assert err.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert err.code() == grpc.StatusCode.NOT_FOUND
         assert root.key_id not in {k.key_id for k in tcp.list_keys()}
     unix_lines = [line for line in audit_lines(d) if line["transport"] == "unix"]
     assert unix_lines and all(line["identity"] == f"uid:{os.getuid()}" for line in unix_lines)
@@ -266,9 +457,9 @@ def test_policy_reload_on_sighup_good_and_broken(hsm: HSM, certs: PKI, tmp_path:
 
         t = threading.Thread(target=hammer)
         t.start()
-        assert (
+        assert (  # no rule names the runner yet: the key is not there for it
             rpc_error(lambda: runner.sign(k.key_id, message=b"m")).code()
-            == grpc.StatusCode.PERMISSION_DENIED
+            == grpc.StatusCode.NOT_FOUND
         )
         (tmp_path / "policy.toml").write_text(RUNNER_POLICY)
         proc.proc.send_signal(signal.SIGHUP)
@@ -434,3 +625,111 @@ def test_undecodable_requests_cost_nothing(hsm: Any, certs: PKI, tmp_path: Path)
     finally:
         proc.stop()
     assert after - before < 5 * 1024, f"RSS grew {after - before} KiB"
+
+
+# One identity's callers, in a process of their own (so that their Python
+# threads do not share a GIL with the caller being measured). Each keeps one
+# Sign in flight; refused (RESOURCE_EXHAUSTED), it tries again 0.1 s later, as
+# gRPC retry policies back off: one that retried at once would flood the
+# daemon with requests rather than hold its threads, which no thread limit
+# bounds. Prints "refused" at the first refusal; stops when stdin closes, then
+# prints the count of each status code as JSON.
+_FLOOD = """
+import json, sys, threading, time
+from pathlib import Path
+import grpc
+from signerd.client import Client, ClientConfig
+port, ca, cert, key, key_id, callers = sys.argv[1:]
+cfg = ClientConfig("127.0.0.1:" + port, Path(ca), Path(cert), Path(key), "localhost", 60)
+counts, lock, stop = {}, threading.Lock(), threading.Event()
+
+def caller() -> None:
+    with Client(cfg) as c:
+        while not stop.is_set():
+            try:
+                c.sign(key_id, message=b"flood")
+                code = "OK"
+            except grpc.RpcError as e:
+                code = e.code().name
+            with lock:
+                counts[code] = counts.get(code, 0) + 1
+                if code == "RESOURCE_EXHAUSTED" and counts[code] == 1:
+                    print("refused", flush=True)
+            if code != "OK":
+                time.sleep(0.1)
+
+threads = [threading.Thread(target=caller) for _ in range(int(callers))]
+for t in threads:
+    t.start()
+sys.stdin.read()
+stop.set()
+for t in threads:
+    t.join()
+print(json.dumps(counts), flush=True)
+"""
+
+
+def _median_seconds(fn: Any, n: int = 21) -> float:
+    times = []
+    for _ in range(n):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[n // 2]
+
+
+def test_one_identity_flooding_leaves_threads_for_the_others(daemon_factory: Any) -> None:
+    """Regression (issue 11 §4): with threads = 8 and max_inflight_per_identity
+    = 256, one identity's slow calls held every handler thread and another
+    identity's calls queued behind them. With the limit unset (threads / 2 =
+    4), an identity keeping 32 slow calls in flight is refused the rest, and
+    another identity signs about as fast as on an idle daemon."""
+    import select
+    import subprocess
+    import sys
+    from contextlib import ExitStack
+
+    policy = ADMIN_POLICY + f"""
+[[rule]]
+name = "runner"
+identities = ["{RUNNER}"]
+operations = ["sign", "read"]
+guns = ["docker.io/victim/*"]
+"""
+    d = daemon_factory(policy=policy, server={"threads": 8})
+    assert d.config.inflight_limit == 4
+    with d.client("admin") as admin:
+        slow = admin.create_key(unique_gun(), "targets")
+        mine = admin.create_key("docker.io/victim/app", "targets", token="root")
+    online = d.servers.service.tokens["online"]
+    cert, key = d.certs.files["admin"]
+    with d.client("runner") as runner, ExitStack() as busy:
+        def sign() -> None:
+            try:
+                runner.stub.Sign(pb.SignRequest(key_id=mine.key_id, message=b"m"), timeout=5)
+            except grpc.RpcError as e:
+                pytest.fail(f"the other identity's call failed: {e.code()} {e.details()}")
+
+        sign()
+        idle = _median_seconds(sign)
+        # Every session of the flooded key's token is taken, as by a slow
+        # device: each of the flood's signatures then holds a handler thread
+        # (waiting for a session) and no CPU.
+        for _ in range(online.config.sessions):
+            busy.enter_context(online.session())
+        flood = subprocess.Popen(
+            [sys.executable, "-c", _FLOOD, str(d.port), str(d.certs.ca_file), str(cert),
+             str(key), slow.key_id, "32"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        try:
+            assert flood.stdout is not None
+            ready, _, _ = select.select([flood.stdout], [], [], 30)
+            assert ready and flood.stdout.readline() == "refused\n", "the flood was never refused"
+            loaded = _median_seconds(sign)
+        finally:
+            busy.close()  # the flood's calls get their sessions
+            out, _ = flood.communicate("", timeout=120)
+    counts = json.loads(out)
+    assert counts.get("OK", 0) > 0 and counts.get("RESOURCE_EXHAUSTED", 0) > 0, counts
+    assert set(counts) <= {"OK", "RESOURCE_EXHAUSTED"}, counts
+    assert loaded < 10 * idle, f"idle {idle * 1000:.1f} ms, during the flood {loaded * 1000:.1f} ms"

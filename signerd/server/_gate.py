@@ -23,8 +23,15 @@ import grpc
 
 from signerd import metrics
 from signerd.audit import AuditLog
-from signerd.errors import PermissionDenied, ResourceExhausted, SignerdError, Unavailable
-from signerd.policy import Policy, PolicyStore, Request
+from signerd.errors import (
+    NoSuchKey,
+    PermissionDenied,
+    ResourceExhausted,
+    SignerdError,
+    Unavailable,
+    quoted,
+)
+from signerd.policy import Decision, Policy, PolicyStore, Request
 from signerd.server._status import code_for, status_name
 from signerd.token import KeyEntry
 
@@ -75,30 +82,61 @@ class Scope:
             identity=self.caller.identity, transport=self.caller.transport,
             operation=self.operation, gun="", role="", token=token))
 
+    def _decide(self, operation: str, gun: str, role: str, token: str) -> Decision:
+        return self.policy.decide(Request(
+            identity=self.caller.identity, transport=self.caller.transport,
+            operation=operation, gun=gun, role=role, token=token))
+
+    def _denied(self, action: str, gun: str, role: str, reason: str) -> PermissionDenied:
+        self.decision = "deny"
+        what = f"{role} keys of {gun}" if gun else "this"
+        return PermissionDenied(f"identity {quoted(self.caller.identity)} may not {action} {what} "
+                                f"over {self.caller.transport}: {reason}")
+
     def authorize(self, gun: str, role: str, token: str = "", key: KeyEntry | None = None) -> None:
-        """Raise PermissionDenied unless the policy grants this operation."""
+        """Raise PermissionDenied unless the policy grants this operation on
+        keys of ``gun``, ``role`` and ``token`` (or those of ``key``). For
+        names the caller gave itself (a key to create); a request that names
+        a key by its ID uses :meth:`authorize_key`."""
         if key is not None:
             self.key_id, gun, role, token = key.key_id, key.gun, key.role, key.token
         self.gun, self.role, self.token = gun, role, token
-        req = Request(
-            identity=self.caller.identity,
-            transport=self.caller.transport,
-            operation=self.operation,
-            gun=gun,
-            role=role,
-            token=token,
-        )
-        decision = self.policy.decide(req)
+        decision = self._decide(self.operation, gun, role, token)
         if not decision.allowed:
-            self.decision = "deny"
-            what = f"{role} keys of {gun}" if gun else "this"
-            raise PermissionDenied(
-                f"identity {self.caller.identity!r} may not {self.operation} {what} "
-                f"over {self.caller.transport}: {decision.reason}"
-            )
+            raise self._denied(self.operation, gun, role, decision.reason)
+
+    def authorize_key(self, key: KeyEntry, operation: str | None = None,
+                      action: str | None = None) -> None:
+        """Raise unless the policy grants ``operation`` (default: this
+        request's) on ``key``, which the caller named by its ID.
+
+        A caller that may not even read the key learns nothing of it: the
+        answer is NoSuchKey (NOT_FOUND, "no key with ID ..."), word for word
+        what a key that does not exist gets. One that may read it is told
+        PermissionDenied, naming the key's GUN and role (which it can read),
+        and what it may not do (``action``, default the operation). Either
+        way the request is a denial, and its audit line names the key, its
+        GUN, role and token."""
+        operation = operation or self.operation
+        self.key_id, self.gun, self.role, self.token = key.key_id, key.gun, key.role, key.token
+        decision = self._decide(operation, key.gun, key.role, key.token)
+        if decision.allowed:
+            return
+        self.decision = "deny"
+        if operation != "read" and self._decide("read", key.gun, key.role, key.token).allowed:
+            raise self._denied(action or operation, key.gun, key.role, decision.reason)
+        raise NoSuchKey(key.key_id)
 
 
 class Gate:
+    """Identity, limits, policy and audit around every RPC handler.
+
+    ``max_inflight``: requests one identity may have inside handlers at once
+    (signerd.config.Config.inflight_limit). It counts handler threads, since
+    a request holds one from here until it is answered; one more is refused
+    at once with RESOURCE_EXHAUSTED, before any token work, so an identity at
+    its limit gives the thread straight back to the others' requests."""
+
     def __init__(
         self,
         policy: PolicyStore,
@@ -117,8 +155,8 @@ class Gate:
         with self._lock:
             if self._inflight[identity] >= self.max_inflight:
                 raise ResourceExhausted(
-                    f"identity {identity!r} already has {self.max_inflight} requests in flight; "
-                    "wait for some to finish"
+                    f"identity {quoted(identity)} already has {self.max_inflight} requests in "
+                    "flight (server.max_inflight_per_identity); retry once some have finished"
                 )
             self._inflight[identity] += 1
 

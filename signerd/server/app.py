@@ -315,9 +315,13 @@ def build(config: Config, service: KeyService) -> Servers:
     gate = Gate(
         policy,
         audit,
-        config.max_inflight_per_identity,
+        config.inflight_limit,
         on_unavailable=lambda: holder["s"].update_health(),
     )
+    too_high = config.inflight_warning()
+    if too_high is not None:
+        log.warning(too_high, extra={"fields": {
+            "threads": config.threads, "max_inflight_per_identity": config.inflight_limit}})
     ports: dict[str, int] = {}
     health_names = {V1_SERVICE}
 

@@ -43,7 +43,7 @@ from typing import Any, cast
 import grpc
 
 from signerd import signing
-from signerd.errors import FailedPrecondition, InvalidArgument, NotFound, SignerdError
+from signerd.errors import FailedPrecondition, InvalidArgument, NotFound, SignerdError, quoted
 from signerd.keys import Algorithm, parse_algorithm, validate_gun, validate_key_id, validate_role
 from signerd.notary import signer_pb2 as pb
 from signerd.notary import signer_pb2_grpc as pb_grpc
@@ -87,7 +87,7 @@ def notary_algorithm(name: str) -> Algorithm:
         return parse_algorithm(NOTARY_ALGORITHMS[name])
     except KeyError:
         raise InvalidArgument(
-            f"unsupported algorithm {name[:40]!r} for a notary key: use one of "
+            f"unsupported algorithm {quoted(name)} for a notary key: use one of "
             f"{', '.join(repr(a) for a in NOTARY_ALGORITHMS)} "
             "(notary-server's trust_service.key_algorithm)"
         ) from None
@@ -137,7 +137,7 @@ class _Base:
         try:
             validate_key_id(key_id.ID)
         except InvalidArgument:
-            raise NotFound(f"key {key_id.ID[:80]!r} not found: notary key IDs are "
+            raise NotFound(f"key {quoted(key_id.ID)} not found: notary key IDs are "
                            "64 lowercase hex characters") from None
         return self.service.get_key(key_id.ID)
 
@@ -170,7 +170,7 @@ class KeyManagementServicer(_Base):
                    context: grpc.ServicerContext) -> pb.GetKeyInfoResponse:
         def work(scope: Scope) -> pb.GetKeyInfoResponse:
             entry = self._key(request)
-            scope.authorize("", "", key=entry)
+            scope.authorize_key(entry)
             _check_usable(entry)
             return pb.GetKeyInfoResponse(keyInfo=_key_info(entry), publicKey=entry.tuf_public,
                                          role=entry.role)
@@ -181,7 +181,7 @@ class KeyManagementServicer(_Base):
     def DeleteKey(self, request: pb.KeyID, context: grpc.ServicerContext) -> pb.Void:
         def work(scope: Scope) -> pb.Void:
             entry = self._key(request)
-            scope.authorize("", "", key=entry)
+            scope.authorize_key(entry)
             self.service.delete_key(entry.key_id)
             return pb.Void()
 
@@ -195,7 +195,7 @@ class SignerServicer(_Base):
     def Sign(self, request: pb.SignatureRequest, context: grpc.ServicerContext) -> pb.Signature:
         def work(scope: Scope) -> pb.Signature:
             entry = self._key(request.keyID)
-            scope.authorize("", "", key=entry)
+            scope.authorize_key(entry)
             _check_usable(entry)
             sig = self.service.sign_with(entry, request.content, _SIGN_OPTIONS)
             if not entry.used:

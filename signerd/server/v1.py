@@ -8,9 +8,8 @@ from typing import TypeVar
 import grpc
 
 from signerd import certs, signing
-from signerd.errors import InvalidArgument, PermissionDenied, SignerdError
+from signerd.errors import InvalidArgument, NotFound, PermissionDenied, SignerdError, quoted
 from signerd.keys import parse_algorithm, spki_to_pem, validate_gun, validate_role
-from signerd.policy import Request
 from signerd.server._gate import Caller, Gate, Scope
 from signerd.server._status import code_for
 from signerd.service import KeyService
@@ -100,13 +99,10 @@ class SignerServicer(pb_grpc.SignerServiceServicer):
         def work(scope: Scope) -> pb.Key:
             gun, role = validate_gun(request.gun), validate_role(request.role)
             parse_algorithm(request.algorithm)
-            token = (
-                self.service.token(request.token)
-                if request.token
-                else self.service.token_for_role(role)
-            )
-            scope.authorize(gun, role, token.name)
-            entry = self.service.create_key(gun, role, request.algorithm, token.name)
+            token = request.token or self.service.token_for_role(role).name
+            scope.authorize(gun, role, token)
+            self._known_token(scope, token)
+            entry = self.service.create_key(gun, role, request.algorithm, token)
             scope.key_id = entry.key_id
             return key_message(entry)
 
@@ -115,7 +111,7 @@ class SignerServicer(pb_grpc.SignerServiceServicer):
     def GetKey(self, request: pb.GetKeyRequest, context: grpc.ServicerContext) -> pb.Key:
         def work(scope: Scope) -> pb.Key:
             entry = self.service.get_key(request.key_id)
-            scope.authorize("", "", key=entry)
+            scope.authorize_key(entry)
             return key_message(entry)
 
         return self._run(context, "read", b"", work)
@@ -125,13 +121,14 @@ class SignerServicer(pb_grpc.SignerServiceServicer):
     ) -> pb.ListKeysResponse:
         def work(scope: Scope) -> pb.ListKeysResponse:
             scope.gun, scope.role, scope.token = request.gun, request.role, request.token
+            self._known_token(scope, request.token)
+            # Only the keys the caller may read are listed, and paged: a page
+            # token is a key ID, so one of a hidden key would give it away.
             keys, next_token = self.service.list_keys(
-                request.gun, request.role, request.token, request.page_size, request.page_token
-            )
-            # Listing shows only the keys the caller may read.
-            visible = [k for k in keys if scope.allowed(k.gun, k.role, k.token)]
+                request.gun, request.role, request.token, request.page_size,
+                request.page_token, lambda k: scope.allowed(k.gun, k.role, k.token))
             return pb.ListKeysResponse(
-                keys=[key_message(k) for k in visible], next_page_token=next_token
+                keys=[key_message(k) for k in keys], next_page_token=next_token
             )
 
         return self._run(context, "read", b"", work)
@@ -144,7 +141,7 @@ class SignerServicer(pb_grpc.SignerServiceServicer):
             if not visible:
                 scope.decision = "deny"
                 raise PermissionDenied(
-                    f"identity {scope.caller.identity!r} may read keys on no token"
+                    f"identity {quoted(scope.caller.identity)} may read keys on no token"
                 )
             return pb.ListTokensResponse(tokens=[token_message(t.status()) for t in visible])
 
@@ -155,15 +152,25 @@ class SignerServicer(pb_grpc.SignerServiceServicer):
     ) -> pb.DeleteKeyResponse:
         def work(scope: Scope) -> pb.DeleteKeyResponse:
             entry = self.service.get_key(request.key_id)
-            scope.authorize("", "", key=entry)
+            scope.authorize_key(entry)
             self.service.delete_key(entry.key_id)
             return pb.DeleteKeyResponse()
 
         return self._run(context, "delete", b"", work)
 
+    def _known_token(self, scope: Scope, name: str) -> None:
+        """Raise NotFound unless ``name`` is "" or a configured token. The
+        message lists only the tokens the caller may use for this operation,
+        so that no stranger learns their names."""
+        if not name or name in self.service.tokens:
+            return
+        yours = [t for t in self.service.tokens if scope.allowed_token(t)]
+        raise NotFound(f"no token named {quoted(name)}; "
+                       + (f"yours: {', '.join(yours)}" if yours else "you may use none"))
+
     def _authorized_key(self, scope: Scope, key_id: str) -> KeyEntry:
         entry = self.service.get_key(key_id)
-        scope.authorize("", "", key=entry)
+        scope.authorize_key(entry)
         return entry
 
     def _sign_one(
@@ -259,26 +266,18 @@ class SignerServicer(pb_grpc.SignerServiceServicer):
             if request.profile not in _PROFILES:
                 raise InvalidArgument(
                     f"unknown profile {request.profile}; use CA (1) or CODE_SIGNING (2)")
+            # Certifying gives the key an identity, as creating it did: "create"
+            # on the certified key; the issuer key signs: "sign" on it. The
+            # subject is settled before the issuer is looked up, so that the
+            # answer about a subject the caller may not read never depends on
+            # whether it exists.
             subject = self.service.get_key(request.key_id)
+            scope.authorize_key(subject, "create", action="certify")
             issuer = (self.service.get_key(request.issuer_key_id)
                       if request.issuer_key_id else subject)
-            both = (issuer.key_id if issuer.key_id == subject.key_id
-                    else f"{issuer.key_id},{subject.key_id}")
-            # Certifying gives the key an identity, as creating it did: "create"
-            # on the certified key; the issuer key signs: "sign" on it.
-            create = scope.policy.decide(Request(
-                identity=scope.caller.identity, transport=scope.caller.transport,
-                operation="create", gun=subject.gun, role=subject.role, token=subject.token))
-            if not create.allowed:
-                scope.key_id, scope.gun, scope.role, scope.token = (
-                    both, subject.gun, subject.role, subject.token)
-                scope.decision = "deny"
-                raise PermissionDenied(
-                    f"identity {scope.caller.identity!r} may not certify {subject.role} keys of "
-                    f"{subject.gun}: that needs create on them over {scope.caller.transport}: "
-                    f"{create.reason}")
-            scope.authorize("", "", key=issuer)
-            scope.key_id = both
+            scope.authorize_key(issuer)
+            scope.key_id = (issuer.key_id if issuer.key_id == subject.key_id
+                            else f"{issuer.key_id},{subject.key_id}")
             done = self.service.certify(subject, issuer, request.subject,
                                         request.validity_days, _PROFILES[request.profile])
             scope.payload_sha256 = done.tbs_sha256

@@ -17,7 +17,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, ClassVar, TypeVar
 
 from signerd.canonicaljson import encode_canonical
-from signerd.errors import InvalidArgument
+from signerd.errors import InvalidArgument, quoted
 from signerd.keys import validate_role
 from signerd.trust._key import TufKey
 from signerd.trust.errors import UnwritableValue, VerificationError
@@ -140,10 +140,10 @@ def check_writable(value: Any, role: str, what: str = "value") -> None:
         if isinstance(item, str):
             reason = unwritable_reason(item)
             if reason is not None:
-                raise UnwritableValue(role, f"{where} {item[:100]!r} contains {reason}")
+                raise UnwritableValue(role, f"{where} {quoted(item)} contains {reason}")
         elif isinstance(item, dict):
             stack += [(k, f"{where} key") for k in item]
-            stack += [(v, f"{where} {k[:40]!r}" if isinstance(k, str) else where)
+            stack += [(v, f"{where} {quoted(k)}" if isinstance(k, str) else where)
                       for k, v in item.items()]
         elif isinstance(item, list | tuple):
             stack += [(v, where) for v in item]
@@ -394,7 +394,7 @@ class Targets(Signed):
                 validate_role(name)  # Notary's delegation names: [-a-z0-9_/]
             except InvalidArgument:
                 raise VerificationError(
-                    role, f"delegation name {name[:100]!r} is not a valid Notary role name"
+                    role, f"delegation name {quoted(name)} is not a valid Notary role name"
                 ) from None
             # Children must sit directly under this role (targets/a → targets/a/b).
             if name.rsplit("/", 1)[0] != role or not name.startswith("targets/"):

@@ -28,7 +28,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from signerd.errors import InvalidArgument, NotFound
+from signerd.errors import InvalidArgument, NotFound, quoted
 from signerd.keys import validate_gun, validate_role
 from signerd.trust._key import TufKey
 from signerd.trust.errors import NotaryServerError, VerificationError
@@ -145,10 +145,11 @@ class NotaryClient:
         realm = params.get("realm", "")
         parsed = urllib.parse.urlsplit(realm)
         if parsed.scheme not in ("http", "https") or not parsed.netloc:
-            raise NotaryServerError(f"{what}: unusable token realm {realm[:200]!r} (HTTP 401)", 401)
+            raise NotaryServerError(f"{what}: unusable token realm {quoted(realm)} (HTTP 401)",
+                                    401)
         if parsed.scheme == "http" and self.url.startswith("https:"):
             # Credentials and tokens must not fall back to plain HTTP.
-            raise NotaryServerError(f"{what}: token realm {realm[:200]!r} is not https", 401)
+            raise NotaryServerError(f"{what}: token realm {quoted(realm)} is not https", 401)
         query = {"scope": scope}
         if params.get("service"):
             query["service"] = params["service"]
@@ -243,7 +244,7 @@ class NotaryClient:
                     validate_role(role)  # a hostile snapshot must not steer paths
                 except InvalidArgument:
                     raise VerificationError(
-                        "snapshot", f"lists {role[:100]!r}, not a valid Notary role name"
+                        "snapshot", f"lists {quoted(role)}, not a valid Notary role name"
                     ) from None
                 files[role] = self.get(gun, role)
         if "targets" not in files:

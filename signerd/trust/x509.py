@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from cryptography.x509.oid import NameOID
 
-from signerd.errors import InvalidArgument
+from signerd.errors import InvalidArgument, quoted
 from signerd.trust._key import MIN_RSA_BITS, TufKey
 from signerd.trust.errors import VerificationError
 from signerd.trust.metadata import YEAR
@@ -185,7 +185,7 @@ def load_certificate_bundle(pem: bytes) -> list[x509.Certificate]:
     certs = []
     for kind, _ in blocks:
         if kind != b"CERTIFICATE":
-            raise _bad(f"invalid PEM block type {kind.decode(errors='replace')[:40]!r}")
+            raise _bad(f"invalid PEM block type {quoted(kind.decode(errors='replace'))}")
     for block in _PEM_BLOCK.finditer(pem):
         certs.append(_load(block.group(0)))
     return certs
