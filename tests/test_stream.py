@@ -29,7 +29,7 @@ from tests.conftest import (
 ENGINES = ("aio", "threads")
 SIGN_STREAM = "/signerd.v1.SignerService/SignStream"
 
-# The runner may sign only targets/releases keys of one repository.
+# The runner may read every key but sign only targets/releases keys.
 POLICY = f"""
 [[rule]]
 name = "admin"
@@ -37,9 +37,14 @@ identities = ["{ADMIN}"]
 operations = ["*"]
 
 [[rule]]
-name = "runner"
+name = "runner-reads"
 identities = ["{RUNNER}"]
-operations = ["sign", "read"]
+operations = ["read"]
+
+[[rule]]
+name = "runner-signs"
+identities = ["{RUNNER}"]
+operations = ["sign"]
 roles = ["targets/releases"]
 """
 
