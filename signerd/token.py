@@ -858,6 +858,12 @@ class Token:
         """Pooled sessions borrowed now."""
         return self._borrowed
 
+    @property
+    def session_idle(self) -> bool:
+        """Whether a pooled session is free now (so borrowing one would not
+        wait, unless another thread takes it first)."""
+        return self._connected and not self._pool.empty()
+
     def check_algorithm(self, alg: Algorithm) -> None:
         """Raise FailedPrecondition unless the token can create ``alg`` keys."""
         if alg.name not in self.algorithms:

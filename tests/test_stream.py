@@ -175,3 +175,35 @@ def test_a_stream_ends_cleanly_when_the_client_goes_away(daemon_factory: Any,
                 break
         stop.set()
         assert c.sign(key.key_id, b"after").signature
+
+
+def test_the_aio_engine_serves_every_kind_of_method(daemon_factory: Any) -> None:
+    """The aio engine wraps each kind of handler itself (unary inline and on
+    the executor, health's sync Watch stream, reflection's async stream,
+    the Notary-compatible service): each answers, and a caller's mistake
+    keeps its status code."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    from signerd.notary import signer_pb2 as npb
+    from signerd.notary import signer_pb2_grpc as npb_grpc
+
+    d: Daemon = daemon_factory(server={"engine": "aio"})
+    with d.client() as c:
+        key = c.create_key(unique_gun(), "targets")  # on the executor
+        assert c.sign(key.key_id, b"m").signature  # inline
+        assert rpc_error(lambda: c.sign("ab" * 32, b"m")).code() == grpc.StatusCode.NOT_FOUND
+        bad = rpc_error(lambda: c.channel.unary_unary("/signerd.v1.SignerService/Sign")(
+            b"\x0a\x02\xff\xfe", timeout=10))
+        assert bad.code() == grpc.StatusCode.INVALID_ARGUMENT
+        notary = npb_grpc.SignerStub(c.channel).Sign(
+            npb.SignatureRequest(keyID=npb.KeyID(ID=key.key_id), content=b"m"), timeout=10)
+        assert notary.content
+        health = health_pb2_grpc.HealthStub(c.channel)
+        watch = health.Watch(health_pb2.HealthCheckRequest(service=""), timeout=10)
+        assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+        watch.cancel()
+        answers = list(reflection_pb2_grpc.ServerReflectionStub(c.channel).ServerReflectionInfo(
+            iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10))
+    names = {s.name for s in answers[0].list_services_response.service}
+    assert {"signerd.v1.SignerService", "proto.Signer", "grpc.health.v1.Health"} <= names

@@ -8,8 +8,12 @@ profile in issue 15 put gRPC's machinery, most of it that hand-off, at half
 of the daemon's Python time). Here one event loop (uvloop when installed)
 runs the server, and:
 
-* a Sign whose key signs fast (``Token.signs_inline``: a software token and
-  an elliptic-curve key, about 70 µs) runs **inline on the loop thread**;
+* a Sign whose key signs fast (KeyService.signs_fast: a healthy software
+  token with a session free, and an elliptic-curve key; about 70 µs) runs
+  **inline on the loop thread**. If the token fails under such a call, that
+  call's one reconnect runs on the loop too (SoftHSM: about 1.5 s) and
+  stalls it; the token is then unhealthy, and its calls go to the executor
+  until a probe finds it back;
 * every other unary call (key generation, listings, RSA, a hardware token,
   anything that may wait on a device) runs on a small executor, so a slow
   token never stalls the loop;
