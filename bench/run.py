@@ -1,7 +1,8 @@
 """signerd benchmark: throughput and latency over mTLS against SoftHSM.
 
-    python -m bench.run                 # full run, about 4 minutes (+2 the first time)
-    python -m bench.run --smoke         # ~25 s; what tests/test_bench.py runs
+    python -m bench.run                 # full run, about 6 minutes (the first time far more:
+                                        # it fills a token with 10,000 keys for bench/.cache/)
+    python -m bench.run --smoke         # under a minute; what tests/test_bench.py runs
     python -m bench.run --help          # pick algorithms, RPCs, callers, daemon settings
 
 What one run does, all in a fresh temporary directory:
@@ -17,9 +18,15 @@ What one run does, all in a fresh temporary directory:
    signerd's in-process signing path (``Token.sign``), one and two threads;
 4. drive the daemon with 1, 4, 16 and 64 closed-loop callers over the
    signerd.v1 Sign RPC, the Notary-compatible ``/proto.Signer/Sign`` (when
-   the daemon serves it) and SignBatch, with a 512-byte payload; then the
-   same callers against a no-op gRPC server with the same transport
-   (bench/_floor.py), the most any Python gRPC signer can do here. The
+   the daemon serves it) and SignBatch, with a 512-byte payload, and
+   SignStream (when the daemon serves it) with 1 and 4 callers, each
+   keeping one stream open with 32 requests outstanding; then the Go peer,
+   stock notary-signer (when installed), on the same transport, its Sign
+   driven like signerd's Notary Sign at 1 and 16 callers and each point
+   followed by signerd's; then the same callers against a no-op gRPC server
+   with the same transport (bench/_floor.py) on both Python gRPC stacks,
+   grpcio's sync server and grpc.aio on uvloop, in alternation: the faster,
+   the "best floor", is the most any Python gRPC signer can do here. The
    callers live in their own processes (bench/_loadgen.py) and by default
    speak raw HTTP/2 (bench/_h2load.py), which costs them far less CPU than
    grpcio's client. Each point

@@ -110,10 +110,27 @@ def test_ab_runs_variants_in_alternation_and_reports_medians(tmp_path: Path) -> 
     assert "| cpu_affinity=spread, threads=4 |" in run.stdout
 
 
+def test_ab_compares_the_floor_stacks_on_streams(tmp_path: Path) -> None:
+    out = tmp_path / "ab-floor.json"
+    run = _python_m("bench.ab", "--floor", "--rpc", "stream", "--variant", "mode=sync,workers=1",
+                    "--variant", "mode=aio,workers=1", "--rounds", "1", "--callers", "2",
+                    "--duration", "0.5", "--out", str(out), timeout=300)
+    assert run.returncode == 0, run.stderr[-4000:]
+    doc = json.loads(out.read_text())
+    assert doc["floor"] and doc["rpc"] == "stream"
+    assert [r["variant"] for r in doc["results"]] == [{"mode": "sync", "workers": 1},
+                                                       {"mode": "aio", "workers": 1}]
+    for r in doc["results"]:
+        assert r["ops_per_s"] > 0 and r["loadgen_cpu_cores"] > 0
+    assert "| mode=aio, workers=1 |" in run.stdout
+
+
 def test_ab_refuses_a_setting_it_cannot_vary() -> None:
     run = _python_m("bench.ab", "--variant", "colour=red", "--variant", "workers=2", timeout=60)
     assert run.returncode == 2
     assert "expected NAME=VALUE with NAME in" in run.stderr and "Traceback" not in run.stderr
+    run = _python_m("bench.ab", "--variant", "mode=aio", "--variant", "workers=2", timeout=60)
+    assert run.returncode == 2 and "mode needs --floor" in run.stderr
 
 
 def test_handler_bench_times_the_sign_handler_and_its_parts() -> None:
