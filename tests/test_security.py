@@ -175,7 +175,9 @@ def test_a_caller_that_may_not_read_a_key_cannot_tell_it_from_a_missing_one(
     for line in lines:
         assert (line["gun"], line["role"], line["token"]) == (
             "docker.io/secret/app", "targets/releases", "root"), line
-        if "," not in line["key_id"]:  # not the batch's line: it is answered OK, item by item
+        # A line naming two keys is a batch's (answered OK, item by item) or a
+        # certification's (its issuer and subject).
+        if "," not in line["key_id"]:
             assert (line["decision"], line["status"]) == ("deny", "NOT_FOUND"), line
 
 
