@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 
 def version() -> str:
@@ -33,3 +33,18 @@ def add_version_flag(parser: argparse.ArgumentParser) -> None:
     """``--version``: print ``PROG VERSION`` and exit 0."""
     parser.add_argument("--version", action=_Version, nargs=0, default=argparse.SUPPRESS,
                         help="print the version and exit")
+
+
+def one_line(text: str) -> str:
+    """``text`` with every run of whitespace (newlines included) made one space."""
+    return " ".join(text.split())
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser, but a usage error is one line on stderr, ``PROG:
+    MESSAGE (see 'PROG --help')``, and exit status 2 (argparse prints the
+    usage first). Sub-parsers are of this class too (add_subparsers makes
+    them of the parent's class)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {one_line(message)} (see '{self.prog} --help')\n")

@@ -47,6 +47,8 @@ def add_client_options(p: argparse.ArgumentParser, server_flag: str = "--server"
     p.add_argument("--server-name", help="expected name in signerd's certificate")
     p.add_argument("--timeout", type=float, help="seconds per signerd call")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--debug", action="store_true",
+                   help="on an unexpected error, print its traceback")
 
 
 def client_config(args: argparse.Namespace) -> ClientConfig:

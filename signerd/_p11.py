@@ -20,6 +20,7 @@ Two problems are solved here, and nothing else:
 from __future__ import annotations
 
 import ctypes
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -95,6 +96,7 @@ _NAMES = {
     0x31: "CKR_DEVICE_MEMORY",
     0x32: "CKR_DEVICE_REMOVED",
     0x60: "CKR_KEY_HANDLE_INVALID",
+    0x63: "CKR_KEY_TYPE_INCONSISTENT",
     0x68: "CKR_KEY_FUNCTION_NOT_PERMITTED",
     0x70: "CKR_MECHANISM_INVALID",
     0x71: "CKR_MECHANISM_PARAM_INVALID",
@@ -118,6 +120,66 @@ _NAMES = {
 
 def rv_name(rv: int) -> str:
     return _NAMES.get(rv, f"CKR_0x{rv:08X}")
+
+
+# python-pkcs11 raises one exception class per CK_RV and keeps no rv (its
+# _pkcs11.pxd, map_rv_to_error). A class is named after its CK_RV in
+# CamelCase, but for these:
+_CLASS_RVS = {
+    "AnotherUserAlreadyLoggedIn": "CKR_USER_ANOTHER_ALREADY_LOGGED_IN",
+    "FunctionCancelled": "CKR_FUNCTION_CANCELED",
+    "RandomNoRNG": "CKR_RANDOM_NO_RNG",
+    "SessionReadWriteSOExists": "CKR_SESSION_READ_WRITE_SO_EXISTS",
+    "SlotIDInvalid": "CKR_SLOT_ID_INVALID",
+    "TokenNotRecognised": "CKR_TOKEN_NOT_RECOGNIZED",
+}
+# A few CK_RVs it raises as its base class, PKCS11Error, with a sentence of
+# its own ("Initialisation error (not initialized). Should never see this.").
+_PROSE_RVS = {
+    "Buffer was too small": "CKR_BUFFER_TOO_SMALL",
+    "Initialisation error (already initialized)": "CKR_CRYPTOKI_ALREADY_INITIALIZED",
+    "Initialisation error (not initialized)": "CKR_CRYPTOKI_NOT_INITIALIZED",
+    "Parallel not supported": "CKR_SESSION_PARALLEL_NOT_SUPPORTED",
+    "User type invalid": "CKR_USER_TYPE_INVALID",
+}
+# Errors python-pkcs11 raises by itself (NoSuchKey, MultipleObjectsReturned...).
+_NOT_RVS = frozenset({"NoSuchKey", "NoSuchToken", "MultipleObjectsReturned",
+                      "MultipleTokensReturned"})
+_RVS = {name: rv for rv, name in _NAMES.items()}
+UNRECOGNISED = "an error the PKCS#11 module did not name"
+
+
+def failure_name(e: Exception) -> str:
+    """The CK_RV name (``"CKR_GENERAL_ERROR"``) behind a P11Error or a
+    python-pkcs11 exception, else :data:`UNRECOGNISED`: what signerd's own
+    messages say of a token's failure. python-pkcs11's class names and
+    sentences (and anything else a module says) belong in the log only:
+    :func:`failure_detail`."""
+    if isinstance(e, P11Error):
+        return rv_name(e.rv)
+    kind = type(e).__name__
+    if kind == "PKCS11Error":
+        text = str(e)
+        return next((rv for prose, rv in _PROSE_RVS.items() if text.startswith(prose)),
+                    UNRECOGNISED)
+    if kind in _NOT_RVS:
+        return UNRECOGNISED
+    return _CLASS_RVS.get(kind) or "CKR_" + re.sub(r"(?<!^)(?=[A-Z])", "_", kind).upper()
+
+
+def failure_rv(e: Exception) -> int | None:
+    """The CK_RV behind a P11Error or a python-pkcs11 exception, for those
+    signerd acts on (:data:`_NAMES`); None otherwise."""
+    if isinstance(e, P11Error):
+        return e.rv
+    return _RVS.get(failure_name(e))
+
+
+def failure_detail(e: Exception) -> str:
+    """Everything the library said about a failure, for the log: the
+    exception's class and text (``"PKCS11Error: Initialisation error ..."``)."""
+    text = str(e)
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
 def ulong(value: int) -> bytes:

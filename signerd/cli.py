@@ -22,9 +22,9 @@ from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
 import grpc  # noqa: E402
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 
-from signerd import add_version_flag, signing, trust_cli
+from signerd import ArgumentParser, add_version_flag, one_line, signing, trust_cli
 from signerd._cliutil import (
     CliError,
     add_client_options,
@@ -33,8 +33,14 @@ from signerd._cliutil import (
     emit,
     rpc_error_line,
 )
-from signerd.errors import ConfigError, SignerdError
-from signerd.keys import ALGORITHMS, parse_algorithm
+from signerd.errors import ConfigError, InvalidArgument, SignerdError
+from signerd.keys import (
+    ALGORITHMS,
+    Algorithm,
+    load_public_key,
+    parse_algorithm,
+    public_key_algorithm,
+)
 from signerd.v1 import signer_pb2 as pb
 
 
@@ -130,9 +136,24 @@ def cmd_keys_show(args: argparse.Namespace) -> None:
     )
 
 
+def _confirmed(question: str) -> bool:
+    """Ask on the terminal (stderr, stdin); only "y" or "yes" is a yes."""
+    print(question, end="", file=sys.stderr, flush=True)
+    return sys.stdin.readline().strip().lower() in ("y", "yes")
+
+
 def cmd_keys_delete(args: argparse.Namespace) -> None:
     with connect(args) as c:
-        c.delete_key(args.key_id)
+        # A key that has signed may still be what verifiers trust: destroying
+        # it takes --yes, or a yes at the terminal.
+        k = c.get_key(args.key_id)
+        if k.used and not args.yes:
+            what = f"key {k.key_id} ({k.role} of {k.gun}) has made signatures"
+            if not sys.stdin.isatty():
+                raise CliError(f"{what}; destroying it cannot be undone: pass --yes to delete it")
+            if not _confirmed(f"{what}; destroy it for good? [y/N] "):
+                raise CliError(f"key {k.key_id} not deleted")
+        c.delete_key(k.key_id)
     emit(args, {"deleted": args.key_id}, lambda: f"deleted key {args.key_id}")
 
 
@@ -263,6 +284,27 @@ def _sign(args: argparse.Namespace, payload: bytes) -> pb.SignResponse:
     return resp
 
 
+def _public_key_file(name: str) -> tuple[bytes, Algorithm]:
+    """The DER SubjectPublicKeyInfo in file ``name`` (PEM or DER) and the
+    algorithm signerd signs with for it. Raises CliError."""
+    from cryptography.hazmat.primitives import serialization
+
+    data = _read_input(name)
+    try:
+        if data.lstrip().startswith(b"-----BEGIN"):
+            key = serialization.load_pem_public_key(data)
+        else:
+            key = serialization.load_der_public_key(data)
+        spki = key.public_bytes(serialization.Encoding.DER,
+                                serialization.PublicFormat.SubjectPublicKeyInfo)
+        return spki, public_key_algorithm(load_public_key(spki))
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        raise CliError(f"{name} holds no public key signerd can use: expected a PEM or DER "
+                       "SubjectPublicKeyInfo (as 'signerctl keys export' writes)") from None
+    except InvalidArgument as e:
+        raise CliError(f"{name}: {e}") from None
+
+
 def cmd_verify(args: argparse.Namespace) -> None:
     payload = _payload(args)
     raw_sig = _read_input(args.signature)
@@ -270,16 +312,27 @@ def cmd_verify(args: argparse.Namespace) -> None:
         sig = base64.b64decode(raw_sig.strip(), validate=True)
     except ValueError:
         sig = raw_sig
-    with connect(args) as c:
-        k = c.get_key(args.key_id)
+    if args.pubkey is not None:  # checked here alone: no daemon needed
+        spki, alg = _public_key_file(args.pubkey)
+        which: dict[str, Any] = {"pubkey": args.pubkey}
+        named = f"the public key in {args.pubkey}"
+    else:
+        with connect(args) as c:
+            k = c.get_key(args.key_id)
+        spki, alg = k.public_key_der, parse_algorithm(k.algorithm)
+        which, named = {"key_id": k.key_id}, f"key {k.key_id}"
+    if args.digest and alg.keytype == "ed25519":
+        raise CliError("ed25519 signs whole messages (pure EdDSA): verify the message, "
+                       "not a digest")
     options = signing.SignOptions(
         signing.Encoding(args.encoding), signing.RsaPadding(args.rsa_padding), prehashed=args.digest
     )
     try:
-        signing.verify(k.public_key_der, parse_algorithm(k.algorithm), sig, payload, options)
+        signing.verify(spki, alg, sig, payload, options)
     except InvalidSignature:
-        raise CliError(f"signature does NOT verify with key {k.key_id}") from None
-    emit(args, {"key_id": k.key_id, "valid": True}, lambda: f"signature OK (key {k.key_id})")
+        raise CliError(f"signature does NOT verify with {named}") from None
+    emit(args, {**which, "algorithm": alg.name, "valid": True},
+         lambda: f"signature OK ({named})")
 
 
 def cmd_audit_verify(args: argparse.Namespace) -> None:
@@ -307,7 +360,7 @@ def cmd_audit_verify(args: argparse.Namespace) -> None:
 def build_parser() -> argparse.ArgumentParser:
     # Global options are accepted before or after the command. Sub-parsers
     # use SUPPRESS so that they do not overwrite a value given earlier.
-    parser = argparse.ArgumentParser(prog="signerctl", description="signerd client")
+    parser: argparse.ArgumentParser = ArgumentParser(prog="signerctl", description="signerd client")
     add_version_flag(parser)
     common = argparse.ArgumentParser(add_help=False, argument_default=argparse.SUPPRESS)
     for p in (parser, common):
@@ -328,13 +381,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--token")
     p.set_defaults(func=cmd_keys_list)
 
-    for name, func, helptext in (
-        ("show", cmd_keys_show, "show a key"),
-        ("delete", cmd_keys_delete, "destroy a key on its token"),
-    ):
-        p = keys.add_parser(name, parents=[common], help=helptext)
-        p.add_argument("key_id")
-        p.set_defaults(func=func)
+    p = keys.add_parser("show", parents=[common], help="show a key")
+    p.add_argument("key_id")
+    p.set_defaults(func=cmd_keys_show)
+
+    p = keys.add_parser("delete", parents=[common], help="destroy a key on its token")
+    p.add_argument("key_id")
+    p.add_argument("--yes", action="store_true",
+                   help="destroy it even if it has made signatures, without asking")
+    p.set_defaults(func=cmd_keys_delete)
 
     tokens = sub.add_parser("tokens", help="the daemon's tokens").add_subparsers(
         dest="tokens_cmd", required=True)
@@ -379,7 +434,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_sign)
 
     p = sub.add_parser("verify", parents=[common], help="verify a signature locally")
-    p.add_argument("--key", dest="key_id", required=True, metavar="KEYID")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--key", dest="key_id", metavar="KEYID",
+                       help="a key of signerd's (its public key is read from the daemon)")
+    which.add_argument("--pubkey", metavar="FILE",
+                       help="a public key file, PEM or DER SubjectPublicKeyInfo: no daemon needed")
     p.add_argument("--signature", required=True, help="signature file (raw or base64)")
     sign_flags(p)
     p.set_defaults(func=cmd_verify)
@@ -396,8 +455,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run signerctl. Every failure is one line on stderr and a non-zero
+    exit: 1, or 2 for a usage error; an unexpected one shows its traceback
+    only with --debug."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    try:
+        return _run(args)
+    except KeyboardInterrupt:
+        print("signerctl: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # a bug, or a failure no command expects
+        if getattr(args, "debug", False):
+            raise
+        print(f"signerctl: unexpected error: {type(e).__name__}: {one_line(str(e))} "
+              "(--debug shows where)", file=sys.stderr)
+        return 1
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         args.func(args)
     except grpc.RpcError as e:
@@ -410,10 +486,11 @@ def main(argv: list[str] | None = None) -> int:
                 server = client_config(args).server
             except (CliError, ConfigError):
                 server = None
-        print(f"signerctl: {rpc_error_line(name, detail or '', server)}", file=sys.stderr)
+        print(f"signerctl: {one_line(rpc_error_line(name, detail or '', server))}",
+              file=sys.stderr)
         return 1
     except (CliError, SignerdError, ConfigError) as e:
-        print(f"signerctl: {e}", file=sys.stderr)
+        print(f"signerctl: {one_line(str(e))}", file=sys.stderr)
         return 1
     except BrokenPipeError:
         return 1

@@ -16,8 +16,10 @@ everything a start would, serving nothing (signerd/_checkconfig.py).
 
 Exit status of ``serve``: 0 after a clean stop; 2 for a config fault or a
 PIN the token refused (no restart can fix those: the systemd unit's
-RestartPreventExitStatus=2); 3 for another failure to start, such as a
-token that cannot be reached yet; 1 when a worker dies.
+RestartPreventExitStatus=2), or a usage error; 3 for another failure to
+start, such as a token that cannot be reached yet; 1 when a worker dies, or
+for an unexpected error. Every failure is one line on stderr; an unexpected
+one shows its traceback only with ``--log-level debug``.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from signerd import _sdnotify, add_version_flag, embedded, logs
+from signerd import ArgumentParser, _sdnotify, add_version_flag, embedded, logs, one_line
 from signerd.config import Config, load_config
 from signerd.errors import ConfigError, SignerdError, Unavailable
 
@@ -195,7 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     # turns those lines into JSON lines and counts them (signerd._corelog), so
     # an inherited GRPC_VERBOSITY=NONE or ERROR must not hide them.
     os.environ["GRPC_VERBOSITY"] = "INFO"
-    parser = argparse.ArgumentParser(prog="signerd", description="PKCS#11-backed signing daemon")
+    parser: argparse.ArgumentParser = ArgumentParser(
+        prog="signerd", description="PKCS#11-backed signing daemon")
     add_version_flag(parser)
     sub = parser.add_subparsers(dest="command", required=True)
     c = sub.add_parser("check-config", help="check everything a start would, serve nothing")
@@ -274,11 +277,17 @@ def main(argv: list[str] | None = None) -> int:
             claim = claim_address(config.listen)  # held while this process serves
         return serve(config, args.ready_file)
     except ConfigError as e:  # a config fault or a refused PIN: a restart cannot help
-        print(f"signerd: {e}", file=sys.stderr)
+        print(f"signerd: {one_line(str(e))}", file=sys.stderr)
         return 2
     except SignerdError as e:  # e.g. a token not reachable yet: a restart may help
-        print(f"signerd: {e}", file=sys.stderr)
+        print(f"signerd: {one_line(str(e))}", file=sys.stderr)
         return 3
+    except Exception as e:  # a bug, or a failure nothing expects: its traceback on request
+        if args.log_level == "debug":
+            raise
+        print(f"signerd: unexpected error: {type(e).__name__}: {one_line(str(e))} "
+              "(--log-level debug shows where)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -154,6 +154,22 @@ def load_public_key(spki_der: bytes) -> PublicKey:
     return key
 
 
+def public_key_algorithm(key: PublicKey) -> Algorithm:
+    """The algorithm signerd signs with for a public key: ECDSA P-256 or
+    P-384, RSA of any size (SHA-256 for whole messages, as signerd's
+    rsa-* keys), or Ed25519. Raises InvalidArgument for another curve."""
+    if isinstance(key, ed25519.Ed25519PublicKey):
+        return ALGORITHMS["ed25519"]
+    if isinstance(key, rsa.RSAPublicKey):
+        return ALGORITHMS.get(f"rsa-{key.key_size}") or Algorithm(
+            f"rsa-{key.key_size}", "rsa", key.key_size, "sha256")
+    for alg in ALGORITHMS.values():
+        if alg.curve == key.curve.name:
+            return alg
+    raise InvalidArgument(f"unsupported curve {key.curve.name}: signerd signs with P-256, "
+                          "P-384, RSA or Ed25519 keys")
+
+
 def tuf_public_bytes(keytype: str, spki_der: bytes) -> bytes:
     """The TUF/Notary "public" value: DER SPKI, or raw 32 bytes for ed25519."""
     if keytype != "ed25519":

@@ -198,7 +198,10 @@ class _Modules:
                 try:
                     lib = _p11.load(path)
                 except (pkcs11.PKCS11Error, _p11.P11Error, OSError) as e:
-                    raise ConfigError(f"cannot load PKCS#11 module {path}: {e}") from None
+                    log.debug("cannot load a PKCS#11 module", extra={"fields": {
+                        "module": path, "detail": _p11.failure_detail(e)}})
+                    why = _p11.failure_name(e) if isinstance(e, pkcs11.PKCS11Error) else str(e)
+                    raise ConfigError(f"cannot load PKCS#11 module {path}: {why}") from None
             self._libs[path] = (lib, count + 1)
             if user is not None:
                 self._users.setdefault(path, []).append(user)
@@ -341,16 +344,19 @@ class Token:
         """Whether the token answered its last probe or operation."""
         return self._healthy
 
-    def _set_health(self, ok: bool, reason: str = "") -> None:
+    def _set_health(self, ok: bool, reason: str = "", detail: str = "") -> None:
         """Record health; warn once when the token goes down and once when
-        it is back, however many probes and requests fail in between."""
+        it is back, however many probes and requests fail in between.
+        ``reason`` is signerd's wording (clients see it: ListTokens, and
+        UNAVAILABLE messages); ``detail``, the library's own, is logged."""
         self._healthy = ok
         if not ok:
             self._last_error = reason or self._last_error
             if not self._down_logged and not self._closed:
                 self._down_logged = True
                 log.warning("token unusable", extra={"fields": {
-                    "token": self.name, "error": self._last_error}})
+                    "token": self.name, "error": self._last_error,
+                    **({"detail": detail} if detail else {})}})
         elif self._down_logged:
             self._down_logged = False
             log.warning("token usable again", extra={"fields": {"token": self.name}})
@@ -441,8 +447,8 @@ class Token:
                 with self._locks.searches.shared():
                     self._load_keys(first)
         except (pkcs11.PKCS11Error, _p11.P11Error) as e:
-            reason = _p11.rv_name(e.rv) if isinstance(e, _p11.P11Error) else type(e).__name__
-            self._set_health(False, reason)
+            reason = _p11.failure_name(e)
+            self._set_health(False, reason, _p11.failure_detail(e))
             raise self._unavailable(reason) from None
         self._generation += 1
         now = time.monotonic()
@@ -588,10 +594,10 @@ class Token:
             else:
                 self.module.token_info(self.slot_id)
             return True
-        except _p11.P11Error as e:
-            self._last_error = _p11.rv_name(e.rv)
-        except pkcs11.PKCS11Error as e:
-            self._last_error = type(e).__name__
+        except (_p11.P11Error, pkcs11.PKCS11Error) as e:
+            self._last_error = _p11.failure_name(e)
+            log.debug("token does not answer", extra={"fields": {
+                "token": self.name, "detail": _p11.failure_detail(e)}})
         return False
 
     def _with_retry(self, what: str, fn: Any,
@@ -601,30 +607,33 @@ class Token:
         (the return value says so, or the token no longer answers).
 
         Raises InvalidArgument (data the token rejects), FailedPrecondition
-        (a mechanism or template it cannot do), Unavailable (anything else;
-        the message names the token, never the module's own text)."""
+        (a mechanism or template it cannot do), Unavailable (anything else).
+        Messages name the token and the CK_RV (_p11.failure_name), never
+        the library's own text: that is logged (_p11.failure_detail)."""
         for attempt in (0, 1):
-            rv: int | None
             with self.session() as (gen, s), guard():
                 try:
                     return fn(s)
-                except _p11.P11Error as e:
-                    rv, failure = e.rv, _p11.rv_name(e.rv)
-                except pkcs11.PKCS11Error as e:
-                    rv, failure = _pkcs11_rv(e), type(e).__name__
+                except (_p11.P11Error, pkcs11.PKCS11Error) as e:
+                    rv, failure = _p11.failure_rv(e), _p11.failure_name(e)
+                    detail = _p11.failure_detail(e)
                 refused = rv in _p11.DATA_INVALID | _p11.NOT_SUPPORTED
                 alive = refused or self._answers(s)
+            lost = not refused and (
+                not alive or rv in _p11.SESSION_LOST | _p11.DEVICE_LOST | _p11.HANDLE_LOST)
+            retry = lost and attempt == 0
+            # A request's own refusal, or a first try retried, is not yet the token's fault.
+            (log.info if refused or retry else log.warning)("token operation failed", extra={
+                "fields": {"token": self.name, "operation": what, "error": failure,
+                           "detail": detail, "retrying": retry}})
             if rv in _p11.DATA_INVALID:
                 raise InvalidArgument(f"token {self.name} rejected the data: {failure}")
             if rv in _p11.NOT_SUPPORTED:  # the token is fine; it cannot do this
                 raise FailedPrecondition(f"token {self.name} cannot do this {what}: {failure}")
-            lost = not alive or rv in _p11.SESSION_LOST | _p11.DEVICE_LOST | _p11.HANDLE_LOST
             if not lost:  # the token answers: this operation failed on its own
-                log.warning("token operation failed", extra={"fields": {
-                    "token": self.name, "operation": what, "error": failure}})
                 raise Unavailable(f"token {self.name}: {what} failed ({failure})")
             if attempt == 1:
-                self._set_health(False, failure)
+                self._set_health(False, failure, detail)
                 raise self._unavailable(failure)
             try:
                 self.reconnect(gen)
@@ -651,8 +660,7 @@ class Token:
             self._check_idle_sessions()
             self._set_health(True)
         except (_p11.P11Error, pkcs11.PKCS11Error) as e:
-            self._set_health(False, _p11.rv_name(e.rv) if isinstance(e, _p11.P11Error)
-                             else type(e).__name__)
+            self._set_health(False, _p11.failure_name(e), _p11.failure_detail(e))
             try:
                 self.reconnect(probe=True)
             except SignerdError:
@@ -1213,26 +1221,3 @@ class Token:
 
 class _Collision(Exception):
     """Another process took the CKA_ID of a key being generated."""
-
-
-def _pkcs11_rv(e: Exception) -> int | None:
-    """The CK_RV behind a python-pkcs11 exception, for the ones we act on."""
-    names = {
-        "SessionHandleInvalid": 0xB3,
-        "SessionClosed": 0xB0,
-        "UserNotLoggedIn": 0x101,
-        "DeviceRemoved": 0x32,
-        "DeviceError": 0x30,
-        "TokenNotPresent": 0xE0,
-        "ObjectHandleInvalid": 0x82,
-        "KeyHandleInvalid": 0x60,
-        "DeviceMemory": 0x31,
-        "TokenNotRecognised": 0xE1,
-        "AttributeTypeInvalid": 0x12,
-        "AttributeValueInvalid": 0x13,
-        "MechanismInvalid": 0x70,
-        "MechanismParamInvalid": 0x71,
-        "TemplateIncomplete": 0xD0,
-        "TemplateInconsistent": 0xD1,
-    }
-    return names.get(type(e).__name__)

@@ -323,7 +323,7 @@ guns = ["{other}"]
         assert err.code() == grpc.StatusCode.NOT_FOUND
     denied = [json.loads(line) for line in (d.workdir / "audit.log").read_text().splitlines()
               if '"deny"' in line]
-    assert {e["key_id"] for e in denied} >= {theirs.key_id, root.key_id}
+    assert {e["key_id"] for e in denied} >= {theirs.key_id, f"{root.key_id},{mine.key_id}"}
 
 
 # -- signerctl ------------------------------------------------------------------------

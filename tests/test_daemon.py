@@ -223,29 +223,116 @@ def test_embedded_default_starts_from_nothing_and_signs(tmp_path: Path) -> None:
     assert check.returncode == 0, check.stdout + check.stderr
 
 
-@pytest.mark.parametrize(
-    "args,needle",
-    [
-        (("keys", "show", "ab" * 32), b"NOT_FOUND: no key with ID"),
-        (
-            ("keys", "create", "--gun", "BAD GUN", "--role", "targets"),
-            b"INVALID_ARGUMENT: invalid gun",
-        ),
-        (("sign", "--key", "ab" * 32, "/nonexistent/file"), b"cannot read /nonexistent/file"),
-        (
-            ("--server", "127.0.0.1:1", "--tls-ca", "/nonexistent", "keys", "list"),
-            b"cannot read TLS file /nonexistent",
-        ),
-    ],
-)
-def test_cli_errors_are_one_line_on_stderr(
-    tmp_path: Path, args: tuple[str, ...], needle: bytes, embedded_daemon: dict[str, str]
-) -> None:
-    r = _ctl(embedded_daemon, *args)
-    assert r.returncode != 0
-    assert needle in r.stderr
-    assert len(r.stderr.strip().splitlines()) == 1
-    assert b"Traceback" not in r.stderr
+# Every failure a person meets at the command line: (tool, arguments, words of
+# the one line). {NAME} in an argument is a value of the cli_world fixture.
+CLI_FAILURES = [
+    ("out-not-writable", "signerctl",
+     ("sign", "--key", "{used}", "--out", "/nonexistent/dir/x.sig", "{message}"),
+     "cannot write the signature to /nonexistent/dir/x.sig"),
+    ("log-level-unknown", "signerd", ("serve", "--log-level", "verbose"),
+     "argument --log-level: invalid choice: 'verbose'"),
+    ("tls-wrong-ca", "signerctl", ("--tls-ca", "{other_ca}", "keys", "list"),
+     "TLS handshake with signerd at 127.0.0.1:"),
+    ("daemon-down", "signerctl", ("--server", "127.0.0.1:{closed_port}", "keys", "list"),
+     "cannot reach signerd at 127.0.0.1:"),
+    ("verify-bad-pubkey", "signerctl",
+     ("verify", "--pubkey", "{message}", "--signature", "{message}", "{message}"),
+     "holds no public key signerd can use"),
+    ("delete-used-key", "signerctl", ("keys", "delete", "{used}"), "pass --yes to delete it"),
+    ("unknown-option", "signerctl", ("keys", "list", "--colour"),
+     "unrecognized arguments: --colour (see 'signerctl --help')"),
+    ("missing-argument", "signerctl", ("keys", "delete"),
+     "signerctl keys delete: the following arguments are required: key_id"),
+    ("unknown-key", "signerctl", ("keys", "show", "ab" * 32), "NOT_FOUND: no key with ID"),
+    ("bad-gun", "signerctl", ("keys", "create", "--gun", "BAD GUN", "--role", "targets"),
+     "INVALID_ARGUMENT: invalid gun"),
+    ("input-missing", "signerctl", ("sign", "--key", "ab" * 32, "/nonexistent/file"),
+     "cannot read /nonexistent/file"),
+    ("tls-ca-missing", "signerctl",
+     ("--server", "127.0.0.1:1", "--tls-ca", "/nonexistent", "keys", "list"),
+     "cannot read TLS file /nonexistent"),
+]
+
+
+@pytest.mark.parametrize(("tool", "args", "words"),
+                         [pytest.param(*case[1:], id=case[0]) for case in CLI_FAILURES])
+def test_every_cli_failure_is_one_line(cli_world: dict[str, str], tool: str,
+                                       args: tuple[str, ...], words: str) -> None:
+    """Issue 11 §7: each failure is exactly one line on stderr (no usage
+    block, no traceback) and a non-zero exit."""
+    module = "signerd.cli" if tool == "signerctl" else "signerd.daemon"
+    run = subprocess.run([sys.executable, "-m", module, *(a.format(**cli_world) for a in args)],
+                         capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "SIGNERD_STATE_DIR": cli_world["state"]})
+    assert run.returncode != 0, run.stdout
+    assert len(run.stderr.splitlines()) == 1 and run.stderr.endswith("\n"), run.stderr
+    assert run.stderr.startswith(f"{tool}") and words in run.stderr, run.stderr
+
+
+def test_an_unexpected_error_is_one_line_unless_debug(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    from signerd import cli
+
+    def broken(args: Any) -> None:  # a bug in a command
+        raise RuntimeError("no such thing\nsecond line")
+
+    monkeypatch.setattr(cli, "cmd_keys_list", broken)
+    assert cli.main(["keys", "list"]) == 1
+    assert capsys.readouterr().err == ("signerctl: unexpected error: RuntimeError: no such thing "
+                                       "second line (--debug shows where)\n")
+    with pytest.raises(RuntimeError):  # with --debug, Python prints its traceback
+        cli.main(["keys", "list", "--debug"])
+
+
+def _delete_at_a_terminal(env: dict[str, str], key_id: str, answer: bytes
+                          ) -> subprocess.CompletedProcess[bytes]:
+    """``signerctl keys delete KEY`` with a terminal (a pty) as its stdin,
+    answering its question with ``answer``."""
+    import pty
+
+    terminal, their_end = pty.openpty()
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "signerd.cli", "keys", "delete", key_id],
+                                stdin=their_end, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                env={**os.environ, **env})
+        os.close(their_end)
+        os.write(terminal, answer + b"\n")
+        out, err = proc.communicate(timeout=60)
+    finally:
+        os.close(terminal)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def test_deleting_a_key_that_has_signed_takes_a_yes(cli_world: dict[str, str]) -> None:
+    """Regression (issue 11 §7): 'keys delete' destroyed a key that had signed
+    (that verifiers may still trust) without a word."""
+    env = {"SIGNERD_STATE_DIR": cli_world["state"]}
+    state = Path(cli_world["state"])
+
+    def new_key(used: bool) -> str:
+        made = _ctl(env, "keys", "create", "--gun", unique_gun(), "--role", "targets", "--json")
+        key_id: str = json.loads(made.stdout)["key_id"]
+        if used:
+            _mark_used(state, key_id)
+        return key_id
+
+    def exists(key_id: str) -> bool:
+        return _ctl(env, "keys", "show", key_id).returncode == 0
+
+    used = new_key(used=True)
+    refused = _ctl(env, "keys", "delete", used, stdin=b"y\n")  # a pipe is not a terminal
+    assert refused.returncode == 1 and refused.stderr.count(b"\n") == 1, refused.stderr
+    assert b"has made signatures" in refused.stderr and exists(used)
+    no = _delete_at_a_terminal(env, used, b"n")
+    assert no.returncode == 1 and b"destroy it for good? [y/N]" in no.stderr, no.stderr
+    assert no.stderr.endswith(f"signerctl: key {used} not deleted\n".encode()) and exists(used)
+    yes = _delete_at_a_terminal(env, used, b"y")
+    assert yes.returncode == 0 and f"deleted key {used}".encode() in yes.stdout, yes.stderr
+    assert not exists(used)
+    forced = new_key(used=True)
+    assert _ctl(env, "keys", "delete", "--yes", forced).returncode == 0 and not exists(forced)
+    unused = new_key(used=False)  # never signed: nothing to ask
+    assert _ctl(env, "keys", "delete", unused).returncode == 0 and not exists(unused)
 
 
 @pytest.fixture(scope="module")
@@ -256,6 +343,34 @@ def embedded_daemon(tmp_path_factory: pytest.TempPathFactory) -> Any:
                                                    "--metrics-listen", f"127.0.0.1:{_free_port()}"))
     yield env
     proc.stop()
+
+
+def _mark_used(state: Path, key_id: str) -> None:
+    """Sign once through the Notary API, which marks the key used."""
+    from signerd.client import channel
+    from signerd.notary import signer_pb2 as npb
+    from signerd.notary import signer_pb2_grpc as npb_grpc
+
+    with channel(ClientConfig.load(state / "client.toml")) as ch:
+        npb_grpc.SignerStub(ch).Sign(npb.SignatureRequest(keyID=npb.KeyID(ID=key_id),
+                                                          content=b"{}"), timeout=20)
+
+
+@pytest.fixture(scope="module")
+def cli_world(embedded_daemon: dict[str, str], certs: PKI,
+              tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """What CLI_FAILURES' arguments name: the embedded daemon's state, a key
+    that has signed, a file, a CA that did not issue signerd's certificate,
+    and a port nothing listens on."""
+    state = Path(embedded_daemon["SIGNERD_STATE_DIR"])
+    made = _ctl(embedded_daemon, "keys", "create", "--gun", unique_gun(), "--role", "targets",
+                "--json")
+    used = json.loads(made.stdout)["key_id"]
+    _mark_used(state, used)
+    message = tmp_path_factory.mktemp("cli") / "message"
+    message.write_bytes(b"not a key, nor a signature")
+    return {"state": str(state), "used": used, "message": str(message),
+            "other_ca": str(certs.ca_file), "closed_port": str(_free_port())}
 
 
 @pytest.mark.parametrize("debug", [False, True], ids=["default", "debug-flag"])
@@ -397,3 +512,92 @@ def test_sign_to_a_path_that_cannot_be_written_fails_before_signing(
     assert ok.returncode == 0 and len((tmp_path / "x.sig").read_bytes()) == 64
     audit = [json.loads(line) for line in (tmp_path / "audit.log").read_text().splitlines()]
     assert sum(1 for e in audit if e.get("operation") == "sign") == 1  # only the one that wrote
+
+
+# (algorithm, encoding, rsa_padding, digest name or None for the message)
+_VERIFY_CASES = [
+    ("ecdsa-p256", "raw", "pss", None), ("ecdsa-p256", "der", "pss", "sha256"),
+    ("ecdsa-p384", "raw", "pss", None), ("ecdsa-p384", "der", "pss", "sha384"),
+    ("ecdsa-p384", "raw", "pss", "sha256"), ("rsa-2048", "raw", "pss", None),
+    ("rsa-2048", "raw", "pkcs1v15", None), ("rsa-2048", "raw", "pss", "sha512"),
+    ("rsa-2048", "raw", "pkcs1v15", "sha384"), ("ed25519", "raw", "pss", None),
+]
+
+
+def test_verify_with_a_public_key_file_needs_no_daemon(
+        daemon: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """Issue 11 §7: 'signerctl verify --pubkey FILE' checks signerd's
+    signatures (every encoding, padding and digest it signs with) with
+    nothing but the file: here with no client config and no daemon to ask."""
+    import hashlib
+
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from signerd import cli
+
+    monkeypatch.setenv("SIGNERD_STATE_DIR", str(tmp_path / "no-client-config"))
+    monkeypatch.delenv("SIGNERCTL_CONFIG", raising=False)
+
+    def verify(*args: str) -> tuple[int, str, str]:
+        code = cli.main(["verify", *args])
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    message = tmp_path / "message"
+    message.write_bytes(b"the release manifest")
+    keys: dict[str, Any] = {}
+    with daemon.client() as c:
+        for i, (alg, encoding, padding, digest) in enumerate(_VERIFY_CASES):
+            key = keys.get(alg) or keys.setdefault(alg, c.create_key(unique_gun(), "targets", alg))
+            payload = (hashlib.new(digest, message.read_bytes()).digest() if digest
+                       else message.read_bytes())
+            sig = c.sign(key.key_id, **({"digest": payload} if digest else {"message": payload}),
+                         encoding=encoding, rsa_padding=padding).signature
+            (tmp_path / f"{i}.sig").write_bytes(sig)
+            pub = tmp_path / f"{alg}.{'pem' if i % 2 else 'der'}"
+            pub.write_bytes(key.public_key_pem.encode() if i % 2 else key.public_key_der)
+            flags = ["--pubkey", str(pub), "--signature", str(tmp_path / f"{i}.sig"),
+                     "--encoding", encoding, "--rsa-padding", padding]
+            if digest:
+                (tmp_path / "digest").write_text(payload.hex())
+                flags += ["--digest", str(tmp_path / "digest")]
+            else:
+                flags.append(str(message))
+            case = (alg, encoding, padding, digest)
+            assert verify(*flags) == (0, f"signature OK (the public key in {pub})\n", ""), case
+            # a signature over something else, or checked as another encoding or padding
+            if digest:
+                (tmp_path / "digest").write_text(hashlib.new(digest, b"x").hexdigest())
+                changed = flags
+            else:
+                changed = [*flags[:-1], str(tmp_path / "other")]
+                (tmp_path / "other").write_bytes(b"the release manifesT")
+            code, _, err = verify(*changed)
+            assert code == 1 and err == f"signerctl: signature does NOT verify with the public " \
+                f"key in {pub}\n", (case, err)
+    # the right signature (case 0, ecdsa-p256), another key
+    (tmp_path / "p384.pem").write_text(keys["ecdsa-p384"].public_key_pem)
+    code, _, err = verify("--pubkey", str(tmp_path / "p384.pem"), "--signature",
+                          str(tmp_path / "0.sig"), str(message))
+    assert code == 1 and "does NOT verify" in err
+    (tmp_path / "p521.pem").write_bytes(ec.generate_private_key(ec.SECP521R1()).public_key()
+                                        .public_bytes(serialization.Encoding.PEM,
+                                                      serialization.PublicFormat.SubjectPublicKeyInfo))
+    (tmp_path / "ed.pem").write_text(keys["ed25519"].public_key_pem)
+    bad = {
+        "unsupported curve secp521r1": ["--pubkey", str(tmp_path / "p521.pem")],
+        "holds no public key signerd can use": ["--pubkey", str(message)],
+        f"cannot read {tmp_path / 'nope.pem'}": ["--pubkey", str(tmp_path / "nope.pem")],
+        "ed25519 signs whole messages": ["--pubkey", str(tmp_path / "ed.pem"), "--digest"],
+    }
+    for words, flags in bad.items():
+        code, out, err = verify(*flags, "--signature", str(tmp_path / "0.sig"), str(message))
+        assert code == 1 and out == "" and words in err and err.count("\n") == 1, (words, err)
+    with pytest.raises(SystemExit) as usage:  # argparse's exit, as for every usage error
+        cli.main(["verify", "--key", "ab" * 32, "--pubkey", str(message), "--signature",
+                  str(message), str(message)])
+    err = capsys.readouterr().err
+    assert usage.value.code == 2 and err.count("\n") == 1
+    assert "argument --pubkey: not allowed with argument --key" in err

@@ -176,7 +176,9 @@ def test_a_caller_that_may_not_read_a_key_cannot_tell_it_from_a_missing_one(
     for line in lines:
         assert (line["gun"], line["role"], line["token"]) == (
             "docker.io/secret/app", "targets/releases", "root"), line
-        if "," not in line["key_id"]:  # not the batch's line: it is answered OK, item by item
+        # A line naming two keys is a batch's (answered OK, item by item) or a
+        # certification's (its issuer and subject).
+        if "," not in line["key_id"]:
             assert (line["decision"], line["status"]) == ("deny", "NOT_FOUND"), line
 
 
@@ -733,3 +735,68 @@ guns = ["docker.io/victim/*"]
     assert counts.get("OK", 0) > 0 and counts.get("RESOURCE_EXHAUSTED", 0) > 0, counts
     assert set(counts) <= {"OK", "RESOURCE_EXHAUSTED"}, counts
     assert loaded < 10 * idle, f"idle {idle * 1000:.1f} ms, during the flood {loaded * 1000:.1f} ms"
+
+
+def _files_gone(d: Daemon, hsm: HSM) -> Any:
+    """SoftHSM's token files vanish (a lost volume): its calls fail."""
+    import shutil
+
+    dirs = sorted((hsm.dir / "tokens").iterdir())
+    for p in dirs:
+        shutil.move(p, f"{p}.away")
+
+    def restore() -> None:
+        for p in dirs:
+            shutil.move(f"{p}.away", p)
+    return restore
+
+
+def _module_finalised(d: Daemon, hsm: HSM) -> Any:
+    """The module is finalised under the daemon: python-pkcs11 then raises
+    its base error with its own sentence ("... Should never see this.")."""
+    module = d.servers.service.tokens["online"].module
+    module.finalize()
+    return module.initialize
+
+
+@pytest.mark.parametrize("fault", [_files_gone, _module_finalised],
+                         ids=["token-files-gone", "module-finalised"])
+def test_token_failures_reach_clients_in_signerds_words(
+        daemon: Daemon, hsm: HSM, fault: Any, caplog: pytest.LogCaptureFixture) -> None:
+    """Regression (issue 11 §6): a token's failure reached clients in the
+    PKCS#11 library's words: python-pkcs11's class names ("token online is
+    unavailable (GeneralError)", "(PKCS11Error)") or its sentences
+    ("... Should never see this."). Clients now get signerd's sentence and
+    the CK_RV's name; the library's words are logged."""
+    import logging
+
+    import pkcs11.exceptions
+
+    library_words = {name for name, kind in vars(pkcs11.exceptions).items()
+                     if isinstance(kind, type) and issubclass(kind, pkcs11.exceptions.PKCS11Error)}
+    library_words.add("Should never see this")
+    caplog.set_level(logging.INFO, logger="signerd.token")
+    with daemon.client() as c:
+        key = c.create_key(unique_gun(), "targets")
+        restore = fault(daemon, hsm)
+        try:
+            said = [rpc_error(call).details() for call in (
+                lambda: c.sign(key.key_id, message=b"m"),
+                lambda: c.create_key(unique_gun(), "targets"),
+                lambda: c.delete_key(key.key_id),
+                lambda: c.certify_key(key.key_id, "CN=x"),
+            )]
+            said += [t.error for t in c.list_tokens() if t.name == "online"]
+        finally:
+            restore()
+        for message in said:
+            assert message.startswith("token online") or message.startswith("CKR_"), said
+            assert "CKR_" in message, said
+            assert not [w for w in library_words if w in message], said
+        logged = " ".join(str(getattr(r, "fields", {}).get("detail", "")) for r in caplog.records)
+        assert [w for w in library_words if w in logged], logged  # the detail is kept
+        deadline = time.monotonic() + 20
+        while not daemon.servers.service.check():  # as the health probe does
+            assert time.monotonic() < deadline, "the token never came back"
+            time.sleep(0.2)
+        assert c.sign(key.key_id, message=b"m").signature

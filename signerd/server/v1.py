@@ -275,9 +275,11 @@ class SignerServicer(pb_grpc.SignerServiceServicer):
             scope.authorize_key(subject, "create", action="certify")
             issuer = (self.service.get_key(request.issuer_key_id)
                       if request.issuer_key_id else subject)
-            scope.authorize_key(issuer)
-            scope.key_id = (issuer.key_id if issuer.key_id == subject.key_id
-                            else f"{issuer.key_id},{subject.key_id}")
+            try:
+                scope.authorize_key(issuer)
+            finally:  # the audit line names both keys, allowed or not
+                scope.key_id = (issuer.key_id if issuer.key_id == subject.key_id
+                                else f"{issuer.key_id},{subject.key_id}")
             done = self.service.certify(subject, issuer, request.subject,
                                         request.validity_days, _PROFILES[request.profile])
             scope.payload_sha256 = done.tbs_sha256
