@@ -139,8 +139,9 @@ class KeyService:
         computation in this process: the key is known without asking a
         token, its token is healthy, signs in process (Profile) and has a
         session free (a call that would wait for one must not wait on the
-        aio engine's event loop), and the algorithm is not RSA (about 1.7 ms for RSA-2048 on SoftHSM here, 25
-        times P-256). Never raises; False for anything it cannot tell."""
+        aio engine's event loop), and the algorithm is not RSA (about 1.7 ms
+        for RSA-2048 on SoftHSM here, 25 times P-256). Never raises; False
+        for anything it cannot tell."""
         entry = self._lookup(KeyID(key_id)) if len(key_id) == 64 else None
         if entry is None or entry.algorithm.keytype == "rsa":
             return False
