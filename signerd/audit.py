@@ -323,14 +323,7 @@ class AuditLog:
 
     def _encode(self, doc: dict[str, Any]) -> bytes:
         """The next line (without newline) for ``doc``; the chain does not move."""
-        doc.update(time=_now(), seq=self._seq + 1, prev=self._last)
-        try:
-            line = _ENCODER.encode(doc).encode("ascii")
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"audit record cannot be serialised: {e}") from None
-        if len(line) >= MAX_LINE_BYTES:
-            raise ValueError(f"audit record is {len(line)} bytes; limit {MAX_LINE_BYTES}")
-        return line
+        return _encode_line(doc, _now(), self._seq + 1, self._last)
 
     def _commit(self, line: bytes) -> None:
         """Append ``line`` to the current file and move the chain past it."""
@@ -349,13 +342,7 @@ class AuditLog:
         seq, last, when = self._seq, self._last, _now()
         lines = []
         for doc in docs:
-            doc.update(time=when, seq=seq + 1, prev=last)
-            try:
-                line = _ENCODER.encode(doc).encode("ascii")
-            except (TypeError, ValueError) as e:
-                raise ValueError(f"audit record cannot be serialised: {e}") from None
-            if len(line) >= MAX_LINE_BYTES:
-                raise ValueError(f"audit record is {len(line)} bytes; limit {MAX_LINE_BYTES}")
+            line = _encode_line(doc, when, seq + 1, last)
             lines.append(line)
             seq, last = seq + 1, hashlib.sha256(line).hexdigest()
         data = b"\n".join(lines) + b"\n"
@@ -737,6 +724,19 @@ def _why(e: BaseException) -> str:
 def _now() -> str:
     # isoformat() is several times faster than strftime() on this hot path.
     return datetime.now(UTC).isoformat(timespec="milliseconds")[:-6] + "Z"
+
+
+def _encode_line(doc: dict[str, Any], when: str, seq: int, prev: str) -> bytes:
+    """``doc`` with ``time``, ``seq`` and ``prev`` set, as one line of ASCII
+    JSON without its newline. ValueError: not serialisable, or too long."""
+    doc.update(time=when, seq=seq, prev=prev)
+    try:
+        line = _ENCODER.encode(doc).encode("ascii")
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"audit record cannot be serialised: {e}") from None
+    if len(line) >= MAX_LINE_BYTES:
+        raise ValueError(f"audit record is {len(line)} bytes; limit {MAX_LINE_BYTES}")
+    return line
 
 
 def _shorten(value: str) -> str:

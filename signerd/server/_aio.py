@@ -124,6 +124,14 @@ class Loop:
             raise RuntimeError("the server's event loop is closed")
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
+    def submit(self, coro: Coroutine[Any, Any, Any]) -> None:
+        """Schedule ``coro`` on the loop without waiting for it (from any
+        thread, the loop's own included); dropped once the loop is closed."""
+        if not self.running:
+            coro.close()
+            return
+        asyncio.run_coroutine_threadsafe(coro, self.loop)
+
     def call(self, fn: Callable[[], T]) -> T:
         """Run ``fn()`` on the loop thread and wait for its result."""
         async def call() -> T:
@@ -144,9 +152,8 @@ class Requests(grpc.aio.ServerInterceptor):
     ``executor``; SignStream gets the chunked stream driver; every unary call
     is counted and timed (signerd.metrics) as in the threads engine.
 
-    Methods this does not wrap: streaming methods with sync servicers
-    (health's Watch), which grpc.aio runs on its migration thread pool with
-    their request decoded by the wrapper below."""
+    Streaming methods other than SignStream keep their servicer's own
+    driver, with the request bytes decoded first (_decoding_stream_handler)."""
 
     def __init__(self, reject: Callable[[Any, str, str], None],
                  executor: futures.ThreadPoolExecutor,
@@ -160,28 +167,18 @@ class Requests(grpc.aio.ServerInterceptor):
         self._wrapped: dict[str, Any] = {}
 
     async def intercept_service(self, continuation: Any, details: Any) -> Any:
-        # gRPC asks on every call; a method's handler never changes, so its
-        # wrapper is made once (the cache holds only methods that exist).
         wrapped = self._wrapped.get(details.method)
         if wrapped is None:
-            wrapped = self._wrap(await continuation(details), details)
-            if wrapped is not None:
-                self._wrapped[details.method] = wrapped
+            wrapped = remember(self._wrapped, details,
+                               self._wrap(await continuation(details), details))
         return wrapped
 
     def _wrap(self, handler: Any, details: Any) -> Any:
         if handler is None or handler.request_deserializer is None:
             return handler
         service, _, method = details.method.lstrip("/").rpartition("/")
-        decode_one = handler.request_deserializer
-        reject = self._reject
+        decode = decoder(handler, details.method, self._reject)
         serializer = handler.response_serializer
-
-        def decode(raw: bytes, context: Any) -> Any:
-            try:
-                return decode_one(raw)
-            except Exception:  # noqa: BLE001 - protobuf raises DecodeError and others
-                reject(context, details.method, f"the request is not a valid {method} message")
 
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
@@ -231,11 +228,40 @@ class Requests(grpc.aio.ServerInterceptor):
 SIGN_STREAM = "/signerd.v1.SignerService/SignStream"
 
 
+def remember(cache: dict[str, Any], details: Any, wrapped: Any) -> Any:
+    """Keep a method's wrapped handler in ``cache`` (by method path) and
+    return it. gRPC asks the interceptors on every call, and a method's
+    handler never changes, so its wrapper is made once; only methods that
+    exist (a handler, not None) are kept."""
+    if wrapped is not None:
+        cache[details.method] = wrapped
+    return wrapped
+
+
+def decoder(handler: Any, path: str,
+            reject: Callable[[Any, str, str], None]) -> Callable[[bytes, Any], Any]:
+    """``decode(raw, context)`` for the method at ``path``: its request from
+    the raw bytes, or ``reject(context, path, message)`` (which audits and
+    aborts with INVALID_ARGUMENT) when they are not that message. Shared by
+    both engines' interceptors (signerd.server.app._Requests and Requests)."""
+    decode_one = handler.request_deserializer
+    message = f"the request is not a valid {path.rpartition('/')[2]} message"
+
+    def decode(raw: bytes, context: Any) -> Any:
+        try:
+            return decode_one(raw)
+        except Exception:  # noqa: BLE001 - protobuf raises DecodeError and others
+            reject(context, path, message)
+
+    return decode
+
+
 def _decoding_stream_handler(handler: Any, decode: Callable[[bytes, Any], Any],
                              serializer: Any) -> Any:
     """A streaming method with its request bytes decoded by ``decode``: the
-    servicer is async (reflection) or sync (health's Watch, which grpc.aio
-    then runs on its migration pool with a sync context)."""
+    servicer is an async generator (reflection), a coroutine writing with
+    context.write (grpc_health's aio Watch), or sync (grpc.aio then runs it
+    on its migration pool with a sync context)."""
     if handler.unary_stream is not None:
         inner = handler.unary_stream
         if inspect.isasyncgenfunction(inner):
@@ -247,6 +273,15 @@ def _decoding_stream_handler(handler: Any, decode: Callable[[bytes, Any], Any],
                 async for item in inner(request, context):
                     yield item
             return grpc.unary_stream_rpc_method_handler(unary_stream,
+                                                        response_serializer=serializer)
+        if inspect.iscoroutinefunction(inner):  # writes with context.write (health's Watch)
+            async def unary_stream_writer(raw: bytes, context: Any) -> None:
+                try:
+                    request = decode(raw, CallContext(context))
+                except Aborted as a:
+                    await context.abort(a.code, a.details)
+                await inner(request, context)
+            return grpc.unary_stream_rpc_method_handler(unary_stream_writer,
                                                         response_serializer=serializer)
         return grpc.unary_stream_rpc_method_handler(
             lambda raw, context: inner(decode(raw, context), context),

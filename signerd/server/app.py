@@ -79,7 +79,7 @@ class Servers:
     """The running servers of one daemon process."""
 
     servers: list[Any]  # grpc.Server, or grpc.aio.Server on ``loop``
-    health: health.HealthServicer
+    health: Any  # health.HealthServicer; its grpc.aio twin on the aio engine
     service: KeyService
     gate: Gate
     policy: PolicyStore
@@ -139,7 +139,19 @@ class Servers:
             if ok
             else health_pb2.HealthCheckResponse.NOT_SERVING
         )
-        for name in ("", *sorted(self.health_names)):
+        names = ("", *sorted(self.health_names))
+        if self.loop is not None:
+            # The aio servicer's set() is a coroutine of the loop. Not awaited:
+            # this also runs on the loop thread (a failing inline Sign).
+            servicer = self.health
+
+            async def set_all() -> None:
+                for name in names:
+                    await servicer.set(name, status)
+
+            self.loop.submit(set_all())
+            return
+        for name in names:
             self.health.set(name, status)
 
     def _watch_health(self) -> None:
@@ -193,27 +205,17 @@ class _Requests(grpc.ServerInterceptor):
         self._wrapped: dict[str, Any] = {}
 
     def intercept_service(self, continuation: Any, details: Any) -> Any:
-        # gRPC asks on every call; a method's handler never changes, so its
-        # wrapper is made once (the cache holds only methods that exist).
         wrapped = self._wrapped.get(details.method)
         if wrapped is None:
-            wrapped = self._wrap(continuation(details), details)
-            if wrapped is not None:
-                self._wrapped[details.method] = wrapped
+            wrapped = _aio.remember(self._wrapped, details,
+                                    self._wrap(continuation(details), details))
         return wrapped
 
     def _wrap(self, handler: Any, details: Any) -> Any:
         if handler is None or handler.request_deserializer is None:
             return handler
         service, _, method = details.method.lstrip("/").rpartition("/")
-        decode_one = handler.request_deserializer
-        reject = self._reject
-
-        def decode(raw: bytes, context: grpc.ServicerContext) -> Any:
-            try:
-                return decode_one(raw)
-            except Exception:  # noqa: BLE001 - protobuf raises DecodeError and others
-                reject(context, details.method, f"the request is not a valid {method} message")
+        decode = _aio.decoder(handler, details.method, self._reject)
 
         def decoded_stream(raws: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[Any]:
             if details.method == _aio.SIGN_STREAM:  # an item that does not decode fails alone
@@ -309,7 +311,12 @@ def build(config: Config, service: KeyService) -> Servers:
         raise ConfigError("[policy] file is required: signerd denies everything without a policy")
     policy = PolicyStore(config.policy_file)
     audit = AuditLog(config.audit_file) if config.audit_file is not None else None
-    health_servicer = health.HealthServicer(experimental_non_blocking=True)
+    loop = _aio.Loop() if config.engine == "aio" else None
+    # The sync servicer's Watch blocks a thread until its call ends, and
+    # grpc.aio never ends it (a thread lost per Watch): the aio engine uses
+    # grpc_health's own aio servicer.
+    health_servicer: Any = (health.HealthServicer(experimental_non_blocking=True)
+                            if loop is None else loop.call(health.aio.HealthServicer))
     servers: list[Any] = []
     holder: dict[str, Servers] = {}
     gate = Gate(
@@ -325,7 +332,6 @@ def build(config: Config, service: KeyService) -> Servers:
     ports: dict[str, int] = {}
     health_names = {V1_SERVICE}
 
-    loop = _aio.Loop() if config.engine == "aio" else None
     executor = futures.ThreadPoolExecutor(max_workers=config.threads,
                                           thread_name_prefix="grpc-handler")
 
