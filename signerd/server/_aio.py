@@ -149,7 +149,7 @@ class Requests(grpc.aio.ServerInterceptor):
     """The aio engine's wrapper around every method: raw request bytes are
     decoded here; unary methods become coroutines that run the sync
     servicer inline (``inline(method, request)`` says when) or on
-    ``executor``; SignStream gets the chunked stream driver; every unary call
+    ``executor``; SignStream gets its own driver (sign_stream); every unary call
     is counted and timed (signerd.metrics) as in the threads engine.
 
     Streaming methods other than SignStream keep their servicer's own

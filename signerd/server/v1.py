@@ -249,9 +249,8 @@ class SignerServicer(pb_grpc.SignerServiceServicer):
     def SignStream(self, request_iterator: Iterator[pb.SignRequest | SignerdError],
                    context: grpc.ServicerContext) -> Iterator[pb.SignStreamResponse]:
         """Sign requests as they arrive on the stream, one response with one
-        item each, in order (the thread-per-call engine; the aio engine
-        answers the requests already waiting together, see
-        signerd.server._aio)."""
+        item each, in order (the threads engine; the aio engine's driver is
+        signerd.server._aio.sign_stream)."""
         caller = self.identify(context)
         if isinstance(caller, SignerdError):
             self.gate.refuse_unidentified(context, "sign", caller)
