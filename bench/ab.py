@@ -14,7 +14,11 @@ per signature and its context switches per request (every thread of every
 daemon process, from /proc).
 
 Settings a variant may change: workers, threads, cpu_affinity, sessions,
-audit (true/false).
+audit (true/false); and ``tree``, another checkout of signerd to run that
+variant's daemon from, to measure a change against the code before it::
+
+    git worktree add /tmp/before HEAD~1
+    python -m bench.ab --rpc stream --callers 4 --variant tree=/tmp/before --variant tree=.
 
 With ``--floor`` the variants are no-op servers (bench/_floor.py) instead of
 signerd: ``mode`` is the gRPC stack (sync: grpcio's sync server; aio:
@@ -43,6 +47,7 @@ if __package__ in (None, ""):  # run as a script: python bench/ab.py
 from bench import _proc  # noqa: E402
 from bench.run import (  # noqa: E402
     FLOOR_MODES,
+    ROOT,
     Daemon,
     Env,
     Floor,
@@ -56,7 +61,7 @@ from bench.run import (  # noqa: E402
     start_daemon,
 )
 
-TUNABLE = ("workers", "threads", "cpu_affinity", "engine", "sessions", "audit")
+TUNABLE = ("workers", "threads", "cpu_affinity", "engine", "sessions", "audit", "tree")
 FLOOR_TUNABLE = ("mode", "workers", "threads", "cpu_affinity")  # with --floor
 
 
@@ -69,6 +74,10 @@ def context_switches(pids: list[int]) -> int:
 def parse_assignment(text: str) -> tuple[str, Any]:
     """``name=value`` for one of TUNABLE, with the value in the field's type."""
     name, sep, value = text.partition("=")
+    if sep and name == "tree":  # another checkout's signerd
+        if not (Path(value) / "signerd" / "daemon.py").is_file():
+            raise argparse.ArgumentTypeError(f"tree: {value} is not a signerd checkout")
+        return name, str(Path(value).resolve())
     if sep and name == "mode":  # the floor's gRPC stack (--floor only)
         if value not in FLOOR_MODES:
             raise argparse.ArgumentTypeError(f"mode is one of {FLOOR_MODES}, not {value!r}")
@@ -119,7 +128,9 @@ def run(base: Settings, variants: list[dict[str, Any]], rpc: str, algorithm: str
                                                 v.get("mode", "sync")), "0" * 64))
                     continue
                 hsm = Hsm.create(env.dir / f"hsm{i}", env.module)
-                daemon = start_daemon(env.write_config(f"v{i}", hsm, replace(base, **v)))
+                settings = {k: x for k, x in v.items() if k != "tree"}
+                daemon = start_daemon(env.write_config(f"v{i}", hsm, replace(base, **settings)),
+                                      tree=Path(v.get("tree", ROOT)))
                 daemons.append((daemon, create_keys(env.target(daemon.info["tcp"]),
                                                     (algorithm,), 1)[algorithm]))
             gen = LoadGen(base.loadgen_procs, base.loadgen_mode, base.channels_per_proc)

@@ -292,14 +292,16 @@ class Daemon:
         return {"exit_code": code, "stop_seconds": round(time.monotonic() - t0, 3)}
 
 
-def start_daemon(config: Path, timeout: float = 120) -> Daemon:
-    """``signerd serve`` as users run it; time from spawn to ready file."""
+def start_daemon(config: Path, timeout: float = 120, tree: Path = ROOT) -> Daemon:
+    """``signerd serve`` as users run it; time from spawn to ready file.
+    ``tree``: the checkout whose signerd runs (bench.ab's ``tree`` variant)."""
     ready = config.parent / f"ready-{secrets.token_hex(4)}.json"
     stderr = config.parent / "signerd.log"
     cmd = [sys.executable, "-m", "signerd.daemon", "serve", "--config", str(config),
            "--ready-file", str(ready), "--log-level", "warning"]
     t0 = time.monotonic()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=stderr.open("ab"), cwd=ROOT)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=stderr.open("ab"), cwd=tree,
+                            env={**os.environ, "PYTHONPATH": str(tree)})
     while not ready.exists():
         if proc.poll() is not None:
             raise RuntimeError(

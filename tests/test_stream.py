@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,8 @@ import pytest
 from signerd import signing
 from signerd.client import Client, ClientConfig
 from signerd.keys import parse_algorithm
+from signerd.server import v1
+from signerd.server._readahead import ReadAhead
 from signerd.v1 import signer_pb2 as pb
 from tests.conftest import (
     ADMIN,
@@ -101,8 +104,8 @@ def test_each_request_is_answered_in_order_with_its_own_status(daemon_factory: A
 
 @pytest.mark.parametrize("engine", ENGINES)
 def test_requests_sent_as_they_come_are_all_answered(daemon_factory: Any, engine: str) -> None:
-    """A client that keeps many requests outstanding on one stream (the aio
-    engine then answers several at a time) gets every answer, in order."""
+    """A client that keeps many requests outstanding on one stream gets every
+    answer, in order."""
     d: Daemon = daemon_factory(server={"engine": engine})
     with d.client() as c:
         keys = [c.create_key(unique_gun(), "targets", alg) for alg in ("ecdsa-p256", "ed25519")]
@@ -122,6 +125,79 @@ def test_requests_sent_as_they_come_are_all_answered(daemon_factory: Any, engine
         assert items[i].response.key_id == key.key_id
         signing.verify(key.public_key_der, parse_algorithm(key.algorithm),
                        items[i].response.signature, sent[i].message, signing.SignOptions())
+
+
+def test_requests_that_arrive_together_share_a_response(daemon_factory: Any) -> None:
+    """The threads engine reads the stream while it signs, and answers the
+    requests that arrived meanwhile with one response (one send, one audit
+    write): 300 requests written at once come back in fewer responses, every
+    item in order, each with its own audit line."""
+    d: Daemon = daemon_factory(server={"engine": "threads"})
+    with d.client() as c:
+        key = c.create_key(unique_gun(), "targets")
+        n = 300
+        reqs = [pb.SignRequest(key_id=key.key_id, message=b"m%d" % i).SerializeToString()
+                for i in range(n)]
+        before = len(sign_lines(d))
+        call = c.channel.stream_stream(SIGN_STREAM)
+        responses = [pb.SignStreamResponse.FromString(raw)
+                     for raw in call(iter(reqs), timeout=60)]
+    sizes = [len(r.items) for r in responses]
+    assert sum(sizes) == n and len(sizes) < n and max(sizes) <= v1.ROUND_ITEMS
+    items = [i for r in responses for i in r.items]
+    for i in (0, 1, n // 2, n - 1):
+        signing.verify(key.public_key_der, parse_algorithm("ecdsa-p256"),
+                       items[i].response.signature, b"m%d" % i, signing.SignOptions())
+    lines = sign_lines(d)[before:]
+    assert [x["payload_sha256"] for x in lines] == [
+        hashlib.sha256(b"m%d" % i).hexdigest() for i in range(n)]
+
+
+def test_read_ahead_holds_at_most_its_limit_and_stops_its_reader() -> None:
+    """Nobody takes rounds: the reader takes ``limit`` requests and one more
+    (blocked on the full queue), no further; leaving the context ends it."""
+    taken = 0
+
+    def endless() -> Iterator[int]:
+        nonlocal taken
+        while True:
+            taken += 1
+            yield taken
+
+    ahead = ReadAhead(endless(), limit=4)
+    with ahead as rounds:
+        deadline = time.monotonic() + 10
+        while taken < 5 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.2)
+        assert taken == 5
+        assert next(rounds) == [1, 2, 3, 4]  # a full round stops at the limit
+    ahead._thread.join(timeout=10)
+    assert not ahead._thread.is_alive()
+
+
+def test_read_ahead_hands_over_every_request_then_the_stream_error() -> None:
+    gate = threading.Event()
+
+    def failing() -> Iterator[int]:
+        yield 1
+        yield 2
+        gate.wait(10)
+        yield 3
+        raise grpc.RpcError("cancelled")
+
+    with ReadAhead(failing(), limit=8) as rounds:
+        got = next(rounds)
+        while len(got) < 2:
+            got += next(rounds)
+        gate.set()
+        assert got == [1, 2]
+        with pytest.raises(grpc.RpcError, match="cancelled"):
+            for r in rounds:
+                got += r
+    assert got == [1, 2, 3]
+    with pytest.raises(ValueError, match="at least 1"):
+        ReadAhead(iter([1]), limit=0)
 
 
 @pytest.mark.parametrize("engine", ENGINES)

@@ -11,6 +11,7 @@ from signerd import certs, signing
 from signerd.errors import InvalidArgument, NotFound, PermissionDenied, SignerdError, quoted
 from signerd.keys import parse_algorithm, spki_to_pem, validate_gun, validate_role
 from signerd.server._gate import Caller, Gate, Scope
+from signerd.server._readahead import ReadAhead
 from signerd.server._status import code_for
 from signerd.service import KeyService
 from signerd.token import KeyEntry, TokenStatus
@@ -20,6 +21,8 @@ from signerd.v1 import signer_pb2_grpc as pb_grpc
 T = TypeVar("T")
 Identify = Callable[[grpc.ServicerContext], Caller | SignerdError]
 MAX_BATCH = 1000
+# SignStream answers at most this many requests with one response (and one audit write).
+ROUND_ITEMS = 128
 
 _ENCODINGS = {
     pb.SIGNATURE_ENCODING_UNSPECIFIED: signing.Encoding.RAW,
@@ -248,15 +251,23 @@ class SignerServicer(pb_grpc.SignerServiceServicer):
 
     def SignStream(self, request_iterator: Iterator[pb.SignRequest | SignerdError],
                    context: grpc.ServicerContext) -> Iterator[pb.SignStreamResponse]:
-        """Sign requests as they arrive on the stream, one response with one
-        item each, in order (the threads engine; the aio engine's driver is
-        signerd.server._aio.sign_stream)."""
+        """Sign requests as they arrive on the stream (the threads engine; the
+        aio engine's driver is signerd.server._aio.sign_stream).
+
+        A reader thread takes requests off the stream while this handler
+        signs, so the requests that arrived during one round are answered
+        together in the next: one response, one audit write and one send for
+        all of them (at most ROUND_ITEMS). A client with one request
+        outstanding gets one item per response, as soon as it is signed; a
+        client with many gets fewer, larger responses. Measured against one
+        response per request in bench/results/ab-stream-readahead.json."""
         caller = self.identify(context)
         if isinstance(caller, SignerdError):
             self.gate.refuse_unidentified(context, "sign", caller)
             return
-        for request in request_iterator:
-            yield self.sign_items(context, caller, [request])
+        with ReadAhead(request_iterator, ROUND_ITEMS) as rounds:
+            for requests in rounds:
+                yield self.sign_items(context, caller, requests)
 
     def CertifyKey(
         self, request: pb.CertifyKeyRequest, context: grpc.ServicerContext
