@@ -187,8 +187,13 @@ def key_id(keytype: str, tuf_public: bytes) -> KeyID:
     return KeyID(hashlib.sha256(encode_canonical(doc)).hexdigest())
 
 
+_KEY_ID = re.compile(r"[0-9a-f]{64}")
+
+
 def validate_key_id(value: str) -> KeyID:
-    if len(value) != 64 or any(c not in "0123456789abcdef" for c in value):
+    """``value`` as a KeyID: 64 lowercase hex characters, the hex SHA-256 of
+    Notary's canonical public key (see :func:`key_id`). Raises InvalidArgument."""
+    if _KEY_ID.fullmatch(value) is None:
         raise InvalidArgument(
             f"invalid key_id {quoted(value)}: expected 64 lowercase hex characters (a TUF key ID)"
         )

@@ -666,3 +666,20 @@ def test_stop_waits_for_the_health_probe_before_closing_tokens(
     d.stop()
     assert not probe.is_alive()
     assert not any(t.connected for t in d.servers.service.tokens.values())
+
+
+@pytest.mark.parametrize("value", [
+    "AB" * 32,              # uppercase
+    "ab" * 32 + "\n",       # a trailing newline ($ in a regex would let it through)
+    "ab" * 31 + "a",        # 63 characters
+    "ab" * 33,              # 66
+    "g" * 64,               # not hex
+    "\u0661" * 64,          # Arabic-Indic digits: Unicode \d, not hex
+    "",
+])
+def test_a_key_id_is_exactly_64_lowercase_hex_characters(value: str) -> None:
+    from signerd.errors import InvalidArgument
+    from signerd.keys import validate_key_id
+    with pytest.raises(InvalidArgument, match="64 lowercase hex"):
+        validate_key_id(value)
+    assert validate_key_id("0123456789abcdef" * 4) == "0123456789abcdef" * 4
