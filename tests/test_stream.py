@@ -164,7 +164,7 @@ def test_read_ahead_holds_at_most_its_limit_and_stops_its_reader() -> None:
             taken += 1
             yield taken
 
-    ahead = ReadAhead(endless(), limit=4)
+    ahead = ReadAhead(endless(), limit=4, max_bytes=1000, size=lambda _: 1)
     with ahead as rounds:
         deadline = time.monotonic() + 10
         while taken < 5 and time.monotonic() < deadline:
@@ -186,7 +186,7 @@ def test_read_ahead_hands_over_every_request_then_the_stream_error() -> None:
         yield 3
         raise grpc.RpcError("cancelled")
 
-    with ReadAhead(failing(), limit=8) as rounds:
+    with ReadAhead(failing(), limit=8, max_bytes=1000, size=lambda _: 1) as rounds:
         got = next(rounds)
         while len(got) < 2:
             got += next(rounds)
@@ -197,7 +197,32 @@ def test_read_ahead_hands_over_every_request_then_the_stream_error() -> None:
                 got += r
     assert got == [1, 2, 3]
     with pytest.raises(ValueError, match="at least 1"):
-        ReadAhead(iter([1]), limit=0)
+        ReadAhead(iter([1]), limit=0, max_bytes=1, size=lambda _: 1)
+
+
+def test_read_ahead_cuts_rounds_and_its_queue_by_bytes() -> None:
+    """Requests of 400 bytes, 1,000 bytes at most: two per round, and the
+    reader stops taking once 1,000 bytes wait; a request larger than the
+    limit is still taken, alone."""
+    sizes = [400] * 5 + [5000, 400]
+    taken = 0
+
+    def requests() -> Iterator[int]:
+        nonlocal taken
+        for n in sizes:
+            taken += 1
+            yield n
+
+    with ReadAhead(requests(), limit=100, max_bytes=1000, size=lambda n: n) as rounds:
+        deadline = time.monotonic() + 10
+        while taken < 4 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.2)
+        assert taken == 4  # three queued (1,200 bytes), the fourth waits for room
+        got = list(rounds)
+    assert got[0] == [400, 400]  # what was queued, cut at 1,000 bytes
+    assert [n for r in got for n in r] == sizes
+    assert all(sum(r) <= 1000 or len(r) == 1 for r in got) and [5000] in got
 
 
 @pytest.mark.parametrize("engine", ENGINES)

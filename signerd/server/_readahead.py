@@ -2,32 +2,26 @@
 
 from __future__ import annotations
 
-import queue
 import threading
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Callable, Iterator
 from types import TracebackType
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
 
 
-class _End:
-    """The reader's last word: the stream ended (``error`` None) or raised."""
-
-    __slots__ = ("error",)
-
-    def __init__(self, error: BaseException | None) -> None:
-        self.error = error
-
-
 class ReadAhead(Generic[T]):
     """Iterate ``requests`` on a thread of its own, and hand them over in
     rounds: a round is every request that arrived while the previous round
-    was being answered (at least one, at most ``limit``), in arrival order.
+    was being answered (at least one), in arrival order, cut at ``limit``
+    requests or once it holds ``max_bytes`` (by ``size``, in bytes).
 
-    The queue between the two holds at most ``limit`` requests; past that
-    the reader waits, so a client that sends faster than it is answered is
-    held back by gRPC's flow control and memory stays bounded.
+    The reader waits while ``limit`` requests or ``max_bytes`` are queued
+    (a request larger than ``max_bytes`` is still taken, alone), so a client
+    that sends faster than it is answered is held back by gRPC's flow
+    control, and one stream holds at most about two rounds in memory: the
+    one being answered and the one queued.
 
     Use it as a context manager; leaving it stops the reader, which drops
     what it has read (the call is over). If the stream itself raises (gRPC's
@@ -38,25 +32,43 @@ class ReadAhead(Generic[T]):
     message has arrived without blocking on it, and its handler blocks on
     every send until it completes."""
 
-    def __init__(self, requests: Iterator[T], limit: int) -> None:
-        if limit < 1:
-            raise ValueError(f"limit must be at least 1, got {limit}")
+    def __init__(self, requests: Iterator[T], limit: int, max_bytes: int,
+                 size: Callable[[T], int]) -> None:
+        if limit < 1 or max_bytes < 1:
+            raise ValueError(f"limit and max_bytes must be at least 1, got {limit}, {max_bytes}")
         self._requests = requests
         self._limit = limit
-        self._queue: queue.Queue[T | _End] = queue.Queue(maxsize=limit)
-        self._stopped = threading.Event()
+        self._max_bytes = max_bytes
+        self._size = size
+        self._queue: deque[tuple[T, int]] = deque()
+        self._bytes = 0  # the sizes of what _queue holds
+        self._end: BaseException | None | bool = False  # False: not yet; None: ended; or raised
+        self._stopped = False
+        self._cond = threading.Condition(threading.Lock())
         self._thread = threading.Thread(target=self._read, name="signerd-readahead", daemon=True)
 
+    def _full(self) -> bool:
+        return bool(self._queue) and (len(self._queue) >= self._limit
+                                      or self._bytes >= self._max_bytes)
+
     def _read(self) -> None:
-        end = _End(None)
+        end: BaseException | None = None
         try:
             for request in self._requests:
-                self._queue.put(request)
-                if self._stopped.is_set():
-                    return
+                n = self._size(request)
+                with self._cond:
+                    while self._full() and not self._stopped:
+                        self._cond.wait()
+                    if self._stopped:
+                        return
+                    self._queue.append((request, n))
+                    self._bytes += n
+                    self._cond.notify_all()
         except BaseException as e:  # noqa: BLE001 - handed to the handler's thread
-            end = _End(e)
-        self._queue.put(end)
+            end = e
+        with self._cond:
+            self._end = end
+            self._cond.notify_all()
 
     def __enter__(self) -> Iterator[list[T]]:
         self._thread.start()
@@ -64,30 +76,31 @@ class ReadAhead(Generic[T]):
 
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
                  tb: TracebackType | None) -> None:
-        # Wake a reader blocked on a full queue; it then sees the flag and
-        # returns. One blocked in the stream itself returns when the call ends.
-        self._stopped.set()
-        try:
-            while True:
-                self._queue.get_nowait()
-        except queue.Empty:
-            pass
+        # A reader waiting for room returns at once; one blocked in the
+        # stream itself returns when the call ends.
+        with self._cond:
+            self._stopped = True
+            self._queue.clear()
+            self._cond.notify_all()
 
     def _rounds(self) -> Iterator[list[T]]:
         while True:
-            item = self._queue.get()
-            batch: list[T] = []
-            while not isinstance(item, _End):
-                batch.append(item)
-                if len(batch) == self._limit:
-                    break
-                try:
-                    item = self._queue.get_nowait()
-                except queue.Empty:
-                    break
+            with self._cond:
+                while not self._queue and self._end is False:
+                    self._cond.wait()
+                batch: list[T] = []
+                taken = 0
+                while self._queue and len(batch) < self._limit and (
+                        not batch or taken + self._queue[0][1] <= self._max_bytes):
+                    request, n = self._queue.popleft()
+                    batch.append(request)
+                    taken += n
+                self._bytes -= taken
+                end = self._end
+                self._cond.notify_all()
             if batch:
                 yield batch
-            if isinstance(item, _End):
-                if item.error is not None:
-                    raise item.error
+            elif end is None:
                 return
+            elif isinstance(end, BaseException):
+                raise end
