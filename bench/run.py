@@ -704,6 +704,56 @@ def best_floor(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
              "ops_per_s": p["ops_per_s"], "p50_ms": p["p50_ms"]} for p in best.values()]
 
 
+def targets(results: list[dict[str, Any]], floors: list[dict[str, Any]],
+            token_rate: dict[str, dict[str, float]]) -> dict[str, Any]:
+    """Issue 15's targets, from one run's points (P-256): single Sign (v1 and
+    Notary) at 16 callers against the best floor's rate (target 0.8), p50 at
+    one caller against the best floor's (target at most 1.3), and SignBatch
+    and SignStream against notary-signer's single-Sign rate, the best of its
+    points (target 1.0).
+
+    ``ceiling_16`` is the most target 1 allows on this token even if signerd
+    did no work of its own: a signature costs at least the floor's CPU per
+    call plus the token's (1 / its one-thread rate), on the same CPUs, so the
+    ratio cannot pass floor_us / (floor_us + token_us). Missing points give
+    None."""
+    def point(rpc: str, callers: int, server: str | None = None) -> dict[str, Any] | None:
+        return next((r for r in results if r["rpc"] == rpc and r["callers"] == callers
+                     and r["algorithm"] in ("ecdsa-p256", "-")
+                     and (server is None or r.get("server") == server)), None)
+
+    def ratio(a: dict[str, Any] | None, b: dict[str, Any] | None, key: str) -> float | None:
+        return round(a[key] / b[key], 3) if a is not None and b is not None and b[key] else None
+
+    best = {(f["rpc"], f["callers"]): f for f in floors}
+    f16, f1 = best.get(("floor", 16)), best.get(("floor", 1))
+    out: dict[str, Any] = {}
+    floor16 = f16 and point("floor", 16, f16["server"])
+    token_us = 1e6 / token_rate["ecdsa-p256"]["1"] if "ecdsa-p256" in token_rate else None
+    if floor16 and token_us:
+        floor_us = floor16["daemon_cpu_cores"] / floor16["ops_per_s"] * 1e6
+        out["floor_us_per_call_16"] = round(floor_us, 1)
+        out["token_us_per_signature"] = round(token_us, 1)
+        out["ceiling_16"] = round(floor_us / (floor_us + token_us), 3)
+    if f1 and token_us:  # one caller waits for the floor's round trip and the token, at least
+        out["ceiling_p50_1"] = round((f1["p50_ms"] + token_us / 1000) / f1["p50_ms"], 3)
+    for rpc in ("v1", "notary"):
+        p16, p1 = point(rpc, 16), point(rpc, 1)
+        out[f"{rpc}_16_vs_floor"] = ratio(p16, f16, "ops_per_s")
+        out[f"{rpc}_p50_1_vs_floor"] = ratio(p1, f1, "p50_ms")
+    peer = max((r for r in results if r["rpc"] == "peer"), key=lambda r: r["ops_per_s"],
+               default=None)
+    out["peer_best"] = peer and peer["ops_per_s"]
+    out["peer_best_callers"] = peer and peer["callers"]
+    for rpc in ("batch", "stream"):
+        rows = [r for r in results if r["rpc"] == rpc and r["algorithm"] == "ecdsa-p256"]
+        top = max(rows, key=lambda r: r["ops_per_s"], default=None)
+        out[f"{rpc}_best_vs_peer"] = ratio(top, peer, "ops_per_s")
+        out[f"{rpc}_best_callers"] = top and top["callers"]
+        out[f"{rpc}_1_vs_peer"] = ratio(point(rpc, 1), peer, "ops_per_s")
+    return out
+
+
 def peer_points(env: Env, gen: LoadGen, daemon: Daemon, target: Target,
                 keys: dict[str, str], skipped: dict[str, str], s: Settings,
                 info: dict[str, Any]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -915,6 +965,7 @@ def run(s: Settings, out: Path | None) -> dict[str, Any]:
         "results": results,
         "skipped": skipped,
         "best_floor": best_floor(results),
+        "targets": targets(results, best_floor(results), rates),
         "peer": peer,  # notary-signer: start_seconds, RSS, exit (-15: SIGTERM ends it)
         "peer_pairs": pairs,
         "many_keys": many,
@@ -973,6 +1024,33 @@ def markdown(doc: dict[str, Any]) -> str:
                   + "; ".join(f"{b['rpc']} {b['callers']} callers {b['ops_per_s']:,.0f}/s "
                               f"p50 {b['p50_ms']:.2f} ms ({b['server']})"
                               for b in doc["best_floor"]) + "."]
+    t = doc.get("targets") or {}
+    if t:
+        def x(v: float | None) -> str:
+            return "not measured" if v is None else f"{v:.2f}x"
+        lines += ["", "| issue 15 target (P-256) | measured | target |", "| --- | ---: | ---: |",
+                  f"| v1 Sign, 16 callers / best floor | {x(t['v1_16_vs_floor'])} | >= 0.8x |",
+                  f"| Notary Sign, 16 callers / best floor | {x(t['notary_16_vs_floor'])} "
+                  "| >= 0.8x |",
+                  f"| v1 Sign p50, 1 caller / best floor's | {x(t['v1_p50_1_vs_floor'])} "
+                  "| <= 1.3x |",
+                  f"| Notary Sign p50, 1 caller / best floor's | {x(t['notary_p50_1_vs_floor'])} "
+                  "| <= 1.3x |",
+                  f"| SignBatch, best ({t['batch_best_callers']} callers) / notary-signer "
+                  f"| {x(t['batch_best_vs_peer'])} | >= 1.0x |",
+                  f"| SignStream, best ({t['stream_best_callers']} callers) / notary-signer "
+                  f"| {x(t['stream_best_vs_peer'])} | >= 1.0x |",
+                  f"| SignStream, one stream / notary-signer | {x(t['stream_1_vs_peer'])} "
+                  "| >= 1.0x |"]
+        if "ceiling_16" in t:
+            lines += ["", f"Ceiling for single Sign at 16 callers on this token: the floor "
+                      f"costs {t['floor_us_per_call_16']:.0f} µs of CPU per call and the "
+                      f"token {t['token_us_per_signature']:.0f} µs per signature, on the same "
+                      f"CPUs, so even with no work of signerd's own single Sign reaches at "
+                      f"most {t['ceiling_16']:.2f}x the floor."]
+        if "ceiling_p50_1" in t:
+            lines += ["", f"Likewise one caller's p50 cannot go below the floor's plus the "
+                      f"token's time: {t['ceiling_p50_1']:.2f}x the floor's p50."]
     if doc.get("peer_pairs"):
         lines += ["", "| Notary Sign, P-256, alternated | callers | notary-signer sig/s | p50 ms "
                   "| CPU | signerd sig/s | p50 ms | CPU | loadgen CPU (peer / signerd) |",

@@ -74,6 +74,17 @@ def test_bench_smoke_run_writes_complete_results(tmp_path: Path) -> None:
             assert pair["signerd_notary"]["errors"] == 0
         assert "notary_signer" in doc["machine"]["versions"]
 
+    # Issue 15's targets, computed from the points above (no 16-caller point in a smoke run).
+    t = doc["targets"]
+    assert t["v1_p50_1_vs_floor"] == round(
+        points[("v1", "", 1)]["p50_ms"] / best[("floor", 1)]["p50_ms"], 3)
+    assert t["v1_16_vs_floor"] is None and t["notary_16_vs_floor"] is None
+    assert t["ceiling_p50_1"] > 1
+    if peer:
+        top = max(r["ops_per_s"] for r in doc["results"] if r["rpc"] == "peer")
+        assert t["peer_best"] == top
+        assert t["batch_1_vs_peer"] == round(points[("batch", "", 1)]["ops_per_s"] / top, 3)
+
     daemon = doc["daemon"]
     assert daemon["exit_code"] == 0 and daemon["start_seconds"] > 0
     assert daemon["rss_mib"] > 0 and daemon["hwm_mib"] >= daemon["max_process_rss_mib"]
@@ -90,6 +101,7 @@ def test_bench_smoke_run_writes_complete_results(tmp_path: Path) -> None:
     table = run.stdout
     assert "| v1 | ecdsa-p256 | 1 |" in table and "| 50 keys |" in table
     assert "| floor (aio) | - | 4 |" in table and "Best Python floor" in table
+    assert "| v1 Sign, 16 callers / best floor | not measured | >= 0.8x |" in table
 
 
 def test_ab_runs_variants_in_alternation_and_reports_medians(tmp_path: Path) -> None:
