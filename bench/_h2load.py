@@ -277,32 +277,24 @@ def response_body(stream: _Stream) -> bytes | None:
     return bytes(m[5:5 + struct.unpack_from(">I", m, 1)[0]])
 
 
-def run_closed_loop(conns: list[Connection], callers: int, block: bytes, request: bytes,
-                    end: float, on_answer: Callable[[float, float, bytes | None], None]) -> None:
-    """``callers`` closed-loop callers over ``conns`` (caller i on connection i mod n):
-    each sends, waits for its answer, and sends again until ``end`` (monotonic).
-    ``on_answer(started, finished, body_or_None)`` sees every call."""
-    body = message(request)
+def _drive(conns: list[Connection], callers: int,
+           start: Callable[[Connection, Callable[[], None]], object]) -> None:
+    """Run ``callers`` callers over ``conns`` from one selector: caller i is
+    started with ``start(conns[i mod n], finished)`` and calls ``finished()``
+    when it is done; returns when every caller has. Raises TimeoutError when
+    no answer arrives for 60 s."""
     selector = selectors.DefaultSelector()
     for c in conns:
         selector.register(c.sock, selectors.EVENT_READ, c)
     active = callers
 
-    def done_on(conn: Connection) -> Callable[[_Stream], None]:
-        def done(stream: _Stream) -> None:
-            nonlocal active
-            now = time.monotonic()
-            on_answer(stream.started, now, response_body(stream))
-            if now < end:
-                conn.start(block, body, done)
-            else:
-                active -= 1
-        return done
+    def finished() -> None:
+        nonlocal active
+        active -= 1
 
-    dones = [done_on(c) for c in conns]
     try:
         for i in range(callers):
-            conns[i % len(conns)].start(block, body, dones[i % len(conns)])
+            start(conns[i % len(conns)], finished)
         for c in conns:
             c.flush()
         while active:
@@ -314,6 +306,26 @@ def run_closed_loop(conns: list[Connection], callers: int, block: bytes, request
                 conn.read()
     finally:
         selector.close()
+
+
+def run_closed_loop(conns: list[Connection], callers: int, block: bytes, request: bytes,
+                    end: float, on_answer: Callable[[float, float, bytes | None], None]) -> None:
+    """``callers`` closed-loop callers over ``conns`` (caller i on connection i mod n):
+    each sends, waits for its answer, and sends again until ``end`` (monotonic).
+    ``on_answer(started, finished, body_or_None)`` sees every call."""
+    body = message(request)
+
+    def start(conn: Connection, finished: Callable[[], None]) -> None:
+        def done(stream: _Stream) -> None:
+            now = time.monotonic()
+            on_answer(stream.started, now, response_body(stream))
+            if now < end:
+                conn.start(block, body, done)
+            else:
+                finished()
+        conn.start(block, body, done)
+
+    _drive(conns, callers, start)
 
 
 class _StreamCaller:
@@ -374,27 +386,5 @@ def run_streaming(conns: list[Connection], callers: int, block: bytes, request: 
     if depth < 1:
         raise ValueError("depth must be at least 1")
     body = message(request)
-    selector = selectors.DefaultSelector()
-    for c in conns:
-        selector.register(c.sock, selectors.EVENT_READ, c)
-    active = callers
-
-    def finished() -> None:
-        nonlocal active
-        active -= 1
-
-    try:
-        for i in range(callers):
-            _StreamCaller(conns[i % len(conns)], block, body, depth, end, codes, on_answer,
-                          finished)
-        for c in conns:
-            c.flush()
-        while active:
-            events = selector.select(timeout=60)
-            if not events:
-                raise TimeoutError("no answer from the server for 60 s")
-            for key, _ in events:
-                conn: Any = key.data
-                conn.read()
-    finally:
-        selector.close()
+    _drive(conns, callers, lambda conn, finished: _StreamCaller(
+        conn, block, body, depth, end, codes, on_answer, finished))

@@ -94,6 +94,17 @@ def log(msg: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
+def log_point(head: str, point: dict[str, Any], server: str = "server") -> None:
+    """Log one measured point: its errors if it had any, then ``head`` with its
+    rate, p50, p99 and the CPU of the server (named ``server``) and loadgen."""
+    if point["errors"]:
+        log(f"  {point['errors']} errors, first: {point['first_error']}")
+    log(f"{head}: {point['ops_per_s']:9.1f}/s "
+        f"p50 {point['p50_ms']:.3f} ms p99 {point['p99_ms']:.3f} ms "
+        f"{server} {point['daemon_cpu_cores']:.2f} loadgen "
+        f"{point['loadgen_cpu_cores']:.2f} cores")
+
+
 @dataclass(frozen=True)
 class Settings:
     algorithms: tuple[str, ...] = ALGORITHMS
@@ -645,12 +656,7 @@ def sweep(daemon: Daemon, target: Target, gen: LoadGen, keys: dict[str, str],
                 point = {"rpc": rpc, "algorithm": alg, "callers": callers, **point,
                          "vs_token_1t": round(point["ops_per_s"] / one, 2) if one else None,
                          "vs_token_2t": round(point["ops_per_s"] / two, 2) if two else None}
-                if point["errors"]:
-                    log(f"  {point['errors']} errors, first: {point['first_error']}")
-                log(f"{rpc:6} {alg:10} {callers:3} callers: {point['ops_per_s']:9.1f}/s "
-                    f"p50 {point['p50_ms']:.3f} ms p99 {point['p99_ms']:.3f} ms "
-                    f"daemon {point['daemon_cpu_cores']:.2f} loadgen "
-                    f"{point['loadgen_cpu_cores']:.2f} cores")
+                log_point(f"{rpc:6} {alg:10} {callers:3} callers", point, "daemon")
                 results.append(point)
     return results, skipped
 
@@ -677,12 +683,7 @@ def floor_points(env: Env, gen: LoadGen, s: Settings) -> list[dict[str, Any]]:
                     point = {"rpc": row, "algorithm": "-", "server": mode, "callers": callers,
                              **gen.run(floor, target, rpc, request, 1, callers, s),
                              "vs_token_1t": None, "vs_token_2t": None}
-                    if point["errors"]:
-                        log(f"  {point['errors']} errors, first: {point['first_error']}")
-                    log(f"{row:12} {mode:4} {callers:3} callers: {point['ops_per_s']:9.1f}/s "
-                        f"p50 {point['p50_ms']:.3f} ms p99 {point['p99_ms']:.3f} ms "
-                        f"server {point['daemon_cpu_cores']:.2f} loadgen "
-                        f"{point['loadgen_cpu_cores']:.2f} cores")
+                    log_point(f"{row:12} {mode:4} {callers:3} callers", point)
                     points.append(point)
         return points
     finally:
@@ -783,12 +784,7 @@ def peer_points(env: Env, gen: LoadGen, daemon: Daemon, target: Target,
                          "callers": callers, "round": r,
                          **gen.run(peer, peer_target, "notary", request, 1, callers, s),
                          "vs_token_1t": None, "vs_token_2t": None}
-                if point["errors"]:
-                    log(f"  {point['errors']} errors, first: {point['first_error']}")
-                log(f"peer (notary-signer) {callers:3} callers: {point['ops_per_s']:9.1f}/s "
-                    f"p50 {point['p50_ms']:.3f} ms p99 {point['p99_ms']:.3f} ms "
-                    f"server {point['daemon_cpu_cores']:.2f} loadgen "
-                    f"{point['loadgen_cpu_cores']:.2f} cores")
+                log_point(f"peer (notary-signer) {callers:3} callers", point)
                 rows.append(point)
                 if ours is not None:
                     mine = gen.run(daemon, target, "notary", ours, 1, callers, s)

@@ -103,24 +103,30 @@ file = "{work / 'audit.log'}"
     return path
 
 
-def _sign_rate(channel: grpc.Channel, key_id: str, callers: int, seconds: float) -> float:
-    stub = pb_grpc.SignerServiceStub(channel)  # type: ignore[no-untyped-call]
-    request = pb.SignRequest(key_id=key_id, message=bytes(512))
-    counts = [0] * callers
+def _rate(call: Callable[[], object], threads: int, seconds: float) -> float:
+    """Calls per second of ``call``, made back to back from ``threads`` threads
+    for ``seconds``."""
+    counts = [0] * threads
     stop = time.monotonic() + seconds
 
     def run(i: int) -> None:
         while time.monotonic() < stop:
-            stub.Sign(request, timeout=30)
+            call()
             counts[i] += 1
 
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(callers)]
+    workers = [threading.Thread(target=run, args=(i,)) for i in range(threads)]
     start = time.monotonic()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
     return sum(counts) / (time.monotonic() - start)
+
+
+def _sign_rate(channel: grpc.Channel, key_id: str, callers: int, seconds: float) -> float:
+    stub = pb_grpc.SignerServiceStub(channel)  # type: ignore[no-untyped-call]
+    request = pb.SignRequest(key_id=key_id, message=bytes(512))
+    return _rate(lambda: stub.Sign(request, timeout=30), callers, seconds)
 
 
 def _token_rate(toml_path: str, key_id: str, threads: int, seconds: float) -> float:
@@ -137,21 +143,8 @@ def _token_rate(toml_path: str, key_id: str, threads: int, seconds: float) -> fl
         entry = token.lookup(KeyID(key_id))
         assert entry is not None
         mechanism, data = signing.prepare(entry.algorithm, bytes(512), signing.SignOptions())
-        counts = [0] * threads
-        stop = time.monotonic() + seconds
-
-        def run(i: int) -> None:
-            while time.monotonic() < stop:
-                token.sign(entry.key_id, mechanism, data, entry.algorithm.signature_size)
-                counts[i] += 1
-
-        workers = [threading.Thread(target=run, args=(i,)) for i in range(threads)]
-        start = time.monotonic()
-        for w in workers:
-            w.start()
-        for w in workers:
-            w.join()
-        return sum(counts) / (time.monotonic() - start)
+        return _rate(lambda: token.sign(entry.key_id, mechanism, data,
+                                        entry.algorithm.signature_size), threads, seconds)
     finally:
         token.close()
 

@@ -35,7 +35,6 @@ stderr. Exit status 1 when it fails, else 0. No PIN is ever printed.
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import stat
 import sys
@@ -53,7 +52,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from signerd import audit
-from signerd.config import Config, TokenConfig, load_config
+from signerd.config import Config, TokenConfig, is_loopback, load_config
 from signerd.errors import ConfigError, SignerdError, Unavailable
 
 if TYPE_CHECKING:
@@ -169,15 +168,6 @@ def _environment(report: _Report, config: Config) -> None:
                      "find its tokens")
 
 
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def _listeners(report: _Report, config: Config) -> None:
     if config.listen:
         host, sep, port = config.listen.rpartition(":")
@@ -185,7 +175,7 @@ def _listeners(report: _Report, config: Config) -> None:
         if not sep or not port.isdigit() or int(port) > 65535:
             report.error("server.listen", f"{config.listen!r} is not host:port")
         elif config.dev_plaintext:
-            if _is_loopback(host):
+            if is_loopback(host):
                 report.warn("server.listen", f"{config.listen}: plaintext (dev_plaintext), "
                             "every caller is dev:loopback")
             else:

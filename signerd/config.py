@@ -8,6 +8,7 @@ variable they are read from.
 from __future__ import annotations
 
 import fnmatch
+import ipaddress
 import os
 import stat
 import tomllib
@@ -188,6 +189,19 @@ def warn_if_exposed(path: Path, what: str) -> None:
             "secret file is accessible by group or others; chmod 600 it",
             extra={"fields": {"file": str(path), "what": what, "mode": oct(mode & 0o777)}},
         )
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host``, the host part of a listen address (``server.listen``
+    without ``:PORT``; an IPv6 literal without its brackets), is loopback: the
+    name ``localhost``, or an IP address that :mod:`ipaddress` calls loopback
+    (127.0.0.0/8, ``::1``). No other name is resolved: it is not loopback."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _path(base: Path, value: Any, key: str) -> Path:

@@ -146,7 +146,7 @@ class Tpm:
         bus = subprocess.Popen([*DIE_WITH_PARENT, "dbus-daemon", f"--config-file={conf}",
                                 "--nofork", "--print-address=1"], stdout=subprocess.PIPE,
                                stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
-        self.procs["dbus"] = bus  # type: ignore[assignment]
+        self.procs["dbus"] = bus
         assert bus.stdout is not None
         ready, _, _ = select.select([bus.stdout], [], [], 10)
         self.bus = bus.stdout.readline().decode().strip() if ready else ""

@@ -17,6 +17,7 @@ import pytest
 
 from signerd import pki
 from signerd.client import Client, ClientConfig
+from signerd.config import is_loopback
 from tests.conftest import HSM, PKI, daemon_config, spawn_daemon, unique_gun, write_toml
 
 
@@ -168,6 +169,8 @@ CASES = [
     ("audit-log-torn", None, _torn_audit, "audit", "has no newline (a torn write?)"),
     ("no-request-per-identity", None, _server(max_inflight_per_identity=0), "config",
      "server.max_inflight_per_identity must be at least 1"),
+    ("plaintext-not-loopback", None, _server(dev_plaintext=True, listen="0.0.0.0:4443"),
+     "server.listen", "dev_plaintext is allowed only on loopback, not 0.0.0.0:4443"),
 ]
 
 
@@ -188,6 +191,14 @@ def test_each_problem_is_one_error_line(
     assert run.stderr.count("\n") == 1 and run.stderr.startswith("signerd: check-config: 1 ")
     assert "Traceback" not in run.stdout + run.stderr
     assert "not-the-pin" not in run.stdout + run.stderr
+
+
+@pytest.mark.parametrize(("host", "loopback"), [
+    ("localhost", True), ("127.0.0.1", True), ("127.1.2.3", True), ("::1", True),
+    ("::", False), ("192.0.2.1", False), ("[::1]", False),
+    ("LOCALHOST", False), ("example.com", False), ("", False)])
+def test_is_loopback_takes_a_bare_host(host: str, loopback: bool) -> None:
+    assert is_loopback(host) is loopback
 
 
 def test_group_readable_pin_is_a_warning_and_strict_fails_on_it(

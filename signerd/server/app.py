@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import ipaddress
 import logging
 import threading
 import time
@@ -20,7 +19,7 @@ from grpc_reflection.v1alpha import reflection
 
 from signerd import metrics
 from signerd.audit import AuditLog
-from signerd.config import Config, warn_if_exposed
+from signerd.config import Config, is_loopback, warn_if_exposed
 from signerd.errors import ConfigError, SignerdError
 from signerd.notary import signer_pb2 as notary_pb2
 from signerd.policy import PolicyStore
@@ -37,16 +36,6 @@ log = logging.getLogger("signerd.server")
 _GAUGES_EVERY = 1.0  # seconds between refreshes of the token gauges
 V1_SERVICE = signer_pb2.DESCRIPTOR.services_by_name["SignerService"].full_name
 Identify = Callable[[grpc.ServicerContext], Caller | SignerdError]
-
-
-def _is_loopback(address: str) -> bool:
-    host = address.rsplit(":", 1)[0].strip("[]")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def _known_service(pool: descriptor_pool.DescriptorPool, name: str) -> bool:
@@ -384,7 +373,7 @@ def build(config: Config, service: KeyService) -> Servers:
 
     if config.listen:
         if config.dev_plaintext:
-            if not _is_loopback(config.listen):
+            if not is_loopback(config.listen.rsplit(":", 1)[0].strip("[]")):
                 raise ConfigError(f"dev_plaintext is allowed only on loopback, not {config.listen}")
             log.warning(
                 "plaintext development listener: no TLS, every caller is dev:loopback",
