@@ -431,7 +431,7 @@ def test_too_many_requests_in_flight_per_identity(daemon_factory: Any) -> None:
         err = rpc_error(lambda: c.sign(key.key_id, message=b"m"))
         t.join()
     assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert "requests in flight" in err.details()
+    assert "requests or streams in flight" in err.details()
     assert all(item.code == 0 for item in result["batch"].items)
 
 

@@ -308,3 +308,41 @@ def test_the_aio_engine_serves_every_kind_of_method(daemon_factory: Any) -> None
             iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10))
     names = {s.name for s in answers[0].list_services_response.service}
     assert {"signerd.v1.SignerService", "proto.Signer", "grpc.health.v1.Health"} <= names
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_open_streams_count_against_the_identity_limit(daemon_factory: Any,
+                                                       engine: str) -> None:
+    """A stream holds one of its identity's in-flight slots for its whole
+    life, idle or not (in the threads engine it holds a handler thread as
+    long): with threads = 4 (limit 2), two idle streams of one identity leave
+    it no room, so its third stream and its next Sign are refused at once,
+    audited, while another identity signs. Closing a stream frees its slot."""
+    d: Daemon = daemon_factory(server={"engine": engine, "threads": 4}, policy=POLICY)
+    with d.client() as admin, d.client("runner") as runner:
+        key = admin.create_key(unique_gun(), "targets/releases")
+        release = threading.Event()
+
+        def held() -> Iterator[pb.SignRequest]:
+            yield pb.SignRequest(key_id=key.key_id, message=b"first")
+            release.wait(30)
+
+        streams = [admin.stub.SignStream(held(), timeout=30) for _ in range(2)]
+        try:
+            for call in streams:  # each handler is running: its first answer is back
+                assert next(call).items[0].code == 0
+            third = rpc_error(lambda: list(admin.stub.SignStream(held(), timeout=30)))
+            assert third.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "requests or streams in flight" in third.details()
+            err = rpc_error(lambda: admin.sign(key.key_id, b"unary"))
+            assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            start = time.monotonic()
+            assert runner.sign(key.key_id, b"another identity").signature
+            assert time.monotonic() - start < 5
+        finally:
+            release.set()
+            for call in streams:
+                assert [i.code for r in call for i in r.items] == []
+        assert admin.sign(key.key_id, b"after").signature
+    refused = [x for x in sign_lines(d) if x["status"] == "RESOURCE_EXHAUSTED"]
+    assert {x["identity"] for x in refused} == {ADMIN} and len(refused) == 2

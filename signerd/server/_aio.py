@@ -36,6 +36,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Mapping
 from concurrent import futures
+from contextlib import AbstractContextManager
 from typing import Any, NoReturn, TypeVar
 
 import grpc
@@ -313,6 +314,7 @@ def _decoding_stream_handler(handler: Any, decode: Callable[[bytes, Any], Any],
 async def sign_stream(
     identify: Callable[[Any], Any],
     refuse: Callable[[Any, str, SignerdError], None],
+    slot: Callable[[Any, Any, str], AbstractContextManager[None]],
     sign_items: Callable[[Any, Any, list[Any]], Any],
     inline: Callable[[str, Any], bool],
     executor: futures.ThreadPoolExecutor,
@@ -323,7 +325,8 @@ async def sign_stream(
     that does not decode is its own INVALID_ARGUMENT item) and answered with
     one ``sign_items`` call, inline when ``inline("Sign", request)`` holds,
     else on ``executor``; its response is yielded before the next request is
-    read.
+    read. The call holds ``slot(context, caller, "sign")`` (one of its
+    identity's in-flight slots) for its whole life, or is refused.
 
     Measured against reading ahead (a reader task queueing requests, each
     round answering every request already waiting in one response): gRPC
@@ -339,17 +342,21 @@ async def sign_stream(
             await context.abort(a.code, a.details)
         return
     loop = asyncio.get_running_loop()
-    async for raw in raws:
-        request = decode_sign_request(raw)
-        try:
-            if isinstance(request, SignerdError) or inline("Sign", request):
-                response = sign_items(ctx, caller, [request])
-            else:
-                response = await loop.run_in_executor(executor, sign_items, ctx, caller,
-                                                      [request])
-        except Aborted as a:
-            await context.abort(a.code, a.details)
-        yield response
+    try:
+        with slot(ctx, caller, "sign"):  # the stream counts against its identity's limit
+            async for raw in raws:
+                request = decode_sign_request(raw)
+                try:
+                    if isinstance(request, SignerdError) or inline("Sign", request):
+                        response = sign_items(ctx, caller, [request])
+                    else:
+                        response = await loop.run_in_executor(executor, sign_items, ctx,
+                                                              caller, [request])
+                except Aborted as a:
+                    await context.abort(a.code, a.details)
+                yield response
+    except Aborted as a:  # no slot free: refused, and audited, by slot
+        await context.abort(a.code, a.details)
 
 
 def decode_sign_request(raw: bytes) -> pb.SignRequest | SignerdError:

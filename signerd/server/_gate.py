@@ -15,7 +15,8 @@ import secrets
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -155,8 +156,9 @@ class Gate:
         with self._lock:
             if self._inflight[identity] >= self.max_inflight:
                 raise ResourceExhausted(
-                    f"identity {quoted(identity)} already has {self.max_inflight} requests in "
-                    "flight (server.max_inflight_per_identity); retry once some have finished"
+                    f"identity {quoted(identity)} already has {self.max_inflight} requests or "
+                    "streams in flight (server.max_inflight_per_identity); retry once some have "
+                    "finished"
                 )
             self._inflight[identity] += 1
 
@@ -193,25 +195,50 @@ class Gate:
             "status": "INVALID_ARGUMENT", "latency_ms": 0.0})
         context.abort(grpc.StatusCode.INVALID_ARGUMENT, message)
 
-    def _unidentified(self, context: grpc.ServicerContext, operation: str,
-                      error: SignerdError, start: float) -> None:
-        """Audit and refuse a call whose listener could not identify the peer.
-        Raises, as context.abort does."""
+    def _refuse_call(self, context: grpc.ServicerContext, operation: str,
+                     error: SignerdError, start: float, caller: Caller | None = None) -> None:
+        """Audit and refuse a whole call: one whose listener could not
+        identify the peer (``caller`` None), or a stream its identity has no
+        room for. Raises, as context.abort does."""
         status = code_for(error)
         self._audit_or_abort(context, {
-            "request_id": secrets.token_hex(8), "identity": "", "peer": context.peer(),
-            "transport": "", "operation": operation, "key_id": "", "gun": "",
-            "role": "", "token": "", "payload_sha256": "", "decision": "deny",
-            "status": status_name(status),
+            "request_id": secrets.token_hex(8),
+            "identity": caller.identity if caller else "",
+            "peer": caller.peer if caller else context.peer(),
+            "transport": caller.transport if caller else "", "operation": operation,
+            "key_id": "", "gun": "", "role": "", "token": "", "payload_sha256": "",
+            "decision": "deny", "status": status_name(status),
             "latency_ms": round((time.perf_counter() - start) * 1000, 3)})
         context.abort(status, str(error))
 
+    @contextmanager
+    def stream_slot(self, context: grpc.ServicerContext, caller: Caller,
+                    operation: str) -> Iterator[None]:
+        """Hold one of ``caller``'s in-flight slots (max_inflight) for a
+        streaming call's whole life, open or idle, as the call holds a
+        handler thread for as long (threads engine). With none free, the
+        call is audited and refused RESOURCE_EXHAUSTED (context.abort
+        raises). The stream's items then take no slot of their own
+        (run_items)."""
+        start = time.perf_counter()
+        try:
+            self._enter(caller.identity)
+        except ResourceExhausted as e:
+            self._refuse_call(context, operation, e, start, caller)
+            raise AssertionError("unreachable: context.abort raises") from None
+        try:
+            yield
+        finally:
+            self._leave(caller.identity)
+
     def decide(self, caller: Caller, operation: str, payload: bytes,
-               work: Callable[[Scope], T]) -> tuple[T | SignerdError, dict[str, object]]:
+               work: Callable[[Scope], T], held: bool = False,
+               ) -> tuple[T | SignerdError, dict[str, object]]:
         """Run ``work`` for one request of ``caller`` under the per-identity
-        limit, and return its result (or the SignerdError it ends in) with
-        the audit line that records it, not yet written. A bug in ``work``
-        (any other exception) is logged and becomes an INTERNAL error."""
+        limit (unless ``held``: its stream already holds a slot), and return
+        its result (or the SignerdError it ends in) with the audit line that
+        records it, not yet written. A bug in ``work`` (any other exception)
+        is logged and becomes an INTERNAL error."""
         start = time.perf_counter()
         request_id = secrets.token_hex(8)
         scope = Scope(
@@ -224,8 +251,9 @@ class Gate:
         outcome: T | SignerdError
         entered = False
         try:
-            self._enter(caller.identity)
-            entered = True
+            if not held:
+                self._enter(caller.identity)
+                entered = True
             outcome = work(scope)
         except SignerdError as e:
             outcome = e
@@ -267,7 +295,7 @@ class Gate:
         """One unary request: decide, write its audit line, then answer
         (context.abort with the error's status if it failed)."""
         if isinstance(caller, SignerdError):  # the listener could not identify the peer
-            self._unidentified(context, operation, caller, time.perf_counter())
+            self._refuse_call(context, operation, caller, time.perf_counter())
             raise AssertionError("unreachable: context.abort raises")
         outcome, line = self.decide(caller, operation, payload, work)
         context.set_trailing_metadata((("x-request-id", str(line["request_id"])),))
@@ -286,11 +314,13 @@ class Gate:
         operation: str,
         items: Sequence[tuple[bytes, Callable[[Scope], T]]],
     ) -> list[T | SignerdError]:
-        """Several requests of one streaming call: each (payload, work) pair
-        is decided on its own and gets its own audit line; the lines are
-        written with one write before any result is returned. If they cannot
-        be written, the call fails closed (context.abort UNAVAILABLE)."""
-        decided = [self.decide(caller, operation, payload, work) for payload, work in items]
+        """Several requests of one streaming call, which holds its slot
+        (stream_slot): each (payload, work) pair is decided on its own and
+        gets its own audit line; the lines are written with one write before
+        any result is returned. If they cannot be written, the call fails
+        closed (context.abort UNAVAILABLE)."""
+        decided = [self.decide(caller, operation, payload, work, held=True)
+                   for payload, work in items]
         self._audit_or_abort(context, *(line for _, line in decided))
         if any(isinstance(o, Unavailable) for o, _ in decided):
             self._on_unavailable()
@@ -300,4 +330,4 @@ class Gate:
                             error: SignerdError) -> None:
         """Audit and refuse a streaming call whose peer is not identified.
         Raises, as context.abort does."""
-        self._unidentified(context, operation, error, time.perf_counter())
+        self._refuse_call(context, operation, error, time.perf_counter())

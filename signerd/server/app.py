@@ -345,7 +345,7 @@ def build(config: Config, service: KeyService) -> Servers:
         requests = _aio.Requests(
             gate.reject_undecodable, executor, inline,
             functools.partial(_aio.sign_stream, identify, gate.refuse_unidentified,
-                              servicer.sign_items, inline, executor))
+                              gate.stream_slot, servicer.sign_items, inline, executor))
 
         def create() -> Any:
             aio_server = grpc.aio.server(migration_thread_pool=executor,

@@ -272,7 +272,8 @@ class SignerServicer(pb_grpc.SignerServiceServicer):
         if isinstance(caller, SignerdError):
             self.gate.refuse_unidentified(context, "sign", caller)
             return
-        with ReadAhead(request_iterator, ROUND_ITEMS, ROUND_BYTES, _request_size) as rounds:
+        with self.gate.stream_slot(context, caller, "sign"), \
+                ReadAhead(request_iterator, ROUND_ITEMS, ROUND_BYTES, _request_size) as rounds:
             for requests in rounds:
                 yield self.sign_items(context, caller, requests)
 
