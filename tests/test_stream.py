@@ -346,3 +346,35 @@ def test_open_streams_count_against_the_identity_limit(daemon_factory: Any,
         assert admin.sign(key.key_id, b"after").signature
     refused = [x for x in sign_lines(d) if x["status"] == "RESOURCE_EXHAUSTED"]
     assert {x["identity"] for x in refused} == {ADMIN} and len(refused) == 2
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_stream_items_and_refused_streams_are_counted(daemon_factory: Any, certs: Any,
+                                                      tmp_path: Path, engine: str) -> None:
+    """signerd_requests_total counts each SignStream item by its own code,
+    and a stream refused as a whole by the call's code."""
+    from tests.test_metrics import delta, scrape
+    d: Daemon = daemon_factory(server={"engine": engine}, metrics=True)
+    assert d.servers.http is not None
+    port = d.servers.http.port
+    with d.client() as c:
+        key = c.create_key(unique_gun(), "targets")
+        before = scrape(port)
+        items = list(c.sign_stream([pb.SignRequest(key_id=key.key_id, message=b"a"),
+                                    pb.SignRequest(key_id="ab" * 32, message=b"b"),
+                                    pb.SignRequest(key_id=key.key_id, message=b"c")],
+                                   timeout=30))
+        assert codes(items) == ["OK", "NOT_FOUND", "OK"]
+    cert, private = anonymous_client_cert(certs, tmp_path)
+    with Client(ClientConfig(f"127.0.0.1:{d.port}", certs.ca_file, cert, private, "localhost",
+                             20)) as anon:
+        err = rpc_error(lambda: list(anon.sign_stream(
+            [pb.SignRequest(key_id=key.key_id, message=b"x")], timeout=30)))
+    assert err.code() == grpc.StatusCode.UNAUTHENTICATED
+    after = scrape(port)
+    count = {code: delta(before, after, "signerd_requests_total",
+                         service="signerd.v1.SignerService", method="SignStream", code=code)
+             for code in ("OK", "NOT_FOUND", "UNAUTHENTICATED")}
+    assert count == {"OK": 2, "NOT_FOUND": 1, "UNAUTHENTICATED": 1}
+    assert delta(before, after, "signerd_request_duration_seconds_count",
+                 method="SignStream") == 3

@@ -189,8 +189,11 @@ class Requests(grpc.aio.ServerInterceptor):
             sign_stream = self._sign_stream
 
             async def stream(raws: AsyncIterator[bytes], context: Any) -> AsyncIterator[Any]:
-                async for item in sign_stream(raws, context):
-                    yield item
+                try:
+                    async for item in sign_stream(raws, context):
+                        yield item
+                finally:
+                    count_failed_call(service, method, context.code())
 
             return grpc.stream_stream_rpc_method_handler(stream, response_serializer=serializer)
         return _decoding_stream_handler(handler, decode, serializer)
@@ -227,6 +230,15 @@ class Requests(grpc.aio.ServerInterceptor):
 
 
 SIGN_STREAM = "/signerd.v1.SignerService/SignStream"
+
+
+def count_failed_call(service: str, method: str, code: grpc.StatusCode | None) -> None:
+    """Count a streaming call that ended with a status other than OK (refused,
+    or failed as a whole) in signerd_requests_total; its items are counted
+    one by one where they are answered (SignerServicer.sign_items). Both
+    engines."""
+    if code is not None and code != grpc.StatusCode.OK:
+        metrics.child(metrics.REQUESTS, service, method, code.name).inc()
 
 
 def remember(cache: dict[str, Any], details: Any, wrapped: Any) -> Any:

@@ -313,7 +313,7 @@ class Gate:
         caller: Caller,
         operation: str,
         items: Sequence[tuple[bytes, Callable[[Scope], T]]],
-    ) -> list[T | SignerdError]:
+    ) -> list[tuple[T | SignerdError, dict[str, object]]]:
         """Several requests of one streaming call, which holds its slot
         (stream_slot): each (payload, work) pair is decided on its own and
         gets its own audit line; the lines are written with one write before
@@ -324,7 +324,7 @@ class Gate:
         self._audit_or_abort(context, *(line for _, line in decided))
         if any(isinstance(o, Unavailable) for o, _ in decided):
             self._on_unavailable()
-        return [o for o, _ in decided]
+        return decided
 
     def refuse_unidentified(self, context: grpc.ServicerContext, operation: str,
                             error: SignerdError) -> None:

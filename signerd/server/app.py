@@ -245,9 +245,14 @@ class _Requests(grpc.ServerInterceptor):
                 lambda raws, context: collect(decoded_stream(raws, context), context),
                 response_serializer=serializer)
         both = handler.stream_stream
-        return grpc.stream_stream_rpc_method_handler(
-            lambda raws, context: both(decoded_stream(raws, context), context),
-            response_serializer=serializer)
+
+        def streamed(raws: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[Any]:
+            try:
+                yield from both(decoded_stream(raws, context), context)
+            finally:
+                _aio.count_failed_call(service, method, context.code())  # type: ignore[attr-defined]
+
+        return grpc.stream_stream_rpc_method_handler(streamed, response_serializer=serializer)
 
 
 class _OnLoop:

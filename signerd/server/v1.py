@@ -7,7 +7,7 @@ from typing import TypeVar
 
 import grpc
 
-from signerd import certs, signing
+from signerd import certs, metrics, signing
 from signerd.errors import InvalidArgument, NotFound, PermissionDenied, SignerdError, quoted
 from signerd.keys import parse_algorithm, spki_to_pem, validate_gun, validate_role
 from signerd.server._gate import Caller, Gate, Scope
@@ -25,6 +25,8 @@ MAX_BATCH = 1000
 # request is larger), with one response and one audit write; its reader queues as much.
 ROUND_ITEMS = 128
 ROUND_BYTES = 1 << 20
+SERVICE = "signerd.v1.SignerService"
+_STREAM_LATENCY = metrics.LATENCY.labels("SignStream")
 
 _ENCODINGS = {
     pb.SIGNATURE_ENCODING_UNSPECIFIED: signing.Encoding.RAW,
@@ -248,13 +250,16 @@ class SignerServicer(pb_grpc.SignerServiceServicer):
                 return self._sign_one(scope, req)
             return work
 
-        outcomes = self.gate.run_items(context, caller, "sign", [
+        decided = self.gate.run_items(context, caller, "sign", [
             (b"" if isinstance(r, SignerdError) else (r.message or r.digest), work_for(r))
             for r in requests])
+        for _, line in decided:  # each item counts as a request of its own
+            metrics.child(metrics.REQUESTS, SERVICE, "SignStream", str(line["status"])).inc()
+            _STREAM_LATENCY.observe(float(line["latency_ms"]) / 1000)  # type: ignore[arg-type]
         return pb.SignStreamResponse(items=[
             pb.SignBatchItem(code=code_for(o).value[0], error=str(o))
             if isinstance(o, SignerdError) else pb.SignBatchItem(code=0, response=o)
-            for o in outcomes])
+            for o, _ in decided])
 
     def SignStream(self, request_iterator: Iterator[pb.SignRequest | SignerdError],
                    context: grpc.ServicerContext) -> Iterator[pb.SignStreamResponse]:
