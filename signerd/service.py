@@ -22,6 +22,7 @@ from signerd.errors import (
     InvalidArgument,
     NoSuchKey,
     NotFound,
+    SignerdError,
     Unavailable,
     quoted,
 )
@@ -239,19 +240,39 @@ class KeyService:
         return self.sign_with(entry, payload, options)
 
     def sign_with(self, entry: KeyEntry, payload: bytes, options: signing.SignOptions) -> Signature:
+        """Sign ``payload`` with key ``entry`` on its token. Every signature
+        signerd makes (either API, a certificate's issuer, ``trust --local``)
+        passes here, and the key's first one marks it used (see mark_used).
+
+        Raises InvalidArgument (payload, options), NotFound, Unavailable."""
         alg: Algorithm = entry.algorithm
         mechanism, data = signing.prepare(alg, payload, options)
-        raw = self.tokens[entry.token].sign(entry.key_id, mechanism, data, alg.signature_size)
+        token = self.tokens[entry.token]
+        raw = token.sign(entry.key_id, mechanism, data, alg.signature_size)
         metrics.child(metrics.SIGNATURES, alg.name, entry.token).inc()
+        if not entry.used:  # a stale entry costs one look at the token's cached one
+            self.mark_used(entry)
         return Signature(
             entry, signing.encode(alg, raw, options), signing.method(alg, options), options
         )
 
     def mark_used(self, entry: KeyEntry) -> None:
-        self.tokens[entry.token].mark_used(entry.key_id)
+        """Record on the token that key ``entry`` has signed, unless its
+        cached entry says so already: Notary's CreateKey no longer hands it
+        out, and ``signerctl keys delete`` asks before deleting it.
+
+        Like notary-signer (signer/keydbstore/keydbstore.go), a failure is
+        logged, not raised: the signature is valid, and the next one tries
+        again."""
+        try:
+            self.tokens[entry.token].mark_used(entry.key_id)
+        except SignerdError as e:
+            log.warning("signed, but could not mark the key used", extra={
+                "fields": {"key_id": entry.key_id, "token": entry.token, "error": str(e)}})
 
     def find_unused(self, gun: str, role: str, algorithm: Algorithm) -> KeyEntry | None:
-        """A key for (gun, role, algorithm) that has never signed (Notary's rule)."""
+        """A key for (gun, role, algorithm) that has never signed, through
+        either API (Notary's rule: CreateKey reuses only such a key)."""
         self._refresh()
         for t in self.tokens.values():
             for k in sorted(t.keys(), key=lambda k: k.key_id):

@@ -294,6 +294,7 @@ class Token:
         self._touched: dict[int, float] = {}  # session handle -> last use (monotonic s)
         self._keys: dict[KeyID, KeyEntry] = {}
         self._miss_lock = threading.Lock()
+        self._mark_lock = threading.Lock()  # one "has signed" write at a time
         self._made: dict[KeyID, float] = {}  # keys generated here -> when (monotonic s)
         self._gone: dict[KeyID, float] = {}  # keys deleted here -> when (monotonic s)
         self._locks = _ObjectLocks()  # replaced by the token's own in _connect
@@ -1039,10 +1040,23 @@ class Token:
 
     def mark_used(self, kid: KeyID) -> None:
         """Record on the token that the key has signed (Notary's reuse rule):
-        a new "has signed" object in layout 2, a rewritten label in layout 1."""
+        a new "has signed" object in layout 2, a rewritten label in layout 1.
+        Once: a key whose cached entry says used costs a dict lookup; threads
+        signing a new key together write one object, and a "has signed"
+        object another process wrote is not written again."""
         entry = self._keys.get(kid)
         if entry is None or entry.used:
             return
+        with self._mark_lock:
+            entry = self._keys.get(kid)
+            if entry is None or entry.used:
+                return
+            self._write_used(entry)
+            with self._lock:
+                self._keys[kid] = replace(entry, used=True)
+
+    def _write_used(self, entry: KeyEntry) -> None:
+        kid = entry.key_id
         if entry.layout == 1:
             label = _layout.v1_label(entry.algorithm, entry.gun, entry.role, used=True)
 
@@ -1054,6 +1068,9 @@ class Token:
         else:
             def record(s: Any) -> None:
                 self._sync_index(s)
+                if list(s.get_objects({Attribute.CLASS: ObjectClass.DATA,
+                                       Attribute.LABEL: _layout.used_label(kid).decode()})):
+                    return  # another process recorded it
                 s.create_object({
                     Attribute.CLASS: ObjectClass.DATA,
                     Attribute.TOKEN: True,
@@ -1066,8 +1083,6 @@ class Token:
             # A new object: no search may read it half-written (see _ObjectLocks).
             self._with_retry("recording a key's first signature", record,
                              self._locks.searches.exclusive)
-        with self._lock:
-            self._keys[kid] = replace(entry, used=True)
 
     # -- certificates ---------------------------------------------------------
 
@@ -1202,6 +1217,10 @@ class Token:
                     keys.pop(kid, None)  # deleted here while the listing ran
                 else:
                     del self._gone[kid]
+            for kid, entry in keys.items():  # marked used here while the listing ran
+                cached = self._keys.get(kid)
+                if cached is not None and cached.used and not entry.used:
+                    keys[kid] = replace(entry, used=True)
             self._keys = keys
 
     def sign(self, kid: KeyID, mechanism: _p11.Mechanism, data: bytes, max_len: int) -> bytes:

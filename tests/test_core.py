@@ -16,7 +16,7 @@ import pytest
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric import utils
 
-from signerd import _p11, signing
+from signerd import _layout, _p11, signing
 from signerd.config import parse_config
 from signerd.keys import ALGORITHMS, key_id, parse_algorithm
 from signerd.service import KeyService
@@ -440,6 +440,33 @@ def test_a_key_is_marked_used_while_other_threads_sign_with_it(daemon: Daemon) -
     _while_running(sign_all, lambda: [svc.mark_used(k) for k in keys])
     assert all(token.get(k.key_id).used for k in keys)
     assert token._generation == generation
+
+
+def test_a_keys_first_signatures_write_one_has_signed_object(daemon: Daemon) -> None:
+    """Threads signing with a new key together record its first signature
+    once (one "has signed" object on the token), and a key whose cached
+    entry says used writes nothing more, even after a listing re-read it."""
+    svc = daemon.servers.service
+    token = svc.tokens["online"]
+    key = svc.create_key(unique_gun(), "targets")
+    assert not key.used
+
+    def has_signed_objects() -> int:
+        with token.session() as (_, s):
+            return len(list(s.get_objects({
+                pkcs11.Attribute.CLASS: pkcs11.ObjectClass.DATA,
+                pkcs11.Attribute.LABEL: _layout.used_label(key.key_id).decode()})))
+
+    threads = [threading.Thread(target=svc.sign_with, args=(key, MESSAGE, signing.SignOptions()))
+               for _ in range(8)]  # each with the stale entry that says unused
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert token.get(key.key_id).used and has_signed_objects() == 1
+    token.refresh()
+    svc.sign_with(key, MESSAGE, signing.SignOptions())
+    assert token.get(key.key_id).used and has_signed_objects() == 1
 
 
 class _Seen(logging.Handler):

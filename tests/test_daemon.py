@@ -335,6 +335,63 @@ def test_deleting_a_key_that_has_signed_takes_a_yes(cli_world: dict[str, str]) -
     assert _ctl(env, "keys", "delete", unused).returncode == 0 and not exists(unused)
 
 
+def _sign_batch(env: dict[str, str], key_id: str) -> None:
+    from signerd.v1 import signer_pb2 as pb
+
+    with Client(ClientConfig.load(Path(env["SIGNERD_STATE_DIR"]) / "client.toml")) as c:
+        items = c.stub.SignBatch(pb.SignBatchRequest(requests=[
+            pb.SignRequest(key_id=key_id, message=b"a"), pb.SignRequest(key_id=key_id, message=b"b")
+        ]), timeout=20).items
+    assert [i.code for i in items] == [0, 0], items
+
+
+def _sign_stream(env: dict[str, str], key_id: str) -> None:
+    from signerd.v1 import signer_pb2 as pb
+
+    with Client(ClientConfig.load(Path(env["SIGNERD_STATE_DIR"]) / "client.toml")) as c:
+        items = list(c.sign_stream([pb.SignRequest(key_id=key_id, message=b"a")], timeout=20))
+    assert [i.code for i in items] == [0], items
+
+
+@pytest.mark.parametrize("how", ["sign", "sign-batch", "sign-stream", "certify-issuer"])
+def test_every_signature_marks_the_key_used(cli_world: dict[str, str], how: str) -> None:
+    """Regression (new-user trial): only the Notary API's Sign set 'used', so
+    'keys delete' removed a key signerd.v1 had signed with (or a CA key that
+    had certified others, breaking their chains) without asking."""
+    env = {"SIGNERD_STATE_DIR": cli_world["state"]}
+
+    def new_key() -> str:
+        made = _ctl(env, "keys", "create", "--gun", unique_gun(), "--role", "targets", "--json")
+        key_id: str = json.loads(made.stdout)["key_id"]
+        return key_id
+
+    def used(key_id: str) -> bool:
+        shown = _ctl(env, "keys", "show", key_id, "--json")  # GetKey
+        assert shown.returncode == 0, shown.stderr
+        value: bool = json.loads(shown.stdout)["used"]
+        return value
+
+    key = new_key()
+    assert not used(key)
+    if how == "sign":
+        assert _ctl(env, "sign", "--key", key, cli_world["message"]).returncode == 0
+    elif how == "sign-batch":
+        _sign_batch(env, key)
+    elif how == "sign-stream":
+        _sign_stream(env, key)
+    else:  # key becomes a CA (it signs its own certificate), then certifies a leaf
+        assert _ctl(env, "keys", "certify", key, "--subject", "CN=ca").returncode == 0
+        leaf = new_key()
+        certified = _ctl(env, "keys", "certify", leaf, "--subject", "CN=leaf",
+                         "--issuer-key", key)
+        assert certified.returncode == 0, certified.stderr
+        assert not used(leaf)  # certified, but it signed nothing
+    assert used(key)
+    refused = _ctl(env, "keys", "delete", key)  # no --yes, no terminal
+    assert refused.returncode == 1 and b"has made signatures" in refused.stderr, refused.stderr
+    assert used(key)  # still there
+
+
 @pytest.fixture(scope="module")
 def embedded_daemon(tmp_path_factory: pytest.TempPathFactory) -> Any:
     tmp = tmp_path_factory.mktemp("embedded")

@@ -211,6 +211,66 @@ def test_listings_give_nothing_away(daemon_factory: Any) -> None:
     assert not shown & {line["key_id"] for line in audit_lines(d) if line["identity"] != ADMIN}
 
 
+ONLINE_ONLY_POLICY = ADMIN_POLICY + """
+[[rule]]
+name = "builder-online"
+identities = ["builder.ci.example"]
+operations = ["create", "read"]
+guns = ["docker.io/acme/*"]
+tokens = ["online"]
+"""
+
+
+def _token_answer(call: Any, *args: Any) -> tuple[Any, str]:
+    err = rpc_error(lambda: call(*args))
+    return err.code(), err.details()
+
+
+def test_a_token_the_caller_may_not_use_is_a_token_that_does_not_exist(
+        daemon_factory: Any) -> None:
+    """Regression (new-user trial): ListKeys of an existing token the caller
+    may not use answered an empty page, and of an unknown one NOT_FOUND, so
+    a caller could probe which token names exist. Now both are NOT_FOUND,
+    word for word (but the name), for every RPC that takes a token name."""
+    d = daemon_factory(policy=ONLINE_ONLY_POLICY)
+    for who, yours in (("nobody", "you may use none"), ("dns-only", "yours: online")):
+        with d.client(who) as c:
+            for name, call in (
+                ("ListKeys", lambda t: list(c.list_keys(token=t))),
+                ("ListKeys-gun", lambda t: list(c.list_keys(gun="docker.io/acme/app", token=t))),
+                ("CreateKey", lambda t: c.create_key("docker.io/acme/app", "targets", token=t)),
+            ):
+                there, gone = _token_answer(call, "root"), _token_answer(call, "nope")
+                assert there[0] == gone[0], (who, name, there, gone)
+                assert there[1].replace("'root'", "X") == gone[1].replace("'nope'", "X"), (
+                    who, name, there, gone)
+                if name.startswith("ListKeys"):
+                    assert there == (grpc.StatusCode.NOT_FOUND, f"no token named 'root'; {yours}")
+    with d.client("dns-only") as c:  # its own token still answers
+        c.create_key("docker.io/acme/app", "targets", token="online")
+        assert list(c.list_keys(token="online"))
+
+
+def test_tokens_list_counts_only_the_keys_the_caller_may_read(daemon_factory: Any) -> None:
+    """Regression (new-user trial): ListTokens' key_count counted every key on
+    the token, including those the caller may not read."""
+    d = daemon_factory(policy=ONLINE_ONLY_POLICY)
+    with d.client("admin") as admin:
+        admin.create_key("docker.io/secret/app", "targets", token="online")
+        admin.create_key("docker.io/acme/app", "targets", token="online")
+        everything = len(list(admin.list_keys(token="online")))
+        [whole] = [t for t in admin.list_tokens() if t.name == "online"]
+    with d.client("dns-only") as c:
+        readable = len(list(c.list_keys(token="online")))
+        assert [t.name for t in c.list_tokens()] == ["online"]
+        [seen] = c.list_tokens()
+    assert whole.key_count == everything > readable == seen.key_count > 0
+    with d.client("nobody") as c:  # may read keys on no token: refused, as the proto says
+        assert _token_answer(c.list_tokens) == (
+            grpc.StatusCode.PERMISSION_DENIED,
+            "identity 'spiffe://test/nobody' may read keys on no token")
+
+
 _HUGE = "a" * (100 * 1024)  # 100 KB
 
 

@@ -7,8 +7,9 @@ These let an unmodified notary-server use signerd as its notary-signer
 
 * ``CreateKey{algorithm, gun, role}`` returns a key that has never signed
   for the same (gun, role, algorithm) if there is one, else a new key (the
-  rule of notary's ``signer/keydbstore``); the first successful ``Sign``
-  marks the key used. ``algorithm`` is notary's key type: ``"ecdsa"``
+  rule of notary's ``signer/keydbstore``); a key's first signature, through
+  this API or signerd.v1 (Sign, SignBatch, SignStream, CertifyKey's issuer),
+  marks it used. ``algorithm`` is notary's key type: ``"ecdsa"``
   (ECDSA P-256), ``"rsa"`` (RSA-2048) or ``"ed25519"``.
 * ``publicKey`` is what notary calls ``Public()``: DER SubjectPublicKeyInfo
   for ecdsa and rsa, the raw 32 bytes for ed25519. notary-server recomputes
@@ -35,7 +36,6 @@ per-identity limits and one audit line.
 from __future__ import annotations
 
 import hashlib
-import logging
 import threading
 from collections.abc import Callable
 from typing import Any, cast
@@ -50,8 +50,6 @@ from signerd.notary import signer_pb2_grpc as pb_grpc
 from signerd.server._gate import Caller, Gate, Scope
 from signerd.service import KeyService
 from signerd.token import KeyEntry
-
-log = logging.getLogger("signerd.server")
 
 Identify = Callable[[grpc.ServicerContext], Caller | SignerdError]
 
@@ -197,30 +195,13 @@ class SignerServicer(_Base):
             entry = self._key(request.keyID)
             scope.authorize_key(entry)
             _check_usable(entry)
-            sig = self.service.sign_with(entry, request.content, _SIGN_OPTIONS)
-            if not entry.used:
-                self._mark_used(scope, entry)
+            sig = self.service.sign_with(entry, request.content, _SIGN_OPTIONS)  # marks it used
             return pb.Signature(keyInfo=_key_info(entry),
                                 algorithm=pb.Algorithm(algorithm=sig.method),
                                 content=sig.signature)
 
         result: pb.Signature = self._run(context, "sign", request.content, work)
         return result
-
-    def _mark_used(self, scope: Scope, entry: KeyEntry) -> None:
-        """Record the first signature, so CreateKey no longer hands the key out.
-
-        Like notary-signer (signer/keydbstore/keydbstore.go), a failure here
-        is logged and the signature still returned: it is valid, and the
-        worst outcome is that CreateKey offers this key once more for the
-        same gun and role.
-        """
-        try:
-            self.service.mark_used(entry)
-        except SignerdError as e:
-            log.warning("signed, but could not mark the key used",
-                        extra={"fields": {"request_id": scope.request_id,
-                                          "key_id": entry.key_id, "error": str(e)}})
 
 
 def _register(add: object) -> Callable[[object, grpc.Server], None]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import replace
 from typing import TypeVar
 
 import grpc
@@ -155,7 +156,10 @@ class SignerServicer(pb_grpc.SignerServiceServicer):
                 raise PermissionDenied(
                     f"identity {quoted(scope.caller.identity)} may read keys on no token"
                 )
-            return pb.ListTokensResponse(tokens=[token_message(t.status()) for t in visible])
+            # key_count counts only the keys the caller may read, as ListKeys lists them.
+            return pb.ListTokensResponse(tokens=[token_message(replace(t.status(), key_count=sum(
+                1 for k in t.known_keys() if scope.allowed(k.gun, k.role, k.token))))
+                for t in visible])
 
         return self._run(context, "read", b"", work)
 
@@ -171,10 +175,12 @@ class SignerServicer(pb_grpc.SignerServiceServicer):
         return self._run(context, "delete", b"", work)
 
     def _known_token(self, scope: Scope, name: str) -> None:
-        """Raise NotFound unless ``name`` is "" or a configured token. The
-        message lists only the tokens the caller may use for this operation,
-        so that no stranger learns their names."""
-        if not name or name in self.service.tokens:
+        """Raise NotFound unless ``name`` is "" or a configured token the
+        caller may use for this operation: a token it may not use gets the
+        answer, word for word, of one that does not exist, and the message
+        lists only the tokens it may use, so that no stranger learns or
+        probes their names."""
+        if not name or (name in self.service.tokens and scope.allowed_token(name)):
             return
         yours = [t for t in self.service.tokens if scope.allowed_token(t)]
         raise NotFound(f"no token named {quoted(name)}; "
