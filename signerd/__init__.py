@@ -47,4 +47,12 @@ class ArgumentParser(argparse.ArgumentParser):
     them of the parent's class)."""
 
     def error(self, message: str) -> NoReturn:
+        """Exit 2 with ``message`` as one line; a missing command is named
+        by its choices, not by the sub-parsers' dest (``keys_cmd``)."""
+        for action in self._actions:
+            if isinstance(action, argparse._SubParsersAction) and message == \
+                    f"the following arguments are required: {action.dest}":
+                names = list(action.choices)
+                listed = f"{', '.join(names[:-1])} or {names[-1]}" if names[1:] else names[0]
+                message = f"a command is required: {listed}"
         self.exit(2, f"{self.prog}: {one_line(message)} (see '{self.prog} --help')\n")

@@ -410,11 +410,13 @@ def _pin_source(report: _Report, tc: TokenConfig) -> bool:
 @contextmanager
 def _opened(report: _Report, tc: TokenConfig) -> Iterator[Token | None]:
     """The token, opened as a start opens it (None after an error), closed after."""
+    from signerd._p11 import missing_module
     from signerd.token import Token
 
     subject = f"token {tc.name}"
-    if "/" in tc.module and not Path(tc.module).is_file():
-        report.error(subject, f"PKCS#11 module {tc.module} does not exist")
+    missing = missing_module(tc.module)
+    if missing is not None:
+        report.error(subject, missing)
         yield None
         return
     token: Token | None = None

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from signerd.client import Client, ClientConfig
+from signerd.client import MAX_TIMEOUT, Client, ClientConfig, connect_failure, valid_timeout
 
 
 class CliError(Exception):
@@ -18,21 +18,51 @@ class CliError(Exception):
 def rpc_error_line(code_name: str, details: str, server: str | None) -> str:
     """The one line signerctl prints for a failed call: the status and the
     daemon's message, or, when signerd could not be reached at all, what
-    failed and what to check. gRPC's transport text (``failed to connect to
-    all addresses; last error: ...``, a stray ``: OK``) is cut down to its
-    reason."""
+    failed and what to check: a TLS handshake that failed, or nothing that
+    answered (see :func:`signerd.client.connect_failure`). gRPC's transport
+    text (``failed to connect to all addresses; last error: ...``, a stray
+    ``: OK``) is cut down to its reason."""
     where = f"signerd at {server}" if server else "signerd"
-    if code_name == "UNAVAILABLE" and "failed to connect to all addresses" in details:
-        reason = details.rpartition("last error: ")[2].removesuffix(": OK")
-        reason = reason.split(": ", 2)[-1] if reason.startswith("UNKNOWN: ") else reason
-        if "handshake" in reason.lower() or "SSL_ERROR" in reason:
-            return (f"TLS handshake with {where} failed ({reason.rpartition(': ')[2]}); "
-                    "check --tls-ca, --tls-cert, --tls-key and --server-name")
-        return (f"cannot reach {where} ({reason}); is 'signerd serve' running, "
+    failed = connect_failure(server or "", details) if code_name == "UNAVAILABLE" else None
+    if failed is not None and failed.handshake:
+        return (f"TLS handshake with {where} failed ({failed.reason}); "
+                "check --tls-ca, --tls-cert, --tls-key and --server-name")
+    if failed is not None:
+        return (f"cannot reach {where} ({failed.reason}); is 'signerd serve' running, "
                 "and is --server right?")
     if code_name == "DEADLINE_EXCEEDED":
         return f"{where} did not answer in time; is it overloaded, or is --server right?"
     return f"{code_name}: {details.removesuffix(': OK')}"
+
+
+def seconds(text: str) -> float:
+    """argparse type of --timeout: a number of seconds more than 0 and at
+    most MAX_TIMEOUT (not NaN, not infinite)."""
+    try:
+        value = valid_timeout(float(text))
+    except ValueError:
+        value = None
+    if value is None:
+        raise argparse.ArgumentTypeError(
+            f"must be seconds, a number more than 0 and at most {MAX_TIMEOUT:g}, not {text!r}")
+    return value
+
+
+def whole_number(low: int, high: int, unit: str, hint: str = "") -> Callable[[str], int]:
+    """argparse type: a whole number of ``unit`` from ``low`` to ``high``;
+    ``hint`` ends the error message."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = low - 1
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(
+                f"must be a whole number of {unit} from {low} to {high}, not {text!r}{hint}")
+        return value
+
+    return parse
 
 
 def add_client_options(p: argparse.ArgumentParser, server_flag: str = "--server") -> None:
@@ -45,7 +75,8 @@ def add_client_options(p: argparse.ArgumentParser, server_flag: str = "--server"
     p.add_argument("--tls-cert", type=Path, help="client certificate")
     p.add_argument("--tls-key", type=Path, help="client certificate's private key")
     p.add_argument("--server-name", help="expected name in signerd's certificate")
-    p.add_argument("--timeout", type=float, help="seconds per signerd call")
+    p.add_argument("--timeout", type=seconds, metavar="SECONDS",
+                   help=f"seconds per signerd call, at most {MAX_TIMEOUT:g}")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--debug", action="store_true",
                    help="on an unexpected error, print its traceback")

@@ -30,10 +30,19 @@ from signerd import metrics
 _CORE_LINE = re.compile(rb"^([DIWEF])\d{4} [\d:.]+\s+\d+ ([^\]\s]+)\] ?(.*)$")
 _LEVELS = {b"D": "debug", b"I": "info", b"W": "warning", b"E": "error", b"F": "critical"}
 _MAX_TEXT = 500  # characters of a core message kept in one log line
+# signerd sets GRPC_VERBOSITY=INFO on purpose (handshake failures are logged
+# only at INFO; see signerd.daemon.main), and gRPC then warns at every start
+# that INFO "is not suitable for production": dropped, as it says nothing of
+# this process.
+_DROPPED = (b"Log level INFO is not suitable for production",)
+# Lines the core logs as errors that are a client's mistake, not the
+# daemon's: a warning, as a failed handshake is.
+_CLIENT_MISTAKES = ("No match found for server name",)
 
 
 def translate(raw: bytes) -> bytes:
-    """One line read from fd 2, as the JSON line to write (with its newline)."""
+    """One line read from fd 2, as the JSON line to write (with its newline),
+    or nothing (b"") for a line dropped."""
     line = raw.rstrip(b"\r\n")
     if line.startswith(b"{") or not line.strip():
         return line + b"\n"  # signerd's own JSON line
@@ -45,10 +54,14 @@ def translate(raw: bytes) -> bytes:
         "logger": "grpc",
     }
     match = _CORE_LINE.match(line)
+    if match and match.group(3).startswith(_DROPPED):
+        return b""
     text = (match.group(3) if match else line).decode("utf-8", "replace")
     if match:
         doc["level"] = _LEVELS[match.group(1)]
         doc["source"] = match.group(2).decode("utf-8", "replace")
+    if text.startswith(_CLIENT_MISTAKES):
+        doc["level"] = "warning"
     if "Handshake failed" in text:
         metrics.TLS_HANDSHAKE_FAILURES.inc()
         doc.update(level="warning", msg="tls handshake failed",

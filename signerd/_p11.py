@@ -20,6 +20,7 @@ Two problems are solved here, and nothing else:
 from __future__ import annotations
 
 import ctypes
+import os
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -563,3 +564,25 @@ class ThreadSafeLib(_pkcs11.lib):
 def load(path: str) -> ThreadSafeLib:
     """Load and initialise the module at ``path``, safely for many threads."""
     return ThreadSafeLib(path)
+
+
+def missing_module(path: str) -> str | None:
+    """Why ``path``, a PKCS#11 module, cannot be loaded before dlopen tries:
+    ``"PKCS#11 module PATH does not exist"`` (or ``is not a file``); None
+    when it is a file, or a bare name left to the loader's search path."""
+    if "/" not in path:
+        return None
+    if not os.path.exists(path):
+        return f"PKCS#11 module {path} does not exist"
+    return None if os.path.isfile(path) else f"PKCS#11 module {path} is not a file"
+
+
+def load_error(path: str, e: Exception) -> str:
+    """What dlopen said when it could not load ``path`` (python-pkcs11 wraps
+    it as ``OS exception while loading PATH: PATH: REASON``), else the
+    failure's CK_RV name."""
+    text = str(e)
+    prefix = f"OS exception while loading {path}: "
+    if isinstance(e, OSError) or text.startswith(prefix):
+        return text.removeprefix(prefix).removeprefix(f"{path}: ")
+    return failure_name(e)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import grpc
 
-from signerd.client import Client, ClientConfig
+from signerd.client import Client, ClientConfig, connect_failure
 from signerd.errors import ConfigError, SignerdError
 
 # What a status usually means to someone pointing a tool at signerd.
@@ -63,6 +63,10 @@ def rpc(cfg: ClientConfig, call: str) -> Iterator[None]:
         status = code.name if code is not None else "UNKNOWN"
         details = e.details() if isinstance(e, grpc.Call) else str(e)
         hint = f" ({_HINTS[status]})" if status in _HINTS else ""
+        failed = connect_failure(cfg.server, details or "") if status == "UNAVAILABLE" else None
+        if failed is not None and failed.handshake:  # signerd runs: not _HINTS' question
+            hint = (f" (the TLS handshake failed: {failed.reason}; check the client config's "
+                    "ca, cert, key and server_name)")
         raise RemoteError(
             f"signerd at {cfg.server}: {call} failed with {status}{hint}: {details}", status
         ) from None

@@ -32,7 +32,9 @@ from signerd._cliutil import (
     connect,
     emit,
     rpc_error_line,
+    whole_number,
 )
+from signerd.certs import MAX_DAYS
 from signerd.errors import ConfigError, InvalidArgument, SignerdError
 from signerd.keys import (
     ALGORITHMS,
@@ -340,21 +342,21 @@ def cmd_audit_verify(args: argparse.Namespace) -> None:
 
     # Several files: rotated files oldest first, as one chain (audit.log.2* audit.log).
     result = audit.verify_files([Path(f) for f in args.file])
-    emit(
-        args,
-        {
-            "ok": result.ok,
-            "lines": result.lines,
-            "first_bad_line": result.first_bad_line,
-            "reason": result.reason,
-            "problem": result.problem,
-            "file": result.path,
-            "files": list(result.files),
-        },
-        lambda: audit.format_result(result),
-    )
-    if not result.ok:
-        raise SystemExit(1)
+    data = {
+        "ok": result.ok,
+        "lines": result.lines,
+        "first_bad_line": result.first_bad_line,
+        "reason": result.reason,
+        "problem": result.problem,
+        "file": result.path,
+        "files": list(result.files),
+    }
+    if result.ok:
+        emit(args, data, lambda: audit.format_result(result))
+        return
+    if args.json:  # the result document, as on success; the failure's line goes to stderr
+        print(json.dumps(data, indent=2, sort_keys=True))
+    raise CliError(audit.format_result(result))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -411,8 +413,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="RFC 4514 name, e.g. 'CN=acme signer,O=Acme,ST=WA,C=US'")
     p.add_argument("--issuer-key", metavar="KEYID",
                    help="the CA key that signs it (default: the key itself, a self-signed root)")
-    p.add_argument("--days", type=int, default=0,
-                   help="validity in days (default: 3650 for a CA, 365 otherwise)")
+    # Left out, it is 0 on the wire: the RPC's default (CertifyKeyRequest.validity_days).
+    p.add_argument("--days", default=0,
+                   type=whole_number(1, MAX_DAYS, "days",
+                                     "; leave --days out for the default: 3650 for a CA, "
+                                     "365 otherwise"),
+                   help=f"validity in days, 1 to {MAX_DAYS} "
+                   "(default: 3650 for a CA, 365 otherwise)")
     p.add_argument("--profile", choices=("ca", "code-signing"),
                    help="default: ca when self-signed, code-signing when another key issues it")
     p.set_defaults(func=cmd_keys_certify)

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import os
+import re
+import socket
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 
@@ -22,6 +25,16 @@ CERTIFICATE_PROFILES = {
     "ca": pb.CERTIFICATE_PROFILE_CA,
     "code-signing": pb.CERTIFICATE_PROFILE_CODE_SIGNING,
 }
+MAX_TIMEOUT = 86400.0  # seconds: the longest timeout a client config or --timeout may set
+
+
+def valid_timeout(value: object) -> float | None:
+    """``value`` as a call timeout in seconds, if it is a number (not a
+    bool) more than 0 and at most :data:`MAX_TIMEOUT`; else None (NaN and
+    infinity included)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value) if 0 < value <= MAX_TIMEOUT else None
 
 
 @dataclass(frozen=True)
@@ -38,27 +51,82 @@ class ClientConfig:
     @classmethod
     def load(cls, path: Path) -> ClientConfig:
         data = read_toml(path, "client config")
-        base = path.parent
-
-        def p(key: str) -> Path | None:
-            return base / data[key] if key in data else None
-
         if "server" not in data:
             raise ConfigError(f"client config {path} has no 'server'")
-        return cls(
-            str(data["server"]),
-            p("ca"),
-            p("cert"),
-            p("key"),
-            data.get("server_name"),
-            float(data.get("timeout", 30.0)),
-            bool(data.get("plaintext", False)),
-        )
+
+        def bad(key: str, what: str) -> ConfigError:
+            return ConfigError(f"client config {path}: {key} must be {what}, "
+                               f"got {data[key]!r}")
+
+        def text(key: str) -> str | None:
+            value: Any = data.get(key)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise bad(key, "a non-empty string")
+            return value
+
+        def p(key: str) -> Path | None:
+            value = text(key)
+            return path.parent / value if value is not None else None
+
+        timeout = valid_timeout(data.get("timeout", 30.0))
+        if timeout is None:
+            raise bad("timeout", f"seconds, a number more than 0 and at most {MAX_TIMEOUT:g}")
+        plaintext = data.get("plaintext", False)
+        if not isinstance(plaintext, bool):
+            raise bad("plaintext", "true or false")
+        return cls(str(text("server")), p("ca"), p("cert"), p("key"), text("server_name"),
+                   timeout, plaintext)
 
     @classmethod
     def default_path(cls) -> Path:
         env = os.environ.get("SIGNERCTL_CONFIG")
         return Path(env) if env else embedded.state_dir() / "client.toml"
+
+
+# gRPC's UNAVAILABLE text for a connection it could not make:
+# "failed to connect to all addresses; last error: UNKNOWN: ipv4:HOST:PORT: REASON"
+_LAST_ERROR = re.compile(r"^[A-Z_]+: (?:(?:ipv4|ipv6|unix|unix-abstract):\S*: )?")
+_TLS_WORDS = ("handshake", "ssl_error", "verification check", "certificate")
+
+
+@dataclass(frozen=True)
+class ConnectFailure:
+    """Why a call never reached signerd: gRPC's ``reason`` (for a failed
+    handshake, its last part), and whether something at the address
+    answered but the TLS ``handshake`` failed."""
+
+    reason: str
+    handshake: bool
+
+
+def connect_failure(server: str, details: str) -> ConnectFailure | None:
+    """For an UNAVAILABLE call to ``server`` with these ``details``: None when
+    the call reached signerd (the daemon itself said UNAVAILABLE); else why
+    it did not. A client certificate the daemon refuses gives only "Socket
+    closed" (the daemon checks it after the client's side of the handshake
+    is done), so a reason that names no TLS failure is told apart from
+    "nothing listens" by connecting to the address once (plain TCP)."""
+    if "failed to connect to all addresses" not in details:
+        return None
+    reason = _LAST_ERROR.sub("", details.rpartition("last error: ")[2].removesuffix(": OK"))
+    lowered = reason.lower()
+    if any(word in lowered for word in _TLS_WORDS):
+        return ConnectFailure(reason.rpartition(": ")[2].rstrip("."), True)
+    if "connection refused" not in lowered and _listening(server):
+        return ConnectFailure(f"{reason}: signerd may not accept the client certificate", True)
+    return ConnectFailure(reason, False)
+
+
+def _listening(server: str) -> bool:
+    """Whether a TCP connection to ``server`` ("HOST:PORT") is accepted."""
+    host, _, port = server.rpartition(":")
+    if server.startswith("unix:") or not port.isdigit():
+        return False
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=2):
+            return True
+    except OSError:
+        return False
 
 
 def channel(cfg: ClientConfig) -> grpc.Channel:

@@ -211,6 +211,11 @@ def _path(base: Path, value: Any, key: str) -> Path:
     return p if p.is_absolute() else base / p
 
 
+# What a config value of each type is called in an error ("must be an integer").
+_KINDS = {int: "an integer", str: "a string", bool: "true or false", list: "a list",
+          float: "a number", dict: "a table"}
+
+
 def _take(
     table: dict[str, Any], key: str, kind: type | tuple[type, ...], default: Any, where: str
 ) -> Any:
@@ -218,8 +223,8 @@ def _take(
     if value is not default and (
         not isinstance(value, kind) or isinstance(value, bool) is not (kind is bool)
     ):
-        name = kind.__name__ if isinstance(kind, type) else "number"
-        raise ConfigError(f"{where}{key} must be a {name}, got {value!r}")
+        name = _KINDS.get(kind, "a number") if isinstance(kind, type) else "a number"
+        raise ConfigError(f"{where}{key} must be {name}, got {value!r}")
     return value
 
 
@@ -274,8 +279,11 @@ def parse_config(data: dict[str, Any], base: Path) -> Config:
     metrics_table = data.pop("metrics", {})
     if data:
         raise ConfigError(f"unknown config sections {sorted(data)}")
-    if not isinstance(audit, dict):
-        raise ConfigError("[audit] must be a table")
+    tables = {"server": server, "tls": tls or {}, "policy": policy, "audit": audit,
+              "environment": environment}
+    for section, table in tables.items():
+        if not isinstance(table, dict):
+            raise ConfigError(f"[{section}] must be a table")
     if not tokens or not isinstance(tokens, list):
         raise ConfigError("at least one [[tokens]] entry is required")
     token_cfgs = tuple(_token(base, t, i) for i, t in enumerate(tokens))

@@ -199,7 +199,7 @@ class Message:
 class Plugin:
     """One method call against signerd for one key reference."""
 
-    def __init__(self, ref: KeyRef, hash_func: int, cfg: ClientConfig) -> None:
+    def __init__(self, ref: KeyRef, hash_func: object, cfg: ClientConfig) -> None:
         self.ref = ref
         self.hash_func = hash_func
         self.cfg = cfg
@@ -271,7 +271,7 @@ class Plugin:
             if message_options.get("hashFunc") != 0:
                 raise PluginError(
                     "ed25519 keys sign whole messages (pure EdDSA), not a digest made with "
-                    f"hashFunc {message_options.get('hashFunc')}"
+                    f"hashFunc {json.dumps(message_options.get('hashFunc'))}"
                 )
             return Message(None, None, _b64decode(digest_b64, "messageOptions.digest"))
         number = message_options.get("hashFunc")
@@ -283,7 +283,8 @@ class Plugin:
             if alg.keytype == "ecdsa":
                 accepted += ", SHA-384 (6) or SHA-512 (7)"
             raise PluginError(
-                f"hashFunc {number} (Go crypto.Hash) is not supported for {alg.name}; "
+                f"hashFunc {json.dumps(number)} (Go crypto.Hash) is not supported for "
+                f"{alg.name}; "
                 f"use {accepted}"
             )
         if digest_b64:
@@ -379,9 +380,9 @@ def handle(argv: list[str], stdin: BinaryIO) -> dict[str, Any]:
     if method not in ("createKey", "publicKey", "signMessage", "verifySignature"):
         raise PluginError(f"unsupported method {method!r}")
     ref = parse_key_ref(str(init.get("keyResourceID", "")))
-    hash_func = init.get("hashFunc", 0)
     cfg = _timeout(_remote.load_client_config(), request)
-    plugin = Plugin(ref, hash_func if isinstance(hash_func, int) else -1, cfg)
+    # As given (a bad one is reported as it was sent, when a message needs it).
+    plugin = Plugin(ref, init.get("hashFunc", 0), cfg)
     try:
         if method == "createKey":
             key = plugin.create_key(str(args.get("algorithm", "")))

@@ -119,6 +119,38 @@ def claim_address(listen: str | None) -> socket.socket | None:
     return claim
 
 
+def address(text: str) -> str:
+    """argparse type of --listen and --metrics-listen: HOST:PORT."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise argparse.ArgumentTypeError(f"must be HOST:PORT, not {text!r}")
+    return text
+
+
+def listen_flags(config: Config, path: Path, listen: str | None, metrics_listen: str | None,
+                 embedded_default: bool) -> Config:
+    """``config`` with --listen and --metrics-listen applied, for this run
+    only: the config file is not rewritten. A flag that changes an address
+    is said in one warning line, with where the saved one comes from."""
+    changed = {key: value for key, value in (("listen", listen), ("metrics_listen", metrics_listen))
+               if value is not None and value != getattr(config, key)}
+    if not changed:
+        return config
+    settings = {"listen": "server.listen", "metrics_listen": "metrics.listen"}
+    fields: dict[str, object] = {"config": str(path)}
+    fields.update({settings[key]: {"this_run": value, "config": getattr(config, key)}
+                   for key, value in changed.items()})
+    keep = f"to keep it, edit {' and '.join(settings[key] for key in changed)} in {path}"
+    if embedded_default and "listen" in changed:
+        keep += f" and server in {path.parent / 'client.toml'} (signerctl reads that one)"
+    log.warning(f"listen address given on the command line, for this run only; {keep}",
+                extra={"fields": fields})
+    from dataclasses import replace
+
+    return replace(config, listen=changed.get("listen", config.listen),
+                   metrics_listen=changed.get("metrics_listen", config.metrics_listen))
+
+
 # stop, stop, reload the policy and rotate the audit log
 _SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
 
@@ -210,14 +242,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", type=Path, help="signerd.toml (default: the embedded default)")
     p.add_argument("--state-dir", type=Path, help="state directory of the embedded default")
     p.add_argument(
-        "--listen",
-        default=embedded.DEFAULT_LISTEN,
-        help="listen address the embedded default is created with",
+        "--listen", type=address, metavar="HOST:PORT",
+        help="listen address for this run (default: the config's server.listen); the "
+        f"embedded default is created with it (default {embedded.DEFAULT_LISTEN})",
     )
     p.add_argument(
-        "--metrics-listen",
-        default=embedded.DEFAULT_METRICS_LISTEN,
-        help="metrics and health address the embedded default is created with",
+        "--metrics-listen", type=address, metavar="HOST:PORT",
+        help="metrics and health address for this run (default: the config's "
+        "metrics.listen); the embedded default is created with it "
+        f"(default {embedded.DEFAULT_METRICS_LISTEN})",
     )
     p.add_argument("--ready-file", type=Path, help="write {pid, ports} as JSON here once serving")
     p.add_argument("--debug", action="store_true", help="keep the process dumpable (core dumps)")
@@ -244,14 +277,16 @@ def main(argv: list[str] | None = None) -> int:
         path = args.config
         if path is None:
             state = args.state_dir or embedded.state_dir()
-            path = embedded.ensure(state, args.listen, args.metrics_listen)
+            path = embedded.ensure(state, args.listen or embedded.DEFAULT_LISTEN,
+                                   args.metrics_listen or embedded.DEFAULT_METRICS_LISTEN)
             log.info(
                 "embedded default",
                 extra={
                     "fields": {"state_dir": str(state), "client_config": str(state / "client.toml")}
                 },
             )
-        config = load_config(path)
+        config = listen_flags(load_config(path), path, args.listen, args.metrics_listen,
+                              embedded_default=args.config is None)
         if args.debug:
             from dataclasses import replace
 

@@ -195,13 +195,16 @@ class _Modules:
         with self._lock:
             lib, count = self._libs.get(path, (None, 0))
             if lib is None:
+                missing = _p11.missing_module(path)
+                if missing is not None:
+                    raise ConfigError(missing)
                 try:
                     lib = _p11.load(path)
                 except (pkcs11.PKCS11Error, _p11.P11Error, OSError) as e:
                     log.debug("cannot load a PKCS#11 module", extra={"fields": {
                         "module": path, "detail": _p11.failure_detail(e)}})
-                    why = _p11.failure_name(e) if isinstance(e, pkcs11.PKCS11Error) else str(e)
-                    raise ConfigError(f"cannot load PKCS#11 module {path}: {why}") from None
+                    raise ConfigError(
+                        f"cannot load PKCS#11 module {path}: {_p11.load_error(path, e)}") from None
             self._libs[path] = (lib, count + 1)
             if user is not None:
                 self._users.setdefault(path, []).append(user)

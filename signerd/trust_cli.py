@@ -70,7 +70,7 @@ from typing import Any, Protocol
 import grpc
 
 from signerd import embedded, signing
-from signerd._cliutil import add_client_options, connect, emit
+from signerd._cliutil import add_client_options, connect, emit, whole_number
 from signerd.client import Client
 from signerd.config import load_config
 from signerd.errors import FailedPrecondition, InvalidArgument, NotFound, SignerdError, quoted
@@ -102,6 +102,7 @@ SETTINGS_FILE = ".signerctl.json"
 STATE_FILE = ".trusted.json"
 NEW_KEY_ALGORITHM = "ecdsa-p256"  # what notary generates; every Notary client verifies it
 _DIGEST_RE = re.compile(r"(?:sha256:)?([0-9a-f]{64})")
+MAX_SIZE = (1 << 63) - 1  # bytes: a target's length is an int64 to Notary (Go)
 
 
 # --- signers ---------------------------------------------------------------------
@@ -1002,7 +1003,8 @@ def register(sub: Any) -> None:
     p = command(cmds, "sign", cmd_sign, "sign a tag")
     p.add_argument("ref", metavar="GUN:TAG")
     p.add_argument("--digest", required=True, help="manifest digest, sha256:HEX")
-    p.add_argument("--size", required=True, type=int, help="manifest size in bytes")
+    p.add_argument("--size", required=True, type=whole_number(0, MAX_SIZE, "bytes"),
+                   help="manifest size in bytes")
     p.add_argument(
         "--role", help="targets role (default: targets/releases if delegated, else targets)"
     )

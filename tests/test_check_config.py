@@ -157,6 +157,8 @@ CASES = [
     ("wrong-pin", None, _wrong_pin, "token online", "login refused (CKR_PIN_INCORRECT)"),
     ("module-missing", None, _token(module="/nonexistent/libpkcs11.so"), "token online",
      "PKCS#11 module /nonexistent/libpkcs11.so does not exist"),
+    ("module-a-directory", None, _token(module="/"), "token online",
+     "PKCS#11 module / is not a file"),
     ("module-not-pkcs11", None, _token(module="/bin/true"), "token online",
      "cannot load PKCS#11 module /bin/true"),
     ("token-not-found", None, _token(uri="pkcs11:token=no-such-token"), "token online",

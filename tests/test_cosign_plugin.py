@@ -40,7 +40,7 @@ def plugin_path() -> str:
     return found
 
 
-def args(method: str, ref: str, member: dict[str, Any], hash_func: int = 5,
+def args(method: str, ref: str, member: dict[str, Any], hash_func: int | str = 5,
          deadline: str | None = None) -> dict[str, Any]:
     """PluginArgs as cliplugin serializes them (common/interface.go)."""
     init: dict[str, Any] = {"protocolVersion": "v1", "keyResourceID": ref,
@@ -50,7 +50,7 @@ def args(method: str, ref: str, member: dict[str, Any], hash_func: int = 5,
     return {"initOptions": init, "methodName": method, method: member}
 
 
-def sign_options(digest: bytes | None = None, hash_func: int | None = None) -> dict[str, Any]:
+def sign_options(digest: bytes | None = None, hash_func: int | str | None = None) -> dict[str, Any]:
     """SignOptions/VerifyOptions as encoding.PackSignOptions writes them: SignMessage
     sends ``"digest": null``; the crypto.Signer path a digest and its hashFunc."""
     message: dict[str, Any] = {"digest": base64.b64encode(digest).decode() if digest else None}
@@ -212,11 +212,17 @@ def test_sign_refuses_what_the_key_cannot_sign(daemon: Daemon, config: Path) -> 
         (rsa_key.key_id, sign_options(hashlib.sha512(MESSAGE).digest(), 7), "use SHA-256 (5)"),
         (rsa_key.key_id, sign_options(digest[:20], 5), "digest is 20 bytes"),
         (rsa_key.key_id, sign_options(None, 3), "hashFunc 3 (Go crypto.Hash) is not supported"),
+        (rsa_key.key_id, sign_options(None, "five"), 'hashFunc "five" (Go crypto.Hash)'),
     ]
     for key_id, options, message in cases:
         response, _ = run(config, args("signMessage", key_id, {"signOptions": options}),
                           stdin=MESSAGE)
         assert message in response["errorMessage"], response
+    # Regression: an initOptions.hashFunc that is not a number was reported as -1.
+    response, _ = run(config, args("signMessage", rsa_key.key_id,
+                                   {"signOptions": sign_options()}, hash_func="five"),
+                      stdin=MESSAGE)
+    assert 'hashFunc "five" (Go crypto.Hash) is not supported' in response["errorMessage"]
 
 
 def test_errors_are_error_messages(daemon_factory: Any, tmp_path: Path) -> None:
@@ -225,6 +231,7 @@ def test_errors_are_error_messages(daemon_factory: Any, tmp_path: Path) -> None:
     runner = write_client_toml(d.client_config("runner"), tmp_path / "runner.toml")
     nowhere = dataclasses.replace(d.client_config(), server=f"127.0.0.1:{closed_port()}")
     down = write_client_toml(nowhere, tmp_path / "down.toml")
+    foreign = write_client_toml(d.client_config("foreign"), tmp_path / "foreign.toml")
     key = create(d, "ecdsa-p256")
     sign = args("signMessage", key.key_id, {"signOptions": sign_options()})
     past = (dt.datetime.now(dt.UTC) - dt.timedelta(seconds=5)).isoformat().replace("+00:00", "Z")
@@ -234,6 +241,9 @@ def test_errors_are_error_messages(daemon_factory: Any, tmp_path: Path) -> None:
         (runner, sign, "v1", f"Sign {key.key_id} failed with PERMISSION_DENIED"),
         (down, sign, "v1", f"signerd at {nowhere.server}: GetKey"),
         (down, sign, "v1", "UNAVAILABLE (is signerd running"),
+        # Regression: a client certificate signerd refuses asked "is signerd running".
+        (foreign, sign, "v1", "UNAVAILABLE (the TLS handshake failed: Socket closed: signerd "
+         "may not accept the client certificate; check the client config's ca, cert, key"),
         (tmp_path / "none.toml", sign, "v1", "no signerd client config at"),
         (admin, sign, "v2", "this plugin speaks v1"),
         (admin, args("decrypt", key.key_id, {}), "v1", "unsupported method 'decrypt'"),

@@ -117,6 +117,11 @@ def test_wrong_pin_stops_startup_with_a_clear_error(hsm: HSM, certs: PKI, tmp_pa
         ("plaintext-not-loopback", "dev_plaintext is allowed only on loopback"),
         ("no-tls", "needs [tls] cert, key and client_ca"),
         ("unknown-key", "unknown keys in [server]"),
+        ("threads-not-integer", "server.threads must be an integer, got '8'"),
+        # Regression: a start said "... an error the PKCS#11 module did not name".
+        ("module-missing", "PKCS#11 module /nonexistent/lib.so does not exist"),
+        ("module-a-directory", "PKCS#11 module / is not a file"),
+        ("module-not-a-library", "cannot load PKCS#11 module /etc/hostname: "),
     ],
 )
 def test_bad_config_is_one_clear_line(
@@ -131,6 +136,12 @@ def test_bad_config_is_one_clear_line(
         data["server"].update(dev_plaintext=True, listen="0.0.0.0:0")
     elif problem == "no-tls":
         del data["tls"]
+    elif problem == "threads-not-integer":
+        data["server"]["threads"] = "8"
+    elif problem.startswith("module-"):
+        data["tokens"][0]["module"] = {"module-missing": "/nonexistent/lib.so",
+                                       "module-a-directory": "/",
+                                       "module-not-a-library": "/etc/hostname"}[problem]
     else:
         data["server"]["lissten"] = "x"
     cfg = write_toml(tmp_path / "signerd.toml", data)
@@ -267,6 +278,110 @@ def test_every_cli_failure_is_one_line(cli_world: dict[str, str], tool: str,
     assert run.returncode != 0, run.stdout
     assert len(run.stderr.splitlines()) == 1 and run.stderr.endswith("\n"), run.stderr
     assert run.stderr.startswith(f"{tool}") and words in run.stderr, run.stderr
+
+
+# Usage errors: exit 2 before anything is read or reached. Regression: a
+# --timeout of -1, nan or 1e308 was taken, then blamed on the daemon.
+USAGE_ERRORS = [
+    ("timeout-negative", "signerctl", ("--timeout", "-1", "keys", "list"),
+     "signerctl: argument --timeout: must be seconds, a number more than 0 and at most 86400, "
+     "not '-1'"),
+    ("timeout-nan", "signerctl", ("keys", "list", "--timeout", "nan"),
+     "argument --timeout: must be seconds"),
+    ("timeout-huge", "signerctl", ("--timeout", "1e308", "keys", "list"),
+     "argument --timeout: must be seconds"),
+    ("timeout-trust", "signerctl", ("trust", "inspect", "docker.io/a/b", "--timeout", "-1"),
+     "argument --timeout: must be seconds"),
+    # Regression: 0 silently issued a 10-year certificate.
+    ("days-zero", "signerctl", ("keys", "certify", "ab" * 32, "--subject", "CN=x", "--days", "0"),
+     "argument --days: must be a whole number of days from 1 to 36500, not '0'; leave --days "
+     "out for the default"),
+    ("days-huge", "signerctl",
+     ("keys", "certify", "ab" * 32, "--subject", "CN=x", "--days", "36501"), "argument --days"),
+    # Regression: "length must not be negative", from the daemon's side.
+    ("size-negative", "signerctl",
+     ("trust", "sign", "docker.io/a/b:v1", "--digest", "sha256:" + "0" * 64, "--size", "-5"),
+     "argument --size: must be a whole number of bytes from 0 to"),
+    # Regression: "the following arguments are required: keys_cmd".
+    ("keys-no-command", "signerctl", ("keys",),
+     "signerctl keys: a command is required: create, list, show, delete, export or certify"),
+    ("no-command", "signerctl", (), "signerctl: a command is required: keys, tokens, sign"),
+    ("delegation-no-command", "signerctl", ("trust", "delegation"),
+     "signerctl trust delegation: a command is required: add or remove"),
+    ("signerd-no-command", "signerd", (),
+     "signerd: a command is required: check-config or serve"),
+    ("listen-not-an-address", "signerd", ("serve", "--listen", "4443"),
+     "argument --listen: must be HOST:PORT, not '4443'"),
+]
+
+
+@pytest.mark.parametrize(("tool", "args", "words"),
+                         [pytest.param(*case[1:], id=case[0]) for case in USAGE_ERRORS])
+def test_usage_errors_exit_2_in_one_line(tmp_path: Path, tool: str, args: tuple[str, ...],
+                                         words: str) -> None:
+    module = "signerd.cli" if tool == "signerctl" else "signerd.daemon"
+    run = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True,
+                         timeout=60, env={**os.environ, "SIGNERD_STATE_DIR": str(tmp_path)})
+    assert run.returncode == 2 and run.stdout == "", (run.returncode, run.stdout)
+    assert len(run.stderr.splitlines()) == 1 and words in run.stderr, run.stderr
+    assert not (tmp_path / "signerd.toml").exists()
+
+
+@pytest.mark.parametrize(("text", "words"), [
+    # Regression: "unexpected error: ValueError: could not convert string to float: 'soon'".
+    ('timeout = "soon"', "timeout must be seconds, a number more than 0 and at most 86400, "
+                         "got 'soon'"),
+    ("timeout = nan", "timeout must be seconds"),
+    ("timeout = -1", "timeout must be seconds"),
+    ('plaintext = "false"', "plaintext must be true or false, got 'false'"),  # was true
+    ("ca = 5", "ca must be a non-empty string, got 5"),
+    ("server_name = true", "server_name must be a non-empty string, got True"),
+])
+def test_a_bad_client_config_value_is_named(tmp_path: Path, text: str, words: str) -> None:
+    config = tmp_path / "client.toml"
+    config.write_text(f'server = "127.0.0.1:{_free_port()}"\n{text}\n')
+    run = _ctl({}, "--config", str(config), "keys", "list")
+    lines = run.stderr.decode().splitlines()
+    assert run.returncode == 1 and len(lines) == 1, lines
+    assert lines[0].startswith(f"signerctl: client config {config}: {words}"), lines
+
+
+def test_audit_verify_failures_are_one_line_on_stderr(tmp_path: Path) -> None:
+    """Regression: 'audit verify' printed its failures on stdout."""
+    torn = tmp_path / "torn.log"
+    torn.write_text('{"seq": 1')
+    for args in ([str(tmp_path / "missing.log")], [str(torn)], ["--json", str(torn)]):
+        run = _ctl({}, "audit", "verify", *args)
+        lines = run.stderr.decode().splitlines()
+        assert run.returncode == 1 and len(lines) == 1, (args, lines)
+        assert lines[0].startswith(f"signerctl: {args[-1]}: "), lines
+        if "--json" in args:  # the result document stays on stdout, as on success
+            assert json.loads(run.stdout)["ok"] is False
+        else:
+            assert run.stdout == b"", run.stdout
+
+
+def test_listen_flags_are_honoured_for_this_run(hsm: HSM, certs: PKI, tmp_path: Path) -> None:
+    """Regression: --listen and --metrics-listen were ignored once a config
+    existed; now they apply to this run, said in one warning line, and the
+    config file is left as it was."""
+    cfg = _config(hsm, certs, tmp_path, metrics=True)
+    before = cfg.read_text()
+    port, metrics_port = _free_port(), _free_port()
+    proc = spawn_daemon(cfg, tmp_path, args=("--listen", f"127.0.0.1:{port}",
+                                             "--metrics-listen", f"127.0.0.1:{metrics_port}"))
+    try:
+        assert (proc.info["tcp"], proc.info["metrics"]) == (port, metrics_port)
+        with _client(certs, port) as c:
+            assert c.list_tokens()
+    finally:
+        assert proc.stop() == 0
+    assert cfg.read_text() == before
+    said = [json.loads(line) for line in proc.log().splitlines()
+            if "for this run only" in line]
+    assert len(said) == 1 and said[0]["level"] == "warning", said
+    assert said[0]["server.listen"] == {"this_run": f"127.0.0.1:{port}", "config": "127.0.0.1:0"}
+    assert f"edit server.listen and metrics.listen in {cfg}" in said[0]["msg"]
 
 
 def test_an_unexpected_error_is_one_line_unless_debug(
@@ -530,10 +645,28 @@ def test_signerctl_says_what_to_check_in_one_line(hsm: HSM, certs: PKI, tmp_path
     common = ("--tls-cert", str(cert), "--tls-key", str(key), "--server-name", "localhost")
     try:
         other_ca = certs.files["foreign"][0]  # a certificate signerd's was not issued by
-        wrong = _ctl({}, "--server", f"127.0.0.1:{proc.info['tcp']}", "--tls-ca",
-                     str(other_ca), *common, "keys", "list")
+        at = ("--server", f"127.0.0.1:{proc.info['tcp']}")
+        wrong = _ctl({}, *at, "--tls-ca", str(other_ca), *common, "keys", "list")
+        # Regression: these two said "cannot reach signerd ...; is 'signerd serve' running".
+        foreign_cert, foreign_key = certs.files["foreign"]  # a client CA signerd does not trust
+        foreign = _ctl({}, *at, "--tls-ca", str(certs.ca_file), *common, "--tls-cert",
+                       str(foreign_cert), "--tls-key", str(foreign_key), "keys", "list")
+        misnamed = _ctl({}, *at, "--tls-ca", str(certs.ca_file), *common, "--server-name",
+                        "wrong.example", "keys", "list")
     finally:
         proc.stop()
+    for run, why in ((foreign, "(Socket closed: signerd may not accept the client certificate)"),
+                     (misnamed, "(Hostname Verification Check failed)")):
+        lines = run.stderr.decode().splitlines()
+        assert run.returncode == 1 and lines == [
+            f"signerctl: TLS handshake with signerd at 127.0.0.1:{proc.info['tcp']} failed "
+            f"{why}; check --tls-ca, --tls-cert, --tls-key and --server-name"], lines
+    log = [json.loads(line) for line in proc.log().splitlines()]
+    # a client's wrong server name is the client's mistake (gRPC logs it as an error)
+    assert [line["level"] for line in log if "No match found for server name" in
+            line["msg"]] == ["warning"], log
+    # gRPC's "Log level INFO is not suitable for production" (signerd sets INFO on purpose)
+    assert not [line for line in log if "not suitable for production" in line["msg"]]
     down = _ctl({}, "--server", f"127.0.0.1:{_free_port()}", "--tls-ca", str(certs.ca_file),
                 *common, "keys", "list")
     for run, start in ((wrong, "signerctl: TLS handshake with signerd at 127.0.0.1:"),

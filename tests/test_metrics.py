@@ -169,6 +169,15 @@ def test_core_log_lines_become_json_and_handshake_failures_are_counted() -> None
     assert (other["level"], other["msg"]) == ("error", "x\ufffd")
     assert json.loads(_corelog.translate(b"plain words\n"))["msg"] == "plain words"
     assert len(json.loads(_corelog.translate(b"y" * 5000))["msg"]) == 500
+    # signerd sets GRPC_VERBOSITY=INFO on purpose: gRPC's warning about it is dropped
+    assert _corelog.translate(
+        b"W1201 10:10:14.826000 22596 log.cc:102] Log level INFO is not suitable for "
+        b"production. Prefer WARNING or ERROR.\n") == b""
+    # a server name the client asked for and the certificate lacks: the client's mistake
+    misnamed = json.loads(_corelog.translate(
+        b"E1201 10:10:26.457000 22596 ssl_transport_security.cc:3238] No match found for "
+        b"server name: wrong.example\n"))
+    assert misnamed["level"] == "warning" and misnamed["msg"].endswith("wrong.example")
 
 
 @pytest.mark.parametrize("workers", [1, 2])

@@ -295,7 +295,7 @@ class TrustRepo:
         if len(digest) != 32:
             raise InvalidArgument("digest must be 32 bytes of SHA-256")
         if length < 0:
-            raise InvalidArgument("length must not be negative")
+            raise InvalidArgument(f"target size must not be negative, got {length}")
         at = now or datetime.now(UTC)
         keys, entry = self._role_keys(role)
         _metadata_id(keys, signer, role)  # refuse before touching anything
