@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import threading
 import time
 from collections.abc import Iterator
@@ -319,10 +320,11 @@ def test_open_streams_count_against_the_identity_limit(daemon_factory: Any,
                                                        engine: str) -> None:
     """A stream holds one of its identity's in-flight slots for its whole
     life, idle or not (in the threads engine it holds a handler thread as
-    long): with threads = 4 (limit 2), two idle streams of one identity leave
-    it no room, so its third stream and its next Sign are refused at once,
+    long): with a limit of 2, two idle streams of one identity leave it no
+    room, so its third stream and its next Sign are refused at once,
     audited, while another identity signs. Closing a stream frees its slot."""
-    d: Daemon = daemon_factory(server={"engine": engine, "threads": 4}, policy=POLICY)
+    d: Daemon = daemon_factory(server={"engine": engine, "threads": 8,
+                                       "max_inflight_per_identity": 2}, policy=POLICY)
     with d.client() as admin, d.client("runner") as runner:
         key = admin.create_key(unique_gun(), "targets/releases")
         release = threading.Event()
@@ -382,3 +384,80 @@ def test_stream_items_and_refused_streams_are_counted(daemon_factory: Any, certs
     assert count == {"OK": 2, "NOT_FOUND": 1, "UNAUTHENTICATED": 1}
     assert delta(before, after, "signerd_request_duration_seconds_count",
                  method="SignStream") == 3
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_streams_of_all_identities_hold_at_most_half_the_threads(daemon_factory: Any,
+                                                                 engine: str) -> None:
+    """threads = 4: two idle streams, one each of two identities, are all the
+    streams the server holds; a third (of either) is refused at once, while
+    unary calls of both are still answered."""
+    d: Daemon = daemon_factory(server={"engine": engine, "threads": 4}, policy=POLICY)
+    with d.client() as admin, d.client("runner") as runner:
+        key = admin.create_key(unique_gun(), "targets/releases")
+        release = threading.Event()
+
+        def held() -> Iterator[pb.SignRequest]:
+            yield pb.SignRequest(key_id=key.key_id, message=b"first")
+            release.wait(30)
+
+        streams = [c.stub.SignStream(held(), timeout=30) for c in (admin, runner)]
+        try:
+            for call in streams:
+                assert next(call).items[0].code == 0
+            err = rpc_error(lambda: list(runner.stub.SignStream(held(), timeout=30)))
+            assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "streams open" in err.details()
+            for c in (admin, runner):
+                start = time.monotonic()
+                assert c.sign(key.key_id, b"unary").signature
+                assert time.monotonic() - start < 5
+        finally:
+            release.set()
+            for call in streams:
+                list(call)
+        assert len(list(runner.sign_stream([pb.SignRequest(key_id=key.key_id,
+                                                           message=b"again")]))) == 1
+
+
+def test_a_cancelled_stream_stops_signing_its_round(daemon_factory: Any) -> None:
+    """Threads engine: a client that cancels while a round of slow (RSA-4096)
+    requests is being signed gets nothing more signed for it: the round stops
+    at the next request, and no signature is made that nobody receives."""
+    d: Daemon = daemon_factory(server={"engine": "threads"})
+    with d.client() as c:
+        key = c.create_key(unique_gun(), "targets", "rsa-4096")
+        before = len(sign_lines(d))
+        reqs = [pb.SignRequest(key_id=key.key_id, message=b"m%d" % i).SerializeToString()
+                for i in range(300)]
+        call = c.channel.stream_stream(SIGN_STREAM)(iter(reqs), timeout=60)
+        answered = len(pb.SignStreamResponse.FromString(next(call)).items)
+        call.cancel()
+        time.sleep(2)  # a round of 128 RSA-4096 signatures takes longer than this
+        signed = len(sign_lines(d)) - before
+        time.sleep(1)
+    assert len(sign_lines(d)) - before == signed  # nothing more after the cancel
+    assert signed <= answered + 3, (signed, answered)
+
+
+def test_stopping_waits_for_streams_before_closing_tokens_and_audit(
+        daemon_factory: Any, caplog: pytest.LogCaptureFixture) -> None:
+    """Threads engine: streams signing RSA-4096 rounds when the daemon stops
+    end before the tokens and the audit log close: no signature is made that
+    no audit line records."""
+    d: Daemon = daemon_factory(server={"engine": "threads"})
+    with d.client() as c:
+        key = c.create_key(unique_gun(), "targets", "rsa-4096")
+        reqs = [pb.SignRequest(key_id=key.key_id, message=b"m%d" % i).SerializeToString()
+                for i in range(300)]
+        calls = [c.channel.stream_stream(SIGN_STREAM)(iter(reqs), timeout=60)
+                 for _ in range(3)]
+        for call in calls:
+            next(call)
+        with caplog.at_level(logging.WARNING):
+            d.servers.stop(grace=0.5)
+        for call in calls:
+            call.cancel()
+    failed = [r.getMessage() for r in caplog.records
+              if "audit" in r.getMessage() or "still running" in r.getMessage()]
+    assert failed == []

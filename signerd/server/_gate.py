@@ -144,12 +144,17 @@ class Gate:
         audit: AuditLog | None,
         max_inflight: int,
         on_unavailable: Callable[[], None] = lambda: None,
+        max_streams: int | None = None,
     ) -> None:
         self.policy = policy
         self.audit = audit
         self.max_inflight = max_inflight
+        # Streams open at once, all identities together (None: no limit).
+        self.max_streams = max_streams
         self._inflight: Counter[str] = Counter()
+        self._streams = 0
         self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)  # notified when nothing is in flight
         self._on_unavailable = on_unavailable
 
     def _enter(self, identity: str) -> None:
@@ -167,6 +172,35 @@ class Gate:
             self._inflight[identity] -= 1
             if not self._inflight[identity]:
                 del self._inflight[identity]
+                if not self._inflight:
+                    self._idle.notify_all()
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds until no request or stream is in
+        flight; whether none is. For stopping: tokens and the audit log are
+        closed only after the handlers that use them are done."""
+        with self._idle:
+            return self._idle.wait_for(lambda: not self._inflight, timeout)
+
+    def _open_stream(self, identity: str) -> None:
+        with self._lock:
+            if self.max_streams is not None and self._streams >= self.max_streams:
+                raise ResourceExhausted(
+                    f"the server has {self._streams} streams open, its limit (half of "
+                    "server.threads, so that streams never hold every handler thread); "
+                    "retry later, or sign with Sign or SignBatch")
+            self._streams += 1
+        try:
+            self._enter(identity)
+        except ResourceExhausted:
+            with self._lock:
+                self._streams -= 1
+            raise
+
+    def _close_stream(self, identity: str) -> None:
+        with self._lock:
+            self._streams -= 1
+        self._leave(identity)
 
     def _audit_or_abort(self, context: grpc.ServicerContext, *lines: dict[str, object]) -> None:
         """Write the audit lines (one write for all of them); if they cannot
@@ -214,22 +248,23 @@ class Gate:
     @contextmanager
     def stream_slot(self, context: grpc.ServicerContext, caller: Caller,
                     operation: str) -> Iterator[None]:
-        """Hold one of ``caller``'s in-flight slots (max_inflight) for a
-        streaming call's whole life, open or idle, as the call holds a
-        handler thread for as long (threads engine). With none free, the
-        call is audited and refused RESOURCE_EXHAUSTED (context.abort
-        raises). The stream's items then take no slot of their own
-        (run_items)."""
+        """Hold one of ``caller``'s in-flight slots (max_inflight), and one of
+        the server's ``max_streams``, for a streaming call's whole life, open
+        or idle, as the call holds a handler thread for as long (threads
+        engine): streams of several identities together never take every
+        thread either. With none free, the call is audited and refused
+        RESOURCE_EXHAUSTED (context.abort raises). The stream's items then
+        take no slot of their own (run_items)."""
         start = time.perf_counter()
         try:
-            self._enter(caller.identity)
+            self._open_stream(caller.identity)
         except ResourceExhausted as e:
             self._refuse_call(context, operation, e, start, caller)
             raise AssertionError("unreachable: context.abort raises") from None
         try:
             yield
         finally:
-            self._leave(caller.identity)
+            self._close_stream(caller.identity)
 
     def decide(self, caller: Caller, operation: str, payload: bytes,
                work: Callable[[Scope], T], held: bool = False,
@@ -313,14 +348,21 @@ class Gate:
         caller: Caller,
         operation: str,
         items: Sequence[tuple[bytes, Callable[[Scope], T]]],
+        active: Callable[[], bool] = lambda: True,
     ) -> list[tuple[T | SignerdError, dict[str, object]]]:
         """Several requests of one streaming call, which holds its slot
         (stream_slot): each (payload, work) pair is decided on its own and
         gets its own audit line; the lines are written with one write before
         any result is returned. If they cannot be written, the call fails
-        closed (context.abort UNAVAILABLE)."""
-        decided = [self.decide(caller, operation, payload, work, held=True)
-                   for payload, work in items]
+        closed (context.abort UNAVAILABLE). Returns each item's outcome with
+        its audit line (written), in order; once ``active()`` is false (the
+        client has gone: cancelled, deadline passed, server stopping) the
+        items left are not signed, not audited and not returned."""
+        decided: list[tuple[T | SignerdError, dict[str, object]]] = []
+        for payload, work in items:
+            if not active():
+                break
+            decided.append(self.decide(caller, operation, payload, work, held=True))
         self._audit_or_abort(context, *(line for _, line in decided))
         if any(isinstance(o, Unavailable) for o, _ in decided):
             self._on_unavailable()

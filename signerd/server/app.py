@@ -166,6 +166,12 @@ class Servers:
             events = [s.stop(grace) for s in self.servers]
             for e in events:
                 e.wait()
+        # gRPC's stop cancels what is left after the grace period, but does
+        # not wait for handlers to return: a stream may be signing its round's
+        # next item. Tokens and the audit log close only once they are done.
+        if not self.gate.wait_idle(grace):
+            log.warning("requests still running after the grace period; closing the tokens "
+                        "and the audit log anyway")
         if self._health_thread is not None:  # a probe must not run into closing tokens
             self._health_thread.join(grace)
             if self._health_thread.is_alive():
@@ -318,6 +324,7 @@ def build(config: Config, service: KeyService) -> Servers:
         audit,
         config.inflight_limit,
         on_unavailable=lambda: holder["s"].update_health(),
+        max_streams=max(1, config.threads // 2),
     )
     too_high = config.inflight_warning()
     if too_high is not None:

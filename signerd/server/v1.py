@@ -243,12 +243,15 @@ class SignerServicer(pb_grpc.SignerServiceServicer):
         return self._run(context, "sign", digest_input, work)
 
     def sign_items(self, context: grpc.ServicerContext, caller: Caller,
-                   requests: Sequence[pb.SignRequest | SignerdError]) -> pb.SignStreamResponse:
+                   requests: Sequence[pb.SignRequest | SignerdError],
+                   active: Callable[[], bool] = lambda: True) -> pb.SignStreamResponse:
         """Answer requests of a SignStream call: each one authorized, signed
         and audited on its own (one audit line each, written together); one
         response holding one item per request, in the same order. A request that could not be
         decoded arrives as its InvalidArgument and is audited as refused.
-        Aborts the call (UNAVAILABLE) if the audit lines cannot be written."""
+        Aborts the call (UNAVAILABLE) if the audit lines cannot be written.
+        Once ``active()`` is false (the call is over) the requests left are
+        not signed: the response then holds fewer items."""
         def work_for(req: pb.SignRequest | SignerdError) -> Callable[[Scope], pb.SignResponse]:
             def work(scope: Scope) -> pb.SignResponse:
                 if isinstance(req, SignerdError):
@@ -258,7 +261,7 @@ class SignerServicer(pb_grpc.SignerServiceServicer):
 
         decided = self.gate.run_items(context, caller, "sign", [
             (b"" if isinstance(r, SignerdError) else (r.message or r.digest), work_for(r))
-            for r in requests])
+            for r in requests], active)
         for _, line in decided:  # each item counts as a request of its own
             metrics.child(metrics.REQUESTS, SERVICE, "SignStream", str(line["status"])).inc()
             _STREAM_LATENCY.observe(float(line["latency_ms"]) / 1000)  # type: ignore[arg-type]
@@ -286,7 +289,10 @@ class SignerServicer(pb_grpc.SignerServiceServicer):
         with self.gate.stream_slot(context, caller, "sign"), \
                 ReadAhead(request_iterator, ROUND_ITEMS, ROUND_BYTES, _request_size) as rounds:
             for requests in rounds:
-                yield self.sign_items(context, caller, requests)
+                response = self.sign_items(context, caller, requests, context.is_active)
+                if not context.is_active():  # the client has gone: sign nothing more
+                    return
+                yield response
 
     def CertifyKey(
         self, request: pb.CertifyKeyRequest, context: grpc.ServicerContext
