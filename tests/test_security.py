@@ -251,6 +251,31 @@ def test_a_token_the_caller_may_not_use_is_a_token_that_does_not_exist(
         assert list(c.list_keys(token="online"))
 
 
+def test_a_refused_create_names_the_role_token_only_to_those_who_may_use_it(
+        daemon_factory: Any) -> None:
+    """Regression (new-user trial): CreateKey without a token name was
+    refused with the policy's reason, which names the token signerd chose
+    for the role ('root', 'online') even to a caller that may use no token."""
+    from signerd.notary import signer_pb2 as npb
+    from signerd.notary import signer_pb2_grpc as npb_grpc
+    d = daemon_factory(policy=ONLINE_ONLY_POLICY)
+    with d.client("nobody") as c:
+        for role in ("root", "targets"):
+            v1 = rpc_error(lambda role=role: c.create_key("docker.io/acme/app", role))
+            notary = rpc_error(lambda role=role: npb_grpc.KeyManagementStub(c.channel).CreateKey(
+                npb.CreateKeyRequest(gun="docker.io/acme/app", role=role, algorithm="ecdsa"),
+                timeout=20))
+            for err in (v1, notary):
+                assert err.code() == grpc.StatusCode.PERMISSION_DENIED
+                assert "token 'root'" not in err.details()
+                assert "token 'online'" not in err.details()
+                assert f"the token for {role} keys" in err.details()
+    with d.client("dns-only") as c:  # may use 'online': it is told which token was meant
+        err = rpc_error(lambda: c.create_key("docker.io/other/app", "targets"))
+        assert err.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert "token 'online'" in err.details()
+
+
 def test_tokens_list_counts_only_the_keys_the_caller_may_read(daemon_factory: Any) -> None:
     """Regression (new-user trial): ListTokens' key_count counted every key on
     the token, including those the caller may not read."""

@@ -94,17 +94,25 @@ class Scope:
         return PermissionDenied(f"identity {quoted(self.caller.identity)} may not {action} {what} "
                                 f"over {self.caller.transport}: {reason}")
 
-    def authorize(self, gun: str, role: str, token: str = "", key: KeyEntry | None = None) -> None:
+    def authorize(self, gun: str, role: str, token: str = "", key: KeyEntry | None = None,
+                  token_chosen: bool = False) -> None:
         """Raise PermissionDenied unless the policy grants this operation on
         keys of ``gun``, ``role`` and ``token`` (or those of ``key``). For
         names the caller gave itself (a key to create); a request that names
-        a key by its ID uses :meth:`authorize_key`."""
+        a key by its ID uses :meth:`authorize_key`.
+
+        ``token_chosen``: signerd chose ``token`` (the role's token), the
+        caller did not name it; a refusal then names it only to a caller that
+        may use that token, so a stranger learns no token names."""
         if key is not None:
             self.key_id, gun, role, token = key.key_id, key.gun, key.role, key.token
         self.gun, self.role, self.token = gun, role, token
         decision = self._decide(self.operation, gun, role, token)
         if not decision.allowed:
-            raise self._denied(self.operation, gun, role, decision.reason)
+            reason = decision.reason
+            if token_chosen and not self.allowed_token(token):
+                reason = reason.replace(f"token {quoted(token)}", f"the token for {role} keys")
+            raise self._denied(self.operation, gun, role, reason)
 
     def authorize_key(self, key: KeyEntry, operation: str | None = None,
                       action: str | None = None) -> None:

@@ -151,7 +151,7 @@ class KeyManagementServicer(_Base):
             token = self.service.token_for_role(role).name
             # Authorize before looking for an unused key, so that a caller
             # the policy refuses learns nothing about existing keys.
-            scope.authorize(gun, role, token)
+            scope.authorize(gun, role, token, token_chosen=True)
             with _create_lock(gun, role, alg):
                 entry = self.service.find_unused(gun, role, alg)
                 if entry is not None:

@@ -113,7 +113,7 @@ class SignerServicer(pb_grpc.SignerServiceServicer):
             gun, role = validate_gun(request.gun), validate_role(request.role)
             parse_algorithm(request.algorithm)
             token = request.token or self.service.token_for_role(role).name
-            scope.authorize(gun, role, token)
+            scope.authorize(gun, role, token, token_chosen=not request.token)
             self._known_token(scope, token)
             entry = self.service.create_key(gun, role, request.algorithm, token)
             scope.key_id = entry.key_id
