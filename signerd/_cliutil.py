@@ -100,6 +100,7 @@ def client_config(args: argparse.Namespace) -> ClientConfig:
         key=args.tls_key or cfg.key,
         server_name=args.server_name or cfg.server_name,
         timeout=args.timeout or cfg.timeout,
+        plaintext=cfg.plaintext,
     )
 
 

@@ -21,6 +21,7 @@ from signerd.errors import ConfigError
 from signerd.profiles import PROFILE_NAMES, session_budget
 
 DEFAULT_MAX_MESSAGE_BYTES = 1 << 20
+MAX_MESSAGE_BYTES = 1 << 29  # gRPC lengths are 32-bit signed, and a response may be twice this
 
 
 @dataclass(frozen=True)
@@ -347,6 +348,13 @@ def parse_config(data: dict[str, Any], base: Path) -> Config:
         raise ConfigError("server.max_inflight_per_identity must be at least 1 (requests)")
     if not 0 < cfg.handshake_timeout <= 3600:
         raise ConfigError("server.handshake_timeout must be between 0 and 3600 seconds")
+    # NaN fails every comparison, so these checks refuse it too.
+    if not 0 < cfg.health_interval <= 3600:
+        raise ConfigError("server.health_interval must be more than 0 and at most 3600 (seconds)")
+    if not 1024 <= cfg.max_message_bytes <= MAX_MESSAGE_BYTES:
+        # gRPC reads -1 as "no limit": an unchecked value could turn the limit off.
+        raise ConfigError(f"server.max_message_bytes must be between 1024 and "
+                          f"{MAX_MESSAGE_BYTES} (bytes)")
     if cfg.max_connections < 1:
         raise ConfigError("server.max_connections must be at least 1")
     cfg = replace(cfg, tokens=tuple(replace(t, processes=cfg.workers) for t in cfg.tokens))

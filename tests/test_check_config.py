@@ -267,3 +267,26 @@ def test_changelog_and_license_match_the_package() -> None:
     assert "END OF TERMS AND CONDITIONS" in license_text
     assert 'license = "Apache-2.0"' in (root / "pyproject.toml").read_text()
     assert (root / "CHANGELOG.md").read_text().startswith("# Changelog")
+
+
+@pytest.mark.parametrize(("key", "value", "words"), [
+    ("health_interval", 0, "server.health_interval must be more than 0"),
+    ("health_interval", -1, "server.health_interval must be more than 0"),
+    ("health_interval", float("nan"), "server.health_interval must be more than 0"),
+    ("health_interval", 1e9, "server.health_interval must be more than 0"),
+    ("max_message_bytes", -1, "server.max_message_bytes must be between 1024"),
+    ("max_message_bytes", 0, "server.max_message_bytes must be between 1024"),
+    ("max_message_bytes", 1 << 31, "server.max_message_bytes must be between 1024"),
+])
+def test_numbers_that_would_switch_a_protection_off_are_refused(key: str, value: float,
+                                                                words: str) -> None:
+    """Regression (new-user trial): health_interval = 0 (or negative, or NaN)
+    made the health probe spin on a CPU, and max_message_bytes = -1 is
+    gRPC's 'no limit'; both were accepted."""
+    from signerd.config import ConfigError, parse_config
+    base = {"tokens": [{"name": "t", "module": "/m.so", "uri": "pkcs11:token=t",
+                        "pin_env": "P"}]}
+    with pytest.raises(ConfigError, match=words):
+        parse_config({**base, "server": {key: value}}, Path("/"))
+    good = {"health_interval": 5, "max_message_bytes": 4096}[key]
+    assert parse_config({**base, "server": {key: good}}, Path("/"))

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -474,6 +476,13 @@ def test_dev_plaintext_on_loopback_only(daemon_factory: Any) -> None:
         key = c.create_key(unique_gun(), "targets")
         assert c.sign(key.key_id, message=b"m").signature
     assert audit_lines(d)[-1]["identity"] == "dev:loopback"
+    # signerctl with plaintext = true in its client config (it was checked, then dropped)
+    config = d.workdir / "plaintext-client.toml"
+    config.write_text(f'server = "127.0.0.1:{d.port}"\nplaintext = true\n')
+    out = subprocess.run([sys.executable, "-m", "signerd.cli", "--config", str(config),
+                          "--json", "tokens", "list"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert {t["name"] for t in json.loads(out.stdout)} >= {"online"}
 
 
 def test_unwritable_audit_log_fails_requests_closed(daemon: Daemon) -> None:
