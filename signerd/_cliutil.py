@@ -8,7 +8,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from signerd.client import MAX_TIMEOUT, Client, ClientConfig, connect_failure, valid_timeout
+from signerd.client import (
+    MAX_TIMEOUT,
+    Client,
+    ClientConfig,
+    connect_failure,
+    valid_server,
+    valid_timeout,
+)
 
 
 class CliError(Exception):
@@ -65,11 +72,19 @@ def whole_number(low: int, high: int, unit: str, hint: str = "") -> Callable[[st
     return parse
 
 
+def server_address(value: str) -> str:
+    """argparse type for signerd's address (see signerd.client.valid_server)."""
+    if not valid_server(value):
+        raise argparse.ArgumentTypeError(
+            f"expected HOST:PORT or unix:/path/to/signerd.sock, got {value!r}")
+    return value
+
+
 def add_client_options(p: argparse.ArgumentParser, server_flag: str = "--server") -> None:
     """signerctl's options for reaching signerd. ``trust`` commands name the
     server flag ``--signerd``, since their ``--server`` is the Notary server."""
     p.add_argument("--config", type=Path, help="client config (default: the embedded daemon's)")
-    p.add_argument(server_flag, dest="server", metavar="HOST:PORT",
+    p.add_argument(server_flag, dest="server", metavar="HOST:PORT", type=server_address,
                    help="signerd: host:port (mutual TLS) or unix:/path/signerd.sock")
     p.add_argument("--tls-ca", type=Path, help="CA bundle that signed signerd's certificate")
     p.add_argument("--tls-cert", type=Path, help="client certificate")

@@ -28,6 +28,16 @@ CERTIFICATE_PROFILES = {
 MAX_TIMEOUT = 86400.0  # seconds: the longest timeout a client config or --timeout may set
 
 
+def valid_server(value: str) -> bool:
+    """Whether ``value`` is an address signerd's clients accept:
+    ``unix:/path`` (an absolute socket path) or ``HOST:PORT`` with a port
+    of 1-65535 (an IPv6 host in brackets, ``[::1]:4443``)."""
+    if value.startswith("unix:"):
+        return value[len("unix:"):].startswith("/")
+    host, sep, port = value.rpartition(":")
+    return bool(sep and host.strip("[]") and port.isdigit() and 0 < int(port) <= 65535)
+
+
 def valid_timeout(value: object) -> float | None:
     """``value`` as a call timeout in seconds, if it is a number (not a
     bool) more than 0 and at most :data:`MAX_TIMEOUT`; else None (NaN and
@@ -68,6 +78,8 @@ class ClientConfig:
             value = text(key)
             return path.parent / value if value is not None else None
 
+        if not valid_server(str(text("server"))):
+            raise bad("server", "HOST:PORT or unix:/path/to/signerd.sock")
         timeout = valid_timeout(data.get("timeout", 30.0))
         if timeout is None:
             raise bad("timeout", f"seconds, a number more than 0 and at most {MAX_TIMEOUT:g}")
@@ -223,9 +235,22 @@ class Client:
         in request order, as the answers arrive. ``timeout`` (seconds) bounds
         the whole call (default: none). Raises grpc.RpcError only for the
         call as a whole (UNAUTHENTICATED, UNAVAILABLE...); a bad request is
-        an item with its own code."""
-        for response in self.stub.SignStream(iter(requests), timeout=timeout):
+        an item with its own code. If ``requests`` itself raises, the stream
+        ends there (the requests before it are answered) and the exception is
+        raised here after their items; gRPC alone would end the call UNKNOWN
+        "Exception iterating requests!" and lose it."""
+        raised: list[Exception] = []
+
+        def feed() -> Iterator[pb.SignRequest]:
+            try:
+                yield from requests
+            except Exception as e:  # noqa: BLE001 - re-raised on the caller's thread
+                raised.append(e)
+
+        for response in self.stub.SignStream(feed(), timeout=timeout):
             yield from response.items
+        if raised:
+            raise raised[0]
 
     def certify_key(
         self,

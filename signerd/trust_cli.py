@@ -334,7 +334,7 @@ def _open_repo(args: argparse.Namespace, gun: str) -> TrustRepo:
     repo = TrustRepo(trust_dir(args), gun)
     if repo.read("root") is None:
         raise NotFound(
-            f"no trust data for {gun} in {repo.path.parent}: "
+            f"no trust data for {gun} in {trust_dir(args)}: "
             "run 'signerctl trust init' or 'signerctl trust pull' first"
         )
     return repo

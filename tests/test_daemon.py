@@ -290,6 +290,9 @@ USAGE_ERRORS = [
      "argument --timeout: must be seconds"),
     ("timeout-huge", "signerctl", ("--timeout", "1e308", "keys", "list"),
      "argument --timeout: must be seconds"),
+    # Regression (second trial): reached gRPC's resolver ("errors resolving nohostport").
+    ("server-no-port", "signerctl", ("--server", "nohostport", "keys", "list"),
+     "argument --server: expected HOST:PORT or unix:/path/to/signerd.sock, got 'nohostport'"),
     ("timeout-trust", "signerctl", ("trust", "inspect", "docker.io/a/b", "--timeout", "-1"),
      "argument --timeout: must be seconds"),
     # Regression: 0 silently issued a 10-year certificate.
@@ -344,6 +347,19 @@ def test_a_bad_client_config_value_is_named(tmp_path: Path, text: str, words: st
     lines = run.stderr.decode().splitlines()
     assert run.returncode == 1 and len(lines) == 1, lines
     assert lines[0].startswith(f"signerctl: client config {config}: {words}"), lines
+
+
+@pytest.mark.parametrize("server", ["nohostport", "host:", ":4443", "host:99999",
+                                    "unix:relative.sock"])
+def test_a_bad_server_in_client_config_is_named(tmp_path: Path, server: str) -> None:
+    """Regression (second trial): server = "nohostport" reached gRPC's resolver."""
+    config = tmp_path / "client.toml"
+    config.write_text(f'server = "{server}"\n')
+    run = _ctl({}, "--config", str(config), "keys", "list")
+    lines = run.stderr.decode().splitlines()
+    assert run.returncode == 1 and len(lines) == 1, lines
+    assert lines[0] == (f"signerctl: client config {config}: server must be HOST:PORT or "
+                        f"unix:/path/to/signerd.sock, got '{server}'"), lines
 
 
 def test_audit_verify_failures_are_one_line_on_stderr(tmp_path: Path) -> None:

@@ -461,3 +461,22 @@ def test_stopping_waits_for_streams_before_closing_tokens_and_audit(
     failed = [r.getMessage() for r in caplog.records
               if "audit" in r.getMessage() or "still running" in r.getMessage()]
     assert failed == []
+
+
+def test_a_request_iterator_that_raises_gets_its_own_exception_back(daemon: Daemon) -> None:
+    """Regression (second trial): Client.sign_stream with a generator that
+    raised ended in gRPC's UNKNOWN "Exception iterating requests!", and the
+    caller's exception was lost. The requests before it are answered."""
+    with daemon.client() as c:
+        key = c.create_key(unique_gun(), "targets")
+
+        def requests() -> Iterator[pb.SignRequest]:
+            yield pb.SignRequest(key_id=key.key_id, message=b"a")
+            yield pb.SignRequest(key_id=key.key_id, message=b"b")
+            raise LookupError("the caller's own failure")
+
+        got: list[pb.SignBatchItem] = []
+        with pytest.raises(LookupError, match="the caller's own failure"):
+            for item in c.sign_stream(requests(), timeout=30):
+                got.append(item)
+    assert codes(got) == ["OK", "OK"]

@@ -551,6 +551,13 @@ def test_argument_errors_are_one_line(tmp_path: Path, argv: list[str], message: 
     assert message in in_process(None, "", tmp_path).fails(*argv)
 
 
+def test_missing_trust_data_names_the_trust_directory(tmp_path: Path) -> None:
+    """Regression (second trial): the message named the GUN's parent directory
+    (trust/docker.io/test), neither the trust directory nor the repository's."""
+    message = in_process(None, "", tmp_path).fails("inspect", "docker.io/test/app:v1")
+    assert f"no trust data for docker.io/test/app in {tmp_path}:" in message
+
+
 @pytest.mark.parametrize(
     ("ref", "expected"),
     [
