@@ -30,10 +30,10 @@ MAX_TIMEOUT = 86400.0  # seconds: the longest timeout a client config or --timeo
 
 def valid_server(value: str) -> bool:
     """Whether ``value`` is an address signerd's clients accept:
-    ``unix:/path`` (an absolute socket path) or ``HOST:PORT`` with a port
-    of 1-65535 (an IPv6 host in brackets, ``[::1]:4443``)."""
+    ``unix:PATH`` (a socket path, as gRPC reads it) or ``HOST:PORT`` with a
+    port of 1-65535 (an IPv6 host in brackets, ``[::1]:4443``)."""
     if value.startswith("unix:"):
-        return value[len("unix:"):].startswith("/")
+        return len(value) > len("unix:")
     host, sep, port = value.rpartition(":")
     return bool(sep and host.strip("[]") and port.isdigit() and 0 < int(port) <= 65535)
 

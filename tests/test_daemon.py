@@ -350,7 +350,7 @@ def test_a_bad_client_config_value_is_named(tmp_path: Path, text: str, words: st
 
 
 @pytest.mark.parametrize("server", ["nohostport", "host:", ":4443", "host:99999",
-                                    "unix:relative.sock"])
+                                    "unix:"])
 def test_a_bad_server_in_client_config_is_named(tmp_path: Path, server: str) -> None:
     """Regression (second trial): server = "nohostport" reached gRPC's resolver."""
     config = tmp_path / "client.toml"
