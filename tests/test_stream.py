@@ -3,6 +3,7 @@ order; each request authorized and audited on its own. Both engines."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -56,6 +57,19 @@ roles = ["targets/releases"]
 def codes(items: list[pb.SignBatchItem]) -> list[str]:
     return [grpc.StatusCode(next(s for s in grpc.StatusCode if s.value[0] == i.code)).name
             for i in items]
+
+
+def raw_requests(key_id: str, n: int) -> list[bytes]:
+    """``n`` encoded SignRequests for ``key_id``, messages b"m0", b"m1", ..."""
+    return [pb.SignRequest(key_id=key_id, message=b"m%d" % i).SerializeToString()
+            for i in range(n)]
+
+
+def held_open(key_id: str, release: threading.Event) -> Iterator[pb.SignRequest]:
+    """A stream's requests: one, then none until ``release`` is set (at most
+    30 s): the stream stays open and idle."""
+    yield pb.SignRequest(key_id=key_id, message=b"first")
+    release.wait(30)
 
 
 def sign_lines(daemon: Daemon) -> list[dict[str, Any]]:
@@ -137,8 +151,7 @@ def test_requests_that_arrive_together_share_a_response(daemon_factory: Any) -> 
     with d.client() as c:
         key = c.create_key(unique_gun(), "targets")
         n = 300
-        reqs = [pb.SignRequest(key_id=key.key_id, message=b"m%d" % i).SerializeToString()
-                for i in range(n)]
+        reqs = raw_requests(key.key_id, n)
         before = len(sign_lines(d))
         call = c.channel.stream_stream(SIGN_STREAM)
         responses = [pb.SignStreamResponse.FromString(raw)
@@ -328,11 +341,7 @@ def test_open_streams_count_against_the_identity_limit(daemon_factory: Any,
     with d.client() as admin, d.client("runner") as runner:
         key = admin.create_key(unique_gun(), "targets/releases")
         release = threading.Event()
-
-        def held() -> Iterator[pb.SignRequest]:
-            yield pb.SignRequest(key_id=key.key_id, message=b"first")
-            release.wait(30)
-
+        held = functools.partial(held_open, key.key_id, release)
         streams = [admin.stub.SignStream(held(), timeout=30) for _ in range(2)]
         try:
             for call in streams:  # each handler is running: its first answer is back
@@ -396,11 +405,7 @@ def test_streams_of_all_identities_hold_at_most_half_the_threads(daemon_factory:
     with d.client() as admin, d.client("runner") as runner:
         key = admin.create_key(unique_gun(), "targets/releases")
         release = threading.Event()
-
-        def held() -> Iterator[pb.SignRequest]:
-            yield pb.SignRequest(key_id=key.key_id, message=b"first")
-            release.wait(30)
-
+        held = functools.partial(held_open, key.key_id, release)
         streams = [c.stub.SignStream(held(), timeout=30) for c in (admin, runner)]
         try:
             for call in streams:
@@ -428,8 +433,7 @@ def test_a_cancelled_stream_stops_signing_its_round(daemon_factory: Any) -> None
     with d.client() as c:
         key = c.create_key(unique_gun(), "targets", "rsa-4096")
         before = len(sign_lines(d))
-        reqs = [pb.SignRequest(key_id=key.key_id, message=b"m%d" % i).SerializeToString()
-                for i in range(300)]
+        reqs = raw_requests(key.key_id, 300)
         call = c.channel.stream_stream(SIGN_STREAM)(iter(reqs), timeout=60)
         answered = len(pb.SignStreamResponse.FromString(next(call)).items)
         call.cancel()
@@ -448,8 +452,7 @@ def test_stopping_waits_for_streams_before_closing_tokens_and_audit(
     d: Daemon = daemon_factory(server={"engine": "threads"})
     with d.client() as c:
         key = c.create_key(unique_gun(), "targets", "rsa-4096")
-        reqs = [pb.SignRequest(key_id=key.key_id, message=b"m%d" % i).SerializeToString()
-                for i in range(300)]
+        reqs = raw_requests(key.key_id, 300)
         calls = [c.channel.stream_stream(SIGN_STREAM)(iter(reqs), timeout=60)
                  for _ in range(3)]
         for call in calls:
