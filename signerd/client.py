@@ -13,7 +13,7 @@ from typing import Any
 import grpc
 
 from signerd import embedded
-from signerd.config import read_toml
+from signerd.config import is_host_port, read_toml
 from signerd.errors import ConfigError
 from signerd.v1 import signer_pb2 as pb
 from signerd.v1 import signer_pb2_grpc as pb_grpc
@@ -34,8 +34,7 @@ def valid_server(value: str) -> bool:
     port of 1-65535 (an IPv6 host in brackets, ``[::1]:4443``)."""
     if value.startswith("unix:"):
         return len(value) > len("unix:")
-    host, sep, port = value.rpartition(":")
-    return bool(sep and host.strip("[]") and port.isdigit() and 0 < int(port) <= 65535)
+    return is_host_port(value, listening=False)
 
 
 def valid_timeout(value: object) -> float | None:
@@ -78,7 +77,8 @@ class ClientConfig:
             value = text(key)
             return path.parent / value if value is not None else None
 
-        if not valid_server(str(text("server"))):
+        server = str(text("server"))
+        if not valid_server(server):
             raise bad("server", "HOST:PORT or unix:/path/to/signerd.sock")
         timeout = valid_timeout(data.get("timeout", 30.0))
         if timeout is None:
@@ -86,7 +86,7 @@ class ClientConfig:
         plaintext = data.get("plaintext", False)
         if not isinstance(plaintext, bool):
             raise bad("plaintext", "true or false")
-        return cls(str(text("server")), p("ca"), p("cert"), p("key"), text("server_name"),
+        return cls(server, p("ca"), p("cert"), p("key"), text("server_name"),
                    timeout, plaintext)
 
     @classmethod

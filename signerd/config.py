@@ -192,6 +192,15 @@ def warn_if_exposed(path: Path, what: str) -> None:
         )
 
 
+def is_host_port(text: str, *, listening: bool = True) -> bool:
+    """Whether ``text`` is ``HOST:PORT``: a host that is not empty (an IPv6
+    literal in brackets, ``[::1]:4443``) and a port of 1-65535, or 0 when
+    ``listening`` (the kernel then picks the port)."""
+    host, sep, port = text.rpartition(":")
+    return bool(sep and host.strip("[]") and port.isdigit()
+                and (0 if listening else 1) <= int(port) <= 65535)
+
+
 def is_loopback(host: str) -> bool:
     """Whether ``host``, the host part of a listen address (``server.listen``
     without ``:PORT``; an IPv6 literal without its brackets), is loopback: the
@@ -332,8 +341,7 @@ def parse_config(data: dict[str, Any], base: Path) -> Config:
     if metrics_table:
         raise ConfigError(f"unknown keys in [metrics]: {sorted(metrics_table)}")
     if metrics_listen is not None:
-        host, sep, port = metrics_listen.rpartition(":")
-        if not sep or not host or not port.isdigit() or int(port) > 65535:
+        if not is_host_port(metrics_listen):
             raise ConfigError(f"metrics.listen must be HOST:PORT, got {metrics_listen!r}")
         cfg = replace(cfg, metrics_listen=metrics_listen)
     if audit:

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from signerd import ArgumentParser, _sdnotify, add_version_flag, embedded, logs, one_line
-from signerd.config import Config, load_config
+from signerd.config import Config, is_host_port, load_config
 from signerd.errors import ConfigError, SignerdError, Unavailable
 
 if TYPE_CHECKING:
@@ -121,8 +121,7 @@ def claim_address(listen: str | None) -> socket.socket | None:
 
 def address(text: str) -> str:
     """argparse type of --listen and --metrics-listen: HOST:PORT."""
-    host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit() or int(port) > 65535:
+    if not is_host_port(text):
         raise argparse.ArgumentTypeError(f"must be HOST:PORT, not {text!r}")
     return text
 
