@@ -25,6 +25,7 @@ import grpc
 from signerd import metrics
 from signerd.audit import AuditLog
 from signerd.errors import (
+    InvalidArgument,
     NoSuchKey,
     PermissionDenied,
     ResourceExhausted,
@@ -229,19 +230,14 @@ class Gate:
         """Answer INVALID_ARGUMENT for a request whose bytes are not the
         method's message, after auditing it (the caller is not identified:
         its peer address is recorded). Raises, as context.abort does."""
-        request_id = secrets.token_hex(8)
-        self._audit_or_abort(context, {
-            "request_id": request_id, "identity": "", "peer": context.peer(),
-            "transport": "", "operation": method.rpartition("/")[2], "key_id": "", "gun": "",
-            "role": "", "token": "", "payload_sha256": "", "decision": "deny",
-            "status": "INVALID_ARGUMENT", "latency_ms": 0.0})
-        context.abort(grpc.StatusCode.INVALID_ARGUMENT, message)
+        self._refuse_call(context, method.rpartition("/")[2], InvalidArgument(message),
+                          time.perf_counter())
 
     def _refuse_call(self, context: grpc.ServicerContext, operation: str,
                      error: SignerdError, start: float, caller: Caller | None = None) -> None:
-        """Audit and refuse a whole call: one whose listener could not
-        identify the peer (``caller`` None), or a stream its identity has no
-        room for. Raises, as context.abort does."""
+        """Audit and refuse a whole call: one whose request does not decode
+        or whose listener could not identify the peer (``caller`` None), or
+        a stream there is no room for. Raises, as context.abort does."""
         status = code_for(error)
         self._audit_or_abort(context, {
             "request_id": secrets.token_hex(8),
