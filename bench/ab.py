@@ -75,7 +75,8 @@ def parse_assignment(text: str) -> tuple[str, Any]:
     """``name=value`` for one of TUNABLE, with the value in the field's type."""
     name, sep, value = text.partition("=")
     if sep and name == "tree":  # another checkout's signerd
-        if not (Path(value) / "signerd" / "daemon.py").is_file():
+        pkg = Path(value) / "signerd"  # signerd/daemon/ since the 2026-12 layout; daemon.py before
+        if not ((pkg / "daemon.py").is_file() or (pkg / "daemon" / "__main__.py").is_file()):
             raise argparse.ArgumentTypeError(f"tree: {value} is not a signerd checkout")
         return name, str(Path(value).resolve())
     if sep and name == "mode":  # the floor's gRPC stack (--floor only)

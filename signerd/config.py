@@ -18,7 +18,7 @@ from typing import Any
 from urllib.parse import unquote
 
 from signerd.errors import ConfigError
-from signerd.profiles import PROFILE_NAMES, session_budget
+from signerd.token.profiles import PROFILE_NAMES, session_budget
 
 DEFAULT_MAX_MESSAGE_BYTES = 1 << 20
 MAX_MESSAGE_BYTES = 1 << 29  # gRPC lengths are 32-bit signed, and a response may be twice this
@@ -70,7 +70,7 @@ class TokenConfig:
     pin_env: str | None = None
     sessions: int = 4  # pooled sessions: concurrent signing operations on this token
     roles: tuple[str, ...] = ("*",)  # roles whose new keys go here by default (globs)
-    # signerd.profiles name; None: chosen from the token's manufacturer at start
+    # signerd.token.profiles name; None: chosen from the token's manufacturer at start
     profile: str | None = None
     processes: int = 1  # serving processes, each with its own session pool (server.workers)
 
@@ -137,7 +137,7 @@ class Config:
     audit_file: Path | None = None
     # [audit] max_bytes: the audit log rotates once a line takes it to this
     # size (bytes) or more; None (unset) rotates only on SIGHUP. With workers,
-    # each worker's chain rotates at this size. See signerd/audit.py, Rotation.
+    # each worker's chain rotates at this size. See signerd/audit/, Rotation.
     audit_max_bytes: int | None = None
     debug: bool = False  # keep the process dumpable
     health_interval: float = 5.0

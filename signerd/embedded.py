@@ -94,7 +94,8 @@ def ensure(state: Path, listen: str = DEFAULT_LISTEN,
     if config.exists():
         return config
     # Imported here: a supervisor of workers loads neither, and starts them sooner.
-    from signerd import _p11, pki
+    from signerd import pki
+    from signerd.token import _p11
 
     module = softhsm_module()
     state.mkdir(parents=True, exist_ok=True, mode=0o700)

@@ -15,9 +15,9 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa, utils
 
-from signerd import _p11
 from signerd.errors import InvalidArgument
 from signerd.keys import Algorithm, load_public_key
+from signerd.token import _p11
 
 
 class Encoding(Enum):

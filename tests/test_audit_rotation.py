@@ -1,4 +1,4 @@
-"""Audit log rotation that keeps the chain (signerd/audit.py, Rotation).
+"""Audit log rotation that keeps the chain (signerd/audit/, Rotation).
 
 The first half drives AuditLog directly: names, the rotation record, size
 rotation, crash recovery, and verify_files naming a missing, reordered,

@@ -16,11 +16,11 @@ import pytest
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric import utils
 
-from signerd import _layout, _p11, signing
+from signerd import signing
 from signerd.config import parse_config
 from signerd.keys import ALGORITHMS, key_id, parse_algorithm
 from signerd.service import KeyService
-from signerd.token import MODULES, Token, _SharedLock
+from signerd.token import MODULES, Token, _layout, _p11, _SharedLock
 from signerd.v1 import signer_pb2 as pb
 from tests.conftest import (
     Daemon,

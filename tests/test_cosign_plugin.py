@@ -23,7 +23,7 @@ import pytest
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa, utils
 
-from signerd.cosign_plugin import ALGORITHMS
+from signerd.adapters.cosign import ALGORITHMS
 from tests.adapter_helpers import RUNNER_READS_POLICY, closed_port, write_client_toml
 from tests.conftest import Daemon, unique_gun
 

@@ -402,7 +402,7 @@ def test_listen_flags_are_honoured_for_this_run(hsm: HSM, certs: PKI, tmp_path: 
 
 def test_an_unexpected_error_is_one_line_unless_debug(
         monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
-    from signerd import cli
+    from signerd.cli import signerctl as cli
 
     def broken(args: Any) -> None:  # a bug in a command
         raise RuntimeError("no such thing\nsecond line")
@@ -741,7 +741,7 @@ def test_verify_with_a_public_key_file_needs_no_daemon(
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec
 
-    from signerd import cli
+    from signerd.cli import signerctl as cli
 
     monkeypatch.setenv("SIGNERD_STATE_DIR", str(tmp_path / "no-client-config"))
     monkeypatch.delenv("SIGNERCTL_CONFIG", raising=False)

@@ -200,7 +200,7 @@ def test_sd_notify_ready_reload_stopping(hsm: HSM, certs: PKI, tmp_path: Path, w
 
 
 def test_no_notify_socket_means_no_notification(hsm: HSM, certs: PKI, tmp_path: Path) -> None:
-    from signerd import _sdnotify
+    from signerd.daemon import _sdnotify
 
     assert not _sdnotify.notify(_sdnotify.READY)  # pytest runs without NOTIFY_SOCKET
     cfg = write_toml(tmp_path / "signerd.toml", daemon_config(hsm, certs, tmp_path))

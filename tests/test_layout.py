@@ -1,4 +1,4 @@
-"""The on-token key layout (signerd._layout) and token capabilities (signerd.profiles).
+"""The on-token key layout (signerd.token._layout) and token capabilities (signerd.token.profiles).
 
 CKA_EC_POINT vectors are real public keys made with ``cryptography``, in both
 forms modules return them: the bare point and the DER OCTET STRING.
@@ -14,10 +14,10 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from hypothesis import given
 from hypothesis import strategies as st
 
-from signerd import _layout
 from signerd.config import ConfigError, parse_config
 from signerd.keys import ALGORITHMS, KeyID
-from signerd.profiles import (
+from signerd.token import _layout
+from signerd.token.profiles import (
     CKM_EC_KEY_PAIR_GEN,
     CKM_ECDSA,
     CKM_RSA_PKCS,

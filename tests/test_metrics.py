@@ -149,7 +149,7 @@ def test_unknown_methods_are_not_counted_as_answered(metered: Daemon) -> None:
 def test_core_log_lines_become_json_and_handshake_failures_are_counted() -> None:
     from prometheus_client import REGISTRY
 
-    from signerd import _corelog
+    from signerd.daemon import _corelog
 
     def failures() -> float:
         return REGISTRY.get_sample_value("signerd_tls_handshake_failures_total") or 0.0

@@ -35,8 +35,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa, utils
 from cryptography.hazmat.primitives.serialization import load_der_public_key
 
 from signerd import signing
+from signerd.adapters.notation import SPEC_ALGORITHMS
 from signerd.keys import parse_algorithm
-from signerd.notation_plugin import SPEC_ALGORITHMS
 from tests.adapter_helpers import closed_port, write_client_toml
 from tests.conftest import ADMIN_POLICY, RUNNER, Daemon, rpc_error, unique_gun
 from tests.test_certify import SUBJECT, verify_notary_chain
@@ -57,7 +57,7 @@ def run(command: str, request: dict[str, Any] | bytes, config: Path | None,
     env.pop("SIGNERCTL_CONFIG", None)
     if config is not None:
         env["SIGNERCTL_CONFIG"] = str(config)
-    proc = subprocess.run([sys.executable, "-m", "signerd.notation_plugin", command, *args],
+    proc = subprocess.run([sys.executable, "-m", "signerd.adapters.notation", command, *args],
                           input=stdin, capture_output=True, timeout=120, env=env)
     if proc.returncode == 0:
         assert proc.stderr == b"", proc.stderr

@@ -18,8 +18,9 @@ import grpc
 import pytest
 
 from bench import _proc
-from signerd import _workers, audit, signing
+from signerd import audit, signing
 from signerd.config import load_config, parse_config
+from signerd.daemon import _workers
 from signerd.errors import ConfigError
 from signerd.keys import parse_algorithm
 from signerd.token import Token

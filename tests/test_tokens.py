@@ -25,11 +25,11 @@ import pkcs11
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from signerd import _p11, signing
+from signerd import signing
 from signerd.keys import ALGORITHMS, parse_algorithm
 from signerd.notary import signer_pb2 as npb
 from signerd.notary import signer_pb2_grpc as npb_grpc
-from signerd.token import MODULES
+from signerd.token import MODULES, _p11
 from tests import _tpm
 from tests.conftest import HSM, PKI, Daemon, rpc_error, unique_gun
 from tests.test_core import token_dir
@@ -417,8 +417,8 @@ def test_tokens_list_needs_read_on_the_token(dut: Daemon) -> None:
 def _make_layout_1_key(session: Any, gun: str, role: str) -> str:
     """A P-256 key as signerd 0.1 wrote it: CKA_ID = the 32-byte key ID, and
     a JSON CKA_LABEL set after generation."""
-    from signerd import _layout
     from signerd.keys import key_id, tuf_public_bytes
+    from signerd.token import _layout
 
     A = pkcs11.Attribute
     alg = ALGORITHMS["ecdsa-p256"]

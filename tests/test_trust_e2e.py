@@ -32,7 +32,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID, SignatureAlgorithmOID
 
-from signerd import cli, pki
+from signerd import pki
+from signerd.cli import signerctl as cli
+from signerd.cli.trust import RemoteSigner, split_reference
 from signerd.client import channel
 from signerd.config import parse_config
 from signerd.notary import signer_pb2 as npb
@@ -50,7 +52,6 @@ from signerd.trust import (
     verify_role,
     x509_key_id,
 )
-from signerd.trust_cli import RemoteSigner, split_reference
 from tests.conftest import (
     ADMIN,
     HSM,

@@ -57,8 +57,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from signerd import _sdnotify
 from signerd.config import Config
+from signerd.daemon import _sdnotify
 from signerd.errors import ConfigError
 
 log = logging.getLogger("signerd")

@@ -360,7 +360,7 @@ def _audit(report: _Report, config: Config) -> None:
     if config.audit_file is None:
         report.warn("audit", "no [audit] file: requests are not audited")
         return
-    from signerd._workers import worker_audit_file
+    from signerd.daemon._workers import worker_audit_file
 
     files = ([config.audit_file] if config.workers == 1 else
              [worker_audit_file(config.audit_file, i) for i in range(1, config.workers + 1)])
@@ -410,8 +410,8 @@ def _pin_source(report: _Report, tc: TokenConfig) -> bool:
 @contextmanager
 def _opened(report: _Report, tc: TokenConfig) -> Iterator[Token | None]:
     """The token, opened as a start opens it (None after an error), closed after."""
-    from signerd._p11 import missing_module
     from signerd.token import Token
+    from signerd.token._p11 import missing_module
 
     subject = f"token {tc.name}"
     missing = missing_module(tc.module)
@@ -440,7 +440,7 @@ def _opened(report: _Report, tc: TokenConfig) -> Iterator[Token | None]:
 
 
 def _tokens(report: _Report, config: Config) -> None:
-    from signerd.profiles import session_budget
+    from signerd.token.profiles import session_budget
 
     with ExitStack() as stack:  # every token stays open until all are checked
         opened: list[Token] = []

@@ -74,7 +74,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa, utils
 
-from signerd import _remote, keys
+from signerd import keys
+from signerd.adapters import _remote
 from signerd.client import Client, ClientConfig
 from signerd.errors import InvalidArgument, SignerdError, quoted
 from signerd.keys import Algorithm, KeyID

@@ -80,7 +80,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa, utils
 
-from signerd import _remote, certs
+from signerd import certs
+from signerd.adapters import _remote
 from signerd.client import Client, ClientConfig
 from signerd.errors import ConfigError, InvalidArgument, quoted
 from signerd.keys import validate_key_id

@@ -2,7 +2,7 @@
 failures turned into one line that names the status.
 
 Used by :mod:`signerd.tuf_signer` (python-tuf / securesystemslib) and
-:mod:`signerd.cosign_plugin` (cosign's KMS plugin). Each adapter converts
+:mod:`signerd.adapters.cosign` (cosign's KMS plugin). Each adapter converts
 :class:`RemoteError` into its own ecosystem's error type.
 """
 

@@ -12,7 +12,7 @@ failure makes the token unusable until a reconnect succeeds. A key search
 whose token stops answering meanwhile is not believed either, so a token
 that goes away never turns known keys into NOT_FOUND.
 
-How keys and their metadata sit on the token is :mod:`signerd._layout`'s
+How keys and their metadata sit on the token is :mod:`signerd.token._layout`'s
 business; there is no other database, so a restarted daemon, or a second
 daemon on the same token, sees the same keys.
 """
@@ -26,13 +26,11 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pkcs11
 from pkcs11 import Attribute, CertificateType, KeyType, Mechanism, ObjectClass
 
-from signerd import _layout, _p11
-from signerd.config import TokenConfig
 from signerd.errors import (
     ConfigError,
     FailedPrecondition,
@@ -43,7 +41,11 @@ from signerd.errors import (
     Unavailable,
 )
 from signerd.keys import Algorithm, KeyID, key_id, tuf_public_bytes
-from signerd.profiles import PROFILES, MechanismInfo, Profile, detect, supported_algorithms
+from signerd.token import _layout, _p11
+from signerd.token.profiles import PROFILES, MechanismInfo, Profile, detect, supported_algorithms
+
+if TYPE_CHECKING:  # annotations only: signerd.config imports signerd.token.profiles
+    from signerd.config import TokenConfig
 
 log = logging.getLogger("signerd.token")
 
@@ -728,11 +730,11 @@ class Token:
 
     def _read_keys(self, s: Any, only: KeyID | None = None) -> dict[KeyID, KeyEntry]:
         """Read signerd's keys on the token, in either layout
-        (:mod:`signerd._layout`): every key, or only key ``only``.
+        (:mod:`signerd.token._layout`): every key, or only key ``only``.
 
         One pass over the private keys (handles, CKA_ID, CKA_LABEL), one over
         the data objects (metadata), one over the public keys (key material),
-        through the ctypes calls of :mod:`signerd._p11`, with one
+        through the ctypes calls of :mod:`signerd.token._p11`, with one
         C_GetAttributeValue per object: with SoftHSM's file store each call
         costs about 70 µs whatever it reads, and python-pkcs11's
         ``get_objects`` makes several calls per object. A result is believed
@@ -1098,7 +1100,7 @@ class Token:
     def certificates(self, kid: KeyID) -> list[bytes]:
         """The DER X.509 certificates stored for key ``kid``: the values of
         the CKO_CERTIFICATE objects of type CKC_X_509 with the key pair's
-        CKA_ID (one, when only signerd writes them; see :mod:`signerd._layout`).
+        CKA_ID (one, when only signerd writes them; see :mod:`signerd.token._layout`).
         Nothing is checked here: the caller compares each certificate's
         public key with the key's.
 
@@ -1134,7 +1136,7 @@ class Token:
         """Store ``der`` (a DER X.509 certificate) as key ``kid``'s
         certificate, replacing the ones it had: a CKO_CERTIFICATE object of
         type CKC_X_509 with the key pair's CKA_ID, public, labelled by
-        :func:`signerd._layout.cert_label`. ``subject`` and ``issuer`` are the
+        :func:`signerd.token._layout.cert_label`. ``subject`` and ``issuer`` are the
         certificate's DER Names and ``serial`` the DER INTEGER of its serial
         number, as CKA_SUBJECT, CKA_ISSUER and CKA_SERIAL_NUMBER hold them
         (PKCS#11 v2.40 §4.6.3).

@@ -7,12 +7,12 @@
 With no --config, serves the embedded default (see signerd/embedded.py).
 SIGTERM and SIGINT stop gracefully: in-flight requests finish, then sessions
 are closed and the PKCS#11 modules finalised. SIGHUP reloads the policy and
-rotates the audit log (signerd/audit.py, Rotation). Under systemd
+rotates the audit log (signerd/audit/, Rotation). Under systemd
 (``Type=notify``) it reports READY=1 once serving, RELOADING=1 and READY=1
-around a SIGHUP, and STOPPING=1 (signerd/_sdnotify.py). With ``[server]
+around a SIGHUP, and STOPPING=1 (signerd/daemon/_sdnotify.py). With ``[server]
 workers = N`` (N > 1) this process supervises N worker processes sharing
-the port; see signerd/_workers.py. ``check-config`` loads and checks
-everything a start would, serving nothing (signerd/_checkconfig.py).
+the port; see signerd/daemon/_workers.py. ``check-config`` loads and checks
+everything a start would, serving nothing (signerd/daemon/_checkconfig.py).
 
 Exit status of ``serve``: 0 after a clean stop; 2 for a config fault or a
 PIN the token refused (no restart can fix those: the systemd unit's
@@ -36,8 +36,10 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from signerd import ArgumentParser, _sdnotify, add_version_flag, embedded, logs, one_line
+from signerd import ArgumentParser, add_version_flag, embedded, one_line
 from signerd.config import Config, is_host_port, load_config
+from signerd.daemon import _logs as logs
+from signerd.daemon import _sdnotify
 from signerd.errors import ConfigError, SignerdError, Unavailable
 
 if TYPE_CHECKING:
@@ -179,7 +181,7 @@ def serve(config: Config, ready_file: Path | None = None) -> int:
     # did: a SIGHUP or a SIGTERM could be lost.
     signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
     # gRPC's core logs to fd 2 on its own: its lines become JSON lines too.
-    from signerd import _corelog
+    from signerd.daemon import _corelog
 
     restore_stderr = _corelog.route_stderr()
     try:
@@ -225,7 +227,7 @@ def _serve(config: Config, ready_file: Path | None) -> int:
 def main(argv: list[str] | None = None) -> int:
     # gRPC's core reports a failed TLS handshake only at INFO, and reads this
     # when grpc is first imported (not yet: only serve() imports it). signerd
-    # turns those lines into JSON lines and counts them (signerd._corelog), so
+    # turns those lines into JSON lines and counts them (signerd.daemon._corelog), so
     # an inherited GRPC_VERBOSITY=NONE or ERROR must not hide them.
     os.environ["GRPC_VERBOSITY"] = "INFO"
     parser: argparse.ArgumentParser = ArgumentParser(
@@ -261,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--supervisor-pid", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.command == "check-config":
-        from signerd import _checkconfig
+        from signerd.daemon import _checkconfig
 
         logs.setup("error")  # findings are printed; the loaders' info lines are noise here
         path = args.config or (args.state_dir or embedded.state_dir()) / "signerd.toml"
@@ -291,13 +293,13 @@ def main(argv: list[str] | None = None) -> int:
 
             config = replace(config, debug=True)
         if args.worker is not None:
-            from signerd import _workers
+            from signerd.daemon import _workers
 
             _workers.become_worker(args.worker, args.supervisor_pid)
             config = _workers.worker_config(config, args.worker, args.worker_listen)
             pin_cpu(config, args.worker)
         elif config.workers > 1:
-            from signerd import _workers
+            from signerd.daemon import _workers
 
             worker_args = ["--log-level", args.log_level, *(["--debug"] if args.debug else [])]
             claim = claim_address(config.listen)  # held until the supervisor exits
@@ -322,7 +324,3 @@ def main(argv: list[str] | None = None) -> int:
         print(f"signerd: unexpected error: {type(e).__name__}: {one_line(str(e))} "
               "(--log-level debug shows where)", file=sys.stderr)
         return 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

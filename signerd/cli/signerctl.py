@@ -24,8 +24,10 @@ from typing import Any  # noqa: E402
 import grpc  # noqa: E402
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 
-from signerd import ArgumentParser, add_version_flag, one_line, signing, trust_cli
-from signerd._cliutil import (
+from signerd import ArgumentParser, add_version_flag, one_line, signing
+from signerd.certs import MAX_DAYS
+from signerd.cli import trust as trust_cli
+from signerd.cli._util import (
     CliError,
     add_client_options,
     client_config,
@@ -34,7 +36,6 @@ from signerd._cliutil import (
     rpc_error_line,
     whole_number,
 )
-from signerd.certs import MAX_DAYS
 from signerd.errors import ConfigError, InvalidArgument, SignerdError
 from signerd.keys import (
     ALGORITHMS,
@@ -502,7 +503,3 @@ def _run(args: argparse.Namespace) -> int:
     except BrokenPipeError:
         return 1
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -70,7 +70,7 @@ from typing import Any, Protocol
 import grpc
 
 from signerd import embedded, signing
-from signerd._cliutil import add_client_options, connect, emit, whole_number
+from signerd.cli._util import add_client_options, connect, emit, whole_number
 from signerd.client import Client
 from signerd.config import load_config
 from signerd.errors import FailedPrecondition, InvalidArgument, NotFound, SignerdError, quoted
