@@ -4,6 +4,7 @@
 #   ./dev.sh serve   install SoftHSM + signerd, start the daemon on its embedded default
 #   ./dev.sh test    install SoftHSM + signerd + test tools, run the whole test suite
 #   ./dev.sh bench   install, then run the benchmark (writes bench/results/latest.json)
+#   ./dev.sh packages serve|test   print the Debian packages that command installs, one a line
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -15,8 +16,9 @@ APT_PACKAGES=(softhsm2 opensc python3 python3-venv python3-pip)
 # systemd-analyze and logrotate check the shipped unit and logrotate snippet (deploy/).
 APT_TEST_PACKAGES=(swtpm swtpm-tools tpm2-tools libtpm2-pkcs11-1 libtpm2-pkcs11-tools
                    tpm2-abrmd libtss2-tcti-tabrmd0 dbus-daemon dbus-bin systemd logrotate)
-# The benchmark's Go peer: stock notary-signer (/usr/bin/notary-signer), driven like signerd.
-APT_BENCH_PACKAGES=(notary)
+# The benchmark's Go peer, stock notary-signer (/usr/bin/notary-signer): tests/test_bench.py
+# runs the benchmark, so the test command installs it too.
+APT_TEST_PACKAGES+=(notary)
 APT_LOCK_WAIT=900  # seconds apt-get waits for another apt or dpkg to finish
 VENV=${SIGNERD_VENV:-.venv}
 
@@ -70,12 +72,19 @@ case "${1:-}" in
         ;;
     bench)
         shift
-        install_system "${APT_PACKAGES[@]}" "${APT_TEST_PACKAGES[@]}" "${APT_BENCH_PACKAGES[@]}"
+        install_system "${APT_PACKAGES[@]}" "${APT_TEST_PACKAGES[@]}"
         install_python "[test]"
         exec "$VENV/bin/python" -m bench.run "$@"
         ;;
+    packages)  # tests/test_install.py checks the suite's programs against this list
+        case "${2:-}" in
+            serve) printf '%s\n' "${APT_PACKAGES[@]}" ;;
+            test) printf '%s\n' "${APT_PACKAGES[@]}" "${APT_TEST_PACKAGES[@]}" ;;
+            *) echo "usage: ./dev.sh packages serve|test" >&2; exit 2 ;;
+        esac
+        ;;
     *)
-        echo "usage: ./dev.sh serve|test|bench [args...]" >&2
+        echo "usage: ./dev.sh serve|test|bench|packages [args...]" >&2
         exit 2
         ;;
 esac
