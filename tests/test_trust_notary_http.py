@@ -5,7 +5,10 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import socket
-from collections.abc import Iterator
+import ssl
+import threading
+import time
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -18,11 +21,14 @@ from cryptography.x509.oid import NameOID
 from signerd.errors import InvalidArgument, NotFound
 from signerd.trust import (
     Envelope,
+    FileMeta,
     MetadataNotFound,
     NotaryClient,
     NotaryServerError,
     SoftwareSigner,
     TrustRepo,
+    VerificationError,
+    sign_envelope,
     signer_key,
     verify_repository,
 )
@@ -344,3 +350,187 @@ def test_https_with_ca_file(tmp_path: Path) -> None:
         with pytest.raises(NotaryServerError, match="cannot reach notary server") as err:
             NotaryClient(srv.url).get(GUN, "root")
         assert "CERTIFICATE_VERIFY_FAILED" in _one_line(err.value)
+
+
+# --- a hostile server (issue 22 §3) ---------------------------------------------------
+
+
+class _Recorder:
+    """A plain HTTP listener on loopback that records every request's header block and
+    answers each with ``answer(path)``: raw bytes to send, or a list of (delay, bytes)
+    chunks sent one after another."""
+
+    def __init__(self, answer: Callable[[str], bytes | list[tuple[float, bytes]]],
+                 tls: ssl.SSLContext | None = None) -> None:
+        self.answer = answer
+        self.tls = tls
+        self.seen: list[bytes] = []
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.sock.settimeout(0.1)
+        self.port = self.sock.getsockname()[1]
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+
+    def __enter__(self) -> _Recorder:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join(5)
+        self.sock.close()
+
+    def _serve(self) -> None:
+        while not self.stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except TimeoutError:
+                continue
+            threading.Thread(target=self._one, args=(conn,), daemon=True).start()
+
+    def _one(self, conn: socket.socket) -> None:
+        with conn:
+            conn.settimeout(5)
+            if self.tls is not None:
+                try:
+                    conn = self.tls.wrap_socket(conn, server_side=True)
+                except OSError:
+                    return
+            head = b""
+            while b"\r\n\r\n" not in head:
+                chunk = conn.recv(4096)
+                if not chunk:
+                    return
+                head += chunk
+            self.seen.append(head)
+            path = head.split(b" ", 2)[1].decode()
+            answer = self.answer(path)
+            try:
+                for delay, data in [(0.0, answer)] if isinstance(answer, bytes) else answer:
+                    if self.stop.wait(delay):
+                        return
+                    conn.sendall(data)
+            except OSError:
+                return  # the client gave up: what these tests want
+
+
+@pytest.mark.parametrize("code", [301, 302, 307, 308])
+def test_regression_a_redirect_is_never_followed_and_the_token_stays(code: int) -> None:
+    """Issue 22 §3: a 302 from the Notary server to http:// on another port was
+    followed, and the bearer token went out in cleartext with it."""
+    with _Recorder(lambda path: b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}") as elsewhere, \
+            _Recorder(lambda path: (f"HTTP/1.1 {code} Moved\r\nLocation: http://127.0.0.1:"
+                                    f"{elsewhere.port}{path}\r\nContent-Length: 0\r\n\r\n"
+                                    ).encode()) as hostile:
+        client = NotaryClient(f"http://127.0.0.1:{hostile.port}", token="s3cret-token")
+        for call in (lambda: client.get(GUN, "root"), lambda: client.pull(GUN),
+                     lambda: client.publish(GUN, {"targets": b"{}"})):
+            with pytest.raises(NotaryServerError, match=f"redirected \\(HTTP {code}\\)") as err:
+                call()
+            assert "follows no redirects" in str(err.value) and "s3cret" not in str(err.value)
+        assert hostile.seen and all(b"Bearer s3cret-token" in h for h in hostile.seen)
+        assert elsewhere.seen == []  # nothing, and so no token, reached the other origin
+
+
+def test_regression_https_server_redirecting_to_http_keeps_the_token(tmp_path: Path) -> None:
+    """The issue's own case: the HTTPS Notary server (pinned CA) answers 302 to
+    http:// on another port."""
+    ca, cert, key = _tls_files(tmp_path)
+    tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    tls.load_cert_chain(cert, key)
+    with _Recorder(lambda path: b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}") as plain, \
+            _Recorder(lambda path: (f"HTTP/1.1 302 Found\r\nLocation: http://127.0.0.1:"
+                                    f"{plain.port}{path}\r\nContent-Length: 0\r\n\r\n"
+                                    ).encode(), tls=tls) as hostile:
+        client = NotaryClient(f"https://127.0.0.1:{hostile.port}", ca_file=str(ca),
+                              token="s3cret-token")
+        with pytest.raises(NotaryServerError, match="redirected \\(HTTP 302\\) to 'http://"):
+            client.pull(GUN)
+        assert len(hostile.seen) == 1 and plain.seen == []
+
+
+def test_regression_a_trickling_server_cannot_hold_a_request_past_its_deadline() -> None:
+    """Issue 22 §3: headers, then one byte every 10 s, kept `trust pull` running for
+    more than 120 s (the timeout applied per read). Here, one byte every 0.2 s with a
+    1 s per-read timeout: the 1.5 s request deadline ends it."""
+    body = [(0.0, b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n")]
+    body += [(0.2, b"x")] * 1000
+    with _Recorder(lambda path: body) as slow:
+        client = NotaryClient(f"http://127.0.0.1:{slow.port}", timeout=1, request_deadline=1.5)
+        t0 = time.monotonic()
+        with pytest.raises(NotaryServerError, match="no complete answer within 1.5 s"):
+            client.get(GUN, "root")
+        assert time.monotonic() - t0 < 5
+
+
+def test_trickled_headers_meet_the_deadline_too_and_the_command_has_one() -> None:
+    header = [(0.0, b"HTTP/1.1 200 OK\r\n")] + [(0.2, b"X-Slow: 1\r\n")] * 1000
+    with _Recorder(lambda path: header) as slow:
+        client = NotaryClient(f"http://127.0.0.1:{slow.port}", timeout=1, request_deadline=1,
+                              command_deadline=1.5)
+        with pytest.raises(NotaryServerError, match="no complete answer within 1 s"):
+            client.get(GUN, "root")
+        # What is left of the command's 1.5 s is this request's deadline ...
+        with pytest.raises(NotaryServerError, match=r"no complete answer within 0\.\d+ s"):
+            client.get(GUN, "root")
+        # ... and once it has passed, nothing more is sent.
+        with pytest.raises(NotaryServerError, match="ran past its 1.5 s deadline"):
+            client.get(GUN, "timestamp")
+
+
+@pytest.mark.parametrize("bad", [0, -1, float("nan"), 1e9])
+def test_deadlines_are_bounded(bad: float) -> None:
+    with pytest.raises(InvalidArgument, match="request_deadline must be in"):
+        NotaryClient("https://notary", request_deadline=bad)
+
+
+def _published(server: NotaryTestServer, tmp_path: Path) -> Publisher:
+    pub = Publisher(tmp_path / "trust", NotaryClient(server.url))
+    pub.repo.add_target("v1", DIGEST, 8, pub.targets)
+    pub.publish()
+    return pub
+
+
+def test_an_unverified_snapshot_steers_no_download(server: NotaryTestServer,
+                                                     tmp_path: Path) -> None:
+    """Issue 22 §3: an unverified snapshot could make the client fetch far more than
+    the files it names. A snapshot and timestamp re-signed by a key the root does not
+    list, naming 500 delegations, are refused before any targets file is fetched."""
+    _published(server, tmp_path)
+    attacker = SoftwareSigner.generate()
+    snapshot = Envelope.from_bytes(server.current(GUN, "snapshot") or b"", "snapshot").signed
+    meta = {f"targets/r{i}": {"length": 90 << 20, "hashes": {"sha256": "AA=="}}
+            for i in range(500)}
+    forged_snapshot = sign_envelope({**snapshot, "version": 99,
+                                     "meta": {**snapshot["meta"], **meta}},
+                                    {signer_key(attacker).key_id: attacker}).to_bytes()
+    stamp = Envelope.from_bytes(server.current(GUN, "timestamp") or b"", "timestamp").signed
+    declared = {"snapshot": FileMeta.for_bytes(forged_snapshot).to_dict()}
+    forged_stamp = sign_envelope({**stamp, "version": 99, "meta": declared},
+                                 {signer_key(attacker).key_id: attacker}).to_bytes()
+    server.store[GUN]["snapshot"].append((99, forged_snapshot))
+    server.store[GUN]["timestamp"].append((99, forged_stamp))
+    server.requests.clear()
+    with pytest.raises(VerificationError, match="timestamp.json: .*signature"):
+        NotaryClient(server.url).pull(GUN)
+    assert [p for _, p in server.requests if "/targets" in p or "/snapshot" in p] == []
+    # A timestamp that verifies, over a snapshot that does not: refused at the snapshot.
+    server.store[GUN]["timestamp"].pop()
+    server.store[GUN]["snapshot"].pop()
+    good_stamp = server.current(GUN, "timestamp") or b""
+    server.store[GUN]["snapshot"].append((99, forged_snapshot))
+    server.requests.clear()
+    with pytest.raises(VerificationError, match="snapshot.json: the server sent more than"):
+        NotaryClient(server.url).pull(GUN)
+    assert [p for _, p in server.requests if "/targets" in p] == []
+    assert server.current(GUN, "timestamp") == good_stamp
+
+
+def test_a_targets_file_longer_than_the_snapshot_declares_is_refused(
+        server: NotaryTestServer, tmp_path: Path) -> None:
+    _published(server, tmp_path)
+    targets = server.current(GUN, "targets") or b""
+    server.store[GUN]["targets"].append((2, targets + b" " * (1 << 20)))
+    with pytest.raises(VerificationError,
+                       match=f"targets.json: the server sent more than the {len(targets)} bytes"):
+        NotaryClient(server.url).pull(GUN)

@@ -11,6 +11,21 @@ cmd/notary/tuf.go getTransport): a request answered 401 with
 fetched from the realm for ``repository:GUN:ACTIONS``, with the basic
 credentials if configured. Actions are ``pull`` to read metadata,
 ``push,pull`` to publish or read a key, ``*`` to rotate a key.
+
+Against a hostile server (issue 22 §3):
+
+- No redirect is followed. notary-server's API never redirects
+  (server/server.go), and urllib would carry the ``Authorization`` header to
+  wherever a 3xx points, over plain HTTP and outside the pinned CA.
+- Every request has a deadline for the whole exchange (connect, TLS, headers,
+  body), and every client a deadline for the whole command; ``timeout`` alone
+  bounds one socket operation, which a server sending a byte at a time resets.
+- :meth:`NotaryClient.pull` follows TUF's client workflow (TUF specification
+  §5.3-5.6): root first, verified against what was trusted; then the
+  timestamp (at most ``MAX_TIMESTAMP_SIZE``), verified with the root's keys;
+  then the snapshot, at most the length the timestamp declares and with its
+  hashes, verified; then each targets file at most the length the verified
+  snapshot declares. Nothing unverified decides what else is downloaded.
 """
 
 from __future__ import annotations
@@ -20,11 +35,14 @@ import http.client
 import json
 import re
 import secrets
+import socket
 import ssl
+import threading
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,9 +50,14 @@ from signerd.errors import InvalidArgument, NotFound, quoted
 from signerd.keys import validate_gun, validate_role
 from signerd.trust._key import TufKey
 from signerd.trust.errors import NotaryServerError, VerificationError
-from signerd.trust.metadata import Envelope
+from signerd.trust.metadata import Envelope, FileMeta, Root, Snapshot, Timestamp
+from signerd.trust.verify import TrustedState, verify_role, verify_root
 
 MAX_METADATA_SIZE = 100 << 20  # notary.MaxDownloadSize
+MAX_TIMESTAMP_SIZE = 1 << 20  # notary.MaxTimestampSize: read before anything says a length
+MAX_PULLED_ROLES = 10_000  # targets files one pull fetches (signerd's bound)
+REQUEST_DEADLINE = 120.0  # seconds for one whole request: connect, TLS, headers, body
+COMMAND_DEADLINE = 600.0  # seconds for every request of one client (one signerctl command)
 MAX_KEY_SIZE = 256 << 10  # storage.MaxKeySize
 MAX_ERROR_SIZE = 1 << 10  # storage.MaxErrorResponseSize
 MAX_ROOT_STEPS = 1000  # intermediate roots fetched to follow rotations (signerd's bound)
@@ -57,9 +80,12 @@ class NotaryClient:
     username: str | None = None
     password: str | None = None
     token: str | None = None
-    timeout: float = 30.0
+    timeout: float = 30.0  # seconds for one socket operation (connect, one read)
+    request_deadline: float = REQUEST_DEADLINE  # seconds for one whole request
+    command_deadline: float = COMMAND_DEADLINE  # seconds for all requests of this client
     # Registry tokens fetched after a Bearer challenge, by scope (not part of equality).
     _tokens: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
+    _started: float = field(default_factory=time.monotonic, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         parsed = urllib.parse.urlsplit(self.url)
@@ -69,6 +95,10 @@ class NotaryClient:
             )
         if self.token and self.username:
             raise InvalidArgument("use either basic auth or a bearer token, not both")
+        for name in ("timeout", "request_deadline", "command_deadline"):
+            value = getattr(self, name)
+            if not 0 < value <= 86400:  # NaN fails too
+                raise InvalidArgument(f"{name} must be in (0, 86400] seconds, not {value!r}")
 
     # --- requests ------------------------------------------------------------
 
@@ -79,6 +109,36 @@ class NotaryClient:
         if not url.startswith("https:"):
             return None
         return ssl.create_default_context(cafile=self.ca_file)
+
+    def _open(self, req: urllib.request.Request, what: str,
+              read: Callable[[http.client.HTTPResponse], bytes]) -> bytes:
+        """Send ``req`` through an opener that follows no redirect, under this
+        request's deadline; ``read`` takes the body. A deadline that passes
+        shuts the connection down and is reported as such, whatever failed."""
+        left = self._started + self.command_deadline - time.monotonic()
+        if left <= 0:
+            raise NotaryServerError(
+                f"{what}: not sent: this command ran past its {self.command_deadline:g} s "
+                "deadline for the notary server")
+        seconds = min(self.request_deadline, left)
+        with _Deadline(seconds) as deadline:
+            opener = urllib.request.build_opener(
+                _NoRedirect(), _WatchedHTTP(deadline),
+                _WatchedHTTPS(deadline, self._context(req.full_url)))
+            try:
+                with opener.open(req, timeout=self.timeout) as resp:
+                    return read(resp)
+            except (OSError, http.client.HTTPException) as e:
+                if deadline.expired and not isinstance(e, urllib.error.HTTPError):
+                    raise self._too_slow(what, seconds) from None
+                raise
+            finally:
+                if deadline.expired:
+                    raise self._too_slow(what, seconds) from None
+
+    def _too_slow(self, what: str, seconds: float) -> NotaryServerError:
+        return NotaryServerError(
+            f"{what}: notary server {self.url} sent no complete answer within {seconds:g} s")
 
     def _request(
         self, method: str, url: str, what: str, limit: int,
@@ -114,13 +174,16 @@ class NotaryClient:
             req.add_header("Authorization", f"Bearer {self.token}")
         elif self.username is not None:
             req.add_header("Authorization", self._basic())
-        context = self._context(url)
+        def read(resp: http.client.HTTPResponse) -> bytes:
+            length = resp.headers.get("Content-Length")
+            if length is not None and (not length.isdigit() or int(length) > limit):
+                raise NotaryServerError(f"{what}: server response larger than {limit} bytes")
+            return resp.read(limit + 1)
+
         try:
-            with urllib.request.urlopen(req, timeout=self.timeout, context=context) as resp:  # noqa: S310
-                length = resp.headers.get("Content-Length")
-                if length is not None and (not length.isdigit() or int(length) > limit):
-                    raise NotaryServerError(f"{what}: server response larger than {limit} bytes")
-                data: bytes = resp.read(limit + 1)
+            data = self._open(req, what, read)
+        except _Redirected as e:
+            raise e.error(what, self.url) from None
         except urllib.error.HTTPError as e:
             challenge = e.headers.get("WWW-Authenticate", "") if e.headers else ""
             error = _http_error(e, what)
@@ -159,10 +222,10 @@ class NotaryClient:
         if self.username is not None:
             req.add_header("Authorization", self._basic())
         fetch = f"{what}: token for {scope} from {parsed.netloc}"
-        context = self._context(url)
         try:
-            with urllib.request.urlopen(req, timeout=self.timeout, context=context) as resp:  # noqa: S310
-                data = resp.read(MAX_KEY_SIZE + 1)
+            data = self._open(req, fetch, lambda resp: resp.read(MAX_KEY_SIZE + 1))
+        except _Redirected as e:
+            raise e.error(fetch, realm) from None
         except urllib.error.HTTPError as e:
             raise _http_error(e, fetch) from None
         except urllib.error.URLError as e:
@@ -183,13 +246,34 @@ class NotaryClient:
 
     # --- API -------------------------------------------------------------------
 
-    def get(self, gun: str, name: str) -> bytes:
-        """Fetch ``name``.json: a role (``targets/releases``), ``N.root`` or ``ROLE.<sha256>``."""
+    def get(self, gun: str, name: str, limit: int = MAX_METADATA_SIZE) -> bytes:
+        """Fetch ``name``.json: a role (``targets/releases``), ``N.root`` or ``ROLE.<sha256>``.
+
+        Raises NotaryServerError for a body over ``limit`` bytes (default
+        notary's MaxDownloadSize), MetadataNotFound for HTTP 404.
+        """
         path = urllib.parse.quote(name, safe="/.")
         url = self._base(gun) + f"{path}.json"
         return self._request(
-            "GET", url, f"GET {name}.json", MAX_METADATA_SIZE, scope=_scope(gun, "pull")
+            "GET", url, f"GET {name}.json", limit, scope=_scope(gun, "pull")
         )
+
+    def _get_declared(self, gun: str, name: str, meta: FileMeta, by: str) -> bytes:
+        """Fetch ``name`` at most the length ``by`` (a verified file) declares for it,
+        and check its hashes."""
+        if meta.length > MAX_METADATA_SIZE:
+            raise VerificationError(by, f"declares {meta.length} bytes for {name}, more than "
+                                        f"the {MAX_METADATA_SIZE} a notary client downloads")
+        try:
+            data = self.get(gun, name, limit=meta.length)
+        except NotaryServerError as e:
+            if "larger than" in str(e):
+                raise VerificationError(
+                    name, f"the server sent more than the {meta.length} bytes {by}.json "
+                          "declares") from None
+            raise
+        meta.check(data, name)
+        return data
 
     def get_key(self, gun: str, role: str) -> TufKey:
         """The server-managed public key for ``timestamp`` or ``snapshot`` (created if needed)."""
@@ -228,27 +312,21 @@ class NotaryClient:
             body=body, headers={"Content-Type": content_type}, scope=_scope(gun, "push,pull"),
         )
 
-    def pull(self, gun: str, *, trusted_root_version: int | None = None) -> dict[str, bytes]:
-        """Fetch root, timestamp, snapshot, targets and every delegation the snapshot lists.
+    def pull(self, gun: str, *, trusted_root_version: int | None = None,
+             trusted: TrustedState | None = None) -> dict[str, bytes]:
+        """Fetch root, timestamp, snapshot, targets and every delegation the snapshot lists,
+        in TUF's client order (see the module docstring), and return them by role name.
 
-        With ``trusted_root_version``, also fetch the intermediate roots
-        ``N.root`` needed to follow rotations since then. The result is not
-        verified: pass it to ``verify_repository``.
+        ``trusted`` (or only ``trusted_root_version``) is what the caller trusted before:
+        intermediate roots ``N.root`` are fetched to follow rotations since then, and
+        the new root must chain to the trusted one (with neither: trust on first use).
+        The timestamp and snapshot are verified here before they steer any download;
+        the caller still verifies the whole set (``verify_repository``), delegations
+        included. Raises VerificationError, NotaryServerError, MetadataNotFound.
         """
-        files = {name: self.get(gun, name) for name in ("root", "timestamp", "snapshot")}
-        snapshot = Envelope.from_bytes(files["snapshot"], "snapshot").signed
-        meta = snapshot.get("meta", {})
-        for role in sorted(meta if isinstance(meta, dict) else {}):
-            if role == "targets" or role.startswith("targets/"):
-                try:
-                    validate_role(role)  # a hostile snapshot must not steer paths
-                except InvalidArgument:
-                    raise VerificationError(
-                        "snapshot", f"lists {quoted(role)}, not a valid Notary role name"
-                    ) from None
-                files[role] = self.get(gun, role)
-        if "targets" not in files:
-            files["targets"] = self.get(gun, "targets")
+        if trusted is not None and trusted_root_version is None:
+            trusted_root_version = trusted.versions.get("root")
+        files = {"root": self.get(gun, "root")}
         if trusted_root_version is not None:
             current = Envelope.from_bytes(files["root"], "root").signed.get("version")
             if isinstance(current, int) and not isinstance(current, bool):
@@ -261,7 +339,41 @@ class NotaryClient:
                     )
                 for v in range(trusted_root_version + 1, current):
                     files[f"{v}.root"] = self.get(gun, f"{v}.root")
+        intermediates = {int(name.split(".", 1)[0]): data for name, data in files.items()
+                         if name.endswith(".root")}
+        root = verify_root(gun, files["root"], trusted_root=trusted.root if trusted else None,
+                           intermediates=intermediates)
+        files["timestamp"] = self.get(gun, "timestamp", limit=MAX_TIMESTAMP_SIZE)
+        timestamp = self._verified(root, "timestamp", files["timestamp"], trusted)
+        assert isinstance(timestamp, Timestamp)
+        if "snapshot" not in timestamp.meta:
+            raise VerificationError("timestamp", "lists no snapshot")
+        files["snapshot"] = self._get_declared(gun, "snapshot", timestamp.meta["snapshot"],
+                                               "timestamp")
+        snapshot = self._verified(root, "snapshot", files["snapshot"], trusted)
+        assert isinstance(snapshot, Snapshot)
+        roles = sorted(r for r in snapshot.meta if r == "targets" or r.startswith("targets/"))
+        if len(roles) > MAX_PULLED_ROLES:
+            raise VerificationError("snapshot", f"lists {len(roles)} targets files, more than "
+                                                f"the {MAX_PULLED_ROLES} signerctl fetches")
+        for role in roles:
+            try:
+                validate_role(role)  # a hostile snapshot must not steer paths
+            except InvalidArgument:
+                raise VerificationError(
+                    "snapshot", f"lists {quoted(role)}, not a valid Notary role name"
+                ) from None
+            files[role] = self._get_declared(gun, role, snapshot.meta[role], "snapshot")
+        if "targets" not in files:
+            raise VerificationError("snapshot", "lists no targets")
         return files
+
+    @staticmethod
+    def _verified(root: Root, role: str, data: bytes, trusted: TrustedState | None) -> object:
+        if role not in root.roles:
+            raise VerificationError("root", f"lists no {role} keys")
+        return verify_role(role, data, root.role_keys(role), root.roles[role].threshold,
+                           trusted=trusted)
 
 
 _CHALLENGE_PARAM = re.compile(r'(\w+)="([^"]*)"')
@@ -278,6 +390,102 @@ class _Challenge(Exception):  # noqa: N818 - internal control flow, never escape
         self.header = header
         self.error = error
         super().__init__(header)
+
+
+class _Redirected(Exception):  # noqa: N818 - internal control flow, never escapes
+    """A 3xx answer: where it pointed. Never followed (see the module docstring)."""
+
+    def __init__(self, code: int, target: str) -> None:
+        self.code = code
+        self.target = target
+        super().__init__(target)
+
+    def error(self, what: str, origin: str) -> NotaryServerError:
+        return NotaryServerError(
+            f"{what}: the server redirected (HTTP {self.code}) to {quoted(self.target)}; "
+            f"signerctl follows no redirects, so credentials stay with {origin}", self.code)
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """Refuse every redirect before a request to its target is even built."""
+
+    def redirect_request(self, req: urllib.request.Request, fp: Any, code: int, msg: str,
+                         headers: Any, newurl: str) -> urllib.request.Request | None:
+        raise _Redirected(code, newurl)
+
+
+class _Deadline:
+    """Shut a request's sockets down once ``seconds`` have passed, whatever phase the
+    request is in. urllib's ``timeout`` bounds each socket operation only, so a server
+    that sends one byte just inside it holds a request (and the command) forever."""
+
+    def __init__(self, seconds: float) -> None:
+        self.expired = False
+        self._lock = threading.Lock()
+        self._sockets: list[socket.socket] = []
+        self._timer = threading.Timer(seconds, self._expire)
+        self._timer.daemon = True
+
+    def __enter__(self) -> _Deadline:
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._timer.cancel()
+
+    def watch(self, sock: socket.socket) -> socket.socket:
+        """Track ``sock``; shut it down at once if the deadline has passed."""
+        with self._lock:
+            self._sockets.append(sock)
+            if self.expired:
+                _shutdown(sock)
+        return sock
+
+    def _expire(self) -> None:
+        with self._lock:
+            self.expired = True
+            for sock in self._sockets:
+                _shutdown(sock)
+
+
+def _shutdown(sock: socket.socket) -> None:
+    try:  # shutdown, unlike close, wakes a thread blocked in recv on it
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+
+
+def _watched_connection(cls: type[http.client.HTTPConnection], deadline: _Deadline
+                        ) -> Callable[..., http.client.HTTPConnection]:
+    """A factory of ``cls`` connections whose TCP socket ``deadline`` watches from
+    before the TLS handshake. ``_create_connection`` is the hook http.client itself
+    sets per instance (socket.create_connection) and calls in ``connect``."""
+    def make(host: str, **kwargs: Any) -> http.client.HTTPConnection:
+        conn = cls(host, **kwargs)
+        create = conn._create_connection  # type: ignore[attr-defined]
+        conn._create_connection = (  # type: ignore[attr-defined]
+            lambda *a, **k: deadline.watch(create(*a, **k)))
+        return conn
+    return make
+
+
+class _WatchedHTTP(urllib.request.HTTPHandler):
+    def __init__(self, deadline: _Deadline) -> None:
+        super().__init__()
+        self._make = _watched_connection(http.client.HTTPConnection, deadline)
+
+    def http_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
+        return self.do_open(self._make, req)
+
+
+class _WatchedHTTPS(urllib.request.HTTPSHandler):
+    def __init__(self, deadline: _Deadline, context: ssl.SSLContext | None) -> None:
+        super().__init__(context=context)
+        self._make = _watched_connection(http.client.HTTPSConnection, deadline)
+        self._ctx = context
+
+    def https_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
+        return self.do_open(self._make, req, context=self._ctx)
 
 
 def encode_multipart(files: Mapping[str, bytes], boundary: str) -> tuple[bytes, str]:
