@@ -13,12 +13,10 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 
 from signerd import certs, metrics, signing
 from signerd.config import Config
 from signerd.errors import (
-    FailedPrecondition,
     InvalidArgument,
     NoSuchKey,
     NotFound,
@@ -26,6 +24,8 @@ from signerd.errors import (
     Unavailable,
     quoted,
 )
+from signerd.keycerts import Certified as Certified  # re-exported: certify returns it
+from signerd.keycerts import KeyCertificates
 from signerd.keys import (
     Algorithm,
     KeyID,
@@ -52,22 +52,14 @@ class Signature:
     options: signing.SignOptions
 
 
-@dataclass(frozen=True)
-class Certified:
-    """A key just certified: its chain (DER, leaf first, ending with a
-    self-signed root) and the hex SHA-256 of the TBSCertificate its issuer
-    signed (for the audit log)."""
-
-    chain: list[bytes]
-    tbs_sha256: str
-
-
 class KeyService:
     """Keys and signatures over a set of open tokens."""
 
     def __init__(self, tokens: Iterable[Token]) -> None:
         self.tokens = {t.name: t for t in tokens}
-        self._key_identifiers: dict[KeyID, bytes] = {}  # RFC 5280 key identifiers, by key ID
+        self._certificates = KeyCertificates(
+            self.tokens, self._refresh,
+            lambda entry, data, options: self.sign_with(entry, data, options).signature)
         # Each token has just started its first listing.
         self._refreshed: dict[str, float] = {name: time.monotonic() for name in self.tokens}
         self._refresh_lock = threading.Lock()
@@ -283,141 +275,21 @@ class KeyService:
     # -- certificates ---------------------------------------------------------
 
     def certificate(self, entry: KeyEntry) -> x509.Certificate:
-        """Key ``entry``'s X.509 certificate, from its token.
-
-        Only a certificate holding the key's own public key counts; if the
-        token holds several, the one that starts last.
-
-        Raises FailedPrecondition (none, or none for this public key),
-        Unavailable."""
-        found = []
-        for der in self.tokens[entry.token].certificates(entry.key_id):
-            try:
-                cert = certs.load(der)
-                if certs.spki_of(cert) == entry.spki_der:
-                    found.append(cert)
-                    continue
-            except ValueError:
-                pass
-            log.warning("ignoring a certificate object that is not the key's", extra={
-                "fields": {"token": entry.token, "key_id": entry.key_id}})
-        if not found:
-            raise FailedPrecondition(
-                f"key {entry.key_id} has no certificate on token {entry.token}; issue one with "
-                f"'signerctl keys certify {entry.key_id} --subject CN=...' "
-                "(with --issuer-key CA_KEYID for a code-signing certificate)")
-        return max(found, key=lambda c: c.not_valid_before_utc)
-
-    def _key_identifier(self, entry: KeyEntry) -> bytes:
-        kid = self._key_identifiers.get(entry.key_id)
-        if kid is None:
-            kid = self._key_identifiers[entry.key_id] = certs.key_identifier(entry.spki_der)
-        return kid
-
-    def _issuer_key(self, cert: x509.Certificate, of: KeyEntry) -> KeyEntry:
-        """The key whose RFC 5280 key identifier ``cert``'s
-        authorityKeyIdentifier names, on any token. Raises FailedPrecondition."""
-        wanted = certs.authority_key_id(cert)
-        if wanted is None:
-            raise FailedPrecondition(
-                f"the certificate of key {of.key_id} has no authorityKeyIdentifier, so its "
-                "issuer cannot be found; certify the key again with signerctl")
-        for attempt in (0, 1):
-            if attempt:
-                self._refresh()  # made by another daemon since we listed?
-            for t in self.tokens.values():
-                for k in t.keys():
-                    if self._key_identifier(k) == wanted:
-                        return k
-        raise FailedPrecondition(
-            f"the issuer of key {of.key_id}'s certificate ({cert.issuer.rfc4514_string()}) "
-            "is not a key on signerd's tokens")
+        """Key ``entry``'s X.509 certificate, from its token: see
+        :meth:`KeyCertificates.certificate`."""
+        return self._certificates.certificate(entry)
 
     def certificate_chain(self, entry: KeyEntry) -> list[bytes]:
-        """Key ``entry``'s certificate chain, DER, leaf first: its own
-        certificate, then each issuer key's certificate (found through the
-        authorityKeyIdentifier, on any token), up to a self-signed one.
-        Every link is checked: the issuer's subject names the certificate's
-        issuer and its key signed it.
-
-        Raises FailedPrecondition (a certificate missing on the way, a broken
-        link, a loop, more than certs.MAX_CHAIN certificates), Unavailable."""
-        chain = [self.certificate(entry)]
-        seen = {entry.key_id}
-        current = entry
-        while not certs.self_signed(chain[-1]):
-            if len(chain) == certs.MAX_CHAIN:
-                raise FailedPrecondition(
-                    f"the chain of key {entry.key_id} is longer than {certs.MAX_CHAIN} "
-                    "certificates")
-            issuer = self._issuer_key(chain[-1], current)
-            if issuer.key_id in seen:
-                raise FailedPrecondition(
-                    f"the chain of key {entry.key_id} loops back to key {issuer.key_id}")
-            try:
-                cert = self.certificate(issuer)
-            except FailedPrecondition:
-                raise FailedPrecondition(
-                    f"the chain of key {entry.key_id} is incomplete: its issuer key "
-                    f"{issuer.key_id} (on token {issuer.token}) has no certificate") from None
-            if not certs.issued_by(chain[-1], cert):
-                raise FailedPrecondition(
-                    f"the certificate of key {current.key_id} was not issued by the current "
-                    f"certificate of key {issuer.key_id} ({cert.subject.rfc4514_string()}): "
-                    f"certify key {current.key_id} again")
-            chain.append(cert)
-            seen.add(issuer.key_id)
-            current = issuer
-        return [c.public_bytes(serialization.Encoding.DER) for c in chain]
+        """Key ``entry``'s certificate chain, DER, leaf first: see
+        :meth:`KeyCertificates.certificate_chain`."""
+        return self._certificates.certificate_chain(entry)
 
     def certify(self, subject: KeyEntry, issuer: KeyEntry, subject_name: str,
                 days: int = 0, profile: certs.Profile | None = None) -> Certified:
-        """Issue an X.509 certificate for key ``subject``, signed on the
-        token by key ``issuer`` (``subject`` itself: self-signed), and store
-        it on ``subject``'s token, replacing its certificate.
+        """Issue and store a certificate for key ``subject``, signed by key
+        ``issuer``: see :meth:`KeyCertificates.certify`."""
+        return self._certificates.certify(subject, issuer, subject_name, days, profile)
 
-        ``subject_name``: RFC 4514 (``"CN=acme signer,O=Acme,C=US"``);
-        ``days``: validity, 0 for the profile's default (certs.CA_DAYS or
-        certs.LEAF_DAYS); ``profile``: None means a CA when self-signed, a
-        code-signing leaf otherwise. The issuer must have a CA certificate on
-        its token; its subject becomes the new certificate's issuer.
-
-        Raises InvalidArgument (subject, days), FailedPrecondition (the
-        issuer has no CA certificate, the token refuses the object),
-        Unavailable. Policy is the caller's business."""
-        self_signed = issuer.key_id == subject.key_id
-        profile = profile or (certs.Profile.CA if self_signed else certs.Profile.CODE_SIGNING)
-        name = certs.parse_subject(subject_name)
-        days = certs.validity_days(days, profile)
-        if self_signed:
-            issuer_name = name
-        else:
-            try:
-                issuer_cert = self.certificate(issuer)
-            except FailedPrecondition:
-                raise FailedPrecondition(
-                    f"issuer key {issuer.key_id} has no certificate on token {issuer.token}: "
-                    f"make it a CA first, e.g. a self-signed root: 'signerctl keys certify "
-                    f"{issuer.key_id} --subject CN=...'") from None
-            certs.check_issuer(issuer_cert, issuer.key_id, profile)
-            issuer_name = issuer_cert.subject
-        how = certs.signing_for(issuer.algorithm)
-        tbs = certs.build_tbs(subject_spki=subject.spki_der, subject=name,
-                              issuer_spki=issuer.spki_der, issuer=issuer_name, profile=profile,
-                              days=days, algorithm=how)
-        signature = self.sign_with(issuer, tbs.dump(), how.options).signature
-        built = certs.assemble(tbs, how, signature)
-        cert = certs.load(built.der)
-        if not certs.issued_by(cert, cert if self_signed else issuer_cert):
-            # The token signed something else: never store it.
-            raise Unavailable(f"token {issuer.token} returned a signature that does not "
-                              f"verify with key {issuer.key_id}")
-        self.tokens[subject.token].store_certificate(subject.key_id, built.der, built.subject,
-                                                     built.issuer, built.serial)
-        log.info("key certified", extra={"fields": {
-            "key_id": subject.key_id, "issuer": issuer.key_id, "profile": profile.value,
-            "subject": cert.subject.rfc4514_string(), "days": days}})
-        return Certified(self.certificate_chain(subject), built.tbs_sha256)
 
     def healthy(self) -> bool:
         return all(t.healthy for t in self.tokens.values())

@@ -105,7 +105,7 @@ def test_resume_reads_only_the_tail(log_path: Path, monkeypatch: pytest.MonkeyPa
         read.append(n)
         return real_pread(fd, n, offset)
 
-    monkeypatch.setattr("signerd.audit.os.pread", counting_pread)
+    monkeypatch.setattr("signerd.audit._rotation.os.pread", counting_pread)
     with AuditLog(log_path) as log:
         assert log.seq == 30_000
     assert sum(read) <= 64 * 1024
@@ -218,11 +218,11 @@ def test_partial_write_is_cut_off_and_chain_not_advanced(
         raise OSError(errno.ENOSPC, "No space left on device")
 
     with AuditLog(log_path) as log:
-        monkeypatch.setattr("signerd.audit.os.write", half_then_enospc)
+        monkeypatch.setattr("signerd.audit._writer.os.write", half_then_enospc)
         with pytest.raises(Unavailable, match="No space left on device"):
             log.write(record(3))
         assert log_path.read_bytes() == before and log.seq == 2
-        monkeypatch.setattr("signerd.audit.os.write", real_write)
+        monkeypatch.setattr("signerd.audit._writer.os.write", real_write)
         log.write(record(3))
     assert verify(log_path).ok and verify(log_path).lines == 3
 
@@ -241,11 +241,11 @@ def test_partial_write_that_cannot_be_undone_stops_all_writes(
         raise OSError(errno.EIO, "Input/output error")
 
     with AuditLog(log_path) as log:
-        monkeypatch.setattr("signerd.audit.os.write", half_then_eio)
-        monkeypatch.setattr("signerd.audit.os.ftruncate", no_truncate)
+        monkeypatch.setattr("signerd.audit._writer.os.write", half_then_eio)
+        monkeypatch.setattr("signerd.audit._writer.os.ftruncate", no_truncate)
         with pytest.raises(Unavailable, match="Input/output error"):
             log.write(record(1))
-        monkeypatch.setattr("signerd.audit.os.write", real_write)
+        monkeypatch.setattr("signerd.audit._writer.os.write", real_write)
         with pytest.raises(Unavailable, match="ends in a partly written line"):
             log.write(record(1))
         assert log.seq == 0
@@ -511,7 +511,7 @@ def test_head_write_failure_warns_once_and_keeps_logging(
     with caplog.at_level(logging.WARNING, logger="signerd.audit"):
         log = AuditLog(log_path)
         log.write(record(1))
-        monkeypatch.setattr("signerd.audit.os.pwrite", eio)
+        monkeypatch.setattr("signerd.audit._writer.os.pwrite", eio)
         log.write(record(2))
         log.write(record(3))
         monkeypatch.undo()

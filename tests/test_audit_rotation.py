@@ -210,7 +210,7 @@ def test_a_rotation_that_fails_at_the_switch_is_undone(
 
     with AuditLog(log_path) as log:
         log.write(record(1))
-        monkeypatch.setattr("signerd.audit.os.rename", refuse)
+        monkeypatch.setattr("signerd.audit._rotation.os.rename", refuse)
         with pytest.raises(Unavailable, match="cannot be rotated: Input/output error"):
             log.rotate()
         monkeypatch.undo()
@@ -302,9 +302,9 @@ def test_start_finishes_or_undoes_an_interrupted_rotation(
     log = AuditLog(log_path)
     log.write(record(1))
     log.write(record(2))
-    monkeypatch.setattr("signerd.audit.os.rename", crash_rename)
+    monkeypatch.setattr("signerd.audit._rotation.os.rename", crash_rename)
     if not linked:
-        monkeypatch.setattr("signerd.audit.os.link", crash_link)
+        monkeypatch.setattr("signerd.audit._rotation.os.link", crash_link)
     with pytest.raises(Crash):
         log.rotate()
     monkeypatch.undo()

@@ -1,0 +1,343 @@
+"""Writing: :class:`AuditLog` appends records as chained lines, one or a
+group per ``write``, keeps the head file current and fails closed (see
+Writing in :mod:`signerd.audit`). Naming and switching files on rotation, and
+where a start resumes, are in :mod:`signerd.audit._rotation`."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Final
+
+from signerd.audit._fs import _Locked, _open_locked, _why
+from signerd.audit._line import (
+    _RESERVED,
+    HEAD_SIZE,
+    MAX_VALUE_CHARS,
+    ROTATE_OPERATION,
+    _encode_line,
+    _head_record,
+    _now,
+    _shorten,
+    head_path,
+)
+from signerd.audit._rotation import (
+    _finish_rotation,
+    _reopen_if_replaced,
+    _resume,
+    _Rotator,
+)
+from signerd.errors import ConfigError, Unavailable
+
+# One logger for the whole package, named after its public module.
+log = logging.getLogger("signerd.audit")
+
+_ROTATE_RETRY: Final = 5.0  # seconds before a failed size rotation is tried again
+
+
+class AuditLog:
+    """Appends hash-chained JSON lines to ``path``; thread-safe.
+
+    ``max_bytes`` (None: never) rotates the file once a line takes it to
+    that many bytes or more; it may also be set after opening.
+
+    Raises :class:`ConfigError` at startup when the file cannot be opened, is
+    locked by another process, ends in a line that is not a complete record
+    (a torn write), or is shorter than its head file says.
+    """
+
+    def __init__(self, path: Path, *, fsync: bool = False, checkpoint_every: int = 1000,
+                 max_bytes: int | None = None) -> None:
+        self.path = path
+        self.head_path = head_path(path)
+        self._fsync = fsync
+        self._checkpoint_every = max(1, checkpoint_every)
+        self._lock = threading.Lock()
+        self._broken: str | None = None
+        self._head_warned = False
+        self._fd: int | None = None
+        self._head_fd: int | None = None
+        self._size = 0  # bytes in the current file
+        self._max_bytes: int | None = None
+        self.max_bytes = max_bytes
+        self._rotate_after = 0.0  # monotonic time before which a size rotation is not retried
+        self._rotator = _Rotator(path, fsync)
+        # (reason, previous file) of a rotation record the current file still needs
+        self._pending: tuple[str, str | None] | None = None
+        try:
+            _finish_rotation(path)
+            self._fd, self._ident = _open_locked(path)
+        except (OSError, _Locked) as e:
+            raise ConfigError(f"audit log {path}: cannot open: {_why(e)}") from None
+        try:
+            self._size, state = _resume(self._fd, path)
+            self._seq, self._last = state.seq, state.last
+            if state.renamed is not None:
+                self._pending = ("renamed", state.renamed.name)
+            self._head_fd = os.open(self.head_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as e:
+            self._close_fds()
+            raise ConfigError(f"audit log {path}: cannot open: {_why(e)}") from None
+        except ConfigError:
+            self._close_fds()
+            raise
+        self._write_head()
+        try:
+            os.ftruncate(self._head_fd, HEAD_SIZE)  # drop anything past the fixed-size record
+        except OSError:
+            pass  # a longer head still parses: only trailing padding follows the record
+        try:
+            self._write_pending()  # the link to a file renamed while stopped, at once
+        except Unavailable as e:
+            self._close_fds()
+            raise ConfigError(f"audit log {path}: {e}") from None
+        self._checkpoint("audit log opened")
+
+    @property
+    def seq(self) -> int:
+        """Sequence number of the last line written (0 for an empty log)."""
+        return self._seq
+
+    @property
+    def last_hash(self) -> str:
+        """SHA-256 of the last line written (:data:`ZERO_HASH` for an empty log)."""
+        return self._last
+
+    @property
+    def max_bytes(self) -> int | None:
+        """Size in bytes at which the file rotates (None: never by size)."""
+        return self._max_bytes
+
+    @max_bytes.setter
+    def max_bytes(self, value: int | None) -> None:
+        if value is not None and value < 1:
+            raise ValueError(f"max_bytes must be at least 1, got {value}")
+        self._max_bytes = value
+
+    def write(self, record: Mapping[str, Any]) -> None:
+        """Append one record, adding ``time``, ``seq`` and ``prev``.
+
+        Raises :class:`Unavailable` if the line cannot be written; the chain
+        then stays where it was. ``ValueError`` means a caller bug: a
+        reserved key, or a value JSON cannot hold. A size rotation that
+        fails after the line is written is logged, not raised.
+        """
+        self.write_many((record,))
+
+    def write_many(self, records: Sequence[Mapping[str, Any]]) -> None:
+        """Append several records as consecutive lines of the chain with one
+        ``write`` (and one head update): a group commit for the items of a
+        streaming call. All or none: if the write fails, no line of the group
+        stays and the chain does not move (raises :class:`Unavailable`).
+        ``ValueError`` as for :meth:`write`, before anything is written."""
+        docs = []
+        for record in records:
+            reserved = _RESERVED.intersection(record)
+            if reserved:
+                raise ValueError(f"audit record must not set {sorted(reserved)}; the log adds them")
+            doc = dict(record)
+            for k, v in doc.items():
+                if isinstance(v, str) and len(v) > MAX_VALUE_CHARS:
+                    doc[k] = _shorten(v)
+            docs.append(doc)
+        if not docs:
+            return
+        with self._lock:
+            self._check_writable()
+            self._follow_path()
+            self._write_pending()
+            if len(docs) == 1:
+                self._commit(self._encode(docs[0]))
+            else:
+                self._commit_group(docs)
+            if self._max_bytes is not None and self._size >= self._max_bytes:
+                self._rotate_for_size()
+
+    def rotate(self, reason: str = "sighup") -> Path | None:
+        """Close the current file, rename it and start a new one (see Rotation).
+
+        Returns the rotated file's new path; None when there was nothing to
+        rotate (the file is empty) or another program had already renamed
+        the file (then the chain continues in a new file at the path, as it
+        would at the next write). Raises :class:`Unavailable` when the log
+        is closed or broken or the rotation fails; the log then goes on in
+        the current file.
+        """
+        with self._lock:
+            self._check_writable()
+            if self._follow_path():
+                self._write_pending()
+                return None
+            return self._rotate(reason)
+
+    def close(self) -> None:
+        """Update the head, log a final checkpoint and close. Idempotent."""
+        with self._lock:
+            if self._fd is None:
+                return
+            self._write_head()
+            self._checkpoint("audit log closed")
+            self._close_fds()
+
+    def __enter__(self) -> AuditLog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- internals; every method below runs with self._lock held or in __init__
+
+    def _check_writable(self) -> None:
+        if self._fd is None:
+            raise Unavailable("audit log cannot be written: it is closed")
+        if self._broken is not None:
+            raise Unavailable(f"audit log cannot be written: {self._broken}")
+
+    def _encode(self, doc: dict[str, Any]) -> bytes:
+        """The next line (without newline) for ``doc``; the chain does not move."""
+        return _encode_line(doc, _now(), self._seq + 1, self._last)
+
+    def _commit(self, line: bytes) -> None:
+        """Append ``line`` to the current file and move the chain past it."""
+        self._append(line + b"\n")
+        self._size += len(line) + 1
+        self._seq, self._last = self._seq + 1, hashlib.sha256(line).hexdigest()
+        self._write_head()
+        if self._seq % self._checkpoint_every == 0:
+            self._checkpoint("audit checkpoint")
+
+    def _commit_group(self, docs: list[dict[str, Any]]) -> None:
+        """Encode ``docs`` as a run of chained lines, append them with one
+        write, then move the chain past all of them (nothing moves if the
+        write fails). A checkpoint falling inside the run is logged once,
+        for its last line."""
+        seq, last, when = self._seq, self._last, _now()
+        lines = []
+        for doc in docs:
+            line = _encode_line(doc, when, seq + 1, last)
+            lines.append(line)
+            seq, last = seq + 1, hashlib.sha256(line).hexdigest()
+        data = b"\n".join(lines) + b"\n"
+        self._append(data)
+        self._size += len(data)
+        crossed = seq // self._checkpoint_every > self._seq // self._checkpoint_every
+        self._seq, self._last = seq, last
+        self._write_head()
+        if crossed:
+            self._checkpoint("audit checkpoint")
+
+    def _rotation_line(self, reason: str, previous: str | None) -> bytes:
+        return self._encode({"operation": ROTATE_OPERATION, "reason": reason,
+                             "previous_file": previous})
+
+    def _write_pending(self) -> None:
+        """Start a file that another program put at the path with its rotation
+        record. Raises Unavailable (the record stays pending)."""
+        if self._pending is not None:
+            reason, previous = self._pending
+            self._commit(self._rotation_line(reason, previous))
+            self._pending = None
+
+    def _follow_path(self) -> bool:
+        """Reopen the path if the file was removed or replaced (rotated by
+        another program); True if it was. Raises Unavailable."""
+        opened = _reopen_if_replaced(self.path, self._ident, self.head_path)
+        if opened is None:
+            return False
+        self._close_fds()
+        self._fd, self._ident, self._head_fd, self._size = opened
+        self._pending = ("renamed", None)
+        log.warning("audit log file was removed or replaced; continuing the chain in a new file",
+                    extra={"fields": {"file": str(self.path), "seq": self._seq + 1}})
+        return True
+
+    def _rotate_for_size(self) -> None:
+        now = time.monotonic()
+        if now < self._rotate_after:
+            return
+        try:
+            self._rotate("max_bytes")
+        except Unavailable as e:
+            self._rotate_after = now + _ROTATE_RETRY
+            log.error("audit log rotation failed; writing on in the current file",
+                      extra={"fields": {"file": str(self.path), "error": str(e)}})
+
+    def _rotate(self, reason: str) -> Path | None:
+        assert self._fd is not None
+        if self._size == 0:
+            return None
+        target, when = self._rotator.free_name()
+        line = self._rotation_line(reason, target.name)
+        fd, ident = self._rotator.switch(line, target)
+        os.close(self._fd)  # releases the old file's flock
+        self._fd, self._ident, self._size = fd, ident, len(line) + 1
+        self._seq, self._last = self._seq + 1, hashlib.sha256(line).hexdigest()
+        self._rotator.used(when)
+        self._write_head()
+        log.info("audit log rotated", extra={"fields": {
+            "file": str(self.path), "rotated_to": str(target), "reason": reason,
+            "seq": self._seq, "sha256": self._last}})
+        if self._seq % self._checkpoint_every == 0:
+            self._checkpoint("audit checkpoint")
+        return target
+
+    def _append(self, data: bytes) -> None:
+        assert self._fd is not None
+        written = 0
+        try:
+            # One write() normally; loop because a short write is allowed.
+            while written < len(data):
+                written += os.write(self._fd, data[written:])
+            if self._fsync:
+                os.fsync(self._fd)
+        except OSError as e:
+            self._undo(written)
+            raise Unavailable(f"audit log cannot be written: {self.path}: {_why(e)}") from None
+
+    def _undo(self, written: int) -> None:
+        """Cut a partly written (or unsynced) line off the end again."""
+        if not written:
+            return
+        assert self._fd is not None
+        try:
+            os.ftruncate(self._fd, os.fstat(self._fd).st_size - written)
+        except OSError as e:
+            # The file now ends in bytes the chain does not account for.
+            self._broken = (f"{self.path} ends in a partly written line that could not be "
+                            f"removed ({_why(e)}); restart after 'signerctl audit verify'")
+            log.error("audit log is broken; refusing further writes",
+                      extra={"fields": {"file": str(self.path), "error": _why(e)}})
+
+    def _write_head(self) -> None:
+        if self._head_fd is None:
+            return
+        try:
+            os.pwrite(self._head_fd, _head_record(self._seq, self._last), 0)
+        except OSError as e:
+            # The line itself is safely in the log: a stale head only lags,
+            # which verify accepts. Warn once, not on every request.
+            if not self._head_warned:
+                self._head_warned = True
+                log.warning("audit head file cannot be updated; tail truncation will not be "
+                            "detectable", extra={"fields": {"file": str(self.head_path),
+                                                            "error": _why(e)}})
+        else:
+            self._head_warned = False
+
+    def _checkpoint(self, msg: str) -> None:
+        log.info(msg, extra={"fields": {"file": str(self.path), "seq": self._seq,
+                                        "sha256": self._last}})
+
+    def _close_fds(self) -> None:
+        for fd in (self._fd, self._head_fd):
+            if fd is not None:
+                try:
+                    os.close(fd)  # also releases the flock
+                except OSError:
+                    pass
+        self._fd = self._head_fd = None
