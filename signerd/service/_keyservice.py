@@ -1,8 +1,4 @@
-"""The signing service: keys and signatures across every configured token.
-
-Plain Python: no gRPC here. The servicers in signerd/server/ unpack requests,
-call these methods, and map :mod:`signerd.errors` to status codes.
-"""
+"""KeyService: keys and signatures across every configured token (no gRPC here)."""
 
 from __future__ import annotations
 
@@ -24,8 +20,6 @@ from signerd.errors import (
     Unavailable,
     quoted,
 )
-from signerd.keycerts import Certified as Certified  # re-exported: certify returns it
-from signerd.keycerts import KeyCertificates
 from signerd.keys import (
     Algorithm,
     KeyID,
@@ -34,6 +28,7 @@ from signerd.keys import (
     validate_key_id,
     validate_role,
 )
+from signerd.service._certificates import Certified, KeyCertificates
 from signerd.token import KeyEntry, Token
 
 log = logging.getLogger("signerd.service")

@@ -1,0 +1,24 @@
+"""The signing service: keys and signatures across every configured token.
+
+Plain Python, no gRPC: the servicers in :mod:`signerd.server` unpack requests,
+call these methods, and map :mod:`signerd.errors` to status codes; the CLI's
+``--local`` ceremonies call them straight on the tokens.
+
+- :mod:`~signerd.service._keyservice`: :class:`KeyService`, which finds keys on
+  the tokens, creates, lists, deletes and signs, and marks keys used.
+- :mod:`~signerd.service._certificates`: X.509 certificates of token keys, their
+  chains, and certifying one key with another (:class:`KeyCertificates`).
+
+It imports the token layer, :mod:`signerd.certs`, :mod:`signerd.signing` and
+:mod:`signerd.metrics`; never the server, the CLI or the daemon.
+"""
+
+from signerd.service._certificates import Certified
+from signerd.service._keyservice import (
+    DEFAULT_PAGE_SIZE,
+    MAX_PAGE_SIZE,
+    KeyService,
+    Signature,
+)
+
+__all__ = ["DEFAULT_PAGE_SIZE", "MAX_PAGE_SIZE", "Certified", "KeyService", "Signature"]
