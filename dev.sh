@@ -15,7 +15,8 @@ APT_PACKAGES=(softhsm2 opensc python3 python3-venv python3-pip)
 # the D-Bus daemon it talks over.
 # systemd-analyze and logrotate check the shipped unit and logrotate snippet (deploy/).
 APT_TEST_PACKAGES=(swtpm swtpm-tools tpm2-tools libtpm2-pkcs11-1 libtpm2-pkcs11-tools
-                   tpm2-abrmd libtss2-tcti-tabrmd0 dbus-daemon dbus-bin systemd logrotate)
+                   tpm2-abrmd libtss2-tcti-tabrmd0 dbus-daemon dbus-bin systemd logrotate
+                   nftables)  # tests/test_listeners.py: nft -c -f deploy/nftables/signerd.nft
 # The benchmark's Go peer, stock notary-signer (/usr/bin/notary-signer): tests/test_bench.py
 # runs the benchmark, so the test command installs it too.
 APT_TEST_PACKAGES+=(notary)

@@ -22,6 +22,7 @@ from signerd.token.profiles import PROFILE_NAMES, session_budget
 
 DEFAULT_MAX_MESSAGE_BYTES = 1 << 20
 MAX_MESSAGE_BYTES = 1 << 29  # gRPC lengths are 32-bit signed, and a response may be twice this
+MAX_CONNECTIONS = 1 << 20  # Linux's default fs.nr_open: no process holds more file descriptors
 
 
 @dataclass(frozen=True)
@@ -128,6 +129,9 @@ class Config:
     # Connections one serving process holds at once, authenticated or not;
     # past it, new ones are closed at once.
     max_connections: int = 1000
+    # Connections the Unix socket holds at once (each costs three file
+    # descriptors: see signerd.fdbudget); past it, new ones are closed at once.
+    max_unix_connections: int = 256
     workers: int = 1
     # "spread": each serving process is pinned to one CPU (worker i to the
     # i-th allowed CPU); see signerd.daemon.pin_cpu. "none" leaves it to the kernel.
@@ -147,6 +151,11 @@ class Config:
     # [metrics] listen: plain HTTP for /metrics, /livez and /readyz (signerd.metrics);
     # None (unset) serves none of them.
     metrics_listen: str | None = None
+    # [metrics] max_connections: HTTP connections held at once; past it, new
+    # ones are closed at once. [metrics] read_timeout: seconds a connection
+    # has to send its whole request (a slow one is closed then).
+    metrics_max_connections: int = 64
+    metrics_read_timeout: float = 5.0
 
     @property
     def inflight_limit(self) -> int:
@@ -323,6 +332,7 @@ def parse_config(data: dict[str, Any], base: Path) -> Config:
         threads=_take(s, "threads", int, 8, "server."),
         handshake_timeout=float(_take(s, "handshake_timeout", (int, float), 10.0, "server.")),
         max_connections=_take(s, "max_connections", int, 1000, "server."),
+        max_unix_connections=_take(s, "max_unix_connections", int, 256, "server."),
         workers=_take(s, "workers", int, 1, "server."),
         cpu_affinity=_take(s, "cpu_affinity", str, "none", "server."),
         engine=_take(s, "engine", str, "threads", "server."),
@@ -338,6 +348,11 @@ def parse_config(data: dict[str, Any], base: Path) -> Config:
     if not isinstance(metrics_table, dict):
         raise ConfigError("[metrics] must be a table")
     metrics_listen = _take(metrics_table, "listen", str, None, "metrics.")
+    cfg = replace(
+        cfg,
+        metrics_max_connections=_take(metrics_table, "max_connections", int, 64, "metrics."),
+        metrics_read_timeout=float(_take(metrics_table, "read_timeout", (int, float), 5.0,
+                                         "metrics.")))
     if metrics_table:
         raise ConfigError(f"unknown keys in [metrics]: {sorted(metrics_table)}")
     if metrics_listen is not None:
@@ -363,8 +378,13 @@ def parse_config(data: dict[str, Any], base: Path) -> Config:
         # gRPC reads -1 as "no limit": an unchecked value could turn the limit off.
         raise ConfigError(f"server.max_message_bytes must be between 1024 and "
                           f"{MAX_MESSAGE_BYTES} (bytes)")
-    if cfg.max_connections < 1:
-        raise ConfigError("server.max_connections must be at least 1")
+    for key, value in (("server.max_connections", cfg.max_connections),
+                       ("server.max_unix_connections", cfg.max_unix_connections),
+                       ("metrics.max_connections", cfg.metrics_max_connections)):
+        if not 1 <= value <= MAX_CONNECTIONS:
+            raise ConfigError(f"{key} must be between 1 and {MAX_CONNECTIONS} (connections)")
+    if not 0 < cfg.metrics_read_timeout <= 300:
+        raise ConfigError("metrics.read_timeout must be more than 0 and at most 300 (seconds)")
     cfg = replace(cfg, tokens=tuple(replace(t, processes=cfg.workers) for t in cfg.tokens))
     budget = session_budget(((t.name, t.profile, t.sessions) for t in cfg.tokens if t.profile),
                             cfg.workers)

@@ -19,29 +19,37 @@ The listener (``[metrics] listen``) answers ``/metrics`` (Prometheus text
 format, written by prometheus-client), ``/livez`` (200 while the process
 serves) and ``/readyz`` (200 only while every token is usable, else 503 with
 ``{"unusable": [token names]}``). It is plain HTTP, holds no key material
-and accepts no signing: bind it to loopback or a scrape-only network.
+and accepts no signing: bind it to loopback or a scrape-only network. It
+bounds what a peer can hold: ``[metrics] max_connections`` connections at
+once, each closed unanswered after ``[metrics] read_timeout`` seconds
+without a whole request (see HttpListener).
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
+import http.client
+import io
 import json
 import logging
 import os
+import socket
 import threading
+import time
+import urllib.parse
 from collections.abc import Callable, Iterable
-from socketserver import ThreadingMixIn
+from concurrent import futures
 from typing import Any
-from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import (
     CollectorRegistry,
     Counter,
     Gauge,
     Histogram,
-    make_wsgi_app,
     multiprocess,
 )
+from prometheus_client.exposition import choose_encoder
 
 log = logging.getLogger("signerd.metrics")
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -112,13 +120,14 @@ def unusable_tokens(registry: CollectorRegistry | None = None) -> list[str]:
     return sorted(names)
 
 
-class _Server(ThreadingMixIn, WSGIServer):
-    daemon_threads = True
-
-
-class _QuietHandler(WSGIRequestHandler):
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base's name
-        pass  # scrapes every few seconds would flood the log
+HTTP_REFUSED = Counter("signerd_http_connections_refused_total",
+                       "Connections to the metrics listener closed unanswered, by reason "
+                       "(slow: the request did not arrive within the read timeout; bad: it "
+                       "was too large or broken).",
+                       ["reason"])
+_MAX_HEAD = 8192  # bytes of request line and headers; a scrape sends a few hundred
+_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
+            503: "Service Unavailable"}
 
 
 class HttpListener:
@@ -126,50 +135,156 @@ class HttpListener:
 
     ``unusable`` returns the names of tokens that cannot sign now; ``registry``
     is what /metrics exposes (default: this process's). Raises OSError if the
-    address cannot be bound."""
+    address cannot be bound.
+
+    One asyncio event loop on one thread holds the connections, so a held
+    connection costs a file descriptor and a few KB, never a thread: at most
+    ``max_connections`` at once (more are closed at once), each given
+    ``read_timeout`` seconds from its accept to send its whole request head
+    (at most 8 KB), and as long again to take the answer. While it holds
+    ``max_connections`` it accepts no more: new ones wait in the kernel's
+    backlog. Answers are made by
+    ``workers`` threads (prometheus-client's exposition and the token check
+    are blocking calls). One request per connection (``Connection: close``).
+
+    Why not wsgiref or prometheus-client's own server: both take a thread
+    per connection with no read timeout and no cap (4,000 slow connections
+    made 4,016 threads and 185 MB, and 1,018 of them used up the open-file
+    limit of a default systemd service and with it the token's files).
+    The parsing is the standard library's (``http.client.parse_headers``)."""
 
     def __init__(self, address: str, unusable: Callable[[], Iterable[str]],
-                 registry: CollectorRegistry | None = None) -> None:
+                 registry: CollectorRegistry | None = None, *, max_connections: int = 64,
+                 read_timeout: float = 5.0, workers: int = 2) -> None:
         from prometheus_client import REGISTRY
 
         host, _, port = address.rpartition(":")
-        metrics_app = make_wsgi_app(registry or REGISTRY)
+        host = host.strip("[]") or "127.0.0.1"
+        self._registry = registry or REGISTRY
         self._unusable = unusable
+        self._max = max_connections
+        self._timeout = read_timeout
+        self.open = 0  # connections held now (read on the loop thread, or for tests)
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self._sock = socket.create_server((host, int(port)), family=family, backlog=128)
+        self.port = int(self._sock.getsockname()[1])
+        self._pool = futures.ThreadPoolExecutor(max_workers=workers,
+                                                thread_name_prefix="metrics-answer")
+        self._loop = asyncio.new_event_loop()
+        self._stopped: asyncio.Event | None = None
+        self._thread = threading.Thread(target=self._run, name="metrics", daemon=True)
 
-        def app(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
-            path = environ.get("PATH_INFO", "")
-            if environ.get("REQUEST_METHOD") not in ("GET", "HEAD"):
-                return self._answer(start_response, 405, {"error": "only GET"})
-            if path == "/metrics":
-                return metrics_app(environ, start_response)  # type: ignore[no-any-return]
-            if path == "/livez":
-                return self._answer(start_response, 200, {"status": "serving"})
-            if path == "/readyz":
-                down = sorted(self._unusable())
-                if down:
-                    return self._answer(start_response, 503, {"unusable": down})
-                return self._answer(start_response, 200, {"status": "ready"})
-            return self._answer(start_response, 404, {"error": "not found"})
+    def _run(self) -> None:
+        self._loop.run_until_complete(self._accept())
+        self._loop.close()
 
-        self._server = make_server(host.strip("[]") or "127.0.0.1", int(port), app,
-                                   server_class=_Server, handler_class=_QuietHandler)
-        self.port = int(self._server.server_address[1])
-        self._thread = threading.Thread(target=self._server.serve_forever, name="metrics",
-                                        daemon=True)
+    async def _accept(self) -> None:
+        """Accept while fewer than ``max_connections`` are held. When full it
+        stops accepting: later connections wait in the kernel's backlog (then
+        their SYNs are dropped), costing the daemon no file descriptor and no
+        CPU, where accepting and closing them would cost both."""
+        self._stopped = asyncio.Event()
+        slots = asyncio.Semaphore(self._max)
+        self._sock.setblocking(False)
+        tasks: set[asyncio.Task[None]] = set()
+        stopping = asyncio.ensure_future(self._stopped.wait())
+        try:
+            while True:
+                acquired = asyncio.ensure_future(slots.acquire())
+                await asyncio.wait((acquired, stopping), return_when=asyncio.FIRST_COMPLETED)
+                if stopping.done():
+                    acquired.cancel()
+                    return
+                accepted = asyncio.ensure_future(self._loop.sock_accept(self._sock))
+                await asyncio.wait((accepted, stopping), return_when=asyncio.FIRST_COMPLETED)
+                if stopping.done():
+                    accepted.cancel()
+                    return
+                try:
+                    conn, _ = accepted.result()
+                except OSError:  # EMFILE and the like: try again shortly, never spin
+                    slots.release()
+                    await asyncio.sleep(0.1)
+                    continue
+                task = asyncio.ensure_future(self._serve(conn, slots))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+        finally:
+            self._sock.close()
+            for task in list(tasks):
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _serve(self, conn: socket.socket, slots: asyncio.Semaphore) -> None:
+        self.open += 1
+        writer: asyncio.StreamWriter | None = None
+        try:
+            reader, writer = await asyncio.open_connection(sock=conn, limit=_MAX_HEAD)
+            try:
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), self._timeout)
+            except TimeoutError:
+                HTTP_REFUSED.labels("slow").inc()
+                return
+            except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, OSError):
+                HTTP_REFUSED.labels("bad").inc()
+                return
+            answer = await self._loop.run_in_executor(self._pool, self._answer_bytes, head)
+            writer.write(answer)
+            await asyncio.wait_for(writer.drain(), self._timeout)
+        except (TimeoutError, OSError):
+            pass  # a peer that does not read its answer, or went away
+        finally:
+            self.open -= 1
+            if writer is not None:
+                writer.transport.abort()
+            else:
+                conn.close()
+            slots.release()
+
+    def _answer_bytes(self, head: bytes) -> bytes:
+        """The whole HTTP/1.1 response to one request head."""
+        line, _, rest = head.partition(b"\r\n")
+        parts = line.decode("latin-1").split(" ")
+        if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
+            return self._response(400, {"error": "bad request"}, head=False)
+        method, target, _ = parts
+        headers = http.client.parse_headers(io.BytesIO(rest))
+        if method not in ("GET", "HEAD"):
+            return self._response(405, {"error": "only GET"}, head=False)
+        path = urllib.parse.urlsplit(target).path
+        only_head = method == "HEAD"
+        if path == "/metrics":
+            encoder, content_type = choose_encoder(headers.get("Accept", ""))
+            return self._response(200, encoder(self._registry), head=only_head,
+                                  content_type=content_type)
+        if path == "/livez":
+            return self._response(200, {"status": "serving"}, head=only_head)
+        if path == "/readyz":
+            down = sorted(self._unusable())
+            if down:
+                return self._response(503, {"unusable": down}, head=only_head)
+            return self._response(200, {"status": "ready"}, head=only_head)
+        return self._response(404, {"error": "not found"}, head=only_head)
 
     @staticmethod
-    def _answer(start_response: Any, code: int, body: dict[str, Any]) -> list[bytes]:
-        data = json.dumps(body).encode()
-        reason = {200: "OK", 404: "Not Found", 405: "Method Not Allowed",
-                  503: "Service Unavailable"}[code]
-        start_response(f"{code} {reason}", [("Content-Type", "application/json"),
-                                            ("Content-Length", str(len(data)))])
-        return [data]
+    def _response(code: int, body: dict[str, Any] | bytes, *, head: bool,
+                  content_type: str = "application/json") -> bytes:
+        data = body if isinstance(body, bytes) else json.dumps(body).encode()
+        lines = [f"HTTP/1.1 {code} {_REASONS[code]}", f"Content-Type: {content_type}",
+                 f"Content-Length: {len(data)}", "Connection: close", "", ""]
+        return "\r\n".join(lines).encode() + (b"" if head else data)
 
     def start(self) -> None:
         self._thread.start()
-        log.info("metrics and health listening", extra={"fields": {"port": self.port}})
+        log.info("metrics and health listening", extra={"fields": {
+            "port": self.port, "max_connections": self._max, "read_timeout": self._timeout}})
 
     def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
+        if self._thread.is_alive():
+            while self._stopped is None:  # the loop has not reached main() yet
+                time.sleep(0.01)
+            self._loop.call_soon_threadsafe(self._stopped.set)
+            self._thread.join(10)
+        else:
+            self._sock.close()
+        self._pool.shutdown(wait=False, cancel_futures=True)

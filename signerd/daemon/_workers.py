@@ -211,8 +211,10 @@ class Supervisor:
 
         registry = metrics.multiprocess_registry()
         try:
-            listener = metrics.HttpListener(self.config.metrics_listen,
-                                            lambda: metrics.unusable_tokens(registry), registry)
+            listener = metrics.HttpListener(
+                self.config.metrics_listen, lambda: metrics.unusable_tokens(registry), registry,
+                max_connections=self.config.metrics_max_connections,
+                read_timeout=self.config.metrics_read_timeout)
         except OSError as e:
             shutil.rmtree(directory, ignore_errors=True)
             raise ConfigError(f"cannot listen on metrics.listen {self.config.metrics_listen}: "

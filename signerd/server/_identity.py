@@ -56,12 +56,13 @@ def dev_caller(context: grpc.ServicerContext) -> Caller | SignerdError:
 
 
 class UnixPeers:
-    """Loopback source port of a relayed connection -> the Unix peer's uid.
+    """Peer of a relayed connection -> the Unix peer's uid.
 
-    The Unix socket listener relays each accepted connection to an internal
-    loopback-only gRPC port, and records here which uid (from SO_PEERCRED)
-    owns the relay's source port. A connection to the internal port that did
-    not come through the relay has no entry and is refused.
+    The Unix socket listener relays each accepted connection to a private
+    gRPC listener (signerd.server._unix), from a uniquely named socket whose
+    name gRPC reports as the peer, and records here which uid (from
+    SO_PEERCRED) owns it. A connection to the private listener that did not
+    come through the relay has no entry and is refused.
     """
 
     def __init__(self) -> None:
@@ -82,6 +83,6 @@ class UnixPeers:
             uid = self._uids.get(peer)
         if uid is None:
             return Unauthenticated(
-                "connections to the internal port must come through the Unix socket"
+                "connections to the internal listener must come through the Unix socket"
             )
         return Caller(f"uid:{uid}", "unix", f"unix:uid={uid}")

@@ -17,7 +17,7 @@ from google.protobuf import descriptor_pool
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from signerd import metrics
+from signerd import fdbudget, metrics
 from signerd.audit import AuditLog
 from signerd.config import Config, is_loopback, warn_if_exposed
 from signerd.errors import ConfigError, SignerdError
@@ -46,7 +46,7 @@ def _known_service(pool: descriptor_pool.DescriptorPool, name: str) -> bool:
     return True
 
 
-def _options(config: Config) -> list[tuple[str, int]]:
+def _options(config: Config, max_connections: int) -> list[tuple[str, int]]:
     return [
         # Oversized requests are refused by gRPC itself with RESOURCE_EXHAUSTED.
         ("grpc.max_receive_message_length", config.max_message_bytes),
@@ -57,9 +57,10 @@ def _options(config: Config) -> list[tuple[str, int]]:
         ("grpc.so_reuseport", 1 if config.shares_port else 0),
         ("grpc.max_concurrent_streams", 1024),
         # A connection that never finishes its TLS handshake is closed after
-        # this (gRPC's default is 120 s); and at most this many at once.
+        # this (gRPC's default is 120 s); and at most this many at once
+        # (the listener's share of the file descriptors: signerd.fdbudget).
         ("grpc.server_handshake_timeout_ms", int(config.handshake_timeout * 1000)),
-        ("grpc.max_allowed_incoming_connections", config.max_connections),
+        ("grpc.max_allowed_incoming_connections", max_connections),
     ]
 
 
@@ -78,6 +79,8 @@ class Servers:
     health_names: set[str] = field(default_factory=set)
     health_interval: float = 5.0
     metrics_listen: str | None = None
+    budget: fdbudget.Budget | None = None
+    metrics_read_timeout: float = 5.0
     _stop: threading.Event = field(default_factory=threading.Event)
     _health_thread: threading.Thread | None = None
     _gauges_thread: threading.Thread | None = None
@@ -88,13 +91,18 @@ class Servers:
         """Start serving; raises ConfigError if the metrics address is taken."""
         if self.metrics_listen is not None:
             try:
-                self.http = metrics.HttpListener(self.metrics_listen, self.service.unusable)
+                self.http = metrics.HttpListener(
+                    self.metrics_listen, self.service.unusable,
+                    max_connections=self.budget.metrics if self.budget else 64,
+                    read_timeout=self.metrics_read_timeout)
             except OSError as e:
                 # Nothing has started: close what open_servers opened (the tokens'
                 # logins and the audit log), as a stop would.
                 self.service.close()
                 if self.audit is not None:
                     self.audit.close()
+                if self.relay is not None:
+                    self.relay.remove_private()
                 raise ConfigError(f"cannot listen on metrics.listen {self.metrics_listen}: "
                                   f"{e.strerror}") from None
         for s in self.servers:
@@ -166,6 +174,8 @@ class Servers:
             events = [s.stop(grace) for s in self.servers]
             for e in events:
                 e.wait()
+        if self.relay is not None:
+            self.relay.remove_private()
         # gRPC's stop cancels what is left after the grace period, but does
         # not wait for handlers to return: a stream may be signing its round's
         # next item. Tokens and the audit log close only once they are done.
@@ -332,6 +342,10 @@ def build(config: Config, service: KeyService) -> Servers:
             "threads": config.threads, "max_inflight_per_identity": config.inflight_limit}})
     ports: dict[str, int] = {}
     health_names = {V1_SERVICE}
+    budget = fdbudget.plan(fdbudget.raise_limit(), len(config.tokens), audit is not None, {
+        "tcp": config.max_connections if config.listen else 0,
+        "unix": config.max_unix_connections if config.unix_socket is not None else 0,
+        "metrics": config.metrics_max_connections if config.metrics_listen else 0})
 
     executor = futures.ThreadPoolExecutor(max_workers=config.threads,
                                           thread_name_prefix="grpc-handler")
@@ -346,10 +360,10 @@ def build(config: Config, service: KeyService) -> Servers:
             return service.signs_fast(request.keyID.ID)
         return False
 
-    def make(identify: Identify) -> Any:
+    def make(identify: Identify, max_connections: int) -> Any:
         servicer = SignerServicer(service, gate, identify)
         if loop is None:
-            server = grpc.server(executor, options=_options(config),
+            server = grpc.server(executor, options=_options(config, max_connections),
                                  interceptors=[_Requests(gate.reject_undecodable)])
             register(server, servicer, identify)
             servers.append(server)
@@ -361,7 +375,8 @@ def build(config: Config, service: KeyService) -> Servers:
 
         def create() -> Any:
             aio_server = grpc.aio.server(migration_thread_pool=executor,
-                                         options=_options(config), interceptors=[requests])
+                                         options=_options(config, max_connections),
+                                         interceptors=[requests])
             register(aio_server, servicer, identify)
             return aio_server
 
@@ -391,16 +406,21 @@ def build(config: Config, service: KeyService) -> Servers:
                 "plaintext development listener: no TLS, every caller is dev:loopback",
                 extra={"fields": {"listen": config.listen}},
             )
-            ports["tcp"] = make(dev_caller).add_insecure_port(config.listen)
+            ports["tcp"] = make(dev_caller, budget.tcp).add_insecure_port(config.listen)
         else:
-            ports["tcp"] = make(tls_caller).add_secure_port(config.listen, _tls_credentials(config))
+            ports["tcp"] = make(tls_caller, budget.tcp).add_secure_port(
+                config.listen, _tls_credentials(config))
         if ports["tcp"] == 0:
             raise ConfigError(f"cannot listen on {config.listen}")
     relay = None
     if config.unix_socket is not None:
         peers = UnixPeers()
-        ports["unix-relay"] = make(peers.caller).add_insecure_port("127.0.0.1:0")
-        relay = UnixRelay(config.unix_socket, ports["unix-relay"], peers)
+        relay = UnixRelay(config.unix_socket, peers, max_connections=budget.unix)
+        # gRPC's own cap on the private listener stays above the relay's, so
+        # it never refuses a connection the relay has accepted.
+        if make(peers.caller, budget.unix + 1).add_insecure_port(relay.internal) == 0:
+            relay.remove_private()
+            raise ConfigError(f"cannot listen on the relay's private socket {relay.internal}")
     if not servers:
         raise ConfigError("configure at least one listener: server.listen or server.unix_socket")
     result = Servers(
@@ -415,6 +435,8 @@ def build(config: Config, service: KeyService) -> Servers:
         health_names,
         config.health_interval,
         config.metrics_listen,
+        budget,
+        config.metrics_read_timeout,
         loop=loop,
     )
     holder["s"] = result
