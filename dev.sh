@@ -13,8 +13,10 @@ APT_PACKAGES=(softhsm2 opensc python3 python3-venv python3-pip)
 # tpm2-pkcs11 module and tpm2_ptool, and the resource manager tpm2-abrmd with its TCTI and
 # the D-Bus daemon it talks over.
 # systemd-analyze and logrotate check the shipped unit and logrotate snippet (deploy/).
+# postgresql: the watermark store shared by replicas (tests/_postgres.py starts a server).
 APT_TEST_PACKAGES=(swtpm swtpm-tools tpm2-tools libtpm2-pkcs11-1 libtpm2-pkcs11-tools
-                   tpm2-abrmd libtss2-tcti-tabrmd0 dbus-daemon dbus-bin systemd logrotate)
+                   tpm2-abrmd libtss2-tcti-tabrmd0 dbus-daemon dbus-bin systemd logrotate
+                   postgresql)
 # The benchmark's Go peer: stock notary-signer (/usr/bin/notary-signer), driven like signerd.
 APT_BENCH_PACKAGES=(notary)
 APT_LOCK_WAIT=900  # seconds apt-get waits for another apt or dpkg to finish

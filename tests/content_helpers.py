@@ -1,0 +1,111 @@
+"""Valid metadata payloads for the content-check tests: Notary's through
+signerd.trust.metadata, TUF 1.0's through python-tuf's Metadata API, each serialised the
+way its signer canonicalises it."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+from typing import Any
+
+from tuf.api import metadata as tuf
+from tuf.api.serialization.json import CanonicalJSONSerializer
+
+from signerd.canonicaljson import encode_canonical
+from signerd.content import ContentConfig, ContentGuard
+from signerd.content._sqlite import SqliteStore
+from signerd.trust import metadata as notary
+
+NOW = dt.datetime(2031, 3, 1, 12, 0, 0, tzinfo=dt.UTC)
+GUN = "docker.io/acme/app"
+DAY = dt.timedelta(days=1)
+
+
+def guard(path: Path, config: ContentConfig | None = None) -> ContentGuard:
+    """A guard on a SQLite file (a new store object each call: a "restart")."""
+    return ContentGuard(config or ContentConfig(), SqliteStore(path))
+
+
+# --- Notary -----------------------------------------------------------------------------
+
+
+def n_timestamp(version: int = 1, snapshot: bytes = b"snapshot v1",
+                expires: dt.timedelta = 7 * DAY) -> bytes:
+    """A Notary timestamp referencing the file ``snapshot`` (its length and hashes)."""
+    body = notary.Timestamp(version=version, expires=NOW + expires,
+                            meta={"snapshot": notary.FileMeta.for_bytes(snapshot)})
+    return encode_canonical(body.to_dict())
+
+
+def n_snapshot(version: int = 1, targets: bytes = b"targets v1", root: bytes = b"root v1",
+               expires: dt.timedelta = 365 * DAY) -> bytes:
+    """A Notary snapshot referencing the files ``targets`` and ``root``."""
+    body = notary.Snapshot(version=version, expires=NOW + expires, meta={
+        "root": notary.FileMeta.for_bytes(root), "targets": notary.FileMeta.for_bytes(targets)})
+    return encode_canonical(body.to_dict())
+
+
+def n_targets(version: int = 1, targets: tuple[str, ...] = ("latest",),
+              delegations: dict[str, list[str]] | None = None,
+              expires: dt.timedelta = 365 * DAY) -> bytes:
+    """A Notary targets file (or delegation) listing ``targets``, delegating to
+    ``delegations`` (role → path prefixes)."""
+    body = notary.Targets(
+        version=version, expires=NOW + expires,
+        targets={t: notary.FileMeta.for_bytes(t.encode(), ("sha256",)) for t in targets},
+        delegations=[notary.DelegatedRole(name, [], 1, paths)
+                     for name, paths in (delegations or {}).items()])
+    return encode_canonical(body.to_dict())
+
+
+def n_root(version: int = 1, expires: dt.timedelta = 3650 * DAY) -> bytes:
+    """A Notary root.json body with no keys (enough for the content checks' parse)."""
+    value: dict[str, Any] = {
+        "_type": "Root", "consistent_snapshot": False, "keys": {},
+        "expires": notary.format_expires(NOW + expires), "version": version,
+        "roles": {r: {"keyids": [], "threshold": 1} for r in notary.BASE_ROLES},
+    }
+    return encode_canonical(value)
+
+
+# --- TUF 1.0 (python-tuf) ---------------------------------------------------------------
+
+
+def _tuf(signed: tuf.Signed) -> bytes:
+    return CanonicalJSONSerializer().serialize(signed)
+
+
+def t_timestamp(version: int = 1, snapshot_version: int = 1,
+                expires: dt.timedelta = 30 * DAY) -> bytes:
+    """A python-tuf timestamp referencing snapshot.json ``snapshot_version``."""
+    return _tuf(tuf.Timestamp(version=version, expires=NOW + expires,
+                              snapshot_meta=tuf.MetaFile(snapshot_version)))
+
+
+def t_snapshot(version: int = 1, meta: dict[str, int] | None = None,
+               expires: dt.timedelta = 30 * DAY) -> bytes:
+    """A python-tuf snapshot; ``meta`` maps file names to versions."""
+    files = {name: tuf.MetaFile(v) for name, v in (meta or {"targets.json": 1}).items()}
+    return _tuf(tuf.Snapshot(version=version, expires=NOW + expires, meta=files))
+
+
+def t_targets(version: int = 1, targets: tuple[str, ...] = ("app.txt",),
+              delegations: dict[str, list[str]] | None = None,
+              hash_prefixes: dict[str, list[str]] | None = None,
+              expires: dt.timedelta = 30 * DAY) -> bytes:
+    """A python-tuf targets file listing ``targets``, delegating by paths or hash prefixes."""
+    signed = tuf.Targets(version=version, expires=NOW + expires)
+    for t in targets:
+        signed.targets[t] = tuf.TargetFile.from_data(t, t.encode(), ["sha256"])
+    roles = {name: tuf.DelegatedRole(name, [], 1, False, paths=paths)
+             for name, paths in (delegations or {}).items()}
+    roles.update({name: tuf.DelegatedRole(name, [], 1, False, path_hash_prefixes=prefixes)
+                  for name, prefixes in (hash_prefixes or {}).items()})
+    if roles:
+        signed.delegations = tuf.Delegations(keys={}, roles=roles)
+    return _tuf(signed)
+
+
+def t_root(version: int = 1, expires: dt.timedelta = 365 * DAY) -> bytes:
+    """A python-tuf root with no keys."""
+    return _tuf(tuf.Root(version=version, expires=NOW + expires))
