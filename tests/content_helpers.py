@@ -5,6 +5,9 @@ way its signer canonicalises it."""
 from __future__ import annotations
 
 import datetime as dt
+import random
+import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -12,8 +15,18 @@ from tuf.api import metadata as tuf
 from tuf.api.serialization.json import CanonicalJSONSerializer
 
 from signerd.canonicaljson import encode_canonical
-from signerd.content import ContentConfig, ContentGuard
+from signerd.content import (
+    ContentConfig,
+    ContentGuard,
+    ContentStale,
+    RoleState,
+    WatermarkStore,
+    open_store,
+    parse_state,
+)
+from signerd.content._checks import Previous, Update
 from signerd.content._sqlite import SqliteStore
+from signerd.content._store import Decide
 from signerd.trust import metadata as notary
 
 NOW = dt.datetime(2031, 3, 1, 12, 0, 0, tzinfo=dt.UTC)
@@ -109,3 +122,53 @@ def t_targets(version: int = 1, targets: tuple[str, ...] = ("app.txt",),
 def t_root(version: int = 1, expires: dt.timedelta = 365 * DAY) -> bytes:
     """A python-tuf root with no keys."""
     return _tuf(tuf.Root(version=version, expires=NOW + expires))
+
+
+# --- races ------------------------------------------------------------------------------
+
+
+class Observed:
+    """A real store whose decisions are timestamped (CLOCK_MONOTONIC, comparable across
+    processes) while the store's lock is held: the order of the stamps is commit order."""
+
+    def __init__(self, inner: WatermarkStore) -> None:
+        self.inner = inner
+        self.accepted: list[tuple[int, int]] = []  # (monotonic ns, version)
+
+    def compare_and_set(self, gun: str, role: str, hashes: Sequence[tuple[str, str]],
+                        decide: Decide, now: dt.datetime) -> Update:
+        def stamped(prev: Previous) -> Update:
+            update = decide(prev)
+            self.accepted.append((time.monotonic_ns(), update.version))
+            return update
+        return self.inner.compare_and_set(gun, role, hashes, stamped, now)
+
+    def record_file(self, gun: str, role: str, sha256: str, version: int) -> None:
+        self.inner.record_file(gun, role, sha256, version)
+
+    def versions(self, gun: str) -> list[RoleState]:
+        return self.inner.versions(gun)
+
+    def reset(self, gun: str) -> int:
+        return self.inner.reset(gun)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def race_worker(url: str, gun: str, seed: int, rounds: int) -> list[tuple[int, int]]:
+    """Sign ``rounds`` timestamps of random versions 1-40 for ``gun`` on the store at ``url``
+    (a state URL); returns the accepted ones, stamped in commit order. Rollbacks are
+    expected refusals; anything else fails the worker."""
+    rng = random.Random(seed)
+    store = Observed(open_store(parse_state({"url": url}, Path("/"))))
+    g = ContentGuard(ContentConfig(), store)
+    try:
+        for _ in range(rounds):
+            try:
+                g.check_and_record(gun, "timestamp", n_timestamp(rng.randint(1, 40)), NOW)
+            except ContentStale:
+                pass
+    finally:
+        g.close()
+    return store.accepted

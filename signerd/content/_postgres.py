@@ -35,17 +35,19 @@ def _unavailable(e: Exception) -> StateUnavailable:
 class PostgresStore:
     """A WatermarkStore in PostgreSQL; ``url`` is a libpq connection URL.
 
-    ``max_connections`` bounds the pool (one per concurrent signature in flight). Raises
+    ``max_connections`` bounds the pool (one per concurrent signature in flight);
+    ``timeout`` is how long (seconds) opening and each request wait for a connection. Raises
     StateUnavailable when the server cannot be reached or refuses.
     """
 
-    def __init__(self, url: str, max_connections: int = 8) -> None:
+    def __init__(self, url: str, max_connections: int = 8,
+                 timeout: float = POOL_TIMEOUT) -> None:
         self._sql = Sql("%s")
         try:
             self._pool = psycopg_pool.ConnectionPool(
-                url, min_size=1, max_size=max_connections, timeout=POOL_TIMEOUT,
+                url, min_size=1, max_size=max_connections, timeout=timeout,
                 kwargs={"autocommit": True}, open=False)
-            self._pool.open(wait=True, timeout=POOL_TIMEOUT)
+            self._pool.open(wait=True, timeout=timeout)
         except (psycopg.Error, psycopg_pool.PoolTimeout) as e:
             raise _unavailable(e) from None
         try:
