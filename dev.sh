@@ -14,9 +14,11 @@ APT_PACKAGES=(softhsm2 opensc python3 python3-venv python3-pip)
 # tpm2-pkcs11 module and tpm2_ptool, and the resource manager tpm2-abrmd with its TCTI and
 # the D-Bus daemon it talks over.
 # systemd-analyze and logrotate check the shipped unit and logrotate snippet (deploy/).
+# postgresql: the watermark store shared by replicas (tests/_postgres.py starts a server).
 APT_TEST_PACKAGES=(swtpm swtpm-tools tpm2-tools libtpm2-pkcs11-1 libtpm2-pkcs11-tools
                    tpm2-abrmd libtss2-tcti-tabrmd0 dbus-daemon dbus-bin systemd logrotate
-                   nftables)  # tests/test_listeners.py: nft -c -f deploy/nftables/signerd.nft
+                   nftables  # tests/test_listeners.py: nft -c -f deploy/nftables/signerd.nft
+                   postgresql)  # tests/_postgres.py: the watermark store's PostgreSQL server
 # The benchmark's Go peer, stock notary-signer (/usr/bin/notary-signer): tests/test_bench.py
 # runs the benchmark, so the test command installs it too.
 APT_TEST_PACKAGES+=(notary)

@@ -1,0 +1,185 @@
+"""The watermark stores, SQLite and a real PostgreSQL server (tests/_postgres.py): durable
+across restarts, one compare-and-set under races of threads and processes, schema
+migrated at open, listing and reset, and failures that are UNAVAILABLE without secrets."""
+
+from __future__ import annotations
+
+import multiprocessing
+import secrets
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from signerd.content import (
+    ContentConfig,
+    ContentGuard,
+    ContentStale,
+    StateUnavailable,
+    open_store,
+    parse_state,
+)
+from signerd.content._postgres import PostgresStore
+from signerd.content._store import SCHEMA_VERSION
+from tests._postgres import Postgres, postgres  # noqa: F401 - the fixture
+from tests.content_helpers import (
+    GUN,
+    NOW,
+    Observed,
+    n_snapshot,
+    n_targets,
+    n_timestamp,
+    race_worker,
+    t_snapshot,
+)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def state_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A fresh store: a SQLite file, or a new database on the session's PostgreSQL."""
+    if request.param == "sqlite":
+        yield f"sqlite://{tmp_path / 'state.db'}"
+        return
+    server: Postgres = request.getfixturevalue("postgres")
+    name = f"t_{secrets.token_hex(6)}"
+    with psycopg.connect(server.url, autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name}")  # noqa: S608 - hex name made here
+    yield server.url.replace("/signerd?", f"/{name}?")
+
+
+def _guard(url: str) -> ContentGuard:
+    return ContentGuard(ContentConfig(), open_store(parse_state({"url": url}, Path("/"))))
+
+
+def test_rollback_is_refused_after_a_restart(state_url: str) -> None:
+    first = _guard(state_url)
+    first.check_and_record(GUN, "timestamp", n_timestamp(5), NOW)
+    first.check_and_record(GUN, "snapshot", t_snapshot(3, {"targets.json": 7}), NOW)
+    first.close()
+    second = _guard(state_url)  # a new store object on the same file / database
+    with pytest.raises(ContentStale, match="timestamp version 4 is below version 5"):
+        second.check_and_record(GUN, "timestamp", n_timestamp(4), NOW)
+    with pytest.raises(ContentStale, match="targets.json version 6, below version 7"):
+        second.check_and_record(GUN, "snapshot", t_snapshot(4, {"targets.json": 6}), NOW)
+    assert second.check_and_record(GUN, "timestamp", n_timestamp(5, b"x"), NOW) \
+        .same_version_changed
+    second.close()
+
+
+def test_versions_lists_and_reset_forgets_one_gun(state_url: str) -> None:
+    g = _guard(state_url)
+    g.check_and_record(GUN, "timestamp", n_timestamp(3), NOW)
+    g.check_and_record(GUN, "snapshot", t_snapshot(2, {"targets.json": 4}), NOW)
+    g.check_and_record(GUN, "targets", n_targets(1, delegations={"targets/a": ["a/"]}), NOW)
+    g.check_and_record("other/gun", "timestamp", n_timestamp(8), NOW)
+    shown = {s.role: s for s in g.versions(GUN)}
+    assert sorted(shown) == ["snapshot", "targets", "timestamp"]
+    assert shown["snapshot"].version == 2
+    assert shown["snapshot"].meta_versions == (("targets.json", 4),)
+    assert shown["timestamp"].signed_at == "2031-03-01T12:00:00Z"
+    assert g.reset(GUN) == 5  # 3 watermarks, 1 meta mark, 1 delegation
+    assert g.versions(GUN) == []
+    g.check_and_record(GUN, "timestamp", n_timestamp(1), NOW)
+    assert [s.version for s in g.versions("other/gun")] == [8]
+    g.close()
+
+
+def test_schema_is_migrated_once_and_a_newer_one_refused(state_url: str) -> None:
+    _guard(state_url).close()
+    _guard(state_url).close()  # a second open migrates nothing
+    if state_url.startswith("sqlite"):
+        import sqlite3
+
+        with sqlite3.connect(state_url.removeprefix("sqlite://")) as db:
+            assert db.execute("SELECT version FROM signerd_schema").fetchall() == [
+                (SCHEMA_VERSION,)]
+            db.execute("UPDATE signerd_schema SET version = 99")
+    else:
+        with psycopg.connect(state_url, autocommit=True) as conn:
+            assert conn.execute("SELECT version FROM signerd_schema").fetchall() == [
+                (SCHEMA_VERSION,)]
+            conn.execute("UPDATE signerd_schema SET version = 99")
+    with pytest.raises(StateUnavailable, match="schema version 99, newer than"):
+        _guard(state_url)
+
+
+def test_notary_file_hashes_map_to_versions_across_restarts(state_url: str) -> None:
+    from tests.test_content import SIG, notary_file
+
+    g = _guard(state_url)
+    for version in (4, 5):
+        snap = n_snapshot(version)
+        g.check_and_record(GUN, "snapshot", snap, NOW)
+        g.note_signature(GUN, "snapshot", snap, "ab" * 32, "ecdsa", SIG)
+    g.check_and_record(GUN, "timestamp", n_timestamp(1, notary_file(n_snapshot(5))), NOW)
+    g.close()
+    g = _guard(state_url)
+    with pytest.raises(ContentStale, match="snapshot version 4, below version 5"):
+        g.check_and_record(GUN, "timestamp", n_timestamp(2, notary_file(n_snapshot(4))), NOW)
+    g.close()
+
+
+def _monotone(accepted: list[tuple[int, int]]) -> None:
+    versions = [v for _, v in sorted(accepted)]
+    assert versions, "nothing was accepted"
+    assert all(a <= b for a, b in zip(versions, versions[1:], strict=False)), versions
+
+
+def test_threads_racing_never_accept_a_lower_version(state_url: str) -> None:
+    gun = f"race/{secrets.token_hex(4)}"
+    results: list[list[tuple[int, int]]] = []
+    errors: list[BaseException] = []
+
+    def run(seed: int) -> None:
+        try:
+            results.append(race_worker(state_url, gun, seed, 25))
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    accepted = [a for r in results for a in r]
+    _monotone(accepted)
+    g = _guard(state_url)
+    assert [s.version for s in g.versions(gun)] == [max(v for _, v in accepted)]
+    g.close()
+
+
+def test_processes_racing_never_accept_a_lower_version(state_url: str) -> None:
+    gun = f"race/{secrets.token_hex(4)}"
+    _guard(state_url).close()  # migrate first: the race is on watermarks, not on DDL
+    # spawn: a forked child of a process with gRPC threads can abort (tests/_tpm.py)
+    with multiprocessing.get_context("spawn").Pool(4) as pool:
+        results = pool.starmap(race_worker, [(state_url, gun, 100 + i, 25) for i in range(4)])
+    _monotone([a for r in results for a in r])
+
+
+def test_an_unreachable_postgresql_is_unavailable_and_keeps_the_password(
+    tmp_path: Path,
+) -> None:
+    url = f"postgresql://signerd:hunter2secret@/signerd?host={tmp_path}&connect_timeout=1"
+    assert parse_state({"url": url}, tmp_path).is_postgres
+    with pytest.raises(StateUnavailable) as e:
+        PostgresStore(url, timeout=1.0)
+    assert "hunter2secret" not in str(e.value)
+    assert str(e.value).startswith("state database (PostgreSQL) unavailable")
+
+
+def test_an_unwritable_sqlite_file_is_unavailable(tmp_path: Path) -> None:
+    (tmp_path / "dir.db").mkdir()
+    with pytest.raises(StateUnavailable, match="cannot open the state database"):
+        open_store(parse_state({"url": "sqlite:///dir.db"}, tmp_path))
+
+
+def test_observed_store_passes_through(tmp_path: Path) -> None:
+    store = Observed(open_store(parse_state(None, tmp_path)))
+    g = ContentGuard(ContentConfig(), store)
+    g.check_and_record(GUN, "timestamp", n_timestamp(2), NOW)
+    assert [v for _, v in store.accepted] == [2]
+    g.close()
