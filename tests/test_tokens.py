@@ -100,10 +100,17 @@ _PROBE = ("health: the yubihsm profile probes with C_GetTokenInfo, which yubihsm
           "(C_GenerateRandom, GET PSEUDO RANDOM) in the yubihsm profile this passes")
 YUBIHSM2_KNOWN_BUGS: dict[str, str] = {
     "test_an_idle_token_that_goes_away_and_comes_back": _PROBE,
-    "test_a_token_that_goes_away_under_load": _PROBE,
     "test_every_supported_algorithm_signs_in_both_encodings": f"{_RSA_UNWRAP}; {_ED25519}",
     "test_private_keys_are_sensitive_and_cannot_be_read_or_wrapped": _RSA_UNWRAP,
     "test_certificates_and_notation_digests_on_every_kind": _RSA_UNWRAP,
+}
+
+
+# The same fault under load fails or passes by timing (whether the reconnect that failed
+# signatures start lands after the replug), so it cannot be strict; it passes every time
+# with probe_random=True.
+YUBIHSM2_RACES: dict[str, str] = {
+    "test_a_token_that_goes_away_under_load": _PROBE,
 }
 
 
@@ -115,9 +122,11 @@ def kind(request: pytest.FixtureRequest, hsm: HSM, tmp_path: Path) -> Kind:
         k = _yubihsm2_kind(request.getfixturevalue("yubihsm"))
     else:
         k = _softhsm_kind(hsm, tmp_path, request.param)
-    reason = k.known_bugs.get(request.node.originalname)
-    if reason:
-        request.node.add_marker(pytest.mark.xfail(strict=True, reason=reason))
+    test = request.node.originalname
+    if test in k.known_bugs:
+        request.node.add_marker(pytest.mark.xfail(strict=True, reason=k.known_bugs[test]))
+    elif k.name == "yubihsm2" and test in YUBIHSM2_RACES:
+        request.node.add_marker(pytest.mark.xfail(strict=False, reason=YUBIHSM2_RACES[test]))
     return k
 
 
