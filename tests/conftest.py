@@ -27,7 +27,7 @@ from signerd import embedded, pki
 from signerd.client import Client, ClientConfig
 from signerd.config import Config, Pkcs11Uri, TokenConfig, parse_config
 from signerd.server import app
-from tests import _tpm
+from tests import _tpm, _yubihsm
 
 ADMIN = "spiffe://test/admin"
 RUNNER = "spiffe://ci/runner-1"
@@ -104,6 +104,31 @@ def tpm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[_tpm.Tpm]:
     os.environ.update(t.env)
     yield t
     t.stop()
+
+
+@pytest.fixture(scope="session")
+def yubihsm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[_yubihsm.YubiHsm]:
+    """A software YubiHSM 2 (tests/_yubihsm) below Yubico's real PKCS#11
+    module, once per test session and process: the module reads
+    YUBIHSM_PKCS11_CONF at its first C_Initialize, so the variable is set
+    here and the connector keeps its port for the whole session."""
+    gone = _yubihsm.missing()
+    if gone:
+        message = (f"Yubico's PKCS#11 module is missing ({', '.join(gone)}); "
+                   "./dev.sh test installs it")
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    y = _yubihsm.start(tmp_path_factory.mktemp("yubihsm"))
+    os.environ.update(y.env)
+    yield y
+    y.stop()
+
+
+def yubihsm_token(y: _yubihsm.YubiHsm, name: str = "yubihsm") -> TokenConfig:
+    """The config of the software YubiHSM's token, for a Token opened directly."""
+    return TokenConfig(name=name, module=_yubihsm.MODULE, uri=Pkcs11Uri(token=_yubihsm.LABEL),
+                       pin_file=y.pin_file)
 
 
 @dataclass

@@ -16,7 +16,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,7 @@ from signerd.keys import ALGORITHMS, parse_algorithm
 from signerd.notary import signer_pb2 as npb
 from signerd.notary import signer_pb2_grpc as npb_grpc
 from signerd.token import MODULES, _p11
-from tests import _tpm
+from tests import _tpm, _yubihsm
 from tests.conftest import HSM, PKI, Daemon, rpc_error, unique_gun
 from tests.test_core import token_dir
 
@@ -52,6 +52,12 @@ class Kind:
     replug: Callable[[], None]
     module: str
     label: str
+    profile: str = ""  # the profile signerd picks; "": the kind's name
+    known_bugs: dict[str, str] = field(default_factory=dict)  # test name: reason (xfail)
+
+    @property
+    def profile_name(self) -> str:
+        return self.profile or self.name
 
 
 def _softhsm_kind(hsm: HSM, tmp: Path, profile: str) -> Kind:
@@ -71,11 +77,57 @@ def _tpm_kind(tpm: _tpm.Tpm) -> Kind:
                 tpm.unplug, tpm.replug, _tpm.MODULE, _tpm.LABEL)
 
 
-@pytest.fixture(params=["softhsm", "yubihsm", "tpm"])
+def _yubihsm2_kind(y: _yubihsm.YubiHsm) -> Kind:
+    """Yubico's own module (yubihsm_pkcs11.so) on the software YubiHSM 2."""
+    table = {"name": "dut", "module": _yubihsm.MODULE, "uri": f"pkcs11:token={_yubihsm.LABEL}",
+             "pin_file": str(y.pin_file), "roles": ["*"]}
+    return Kind("yubihsm2", table, dict(y.env), tuple(ALGORITHMS), y.unplug, y.replug,
+                _yubihsm.MODULE, _yubihsm.LABEL, profile="yubihsm",
+                known_bugs=YUBIHSM2_KNOWN_BUGS)
+
+
+# What signerd's token code does wrong on Yubico's module (yubihsm-pkcs11 2.6.0), found by
+# the conformance suite; each case is xfail(strict=True), so fixing the token code flips it.
+_RSA_UNWRAP = ("RSA: signerd's private template sets CKA_UNWRAP=False; yubihsm_pkcs11 takes any "
+               "CKA_UNWRAP as a wrap key and sends GENERATE WRAP KEY (0x5B) instead of GENERATE "
+               "ASYMMETRIC KEY; leave CKA_UNWRAP out for this module")
+_ED25519 = ("Ed25519: signerd sends CKA_EC_PARAMS as the OID 06032b6570; yubihsm_pkcs11 takes "
+            "only the PrintableString 'edwards25519' (130c656477617264733235353139) and "
+            "answers CKR_CURVE_NOT_SUPPORTED (yubihsm-shell issues 75, 270)")
+_PROBE = ("health: the yubihsm profile probes with C_GetTokenInfo, which yubihsm_pkcs11 answers "
+          "from its connector's cached status without asking the device, so a device that is "
+          "gone stays SERVING and the probe never reconnects; with probe_random=True "
+          "(C_GenerateRandom, GET PSEUDO RANDOM) in the yubihsm profile this passes")
+YUBIHSM2_KNOWN_BUGS: dict[str, str] = {
+    "test_an_idle_token_that_goes_away_and_comes_back": _PROBE,
+    "test_every_supported_algorithm_signs_in_both_encodings": f"{_RSA_UNWRAP}; {_ED25519}",
+    "test_private_keys_are_sensitive_and_cannot_be_read_or_wrapped": _RSA_UNWRAP,
+    "test_certificates_and_notation_digests_on_every_kind": _RSA_UNWRAP,
+}
+
+
+# The same fault under load fails or passes by timing (whether the reconnect that failed
+# signatures start lands after the replug), so it cannot be strict; it passes every time
+# with probe_random=True.
+YUBIHSM2_RACES: dict[str, str] = {
+    "test_a_token_that_goes_away_under_load": _PROBE,
+}
+
+
+@pytest.fixture(params=["softhsm", "yubihsm", "tpm", "yubihsm2"])
 def kind(request: pytest.FixtureRequest, hsm: HSM, tmp_path: Path) -> Kind:
     if request.param == "tpm":
-        return _tpm_kind(request.getfixturevalue("tpm"))
-    return _softhsm_kind(hsm, tmp_path, request.param)
+        k = _tpm_kind(request.getfixturevalue("tpm"))
+    elif request.param == "yubihsm2":
+        k = _yubihsm2_kind(request.getfixturevalue("yubihsm"))
+    else:
+        k = _softhsm_kind(hsm, tmp_path, request.param)
+    test = request.node.originalname
+    if test in k.known_bugs:
+        request.node.add_marker(pytest.mark.xfail(strict=True, reason=k.known_bugs[test]))
+    elif k.name == "yubihsm2" and test in YUBIHSM2_RACES:
+        request.node.add_marker(pytest.mark.xfail(strict=False, reason=YUBIHSM2_RACES[test]))
+    return k
 
 
 def _start(kind: Kind, certs: PKI, workdir: Path, **server: Any) -> Daemon:
@@ -118,7 +170,7 @@ def test_every_supported_algorithm_signs_in_both_encodings(kind: Kind, dut: Daem
     with dut.client() as c:
         [info] = c.list_tokens()
         assert tuple(info.algorithms) == kind.algorithms
-        assert info.healthy and info.profile == kind.name
+        assert info.healthy and info.profile == kind.profile_name
         for name in kind.algorithms:
             alg = parse_algorithm(name)
             key = c.create_key(unique_gun(), "targets", name)
@@ -530,7 +582,7 @@ def test_signerctl_tokens_list(kind: Kind, dut: Daemon) -> None:
     assert as_json.returncode == 0, as_json.stderr
     [token] = json.loads(as_json.stdout)
     assert token["name"] == "dut" and token["healthy"] is True
-    assert token["profile"] == kind.name and tuple(token["algorithms"]) == kind.algorithms
+    assert token["profile"] == kind.profile_name and tuple(token["algorithms"]) == kind.algorithms
     assert {"module", "manufacturer", "model", "serial", "key_count",
             "free_public_memory"} <= token.keys()
     text = ctl()
