@@ -192,6 +192,17 @@ class Client:
     def get_key(self, key_id: str) -> pb.Key:
         return self.stub.GetKey(pb.GetKeyRequest(key_id=key_id), timeout=self.cfg.timeout)
 
+    def find_key(self, key_id: str) -> pb.Key | None:
+        """GetKey, or None when signerd does not have the key or will not show it
+        to the caller (NOT_FOUND, PERMISSION_DENIED); other failures raise."""
+        try:
+            return self.get_key(key_id)
+        except grpc.RpcError as e:
+            code = e.code() if hasattr(e, "code") else None
+            if code in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.PERMISSION_DENIED):
+                return None
+            raise
+
     def list_keys(self, gun: str = "", role: str = "", token: str = "") -> Iterator[pb.Key]:
         page = ""
         while True:

@@ -58,191 +58,31 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import os
 import re
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
-import grpc
-
-from signerd import embedded, signing
+from signerd import embedded
 from signerd.cli._util import add_client_options, connect, emit, whole_number
-from signerd.client import Client
 from signerd.config import load_config
-from signerd.errors import FailedPrecondition, InvalidArgument, NotFound, SignerdError, quoted
-from signerd.keys import Algorithm, parse_algorithm, validate_gun, validate_role, validate_tag
+from signerd.errors import InvalidArgument, SignerdError, quoted
+from signerd.keys import validate_gun, validate_tag
 from signerd.service import KeyService
-from signerd.token import KeyEntry
-from signerd.trust import (
-    Envelope,
-    NotaryClient,
-    Root,
-    TrustedState,
-    TrustRepo,
-    TrustSigner,
-    TufKey,
-    VerificationError,
-    VerifiedRepository,
-    key_from_pem,
-    signer_key,
-    verify_repository,
-    x509_key_id,
-)
-from signerd.trust.errors import DamagedState
-from signerd.trust.metadata import check_writable
-from signerd.trust.repo import write_atomic
-from signerd.trust.signer import METHODS
-from signerd.v1 import signer_pb2 as pb
+from signerd.trust import NotaryClient, workflows
+from signerd.trust.keysource import DaemonKeys, KeySource, TokenKeys
+from signerd.trust.keysource import RemoteSigner as RemoteSigner  # its old home; tests import it
+from signerd.trust.results import Retrust
+from signerd.trust.state import Settings
+from signerd.trust.workflows import delegation_role, read_file
 
-SETTINGS_FILE = ".signerctl.json"
-STATE_FILE = ".trusted.json"
-NEW_KEY_ALGORITHM = "ecdsa-p256"  # what notary generates; every Notary client verifies it
 _DIGEST_RE = re.compile(r"(?:sha256:)?([0-9a-f]{64})")
 MAX_SIZE = (1 << 63) - 1  # bytes: a target's length is an int64 to Notary (Go)
 
 
-# --- signers ---------------------------------------------------------------------
-
-
-def _notary_usable(key_id: str, alg: Algorithm) -> None:
-    # Notary verifies ECDSA and RSA-PSS over SHA-256 only; signerd signs
-    # with a P-384 key over SHA-384, which no Notary client would accept.
-    if alg.hash_name not in ("sha256", None):
-        raise FailedPrecondition(
-            f"key {key_id} is {alg.name}, which Notary cannot verify; "
-            "use ecdsa-p256, rsa-* or ed25519 keys for Content Trust"
-        )
-
-
-class _Signer:
-    """The TrustSigner part common to both key sources.
-
-    Every signature is checked against the public key before it is used:
-    a token that returns garbage must not produce metadata that no client
-    accepts.
-    """
-
-    def __init__(self, key_id: str, alg: Algorithm, public: bytes) -> None:
-        _notary_usable(key_id, alg)
-        self.key_id = key_id  # canonical TUF key ID (the ID signerd knows the key by)
-        self.keytype = alg.keytype
-        self.public = public  # TUF public value: DER SPKI, or 32 raw bytes for ed25519
-        self.method = METHODS[alg.keytype]
-
-    def sign(self, message: bytes) -> bytes:
-        """Notary's format: raw r||s over SHA-256, RSA-PSS salt 32, or pure Ed25519."""
-        sig = self._sign(message, signing.RsaPadding.PSS)
-        self._check(self.method, sig, message)
-        return sig
-
-    def sign_pkcs1v15(self, message: bytes) -> bytes:
-        """RSASSA-PKCS1-v1_5 over SHA-256, for RSA root certificates."""
-        if self.keytype != "rsa":
-            raise InvalidArgument(f"key {self.key_id} is not RSA: no PKCS#1 v1.5 signatures")
-        sig = self._sign(message, signing.RsaPadding.PKCS1V15)
-        self._check("rsapkcs1v15", sig, message)
-        return sig
-
-    def _check(self, method: str, sig: bytes, message: bytes) -> None:
-        if not TufKey(self.keytype, self.public).verify(method, sig, message):
-            raise FailedPrecondition(f"signature by key {self.key_id} does not verify")
-
-    def _sign(self, message: bytes, padding: signing.RsaPadding) -> bytes:
-        raise NotImplementedError
-
-
-class RemoteSigner(_Signer):
-    """A key held by the signerd daemon: each signature is one Sign call over mTLS."""
-
-    def __init__(self, client: Client, key: pb.Key) -> None:
-        super().__init__(key.key_id, parse_algorithm(key.algorithm), bytes(key.tuf_public))
-        self._client = client
-
-    def _sign(self, message: bytes, padding: signing.RsaPadding) -> bytes:
-        resp = self._client.sign(
-            self.key_id, message=message, encoding="raw", rsa_padding=padding.value
-        )
-        return bytes(resp.signature)
-
-
-class TokenSigner(_Signer):
-    """A key on a token opened in this process (``--local``): no daemon, no policy."""
-
-    def __init__(self, service: KeyService, entry: KeyEntry) -> None:
-        super().__init__(entry.key_id, entry.algorithm, entry.tuf_public)
-        self._service = service
-        self._entry = entry
-
-    def _sign(self, message: bytes, padding: signing.RsaPadding) -> bytes:
-        options = signing.SignOptions(signing.Encoding.RAW, padding)
-        return self._service.sign_with(self._entry, message, options).signature
-
-
-class KeySource(Protocol):
-    """Where keys are created and looked up: the daemon, or the tokens themselves."""
-
-    def create(self, gun: str, role: str) -> TrustSigner:
-        """A new key for (gun, role), on the token signerd's config gives the role."""
-        ...
-
-    def get(self, key_id: str) -> TrustSigner:
-        """The key ``key_id``; raises if it is unknown or not the caller's to use."""
-        ...
-
-    def find(self, key_id: str) -> TrustSigner | None:
-        """Like :meth:`get`, but None when the key is unknown or not the caller's."""
-        ...
-
-
-class DaemonKeys:
-    """Keys through the signerd daemon; the policy decides what the caller sees."""
-
-    def __init__(self, client: Client) -> None:
-        self.client = client
-
-    def create(self, gun: str, role: str) -> TrustSigner:
-        """Create a key in signerd (root keys land on the root token)."""
-        return RemoteSigner(self.client, self.client.create_key(gun, role, NEW_KEY_ALGORITHM))
-
-    def get(self, key_id: str) -> TrustSigner:
-        """The key, read through GetKey."""
-        return RemoteSigner(self.client, self.client.get_key(key_id))
-
-    def find(self, key_id: str) -> TrustSigner | None:
-        """The key, or None when signerd does not have it or will not show it to the caller."""
-        try:
-            return self.get(key_id)
-        except grpc.RpcError as e:
-            code = e.code() if hasattr(e, "code") else None
-            if code in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.PERMISSION_DENIED):
-                return None
-            raise
-
-
-class TokenKeys:
-    """Keys straight on the tokens of a signerd config (``--local``)."""
-
-    def __init__(self, service: KeyService) -> None:
-        self.service = service
-
-    def create(self, gun: str, role: str) -> TrustSigner:
-        """Generate a key on the token the config gives the role."""
-        return TokenSigner(self.service, self.service.create_key(gun, role, NEW_KEY_ALGORITHM))
-
-    def get(self, key_id: str) -> TrustSigner:
-        """The key on whichever token holds it."""
-        return TokenSigner(self.service, self.service.get_key(key_id))
-
-    def find(self, key_id: str) -> TrustSigner | None:
-        """The key, or None if no token holds it."""
-        try:
-            return self.get(key_id)
-        except NotFound:
-            return None
+# --- what the workflows are given ----------------------------------------------------
 
 
 @contextmanager
@@ -261,22 +101,9 @@ def _key_source(args: argparse.Namespace) -> Iterator[KeySource]:
         service.close()
 
 
-# --- the trust directory ----------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Settings:
-    """What ``init`` recorded about a repository (absent in a pulled trust dir).
-
-    ``server`` and ``ca`` are the Notary server's URL and CA file, so that
-    later commands need no ``--server``. ``local_roles`` lists which of
-    snapshot and timestamp this directory signs; None means unknown, and then
-    notary's client rule applies to the snapshot.
-    """
-
-    server: str | None = None
-    local_roles: tuple[str, ...] | None = None
-    ca: str | None = None
+def _keys(args: argparse.Namespace) -> Callable[[], AbstractContextManager[KeySource]]:
+    """The key source opener: opened only when a workflow needs keys."""
+    return functools.partial(_key_source, args)
 
 
 def trust_dir(args: argparse.Namespace) -> Path:
@@ -287,167 +114,6 @@ def trust_dir(args: argparse.Namespace) -> Path:
         return Path(os.environ["SIGNERD_TRUST_DIR"])
     data = os.environ.get("XDG_DATA_HOME") or os.path.expanduser("~/.local/share")
     return Path(data) / "signerd" / "trust"
-
-
-def _load_settings(repo: TrustRepo) -> Settings:
-    try:
-        doc = json.loads((repo.path / SETTINGS_FILE).read_bytes())
-        local = doc.get("local_roles")
-        return Settings(
-            doc.get("server"), tuple(local) if local is not None else None, doc.get("ca")
-        )
-    except FileNotFoundError:
-        return Settings()
-    except (ValueError, AttributeError, TypeError) as e:
-        raise DamagedState(
-            f"{repo.path / SETTINGS_FILE} is damaged ({e}): remove it and give --server "
-            "(and --ca) again"
-        ) from None
-
-
-def _save_settings(repo: TrustRepo, settings: Settings) -> None:
-    local = list(settings.local_roles) if settings.local_roles is not None else None
-    doc = {"server": settings.server, "local_roles": local, "ca": settings.ca}
-    write_atomic(repo.path / SETTINGS_FILE, json.dumps(doc, indent=1, sort_keys=True).encode())
-
-
-def _load_state(repo: TrustRepo, *, reset_trust: bool = False) -> TrustedState | None:
-    try:
-        return TrustedState.from_json((repo.path / STATE_FILE).read_bytes())
-    except FileNotFoundError:
-        return None  # first use: trust on first use, as a notary client does
-    except InvalidArgument as e:
-        if reset_trust:
-            return None  # being replaced anyway
-        raise DamagedState(
-            f"{repo.path / STATE_FILE} is damaged ({e}): re-trust the repository with "
-            f"'signerctl trust pull {repo.gun} --reset-trust' (or, without a Notary server, "
-            f"'signerctl trust inspect {repo.gun} --reset-trust')"
-        ) from None
-
-
-def _save_state(repo: TrustRepo, state: TrustedState) -> None:
-    write_atomic(repo.path / STATE_FILE, state.to_json())
-
-
-def _open_repo(args: argparse.Namespace, gun: str) -> TrustRepo:
-    repo = TrustRepo(trust_dir(args), gun)
-    if repo.read("root") is None:
-        raise NotFound(
-            f"no trust data for {gun} in {trust_dir(args)}: "
-            "run 'signerctl trust init' or 'signerctl trust pull' first"
-        )
-    return repo
-
-
-@contextmanager
-def _changes(repo: TrustRepo) -> Iterator[list[str]]:
-    """Undo every file change if the block fails; afterwards, list the files it changed.
-
-    A command signs several files in turn (a role, then snapshot and
-    timestamp); a refusal half-way must not leave a mix of old and new.
-    """
-    before = repo.files()
-    changed: list[str] = []
-    try:
-        yield changed
-    except BaseException:
-        for role in repo.roles():
-            if role not in before:
-                (repo.path / f"{role}.json").unlink(missing_ok=True)
-        for role, data in before.items():
-            repo.write(role, data)
-        raise
-    after = repo.files()
-    changed += sorted(r for r in before.keys() | after.keys() if before.get(r) != after.get(r))
-
-
-# --- metadata helpers ---------------------------------------------------------------
-
-
-def _parent(role: str) -> str:
-    return role.rsplit("/", 1)[0]
-
-
-def _role_keys(repo: TrustRepo, role: str) -> dict[str, TufKey]:
-    if role in ("root", "targets", "snapshot", "timestamp"):
-        return repo.root().role_keys(role)
-    parent = repo.targets(_parent(role)) if repo.read(_parent(role)) is not None else None
-    if parent is None or parent.delegation(role) is None:
-        raise NotFound(f"{role} is not a delegation of {_parent(role)} in {repo.gun}")
-    return parent.delegation_role_keys(role)
-
-
-def _find_signer(keys: KeySource, repo: TrustRepo, role: str) -> TrustSigner | None:
-    # canonical_id: root keys are listed as x509 keys, signerd knows the bare key.
-    for key in _role_keys(repo, role).values():
-        signer = keys.find(key.canonical_id)
-        if signer is not None:
-            return signer
-    return None
-
-
-def _signer_for(keys: KeySource, repo: TrustRepo, role: str) -> TrustSigner:
-    signer = _find_signer(keys, repo, role)
-    if signer is None:
-        ids = ", ".join(k.canonical_id for k in _role_keys(repo, role).values()) or "none"
-        raise NotFound(
-            f"signerd holds no key of {role} for {repo.gun} that you may use "
-            f"(the role's keys: {ids})"
-        )
-    return signer
-
-
-def _refresh(repo: TrustRepo, keys: KeySource) -> None:
-    """Re-sign snapshot and timestamp where this trust directory signs them."""
-    local = _load_settings(repo).local_roles
-    if local is not None and "snapshot" not in local:
-        return  # the Notary server makes the snapshot (and the timestamp)
-    snapshot = _find_signer(keys, repo, "snapshot")
-    if snapshot is None:
-        return  # not the caller's key: left to the server, or to whoever holds it
-    repo.sign_snapshot(snapshot)
-    if local is not None and "timestamp" in local:
-        timestamp = _find_signer(keys, repo, "timestamp")
-        if timestamp is not None:
-            repo.sign_timestamp(timestamp)
-
-
-def _check_root_change(repo: TrustRepo) -> None:
-    """Refuse a root change that clients could not follow; say what to do instead."""
-    # notary-server takes a new root only at the next version, and clients
-    # follow rotations through every version (N.root): a second root change
-    # before publishing would skip one.
-    if "root" in repo.published() and "root" in repo.pending():
-        raise FailedPrecondition(
-            f"root.json of {repo.gun} already has an unpublished change: publish it with "
-            f"'signerctl trust publish {repo.gun}' before changing root again (or discard it "
-            f"with 'signerctl trust pull {repo.gun} --force')"
-        )
-    # Every new root (root or targets rotation) is signed by the current root's
-    # keys; clients (and .trusted.json) accept it only if those are the keys they
-    # trust. After one unverified root key rotation they are not, and no
-    # intermediate root is kept here, so the next change would never verify.
-    state = _load_state(repo)
-    if state is None or state.root is None:
-        return  # nothing pinned yet: the first verification trusts what is there
-    trusted = {k.canonical_id for k in _root_of(state.root).role_keys("root").values()}
-    current = {k.canonical_id for k in repo.root().role_keys("root").values()}
-    if trusted != current:
-        raise FailedPrecondition(
-            f"the root key of {repo.gun} was already rotated since it was last verified "
-            f"({', '.join(sorted(trusted))} -> {', '.join(sorted(current))}): a second "
-            f"root change would not chain. Run 'signerctl trust publish {repo.gun}' (or, without "
-            f"a Notary server, 'signerctl trust inspect {repo.gun}') first, then rotate again"
-        )
-
-
-def _root_of(data: bytes) -> Root:
-    return Root.from_dict(Envelope.from_bytes(data, "root").signed)
-
-
-def _default_role(repo: TrustRepo) -> str:
-    return "targets/releases" if repo.targets().delegation("targets/releases") else "targets"
 
 
 def split_reference(ref: str, *, tag_required: bool) -> tuple[str, str | None]:
@@ -470,26 +136,9 @@ def _digest(text: str) -> bytes:
     return bytes.fromhex(m[1])
 
 
-def _delegation_role(role: str) -> str:
-    validate_role(role)
-    if not role.startswith("targets/"):
-        raise InvalidArgument(f"{role} is not a delegation role: use targets/NAME")
-    return role
-
-
-def _read_file(path: Path, what: str) -> bytes:
-    try:
-        return path.read_bytes()
-    except OSError as e:
-        raise InvalidArgument(f"cannot read {what} {path}: {e.strerror}") from None
-
-
-# --- the Notary server ----------------------------------------------------------------
-
-
 def _secret(path: Path | None, env: str, what: str) -> str | None:
     if path is not None:
-        return _read_file(path, what).decode().rstrip("\r\n")
+        return read_file(path, what).decode().rstrip("\r\n")
     return os.environ.get(env) or None
 
 
@@ -508,41 +157,17 @@ def _notary(args: argparse.Namespace, settings: Settings | None) -> NotaryClient
         )
     ca: str | None
     if args.ca is not None:
-        _read_file(args.ca, "CA file")  # say so now, not as a TLS failure later
+        read_file(args.ca, "CA file")  # say so now, not as a TLS failure later
         ca = str(args.ca.resolve())
     else:  # the recorded CA belongs to the recorded server only
         ca = settings.ca if settings is not None and url == settings.server else None
     return NotaryClient(url, ca_file=ca, username=username, password=password, token=token)
 
 
-def _root_key_ids(root_json: bytes | None) -> list[str]:
-    """The root role's key IDs as root.json lists them (empty if unreadable)."""
-    if root_json is None:
-        return []
-    try:
-        return sorted(Root.from_dict(Envelope.from_bytes(root_json, "root").signed).roles["root"]
-                      .keyids)
-    except (VerificationError, KeyError):
-        return []
-
-
-def _pull_into(
-    repo: TrustRepo, client: NotaryClient, *, reset_trust: bool = False
-) -> tuple[VerifiedRepository, TrustedState | None]:
-    """Fetch, verify against what this directory trusted before, store, remember.
-
-    With ``reset_trust`` the pinned root is forgotten (trust on first use
-    again); returns the state that was trusted before, for reporting.
-    """
-    state = _load_state(repo, reset_trust=reset_trust)
-    pinned = None if reset_trust else state
-    pulled = client.pull(
-        repo.gun, trusted_root_version=pinned.versions.get("root") if pinned else None
-    )
-    result = verify_repository(repo.gun, pulled, trusted=pinned)
-    repo.store_pulled(pulled)
-    _save_state(repo, result.state)
-    return result, state
+def _notary_opener(args: argparse.Namespace) -> Callable[[Settings | None], NotaryClient]:
+    """The Notary client opener: made from the options, the environment and the
+    directory's recorded settings, when a workflow needs the server."""
+    return functools.partial(_notary, args)
 
 
 # --- commands ---------------------------------------------------------------------------
@@ -550,68 +175,38 @@ def _pull_into(
 
 def cmd_init(args: argparse.Namespace) -> None:
     """Create root, targets (and local snapshot/timestamp) keys and the first metadata."""
-    gun = validate_gun(args.gun)
-    repo = TrustRepo(trust_dir(args), gun)
-    if repo.read("root") is not None:
-        raise InvalidArgument(f"{gun} is already initialised in {repo.path}")
-    # Ask the server first: an unreachable server must not leave new keys behind.
-    server = _notary(args, None) if args.notary_url else None
-    timestamp_key = server.get_key(gun, "timestamp") if server else None
-    snapshot_key = server.get_key(gun, "snapshot") if server and not args.local_snapshot else None
-    with _key_source(args) as keys:
-        root = keys.get(args.root_key) if args.root_key else keys.create(gun, "root")
-        targets = keys.create(gun, "targets")
-        local: list[str] = []
-        snapshot = None
-        if snapshot_key is None:
-            snapshot = keys.create(gun, "snapshot")
-            local.append("snapshot")
-        timestamp = None
-        if timestamp_key is None:
-            timestamp = keys.create(gun, "timestamp")
-            timestamp_key = signer_key(timestamp)
-            local.append("timestamp")
-        with _changes(repo) as changed:
-            repo.init(
-                root,
-                targets,
-                timestamp_key=timestamp_key,
-                snapshot_key=snapshot_key,
-                snapshot_signer=snapshot,
-            )
-            if timestamp is not None:
-                repo.sign_timestamp(timestamp)
-            _save_settings(
-                repo,
-                Settings(
-                    server.url if server else None, tuple(local), server.ca_file if server else None
-                ),
-            )
-    meta = repo.root()
-    root_cert = meta.keys[meta.roles["root"].keyids[0]]
+    done = workflows.init(
+        trust_dir(args),
+        args.gun,
+        _keys(args),
+        _notary_opener(args) if args.notary_url else None,
+        root_key=args.root_key,
+        local_snapshot=args.local_snapshot,
+    )
     data = {
-        "gun": gun,
-        "trust_dir": str(repo.path),
-        "root_key_id": root.key_id,
-        "root_certificate_key_id": x509_key_id(root_cert.public),
-        "targets_key_id": targets.key_id,
-        "snapshot_key_id": meta.roles["snapshot"].keyids[0],
-        "timestamp_key_id": meta.roles["timestamp"].keyids[0],
-        "signed_locally": local,
-        "server": server.url if server else None,
-        "files": changed,
+        "gun": done.gun,
+        "trust_dir": str(done.path),
+        "root_key_id": done.root_key_id,
+        "root_certificate_key_id": done.root_certificate_key_id,
+        "targets_key_id": done.targets_key_id,
+        "snapshot_key_id": done.snapshot_key_id,
+        "timestamp_key_id": done.timestamp_key_id,
+        "signed_locally": list(done.signed_locally),
+        "server": done.server,
+        "files": list(done.files),
     }
-    where = ", ".join(local) if local else "none"
+    where = ", ".join(done.signed_locally) if done.signed_locally else "none"
     emit(
         args,
         data,
         lambda: "\n".join(
             [
-                f"initialised {gun} in {repo.path}",
-                f"root key:    {root.key_id} (certificate key {data['root_certificate_key_id']})",
-                f"targets key: {targets.key_id}",
+                f"initialised {done.gun} in {done.path}",
+                f"root key:    {done.root_key_id} "
+                f"(certificate key {done.root_certificate_key_id})",
+                f"targets key: {done.targets_key_id}",
                 f"snapshot and timestamp signed here: {where}",
-                f"wrote: {', '.join(changed)}",
+                f"wrote: {', '.join(done.files)}",
             ]
         ),
     )
@@ -622,27 +217,23 @@ def cmd_sign(args: argparse.Namespace) -> None:
     gun, tag = split_reference(args.ref, tag_required=True)
     assert tag is not None
     digest = _digest(args.digest)
-    repo = _open_repo(args, gun)
-    with _key_source(args) as keys, _changes(repo) as changed:
-        role = validate_role(args.role) if args.role else _default_role(repo)
-        signer = _signer_for(keys, repo, role)
-        repo.add_target(tag, digest, args.size, signer, role=role)
-        _refresh(repo, keys)
+    done = workflows.sign(trust_dir(args), gun, tag, digest, args.size, _keys(args),
+                          role=args.role)
     data = {
-        "gun": gun,
-        "tag": tag,
-        "digest": digest.hex(),
-        "size": args.size,
-        "role": role,
-        "key_id": signer.key_id,
-        "files": changed,
+        "gun": done.gun,
+        "tag": done.tag,
+        "digest": done.digest.hex(),
+        "size": done.size,
+        "role": done.role,
+        "key_id": done.key_id,
+        "files": list(done.files),
     }
     emit(
         args,
         data,
         lambda: (
-            f"signed {gun}:{tag} (sha256:{digest.hex()}, {args.size} bytes) "
-            f"in {role} with key {signer.key_id}"
+            f"signed {done.gun}:{done.tag} (sha256:{done.digest.hex()}, {done.size} bytes) "
+            f"in {done.role} with key {done.key_id}"
         ),
     )
 
@@ -651,213 +242,95 @@ def cmd_unsign(args: argparse.Namespace) -> None:
     """Remove a tag from a targets role."""
     gun, tag = split_reference(args.ref, tag_required=True)
     assert tag is not None
-    repo = _open_repo(args, gun)
-    with _key_source(args) as keys, _changes(repo) as changed:
-        role = validate_role(args.role) if args.role else _default_role(repo)
-        signer = _signer_for(keys, repo, role)
-        repo.remove_target(tag, signer, role=role)
-        _refresh(repo, keys)
-    data = {"gun": gun, "tag": tag, "role": role, "key_id": signer.key_id, "files": changed}
-    emit(args, data, lambda: f"removed {gun}:{tag} from {role}")
+    done = workflows.unsign(trust_dir(args), gun, tag, _keys(args), role=args.role)
+    data = {"gun": done.gun, "tag": done.tag, "role": done.role, "key_id": done.key_id,
+            "files": list(done.files)}
+    emit(args, data, lambda: f"removed {done.gun}:{done.tag} from {done.role}")
 
 
 def cmd_delegation_add(args: argparse.Namespace) -> None:
     """Delegate targets/NAME to keys held by signerd (--key) or given as PEM (--pubkey)."""
-    gun = validate_gun(args.gun)
-    role = _delegation_role(args.role)
+    validate_gun(args.gun)
+    delegation_role(args.role)
     if not args.key and not args.pubkey:
         raise InvalidArgument("give the delegation's key: --key KEYID or --pubkey FILE")
-    repo = _open_repo(args, gun)
-    check_writable(list(args.paths or []), _parent(role), "delegation path")
-    pems = [key_from_pem(_read_file(Path(p), "public key")) for p in args.pubkey]
-    with _key_source(args) as keys, _changes(repo) as changed:
-        added = [signer_key(keys.get(k)) for k in args.key] + pems
-        parent = _signer_for(keys, repo, _parent(role))
-        repo.add_delegation(role, added, parent, paths=args.paths)
-        _refresh(repo, keys)
+    done = workflows.add_delegation(
+        trust_dir(args), args.gun, args.role, _keys(args),
+        key_ids=args.key, pubkey_files=[Path(p) for p in args.pubkey], paths=args.paths,
+    )
     data = {
-        "gun": gun,
-        "role": role,
-        "key_ids": [k.key_id for k in added],
-        "paths": args.paths if args.paths is not None else [""],
-        "files": changed,
+        "gun": done.gun,
+        "role": done.role,
+        "key_ids": list(done.key_ids),
+        "paths": list(done.paths),
+        "files": list(done.files),
     }
-    emit(args, data, lambda: f"delegated {role} of {gun} to {', '.join(data['key_ids'])}")
+    emit(args, data, lambda: f"delegated {done.role} of {done.gun} to {', '.join(done.key_ids)}")
 
 
 def cmd_delegation_remove(args: argparse.Namespace) -> None:
     """Remove a delegation role (its tags become invisible)."""
-    gun = validate_gun(args.gun)
-    role = _delegation_role(args.role)
-    repo = _open_repo(args, gun)
-    with _key_source(args) as keys, _changes(repo) as changed:
-        parent = _signer_for(keys, repo, _parent(role))
-        repo.remove_delegation(role, parent)
-        _refresh(repo, keys)
+    done = workflows.remove_delegation(trust_dir(args), args.gun, args.role, _keys(args))
     emit(
         args,
-        {"gun": gun, "role": role, "files": changed},
-        lambda: f"removed delegation {role} from {gun}",
+        {"gun": done.gun, "role": done.role, "files": list(done.files)},
+        lambda: f"removed delegation {done.role} from {done.gun}",
     )
 
 
 def cmd_rotate(args: argparse.Namespace) -> None:
     """Replace the key of root, targets, a delegation, or the snapshot or timestamp."""
-    gun = validate_gun(args.gun)
-    role = validate_role(args.role)
-    repo = _open_repo(args, gun)
-    if role in ("snapshot", "timestamp"):
-        _rotate_server_role(args, repo, role)
-        return
-    if role in ("root", "targets"):
-        _check_root_change(repo)
-    with _key_source(args) as keys, _changes(repo) as changed:
-        old = {k.canonical_id for k in _role_keys(repo, role).values()}
-        # Found before a new key is made, so that a caller who cannot approve
-        # the change leaves no orphan key behind.
-        approver = _signer_for(keys, repo, "root" if role in ("root", "targets") else _parent(role))
-        new = keys.get(args.key) if args.key else keys.create(gun, role)
-        if new.key_id in old:
-            raise InvalidArgument(f"key {new.key_id} already signs {role}")
-        if role == "root":
-            # The old root key signs too, so clients that trust it accept the new root.
-            repo.rotate_root_key(approver, new)
-        elif role == "targets":
-            repo.rotate_targets_key(approver, new)
-        else:
-            repo.rotate_delegation_key(role, approver, new)
-        _refresh(repo, keys)
-    data = {
-        "gun": gun,
-        "role": role,
-        "old_key_ids": sorted(old),
-        "new_key_id": new.key_id,
-        "files": changed,
+    done = workflows.rotate(
+        trust_dir(args), args.gun, args.role, _keys(args), _notary_opener(args), key_id=args.key
+    )
+    data: dict[str, Any] = {
+        "gun": done.gun,
+        "role": done.role,
+        "old_key_ids": list(done.old_key_ids),
+        "new_key_id": done.new_key_id,
+        "files": list(done.files),
     }
-    emit(args, data, lambda: f"rotated {role} of {gun}: {', '.join(sorted(old))} -> {new.key_id}")
-
-
-def _rotate_server_role(args: argparse.Namespace, repo: TrustRepo, role: str) -> None:
-    """Rotate the snapshot or timestamp key.
-
-    Where this directory signs the role (offline, or ``--local-snapshot``) the
-    new key is made in signerd. Otherwise the Notary server makes it
-    (``POST .../ROLE.key``); a new root.json signed by the root key lists it
-    and is published at once, so the server signs with it from then on.
-    """
-    gun = repo.gun
-    if args.key:
-        raise InvalidArgument(f"--key does not apply to {role}: the new key is made for you")
-    _check_root_change(repo)
-    settings = _load_settings(repo)
-    local = settings.local_roles is not None and role in settings.local_roles
-    pending = sorted(repo.pending()) if not local and repo.published() else []
-    if pending:
-        raise FailedPrecondition(
-            f"{gun} has unpublished changes ({', '.join(pending)}): publish them with "
-            f"'signerctl trust publish {gun}' before rotating the {role} key"
-        )
-    client = None if local else _notary(args, settings)
-    old = sorted(repo.root().roles[role].keyids)
-    published: list[str] = []
-    with _key_source(args) as keys, _changes(repo) as changed:
-        root_signer = _signer_for(keys, repo, "root")  # before the server makes a key
-        signer = keys.create(gun, role) if local else None
-        new_key = signer_key(signer) if signer is not None else None
-        if client is not None:
-            new_key = client.rotate_key(gun, role)
-        assert new_key is not None
-        if new_key.key_id in old:
-            raise FailedPrecondition(f"the Notary server returned the current {role} key")
-        if role == "snapshot":
-            repo.rotate_snapshot_key(root_signer, new_key, snapshot_signer=signer)
-        else:
-            repo.rotate_timestamp_key(root_signer, new_key, timestamp_signer=signer)
-        _refresh(repo, keys)
-        if client is not None:
-            files = repo.pending()
-            client.publish(gun, files)  # a refusal rolls the local change back
-            repo.mark_published(files)
-            published = sorted(files)
-    if client is not None:
-        try:
-            _pull_into(repo, client)
-        except SignerdError as e:
-            raise FailedPrecondition(
-                f"published {', '.join(published)}, but the server's trust data does not "
-                f"verify: {e}"
-            ) from None
-    data = {
-        "gun": gun,
-        "role": role,
-        "old_key_ids": old,
-        "new_key_id": new_key.key_id,
-        "files": changed,
-        "published": published,
-    }
-    where = f"; published {', '.join(published)}" if published else ""
-    line = f"rotated {role} of {gun}: {', '.join(old)} -> {new_key.key_id}{where}"
+    where = ""
+    if done.published is not None:  # snapshot or timestamp
+        data["published"] = list(done.published)
+        where = f"; published {', '.join(done.published)}" if done.published else ""
+    line = (f"rotated {done.role} of {done.gun}: {', '.join(done.old_key_ids)} -> "
+            f"{done.new_key_id}{where}")
     emit(args, data, lambda: line)
 
 
 def cmd_publish(args: argparse.Namespace) -> None:
     """Upload changed metadata, then fetch back and verify what the server now serves."""
-    gun = validate_gun(args.gun)
-    repo = _open_repo(args, gun)
-    client = _notary(args, _load_settings(repo))
-    files = repo.pending()
-    if not files:
-        emit(args, {"gun": gun, "published": []}, lambda: f"{gun}: nothing to publish")
+    done = workflows.publish(trust_dir(args), args.gun, _notary_opener(args))
+    if done.versions is None:
+        emit(args, {"gun": done.gun, "published": []}, lambda: f"{done.gun}: nothing to publish")
         return
-    client.publish(gun, files)
-    repo.mark_published(files)
-    try:
-        result, _ = _pull_into(repo, client)
-    except SignerdError as e:
-        raise FailedPrecondition(
-            f"published {', '.join(sorted(files))}, but the server's trust data "
-            f"does not verify: {e}"
-        ) from None
-    data = {"gun": gun, "published": sorted(files), "versions": dict(result.state.versions)}
-    emit(args, data, lambda: f"published {', '.join(sorted(files))} for {gun}")
+    data = {"gun": done.gun, "published": list(done.published), "versions": done.versions}
+    emit(args, data, lambda: f"published {', '.join(done.published)} for {done.gun}")
+
+
+def _retrust_line(gun: str, retrust: Retrust, data: dict[str, Any]) -> str:
+    """Record and describe a re-trust: the old and the new root key IDs."""
+    old, new = list(retrust.old_root_key_ids), list(retrust.new_root_key_ids)
+    data["old_root_key_ids"], data["new_root_key_ids"] = old, new
+    return f"re-trusted {gun}: root keys {', '.join(old) or 'none'} -> {', '.join(new)}"
 
 
 def cmd_pull(args: argparse.Namespace) -> None:
     """Fetch and verify a repository's trust data into the trust directory."""
-    gun = validate_gun(args.gun)
-    repo = TrustRepo(trust_dir(args), gun)
-    pending = [] if args.force else sorted(repo.pending())
-    if pending:
-        raise FailedPrecondition(
-            f"{gun} has unpublished changes ({', '.join(pending)}): publish them, "
-            "or pull --force to discard them"
-        )
-    settings = _load_settings(repo)
-    client = _notary(args, settings)
-    result, before = _pull_into(repo, client, reset_trust=args.reset_trust)
-    if settings.server is None:  # later publishes and pulls need no --server
-        _save_settings(repo, Settings(client.url, settings.local_roles, client.ca_file))
+    done = workflows.pull(trust_dir(args), args.gun, _notary_opener(args), force=args.force,
+                          reset_trust=args.reset_trust)
+    result = done.verified
     data: dict[str, Any] = {
-        "gun": gun,
+        "gun": done.gun,
         "tags": [t.to_dict() for t in result.tags],
         "versions": dict(result.state.versions),
     }
-    lines = [f"pulled {gun}: {len(result.tags)} signed tag(s), root version {result.root.version}"]
-    if args.reset_trust:
-        lines.insert(0, _reset_report(data, before, result))
+    lines = [f"pulled {done.gun}: {len(result.tags)} signed tag(s), "
+             f"root version {result.root.version}"]
+    if done.retrust is not None:
+        lines.insert(0, _retrust_line(done.gun, done.retrust, data))
     emit(args, data, lambda: "\n".join(lines))
-
-
-def _reset_report(
-    data: dict[str, Any], before: TrustedState | None, result: VerifiedRepository
-) -> str:
-    """Record and describe a re-trust: the old and the new root key IDs."""
-    old = _root_key_ids(before.root if before else None)
-    new = sorted(result.root.roles["root"].keyids)
-    data["old_root_key_ids"], data["new_root_key_ids"] = old, new
-    return (
-        f"re-trusted {result.gun}: root keys {', '.join(old) or 'none'} -> {', '.join(new)}"
-    )
 
 
 def _tag_table(tags: Sequence[dict[str, Any]]) -> str:
@@ -869,46 +342,18 @@ def _tag_table(tags: Sequence[dict[str, Any]]) -> str:
     )
 
 
-def _signing_keys(result: VerifiedRepository, role: str) -> list[str]:
-    """Canonical IDs of the keys trusted to sign a verified targets role."""
-    if role == "targets":
-        keys = result.root.role_keys(role)
-    else:
-        keys = result.targets[_parent(role)].delegation_role_keys(role)
-    return sorted(k.canonical_id for k in keys.values())
-
-
 def cmd_inspect(args: argparse.Namespace) -> None:
     """Verify as a Content Trust client does and list the signed tags (or one tag)."""
     gun, tag = split_reference(args.ref, tag_required=False)
-    repo = _open_repo(args, gun)
-    files = repo.files()
-    if "timestamp" not in files:
-        raise NotFound(
-            f"{gun} has no timestamp.json in {repo.path}: publish it (the Notary server "
-            "signs the timestamp), or pull it"
-        )
-    before = _load_state(repo, reset_trust=args.reset_trust)
-    try:
-        result = verify_repository(gun, files, trusted=None if args.reset_trust else before)
-    except VerificationError as e:
-        changed = sorted(repo.pending()) if repo.published() else []
-        if not changed:
-            raise
-        # Usually a signed-but-unpublished change: the server re-signs the snapshot.
-        raise VerificationError(
-            e.role,
-            f"{e.reason} (local files differ from the last "
-            f"publish or pull: {', '.join(changed)}; publish them with 'signerctl trust "
-            f"publish {gun}', or discard them with 'signerctl trust pull {gun} --force')",
-        ) from None
-    _save_state(repo, result.state)
-    tags = [result.tag(tag)] if tag is not None else list(result.tags)
-    signers = {role: _signing_keys(result, role) for role in result.targets}
-    rows = [t.to_dict() for t in tags]
-    data = {"gun": gun, "tags": rows, "versions": dict(result.state.versions), "signers": signers}
-    report = _reset_report(data, before, result) + "\n" if args.reset_trust else ""
-    emit(args, data, lambda: report + (_tag_table(rows) if rows else f"{gun}: no signed tags"))
+    done = workflows.inspect(trust_dir(args), gun, tag, reset_trust=args.reset_trust)
+    rows = [t.to_dict() for t in done.tags]
+    data: dict[str, Any] = {"gun": done.gun, "tags": rows, "versions": done.versions,
+                            "signers": done.signers}
+    report = ""
+    if done.retrust is not None:
+        report = _retrust_line(done.gun, done.retrust, data) + "\n"
+    emit(args, data,
+         lambda: report + (_tag_table(rows) if rows else f"{done.gun}: no signed tags"))
 
 
 # --- argv ----------------------------------------------------------------------------------

@@ -3,7 +3,11 @@
 Layers: ``signer`` (what a key must offer), ``metadata`` (Notary's JSON
 shapes and envelopes), ``x509`` (root certificates), ``repo`` (a local trust
 directory and its operations), ``verify`` (client-side verification) and
-``notary_http`` (notary-server's HTTP API). Nothing here imports gRPC.
+``notary_http`` (notary-server's HTTP API). Above them, the Docker Content
+Trust workflows of ``signerctl trust``: ``keysource`` (keys through the
+daemon or on the tokens), ``state`` (what a trust directory remembers),
+``workflows`` (init, sign, delegate, rotate, publish, pull, inspect) and
+``results`` (what they return). Nothing here imports gRPC or argparse.
 """
 
 from signerd.trust._key import TufKey, key_from_pem
