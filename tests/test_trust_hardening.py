@@ -441,7 +441,7 @@ def test_role_grammar_refuses(role: str) -> None:
 
 
 def test_one_validator_serves_daemon_cli_and_trust_library() -> None:
-    from signerd import service
+    from signerd.service import _keyservice as service
     from signerd.server import notary, v1
     from signerd.trust import notary_http, repo
 

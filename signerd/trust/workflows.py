@@ -201,9 +201,9 @@ def pull_into(
     """
     state = load_state(repo, reset_trust=reset_trust)
     pinned = None if reset_trust else state
-    pulled = client.pull(
-        repo.gun, trusted_root_version=pinned.versions.get("root") if pinned else None
-    )
+    # The pinned state verifies the root chain before the timestamp and snapshot
+    # steer any download (NotaryClient.pull, TUF's client order).
+    pulled = client.pull(repo.gun, trusted=pinned)
     result = verify_repository(repo.gun, pulled, trusted=pinned)
     repo.store_pulled(pulled)
     save_state(repo, result.state)
