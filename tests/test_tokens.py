@@ -94,23 +94,10 @@ _RSA_UNWRAP = ("RSA: signerd's private template sets CKA_UNWRAP=False; yubihsm_p
 _ED25519 = ("Ed25519: signerd sends CKA_EC_PARAMS as the OID 06032b6570; yubihsm_pkcs11 takes "
             "only the PrintableString 'edwards25519' (130c656477617264733235353139) and "
             "answers CKR_CURVE_NOT_SUPPORTED (yubihsm-shell issues 75, 270)")
-_PROBE = ("health: the yubihsm profile probes with C_GetTokenInfo, which yubihsm_pkcs11 answers "
-          "from its connector's cached status without asking the device, so a device that is "
-          "gone stays SERVING and the probe never reconnects; with probe_random=True "
-          "(C_GenerateRandom, GET PSEUDO RANDOM) in the yubihsm profile this passes")
 YUBIHSM2_KNOWN_BUGS: dict[str, str] = {
-    "test_an_idle_token_that_goes_away_and_comes_back": _PROBE,
     "test_every_supported_algorithm_signs_in_both_encodings": f"{_RSA_UNWRAP}; {_ED25519}",
     "test_private_keys_are_sensitive_and_cannot_be_read_or_wrapped": _RSA_UNWRAP,
     "test_certificates_and_notation_digests_on_every_kind": _RSA_UNWRAP,
-}
-
-
-# The same fault under load fails or passes by timing (whether the reconnect that failed
-# signatures start lands after the replug), so it cannot be strict; it passes every time
-# with probe_random=True.
-YUBIHSM2_RACES: dict[str, str] = {
-    "test_a_token_that_goes_away_under_load": _PROBE,
 }
 
 
@@ -125,8 +112,6 @@ def kind(request: pytest.FixtureRequest, hsm: HSM, tmp_path: Path) -> Kind:
     test = request.node.originalname
     if test in k.known_bugs:
         request.node.add_marker(pytest.mark.xfail(strict=True, reason=k.known_bugs[test]))
-    elif k.name == "yubihsm2" and test in YUBIHSM2_RACES:
-        request.node.add_marker(pytest.mark.xfail(strict=False, reason=YUBIHSM2_RACES[test]))
     return k
 
 
