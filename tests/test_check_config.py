@@ -290,3 +290,26 @@ def test_numbers_that_would_switch_a_protection_off_are_refused(key: str, value:
         parse_config({**base, "server": {key: value}}, Path("/"))
     good = {"health_interval": 5, "max_message_bytes": 4096}[key]
     assert parse_config({**base, "server": {key: good}}, Path("/"))
+
+
+def test_every_structural_fault_is_reported(hsm: HSM, certs: PKI, tmp_path: Path) -> None:
+    """Regression: check-config reported only the first structural fault of a
+    file that had two (load_config stops at the first)."""
+    data = good_config(hsm, certs, tmp_path)
+    data["server"].update(threds=4, workers=0)
+    data["audit"]["max_bytes"] = 10
+    data["tokens"][1]["sesions"] = 3
+    run = check_config(write_toml(tmp_path / "signerd.toml", data))
+    assert run.returncode == 1
+    assert sorted(findings(run, "error")) == [  # printed in the file's order
+        "error: config: audit.max_bytes must be at least 4096 (bytes)",
+        "error: config: server.workers must be at least 1",
+        "error: config: tokens[1].: unknown keys ['sesions']",
+        "error: config: unknown keys in [server]: ['threds']",
+    ], run.stdout
+    assert run.stderr == f"signerd: check-config: 4 error(s) in {tmp_path / 'signerd.toml'}\n"
+    # a fault only two parts together make is still the one line it was
+    data = good_config(hsm, certs, tmp_path)
+    data["tokens"][1]["name"] = data["tokens"][0]["name"]
+    run = check_config(write_toml(tmp_path / "signerd.toml", data))
+    assert len(findings(run, "error")) == 1 and "token names must be unique" in run.stdout
