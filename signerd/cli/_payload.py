@@ -95,8 +95,12 @@ def read_digest(name: str) -> bytes:
     """A precomputed digest from ``name``: hex text (``sha256:`` or
     ``sha384:`` may lead) or raw bytes. Raises CliError for a file bigger
     than any digest could be (it was read whole before)."""
-    with open_input(name) as stream:
+    stream = open_input(name)
+    try:
         data = read_at_most(stream, name, MAX_DIGEST_INPUT)
+    finally:
+        if stream is not sys.stdin.buffer:
+            stream.close()
     if len(data) > MAX_DIGEST_INPUT:
         raise CliError(f"{name} is not a digest (more than {MAX_DIGEST_INPUT} bytes); "
                        "leave out --digest to sign or verify the file itself")
