@@ -13,7 +13,12 @@ from typing import Any
 import grpc
 
 from signerd import embedded
-from signerd.config import is_host_port, read_toml
+from signerd.config import (
+    DEFAULT_MAX_MESSAGE_BYTES,
+    MAX_MESSAGE_BYTES,
+    is_host_port,
+    read_toml,
+)
 from signerd.errors import ConfigError
 from signerd.v1 import signer_pb2 as pb
 from signerd.v1 import signer_pb2_grpc as pb_grpc
@@ -56,6 +61,9 @@ class ClientConfig:
     timeout: float = 30.0
     # Plaintext TCP, for a daemon in dev_plaintext mode on loopback only.
     plaintext: bool = False
+    # The daemon's [server] max_message_bytes: signerctl sends a bigger file
+    # by its digest (or refuses it, for ed25519) instead of being refused.
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
 
     @classmethod
     def load(cls, path: Path) -> ClientConfig:
@@ -86,8 +94,14 @@ class ClientConfig:
         plaintext = data.get("plaintext", False)
         if not isinstance(plaintext, bool):
             raise bad("plaintext", "true or false")
+        limit = data.get("max_message_bytes", DEFAULT_MAX_MESSAGE_BYTES)
+        if isinstance(limit, bool) or not isinstance(limit, int) or \
+                not 1024 <= limit <= MAX_MESSAGE_BYTES:
+            raise bad("max_message_bytes",
+                      f"a whole number of bytes from 1024 to {MAX_MESSAGE_BYTES}, as the "
+                      "daemon's [server] max_message_bytes")
         return cls(server, p("ca"), p("cert"), p("key"), text("server_name"),
-                   timeout, plaintext)
+                   timeout, plaintext, limit)
 
     @classmethod
     def default_path(cls) -> Path:
@@ -109,6 +123,8 @@ class ConnectFailure:
 
     reason: str
     handshake: bool
+    # Something answered, but not with TLS (a metrics or other HTTP port).
+    not_tls: bool = False
 
 
 def connect_failure(server: str, details: str) -> ConnectFailure | None:
@@ -122,11 +138,39 @@ def connect_failure(server: str, details: str) -> ConnectFailure | None:
         return None
     reason = _LAST_ERROR.sub("", details.rpartition("last error: ")[2].removesuffix(": OK"))
     lowered = reason.lower()
-    if any(word in lowered for word in _TLS_WORDS):
+    if any(word in lowered for word in _TLS_WORDS) or "verification context" in lowered:
+        if _speaks_tls(server) is False:
+            return ConnectFailure(reason.rpartition(": ")[2].rstrip("."), False, True)
         return ConnectFailure(reason.rpartition(": ")[2].rstrip("."), True)
     if "connection refused" not in lowered and _listening(server):
         return ConnectFailure(f"{reason}: signerd may not accept the client certificate", True)
     return ConnectFailure(reason, False)
+
+
+def _speaks_tls(server: str) -> bool | None:
+    """Whether whatever listens at ``server`` ("HOST:PORT") answers a TLS
+    handshake (nothing verified, nothing sent after it); None when no TCP
+    connection could be made or the answer says nothing either way. A plain
+    HTTP server (signerd's metrics port) answers a ClientHello with an HTTP
+    error, which OpenSSL reports as a record that is not TLS."""
+    import ssl
+
+    host, _, port = server.rpartition(":")
+    if server.startswith("unix:") or not port.isdigit():
+        return None
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=2) as raw, \
+                ctx.wrap_socket(raw):
+            return True
+    except ssl.SSLError as e:
+        not_tls = ("WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE", "PACKET_LENGTH_TOO_LONG",
+                   "HTTP_REQUEST")
+        return False if any(word in str(e).upper() for word in not_tls) else None
+    except OSError:
+        return None
 
 
 def _listening(server: str) -> bool:

@@ -89,7 +89,12 @@ def _toml_str(value: str | Path) -> str:
 def ensure(state: Path, listen: str = DEFAULT_LISTEN,
            metrics_listen: str = DEFAULT_METRICS_LISTEN) -> Path:
     """Create the embedded default under ``state`` if needed; return its config path.
-    ``listen`` and ``metrics_listen`` ("HOST:PORT") are used only when creating it."""
+    ``listen`` and ``metrics_listen`` ("HOST:PORT") are used only when creating it.
+    Paths written into it are absolute, whatever ``state`` is: a relative
+    --state-dir used to make a daemon that started only from the directory
+    it was made in (SOFTHSM2_CONF and SoftHSM's tokendir are read as they
+    are, not relative to the config)."""
+    state = Path(os.path.abspath(state))
     config = state / "signerd.toml"
     if config.exists():
         return config

@@ -290,3 +290,50 @@ def test_numbers_that_would_switch_a_protection_off_are_refused(key: str, value:
         parse_config({**base, "server": {key: value}}, Path("/"))
     good = {"health_interval": 5, "max_message_bytes": 4096}[key]
     assert parse_config({**base, "server": {key: good}}, Path("/"))
+
+
+def test_every_structural_fault_is_reported(hsm: HSM, certs: PKI, tmp_path: Path) -> None:
+    """Regression: check-config reported only the first structural fault of a
+    file that had two (load_config stops at the first)."""
+    data = good_config(hsm, certs, tmp_path)
+    data["server"].update(threds=4, workers=0)
+    data["audit"]["max_bytes"] = 10
+    data["tokens"][1]["sesions"] = 3
+    run = check_config(write_toml(tmp_path / "signerd.toml", data))
+    assert run.returncode == 1
+    assert sorted(findings(run, "error")) == [  # printed in the file's order
+        "error: config: audit.max_bytes must be at least 4096 (bytes)",
+        "error: config: server.workers must be at least 1",
+        "error: config: tokens[1].: unknown keys ['sesions']",
+        "error: config: unknown keys in [server]: ['threds']",
+    ], run.stdout
+    assert run.stderr == f"signerd: check-config: 4 error(s) in {tmp_path / 'signerd.toml'}\n"
+    # a fault only two parts together make is still the one line it was
+    data = good_config(hsm, certs, tmp_path)
+    data["tokens"][1]["name"] = data["tokens"][0]["name"]
+    run = check_config(write_toml(tmp_path / "signerd.toml", data))
+    assert len(findings(run, "error")) == 1 and "token names must be unique" in run.stdout
+
+
+@pytest.mark.parametrize(("tcti", "named"), [
+    ("tabrmd", 'TCTI "tabrmd" (TPM2_PKCS11_TCTI)'),
+    ("device:/nonexistent/tpmrm0", 'TCTI "device:/nonexistent/tpmrm0" (TPM2_PKCS11_TCTI)'),
+])
+def test_a_tpm_out_of_reach_names_its_tcti(hsm: HSM, certs: PKI, tmp_path: Path, tcti: str,
+                                           named: str) -> None:
+    """Regression: 'cannot load PKCS#11 module ...: CKR_GENERAL_ERROR' and
+    nothing more, for tpm2-pkcs11 with TPM2_PKCS11_TCTI = "tabrmd" and no
+    tpm2-abrmd on the system D-Bus."""
+    module = "/usr/lib/x86_64-linux-gnu/pkcs11/libtpm2_pkcs11.so"
+    assert Path(module).exists(), "tpm2-pkcs11 is required (Debian: libtpm2-pkcs11-1)"
+    data = good_config(hsm, certs, tmp_path)
+    (tmp_path / "store").mkdir()
+    data["environment"].update(TPM2_PKCS11_STORE=str(tmp_path / "store"), TPM2_PKCS11_TCTI=tcti)
+    data["tokens"][1].update(module=module, uri="pkcs11:token=signerd")
+    run = check_config(write_toml(tmp_path / "signerd.toml", data),
+                       env={"DBUS_SYSTEM_BUS_ADDRESS": f"unix:path={tmp_path / 'no-bus'}"})
+    [error] = findings(run, "error")
+    assert error == (f"error: token online: cannot load PKCS#11 module {module}: "
+                     f"CKR_GENERAL_ERROR: tpm2-pkcs11 could not reach the TPM through {named}; "
+                     '"tabrmd" needs tpm2-abrmd on the system D-Bus ("tabrmd:bus_type=session" '
+                     'for a session bus), a real TPM is "device:/dev/tpmrm0"'), run.stdout

@@ -626,7 +626,7 @@ def test_one_daemon_per_port(hsm: HSM, certs: PKI, tmp_path: Path,
              str(_config(hsm, certs, tmp_path / "b", server={"listen": f"127.0.0.1:{port}",
                                                              "workers": second_workers}))],
             capture_output=True, text=True, timeout=60)
-        assert second.returncode == 2
+        assert second.returncode == 3  # a retry may find it free: not a config fault
         assert second.stderr.strip().splitlines()[-1] == \
             f"signerd: address 127.0.0.1:{port} is already in use"
         with _client(certs, port) as c:
@@ -648,9 +648,28 @@ def test_another_program_on_the_port_is_found(hsm: HSM, certs: PKI, tmp_path: Pa
             [sys.executable, "-m", "signerd.daemon", "serve", "--config",
              str(_config(hsm, certs, tmp_path, server={"listen": f"127.0.0.1:{port}"}))],
             capture_output=True, text=True, timeout=60)
-    assert run.returncode == 2
+    assert run.returncode == 3  # a retry may fix it: not exit 2
     assert run.stderr.strip().splitlines()[-1] == \
         f"signerd: address 127.0.0.1:{port} is already in use"
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_busy_metrics_port_exits_3(hsm: HSM, certs: PKI, tmp_path: Path, workers: int) -> None:
+    """A port another process holds may be free on the next try: exit 3,
+    which the unit restarts (RestartPreventExitStatus=2 stops only config
+    faults). Regression: it exited 2, so systemd never retried."""
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        port = other.getsockname()[1]
+        run = subprocess.run(
+            [sys.executable, "-m", "signerd.daemon", "serve", "--config",
+             str(_config(hsm, certs, tmp_path, metrics_listen=f"127.0.0.1:{port}",
+                         server={"workers": workers}))],
+            capture_output=True, text=True, timeout=120)
+    assert run.returncode == 3, run.stderr
+    assert run.stderr.strip().splitlines()[-1] == \
+        f"signerd: cannot listen on metrics.listen 127.0.0.1:{port}: Address already in use"
 
 
 def test_signerctl_says_what_to_check_in_one_line(hsm: HSM, certs: PKI, tmp_path: Path) -> None:
@@ -807,3 +826,37 @@ def test_verify_with_a_public_key_file_needs_no_daemon(
     err = capsys.readouterr().err
     assert usage.value.code == 2 and err.count("\n") == 1
     assert "argument --pubkey: not allowed with argument --key" in err
+
+
+def test_a_relative_state_dir_starts_from_anywhere(tmp_path: Path) -> None:
+    """Regression: 'signerd serve --state-dir s2' wrote SOFTHSM2_CONF = "s2/softhsm2.conf"
+    (and a relative SoftHSM tokendir), so the daemon started only from the
+    directory it was made in. Every path written is absolute now."""
+    made_in, elsewhere = tmp_path / "a", tmp_path / "b"
+    made_in.mkdir()
+    elsewhere.mkdir()
+    ports = ("--listen", f"127.0.0.1:{_free_port()}", "--metrics-listen",
+             f"127.0.0.1:{_free_port()}")
+    first = subprocess.Popen([sys.executable, "-m", "signerd.daemon", "serve", "--state-dir",
+                              "s2", "--ready-file", "ready.json", *ports], cwd=made_in,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while not (made_in / "ready.json").exists() and first.poll() is None:
+            assert time.monotonic() < deadline, "the embedded default did not start"
+            time.sleep(0.1)
+    finally:
+        first.terminate()
+        _, err = first.communicate(timeout=60)
+    assert first.returncode == 0, err
+    state = made_in / "s2"
+    conf = (state / "signerd.toml").read_text()
+    assert f'SOFTHSM2_CONF = "{state / "softhsm2.conf"}"' in conf, conf
+    assert f"directories.tokendir = {state / 'tokens'}" in (state / "softhsm2.conf").read_text()
+    proc = spawn_daemon(state / "signerd.toml", elsewhere)  # started from another directory
+    try:
+        env = {"SIGNERCTL_CONFIG": str(state / "client.toml")}
+        listed = _ctl(env, "--server", f"127.0.0.1:{proc.info['tcp']}", "tokens", "list")
+        assert listed.returncode == 0 and b"online: healthy" in listed.stdout, listed.stderr
+    finally:
+        assert proc.stop() == 0

@@ -59,13 +59,15 @@ def systemd_analyze() -> str:
 
 def unit_copy(tmp_path: Path) -> Path:
     """The unit with ExecStart pointing at this venv's signerd: verify checks
-    that the binary exists, and /usr/local/bin/signerd does not here."""
+    that the binary exists, and /opt/signerd/bin/signerd does not here
+    (test_install_script_writes_a_unit_that_verifies checks the unit as
+    deploy/install.sh writes it)."""
     text = UNIT.read_text()
-    assert "ExecStart=/usr/local/bin/signerd serve " in text
+    assert "ExecStart=/opt/signerd/bin/signerd serve " in text
     signerd = Path(sys.executable).parent / "signerd"
     assert signerd.exists()
     copy = tmp_path / "signerd.service"
-    copy.write_text(text.replace("/usr/local/bin/signerd", str(signerd)))
+    copy.write_text(text.replace("/opt/signerd/bin/signerd", str(signerd)))
     return copy
 
 
@@ -377,6 +379,9 @@ def _first_lines(path: Path) -> list[bytes]:
     pytest.param("wrong-pin", 2, 2, id="refused-pin-in-a-worker"),
     pytest.param("bad-config", 1, 2, id="config-fault"),
     pytest.param("no-such-token", 1, 3, id="token-not-reachable"),
+    # Regression: exit 2, so the unit never retried a port the old daemon still held.
+    pytest.param("port-in-use", 1, 3, id="port-in-use"),
+    pytest.param("port-in-use", 2, 3, id="port-in-use-with-workers"),
 ])
 def test_start_failures_exit_2_only_when_a_restart_cannot_help(
         hsm: HSM, certs: PKI, tmp_path: Path, problem: str, workers: int, status: int) -> None:
@@ -387,10 +392,76 @@ def test_start_failures_exit_2_only_when_a_restart_cannot_help(
         data["tokens"][0]["pin_file"] = str(tmp_path / "wrong.pin")
     elif problem == "bad-config":
         data["audit"]["max_bytes"] = 10
-    else:
+    elif problem == "no-such-token":
         data["tokens"][0]["uri"] = "pkcs11:token=no-such-token"
+    holder = socket.socket()  # another program on the port, for "port-in-use"
+    holder.bind(("127.0.0.1", 0))
+    holder.listen()
+    if problem == "port-in-use":
+        data["server"]["listen"] = f"127.0.0.1:{holder.getsockname()[1]}"
     cfg = write_toml(tmp_path / "signerd.toml", data)
-    run = subprocess.run([sys.executable, "-m", "signerd.daemon", "serve", "--config", str(cfg)],
-                         capture_output=True, text=True, timeout=120)
+    with holder:
+        run = subprocess.run([sys.executable, "-m", "signerd.daemon", "serve", "--config",
+                              str(cfg)], capture_output=True, text=True, timeout=120)
     assert run.returncode == status, run.stderr
     assert "Traceback" not in run.stderr and "not-the-pin" not in run.stderr
+
+
+def test_install_script_writes_a_unit_that_verifies(tmp_path: Path) -> None:
+    """deploy/install.sh into a temporary prefix: a venv with signerd from this
+    checkout, the unit with ExecStart at PREFIX/bin/signerd, the config and
+    policy templates, and a SoftHSM token with PINs in 0600 files. The unit
+    as written passes systemd-analyze verify (regression: the shipped unit
+    named /usr/local/bin/signerd, which nothing installed); with TLS files
+    added, the config passes check-config, token login included."""
+    from cryptography.hazmat.primitives import serialization
+
+    from signerd import pki
+
+    tool = systemd_analyze()
+    prefix, units, etc, state = (tmp_path / d for d in ("opt", "units", "etc", "state"))
+    run = subprocess.run(["sh", str(ROOT / "deploy" / "install.sh"), "--prefix", str(prefix),
+                          "--unit-dir", str(units), "--config-dir", str(etc), "--state-dir",
+                          str(state), "--no-user", "--softhsm"],
+                         capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "PYTHON": sys.executable})
+    assert run.returncode == 0, run.stdout + run.stderr
+    unit = units / "signerd.service"
+    shipped = UNIT.read_text()
+    assert unit.read_text() == shipped.replace(
+        "/opt/signerd/bin/signerd", str(prefix / "bin" / "signerd")).replace(
+        "--config /etc/signerd/signerd.toml", f"--config {etc / 'signerd.toml'}")
+    assert unit_options(unit.read_text())["ExecStart"] == [
+        f"{prefix}/bin/signerd serve --config {etc}/signerd.toml"]
+    verify = subprocess.run([tool, "verify", "--man=no", str(unit)], capture_output=True,
+                            text=True, timeout=60)
+    assert (verify.returncode, verify.stdout + verify.stderr) == (0, "")
+    for pin in ("online.pin", "online.so-pin"):
+        assert (etc / pin).stat().st_mode & 0o777 == 0o600
+        assert (etc / pin).read_text() not in run.stdout + run.stderr
+    # the operator's part: TLS files, and (outside /var) the audit log and socket
+    ca = pki.make_ca("install test CA")
+    (etc / "tls").mkdir()
+    pki.issue(ca, "localhost", server=True, dns=("localhost",)).write(
+        etc / "tls" / "server.pem", etc / "tls" / "server-key.pem")
+    (etc / "tls" / "client-ca.pem").write_bytes(ca.cert.public_bytes(serialization.Encoding.PEM))
+    config = (etc / "signerd.toml").read_text()
+    config = config.replace("/var/log/signerd", str(tmp_path / "log")).replace(
+        "/run/signerd", str(tmp_path / "run"))
+    (etc / "signerd.toml").write_text(config)
+    (tmp_path / "log").mkdir()
+    (tmp_path / "run").mkdir()
+    check = subprocess.run([str(prefix / "bin" / "signerd"), "check-config", "--config",
+                            str(etc / "signerd.toml")], capture_output=True, text=True,
+                           timeout=120)
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert "ok: token online: " in check.stdout, check.stdout
+    # a second run keeps the config, the PINs and the token
+    pin = (etc / "online.pin").read_text()
+    again = subprocess.run(["sh", str(ROOT / "deploy" / "install.sh"), "--prefix", str(prefix),
+                            "--unit-dir", str(units), "--config-dir", str(etc), "--state-dir",
+                            str(state), "--no-user", "--softhsm"],
+                           capture_output=True, text=True, timeout=600,
+                           env={**os.environ, "PYTHON": sys.executable})
+    assert again.returncode == 0, again.stderr
+    assert (etc / "online.pin").read_text() == pin and (etc / "signerd.toml").read_text() == config

@@ -153,6 +153,10 @@ def test_get_plugin_metadata(stdin: bytes, tmp_path: Path) -> None:
     assert response["capabilities"] == ["SIGNATURE_GENERATOR.RAW"]
     assert all(isinstance(response[k], str) and response[k]
                for k in ("description", "version", "url"))
+    # Regression: it named a package-index page under the name signerd, which
+    # signerd does not hold (anyone could claim it); now this installation's files.
+    assert response["url"].startswith("file:///") and "pypi" not in response["url"]
+    assert Path(response["url"].removeprefix("file://")).exists()
     major, minor, patch = response["version"].split("+")[0].split("-")[0].split(".")
     assert major.isdigit() and minor.isdigit() and patch.isdigit()  # SemVer
 

@@ -441,8 +441,8 @@ def test_role_grammar_refuses(role: str) -> None:
 
 
 def test_one_validator_serves_daemon_cli_and_trust_library() -> None:
-    from signerd.service import _keyservice as service
     from signerd.server import notary, v1
+    from signerd.service import _keyservice as service
     from signerd.trust import notary_http, repo
 
     for module in (service, notary, v1, notary_http, repo):

@@ -90,7 +90,6 @@ NAME = "signerd"
 DESCRIPTION = "Signs with keys on PKCS#11 tokens (HSM, YubiHSM 2, TPM) through signerd"
 CONTRACT_VERSION = "1.0"
 CAPABILITIES = ("SIGNATURE_GENERATOR.RAW",)
-_FALLBACK_URL = "https://pypi.org/project/signerd/"
 
 VALIDATION_ERROR = "VALIDATION_ERROR"
 UNSUPPORTED_CONTRACT_VERSION = "UNSUPPORTED_CONTRACT_VERSION"
@@ -241,18 +240,28 @@ def _version() -> str:
 
 
 def _url() -> str:
+    """Where signerd is documented: the package metadata's Project-URL or
+    Home-page when it names one, else this installation's own files (the
+    checkout's README.md, or the installed package), as a file: URL.
+    signerd is on no package index, so an index page under its name would be
+    anyone's to claim."""
     from importlib.metadata import PackageNotFoundError, metadata
 
     try:
         meta = metadata("signerd")
     except PackageNotFoundError:
-        return _FALLBACK_URL
-    for entry in meta.get_all("Project-URL") or []:
-        _, _, url = str(entry).partition(",")
-        if url.strip():
-            return url.strip()
-    home = meta.get_all("Home-page") or []
-    return str(home[0]) if home else _FALLBACK_URL
+        meta = None
+    if meta is not None:
+        for entry in meta.get_all("Project-URL") or []:
+            _, _, url = str(entry).partition(",")
+            if url.strip():
+                return url.strip()
+        home = meta.get_all("Home-page") or []
+        if home and str(home[0]).strip():
+            return str(home[0]).strip()
+    package = Path(__file__).resolve().parent.parent
+    readme = package.parent / "README.md"
+    return (readme if readme.is_file() else package).as_uri()
 
 
 def get_plugin_metadata(request: Mapping[str, Any]) -> dict[str, Any]:

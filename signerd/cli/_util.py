@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
-from collections.abc import Callable
+import os
+import re
+import sys
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
+from signerd import ArgumentParser
 from signerd.client import (
     MAX_TIMEOUT,
     Client,
@@ -22,6 +27,44 @@ class CliError(Exception):
     """A failure to report as one line on stderr."""
 
 
+class CliParser(ArgumentParser):
+    """signerd's parser, which also names an unknown option that swallowed
+    the next word. ``signerctl --sever 127.0.0.1:4443 keys list`` leaves
+    ``--sever`` aside and takes ``127.0.0.1:4443`` as the command; argparse
+    then says only ``invalid choice: '127.0.0.1:4443'``. Sub-parsers are of
+    this class too."""
+
+    _words: list[str] = []
+
+    def parse_known_args(self, args: Sequence[str] | None = None,  # type: ignore[override]
+                         namespace: argparse.Namespace | None = None,
+                         ) -> tuple[argparse.Namespace, list[str]]:
+        self._words = list(sys.argv[1:] if args is None else args)
+        return super().parse_known_args(self._words, namespace)
+
+    def error(self, message: str) -> NoReturn:
+        """As ArgumentParser.error, with the unknown option named."""
+        bad = re.search(r"invalid choice: '(.*?)'", message)
+        if bad is not None and bad.group(1) in self._words:
+            i = self._words.index(bad.group(1))
+            before = self._words[i - 1] if i else ""
+            if before.startswith("-") and before.split("=")[0] not in \
+                    self._option_string_actions:
+                near = difflib.get_close_matches(before, list(self._all_options()), n=1)
+                hint = f"; did you mean {near[0]}?" if near else ""
+                message = f"unrecognized option {before}{hint}"
+        super().error(message)
+
+    def _all_options(self) -> Iterator[str]:
+        """Every option string of this parser and its sub-parsers."""
+        yield from (o for o in self._option_string_actions if o.startswith("--"))
+        for action in self._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sub in action.choices.values():
+                    if isinstance(sub, CliParser):
+                        yield from sub._all_options()
+
+
 def rpc_error_line(code_name: str, details: str, server: str | None) -> str:
     """The one line signerctl prints for a failed call: the status and the
     daemon's message, or, when signerd could not be reached at all, what
@@ -31,6 +74,9 @@ def rpc_error_line(code_name: str, details: str, server: str | None) -> str:
     ``: OK``) is cut down to its reason."""
     where = f"signerd at {server}" if server else "signerd"
     failed = connect_failure(server or "", details) if code_name == "UNAVAILABLE" else None
+    if failed is not None and failed.not_tls:
+        return (f"{server} answered, but not with TLS: is it signerd's gRPC port ([server] "
+                "listen), not its metrics port or another service? Check --server")
     if failed is not None and failed.handshake:
         return (f"TLS handshake with {where} failed ({failed.reason}); "
                 "check --tls-ca, --tls-cert, --tls-key and --server-name")
@@ -39,7 +85,17 @@ def rpc_error_line(code_name: str, details: str, server: str | None) -> str:
                 "and is --server right?")
     if code_name == "DEADLINE_EXCEEDED":
         return f"{where} did not answer in time; is it overloaded, or is --server right?"
+    too_big = _TOO_BIG.search(details) if code_name == "RESOURCE_EXHAUSTED" else None
+    if too_big is not None:
+        sent, limit = too_big.groups()
+        return (f"the request was {sent} bytes, more than {where} accepts ({limit} bytes, its "
+                f"[server] max_message_bytes); set max_message_bytes = {limit} in the client "
+                "config, and signerctl sends bigger files by their digest")
     return f"{code_name}: {details.removesuffix(': OK')}"
+
+
+# gRPC's text for a message over a max_receive_message_length.
+_TOO_BIG = re.compile(r"Received message larger than max \((\d+) vs\. (\d+)\)")
 
 
 def seconds(text: str) -> float:
@@ -97,17 +153,46 @@ def add_client_options(p: argparse.ArgumentParser, server_flag: str = "--server"
                    help="on an unexpected error, print its traceback")
 
 
+def _named_by(args: argparse.Namespace) -> str | None:
+    """What named the client config: "--config", "$SIGNERCTL_CONFIG", or None
+    for the embedded daemon's default."""
+    if args.config is not None:
+        return "--config"
+    return "$SIGNERCTL_CONFIG" if os.environ.get("SIGNERCTL_CONFIG") else None
+
+
 def client_config(args: argparse.Namespace) -> ClientConfig:
+    """The client config the flags and the config file make together (a
+    flag wins). Raises CliError or ConfigError, one line each: a config
+    named by --config or $SIGNERCTL_CONFIG that is missing or unreadable; no
+    default one and no --server; a default one that cannot be read and no
+    --server (with --server, an unreadable default is passed over: the
+    flags name the daemon)."""
+    named_by = _named_by(args)
     path = args.config or ClientConfig.default_path()
-    if path.exists():
-        cfg = ClientConfig.load(path)
-    elif args.server is None:
-        raise CliError(
-            f"no client config at {path}; start 'signerd serve' once, "
-            "or pass --server with --tls-ca/--tls-cert/--tls-key"
-        )
-    else:
+    try:
+        with open(path, "rb"):
+            readable: OSError | None = None
+    except OSError as e:
+        readable = e
+    if isinstance(readable, FileNotFoundError | NotADirectoryError):
+        if named_by is not None:
+            raise CliError(f"no client config at {path} (named by {named_by}); check the path")
+        if args.server is None:
+            raise CliError(
+                f"no client config at {path}; start 'signerd serve' once, "
+                "or pass --server with --tls-ca/--tls-cert/--tls-key"
+            )
         cfg = ClientConfig(args.server)
+    elif readable is not None:
+        if named_by is not None or args.server is None:
+            raise CliError(
+                f"cannot read client config {path}: {readable.strerror}; run signerctl as the "
+                "user that owns it, or pass --config, or --server with "
+                "--tls-ca/--tls-cert/--tls-key")
+        cfg = ClientConfig(args.server)
+    else:
+        cfg = ClientConfig.load(path)
     return ClientConfig(
         server=args.server or cfg.server,
         ca=args.tls_ca or cfg.ca,
@@ -116,6 +201,7 @@ def client_config(args: argparse.Namespace) -> ClientConfig:
         server_name=args.server_name or cfg.server_name,
         timeout=args.timeout or cfg.timeout,
         plaintext=cfg.plaintext,
+        max_message_bytes=cfg.max_message_bytes,
     )
 
 

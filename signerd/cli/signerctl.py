@@ -19,16 +19,18 @@ import json  # noqa: E402
 import sys  # noqa: E402
 from collections.abc import Sequence  # noqa: E402
 from pathlib import Path  # noqa: E402
-from typing import Any  # noqa: E402
+from typing import Any, BinaryIO, cast  # noqa: E402
 
 import grpc  # noqa: E402
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 
-from signerd import ArgumentParser, add_version_flag, one_line, signing
+from signerd import add_version_flag, one_line, signing
 from signerd.certs import MAX_DAYS
+from signerd.cli import _payload
 from signerd.cli import trust as trust_cli
 from signerd.cli._util import (
     CliError,
+    CliParser,
     add_client_options,
     client_config,
     connect,
@@ -36,6 +38,7 @@ from signerd.cli._util import (
     rpc_error_line,
     whole_number,
 )
+from signerd.client import Client
 from signerd.errors import ConfigError, InvalidArgument, SignerdError
 from signerd.keys import (
     ALGORITHMS,
@@ -224,6 +227,7 @@ def cmd_keys_certify(args: argparse.Namespace) -> None:
 
 
 def _read_input(name: str) -> bytes:
+    """The whole of a small file (a signature, a public key); ``-`` is stdin."""
     if name == "-":
         return sys.stdin.buffer.read()
     try:
@@ -232,19 +236,8 @@ def _read_input(name: str) -> bytes:
         raise CliError(f"cannot read {name}: {e.strerror}") from None
 
 
-def _payload(args: argparse.Namespace) -> bytes:
-    data = _read_input(args.input)
-    if args.digest:
-        text = data.strip()
-        try:  # a digest may be given as hex text or as raw bytes
-            return bytes.fromhex(text.decode().removeprefix("sha256:").removeprefix("sha384:"))
-        except (UnicodeDecodeError, ValueError):
-            return data
-    return data
-
-
 def cmd_sign(args: argparse.Namespace) -> None:
-    payload = _payload(args)
+    stream = None if args.digest else _payload.open_input(args.input)
     out = None
     if args.out:  # opened before signing: a signature must not be made, then lost
         try:
@@ -252,7 +245,16 @@ def cmd_sign(args: argparse.Namespace) -> None:
         except OSError as e:
             raise CliError(f"cannot write the signature to {args.out}: {e.strerror}") from None
     try:
-        resp = _sign(args, payload)
+        with connect(args) as c:
+            payload = (_payload.Payload(_payload.read_digest(args.input), True) if stream is None
+                       else _sign_payload(args, c, stream))
+            resp = c.sign(
+                args.key_id,
+                digest=payload.data if payload.prehashed else None,
+                message=None if payload.prehashed else payload.data,
+                encoding=args.encoding,
+                rsa_padding=args.rsa_padding,
+            )
         if out is not None:
             out.write(resp.signature)
     except BaseException:
@@ -260,6 +262,9 @@ def cmd_sign(args: argparse.Namespace) -> None:
             out.close()
             Path(args.out).unlink(missing_ok=True)
         raise
+    finally:
+        if stream is not None and stream is not sys.stdin.buffer:
+            stream.close()
     if out is not None:
         out.close()
     data = {
@@ -275,16 +280,33 @@ def cmd_sign(args: argparse.Namespace) -> None:
         print(data["signature"])
 
 
-def _sign(args: argparse.Namespace, payload: bytes) -> pb.SignResponse:
-    with connect(args) as c:
-        resp = c.sign(
-            args.key_id,
-            digest=payload if args.digest else None,
-            message=None if args.digest else payload,
-            encoding=args.encoding,
-            rsa_padding=args.rsa_padding,
-        )
-    return resp
+def _sign_payload(args: argparse.Namespace, c: Client, stream: BinaryIO) -> _payload.Payload:
+    """The message in ``stream``, whole if it fits in one request to the
+    daemon, else its digest (see signerd.cli._payload). Raises CliError."""
+    limit = c.cfg.max_message_bytes
+    room = limit - _payload.request_overhead(args.key_id, limit)
+    size = _payload.size_of(stream)
+    first = b""
+    if size is None or size <= room:
+        first = _payload.read_at_most(stream, args.input, room)
+        if len(first) <= room:
+            return _payload.Payload(first, False)
+    try:
+        alg = parse_algorithm(c.get_key(args.key_id).algorithm)
+    except grpc.RpcError as e:
+        code = e.code().name if hasattr(e, "code") else "ERROR"
+        raise CliError(
+            f"{args.input} is more than {room} bytes, too big for one request to signerd at "
+            f"{c.cfg.server} (max_message_bytes {limit}), so it is signed by its digest, "
+            f"which takes the key's algorithm; reading key {args.key_id} failed: "
+            f"{code}: {e.details() if hasattr(e, 'details') else e} (the policy must grant "
+            "'read' as well as 'sign')") from None
+    if alg.keytype == "ed25519":
+        raise _payload.too_big_for_ed25519(
+            args.input, size if size is not None else f"more than {room}", limit,
+            f"signerd at {c.cfg.server}")
+    return _payload.Payload(_payload.digest(alg, _payload.chunks(stream, args.input, first)),
+                            True)
 
 
 def _public_key_file(name: str) -> tuple[bytes, Algorithm]:
@@ -309,7 +331,16 @@ def _public_key_file(name: str) -> tuple[bytes, Algorithm]:
 
 
 def cmd_verify(args: argparse.Namespace) -> None:
-    payload = _payload(args)
+    stream = None if args.digest else _payload.open_input(args.input)
+    try:
+        _verify(args, stream)
+    finally:
+        if stream is not None and stream is not sys.stdin.buffer:
+            stream.close()
+
+
+def _verify(args: argparse.Namespace, stream: BinaryIO | None) -> None:
+    digest = _payload.read_digest(args.input) if stream is None else None
     raw_sig = _read_input(args.signature)
     try:  # signatures may be stored raw or as base64 text (what `sign` prints)
         sig = base64.b64decode(raw_sig.strip(), validate=True)
@@ -327,15 +358,47 @@ def cmd_verify(args: argparse.Namespace) -> None:
     if args.digest and alg.keytype == "ed25519":
         raise CliError("ed25519 signs whole messages (pure EdDSA): verify the message, "
                        "not a digest")
+    if stream is None:
+        assert digest is not None
+        payload: bytes = digest
+    elif alg.keytype == "ed25519":
+        # mmap is bytes-like, which is all Ed25519PublicKey.verify reads
+        payload = cast(bytes, _payload.whole_message(stream, args.input))
+    else:  # hashed here in chunks, as the daemon hashes a whole message
+        payload = _payload.digest(alg, _payload.chunks(stream, args.input))
     options = signing.SignOptions(
-        signing.Encoding(args.encoding), signing.RsaPadding(args.rsa_padding), prehashed=args.digest
+        signing.Encoding(args.encoding), signing.RsaPadding(args.rsa_padding),
+        prehashed=stream is None or alg.keytype != "ed25519"
     )
     try:
         signing.verify(spki, alg, sig, payload, options)
     except InvalidSignature:
-        raise CliError(f"signature does NOT verify with {named}") from None
+        raise CliError(f"signature does NOT verify with {named}"
+                       f"{_encoding_hint(alg, sig, args.encoding)}") from None
     emit(args, {**which, "algorithm": alg.name, "valid": True},
          lambda: f"signature OK ({named})")
+
+
+def _encoding_hint(alg: Algorithm, sig: bytes, encoding: str) -> str:
+    """For an ECDSA signature that failed: a hint when it looks like the
+    other encoding (a DER SEQUENCE of two INTEGERs, or raw r||s of the
+    curve's size), else nothing."""
+    if alg.keytype != "ecdsa":
+        return ""
+    from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
+
+    if encoding == "raw":
+        try:
+            decode_dss_signature(sig)
+        except ValueError:
+            return ""
+        return "; the signature looks DER-encoded: try --encoding der"
+    if len(sig) == alg.signature_size:
+        try:
+            decode_dss_signature(sig)
+        except ValueError:
+            return "; the signature looks raw (r||s): try --encoding raw"
+    return ""
 
 
 def cmd_audit_verify(args: argparse.Namespace) -> None:
@@ -363,7 +426,7 @@ def cmd_audit_verify(args: argparse.Namespace) -> None:
 def build_parser() -> argparse.ArgumentParser:
     # Global options are accepted before or after the command. Sub-parsers
     # use SUPPRESS so that they do not overwrite a value given earlier.
-    parser: argparse.ArgumentParser = ArgumentParser(prog="signerctl", description="signerd client")
+    parser: argparse.ArgumentParser = CliParser(prog="signerctl", description="signerd client")
     add_version_flag(parser)
     common = argparse.ArgumentParser(add_help=False, argument_default=argparse.SUPPRESS)
     for p in (parser, common):
@@ -425,7 +488,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default: ca when self-signed, code-signing when another key issues it")
     p.set_defaults(func=cmd_keys_certify)
 
-    def sign_flags(p: argparse.ArgumentParser) -> None:
+    def sign_flags(p: argparse.ArgumentParser, verb: str) -> None:
         p.add_argument(
             "--digest",
             action="store_true",
@@ -433,12 +496,13 @@ def build_parser() -> argparse.ArgumentParser:
         )
         p.add_argument("--encoding", choices=("raw", "der"), default="raw")
         p.add_argument("--rsa-padding", choices=("pss", "pkcs1v15"), default="pss")
-        p.add_argument("input", help="file to sign, or - for standard input")
+        p.add_argument("input", help=f"file to {verb}, or - for standard input (with --digest: "
+                       "a file holding the digest)")
 
     p = sub.add_parser("sign", parents=[common], help="sign a file")
     p.add_argument("--key", dest="key_id", required=True, metavar="KEYID")
     p.add_argument("--out", help="write the raw signature here (default: print base64)")
-    sign_flags(p)
+    sign_flags(p, "sign")
     p.set_defaults(func=cmd_sign)
 
     p = sub.add_parser("verify", parents=[common], help="verify a signature locally")
@@ -448,7 +512,7 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--pubkey", metavar="FILE",
                        help="a public key file, PEM or DER SubjectPublicKeyInfo: no daemon needed")
     p.add_argument("--signature", required=True, help="signature file (raw or base64)")
-    sign_flags(p)
+    sign_flags(p, "verify")
     p.set_defaults(func=cmd_verify)
 
     audit = sub.add_parser("audit", help="audit log tools").add_subparsers(

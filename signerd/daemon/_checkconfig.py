@@ -44,7 +44,7 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -52,7 +52,14 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from signerd import audit
-from signerd.config import Config, TokenConfig, is_loopback, load_config
+from signerd.config import (
+    Config,
+    TokenConfig,
+    is_loopback,
+    load_config,
+    parse_config,
+    read_toml,
+)
 from signerd.errors import ConfigError, SignerdError, Unavailable
 
 if TYPE_CHECKING:
@@ -121,7 +128,8 @@ def check(path: Path) -> list[Finding]:
     try:
         config = load_config(path)
     except ConfigError as e:
-        report.error("config", str(e))
+        for fault in structural_faults(path, e):
+            report.error("config", fault)
         return report.findings
     report.ok("config", f"{path}: {len(config.tokens)} token(s), workers {config.workers}")
     _writable_by_others(report, "config", path)
@@ -134,6 +142,46 @@ def check(path: Path) -> list[Finding]:
     _audit(report, config)
     _tokens(report, config)
     return report.findings
+
+
+# A token that parses, standing in for the file's own while another part is checked.
+_STAND_IN_TOKEN = {"name": "check-config", "uri": "pkcs11:token=check-config",
+                   "module": "/check-config.so", "pin_env": "CHECK_CONFIG_PIN"}
+_KEY_BY_KEY = ("server", "audit", "metrics")  # tables whose keys stand alone
+
+
+def structural_faults(path: Path, first: ConfigError) -> list[str]:
+    """Every structural fault of the config at ``path``, whose load failed
+    with ``first``: load_config stops at the first, so each part is parsed
+    again on its own (each key of [server], [audit] and [metrics]; [tls],
+    [policy] and [environment] whole; each [[tokens]] entry; unknown
+    sections), beside a stand-in token. A fault that needs two parts to
+    show (two tokens of one name, a session budget) is found only by the
+    whole load: ``first`` is kept when no part shows a fault by itself."""
+    try:
+        data = read_toml(path, "config")
+    except ConfigError as e:
+        return [str(e)]
+    parts: list[tuple[dict[str, Any], int]] = []  # (a part, the index of its token)
+    for section, value in data.items():
+        if section == "tokens" and isinstance(value, list) and value:
+            parts += [({"tokens": [entry]}, i) for i, entry in enumerate(value)]
+        elif section in _KEY_BY_KEY and isinstance(value, dict) and value:
+            parts += [({section: {key: item}}, 0) for key, item in value.items()]
+        else:
+            parts.append(({section: value}, 0))
+    faults: list[str] = []
+    for part, index in parts:
+        part.setdefault("tokens", [dict(_STAND_IN_TOKEN)])
+        try:
+            parse_config(part, path.parent.resolve())
+        except ConfigError as e:
+            fault = str(e).replace("tokens[0].", f"tokens[{index}].")
+            if fault not in faults:
+                faults.append(fault)
+    if str(first) not in faults:  # a fault of two parts together
+        faults.insert(0, str(first))
+    return faults
 
 
 def _mode(path: Path) -> int | None:

@@ -17,7 +17,8 @@ everything a start would, serving nothing (signerd/daemon/_checkconfig.py).
 Exit status of ``serve``: 0 after a clean stop; 2 for a config fault or a
 PIN the token refused (no restart can fix those: the systemd unit's
 RestartPreventExitStatus=2), or a usage error; 3 for another failure to
-start, such as a token that cannot be reached yet; 1 when a worker dies, or
+start, such as a token that cannot be reached yet or a port that another
+process holds (the old daemon may still be stopping); 1 when a worker dies, or
 for an unexpected error. Every failure is one line on stderr; an unexpected
 one shows its traceback only with ``--log-level debug``.
 """
@@ -97,7 +98,9 @@ def claim_address(listen: str | None) -> socket.socket | None:
     signerd's own claim is an abstract Unix socket named after the address
     (unique per network namespace, gone with the process); another program's
     is found by binding the address once without SO_REUSEPORT. A port of 0
-    claims nothing. Raises ConfigError "address ... is already in use"."""
+    claims nothing. Raises Unavailable "address ... is already in use" (exit
+    3: the other program may be gone by the next try, e.g. the old daemon
+    still stopping), ConfigError for an address that cannot be bound."""
     if not listen:
         return None
     host, _, port = listen.rpartition(":")
@@ -116,7 +119,7 @@ def claim_address(listen: str | None) -> socket.socket | None:
     except OSError as e:
         claim.close()
         if e.errno == errno.EADDRINUSE:
-            raise ConfigError(f"address {listen} is already in use") from None
+            raise Unavailable(f"address {listen} is already in use") from None
         raise ConfigError(f"cannot listen on {listen}: {e.strerror}") from None
     return claim
 
@@ -277,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         path = args.config
         if path is None:
-            state = args.state_dir or embedded.state_dir()
+            state = Path(os.path.abspath(args.state_dir or embedded.state_dir()))
             path = embedded.ensure(state, args.listen or embedded.DEFAULT_LISTEN,
                                    args.metrics_listen or embedded.DEFAULT_METRICS_LISTEN)
             log.info(

@@ -42,6 +42,7 @@ which the systemd unit does not restart.
 from __future__ import annotations
 
 import ctypes
+import errno
 import json
 import logging
 import os
@@ -59,7 +60,7 @@ from typing import Any
 
 from signerd.config import Config
 from signerd.daemon import _sdnotify
-from signerd.errors import ConfigError
+from signerd.errors import ConfigError, Unavailable
 
 log = logging.getLogger("signerd")
 PR_SET_PDEATHSIG = 1
@@ -131,7 +132,9 @@ def _reserve(listen: str) -> tuple[socket.socket | None, str]:
         sock.bind(addr)
     except OSError as e:
         sock.close()
-        raise ConfigError(f"cannot listen on {listen}: {e.strerror}") from None
+        # A port in use may be free on the next try (exit 3, not 2: daemon._main).
+        error = Unavailable if e.errno == errno.EADDRINUSE else ConfigError
+        raise error(f"cannot listen on {listen}: {e.strerror}") from None
     bound = sock.getsockname()[1]
     return sock, f"[{host}]:{bound}" if ":" in host else f"{host}:{bound}"
 
@@ -217,7 +220,8 @@ class Supervisor:
                 read_timeout=self.config.metrics_read_timeout)
         except OSError as e:
             shutil.rmtree(directory, ignore_errors=True)
-            raise ConfigError(f"cannot listen on metrics.listen {self.config.metrics_listen}: "
+            error = Unavailable if e.errno == errno.EADDRINUSE else ConfigError
+            raise error(f"cannot listen on metrics.listen {self.config.metrics_listen}: "
                               f"{e.strerror}") from None
         return listener, directory
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import functools
 import logging
 import threading
@@ -20,7 +21,7 @@ from grpc_reflection.v1alpha import reflection
 from signerd import fdbudget, metrics
 from signerd.audit import AuditLog
 from signerd.config import Config, is_loopback, warn_if_exposed
-from signerd.errors import ConfigError, SignerdError
+from signerd.errors import ConfigError, SignerdError, Unavailable
 from signerd.notary import signer_pb2 as notary_pb2
 from signerd.policy import PolicyStore
 from signerd.server import _aio, notary
@@ -88,7 +89,8 @@ class Servers:
     loop: _aio.Loop | None = None  # the aio engine's event loop
 
     def start(self) -> None:
-        """Start serving; raises ConfigError if the metrics address is taken."""
+        """Start serving; raises Unavailable if the metrics address is taken
+        (a retry may find it free), ConfigError if it cannot be bound."""
         if self.metrics_listen is not None:
             try:
                 self.http = metrics.HttpListener(
@@ -103,8 +105,9 @@ class Servers:
                     self.audit.close()
                 if self.relay is not None:
                     self.relay.remove_private()
-                raise ConfigError(f"cannot listen on metrics.listen {self.metrics_listen}: "
-                                  f"{e.strerror}") from None
+                error = Unavailable if e.errno == errno.EADDRINUSE else ConfigError
+                raise error(f"cannot listen on metrics.listen {self.metrics_listen}: "
+                            f"{e.strerror}") from None
         for s in self.servers:
             if self.loop is not None:
                 self.loop.run(s.start())

@@ -580,9 +580,19 @@ def missing_module(path: str) -> str | None:
 def load_error(path: str, e: Exception) -> str:
     """What dlopen said when it could not load ``path`` (python-pkcs11 wraps
     it as ``OS exception while loading PATH: PATH: REASON``), else the
-    failure's CK_RV name."""
+    failure's CK_RV name; for tpm2-pkcs11, with the TCTI it tried to reach
+    the TPM through (its C_Initialize fails CKR_GENERAL_ERROR when the TCTI
+    cannot be opened: tpm2-abrmd not on the system D-Bus, no /dev/tpmrm0)."""
     text = str(e)
     prefix = f"OS exception while loading {path}: "
     if isinstance(e, OSError) or text.startswith(prefix):
         return text.removeprefix(prefix).removeprefix(f"{path}: ")
-    return failure_name(e)
+    name = failure_name(e)
+    if "tpm2_pkcs11" in os.path.basename(path) and name == "CKR_GENERAL_ERROR":
+        tcti = os.environ.get("TPM2_PKCS11_TCTI")
+        which = (f'TCTI "{tcti}" (TPM2_PKCS11_TCTI)' if tcti
+                 else "the default TCTI (TPM2_PKCS11_TCTI unset)")
+        return (f"{name}: tpm2-pkcs11 could not reach the TPM through {which}; \"tabrmd\" "
+                "needs tpm2-abrmd on the system D-Bus (\"tabrmd:bus_type=session\" for a "
+                "session bus), a real TPM is \"device:/dev/tpmrm0\"")
+    return name
