@@ -25,7 +25,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import pkcs11
@@ -42,10 +42,24 @@ from signerd.errors import (
 )
 from signerd.keys import Algorithm, KeyID, key_id, tuf_public_bytes
 from signerd.token import _layout, _p11
+from signerd.token._locks import _ObjectLocks, _SharedLock
+from signerd.token._modules import _PAUSE_WAIT, MODULES, _Modules
 from signerd.token.profiles import PROFILES, MechanismInfo, Profile, detect, supported_algorithms
 
 if TYPE_CHECKING:  # annotations only: signerd.config imports signerd.token.profiles
     from signerd.config import TokenConfig
+
+__all__ = [
+    "MODULES",
+    "KeyEntry",
+    "Token",
+    "TokenStatus",
+    "_Modules",
+    "_ObjectLocks",
+    "_SharedLock",
+    "_layout",
+    "_p11",
+]
 
 log = logging.getLogger("signerd.token")
 
@@ -57,7 +71,6 @@ _KEEPALIVE_LABEL = b"signerd-keepalive"  # searched for, never created
 # Attributes holding a public key, with the buffer sizes to try first.
 _EC_MATERIAL = {_p11.CKA_EC_POINT: 128}
 _RSA_MATERIAL = {_p11.CKA_MODULUS: 512, _p11.CKA_PUBLIC_EXPONENT: 8}
-_PAUSE_WAIT = 5.0  # seconds a module re-initialisation waits for another token's sessions
 
 
 @dataclass(frozen=True)
@@ -102,180 +115,6 @@ class TokenStatus:
     sessions: int
     free_public_memory: int | None
     free_private_memory: int | None
-
-
-class _SharedLock:
-    """Many holders of ``shared()`` at once, or one of ``exclusive()``.
-
-    Exclusive holders go first: once one waits, new shared holders wait too,
-    so a steady stream of them cannot starve it.
-    """
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition(threading.Lock())
-        self._sharing = 0
-        self._exclusive = False
-        self._waiting = 0  # exclusive holders waiting
-
-    @contextmanager
-    def shared(self) -> Iterator[None]:
-        with self._cond:
-            self._cond.wait_for(lambda: not self._exclusive and not self._waiting)
-            self._sharing += 1
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._sharing -= 1
-                if not self._sharing:
-                    self._cond.notify_all()
-
-    @contextmanager
-    def exclusive(self) -> Iterator[None]:
-        with self._cond:
-            self._waiting += 1
-            self._cond.wait_for(lambda: not self._exclusive and not self._sharing)
-            self._waiting -= 1
-            self._exclusive = True
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._exclusive = False
-                self._cond.notify_all()
-
-
-@dataclass
-class _ObjectLocks:
-    """What keeps SoftHSM 2.6.1's readers off the object files it is writing.
-
-    SoftHSM truncates and rewrites an object's file in steps that other
-    threads of the process are not locked out of (its fcntl locks only
-    exclude other processes). A reader that meets the file half-written marks
-    the object invalid: the write then fails (CKR_GENERAL_ERROR from
-    C_GenerateKeyPair; SoftHSM issue 573, fixed after 2.6.1 and in no
-    release), and the reader gets CKR_OBJECT_HANDLE_INVALID.
-
-    - ``searches``: a search (C_FindObjectsInit re-reads every object whose
-      file changed) and attribute reads share it; key generation, which
-      writes new objects, holds it alone.
-    - ``signing``: signing re-reads only its key's file, so it shares this
-      one; relabelling a key (rewriting its files) holds it alone. Key
-      generation needs no part of it: a key is signed with only once made.
-
-    One per token and process (:meth:`_Modules.object_locks`); always taken
-    in this order.
-    """
-
-    searches: _SharedLock = field(default_factory=_SharedLock)
-    signing: _SharedLock = field(default_factory=_SharedLock)
-
-
-class _Modules:
-    """One initialised module per path per process, finalised on last close."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._libs: dict[str, tuple[_p11.ThreadSafeLib, int]] = {}
-        self._users: dict[str, list[Token]] = {}
-        self._object_locks: dict[tuple[str, int], _ObjectLocks] = {}
-
-    def object_locks(self, path: str, slot_id: int) -> _ObjectLocks:
-        """The one _ObjectLocks of a token in this process, however many
-        Token objects use it."""
-        with self._lock:
-            return self._object_locks.setdefault((path, slot_id), _ObjectLocks())
-
-    def shares_login(self, token: Token) -> bool:
-        """Whether another connected Token of this process uses ``token``'s
-        slot, and so its login (PKCS#11 logs in per application and token)."""
-        with self._lock:
-            return any(t is not token and t.connected and t.slot_id == token.slot_id
-                       for t in self._users.get(token.config.module, []))
-
-    def acquire(self, path: str, user: Token | None = None) -> _p11.ThreadSafeLib:
-        with self._lock:
-            lib, count = self._libs.get(path, (None, 0))
-            if lib is None:
-                missing = _p11.missing_module(path)
-                if missing is not None:
-                    raise ConfigError(missing)
-                try:
-                    lib = _p11.load(path)
-                except (pkcs11.PKCS11Error, _p11.P11Error, OSError) as e:
-                    log.debug("cannot load a PKCS#11 module", extra={"fields": {
-                        "module": path, "detail": _p11.failure_detail(e)}})
-                    raise ConfigError(
-                        f"cannot load PKCS#11 module {path}: {_p11.load_error(path, e)}") from None
-            self._libs[path] = (lib, count + 1)
-            if user is not None:
-                self._users.setdefault(path, []).append(user)
-            return lib
-
-    def release(self, path: str, user: Token | None = None) -> None:
-        with self._lock:
-            if user is not None and user in self._users.get(path, []):
-                self._users[path].remove(user)
-            lib, count = self._libs[path]
-            if count > 1:
-                self._libs[path] = (lib, count - 1)
-                return
-            del self._libs[path]
-            try:
-                lib.close()
-            except _p11.P11Error as e:
-                log.warning(
-                    "C_Finalize failed", extra={"fields": {"module": path, "error": str(e)}}
-                )
-
-    def reinitialize(self, path: str, for_token: Token | None = None) -> bool:
-        """C_Finalize + C_Initialize a module: some modules (SoftHSM among
-        them) only find a token that went away and came back after
-        re-initialisation.
-
-        Without ``for_token``, only when every token of the module is
-        unusable. With it (the health probe of a token that stays unusable),
-        the module's other tokens are paused for it: each one's reconnects
-        are held and its borrowed sessions awaited (up to _PAUSE_WAIT
-        seconds, else nothing is done), and each reconnects on its next use.
-        That costs them a new login once per probe while a token is away,
-        and is how a token comes back while its neighbours stayed up."""
-        with self._lock:
-            users = self._users.get(path, [])
-            if path not in self._libs:
-                return False
-            others = [t for t in users if t is not for_token and t.connected]
-            if others and for_token is None:
-                return False
-            held: list[Token] = []
-            try:
-                for t in others:
-                    if not t.pause(_PAUSE_WAIT):
-                        return False
-                    held.append(t)
-                for t in users:
-                    t.forget_sessions()  # C_Finalize closes them; their handles may be reused
-                lib = self._libs[path][0]
-                try:
-                    lib.module.finalize()
-                    lib.module.initialize()
-                except _p11.P11Error as e:
-                    # Tried again at every probe while the token is away: the
-                    # token's own down/up warnings are what the operator reads.
-                    log.debug("module re-initialisation failed",
-                              extra={"fields": {"module": path, "error": str(e)}})
-                    return False
-            finally:
-                for t in held:
-                    t.resume()
-            log.info("module re-initialised", extra={"fields": {"module": path,
-                                                                "paused": len(held)}})
-            return True
-
-
-MODULES = _Modules()
-
-
 
 
 class Token:
