@@ -21,7 +21,7 @@ from signerd.token import _p11
 from signerd.token._locks import _ObjectLocks
 
 if TYPE_CHECKING:  # annotations only: a Token uses MODULES
-    from signerd.token import Token
+    from signerd.token._token import Token
 
 log = logging.getLogger("signerd.token")
 
