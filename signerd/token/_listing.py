@@ -1,0 +1,181 @@
+"""Reading signerd's keys off a token: :class:`KeyEntry` and :func:`read_keys`.
+
+How keys and their metadata sit on the token is :mod:`signerd.token._layout`'s
+business; this module makes the searches and attribute reads, in either
+layout, and believes a result only if the token still answers afterwards.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from signerd.keys import Algorithm, KeyID, key_id, tuf_public_bytes
+from signerd.token import _layout, _p11
+from signerd.token.profiles import Profile
+
+log = logging.getLogger("signerd.token")
+
+# Attributes holding a public key, with the buffer sizes to try first.
+_EC_MATERIAL = {_p11.CKA_EC_POINT: 128}
+_RSA_MATERIAL = {_p11.CKA_MODULUS: 512, _p11.CKA_PUBLIC_EXPONENT: 8}
+
+
+@dataclass(frozen=True)
+class KeyEntry:
+    """A key pair on a token, as the daemon knows it.
+
+    ``spki_der`` is the DER SubjectPublicKeyInfo; ``handle`` the private key's
+    object handle, valid in every session of the process; ``object_id`` its
+    CKA_ID (2 bytes in layout 2, the 32-byte key ID in layout 1)."""
+
+    key_id: KeyID
+    algorithm: Algorithm
+    gun: str
+    role: str
+    token: str
+    spki_der: bytes
+    used: bool
+    handle: int
+    object_id: bytes = b""
+    layout: int = 2
+
+    @property
+    def tuf_public(self) -> bytes:
+        return tuf_public_bytes(self.algorithm.keytype, self.spki_der)
+
+
+def read_keys(module: _p11.Module, profile: Profile, token: str, s: Any,
+              answers: Callable[[Any], bool], only: KeyID | None = None) -> dict[KeyID, KeyEntry]:
+    """Read signerd's keys on token ``token`` through session ``s``, in either
+    layout (:mod:`signerd.token._layout`): every key, or only key ``only``.
+
+    One pass over the private keys (handles, CKA_ID, CKA_LABEL), one over
+    the data objects (metadata), one over the public keys (key material),
+    through the ctypes calls of :mod:`signerd.token._p11`, with one
+    C_GetAttributeValue per object: with SoftHSM's file store each call
+    costs about 70 µs whatever it reads, and python-pkcs11's
+    ``get_objects`` makes several calls per object. A result is believed
+    only if the token still answers afterwards (``answers(s)``): a token
+    that went away answers searches with nothing (SoftHSM does), which is
+    not "no keys".
+
+    Raises P11Error."""
+    m, h = module, s.handle
+    if not m.logged_in(h):
+        # Logged out behind our back, the search would find no private
+        # key and the daemon would forget every key: log in again first.
+        raise _p11.P11Error("C_GetSessionInfo", _p11.CKR_USER_NOT_LOGGED_IN)
+    data_class = {_p11.CKA_CLASS: _p11.ulong(_p11.CKO_DATA)}
+    read_data = m.attribute_reader({_p11.CKA_LABEL: 40, _p11.CKA_VALUE: 512}).read
+    metas: dict[KeyID, _layout.KeyMeta] = {}
+    used: set[str] = set()
+
+    def read_data_objects(template: dict[int, bytes]) -> None:
+        for handle in m.find_objects(h, {**data_class, **template}):
+            attrs = read_data(h, handle)
+            prefix = _layout.used_prefix(attrs[_p11.CKA_LABEL])
+            meta = _layout.parse_meta_value(attrs[_p11.CKA_VALUE])
+            if prefix is not None:
+                used.add(prefix)
+            elif meta is not None and meta.key_id is not None:
+                metas[meta.key_id] = meta
+
+    if only is None:
+        scopes: list[dict[int, bytes]] = [{}]
+        read_data_objects({})
+    else:
+        # Layout 2 keys are found through their metadata object's label;
+        # a key without one can only be a layout 1 key, whose CKA_ID is
+        # the key ID. Every search scans the token (SoftHSM's file store:
+        # about 35 µs an object), so only the searches one layout needs run.
+        read_data_objects({_p11.CKA_LABEL: _layout.meta_label(only)})
+        if metas:
+            read_data_objects({_p11.CKA_LABEL: _layout.used_label(only)})
+            ids = [meta.object_id for meta in metas.values()]
+        else:
+            ids = [bytes.fromhex(only)]
+        scopes = [{_p11.CKA_ID: i} for i in ids if i]
+    privates: dict[bytes, tuple[int, bytes | None]] = {}
+    publics: dict[bytes, dict[int, bytes | None]] = {}
+    read_priv = m.attribute_reader({_p11.CKA_ID: 32, _p11.CKA_LABEL: 128}).read
+    # Ask every public key for EC and RSA material at once: the attributes
+    # a key does not have come back as None, and a second call would cost
+    # more than the unused attributes.
+    read_pub = m.attribute_reader({_p11.CKA_ID: 32, **_EC_MATERIAL, **_RSA_MATERIAL}).read
+    read_id = m.attribute_reader({_p11.CKA_ID: 32}).read
+    for scope in scopes:
+        for handle in m.find_objects(h, {_p11.CKA_CLASS: _p11.ulong(_p11.CKO_PRIVATE_KEY),
+                                         **scope}):
+            attrs = read_priv(h, handle)
+            if attrs[_p11.CKA_ID]:
+                privates[attrs[_p11.CKA_ID] or b""] = (handle, attrs[_p11.CKA_LABEL])
+    for scope in scopes:
+        for handle in m.find_objects(h, {_p11.CKA_CLASS: _p11.ulong(_p11.CKO_PUBLIC_KEY),
+                                         **scope}):
+            if profile.reads_mixed_attributes:
+                pub = read_pub(h, handle)
+            else:  # one call for the CKA_ID, one for the key's own material
+                pub = read_id(h, handle)
+                found = privates.get(pub[_p11.CKA_ID] or b"")
+                alg = _layout.algorithm_of(pub[_p11.CKA_ID] or b"", found[1]) \
+                    if found else None
+                if alg is None:
+                    continue
+                pub.update(material(m, h, handle, alg))
+            if pub[_p11.CKA_ID] in privates:
+                publics[pub[_p11.CKA_ID] or b""] = pub
+    if not answers(s):
+        raise _p11.P11Error("C_GetTokenInfo", _p11.CKR_DEVICE_REMOVED)
+    keys: dict[KeyID, KeyEntry] = {}
+    for object_id, (private, label) in privates.items():
+        entry = _entry(token, object_id, private, label, publics.get(object_id), metas, used)
+        if entry is not None and (only is None or entry.key_id == only):
+            keys[entry.key_id] = entry
+    return keys
+
+
+def material(module: _p11.Module, session: int, handle: int,
+             alg: Algorithm) -> dict[int, bytes | None]:
+    """A public key object's key material, by its algorithm: CKA_EC_POINT,
+    or CKA_MODULUS and CKA_PUBLIC_EXPONENT; the others as None. ``session``
+    is a session handle. Raises P11Error."""
+    wanted = _RSA_MATERIAL if alg.keytype == "rsa" else _EC_MATERIAL
+    got = module.get_attributes(session, handle, wanted)
+    return {t: got.get(t) for t in (*_EC_MATERIAL, *_RSA_MATERIAL)}
+
+
+def _entry(token: str, object_id: bytes, private: int, label: bytes | None,
+           pub: dict[int, bytes | None] | None, metas: dict[KeyID, _layout.KeyMeta],
+           used: set[str]) -> KeyEntry | None:
+    """The KeyEntry of one key pair read off the token, or None when it
+    is not a well-formed signerd key (with a warning if it claims to be)."""
+    v1 = _layout.parse_v1_label(label) if len(object_id) == 32 else None
+    alg = v1[0].algorithm if v1 is not None else _layout.parse_key_label(label)
+    if alg is None or pub is None:
+        return None  # not signerd's, or half a key pair
+    try:
+        spki = _layout.spki(alg, pub[_p11.CKA_EC_POINT], pub[_p11.CKA_MODULUS],
+                            pub[_p11.CKA_PUBLIC_EXPONENT])
+        kid = key_id(alg.keytype, tuf_public_bytes(alg.keytype, spki))
+    except ValueError as e:
+        log.warning("skipping a key whose public key cannot be read", extra={"fields": {
+            "token": token, "cka_id": object_id.hex(), "error": str(e)}})
+        return None
+    if v1 is not None:
+        if bytes.fromhex(kid) == object_id:
+            meta = v1[0]
+            return KeyEntry(kid, alg, meta.gun, meta.role, token, spki, v1[1],
+                            private, object_id, 1)
+    else:
+        found = metas.get(kid)
+        if found is not None and found.object_id == object_id and found.algorithm == alg:
+            return KeyEntry(kid, alg, found.gun, found.role, token, spki,
+                            kid[:_layout.USED_KID_HEX] in used, private, object_id, 2)
+        if found is None:
+            return None  # generation under way in another process, or abandoned
+    log.warning("skipping a key whose public key does not match its metadata",
+                extra={"fields": {"token": token, "cka_id": object_id.hex()}})
+    return None
