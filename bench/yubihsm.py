@@ -29,32 +29,14 @@ import os
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from bench.tokens import _rate  # one rate loop for the token benchmarks
+
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _rate(call: Any, threads: int, seconds: float) -> float:
-    """Calls per second of ``call`` made back to back from ``threads`` threads."""
-    counts = [0] * threads
-    stop = time.monotonic() + seconds
-
-    def run(i: int) -> None:
-        while time.monotonic() < stop:
-            call()
-            counts[i] += 1
-
-    workers = [threading.Thread(target=run, args=(i,)) for i in range(threads)]
-    start = time.monotonic()
-    for w in workers:
-        w.start()
-    for w in workers:
-        w.join()
-    return sum(counts) / (time.monotonic() - start)
 
 
 def measure(work: Path, seconds: float, keys: int) -> dict[str, Any]:
