@@ -75,7 +75,8 @@ def test_tls_rejects_bad_clients(daemon: Daemon, certs: PKI, who: str, reason: s
     assert err.code() == grpc.StatusCode.UNAVAILABLE, reason  # the handshake fails
     # a rejected handshake never reaches the service, so nothing is audited for it
     assert all(
-        line["identity"] != ADMIN or line["operation"] != "read" for line in audit_lines(daemon)
+        line["identity"] != f"uri:{ADMIN}" or line["operation"] != "read"
+        for line in audit_lines(daemon)
     )
 
 
@@ -173,7 +174,7 @@ def test_a_caller_that_may_not_read_a_key_cannot_tell_it_from_a_missing_one(
         assert admin.get_key(hidden.key_id).key_id == hidden.key_id  # still there
     # The audit log still says which key was asked for, and that it was a denial.
     lines = [line for line in audit_lines(d)
-             if line["identity"] != ADMIN and hidden.key_id in line["key_id"]]
+             if line["identity"] != f"uri:{ADMIN}" and hidden.key_id in line["key_id"]]
     assert {line["operation"] for line in lines} == {"read", "sign", "delete"}
     for line in lines:
         assert (line["gun"], line["role"], line["token"]) == (
@@ -210,7 +211,8 @@ def test_listings_give_nothing_away(daemon_factory: Any) -> None:
         err = rpc_error(lambda: list(runner.list_keys(token="nope")))
         assert err.details() == "no token named 'nope'; yours: root, online"
     shown = {k.key_id for k in hidden}
-    assert not shown & {line["key_id"] for line in audit_lines(d) if line["identity"] != ADMIN}
+    assert not shown & {line["key_id"] for line in audit_lines(d)
+                        if line["identity"] != f"uri:{ADMIN}"}
 
 
 ONLINE_ONLY_POLICY = ADMIN_POLICY + """
@@ -295,7 +297,7 @@ def test_tokens_list_counts_only_the_keys_the_caller_may_read(daemon_factory: An
     with d.client("nobody") as c:  # may read keys on no token: refused, as the proto says
         assert _token_answer(c.list_tokens) == (
             grpc.StatusCode.PERMISSION_DENIED,
-            "identity 'spiffe://test/nobody' may read keys on no token")
+            "identity 'uri:spiffe://test/nobody' may read keys on no token")
 
 
 _HUGE = "a" * (100 * 1024)  # 100 KB
@@ -374,10 +376,10 @@ def test_a_caller_that_may_read_a_key_is_told_what_it_may_not_do(daemon_factory:
         err = rpc_error(lambda: runner.sign(team.key_id, message=b"payload"))
     assert err.code() == grpc.StatusCode.PERMISSION_DENIED
     assert err.details().startswith(
-        f"identity {RUNNER!r} may not sign targets keys of docker.io/team/app over tcp: ")
+        f"identity 'uri:{RUNNER}' may not sign targets keys of docker.io/team/app over tcp: ")
     denial = audit_lines(d)[-1]
     assert (denial["identity"], denial["operation"], denial["key_id"], denial["gun"]) == (
-        RUNNER, "sign", team.key_id, "docker.io/team/app")
+        f"uri:{RUNNER}", "sign", team.key_id, "docker.io/team/app")
     assert (denial["decision"], denial["status"]) == ("deny", "PERMISSION_DENIED")
     import hashlib
 
@@ -387,9 +389,9 @@ def test_a_caller_that_may_read_a_key_is_told_what_it_may_not_do(daemon_factory:
 @pytest.mark.parametrize(
     "who,identity",
     [
-        ("runner", RUNNER),
-        ("dns-only", "builder.ci.example"),
-        ("cn-only", "plain-cn"),
+        ("runner", f"uri:{RUNNER}"),
+        ("dns-only", "dns:builder.ci.example"),
+        ("cn-only", "cn:plain-cn"),
     ],
 )
 def test_identity_comes_from_uri_then_dns_then_cn(daemon: Daemon, who: str, identity: str) -> None:

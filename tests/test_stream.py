@@ -114,7 +114,7 @@ def test_each_request_is_answered_in_order_with_its_own_status(daemon_factory: A
     assert [x["payload_sha256"] for x in lines] == [
         hashlib.sha256(r.message or r.digest).hexdigest() for r in reqs]
     assert lines[2]["decision"] == "deny" and lines[2]["key_id"] == targets.key_id
-    assert {x["identity"] for x in lines} == {RUNNER}
+    assert {x["identity"] for x in lines} == {f"uri:{RUNNER}"}
 
 
 @pytest.mark.parametrize("engine", ENGINES)
