@@ -12,9 +12,10 @@ gets a freed slot, and who may take a free one:
   uses ``slots - reserve`` of them (and no more than ``per_identity``, when
   that is set lower).
 * **Fewest first.** A freed slot goes to the waiting identity with the
-  fewest requests running (the earliest waiter among equals; each
-  identity's own requests in arrival order): identities that keep calling
-  converge on equal shares, whatever their number of callers.
+  fewest requests running; among equals, to the one served longest ago
+  (round robin); each identity's own requests in arrival order. Identities
+  that keep calling converge on equal shares, whatever their number of
+  callers.
 * **Bounded queue.** At most ``max_waiting`` requests wait, all identities
   together. A request arriving at a full queue takes the place of the
   newest waiter of the identity with the most waiting, if that identity
@@ -55,6 +56,7 @@ from signerd.errors import Cancelled, DeadlineExceeded, ResourceExhausted, Signe
 # (threading refuses timeouts past TIMEOUT_MAX; gRPC reports "no deadline"
 # as a huge remaining time).
 _MAX_WAIT = 3600.0
+_CLOCKS = 0.05  # seconds between gRPC's deadline and ours, computed from time_remaining()
 
 
 class _Waiter:
@@ -99,6 +101,9 @@ class Admission:
         self._queued = 0
         self._open_streams = 0
         self._seq = itertools.count()
+        # When each active identity (running or waiting) last got a slot:
+        # the round robin among identities with as many running.
+        self._served: dict[Hashable, int] = {}
 
     # -- the rules, under the lock ------------------------------------------
 
@@ -111,14 +116,15 @@ class Admission:
     def _take(self, who: Hashable) -> None:
         self._running[who] += 1
         self._total += 1
+        self._served[who] = next(self._seq)
 
     def _dispatch(self) -> None:
         """Grant free slots to waiters, fewest running first."""
         while self._queued:
             best: tuple[tuple[int, int], Hashable] | None = None
-            for who, queue in self._waiting.items():
+            for who in self._waiting:
                 if self._may_run(who):
-                    rank = (self._running[who], queue[0].seq)
+                    rank = (self._running[who], self._served.get(who, -1))
                     if best is None or rank < best[0]:
                         best = (rank, who)
             if best is None:
@@ -168,6 +174,7 @@ class Admission:
             if not queue:
                 del self._waiting[waiter.who]
             self._queued -= 1
+            self._forget_if_inactive(waiter.who)
             self._notify_if_idle()
 
     def _release_locked(self, who: Hashable) -> None:
@@ -176,7 +183,12 @@ class Admission:
             del self._running[who]
         self._total -= 1
         self._dispatch()
+        self._forget_if_inactive(who)
         self._notify_if_idle()
+
+    def _forget_if_inactive(self, who: Hashable) -> None:
+        if who not in self._running and who not in self._waiting:
+            self._served.pop(who, None)
 
     def _notify_if_idle(self) -> None:
         if not (self._total or self._queued or self._open_streams):
@@ -213,12 +225,15 @@ class Admission:
                     return
                 if waiter.error is not None:
                     raise waiter.error
-                if gone[0] or waiter.granted:
+                # gRPC ends a call at its deadline too (``watch``), by its own
+                # clock: a call gone within _CLOCKS of the deadline expired.
+                expired = deadline is not None and time.monotonic() >= deadline - (
+                    _CLOCKS if gone[0] else 0.0)
+                if expired or gone[0]:
                     self._give_up(waiter)
+                    if expired:
+                        raise self._expired(who, timeout)
                     raise Cancelled("the caller went away while its request waited")
-                if deadline is not None and time.monotonic() >= deadline:
-                    self._give_up(waiter)
-                    raise self._expired(who, timeout)
                 event.clear()
 
     async def acquire_async(self, who: Hashable, timeout: float | None = None) -> None:
