@@ -61,7 +61,7 @@ def _setup(base: Path, engine: str, threads: int) -> Path:
         pki.issue(ca, name, server=False, uris=(uri,)).write(
             base / f"{name}.pem", base / f"{name}-key.pem")
     (base / "policy.toml").write_text(
-        f'[[rule]]\nidentities = ["uri:{ADMIN}", "uri:{NEWCOMER}"]\noperations = ["*"]\n')
+        f'[[rule]]\nidentities = ["{ADMIN}", "{NEWCOMER}"]\noperations = ["*"]\n')
     config = base / "signerd.toml"
     config.write_text(f"""
 [server]
