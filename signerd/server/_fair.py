@@ -215,7 +215,8 @@ class Admission:
                 with self._lock:
                     gone[0] = True
                     event.set()
-            watch(away)
+            if watch(away) is False:  # gRPC: the call has already ended
+                away()
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             left = _MAX_WAIT if deadline is None else deadline - time.monotonic()
