@@ -185,7 +185,8 @@ class Env:
         path.write_text(f"""[server]
 listen = "127.0.0.1:0"
 threads = {s.threads}
-max_inflight_per_identity = {s.threads}  # one identity, up to 64 callers: it gets every thread
+# max_inflight_per_identity unset: the one identity uses every thread but the
+# reserve, and its callers past that wait their turn (signerd.server._fair)
 workers = {s.workers}
 cpu_affinity = "{s.cpu_affinity}"
 engine = "{s.engine}"

@@ -119,8 +119,8 @@ class Config:
     # Plaintext TCP, loopback only: the embedded development default's escape hatch.
     dev_plaintext: bool = False
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
-    # Handler threads one identity may hold at once (per serving process);
-    # None (unset): half of threads, at least 1. See inflight_limit.
+    # Requests of one identity working at once (per serving process); more
+    # wait their turn. None (unset): threads less the reserve. See inflight_limit.
     max_inflight_per_identity: int | None = None
     threads: int = 8  # bench: 8 beat 32 at 64 callers (p99 85 vs 124 ms)
     # Seconds a TCP connection may take to finish its TLS handshake; a
@@ -158,28 +158,44 @@ class Config:
     metrics_read_timeout: float = 5.0
 
     @property
+    def inflight_reserve(self) -> int:
+        """Work slots (of ``threads``) an identity that already has a request
+        running never gets, kept so that a newly arriving identity is served
+        at once: one per 8 threads, at least 1 (0 with a single thread)."""
+        return 0 if self.threads == 1 else max(1, self.threads // 8)
+
+    @property
     def inflight_limit(self) -> int:
-        """Requests one identity may have in handlers at once, per serving
-        process: ``max_inflight_per_identity``, or when unset half of
-        ``threads`` (at least 1), so that one identity never holds every
-        handler thread while others wait."""
+        """Requests one identity may have working at once, per serving
+        process: ``max_inflight_per_identity``, or when unset ``threads``
+        less :attr:`inflight_reserve`, every thread one identity alone may
+        use. More wait their turn (signerd.server._fair); the reserve is
+        kept whatever this says."""
         if self.max_inflight_per_identity is not None:
             return self.max_inflight_per_identity
-        return max(1, self.threads // 2)
+        return self.threads - self.inflight_reserve
+
+    @property
+    def queue_limit(self) -> int:
+        """Requests that may wait for a thread at once, all identities
+        together, per serving process: 8 per thread. Past it a request is
+        refused RESOURCE_EXHAUSTED (the identity with the most waiting gives
+        up its newest first)."""
+        return 8 * self.threads
 
     def inflight_warning(self) -> str | None:
-        """Why the per-identity limit protects no one, or None.
+        """Why ``max_inflight_per_identity`` does not do what it says, or None.
 
-        A limit of ``threads`` or more lets one identity hold every handler
-        thread: other callers then wait behind it. That is allowed (a daemon
-        with a single client, such as a notary-server or a benchmark, wants
-        it), but said at start and by ``signerd check-config``."""
-        if self.inflight_limit < self.threads:
+        A value above ``threads`` less the reserve is capped there: the
+        reserve is kept for newly arriving identities whatever it says.
+        Said at start and by ``signerd check-config``."""
+        usable = self.threads - self.inflight_reserve
+        if self.inflight_limit <= usable:
             return None
-        return (f"server.max_inflight_per_identity = {self.inflight_limit} lets one identity "
-                f"hold all {self.threads} handler threads (server.threads), so other callers "
-                "wait behind it; leave it unset (half of threads) or set it below threads "
-                "unless one client is signerd's only caller")
+        return (f"server.max_inflight_per_identity = {self.inflight_limit} is more than the "
+                f"{usable} of {self.threads} handler threads (server.threads) one identity "
+                f"may hold; {self.inflight_reserve} stay for newly arriving identities, so "
+                f"it means {usable}; leave it unset")
 
 
 _warned: set[Path] = set()

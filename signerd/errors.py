@@ -53,6 +53,14 @@ class ResourceExhausted(SignerdError):
     """Too many requests in flight, or a request that is too large."""
 
 
+class DeadlineExceeded(SignerdError):
+    """The caller's deadline passed while its request waited for its turn."""
+
+
+class Cancelled(SignerdError):
+    """The caller went away (cancelled, server stopping) while its request waited."""
+
+
 class Unavailable(SignerdError):
     """The token is gone or unusable, or the audit log cannot be written."""
 

@@ -33,11 +33,31 @@ An empty value means "any", and only the pattern ``"*"`` matches it. That
 grants nothing by itself: callers that list keys must filter each key
 through :meth:`Policy.allows` with the key's own GUN, role and token.
 
-Identities are compared as given by the server: URI SAN
-(``spiffe://ci/runner-1``), DNS SAN, certificate CN, or ``uid:<n>`` for Unix
-socket peers. A ``uid:`` identity arriving over TCP (a certificate whose CN
-is ``uid:0``, say) is always denied, so a certificate can never pose as a
-local user. An empty identity is always denied.
+Identities are typed: an :class:`Identity` is a kind and a name, written
+``kind:name`` in rules and in the audit log. The server gives each caller
+one (signerd.server._identity): ``uri:`` a URI SAN (``uri:spiffe://ci/r1``),
+``dns:`` a DNS SAN, ``cn:`` the subject CN, ``uid:`` a Unix socket peer's
+uid, ``dev:loopback`` every caller of the plaintext development listener. A
+pattern in ``identities`` is matched against the name of identities of its
+kind only, so a certificate can never pose as another kind of caller:
+
+* ``"*"`` alone matches every identity, whatever its kind;
+* ``"uri:GLOB"``, ``"dns:GLOB"``, ``"cn:GLOB"``, ``"uid:GLOB"``,
+  ``"dev:GLOB"`` match the name of that kind only;
+* a pattern written without a kind (policies older than typed identities)
+  keeps working by this rule: one that starts with a URI scheme
+  (``spiffe://ci/*``, ``https:...``: RFC 3986 ``ALPHA *( ALPHA / DIGIT /
+  "+" / "-" / "." ) ":"``) matches URI SANs only; one with no ``:`` at all
+  (``runner-1.ci.example``, ``ci-*``) matches a DNS SAN or a CN; any other
+  ``:`` is refused as ambiguous. So ``"spiffe://ci/runner-a"`` never
+  matches a certificate whose CN is ``spiffe://ci/runner-a``.
+
+A kind is written in lower case; ``"URI:..."`` or ``"Uid:0"`` is refused
+rather than read as a URI scheme. A ``cn:`` or ``dns:`` pattern that could
+only match a name the server refuses (a CN that starts with a URI scheme, a
+DNS name with characters no host name has) is refused when the file is
+loaded. A ``uid:`` identity arriving over TCP is always denied (defence in
+depth: no certificate field gives one), and so is an empty name.
 """
 
 from __future__ import annotations
@@ -62,8 +82,53 @@ Transport = Literal["tcp", "unix"]
 OPERATIONS: Final[tuple[str, ...]] = get_args(Operation)
 TRANSPORTS: Final[tuple[str, ...]] = get_args(Transport)
 ROOT_ROLE: Final = "root"
-_UID_PREFIX: Final = "uid:"
+IdentityKind = Literal["uri", "dns", "cn", "uid", "dev"]
+IDENTITY_KINDS: Final[tuple[str, ...]] = get_args(IdentityKind)
+# RFC 3986 section 3.1: scheme = ALPHA *( ALPHA / DIGIT / "+" / "-" / "." ), then ":".
+_URI_SCHEME: Final = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:")
+# A host name's characters (RFC 1123 labels; "_" as real certificates use it).
+_HOST_NAME: Final = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_.-]*[A-Za-z0-9_])?")
 _RULE_KEYS: Final = ("name", "identities", "operations", "guns", "roles", "tokens", "transports")
+
+
+def starts_with_scheme(name: str) -> bool:
+    """Whether ``name`` starts with a URI scheme and ``:`` (RFC 3986 §3.1):
+    ``spiffe://...``, ``uid:0``, ``dev:loopback``. Such a name is a URI, or
+    a kind prefix, never a plain CN."""
+    return _URI_SCHEME.match(name) is not None
+
+
+def is_host_name(name: str) -> bool:
+    """Whether ``name`` is made of a host name's characters (letters,
+    digits, ``-``, ``_``, dots inside): what a DNS SAN may hold."""
+    return _HOST_NAME.fullmatch(name) is not None
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """Who is calling: the kind of name that identifies it, and the name.
+
+    ``kind`` is one of :data:`IDENTITY_KINDS`: ``uri`` (a certificate's URI
+    SAN), ``dns`` (its DNS SAN), ``cn`` (its subject CN), ``uid`` (a Unix
+    socket peer's uid, decimal), ``dev`` (``loopback``: the plaintext
+    development listener). ``str()`` gives ``kind:name``, the form rules
+    and the audit log use."""
+
+    kind: str
+    name: str
+
+    def __str__(self) -> str:
+        return f"{self.kind}:{self.name}"
+
+    @classmethod
+    def parse(cls, text: str) -> Identity:
+        """``Identity`` from its ``kind:name`` form; ValueError if ``text``
+        has no known kind or an empty name."""
+        kind, sep, name = text.partition(":")
+        if not sep or kind not in IDENTITY_KINDS or not name:
+            raise ValueError(f"not a kind:name identity ({', '.join(IDENTITY_KINDS)}): "
+                             f"{quoted(text)}")
+        return cls(kind, name)
 
 
 @dataclass(frozen=True)
@@ -76,7 +141,7 @@ class Request:
     ``""`` means "any" and is matched only by the pattern ``"*"``.
     """
 
-    identity: str
+    identity: Identity
     transport: str
     operation: str
     gun: str = ""
@@ -116,6 +181,62 @@ class _Patterns:
         return literal in self.texts
 
 
+class _IdentityPatterns:
+    """A rule's ``identities``, by kind (see the module docstring for how a
+    pattern written without a kind is read)."""
+
+    __slots__ = ("_any", "_by_kind")
+
+    def __init__(self, texts: Sequence[str]) -> None:
+        self._any = "*" in texts
+        by_kind: dict[str, list[str]] = {}
+        for text in texts:
+            for kind, glob in identity_pattern_kinds(text):
+                by_kind.setdefault(kind, []).append(glob)
+        self._by_kind = {kind: _Patterns(globs) for kind, globs in by_kind.items()}
+
+    def match(self, identity: Identity) -> bool:
+        if not identity.name:
+            return False
+        if self._any:
+            return True
+        patterns = self._by_kind.get(identity.kind)
+        return patterns is not None and patterns.match(identity.name)
+
+
+def identity_pattern_kinds(text: str) -> list[tuple[str, str]]:
+    """The (kind, glob) pairs an ``identities`` pattern stands for:
+    ``"uri:spiffe://ci/*"`` -> ``[("uri", "spiffe://ci/*")]``; without a
+    kind, ``"spiffe://ci/*"`` -> the same, ``"ci-*"`` -> ``[("cn", "ci-*"),
+    ("dns", "ci-*")]``; ``"*"`` -> ``[]`` (every kind: matched on its own).
+    Raises ValueError, saying why, for a pattern that is ambiguous or could
+    never match (see the module docstring)."""
+    if text == "*":
+        return []
+    kind, sep, name = text.partition(":")
+    if sep and kind.lower() in IDENTITY_KINDS:
+        if kind not in IDENTITY_KINDS:
+            raise ValueError(f"write the kind {kind.lower()!r} in lower case")
+        if not name:
+            raise ValueError(f"{kind}: needs a name after it")
+        if kind == "cn" and starts_with_scheme(name):
+            raise ValueError("a CN that starts with a URI scheme is refused when a client "
+                             f"presents it, so {text!r} would never match; a URI is "
+                             f"'uri:{name}'")
+        if kind == "dns" and not is_host_name(name.replace("*", "a").replace("?", "a")):
+            raise ValueError("a DNS SAN holds a host name (letters, digits, '-', '_', '.'), "
+                             f"so {text!r} would never match")
+        if kind == "uid" and not re.fullmatch(r"[0-9*?\[\]!-]+", name):
+            raise ValueError("a uid is a decimal number")
+        return [(kind, name)]
+    if starts_with_scheme(text):
+        return [("uri", text)]
+    if sep:
+        raise ValueError("a ':' that does not end a URI scheme is ambiguous; write the kind "
+                         f"before it: 'uri:{text}', 'dns:{text}' or 'cn:{text}'")
+    return [("cn", text), ("dns", text)]
+
+
 def _is_root(role: str) -> bool:
     return role.strip().lower() == ROOT_ROLE
 
@@ -136,13 +257,14 @@ class Rule:
     tokens: tuple[str, ...] = ("*",)
     transports: frozenset[str] = frozenset(TRANSPORTS)
     # Compiled once here rather than per request; derived, so not compared or shown.
-    _identities: _Patterns = field(init=False, repr=False, compare=False)
+    _identities: _IdentityPatterns = field(init=False, repr=False, compare=False)
     _guns: _Patterns = field(init=False, repr=False, compare=False)
     _roles: _Patterns = field(init=False, repr=False, compare=False)
     _tokens: _Patterns = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        for name in ("identities", "guns", "roles", "tokens"):
+        object.__setattr__(self, "_identities", _IdentityPatterns(self.identities))
+        for name in ("guns", "roles", "tokens"):
             object.__setattr__(self, f"_{name}", _Patterns(getattr(self, name)))
 
     def matches(self, req: Request, *, root_by_glob: bool = False) -> bool:
@@ -221,14 +343,14 @@ class Policy:
         return decision
 
     def _decide(self, req: Request) -> Decision:
-        who = f"{quoted(req.identity)} over {req.transport}"
-        if not req.identity:
+        who = f"{quoted(str(req.identity))} over {req.transport}"
+        if not req.identity.name:
             return Decision(False, None, "the request has no identity")
         if req.transport not in TRANSPORTS:
             return Decision(False, None, f"unknown transport {quoted(req.transport)}")
         if req.operation not in OPERATIONS:
             return Decision(False, None, f"unknown operation {quoted(req.operation)}")
-        if req.transport == "tcp" and req.identity.startswith(_UID_PREFIX):
+        if req.transport == "tcp" and req.identity.kind == "uid":
             return Decision(False, None, f"{who}: uid: identities exist only on the unix socket")
         for rule in self.rules:
             if rule.matches(req):
@@ -252,8 +374,8 @@ class Policy:
         """Whether some rule grants ``req.operation`` on *some* key of
         ``req.token`` (its GUN and role left open): who may read a token's
         description. ``req.gun`` and ``req.role`` are ignored."""
-        if (not req.identity or req.transport not in TRANSPORTS
-                or (req.transport == "tcp" and req.identity.startswith(_UID_PREFIX))):
+        if (not req.identity.name or req.transport not in TRANSPORTS
+                or (req.transport == "tcp" and req.identity.kind == "uid")):
             return False
         return any(
             req.transport in r.transports and req.operation in r.operations
@@ -366,6 +488,15 @@ def _parse_rule(source: str, index: int, raw: Any) -> Rule:
                                   "whitespace")
         return value
 
+    def identities() -> tuple[str, ...]:
+        values = strings("identities", "identities (exact or glob)")
+        for item in values:
+            try:
+                identity_pattern_kinds(item)
+            except ValueError as e:
+                raise ConfigError(f"{where}: field 'identities': {item!r}: {e}") from None
+        return tuple(values)
+
     def choices(key: str, allowed: tuple[str, ...]) -> frozenset[str]:
         accepted = ", ".join(allowed) + ' or "*"'
         values = strings(key, accepted)
@@ -378,7 +509,7 @@ def _parse_rule(source: str, index: int, raw: Any) -> Rule:
 
     return Rule(
         name=name,
-        identities=tuple(strings("identities", "identities (exact or glob)")),
+        identities=identities(),
         operations=choices("operations", OPERATIONS),
         guns=tuple(strings("guns", "GUN globs")),
         roles=tuple(strings("roles", "role names or globs")),

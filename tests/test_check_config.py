@@ -50,8 +50,8 @@ def test_a_good_config_passes_and_serves_nothing(hsm: HSM, certs: PKI, tmp_path:
     for subject in ("config", "server.listen", "server.unix_socket", "tls.client_ca",
                     "tls.cert", "tls.key", "policy", "audit", "token root", "token online"):
         assert any(line.startswith(f"ok: {subject}: ") for line in oks), (subject, run.stdout)
-    assert ("ok: server.max_inflight_per_identity: 8 of 16 handler threads per identity "
-            "(unset: half of threads)") in oks
+    assert ("ok: server.max_inflight_per_identity: 14 of 16 handler threads per identity "
+            "(unset: threads less the reserve)") in oks
     assert any("token online: logged in: SoftHSM" in line for line in oks), run.stdout
     assert any("chains to CN=signerd test CA from tls.client_ca" in line for line in oks)
     assert not (tmp_path / "run").exists()  # no socket, nothing served
@@ -218,7 +218,7 @@ def test_group_readable_pin_is_a_warning_and_strict_fails_on_it(
     assert strict.returncode == 1 and "error(s) or warning(s)" in strict.stderr
 
 
-def test_an_identity_limit_that_takes_every_thread_is_a_warning(
+def test_an_identity_limit_above_threads_less_the_reserve_is_a_warning(
         hsm: HSM, certs: PKI, tmp_path: Path) -> None:
     data = good_config(hsm, certs, tmp_path)
     data["server"].update(threads=8, max_inflight_per_identity=8)
@@ -227,7 +227,7 @@ def test_an_identity_limit_that_takes_every_thread_is_a_warning(
     assert lenient.returncode == 0, lenient.stdout
     [warning] = [w for w in findings(lenient, "warning")
                  if w.startswith("warning: server.max_inflight_per_identity: ")]
-    assert "lets one identity hold all 8 handler threads" in warning
+    assert "is more than the 7 of 8 handler threads" in warning
     assert check_config(cfg, "--strict").returncode == 1
     data["server"]["max_inflight_per_identity"] = 7
     fair = check_config(write_toml(tmp_path / "signerd.toml", data))

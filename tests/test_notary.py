@@ -35,7 +35,7 @@ from signerd.client import channel
 from signerd.config import load_config
 from signerd.notary import signer_pb2 as pb
 from signerd.notary import signer_pb2_grpc as pb_grpc
-from signerd.policy import Policy, Request
+from signerd.policy import Identity, Policy, Request
 from signerd.server.notary import NOTARY_ALGORITHMS
 from tests.conftest import ADMIN, PKI, Daemon, rpc_error, unique_gun
 from tests.test_core import token_dir
@@ -255,7 +255,7 @@ def test_notary_server_call_sequence(daemon: Daemon, notary: Notary, algorithm: 
         with pytest.raises(InvalidSignature):
             notary_verify(algorithm, info.publicKey, sig.algorithm.algorithm, sig.content,
                           content + b" ")
-    lines = [a for a in audit_lines(daemon) if a["identity"] == NOTARY and a["gun"] == gun]
+    lines = [a for a in audit_lines(daemon) if a["identity"] == f"uri:{NOTARY}" and a["gun"] == gun]
     assert [(a["operation"], a["role"], a["status"]) for a in lines] == [
         ("create", "timestamp", "OK"), ("create", "snapshot", "OK"),
         ("read", "timestamp", "OK"), ("sign", "timestamp", "OK"),
@@ -458,7 +458,7 @@ def test_policy_limits_notary_server_to_timestamp_and_snapshot(
     admin.km.DeleteKey(pb.KeyID(ID=ts), timeout=20)
     assert rpc_error(lambda: notary.info(ts)).code() == grpc.StatusCode.NOT_FOUND
     denied = [a for a in audit_lines(daemon)
-              if a["identity"] == NOTARY and a["gun"] == gun and a["decision"] == "deny"]
+              if a["identity"] == f"uri:{NOTARY}" and a["gun"] == gun and a["decision"] == "deny"]
     assert {(a["operation"], a["role"]) for a in denied} == {
         ("create", "targets"), ("create", "targets/releases"), ("create", "root"),
         ("read", "targets"), ("sign", "targets"), ("delete", "timestamp"),
@@ -494,7 +494,8 @@ def test_example_matches_notary_server_config_and_loads() -> None:
     policy = Policy.load(config.policy_file)
 
     def allowed(op: str, role: str, transport: str = "tcp", who: str = identity) -> bool:
-        return policy.allows(Request(who, transport, op, "docker.io/acme/app", role, "online"))
+        return policy.allows(Request(Identity.parse(who), transport, op, "docker.io/acme/app",
+                                     role, "online"))
 
     assert all(allowed(op, role) for op in ("create", "read", "sign")
                for role in ("timestamp", "snapshot"))

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from signerd.errors import ConfigError
-from signerd.policy import Policy, PolicyStore, Request
+from signerd.policy import Identity, Policy, PolicyStore, Request
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "policy.toml"
 
@@ -64,68 +64,75 @@ def policy(tmp_path_factory: pytest.TempPathFactory) -> Policy:
 def req(identity: str, operation: str = "sign", gun: str = "docker.io/acme/app",
         role: str = "targets", token: str = "online",  # noqa: S107
         transport: str = "tcp") -> Request:
-    return Request(identity=identity, transport=transport, operation=operation, gun=gun,
+    """A Request from ``identity`` written kind:name ("" for an empty CN)."""
+    typed = Identity.parse(identity) if identity else Identity("cn", "")
+    return Request(identity=typed, transport=transport, operation=operation, gun=gun,
                    role=role, token=token)
 
 
 DECISIONS = [
     # (request, allowed, granting rule)
-    pytest.param(req("spiffe://ci/runner-1"), True, "ci", id="glob-identity-allowed"),
-    pytest.param(req("runner-1.ci.example"), True, "ci", id="exact-identity-allowed"),
-    pytest.param(req("runner-2.ci.example"), False, None, id="exact-identity-other-name-denied"),
-    pytest.param(req("spiffe://cd/runner-1"), False, None, id="unknown-identity-denied"),
-    pytest.param(req("SPIFFE://ci/runner-1"), False, None, id="identity-match-is-case-sensitive"),
-    pytest.param(req("spiffe://ci/runner-1", "delete"), False, None,
+    pytest.param(req("uri:spiffe://ci/runner-1"), True, "ci", id="glob-identity-allowed"),
+    pytest.param(req("dns:runner-1.ci.example"), True, "ci", id="exact-identity-allowed"),
+    pytest.param(req("dns:runner-2.ci.example"), False,
+                 None, id="exact-identity-other-name-denied"),
+    pytest.param(req("uri:spiffe://cd/runner-1"), False, None, id="unknown-identity-denied"),
+    pytest.param(req("uri:SPIFFE://ci/runner-1"), False,
+                 None, id="identity-match-is-case-sensitive"),
+    pytest.param(req("uri:spiffe://ci/runner-1", "delete"), False, None,
                  id="operation-not-granted-denied"),
-    pytest.param(req("spiffe://ci/runner-1", "read"), True, "ci", id="second-operation-allowed"),
-    pytest.param(req("spiffe://ci/runner-1", gun="docker.io/acme/web/api"), True, "ci",
+    pytest.param(req("uri:spiffe://ci/runner-1", "read"), True,
+                 "ci", id="second-operation-allowed"),
+    pytest.param(req("uri:spiffe://ci/runner-1", gun="docker.io/acme/web/api"), True, "ci",
                  id="gun-glob-star-crosses-slash"),
-    pytest.param(req("spiffe://ci/runner-1", gun="docker.io/other/app"), False, None,
+    pytest.param(req("uri:spiffe://ci/runner-1", gun="docker.io/other/app"), False, None,
                  id="gun-b-denied"),
-    pytest.param(req("spiffe://ci/runner-1", role="targets/ci-linux"), True, "ci",
+    pytest.param(req("uri:spiffe://ci/runner-1", role="targets/ci-linux"), True, "ci",
                  id="role-glob-allowed"),
-    pytest.param(req("spiffe://ci/runner-1", role="snapshot"), False, None,
+    pytest.param(req("uri:spiffe://ci/runner-1", role="snapshot"), False, None,
                  id="role-not-granted-denied"),
-    pytest.param(req("spiffe://ci/runner-1", token="offline"), False, None,
+    pytest.param(req("uri:spiffe://ci/runner-1", token="offline"), False, None,
                  id="token-not-granted-denied"),
-    pytest.param(req("spiffe://ci/runner-1", role="root"), False, None,
+    pytest.param(req("uri:spiffe://ci/runner-1", role="root"), False, None,
                  id="root-over-tcp-denied-by-role-list-without-root"),
-    pytest.param(req("spiffe://corp/admin", "delete", role="targets"), True, "admins-everything",
+    pytest.param(req("uri:spiffe://corp/admin", "delete", role="targets"), True,
+                 "admins-everything",
                  id="star-rule-allows-non-root-over-tcp"),
-    pytest.param(req("spiffe://corp/admin", role="root"), False, None,
+    pytest.param(req("uri:spiffe://corp/admin", role="root"), False, None,
                  id="star-role-rule-does-not-grant-root-over-tcp"),
-    pytest.param(req("spiffe://corp/admin", role="root", transport="unix"), True,
+    pytest.param(req("uri:spiffe://corp/admin", role="root", transport="unix"), True,
                  "admins-everything", id="star-role-rule-grants-root-over-unix"),
-    pytest.param(req("ceremony.sec.example", role="root", token="offline"), True,
+    pytest.param(req("dns:ceremony.sec.example", role="root", token="offline"), True,
                  "root-ceremony", id="rule-naming-root-allows-root-over-tcp"),
-    pytest.param(req("ceremony.sec.example", role="targets"), False, None,
+    pytest.param(req("dns:ceremony.sec.example", role="targets"), False, None,
                  id="root-rule-grants-only-root"),
-    pytest.param(req("ceremony.sec.example", role="root", transport="unix"), False, None,
+    pytest.param(req("dns:ceremony.sec.example", role="root", transport="unix"), False, None,
                  id="transports-tcp-only-rule-denied-over-unix"),
     pytest.param(req("uid:1000", role="root", transport="unix"), True, "local-ops",
                  id="unix-rule-allows-root-by-glob"),
     pytest.param(req("uid:1000", transport="tcp"), False, None,
                  id="uid-identity-over-tcp-always-denied"),
     pytest.param(req("uid:1001", transport="unix"), False, None, id="other-uid-denied"),
-    pytest.param(req("CN=builder", "create", role="release"), True, "rule[4]",
+    pytest.param(req("cn:CN=builder", "create", role="release"), True, "rule[4]",
                  id="unnamed-rule-named-by-index"),
-    pytest.param(req("CN=builder", "create", role="root"), False, None,
+    pytest.param(req("cn:CN=builder", "create", role="root"), False, None,
                  id="role-glob-r-star-does-not-reach-root-over-tcp"),
-    pytest.param(req("CN=builder", "create", role="root", transport="unix"), True, "rule[4]",
+    pytest.param(req("cn:CN=builder", "create", role="root", transport="unix"), True, "rule[4]",
                  id="role-glob-r-star-reaches-root-over-unix"),
-    pytest.param(req("spiffe://corp/admin", "read", gun="", role="", token=""), True,
+    pytest.param(req("uri:spiffe://corp/admin", "read", gun="", role="", token=""), True,
                  "admins-everything", id="empty-fields-match-star"),
-    pytest.param(req("spiffe://ci/runner-1", "read", gun="", role="", token=""), False, None,
+    pytest.param(req("uri:spiffe://ci/runner-1", "read", gun="", role="", token=""), False, None,
                  id="empty-fields-do-not-match-narrow-globs"),
-    pytest.param(req("spiffe://corp/admin", "read", role="", transport="tcp"), True,
+    pytest.param(req("uri:spiffe://corp/admin", "read", role="", transport="tcp"), True,
                  "admins-everything", id="empty-role-is-not-root"),
-    pytest.param(req("ceremony.sec.example", role="Root"), False, None,
+    pytest.param(req("dns:ceremony.sec.example", role="Root"), False, None,
                  id="root-look-alike-over-tcp-needs-a-match-too"),
-    pytest.param(req("spiffe://corp/admin", role=" root"), False, None,
+    pytest.param(req("uri:spiffe://corp/admin", role=" root"), False, None,
                  id="root-look-alike-not-reached-by-star-over-tcp"),
     pytest.param(req(""), False, None, id="empty-identity-denied"),
-    pytest.param(req("spiffe://corp/admin", "write"), False, None, id="unknown-operation-denied"),
-    pytest.param(req("spiffe://corp/admin", transport="quic"), False, None,
+    pytest.param(req("uri:spiffe://corp/admin", "write"), False,
+                 None, id="unknown-operation-denied"),
+    pytest.param(req("uri:spiffe://corp/admin", transport="quic"), False, None,
                  id="unknown-transport-denied"),
 ]
 
@@ -144,7 +151,7 @@ def test_decide(policy: Policy, request_: Request, allowed: bool, rule: str | No
     pytest.param(Policy.parse({"rule": []}, "empty-list"), id="empty-rule-list"),
 ])
 @pytest.mark.parametrize("request_", [
-    pytest.param(req("spiffe://ci/runner-1"), id="tcp-sign"),
+    pytest.param(req("uri:spiffe://ci/runner-1"), id="tcp-sign"),
     pytest.param(req("uid:0", "read", "", "", "", "unix"), id="unix-root-uid-read-any"),
 ])
 def test_deny_by_default(policy_: Policy, request_: Request) -> None:
@@ -154,23 +161,23 @@ def test_deny_by_default(policy_: Policy, request_: Request) -> None:
 
 
 def test_root_denial_explains_the_explicit_root_requirement(policy: Policy) -> None:
-    reason = policy.decide(req("spiffe://corp/admin", role="root")).reason
+    reason = policy.decide(req("uri:spiffe://corp/admin", role="root")).reason
     assert "'admins-everything' matches root only by a glob" in reason
     assert 'list the role "root" explicitly' in reason
 
 
 def test_allow_reason_names_rule_and_identity(policy: Policy) -> None:
-    decision = policy.decide(req("spiffe://ci/runner-1"))
-    assert decision.reason == "rule 'ci' grants sign to 'spiffe://ci/runner-1' over tcp"
+    decision = policy.decide(req("uri:spiffe://ci/runner-1"))
+    assert decision.reason == "rule 'ci' grants sign to 'uri:spiffe://ci/runner-1' over tcp"
 
 
 def test_example_policy_file_loads_and_behaves() -> None:
     policy = Policy.load(EXAMPLE)
     assert [r.name for r in policy.rules] == [
         "ci-runners", "notary-server", "release-admins", "root-ceremony", "local-root"]
-    assert policy.allows(req("spiffe://ci/r1", token="online"))
-    assert not policy.allows(req("spiffe://corp/release/alice", role="root", token="online"))
-    assert policy.allows(req("ceremony-1.sec.example", role="root", token="offline-root"))
+    assert policy.allows(req("uri:spiffe://ci/r1", token="online"))
+    assert not policy.allows(req("uri:spiffe://corp/release/alice", role="root", token="online"))
+    assert policy.allows(req("dns:ceremony-1.sec.example", role="root", token="offline-root"))
     assert policy.allows(req("uid:0", "delete", role="root", token="offline-root",
                              transport="unix"))
     assert policy.sha256 is not None and len(policy.sha256) == 64
@@ -285,12 +292,12 @@ def test_store_reload_applies_new_rule_and_keeps_taken_policy(
     path = write(tmp_path, GOOD_V1)
     store = PolicyStore(path)
     taken = store.current  # an in-flight request's snapshot
-    assert not taken.allows(req("spiffe://ci/r"))
+    assert not taken.allows(req("uri:spiffe://ci/r"))
     write(tmp_path, GOOD_V2)
     with caplog.at_level(logging.INFO, logger="signerd.policy"):
         assert store.reload() is True
-    assert store.current.decide(req("spiffe://ci/r")).rule == "v2-signers"
-    assert not taken.allows(req("spiffe://ci/r")), "a taken Policy object never changes"
+    assert store.current.decide(req("uri:spiffe://ci/r")).rule == "v2-signers"
+    assert not taken.allows(req("uri:spiffe://ci/r")), "a taken Policy object never changes"
     record = next(r for r in caplog.records if r.getMessage() == "policy reloaded")
     assert record.fields["rules"] == 2  # type: ignore[attr-defined]
 
@@ -312,7 +319,7 @@ def test_store_reload_failure_keeps_old_policy_and_warns(
     with caplog.at_level(logging.WARNING, logger="signerd.policy"):
         assert store.reload() is False
     assert store.current is before
-    assert store.current.allows(req("spiffe://ci/r"))
+    assert store.current.allows(req("uri:spiffe://ci/r"))
     warning = next(r for r in caplog.records if r.levelno == logging.WARNING)
     assert warning.getMessage() == "policy reload failed; keeping the previous policy"
     assert warning.fields["error"].startswith(f"policy {path}: ")  # type: ignore[attr-defined]
@@ -329,6 +336,8 @@ def test_a_denial_quotes_huge_values_in_short() -> None:
     identity, a token name it gave) up to 64 characters, whatever their size."""
     policy = Policy.parse({"rule": [{"identities": ["x"], "operations": ["read"]}]}, "<test>")
     huge = "spiffe://ci/" + "a" * 100_000
-    decision = policy.decide(Request(huge, "tcp", "create", "docker.io/a/b", "targets", huge))
+    decision = policy.decide(Request(Identity("uri", huge), "tcp", "create", "docker.io/a/b",
+                                     "targets", huge))
     assert not decision.allowed and len(decision.reason) < 400
-    assert decision.reason.count(f"…({len(huge)} bytes)") == 2, decision.reason
+    assert decision.reason.count(f"…({len('uri:' + huge)} bytes)") == 1, decision.reason
+    assert decision.reason.count(f"…({len(huge)} bytes)") == 1, decision.reason

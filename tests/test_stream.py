@@ -114,7 +114,7 @@ def test_each_request_is_answered_in_order_with_its_own_status(daemon_factory: A
     assert [x["payload_sha256"] for x in lines] == [
         hashlib.sha256(r.message or r.digest).hexdigest() for r in reqs]
     assert lines[2]["decision"] == "deny" and lines[2]["key_id"] == targets.key_id
-    assert {x["identity"] for x in lines} == {RUNNER}
+    assert {x["identity"] for x in lines} == {f"uri:{RUNNER}"}
 
 
 @pytest.mark.parametrize("engine", ENGINES)
@@ -329,13 +329,13 @@ def test_the_aio_engine_serves_every_kind_of_method(daemon_factory: Any) -> None
 
 
 @pytest.mark.parametrize("engine", ENGINES)
-def test_open_streams_count_against_the_identity_limit(daemon_factory: Any,
-                                                       engine: str) -> None:
-    """A stream holds one of its identity's in-flight slots for its whole
-    life, idle or not (in the threads engine it holds a handler thread as
-    long): with a limit of 2, two idle streams of one identity leave it no
-    room, so its third stream and its next Sign are refused at once,
-    audited, while another identity signs. Closing a stream frees its slot."""
+def test_an_idle_stream_holds_no_work_slot(daemon_factory: Any, engine: str) -> None:
+    """A stream counts against the server's stream bound for its whole life
+    (test_streams_of_all_identities_hold_at_most_half_the_threads), but holds
+    a work slot only while one of its requests is signed: with a limit of 2
+    (it was refused RESOURCE_EXHAUSTED at once before), two idle streams of
+    one identity leave it its Sign, its third stream and another identity's
+    signatures."""
     d: Daemon = daemon_factory(server={"engine": engine, "threads": 8,
                                        "max_inflight_per_identity": 2}, policy=POLICY)
     with d.client() as admin, d.client("runner") as runner:
@@ -346,21 +346,18 @@ def test_open_streams_count_against_the_identity_limit(daemon_factory: Any,
         try:
             for call in streams:  # each handler is running: its first answer is back
                 assert next(call).items[0].code == 0
-            third = rpc_error(lambda: list(admin.stub.SignStream(held(), timeout=30)))
-            assert third.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-            assert "requests or streams in flight" in third.details()
-            err = rpc_error(lambda: admin.sign(key.key_id, b"unary"))
-            assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
             start = time.monotonic()
+            assert admin.sign(key.key_id, b"unary").signature
             assert runner.sign(key.key_id, b"another identity").signature
+            third = list(admin.sign_stream([pb.SignRequest(key_id=key.key_id, message=b"3")],
+                                           timeout=30))
+            assert codes(third) == ["OK"]
             assert time.monotonic() - start < 5
         finally:
             release.set()
             for call in streams:
                 assert [i.code for r in call for i in r.items] == []
-        assert admin.sign(key.key_id, b"after").signature
-    refused = [x for x in sign_lines(d) if x["status"] == "RESOURCE_EXHAUSTED"]
-    assert {x["identity"] for x in refused} == {ADMIN} and len(refused) == 2
+    assert "RESOURCE_EXHAUSTED" not in {x["status"] for x in sign_lines(d)}
 
 
 @pytest.mark.parametrize("engine", ENGINES)

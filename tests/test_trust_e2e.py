@@ -290,7 +290,7 @@ def test_init_delegate_ci_signs_publish_pull_inspect(
     assert "targets/releases.json" in unpublished and "publish them" in unpublished
     assert runner.ok("publish", gun)["published"] == ["targets/releases"]  # URL from pull
     runner_signs = [a for a in audit(daemon)
-                    if a["identity"] == RUNNER and a["operation"] == "sign"]
+                    if a["identity"] == f"uri:{RUNNER}" and a["operation"] == "sign"]
     assert runner_signs and {(a["key_id"], a["decision"]) for a in runner_signs} == {
         (ci_key, "allow")}
 
@@ -313,7 +313,8 @@ def test_init_delegate_ci_signs_publish_pull_inspect(
     timestamp = Envelope.from_bytes(files["timestamp"], "timestamp")
     assert [s.keyid for s in timestamp.signatures] == [init["timestamp_key_id"]]
     notary_signs = {(a["role"], a["status"]) for a in audit(daemon)
-                    if a["identity"] == NOTARY and a["operation"] == "sign" and a["gun"] == gun}
+                    if a["identity"] == f"uri:{NOTARY}" and a["operation"] == "sign"
+                    and a["gun"] == gun}
     assert notary_signs == {("timestamp", "OK"), ("snapshot", "OK")}
 
 

@@ -7,8 +7,8 @@ What it checks, in the order a start meets them:
 * listeners: mutual TLS on TCP (or ``dev_plaintext`` on loopback only), the
   Unix socket's directory and path length (``sun_path``, 108 bytes with NUL:
   unix(7));
-* limits: a ``max_inflight_per_identity`` that lets one identity hold every
-  handler thread (``threads``) is a warning (Config.inflight_warning);
+* limits: a ``max_inflight_per_identity`` above ``threads`` less the
+  reserve (which it cannot take) is a warning (Config.inflight_warning);
 * TLS: the server certificate chain in ``tls.cert`` (each certificate
   issued by the next, the top one found in the file or ``tls.client_ca``),
   its dates, subjectAltName and extendedKeyUsage (RFC 5280 §4.2.1.6 and
@@ -258,7 +258,8 @@ def _limits(report: _Report, config: Config) -> None:
     if too_high is not None:
         report.warn(subject, too_high)
     else:
-        how = "set" if config.max_inflight_per_identity is not None else "unset: half of threads"
+        how = ("set" if config.max_inflight_per_identity is not None
+               else "unset: threads less the reserve")
         report.ok(subject, f"{config.inflight_limit} of {config.threads} handler threads per "
                   f"identity ({how})")
 

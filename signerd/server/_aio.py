@@ -18,7 +18,11 @@ runs the server, and:
   anything that may wait on a device) runs on a small executor, so a slow
   token never stalls the loop;
 * SignStream answers each request as it arrives, inline under the same
-  rule as Sign (see :func:`sign_stream`).
+  rule as Sign (see :func:`sign_stream`);
+* every call of signerd's own services waits for its work slot
+  (signerd.server._fair.Admission) **on the loop**, before it is
+  dispatched, so a queued call holds no thread and never blocks the loop
+  (:func:`admit`).
 
 Each call gets a :class:`CallContext`: the part of a sync ServicerContext the
 servicers use, whose ``abort`` raises :class:`Aborted`, which the wrapper
@@ -34,7 +38,15 @@ import inspect
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Mapping
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Coroutine,
+    Hashable,
+    Iterable,
+    Mapping,
+)
 from concurrent import futures
 from contextlib import AbstractContextManager
 from typing import Any, NoReturn, TypeVar
@@ -43,6 +55,7 @@ import grpc
 
 from signerd import metrics
 from signerd.errors import InvalidArgument, SignerdError
+from signerd.server._fair import Admission
 from signerd.v1 import signer_pb2 as pb
 
 log = logging.getLogger("signerd.server")
@@ -64,11 +77,14 @@ class CallContext:
     ``grpc.aio.ServicerContext``, for calling them as plain functions (on
     the loop thread or on the executor)."""
 
-    __slots__ = ("_ctx", "_code")
+    __slots__ = ("_ctx", "_code", "admission")
 
     def __init__(self, ctx: grpc.aio.ServicerContext[Any, Any]) -> None:
         self._ctx = ctx
         self._code: grpc.StatusCode | None = None
+        # True once :func:`admit` took the call's work slot, or the error
+        # that refused it; read by the gate (signerd.server._gate.Gate.decide).
+        self.admission: bool | SignerdError | None = None
 
     def abort(self, code: grpc.StatusCode, details: str) -> NoReturn:
         """End the call with ``code`` and ``details``: raises Aborted."""
@@ -82,6 +98,10 @@ class CallContext:
     def auth_context(self) -> Mapping[str, Iterable[bytes]]:
         """The TLS auth context (``x509_pem_cert``...), as gRPC gives it."""
         return self._ctx.auth_context()
+
+    def time_remaining(self) -> float | None:
+        """Seconds until the call's deadline, None without one."""
+        return self._ctx.time_remaining()
 
     def set_trailing_metadata(self, metadata: Any) -> None:
         """Trailing metadata sent with the status."""
@@ -150,8 +170,9 @@ class Requests(grpc.aio.ServerInterceptor):
     """The aio engine's wrapper around every method: raw request bytes are
     decoded here; unary methods become coroutines that run the sync
     servicer inline (``inline(method, request)`` says when) or on
-    ``executor``; SignStream gets its own driver (sign_stream); every unary call
-    is counted and timed (signerd.metrics) as in the threads engine.
+    ``executor``, once ``admit(context)`` took their work slot (given back
+    with ``release``); SignStream gets its own driver (sign_stream); every
+    unary call is counted and timed (signerd.metrics) as in the threads engine.
 
     Streaming methods other than SignStream keep their servicer's own
     driver, with the request bytes decoded first (_decoding_stream_handler)."""
@@ -159,9 +180,13 @@ class Requests(grpc.aio.ServerInterceptor):
     def __init__(self, reject: Callable[[Any, str, str], None],
                  executor: futures.ThreadPoolExecutor,
                  inline: Callable[[str, Any], bool],
-                 sign_stream: Callable[[AsyncIterator[bytes], Any], AsyncIterator[Any]]
+                 sign_stream: Callable[[AsyncIterator[bytes], Any], AsyncIterator[Any]],
+                 admit: Callable[[CallContext], Awaitable[Hashable | None]],
+                 release: Callable[[Hashable], None],
                  ) -> None:
         self._reject = reject
+        self._admit = admit
+        self._release = release
         self._executor = executor
         self._inline = inline
         self._sign_stream = sign_stream
@@ -202,16 +227,20 @@ class Requests(grpc.aio.ServerInterceptor):
                decode: Callable[[bytes, Any], Any]) -> Callable[..., Any]:
         requests, latency = metrics.REQUESTS, metrics.LATENCY.labels(method)
         loop_executor, inline = self._executor, self._inline
+        admit, release = self._admit, self._release
         is_async = inspect.iscoroutinefunction(inner)
 
         async def call(raw: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             start = time.perf_counter()
             ctx = CallContext(context)
             code = grpc.StatusCode.UNKNOWN
+            admitted: Hashable | None = None
             try:
                 request = decode(raw, ctx)
-                if is_async:
+                if is_async:  # not signerd's (health): no gate, no slot
                     result = await inner(request, context)
+                elif (admitted := await admit(ctx)) is None and ctx.admission is not None:
+                    result = inner(request, ctx)  # refused while waiting: the gate says so
                 elif inline(method, request):
                     result = inner(request, ctx)
                 else:
@@ -223,6 +252,8 @@ class Requests(grpc.aio.ServerInterceptor):
                 code = a.code
                 await context.abort(a.code, a.details)
             finally:
+                if admitted is not None:
+                    release(admitted)
                 latency.observe(time.perf_counter() - start)
                 metrics.child(requests, service, method, code.name).inc()
 
@@ -323,6 +354,27 @@ def _decoding_stream_handler(handler: Any, decode: Callable[[bytes, Any], Any],
     return grpc.stream_unary_rpc_method_handler(stream_unary, response_serializer=serializer)
 
 
+async def admit(identify: Callable[[Any], Any], admission: Admission,
+                ctx: CallContext) -> Hashable | None:
+    """Wait on the loop for the work slot of the call behind ``ctx`` (its
+    caller from ``identify``), up to the call's deadline. Returns the
+    identity holding the slot (to give back with ``admission.release``),
+    or None: the caller is not identified (the gate refuses it) or it was
+    refused while waiting (``ctx.admission`` is then that error, which the
+    gate audits and answers). A cancelled call leaves the queue."""
+    caller = identify(ctx)
+    if isinstance(caller, SignerdError):
+        return None
+    try:
+        await admission.acquire_async(caller.identity, ctx.time_remaining())
+    except SignerdError as e:
+        ctx.admission = e
+        return None
+    ctx.admission = True
+    who: Hashable = caller.identity
+    return who
+
+
 async def sign_stream(
     identify: Callable[[Any], Any],
     refuse: Callable[[Any, str, SignerdError], None],
@@ -330,15 +382,17 @@ async def sign_stream(
     sign_items: Callable[[Any, Any, list[Any]], Any],
     inline: Callable[[str, Any], bool],
     executor: futures.ThreadPoolExecutor,
+    admission: Admission,
     raws: AsyncIterator[bytes],
     context: grpc.aio.ServicerContext[Any, Any],
 ) -> AsyncIterator[Any]:
     """Drive one SignStream call: each request is decoded as it arrives (one
     that does not decode is its own INVALID_ARGUMENT item) and answered with
     one ``sign_items`` call, inline when ``inline("Sign", request)`` holds,
-    else on ``executor``; its response is yielded before the next request is
-    read. The call holds ``slot(context, caller, "sign")`` (one of its
-    identity's in-flight slots) for its whole life, or is refused.
+    else on ``executor``, once it has its work slot (waited for on the loop,
+    as :func:`admit`); its response is yielded before the next request is
+    read. The call is counted open (``slot(context, caller, "sign")``) for
+    its whole life, or refused.
 
     Measured against reading ahead (a reader task queueing requests, each
     round answering every request already waiting in one response): gRPC
@@ -355,17 +409,27 @@ async def sign_stream(
         return
     loop = asyncio.get_running_loop()
     try:
-        with slot(ctx, caller, "sign"):  # the stream counts against its identity's limit
+        with slot(ctx, caller, "sign"):  # the stream counts against the stream bounds
             async for raw in raws:
                 request = decode_sign_request(raw)
                 try:
-                    if isinstance(request, SignerdError) or inline("Sign", request):
+                    await admission.acquire_async(caller.identity, ctx.time_remaining())
+                    ctx.admission = True
+                except SignerdError as e:
+                    ctx.admission = e  # this item is answered, and audited, with it
+                try:
+                    if (isinstance(request, SignerdError) or ctx.admission is not True
+                            or inline("Sign", request)):
                         response = sign_items(ctx, caller, [request])
                     else:
                         response = await loop.run_in_executor(executor, sign_items, ctx,
                                                               caller, [request])
                 except Aborted as a:
                     await context.abort(a.code, a.details)
+                finally:
+                    if ctx.admission is True:
+                        admission.release(caller.identity)
+                    ctx.admission = None
                 yield response
     except Aborted as a:  # no slot free: refused, and audited, by slot
         await context.abort(a.code, a.details)

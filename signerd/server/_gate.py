@@ -1,4 +1,4 @@
-"""Every RPC passes the gate: identity, per-identity limits, policy, audit.
+"""Every RPC passes the gate: identity, fair admission, policy, audit.
 
 Servicers call :meth:`Gate.run` with the operation name and a function that
 does the work. The function authorizes through its :class:`Scope` once it
@@ -12,9 +12,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import secrets
-import threading
 import time
-from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -33,7 +31,8 @@ from signerd.errors import (
     Unavailable,
     quoted,
 )
-from signerd.policy import Decision, Policy, PolicyStore, Request
+from signerd.policy import Decision, Identity, Policy, PolicyStore, Request
+from signerd.server._fair import Admission
 from signerd.server._status import code_for, status_name
 from signerd.token import KeyEntry
 
@@ -43,9 +42,9 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class Caller:
-    """Who is asking, and over which listener."""
+    """Who is asking (its typed identity), and over which listener."""
 
-    identity: str
+    identity: Identity
     transport: str  # "tcp" or "unix"
     peer: str
 
@@ -92,7 +91,8 @@ class Scope:
     def _denied(self, action: str, gun: str, role: str, reason: str) -> PermissionDenied:
         self.decision = "deny"
         what = f"{role} keys of {gun}" if gun else "this"
-        return PermissionDenied(f"identity {quoted(self.caller.identity)} may not {action} {what} "
+        who = quoted(str(self.caller.identity))
+        return PermissionDenied(f"identity {who} may not {action} {what} "
                                 f"over {self.caller.transport}: {reason}")
 
     def authorize(self, gun: str, role: str, token: str = "", key: KeyEntry | None = None,
@@ -139,77 +139,34 @@ class Scope:
 
 
 class Gate:
-    """Identity, limits, policy and audit around every RPC handler.
+    """Identity, admission, policy and audit around every RPC handler.
 
-    ``max_inflight``: requests one identity may have inside handlers at once
-    (signerd.config.Config.inflight_limit). It counts handler threads, since
-    a request holds one from here until it is answered; one more is refused
-    at once with RESOURCE_EXHAUSTED, before any token work, so an identity at
-    its limit gives the thread straight back to the others' requests."""
+    ``admission`` (signerd.server._fair.Admission) shares the process's
+    work slots between identities: a request waits for its identity's share
+    (until its deadline) instead of being refused, and is refused
+    RESOURCE_EXHAUSTED only when the bounded queue is full. The threads
+    engine waits here, on the request's handler thread; the aio engine waits
+    on its event loop before it dispatches the call (signerd.server._aio),
+    and marks the context (``admission``) so that the gate does not wait
+    again."""
 
     def __init__(
         self,
         policy: PolicyStore,
         audit: AuditLog | None,
-        max_inflight: int,
+        admission: Admission,
         on_unavailable: Callable[[], None] = lambda: None,
-        max_streams: int | None = None,
     ) -> None:
         self.policy = policy
         self.audit = audit
-        self.max_inflight = max_inflight
-        # Streams open at once, all identities together (None: no limit).
-        self.max_streams = max_streams
-        self._inflight: Counter[str] = Counter()
-        self._streams = 0
-        self._lock = threading.Lock()
-        self._idle = threading.Condition(self._lock)  # notified when nothing is in flight
+        self.admission = admission
         self._on_unavailable = on_unavailable
 
-    def _enter(self, identity: str) -> None:
-        with self._lock:
-            if self._inflight[identity] >= self.max_inflight:
-                raise ResourceExhausted(
-                    f"identity {quoted(identity)} already has {self.max_inflight} requests or "
-                    "streams in flight (server.max_inflight_per_identity); retry once some have "
-                    "finished"
-                )
-            self._inflight[identity] += 1
-
-    def _leave(self, identity: str) -> None:
-        with self._lock:
-            self._inflight[identity] -= 1
-            if not self._inflight[identity]:
-                del self._inflight[identity]
-                if not self._inflight:
-                    self._idle.notify_all()
-
     def wait_idle(self, timeout: float) -> bool:
-        """Wait up to ``timeout`` seconds until no request or stream is in
-        flight; whether none is. For stopping: tokens and the audit log are
-        closed only after the handlers that use them are done."""
-        with self._idle:
-            return self._idle.wait_for(lambda: not self._inflight, timeout)
-
-    def _open_stream(self, identity: str) -> None:
-        with self._lock:
-            if self.max_streams is not None and self._streams >= self.max_streams:
-                raise ResourceExhausted(
-                    f"the server has {self._streams} streams open, its limit (half of "
-                    "server.threads, so that streams never hold every handler thread); "
-                    "retry later, or sign with Sign or SignBatch")
-            self._streams += 1
-        try:
-            self._enter(identity)
-        except ResourceExhausted:
-            with self._lock:
-                self._streams -= 1
-            raise
-
-    def _close_stream(self, identity: str) -> None:
-        with self._lock:
-            self._streams -= 1
-        self._leave(identity)
+        """Wait up to ``timeout`` seconds until no request runs or waits and
+        no stream is open; whether none is. For stopping: tokens and the
+        audit log are closed only after the handlers that use them are done."""
+        return self.admission.wait_idle(timeout)
 
     def _audit_or_abort(self, context: grpc.ServicerContext, *lines: dict[str, object]) -> None:
         """Write the audit lines (one write for all of them); if they cannot
@@ -241,7 +198,7 @@ class Gate:
         status = code_for(error)
         self._audit_or_abort(context, {
             "request_id": secrets.token_hex(8),
-            "identity": caller.identity if caller else "",
+            "identity": str(caller.identity) if caller else "",
             "peer": caller.peer if caller else context.peer(),
             "transport": caller.transport if caller else "", "operation": operation,
             "key_id": "", "gun": "", "role": "", "token": "", "payload_sha256": "",
@@ -252,32 +209,33 @@ class Gate:
     @contextmanager
     def stream_slot(self, context: grpc.ServicerContext, caller: Caller,
                     operation: str) -> Iterator[None]:
-        """Hold one of ``caller``'s in-flight slots (max_inflight), and one of
-        the server's ``max_streams``, for a streaming call's whole life, open
-        or idle, as the call holds a handler thread for as long (threads
-        engine): streams of several identities together never take every
-        thread either. With none free, the call is audited and refused
-        RESOURCE_EXHAUSTED (context.abort raises). The stream's items then
-        take no slot of their own (run_items)."""
+        """Count a streaming call as open for its whole life, open or idle:
+        at most ``admission.max_streams`` of all identities (half of
+        server.threads, as in the threads engine each holds a handler thread
+        that long). Past it the call is audited and refused RESOURCE_EXHAUSTED at once
+        (context.abort raises). An open stream holds no work slot: each of
+        its requests waits for one as a unary request does (run_items)."""
         start = time.perf_counter()
         try:
-            self._open_stream(caller.identity)
+            self.admission.open_stream()
         except ResourceExhausted as e:
             self._refuse_call(context, operation, e, start, caller)
             raise AssertionError("unreachable: context.abort raises") from None
         try:
             yield
         finally:
-            self._close_stream(caller.identity)
+            self.admission.close_stream()
 
     def decide(self, caller: Caller, operation: str, payload: bytes,
-               work: Callable[[Scope], T], held: bool = False,
+               work: Callable[[Scope], T], context: Any = None,
                ) -> tuple[T | SignerdError, dict[str, object]]:
-        """Run ``work`` for one request of ``caller`` under the per-identity
-        limit (unless ``held``: its stream already holds a slot), and return
-        its result (or the SignerdError it ends in) with the audit line that
-        records it, not yet written. A bug in ``work`` (any other exception)
-        is logged and becomes an INTERNAL error."""
+        """Run ``work`` for one request of ``caller`` once admitted (a work
+        slot, waited for until ``context``'s deadline or its caller goes
+        away; unless the aio engine already admitted it: ``context.admission``
+        True, or the SignerdError that refused it), and return its result
+        (or the SignerdError it ends in) with the audit line that records
+        it, not yet written. A bug in ``work`` (any other exception) is
+        logged and becomes an INTERNAL error."""
         start = time.perf_counter()
         request_id = secrets.token_hex(8)
         scope = Scope(
@@ -288,10 +246,14 @@ class Gate:
             hashlib.sha256(payload).hexdigest() if payload else "",
         )
         outcome: T | SignerdError
+        admitted = getattr(context, "admission", None)
         entered = False
         try:
-            if not held:
-                self._enter(caller.identity)
+            if isinstance(admitted, SignerdError):
+                raise admitted
+            if admitted is not True:
+                self.admission.acquire(caller.identity, _time_left(context),
+                                       getattr(context, "add_callback", None))
                 entered = True
             outcome = work(scope)
         except SignerdError as e:
@@ -301,7 +263,7 @@ class Gate:
             outcome = SignerdError(f"internal error; request id {request_id}")
         finally:
             if entered:
-                self._leave(caller.identity)
+                self.admission.release(caller.identity)
         if isinstance(outcome, PermissionDenied):
             scope.decision = "deny"
         if scope.decision == "deny":
@@ -309,7 +271,7 @@ class Gate:
         status = code_for(outcome) if isinstance(outcome, SignerdError) else grpc.StatusCode.OK
         return outcome, {
             "request_id": request_id,
-            "identity": caller.identity,
+            "identity": str(caller.identity),
             "peer": caller.peer,
             "transport": caller.transport,
             "operation": operation,
@@ -336,7 +298,7 @@ class Gate:
         if isinstance(caller, SignerdError):  # the listener could not identify the peer
             self._refuse_call(context, operation, caller, time.perf_counter())
             raise AssertionError("unreachable: context.abort raises")
-        outcome, line = self.decide(caller, operation, payload, work)
+        outcome, line = self.decide(caller, operation, payload, work, context)
         context.set_trailing_metadata((("x-request-id", str(line["request_id"])),))
         self._audit_or_abort(context, line)
         if isinstance(outcome, SignerdError):
@@ -354,9 +316,9 @@ class Gate:
         items: Sequence[tuple[bytes, Callable[[Scope], T]]],
         active: Callable[[], bool] = lambda: True,
     ) -> list[tuple[T | SignerdError, dict[str, object]]]:
-        """Several requests of one streaming call, which holds its slot
-        (stream_slot): each (payload, work) pair is decided on its own and
-        gets its own audit line; the lines are written with one write before
+        """Several requests of one streaming call (open: stream_slot): each
+        (payload, work) pair waits for a work slot, is decided on its own
+        and gets its own audit line; the lines are written with one write before
         any result is returned. If they cannot be written, the call fails
         closed (context.abort UNAVAILABLE). Returns each item's outcome with
         its audit line (written), in order; once ``active()`` is false (the
@@ -366,7 +328,7 @@ class Gate:
         for payload, work in items:
             if not active():
                 break
-            decided.append(self.decide(caller, operation, payload, work, held=True))
+            decided.append(self.decide(caller, operation, payload, work, context))
         self._audit_or_abort(context, *(line for _, line in decided))
         if any(isinstance(o, Unavailable) for o, _ in decided):
             self._on_unavailable()
@@ -377,3 +339,9 @@ class Gate:
         """Audit and refuse a streaming call whose peer is not identified.
         Raises, as context.abort does."""
         self._refuse_call(context, operation, error, time.perf_counter())
+
+
+def _time_left(context: Any) -> float | None:
+    """Seconds until ``context``'s deadline; None without one (or context)."""
+    remaining = getattr(context, "time_remaining", None)
+    return remaining() if remaining is not None else None

@@ -14,6 +14,8 @@ _CODES: tuple[tuple[type[errors.SignerdError], grpc.StatusCode], ...] = (
     (errors.Unavailable, grpc.StatusCode.UNAVAILABLE),
     (errors.Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
     (errors.FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
+    (errors.DeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED),
+    (errors.Cancelled, grpc.StatusCode.CANCELLED),
     (errors.TokenLoginError, grpc.StatusCode.UNAVAILABLE),
 )
 

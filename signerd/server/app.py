@@ -25,6 +25,7 @@ from signerd.errors import ConfigError, SignerdError, Unavailable
 from signerd.notary import signer_pb2 as notary_pb2
 from signerd.policy import PolicyStore
 from signerd.server import _aio, notary
+from signerd.server._fair import Admission
 from signerd.server._gate import Caller, Gate
 from signerd.server._identity import UnixPeers, dev_caller, tls_caller
 from signerd.server._unix import UnixRelay
@@ -332,13 +333,11 @@ def build(config: Config, service: KeyService) -> Servers:
                             if loop is None else loop.call(health.aio.HealthServicer))
     servers: list[Any] = []
     holder: dict[str, Servers] = {}
-    gate = Gate(
-        policy,
-        audit,
-        config.inflight_limit,
-        on_unavailable=lambda: holder["s"].update_health(),
-        max_streams=max(1, config.threads // 2),
-    )
+    max_streams = max(1, config.threads // 2)
+    admission = Admission(config.threads, config.inflight_reserve, config.inflight_limit,
+                          config.queue_limit, max_streams)
+    gate = Gate(policy, audit, admission,
+                on_unavailable=lambda: holder["s"].update_health())
     too_high = config.inflight_warning()
     if too_high is not None:
         log.warning(too_high, extra={"fields": {
@@ -350,8 +349,15 @@ def build(config: Config, service: KeyService) -> Servers:
         "unix": config.max_unix_connections if config.unix_socket is not None else 0,
         "metrics": config.metrics_max_connections if config.metrics_listen else 0})
 
-    executor = futures.ThreadPoolExecutor(max_workers=config.threads,
-                                          thread_name_prefix="grpc-handler")
+    # config.threads requests work at once (the admission's slots). The
+    # threads engine's pool has a thread more for each request that may wait
+    # for a slot and each stream that may be open, since both hold their
+    # handler thread, and two for calls the gate never sees (health,
+    # reflection): a new caller always finds a thread to reach the gate. The
+    # aio engine waits on its loop and runs only admitted work here.
+    pool = config.threads if loop is not None else (
+        config.threads + config.queue_limit + max_streams + 2)
+    executor = futures.ThreadPoolExecutor(max_workers=pool, thread_name_prefix="grpc-handler")
 
     def inline(method: str, request: Any) -> bool:
         """Whether the aio engine answers this call on its loop thread."""
@@ -374,7 +380,9 @@ def build(config: Config, service: KeyService) -> Servers:
         requests = _aio.Requests(
             gate.reject_undecodable, executor, inline,
             functools.partial(_aio.sign_stream, identify, gate.refuse_unidentified,
-                              gate.stream_slot, servicer.sign_items, inline, executor))
+                              gate.stream_slot, servicer.sign_items, inline, executor,
+                              admission),
+            functools.partial(_aio.admit, identify, admission), admission.release)
 
         def create() -> Any:
             aio_server = grpc.aio.server(migration_thread_pool=executor,

@@ -154,7 +154,7 @@ class SignerServicer(pb_grpc.SignerServiceServicer):
             if not visible:
                 scope.decision = "deny"
                 raise PermissionDenied(
-                    f"identity {quoted(scope.caller.identity)} may read keys on no token"
+                    f"identity {quoted(str(scope.caller.identity))} may read keys on no token"
                 )
             # key_count counts only the keys the caller may read, as ListKeys lists them.
             return pb.ListTokensResponse(tokens=[token_message(replace(t.status(), key_count=sum(

@@ -143,7 +143,7 @@ class SignerServiceServicer:
         own, as in SignBatch; a bad item fails only itself and the stream goes
         on. The call itself ends with a status other than OK only for the whole
         stream: an unidentified caller (UNAUTHENTICATED); no room for another
-        stream of this identity or on this server (RESOURCE_EXHAUSTED, at once);
+        stream on this server (RESOURCE_EXHAUSTED, at once);
         a request larger than the server's max_message_bytes (RESOURCE_EXHAUSTED,
         from gRPC's transport: later requests are not read); or an audit log that
         cannot be written (UNAVAILABLE). Items already answered stay answered.
