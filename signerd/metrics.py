@@ -166,7 +166,10 @@ class HttpListener:
         self._timeout = read_timeout
         self.open = 0  # connections held now (read on the loop thread, or for tests)
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self._sock = socket.create_server((host, int(port)), family=family, backlog=128)
+        try:
+            self._sock = socket.create_server((host, int(port)), family=family, backlog=128)
+        except OSError as e:  # create_server appends the address to strerror: callers name it
+            raise OSError(e.errno, os.strerror(e.errno) if e.errno else str(e)) from None
         self.port = int(self._sock.getsockname()[1])
         self._pool = futures.ThreadPoolExecutor(max_workers=workers,
                                                 thread_name_prefix="metrics-answer")
