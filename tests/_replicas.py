@@ -48,6 +48,20 @@ def content_tables(cfg: dict[str, Any], workdir: Path, state_url: str) -> dict[s
     return tables
 
 
+def checks_available() -> bool:
+    """Whether this signerd takes ``[state]``: the content checks are wired in (issue 23)."""
+    probe = {"tokens": [{"name": "t", "module": "/usr/lib/softhsm/libsofthsm2.so",
+                         "uri": "pkcs11:token=probe", "pin_file": "/nonexistent.pin"}],
+             "state": {"url": "sqlite:////nonexistent/state.db"}}
+    try:
+        parse_config(probe, Path("/"))
+    except ConfigError as e:
+        if "unknown config sections" in str(e):
+            return False
+        raise
+    return True
+
+
 def timestamp_payload(gun: str, version: int, salt: str = "") -> bytes:
     """The canonical JSON of a Notary timestamp's ``signed`` object at ``version``
     (what notary-server sends to Sign): expires in 7 days, a snapshot hash made from
