@@ -122,6 +122,7 @@ One job each; this package re-exports the public names.
 ``_fs``        the file-system calls the writer and rotation share.
 """
 
+from signerd.audit._checkpoints import Checkpointer, CheckpointKey, vkey_of
 from signerd.audit._line import (
     HEAD_SIZE,
     MAX_LINE_BYTES,
@@ -131,6 +132,8 @@ from signerd.audit._line import (
     head_path,
 )
 from signerd.audit._rotation import check_resumable, rotated_path
+from signerd.audit._tlogconfig import TlogConfig, WitnessConfig
+from signerd.audit._tree import AuditTree, TileFiles, tree_dir
 from signerd.audit._verify import Problem, VerifyResult, format_result, verify, verify_files
 from signerd.audit._writer import AuditLog
 
@@ -140,7 +143,13 @@ __all__ = [
     "MAX_VALUE_CHARS",
     "ROTATE_OPERATION",
     "ZERO_HASH",
+    "TileFiles",
+    "TlogConfig",
+    "WitnessConfig",
     "AuditLog",
+    "AuditTree",
+    "CheckpointKey",
+    "Checkpointer",
     "Problem",
     "VerifyResult",
     "check_resumable",
@@ -148,5 +157,7 @@ __all__ = [
     "head_path",
     "rotated_path",
     "verify",
+    "tree_dir",
     "verify_files",
+    "vkey_of",
 ]
