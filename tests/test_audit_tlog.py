@@ -8,6 +8,8 @@ import gzip
 import hashlib
 import json
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -354,3 +356,119 @@ def test_witness_config_is_checked() -> None:
                                    "vkey": Verifier("w", 1, b"\x00" * 32).vkey()}]})
     with pytest.raises(ConfigError, match="checkpoint_interval"):
         parse_tlog({"checkpoint_interval": 0})
+
+
+# -- the daemon: its checkpoint key on the token, publishing, refusals --------
+
+
+def _get(port: int, path: str) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+def test_the_daemon_signs_checkpoints_with_a_token_key_no_caller_can_use(
+        daemon_factory: Any) -> None:
+    import grpc
+
+    from tests.conftest import rpc_error, unique_gun
+
+    d = daemon_factory("tl", metrics=True)
+    cp = d.servers.checkpointer
+    assert cp is not None and d.servers.http is not None
+    entry = next(k for t in d.servers.service.tokens.values() for k in t.keys()
+                 if k.key_id == cp.key.key_id)
+    assert entry.algorithm.name == "ed25519"
+    with d.client() as c:
+        key = c.create_key(unique_gun(), "targets")
+        sig = c.sign(key.key_id, message=b"hello")
+        assert sig.signature
+        # The signature's audit line is in the log before the answer came back.
+        audit_lines = (d.workdir / "audit.log").read_bytes().splitlines()
+        assert any(b'"operation":"sign"' in line and key.key_id.encode() in line
+                   for line in audit_lines)
+        # The checkpoint key: unusable and invisible through every RPC.
+        for call in (lambda: c.sign(cp.key.key_id, message=b"x"),
+                     lambda: c.get_key(cp.key.key_id),
+                     lambda: c.delete_key(cp.key.key_id)):
+            assert rpc_error(call).code() == grpc.StatusCode.NOT_FOUND
+        assert cp.key.key_id not in {k.key_id for k in c.list_keys()}
+    assert cp.checkpoint() is not None or cp.state.checkpoint.size > 0  # type: ignore[union-attr]
+    port = d.servers.http.port
+    status, body = _get(port, "/checkpoint")
+    assert status == 200
+    note = Note.parse(body)
+    ckpt = Checkpoint.parse(note.text)
+    vkey = (tree_dir(d.workdir / "audit.log") / "vkey").read_text().strip()
+    assert note.verified_by(Verifier.from_vkey(vkey))
+
+    def fetch(level: int, n: int, width: int) -> list[bytes]:
+        code, data = _get(port, "/" + tile_path(level, n, width))
+        if code != 200:
+            raise KeyError((level, n, width))
+        return split_hashes(data)
+
+    # The tiles served verify with the primitives: they hash to the signed root.
+    assert merkle.root(TileHashes(ckpt.size, fetch), ckpt.size) == ckpt.root
+    assert _get(port, "/tile/entries/000")[0] == 404  # the lines stay private
+    assert _get(port, "/" + tile_path(0, 0, min(255, ckpt.size + 1)))[0] == 404 \
+        or ckpt.size >= 255
+
+
+def test_the_daemon_refuses_to_start_on_a_rewritten_log(hsm: Any, certs: Any,
+                                                        tmp_path: Path) -> None:
+    from tests.conftest import daemon_config, start_daemon
+
+    cfg = daemon_config(hsm, certs, tmp_path / "rw")
+    d = start_daemon(cfg, certs, tmp_path / "rw")
+    with d.client() as c:
+        list(c.list_keys())
+    d.stop()
+    path = tmp_path / "rw" / "audit.log"
+    _rewrite(path, all_lines(path)[:1])
+    with pytest.raises(ConfigError, match="lines were removed; refusing to serve") as e:
+        start_daemon(cfg, certs, tmp_path / "rw")
+    assert "\n" not in str(e.value)
+
+
+# -- signerctl audit vkey / prove / verify --checkpoint -----------------------
+
+
+def test_signerctl_prints_the_vkey_and_proofs_that_verify(
+        tmp_path: Path, key: CheckpointKey, capsys: pytest.CaptureFixture[str]) -> None:
+    from signerd.cli.signerctl import main
+
+    path = _stopped_log(tmp_path, key, 300)
+    assert main(["audit", "vkey", str(path)]) == 0
+    vkey = capsys.readouterr().out.strip()
+    verifier = Verifier.from_vkey(vkey)
+    note = Note.parse((tree_dir(path) / "checkpoint").read_bytes())
+    assert note.verified_by(verifier)
+    ckpt = Checkpoint.parse(note.text)
+    line = all_lines(path)[99]
+    assert main(["audit", "prove", "--json", "--inclusion", "100", str(path)]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    import base64
+
+    proof = [base64.b64decode(h) for h in doc["proof"]]
+    merkle.verify_inclusion(leaf_hash(line), 99, ckpt.size, proof, ckpt.root)
+    assert main(["audit", "prove", "--json", "--consistency", "7", str(path)]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    mem = MemoryHashes()
+    for x in all_lines(path)[:7]:
+        mem.append(leaf_hash(x))
+    merkle.verify_consistency(7, ckpt.size, merkle.root(mem, 7), ckpt.root,
+                              [base64.b64decode(h) for h in doc["proof"]])
+    saved = tmp_path / "checkpoint.saved"
+    saved.write_bytes((tree_dir(path) / "checkpoint").read_bytes())
+    assert main(["audit", "verify", str(path), "--checkpoint", str(saved), "--vkey", vkey]) == 0
+    assert "301 lines checked against its tree" in capsys.readouterr().out
+    # A line edited and the chain recomputed: the chain is fine, the tree is not.
+    lines = all_lines(path)
+    lines[5] = lines[5].replace(b'"allow"', b'"deny"')
+    _rewrite(path, _rechain(lines))
+    assert main(["audit", "verify", str(path), "--checkpoint", str(saved), "--vkey", vkey]) != 0
+    err = capsys.readouterr().err
+    assert "line seq 6 is not the line checkpoint" in err and err.count("\n") == 1
