@@ -31,23 +31,26 @@ def _tail_of_file(path: Path, first: int) -> tuple[list[bytes], bool]:
         return _from(lines, first)
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        size = os.fstat(fd).st_size
-        end = size
-        buf = b""
-        while True:
+        end = os.fstat(fd).st_size
+        blocks: list[bytes] = []
+        while end > 0:
             start = max(0, end - _BLOCK)
-            buf = os.pread(fd, end - start, start) + buf
+            block = os.pread(fd, end - start, start)
+            blocks.append(block)
             end = start
-            parts = buf.split(b"\n")
-            if parts and parts[-1] == b"":
-                parts.pop()
-            whole = parts if start == 0 else parts[1:]
-            if whole:
-                seq = _seq_of(whole[0])
-                if start == 0 or (seq is not None and seq <= first):
-                    return _from(whole, first)
+            # The first whole line of this block (it starts after a newline).
+            cut = block.find(b"\n")
+            stop = block.find(b"\n", cut + 1) if cut >= 0 else -1
+            if stop >= 0:
+                seq = _seq_of(block[cut + 1:stop])
+                if seq is not None and seq <= first:
+                    break
     finally:
         os.close(fd)
+    parts = b"".join(reversed(blocks)).split(b"\n")
+    if parts and parts[-1] == b"":
+        parts.pop()
+    return _from(parts if end == 0 else parts[1:], first)
 
 
 def _from(lines: list[bytes], first: int) -> tuple[list[bytes], bool]:
@@ -81,6 +84,4 @@ def lines_from(path: Path, first: int) -> list[bytes] | None:
         collected = lines + collected
         if reached:
             return collected
-        if lines and _seq_of(lines[0]) is not None and (_seq_of(lines[0]) or 0) < first:
-            return None
     return None
