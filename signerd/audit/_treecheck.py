@@ -125,7 +125,9 @@ def _start(path: Path, directory: Path, seq: int, key: CheckpointKey, config: Tl
     write_atomic(directory / "checkpoint", note.to_bytes())
     write_atomic(directory / "tree.json", json.dumps(
         {"origin": origin, "base": seq, "epoch": epoch}, sort_keys=True).encode() + b"\n")
-    record: dict[str, Any] = {"operation": "audit.tree_start", "origin": origin,
+    # The daemon's own act: its identity is "signerd", as no caller's can be.
+    record: dict[str, Any] = {"operation": "audit.tree_start", "identity": "signerd",
+                              "origin": origin,
                               "base": seq, "vkey": verifier.vkey()}
     if reason is not None:
         record.update(operation="audit.tree_reset", reason=reason)
