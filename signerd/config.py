@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
 
+from signerd.audit._tlogconfig import TlogConfig, parse_tlog
 from signerd.errors import ConfigError
 from signerd.token.profiles import PROFILE_NAMES, session_budget
 
@@ -143,6 +144,9 @@ class Config:
     # size (bytes) or more; None (unset) rotates only on SIGHUP. With workers,
     # each worker's chain rotates at this size. See signerd/audit/, Rotation.
     audit_max_bytes: int | None = None
+    # [audit] checkpoints, checkpoint_interval, origin, checkpoint_key,
+    # [[audit.witnesses]]...: the audit log as a transparency log (signerd.audit).
+    audit_tlog: TlogConfig = field(default_factory=TlogConfig)
     debug: bool = False  # keep the process dumpable
     health_interval: float = 5.0
     environment: dict[str, str] = field(default_factory=dict)
@@ -375,6 +379,7 @@ def parse_config(data: dict[str, Any], base: Path) -> Config:
         if not is_host_port(metrics_listen):
             raise ConfigError(f"metrics.listen must be HOST:PORT, got {metrics_listen!r}")
         cfg = replace(cfg, metrics_listen=metrics_listen)
+    cfg = replace(cfg, audit_tlog=parse_tlog(audit))
     if audit:
         raise ConfigError(f"unknown keys in [audit]: {sorted(audit)}")
     if cfg.audit_max_bytes is not None and cfg.audit_max_bytes < 4096:

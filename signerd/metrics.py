@@ -67,6 +67,21 @@ DENIALS = Counter("signerd_policy_denials_total", "Requests the policy denied, b
 AUDIT_WRITES = Counter("signerd_audit_writes_total", "Audit lines written.")
 AUDIT_FAILURES = Counter("signerd_audit_failures_total",
                          "Audit lines that could not be written (each failed its request).")
+CHECKPOINTS = Counter("signerd_audit_checkpoints_total",
+                      "Audit log checkpoints signed (signerd.audit, Transparency).")
+CHECKPOINT_SIZE = Gauge("signerd_audit_checkpoint_size",
+                        "Tree size (lines) of the last signed audit checkpoint.",
+                        multiprocess_mode="livemax")
+WITNESS_ALARM = Gauge("signerd_audit_witness_alarm",
+                      "1 while a witness refuses this log's proof or checkpoint (/readyz "
+                      "is then not ready), else 0.", ["witness"], multiprocess_mode="livemax")
+WITNESS_SIZE = Gauge("signerd_audit_witness_size",
+                     "Tree size the witness last cosigned.", ["witness"],
+                     multiprocess_mode="livemin")
+WITNESS_FAILURES = Counter("signerd_audit_witness_failures_total",
+                           "Witness pushes that failed, by reason (unreachable, error: "
+                           "retried; proof, larger, unknown, cosignature: alarms).",
+                           ["witness", "reason"])
 TLS_HANDSHAKE_FAILURES = Counter("signerd_tls_handshake_failures_total",
                                  "TLS handshakes that failed (reported by gRPC's core).")
 PROBE_DURATION = Histogram("signerd_health_probe_duration_seconds",
@@ -120,6 +135,18 @@ def unusable_tokens(registry: CollectorRegistry | None = None) -> list[str]:
     return sorted(names)
 
 
+def witness_alarms(registry: CollectorRegistry | None = None) -> list[str]:
+    """Witnesses whose ``signerd_audit_witness_alarm`` is set in ``registry``
+    (default: this process's)."""
+    from prometheus_client import REGISTRY
+
+    names = set()
+    for metric in (registry or REGISTRY).collect():
+        if metric.name == "signerd_audit_witness_alarm":
+            names |= {s.labels["witness"] for s in metric.samples if s.value >= 1}
+    return sorted(names)
+
+
 HTTP_REFUSED = Counter("signerd_http_connections_refused_total",
                        "Connections to the metrics listener closed unanswered, by reason "
                        "(slow: the request did not arrive within the read timeout; bad: it "
@@ -127,6 +154,7 @@ HTTP_REFUSED = Counter("signerd_http_connections_refused_total",
                        ["reason"])
 _MAX_HEAD = 8192  # bytes of request line and headers; a scrape sends a few hundred
 _REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
+            409: "Conflict", 422: "Unprocessable Entity",
             503: "Service Unavailable"}
 
 
@@ -155,13 +183,19 @@ class HttpListener:
 
     def __init__(self, address: str, unusable: Callable[[], Iterable[str]],
                  registry: CollectorRegistry | None = None, *, max_connections: int = 64,
-                 read_timeout: float = 5.0, workers: int = 2) -> None:
+                 read_timeout: float = 5.0, workers: int = 2,
+                 routes: Callable[[str], tuple[int, bytes, str] | None] | None = None,
+                 alarms: Callable[[], Iterable[str]] | None = None) -> None:
         from prometheus_client import REGISTRY
 
         host, _, port = address.rpartition(":")
         host = host.strip("[]") or "127.0.0.1"
         self._registry = registry or REGISTRY
         self._unusable = unusable
+        # More GET paths (the audit log's /checkpoint and /tile/...: signerd.audit),
+        # and alarms that make /readyz not ready (witnesses refusing the audit log).
+        self._routes = routes
+        self._alarms = alarms or (lambda: witness_alarms(self._registry))
         self._max = max_connections
         self._timeout = read_timeout
         self.open = 0  # connections held now (read on the loop thread, or for tests)
@@ -264,9 +298,15 @@ class HttpListener:
             return self._response(200, {"status": "serving"}, head=only_head)
         if path == "/readyz":
             down = sorted(self._unusable())
-            if down:
-                return self._response(503, {"unusable": down}, head=only_head)
+            alarms = sorted(self._alarms())
+            if down or alarms:
+                body = {"unusable": down, **({"witness_alarms": alarms} if alarms else {})}
+                return self._response(503, body, head=only_head)
             return self._response(200, {"status": "ready"}, head=only_head)
+        routed = self._routes(path) if self._routes is not None else None
+        if routed is not None:
+            code, data, content_type = routed
+            return self._response(code, data, head=only_head, content_type=content_type)
         return self._response(404, {"error": "not found"}, head=only_head)
 
     @staticmethod

@@ -107,6 +107,47 @@ record whose ``previous_file`` is null (its new name is unknown). A rotation
 that fails (say, the directory is not writable) is logged and the log goes
 on in the current file: rotating is housekeeping, the line is the evidence.
 
+Transparency
+------------
+The chain shows a local edit but not a history rewritten whole, chain and
+all. So the log is also an RFC 9162 Merkle tree (issue 25), published the
+way Go's checksum database and Certificate Transparency publish theirs:
+
+* Each line is a leaf: ``SHA-256(0x00 || line)`` over its bytes without the
+  newline; leaf ``i`` is the line with ``seq = base + 1 + i``, where ``base``
+  is the log's seq when the tree started. The tree runs on across rotated
+  files; each log (each worker's) is its own tree with its own origin
+  (``[audit] origin``, default ``<hostname>/signerd/<file name>``).
+* The tree's hashes are kept as c2sp.org/tlog-tiles tiles in ``<log>.tlog/``
+  (:mod:`signerd.audit._tree`), never the lines. Rotated files may be
+  compressed and deleted by retention (deploy/logrotate/signerd): that is
+  legitimate, and nothing here needs them, since proofs and the start
+  check read tiles. Deleting or editing lines at or after the last
+  checkpoint's line, or the tiles, ``tree.json`` or the checkpoint, is what
+  an attack looks like, and stops the start.
+* Every ``[audit] checkpoint_interval`` seconds (default 1) after new lines,
+  the log is synced, the tiles of its size written and synced, and a
+  checkpoint ``origin\nsize\nbase64(root)\n`` signed as a signed note by
+  the checkpoint key, an Ed25519 key on a token that no caller can use
+  (:mod:`signerd.service._checkpointkey`). Sizes only grow: never two
+  checkpoints of one size. The checkpoint is written to ``<log>.tlog/
+  checkpoint`` and served at ``GET /checkpoint`` with the tiles at ``GET
+  /tile/<L>/<N>[.p/<W>]`` on the metrics listener; entry bundles are not
+  served (the lines stay private).
+* ``[[audit.witnesses]]`` get each checkpoint with its consistency proof
+  (c2sp.org/tlog-witness, :mod:`signerd.audit._witness`); their verified
+  cosignatures are served with it. A witness refusing a proof raises an
+  alarm (error line, ``signerd_audit_witness_alarm``, /readyz 503).
+* At start (:mod:`signerd.audit._treecheck`) the log must extend its last
+  checkpoint: signature, frontier hashing to its root, the checkpoint's
+  line in the log and the lines after it chained from it, and each witness
+  must not hold a larger tree or refuse the proof. Otherwise the start is
+  refused with one line; ``[audit] reset`` set to the hash that line names
+  abandons the tree deliberately (kept aside, a new origin, an
+  ``audit.tree_reset`` record). Deleting the whole ``<log>.tlog`` looks, on
+  the host alone, like a first start (an ``audit.tree_start`` record with
+  a later ``base``): only a witness, which holds the old size, can tell.
+
 Modules
 -------
 One job each; this package re-exports the public names.
@@ -120,8 +161,13 @@ One job each; this package re-exports the public names.
                (:func:`check_resumable`), finishing an interrupted rotation.
 ``_verify``    :func:`verify`, :func:`verify_files`, :func:`format_result`.
 ``_fs``        the file-system calls the writer and rotation share.
+``_tree``      the Merkle tree and its tiles; ``_treecheck`` the start check;
+               ``_checkpoints`` signing and serving checkpoints;
+               ``_witness`` pushing them to witnesses; ``_tail`` reading
+               a chain's end; ``_tlogconfig`` the ``[audit]`` settings.
 """
 
+from signerd.audit._checkpoints import Checkpointer, CheckpointKey, vkey_of
 from signerd.audit._line import (
     HEAD_SIZE,
     MAX_LINE_BYTES,
@@ -131,6 +177,8 @@ from signerd.audit._line import (
     head_path,
 )
 from signerd.audit._rotation import check_resumable, rotated_path
+from signerd.audit._tlogconfig import TlogConfig, WitnessConfig
+from signerd.audit._tree import AuditTree, TileFiles, tree_dir
 from signerd.audit._verify import Problem, VerifyResult, format_result, verify, verify_files
 from signerd.audit._writer import AuditLog
 
@@ -140,7 +188,13 @@ __all__ = [
     "MAX_VALUE_CHARS",
     "ROTATE_OPERATION",
     "ZERO_HASH",
+    "TileFiles",
+    "TlogConfig",
+    "WitnessConfig",
     "AuditLog",
+    "AuditTree",
+    "CheckpointKey",
+    "Checkpointer",
     "Problem",
     "VerifyResult",
     "check_resumable",
@@ -148,5 +202,7 @@ __all__ = [
     "head_path",
     "rotated_path",
     "verify",
+    "tree_dir",
     "verify_files",
+    "vkey_of",
 ]

@@ -12,7 +12,7 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 from signerd.audit._fs import _Locked, _open_locked, _why
 from signerd.audit._line import (
@@ -40,6 +40,17 @@ log = logging.getLogger("signerd.audit")
 _ROTATE_RETRY: Final = 5.0  # seconds before a failed size rotation is tried again
 
 
+class TreeSink(Protocol):
+    """What keeps the log's Merkle tree (:class:`signerd.audit.Checkpointer`)."""
+
+    def open(self, path: Path, seq: int, last: str) -> None:
+        """Check the tree against the log (which ends at ``seq``, its last line
+        hashing to ``last``) before any line is written; ConfigError refuses."""
+
+    def append(self, lines: Sequence[bytes]) -> None:
+        """Lines just committed (without newlines), in chain order."""
+
+
 class AuditLog:
     """Appends hash-chained JSON lines to ``path``; thread-safe.
 
@@ -52,8 +63,9 @@ class AuditLog:
     """
 
     def __init__(self, path: Path, *, fsync: bool = False, checkpoint_every: int = 1000,
-                 max_bytes: int | None = None) -> None:
+                 max_bytes: int | None = None, tree: TreeSink | None = None) -> None:
         self.path = path
+        self._tree = tree
         self.head_path = head_path(path)
         self._fsync = fsync
         self._checkpoint_every = max(1, checkpoint_every)
@@ -80,6 +92,8 @@ class AuditLog:
             if state.renamed is not None:
                 self._pending = ("renamed", state.renamed.name)
             self._head_fd = os.open(self.head_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            if tree is not None:
+                tree.open(path, self._seq, self._last)
         except OSError as e:
             self._close_fds()
             raise ConfigError(f"audit log {path}: cannot open: {_why(e)}") from None
@@ -158,6 +172,22 @@ class AuditLog:
             if self._max_bytes is not None and self._size >= self._max_bytes:
                 self._rotate_for_size()
 
+    def sync(self) -> int:
+        """Make every line written so far durable (fsync); returns the seq of
+        the last of them. Lines of files rotated away were synced as they
+        were closed (with a tree). Raises :class:`Unavailable`."""
+        with self._lock:
+            self._check_writable()
+            assert self._fd is not None
+            seq, fd = self._seq, os.dup(self._fd)
+        try:
+            os.fsync(fd)
+        except OSError as e:
+            raise Unavailable(f"audit log cannot be synced: {self.path}: {_why(e)}") from None
+        finally:
+            os.close(fd)
+        return seq
+
     def rotate(self, reason: str = "sighup") -> Path | None:
         """Close the current file, rename it and start a new one (see Rotation).
 
@@ -207,6 +237,8 @@ class AuditLog:
         self._append(line + b"\n")
         self._size += len(line) + 1
         self._seq, self._last = self._seq + 1, hashlib.sha256(line).hexdigest()
+        if self._tree is not None:
+            self._tree.append((line,))
         self._write_head()
         if self._seq % self._checkpoint_every == 0:
             self._checkpoint("audit checkpoint")
@@ -227,6 +259,8 @@ class AuditLog:
         self._size += len(data)
         crossed = seq // self._checkpoint_every > self._seq // self._checkpoint_every
         self._seq, self._last = seq, last
+        if self._tree is not None:
+            self._tree.append(lines)
         self._write_head()
         if crossed:
             self._checkpoint("audit checkpoint")
@@ -249,6 +283,7 @@ class AuditLog:
         opened = _reopen_if_replaced(self.path, self._ident, self.head_path)
         if opened is None:
             return False
+        self._sync_before_close()
         self._close_fds()
         self._fd, self._ident, self._head_fd, self._size = opened
         self._pending = ("renamed", None)
@@ -274,9 +309,12 @@ class AuditLog:
         target, when = self._rotator.free_name()
         line = self._rotation_line(reason, target.name)
         fd, ident = self._rotator.switch(line, target)
+        self._sync_before_close()
         os.close(self._fd)  # releases the old file's flock
         self._fd, self._ident, self._size = fd, ident, len(line) + 1
         self._seq, self._last = self._seq + 1, hashlib.sha256(line).hexdigest()
+        if self._tree is not None:
+            self._tree.append((line,))
         self._rotator.used(when)
         self._write_head()
         log.info("audit log rotated", extra={"fields": {
@@ -332,6 +370,17 @@ class AuditLog:
     def _checkpoint(self, msg: str) -> None:
         log.info(msg, extra={"fields": {"file": str(self.path), "seq": self._seq,
                                         "sha256": self._last}})
+
+    def _sync_before_close(self) -> None:
+        """With a tree, a checkpoint may only cover synced lines, and
+        :meth:`sync` reaches the current file only: sync a file leaving."""
+        if self._tree is None or self._fd is None or self._fsync:
+            return
+        try:
+            os.fsync(self._fd)
+        except OSError as e:
+            log.warning("audit log file cannot be synced as it is rotated away",
+                        extra={"fields": {"file": str(self.path), "error": _why(e)}})
 
     def _close_fds(self) -> None:
         for fd in (self._fd, self._head_fd):

@@ -415,6 +415,16 @@ def cmd_audit_verify(args: argparse.Namespace) -> None:
         "file": result.path,
         "files": list(result.files),
     }
+    if result.ok and args.checkpoint:  # and the lines are the signed tree's (issue 25)
+        from signerd.cli import _audit
+
+        if not args.vkey:
+            raise CliError("--checkpoint needs --vkey (the log's verifier key)")
+        checked = _audit.check_checkpoint([Path(f) for f in args.file],
+                                          Path(args.checkpoint), args.vkey)
+        data["checkpoint"] = checked
+        emit(args, data, lambda: f"{audit.format_result(result)}; {checked}")
+        return
     if result.ok:
         emit(args, data, lambda: audit.format_result(result))
         return
@@ -520,7 +530,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p = audit.add_parser("verify", parents=[common], help="check an audit log's hash chain")
     p.add_argument("file", nargs="+", help="the log, or rotated files oldest first then the log")
+    p.add_argument("--checkpoint", metavar="FILE",
+                   help="also check the lines against this signed checkpoint")
+    p.add_argument("--vkey", help="the checkpoint's verifier key (signerctl audit vkey)")
     p.set_defaults(func=cmd_audit_verify)
+    from signerd.cli import _audit
+
+    _audit.register(audit, common)
 
     trust_cli.register(sub)
     return parser

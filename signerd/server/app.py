@@ -19,7 +19,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from signerd import fdbudget, metrics
-from signerd.audit import AuditLog
+from signerd.audit import AuditLog, Checkpointer
 from signerd.config import Config, is_loopback, warn_if_exposed
 from signerd.errors import ConfigError, SignerdError, Unavailable
 from signerd.notary import signer_pb2 as notary_pb2
@@ -30,7 +30,7 @@ from signerd.server._gate import Caller, Gate
 from signerd.server._identity import UnixPeers, dev_caller, tls_caller
 from signerd.server._unix import UnixRelay
 from signerd.server.v1 import SignerServicer
-from signerd.service import KeyService
+from signerd.service import KeyService, checkpoint_key
 from signerd.v1 import signer_pb2, signer_pb2_grpc
 
 log = logging.getLogger("signerd.server")
@@ -88,6 +88,7 @@ class Servers:
     _gauges_thread: threading.Thread | None = None
     http: metrics.HttpListener | None = None
     loop: _aio.Loop | None = None  # the aio engine's event loop
+    checkpointer: Checkpointer | None = None  # the audit log's checkpoints (signerd.audit)
 
     def start(self) -> None:
         """Start serving; raises Unavailable if the metrics address is taken
@@ -97,18 +98,23 @@ class Servers:
                 self.http = metrics.HttpListener(
                     self.metrics_listen, self.service.unusable,
                     max_connections=self.budget.metrics if self.budget else 64,
-                    read_timeout=self.metrics_read_timeout)
+                    read_timeout=self.metrics_read_timeout,
+                    routes=self.checkpointer.serve if self.checkpointer else None)
             except OSError as e:
                 # Nothing has started: close what open_servers opened (the tokens'
                 # logins and the audit log), as a stop would.
                 self.service.close()
                 if self.audit is not None:
                     self.audit.close()
+                if self.checkpointer is not None:
+                    self.checkpointer.stop()
                 if self.relay is not None:
                     self.relay.remove_private()
                 error = Unavailable if e.errno == errno.EADDRINUSE else ConfigError
                 raise error(f"cannot listen on metrics.listen {self.metrics_listen}: "
                             f"{e.strerror}") from None
+        if self.checkpointer is not None and self.audit is not None:
+            self.checkpointer.start(self.audit)
         for s in self.servers:
             if self.loop is not None:
                 self.loop.run(s.start())
@@ -190,6 +196,8 @@ class Servers:
             self._health_thread.join(grace)
             if self._health_thread.is_alive():
                 log.warning("a token health probe is still running; closing the tokens anyway")
+        if self.checkpointer is not None:  # a last checkpoint of every line, signed
+            self.checkpointer.stop()
         self.service.close()
         if self.audit is not None:
             self.audit.close()
@@ -319,12 +327,26 @@ def open_servers(config: Config) -> Servers:
         raise
 
 
+def _open_audit(config: Config,
+                service: KeyService) -> tuple[AuditLog | None, Checkpointer | None]:
+    """The audit log and, with ``[audit] checkpoints`` (the default), its
+    checkpointer with the checkpoint key. ConfigError refuses the start,
+    e.g. a log that does not extend its last checkpoint."""
+    if config.audit_file is None:
+        return None, None
+    checkpointer = None
+    if config.audit_tlog.enabled:
+        key = checkpoint_key(service, config.audit_tlog, config.audit_file.parent)
+        checkpointer = Checkpointer(key, config.audit_tlog, metrics)
+    return AuditLog(config.audit_file, tree=checkpointer), checkpointer
+
+
 def build(config: Config, service: KeyService) -> Servers:
     """Build (but do not start) the servers for ``config``."""
     if config.policy_file is None:
         raise ConfigError("[policy] file is required: signerd denies everything without a policy")
     policy = PolicyStore(config.policy_file)
-    audit = AuditLog(config.audit_file) if config.audit_file is not None else None
+    audit, checkpointer = _open_audit(config, service)
     loop = _aio.Loop() if config.engine == "aio" else None
     # The sync servicer's Watch blocks a thread until its call ends, and
     # grpc.aio never ends it (a thread lost per Watch): the aio engine uses
@@ -449,6 +471,7 @@ def build(config: Config, service: KeyService) -> Servers:
         budget,
         config.metrics_read_timeout,
         loop=loop,
+        checkpointer=checkpointer,
     )
     holder["s"] = result
     result.update_health()

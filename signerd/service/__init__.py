@@ -8,12 +8,15 @@ call these methods, and map :mod:`signerd.errors` to status codes; the CLI's
   the tokens, creates, lists, deletes and signs, and marks keys used.
 - :mod:`~signerd.service._certificates`: X.509 certificates of token keys, their
   chains, and certifying one key with another (:class:`KeyCertificates`).
+- :mod:`~signerd.service._checkpointkey`: the audit log's checkpoint key, made
+  once and usable through no Sign path (:func:`checkpoint_key`).
 
 It imports the token layer, :mod:`signerd.certs`, :mod:`signerd.signing` and
 :mod:`signerd.metrics`; never the server, the CLI or the daemon.
 """
 
 from signerd.service._certificates import Certified
+from signerd.service._checkpointkey import CHECKPOINT_ROLE, checkpoint_key
 from signerd.service._keyservice import (
     DEFAULT_PAGE_SIZE,
     MAX_PAGE_SIZE,
@@ -21,4 +24,5 @@ from signerd.service._keyservice import (
     Signature,
 )
 
-__all__ = ["DEFAULT_PAGE_SIZE", "MAX_PAGE_SIZE", "Certified", "KeyService", "Signature"]
+__all__ = ["CHECKPOINT_ROLE", "DEFAULT_PAGE_SIZE", "MAX_PAGE_SIZE", "Certified", "KeyService",
+           "Signature", "checkpoint_key"]

@@ -29,6 +29,7 @@ from signerd.keys import (
     validate_role,
 )
 from signerd.service._certificates import Certified, KeyCertificates
+from signerd.service._checkpointkey import CHECKPOINT_ROLE
 from signerd.token import KeyEntry, Token
 
 log = logging.getLogger("signerd.service")
@@ -150,6 +151,8 @@ class KeyService:
         if entry is None:
             # Not on any usable token; if one is down, the key may be there.
             raise down or NoSuchKey(kid)
+        if entry.role == CHECKPOINT_ROLE:  # the audit log's own: no caller may use it
+            raise NoSuchKey(kid)
         return entry
 
     def token(self, name: str) -> Token:
@@ -210,6 +213,7 @@ class KeyService:
                 if (not gun or k.gun == gun)
                 and (not role or k.role == role)
                 and k.key_id > page_token
+                and k.role != CHECKPOINT_ROLE
                 and readable(k)
             ),
             key=lambda k: k.key_id,
@@ -232,6 +236,8 @@ class KeyService:
         passes here, and the key's first one marks it used (see mark_used).
 
         Raises InvalidArgument (payload, options), NotFound, Unavailable."""
+        if entry.role == CHECKPOINT_ROLE:  # signs audit checkpoints only: sign_checkpoint
+            raise NoSuchKey(entry.key_id)
         alg: Algorithm = entry.algorithm
         mechanism, data = signing.prepare(alg, payload, options)
         token = self.tokens[entry.token]
@@ -242,6 +248,16 @@ class KeyService:
         return Signature(
             entry, signing.encode(alg, raw, options), signing.method(alg, options), options
         )
+
+    def sign_checkpoint(self, entry: KeyEntry, message: bytes) -> bytes:
+        """Sign an audit checkpoint note (raw Ed25519) with the checkpoint key
+        ``entry`` (:mod:`signerd.service._checkpointkey`): the one path that
+        key signs through. Raises InvalidArgument, Unavailable."""
+        if entry.role != CHECKPOINT_ROLE:
+            raise InvalidArgument(f"key {entry.key_id} is not an audit checkpoint key")
+        mechanism, data = signing.prepare(entry.algorithm, message, signing.SignOptions())
+        return self.tokens[entry.token].sign(entry.key_id, mechanism, data,
+                                             entry.algorithm.signature_size)
 
     def mark_used(self, entry: KeyEntry) -> None:
         """Record on the token that key ``entry`` has signed, unless its

@@ -1,0 +1,227 @@
+"""The start check of the audit tree (see Transparency in :mod:`signerd.audit`):
+does the log on disk extend what its last checkpoint signed?
+
+Without rehashing the log: the checkpoint's signature is checked with the
+checkpoint key; the tree's frontier is read from the partial tiles of the
+checkpoint's size and must hash to its root; the line the checkpoint ends
+with must be in the log and hash to the frontier's last leaf; the lines
+after it must chain from it, and are added to the tree. Everything before
+that line is bound to it by the hash chain (edit one line and recompute the
+chain, and that line changes too).
+
+A start is refused (ConfigError, one line saying why) when the checkpoint
+is missing or not signed by the key, tiles are missing or do not match it,
+the log ends before it, or its last line differs. ``[audit] reset`` set to
+the SHA-256 the refusal names abandons the tree (moved aside, not deleted)
+and starts a new one with a new origin, with an ``audit.tree_reset`` record.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import socket
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from signerd.audit._line import _parse
+from signerd.audit._tail import lines_from, rotated_files
+from signerd.audit._tlogconfig import TlogConfig
+from signerd.audit._tree import AuditTree, tree_dir, write_atomic
+from signerd.errors import ConfigError
+from signerd.tlog import merkle
+from signerd.tlog.merkle import EMPTY_ROOT, leaf_hash
+from signerd.tlog.note import Checkpoint, Note, NoteError, Verifier, sign_note
+
+if TYPE_CHECKING:
+    from signerd.audit._checkpoints import CheckpointKey
+
+log = logging.getLogger("signerd.audit")
+
+
+@dataclass
+class TreeState:
+    """An open tree: where it lives, its origin and verifier, the last
+    checkpoint (and its note), and records the log owes (start, reset)."""
+
+    directory: Path
+    origin: str
+    verifier: Verifier
+    tree: AuditTree
+    checkpoint: Checkpoint
+    note: Note
+    records: list[dict[str, Any]] = field(default_factory=list)
+
+
+class _Refused(Exception):
+    pass
+
+
+def default_origin(log_path: Path) -> str:
+    """``<hostname>/signerd/<log file name>``: one origin per log (each worker's too)."""
+    return f"{socket.gethostname()}/signerd/{log_path.name}"
+
+
+def open_tree(path: Path, seq: int, last: str, key: CheckpointKey,
+              config: TlogConfig) -> TreeState:
+    """Open (or start) the tree of the log ``path``, which ends at ``seq``
+    with a line hashing to ``last``. Raises ConfigError to refuse."""
+    directory = tree_dir(path)
+    try:
+        _sync_log(path)
+        if not (directory / "tree.json").exists():
+            if (directory / "checkpoint").exists() or (directory / "tile").exists():
+                raise _Refused(f"{directory}/tree.json is missing but the tree's checkpoint "
+                               "or tiles are there")
+            return _start(path, directory, seq, key, config, 0, None)
+        return _check(path, directory, seq, last, key)
+    except _Refused as e:
+        abandon = _abandon_hash(directory)
+        if config.reset is not None and config.reset == abandon:
+            return _reset(path, directory, seq, key, config, str(e))
+        raise ConfigError(f"audit log {path}: {e}; refusing to serve a history that does not "
+                          f"extend its checkpoint (to abandon this tree deliberately, set "
+                          f"[audit] reset = \"{abandon}\")") from None
+    except OSError as e:
+        raise ConfigError(f"audit log {path}: tree {directory}: {e.strerror or e}") from None
+
+
+def _sync_log(path: Path) -> None:
+    """Lines on disk from the last run are about to be checkpointed: sync them."""
+    for f in (path, *rotated_files(path)[-1:]):
+        try:
+            fd = os.open(f, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            continue
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _abandon_hash(directory: Path) -> str:
+    for name in ("checkpoint", "tree.json"):
+        try:
+            return hashlib.sha256((directory / name).read_bytes()).hexdigest()
+        except OSError:
+            continue
+    return hashlib.sha256(str(directory).encode()).hexdigest()
+
+
+def _start(path: Path, directory: Path, seq: int, key: CheckpointKey, config: TlogConfig,
+           epoch: int, reason: str | None) -> TreeState:
+    origin = config.origin or default_origin(path)
+    if epoch:
+        origin = f"{origin}/reset{epoch}"
+    directory.mkdir(mode=0o755, exist_ok=True)
+    verifier = key.verifier(origin)
+    cp = Checkpoint(origin, 0, EMPTY_ROOT)
+    note = sign_note(cp.text(), origin, key.public_key, key.sign)
+    write_atomic(directory / "vkey", (verifier.vkey() + "\n").encode())
+    write_atomic(directory / "checkpoint", note.to_bytes())
+    write_atomic(directory / "tree.json", json.dumps(
+        {"origin": origin, "base": seq, "epoch": epoch}, sort_keys=True).encode() + b"\n")
+    # The daemon's own act: its identity is "signerd", as no caller's can be.
+    record: dict[str, Any] = {"operation": "audit.tree_start", "identity": "signerd",
+                              "origin": origin,
+                              "base": seq, "vkey": verifier.vkey()}
+    if reason is not None:
+        record.update(operation="audit.tree_reset", reason=reason)
+    log.warning("audit tree reset: the old tree was abandoned" if reason else
+                "audit tree started", extra={"fields": {"file": str(path), "origin": origin,
+                                                        "base": seq}})
+    return TreeState(directory, origin, verifier, AuditTree(directory, seq), cp, note, [record])
+
+
+def _reset(path: Path, directory: Path, seq: int, key: CheckpointKey, config: TlogConfig,
+           why: str) -> TreeState:
+    try:
+        epoch = int(json.loads((directory / "tree.json").read_text())["epoch"]) + 1
+    except (OSError, ValueError, KeyError, TypeError):
+        epoch = 1
+    aside = directory.with_name(
+        f"{directory.name}.abandoned-{datetime.now(UTC):%Y%m%dT%H%M%S}Z")
+    os.rename(directory, aside)
+    return _start(path, directory, seq, key, config, epoch,
+                  f"{why}; the old tree is kept in {aside.name}")
+
+
+def _check(path: Path, directory: Path, seq: int, last: str,
+           key: CheckpointKey) -> TreeState:
+    try:
+        state = json.loads((directory / "tree.json").read_text())
+        origin, base = str(state["origin"]), int(state["base"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise _Refused(f"{directory}/tree.json is malformed ({e})") from None
+    verifier = key.verifier(origin)
+    try:
+        note = Note.parse((directory / "checkpoint").read_bytes())
+        if not note.verified_by(verifier):
+            raise _Refused(f"{directory}/checkpoint is not signed by this log's checkpoint "
+                           f"key ({verifier.vkey()})")
+        cp = Checkpoint.parse(note.text)
+    except FileNotFoundError:
+        raise _Refused(f"{directory}/checkpoint is missing (deleted?)") from None
+    except NoteError as e:
+        raise _Refused(f"{directory}/checkpoint: {e}") from None
+    if cp.origin != origin:
+        raise _Refused(f"the checkpoint's origin {cp.origin!r} is not the tree's {origin!r}")
+    tree = AuditTree(directory, base)
+    try:
+        tree.restore(cp.size)
+    except (KeyError, ValueError):
+        raise _Refused(f"the tiles of the checkpoint's size {cp.size} are missing or "
+                       "malformed") from None
+    if tree.root(cp.size) != cp.root:
+        raise _Refused(f"the tiles do not hash to the checkpoint's root (size {cp.size})")
+    end = base + cp.size  # seq of the checkpoint's last line
+    if seq < end:
+        raise _Refused(f"the log ends at seq {seq} but its checkpoint covers seq {end}: "
+                       "lines were removed")
+    _catch_up(path, tree, cp.size, end, seq, last)
+    for index, h in tree.leaves_on_disk(cp.size):
+        # Tiles of a larger tree than the checkpoint's (a crash between the
+        # tiles and the checkpoint, or a checkpoint rolled back): the log
+        # must still hold those very lines.
+        if index >= tree.size or tree.leaf(index) != h:
+            raise _Refused(f"the tiles hold line seq {base + index + 1} of a larger tree than "
+                           f"the checkpoint's (size {cp.size}) and the log does not match "
+                           "them: the checkpoint was rolled back and the log rewritten")
+    return TreeState(directory, origin, verifier, tree, cp, note)
+
+
+def _catch_up(path: Path, tree: AuditTree, size: int, end: int, seq: int, last: str) -> None:
+    """Check the checkpoint's last line (seq ``end``) and add the lines after it."""
+    if seq == end and size == 0:
+        return
+    first = end if size else end + 1
+    lines = lines_from(path, first)
+    if lines is None or not lines:
+        raise _Refused(f"line seq {first} (the checkpoint's last) is in no log file")
+    if size:
+        proof_store = tree.hashes(size)
+        try:
+            merkle.verify_inclusion(leaf_hash(lines[0]), size - 1, size,
+                                    merkle.inclusion_proof(proof_store, size - 1, size),
+                                    tree.root(size))
+        except merkle.ProofError:
+            raise _Refused(f"line seq {end} is not the line the checkpoint signed: the log "
+                           "was rewritten") from None
+        prev, rest = hashlib.sha256(lines[0]).hexdigest(), lines[1:]
+    else:
+        prev, rest = None, lines
+    want = first + (1 if size else 0)
+    for line in rest:
+        parsed = _parse(line)
+        if not isinstance(parsed, tuple) or parsed[0] != want or (
+                prev is not None and parsed[1] != prev):
+            raise _Refused(f"line seq {want} does not continue the chain after the checkpoint")
+        prev, want = hashlib.sha256(line).hexdigest(), want + 1
+    if want - 1 != seq or (prev is not None and prev != last):
+        raise _Refused(f"the lines after the checkpoint end at seq {want - 1}, not at the "
+                       f"log's end (seq {seq})")
+    tree.append(rest)
