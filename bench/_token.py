@@ -47,7 +47,7 @@ def generate_keys(module: str, conf: Path, label: str, pin_file: Path, count: in
     # other processes made (SoftHSM's file store); that search is O(keys),
     # which makes filling a token O(keys^2). Nobody else writes this token
     # while it is filled, so the search is skipped here.
-    KeyStore.sync_index = staticmethod(lambda s: None)  # type: ignore[method-assign]
+    KeyStore.before_write = lambda self, s: None  # type: ignore[method-assign]
     token = _token(module, conf, label, pin_file, 1)
     alg = parse_algorithm(algorithm)
     start = time.monotonic()
