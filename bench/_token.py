@@ -41,13 +41,10 @@ def generate_keys(module: str, conf: Path, label: str, pin_file: Path, count: in
     signerd's own ``Token.generate`` so the objects look exactly like the
     daemon's. Resumes where an interrupted run stopped."""
     from signerd.keys import parse_algorithm
-    from signerd.token._keystore import KeyStore
 
-    # Token.generate first searches the token so that it notices objects
-    # other processes made (SoftHSM's file store); that search is O(keys),
-    # which makes filling a token O(keys^2). Nobody else writes this token
-    # while it is filled, so the search is skipped here.
-    KeyStore.sync_index = staticmethod(lambda s: None)  # type: ignore[method-assign]
+    # Token.generate searches nothing when this process is the token's only
+    # writer (SoftHSM's generation file tells it; signerd.token._softhsm), so
+    # filling a token is linear in its keys.
     token = _token(module, conf, label, pin_file, 1)
     alg = parse_algorithm(algorithm)
     start = time.monotonic()

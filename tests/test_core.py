@@ -275,7 +275,8 @@ def test_private_key_attributes_and_unextractable(daemon: Daemon, hsm: Any) -> N
             )
             for k in keys:
                 object_id = daemon.servers.service.get_key(k.key_id).object_id
-                assert len(object_id) == 2  # layout 2: fits a YubiHSM's 16-bit object ID
+                # layout 2: 16 random bytes here (2 under the yubihsm profile)
+                assert len(object_id) == daemon.servers.service.tokens["online"].profile.id_bytes
                 priv = session.get_key(object_class=pkcs11.ObjectClass.PRIVATE_KEY, id=object_id)
                 A = pkcs11.Attribute
                 assert priv[A.TOKEN] is True and priv[A.PRIVATE] is True
@@ -444,8 +445,9 @@ def test_a_key_is_marked_used_while_other_threads_sign_with_it(daemon: Daemon) -
 
 def test_a_keys_first_signatures_write_one_has_signed_object(daemon: Daemon) -> None:
     """Threads signing with a new key together record its first signature
-    once (one "has signed" object on the token), and a key whose cached
-    entry says used writes nothing more, even after a listing re-read it."""
+    once (one metadata object on the token, rewritten with "used"), and a key
+    whose cached entry says used writes nothing more, even after a listing
+    re-read it."""
     svc = daemon.servers.service
     token = svc.tokens["online"]
     key = svc.create_key(unique_gun(), "targets")
@@ -453,9 +455,12 @@ def test_a_keys_first_signatures_write_one_has_signed_object(daemon: Daemon) -> 
 
     def has_signed_objects() -> int:
         with token.session() as (_, s):
-            return len(list(s.get_objects({
-                pkcs11.Attribute.CLASS: pkcs11.ObjectClass.DATA,
-                pkcs11.Attribute.LABEL: _layout.used_label(key.key_id).decode()})))
+            metas = [_layout.parse_meta_value(o[pkcs11.Attribute.VALUE])
+                     for o in s.get_objects({
+                         pkcs11.Attribute.CLASS: pkcs11.ObjectClass.DATA,
+                         pkcs11.Attribute.LABEL: _layout.meta_label(key.key_id).decode()})]
+            assert len(metas) == 1  # the unused one was destroyed
+            return sum(1 for m in metas if m is not None and m.used)
 
     threads = [threading.Thread(target=svc.sign_with, args=(key, MESSAGE, signing.SignOptions()))
                for _ in range(8)]  # each with the stale entry that says unused

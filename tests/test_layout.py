@@ -158,3 +158,18 @@ def test_a_yubihsm_session_budget_is_checked_at_config_load() -> None:
     with pytest.raises(ConfigError, match="profile must be one of"):
         parse_config({"tokens": [{**token, "profile": "hsm9000"}]},
                      base=Path("/"))
+
+
+def test_metadata_keeps_fields_it_does_not_know_and_the_used_mark() -> None:
+    """Another version's fields (e.g. a ``purpose``) survive a rewrite: marking
+    a key used writes its metadata again."""
+    from dataclasses import replace
+
+    raw = (b'{"alg":"ecdsa-p256","gun":"g","id":"0102","kid":"' + b"ab" * 32
+           + b'","purpose":{"x":[1,2]},"role":"targets","signerd":2}')
+    meta = _layout.parse_meta_value(raw)
+    assert meta is not None and not meta.used and meta.extra == (("purpose", {"x": [1, 2]}),)
+    used = _layout.parse_meta_value(_layout.meta_value(replace(meta, used=True)))
+    assert used == replace(meta, used=True)
+    assert _layout.meta_value(meta) == raw  # unchanged when nothing changed
+    assert all(len(_layout.new_object_id(16)) == 16 for _ in range(10))

@@ -88,17 +88,9 @@ def _yubihsm2_kind(y: _yubihsm.YubiHsm) -> Kind:
 
 # What signerd's token code does wrong on Yubico's module (yubihsm-pkcs11 2.6.0), found by
 # the conformance suite; each case is xfail(strict=True), so fixing the token code flips it.
-_RSA_UNWRAP = ("RSA: signerd's private template sets CKA_UNWRAP=False; yubihsm_pkcs11 takes any "
-               "CKA_UNWRAP as a wrap key and sends GENERATE WRAP KEY (0x5B) instead of GENERATE "
-               "ASYMMETRIC KEY; leave CKA_UNWRAP out for this module")
-_ED25519 = ("Ed25519: signerd sends CKA_EC_PARAMS as the OID 06032b6570; yubihsm_pkcs11 takes "
-            "only the PrintableString 'edwards25519' (130c656477617264733235353139) and "
-            "answers CKR_CURVE_NOT_SUPPORTED (yubihsm-shell issues 75, 270)")
-YUBIHSM2_KNOWN_BUGS: dict[str, str] = {
-    "test_every_supported_algorithm_signs_in_both_encodings": f"{_RSA_UNWRAP}; {_ED25519}",
-    "test_private_keys_are_sensitive_and_cannot_be_read_or_wrapped": _RSA_UNWRAP,
-    "test_certificates_and_notation_digests_on_every_kind": _RSA_UNWRAP,
-}
+# None left: CKA_UNWRAP in RSA templates and Ed25519's CKA_EC_PARAMS are profile hooks now
+# (Profile.sets_unwrap, Profile.ed25519_params).
+YUBIHSM2_KNOWN_BUGS: dict[str, str] = {}
 
 
 @pytest.fixture(params=["softhsm", "yubihsm", "tpm", "yubihsm2"])
@@ -265,7 +257,8 @@ def test_private_keys_are_sensitive_and_cannot_be_read_or_wrapped(
         try:
             A = pkcs11.Attribute
             for k in keys:
-                assert len(k.object_id) == 2  # fits a YubiHSM's 16-bit object ID
+                # 2 bytes fit a YubiHSM's 16-bit object ID; 16 elsewhere
+                assert len(k.object_id) == token.profile.id_bytes
                 priv = session.get_key(object_class=pkcs11.ObjectClass.PRIVATE_KEY,
                                        id=k.object_id)
                 assert priv[A.SENSITIVE] is True and priv[A.EXTRACTABLE] is False

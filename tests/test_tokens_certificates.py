@@ -18,7 +18,7 @@ import grpc
 from signerd import signing
 from signerd.keys import parse_algorithm
 from tests import test_tokens
-from tests.conftest import PKI, rpc_error, unique_gun
+from tests.conftest import HSM, PKI, rpc_error, unique_gun
 from tests.test_certify import SUBJECT, verify_notary_chain
 from tests.test_tokens import Kind, _start
 
@@ -66,3 +66,44 @@ def test_certificates_and_notation_digests_on_every_kind(
                 assert c.certificate_chain(key_id) == chain
     finally:
         d.stop()
+
+
+def test_create_key_searches_nothing_on_a_softhsm_token(hsm: HSM) -> None:
+    """Issue 24 §2: CreateKey used to run two full searches (a free 2-byte
+    CKA_ID, then a collision check); with 16-byte IDs and SoftHSM's
+    generation file it runs none when no other process wrote."""
+    from signerd.keys import ALGORITHMS
+    from signerd.token import Token, _p11
+    from signerd.token._keystore import KeyStore
+    from tests.conftest import hsm_token
+
+    token = Token(hsm_token(hsm, "online"))
+    searches = 0
+    real = _p11.Module.find_objects
+
+    def counted(self: _p11.Module, session: int, template: dict[int, bytes]) -> list[int]:
+        nonlocal searches
+        searches += 1
+        return real(self, session, template)
+
+    real_sync = KeyStore._sync
+
+    def sync(s: object) -> None:
+        nonlocal searches
+        searches += 1
+        real_sync(s)
+
+    try:
+        token.keys()
+        token.generate(ALGORITHMS["ecdsa-p256"], "docker.io/scale/a", "targets")  # first: syncs
+        _p11.Module.find_objects = counted  # type: ignore[method-assign]
+        KeyStore._sync = staticmethod(sync)  # type: ignore[method-assign]
+        for i in range(3):
+            k = token.generate(ALGORITHMS["ecdsa-p256"], f"docker.io/scale/{i}", "targets")
+            assert len(k.object_id) == 16
+            token.mark_used(k.key_id)
+        assert searches == 0
+    finally:
+        _p11.Module.find_objects = real  # type: ignore[method-assign]
+        KeyStore._sync = staticmethod(real_sync)  # type: ignore[method-assign]
+        token.close()

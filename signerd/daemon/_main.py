@@ -34,8 +34,9 @@ import os
 import signal
 import socket
 import sys
+import threading
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from signerd import ArgumentParser, add_version_flag, embedded, one_line
 from signerd.config import Config, is_host_port, load_config
@@ -172,8 +173,10 @@ def rotate_audit(audit: AuditLog | None) -> None:
                   extra={"fields": {"file": str(audit.path), "error": str(e)}})
 
 
-def serve(config: Config, ready_file: Path | None = None) -> int:
-    """Serve ``config`` in this process until SIGTERM or SIGINT; 0 when stopped."""
+def serve(config: Config, ready_file: Path | None = None, sweep: bool = True) -> int:
+    """Serve ``config`` in this process until SIGTERM or SIGINT; 0 when
+    stopped. ``sweep``: report, once the keys are listed, objects on the
+    tokens that belong to no key (one worker of several does it)."""
     os.environ.update(config.environment)  # e.g. SOFTHSM2_CONF, before modules load
     if not config.debug:
         make_undumpable()
@@ -188,12 +191,20 @@ def serve(config: Config, ready_file: Path | None = None) -> int:
 
     restore_stderr = _corelog.route_stderr()
     try:
-        return _serve(config, ready_file)
+        return _serve(config, ready_file, sweep)
     finally:
         restore_stderr()
 
 
-def _serve(config: Config, ready_file: Path | None) -> int:
+def _start_up_sweep(tokens: list[Any]) -> None:
+    """Issue 22 §4: after the first listing, log what a crash left on each
+    token (never removes: ``signerd sweep --remove`` does)."""
+    for t in tokens:
+        t.keys()  # waits for the first listing
+        t.report_junk()
+
+
+def _serve(config: Config, ready_file: Path | None, sweep: bool = True) -> int:
     from signerd.server import app
 
     servers = app.open_servers(config)
@@ -201,6 +212,9 @@ def _serve(config: Config, ready_file: Path | None) -> int:
     if servers.audit is not None:  # opened by app.build; set before the first line
         servers.audit.max_bytes = config.audit_max_bytes
     servers.start()
+    if sweep:
+        threading.Thread(target=_start_up_sweep, args=(list(service.tokens.values()),),
+                         name="start-up-sweep", daemon=True).start()
     info = {
         "pid": os.getpid(),
         "tcp": servers.ports.get("tcp"),
@@ -242,6 +256,14 @@ def main(argv: list[str] | None = None) -> int:
                    help="signerd.toml (default: the embedded default's, if it exists)")
     c.add_argument("--state-dir", type=Path, help="state directory of the embedded default")
     c.add_argument("--strict", action="store_true", help="warnings fail the check too")
+    w = sub.add_parser("sweep", help="report (and with --remove, remove) objects on the "
+                       "tokens that belong to no key, as a crash leaves them")
+    w.add_argument("--config", type=Path,
+                   help="signerd.toml (default: the embedded default's, if it exists)")
+    w.add_argument("--state-dir", type=Path, help="state directory of the embedded default")
+    w.add_argument("--remove", action="store_true", help="remove them (after a second look)")
+    w.add_argument("--grace", type=float, default=2.0, metavar="SECONDS",
+                   help="seconds between the two looks of --remove (default 2)")
     p = sub.add_parser("serve", help="run the daemon")
     p.add_argument("--config", type=Path, help="signerd.toml (default: the embedded default)")
     p.add_argument("--state-dir", type=Path, help="state directory of the embedded default")
@@ -276,6 +298,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"signerd: check-config: the check itself failed: {type(e).__name__}: {e}",
                   file=sys.stderr)
             return 1
+    if args.command == "sweep":
+        from signerd.daemon import _sweepcmd
+
+        logs.setup("error")
+        path = args.config or (args.state_dir or embedded.state_dir()) / "signerd.toml"
+        return _sweepcmd.main(path, args.remove, args.grace)
     logs.setup(args.log_level)
     try:
         path = args.config
@@ -301,6 +329,7 @@ def main(argv: list[str] | None = None) -> int:
             _workers.become_worker(args.worker, args.supervisor_pid)
             config = _workers.worker_config(config, args.worker, args.worker_listen)
             pin_cpu(config, args.worker)
+            return serve(config, args.ready_file, sweep=args.worker == 1)
         elif config.workers > 1:
             from signerd.daemon import _workers
 

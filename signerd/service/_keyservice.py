@@ -16,6 +16,7 @@ from signerd.errors import (
     InvalidArgument,
     NoSuchKey,
     NotFound,
+    ResourceExhausted,
     SignerdError,
     Unavailable,
     quoted,
@@ -233,9 +234,11 @@ class KeyService:
     def sign_with(self, entry: KeyEntry, payload: bytes, options: signing.SignOptions) -> Signature:
         """Sign ``payload`` with key ``entry`` on its token. Every signature
         signerd makes (either API, a certificate's issuer, ``trust --local``)
-        passes here, and the key's first one marks it used (see mark_used).
+        passes here, and the key's first one marks it used (see mark_used),
+        or is not returned at all.
 
-        Raises InvalidArgument (payload, options), NotFound, Unavailable."""
+        Raises InvalidArgument (payload, options), NotFound, ResourceExhausted,
+        Unavailable."""
         if entry.role == CHECKPOINT_ROLE:  # signs audit checkpoints only: sign_checkpoint
             raise NoSuchKey(entry.key_id)
         alg: Algorithm = entry.algorithm
@@ -264,14 +267,19 @@ class KeyService:
         cached entry says so already: Notary's CreateKey no longer hands it
         out, and ``signerctl keys delete`` asks before deleting it.
 
-        Like notary-signer (signer/keydbstore/keydbstore.go), a failure is
-        logged, not raised: the signature is valid, and the next one tries
-        again."""
+        Unlike notary-signer (signer/keydbstore/keydbstore.go, which logs
+        the failure), a signature whose mark cannot be written is withheld:
+        after a restart the key would look unused, and be handed out again
+        (issue 22 §4). Raises ResourceExhausted (the token is full),
+        Unavailable."""
         try:
             self.tokens[entry.token].mark_used(entry.key_id)
         except SignerdError as e:
-            log.warning("signed, but could not mark the key used", extra={
+            log.warning("signature withheld: could not mark the key used", extra={
                 "fields": {"key_id": entry.key_id, "token": entry.token, "error": str(e)}})
+            kind = ResourceExhausted if isinstance(e, ResourceExhausted) else Unavailable
+            raise kind(f"signature withheld: key {entry.key_id} could not be marked as "
+                       f"having signed ({e})") from None
 
     def find_unused(self, gun: str, role: str, algorithm: Algorithm) -> KeyEntry | None:
         """A key for (gun, role, algorithm) that has never signed, through

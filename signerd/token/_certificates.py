@@ -6,11 +6,13 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import pkcs11
 from pkcs11 import Attribute, CertificateType, ObjectClass
 
 from signerd.keys import KeyID
 from signerd.token import _layout, _p11
 from signerd.token._health import Health
+from signerd.token._keygen import full
 from signerd.token._keystore import KeyStore
 from signerd.token._slot import Slot
 
@@ -70,34 +72,52 @@ class Certificates:
         number, as CKA_SUBJECT, CKA_ISSUER and CKA_SERIAL_NUMBER hold them
         (PKCS#11 v2.40 §4.6.3).
 
-        The old objects are destroyed before the new one is made, since a
-        YubiHSM keeps one opaque object per ID: if the token then refuses the
-        new one, the key has no certificate until it is certified again.
-        Creating an object holds the searches lock alone (see _ObjectLocks).
+        The new object is made before the old ones are destroyed, so that a
+        crash in between leaves the key with a certificate (two: the reader
+        takes the key's own that starts last); for a CA key a missing one would break every chain
+        below it. A YubiHSM keeps one opaque object per ID, so there
+        (:attr:`Profile.id_bytes` of 2) the old one must go first. Creating
+        an object holds the searches lock alone (see _ObjectLocks).
 
         Raises NotFound, FailedPrecondition (the token refuses the template),
-        Unavailable."""
+        ResourceExhausted (no room on the token), Unavailable."""
         entry = self._keys.known(kid)
+        module = self._slot.module
+        template = {_p11.CKA_CLASS: _p11.ulong(_p11.CKO_CERTIFICATE),
+                    _p11.CKA_ID: entry.object_id}
+        replace_first = self._slot.profile.id_bytes <= 2
 
         def write(s: Any) -> None:
-            self._keys.sync_index(s)
-            # The search ends before the first object is destroyed.
-            for old in list(s.get_objects({Attribute.CLASS: ObjectClass.CERTIFICATE,
-                                           Attribute.ID: entry.object_id})):
-                old.destroy()
-            s.create_object({
-                Attribute.CLASS: ObjectClass.CERTIFICATE,
-                Attribute.CERTIFICATE_TYPE: CertificateType.X_509,
-                Attribute.TOKEN: True,
-                # Certificates are public; YubiHSM and tpm2-pkcs11 refuse private ones.
-                Attribute.PRIVATE: False,
-                Attribute.ID: entry.object_id,
-                Attribute.LABEL: _layout.cert_label(kid).decode(),
-                Attribute.SUBJECT: subject,
-                Attribute.ISSUER: issuer,
-                Attribute.SERIAL_NUMBER: serial,
-                Attribute.VALUE: der,
-            })
+            self._keys.before_write(s)
+            try:
+                old = module.find_objects(s.handle, template)  # ends before any write
+                if replace_first:
+                    for handle in old:
+                        module.destroy(s.handle, handle)
+                try:
+                    s.create_object({
+                        Attribute.CLASS: ObjectClass.CERTIFICATE,
+                        Attribute.CERTIFICATE_TYPE: CertificateType.X_509,
+                        Attribute.TOKEN: True,
+                        # Certificates are public; YubiHSM and tpm2-pkcs11 refuse private ones.
+                        Attribute.PRIVATE: False,
+                        Attribute.ID: entry.object_id,
+                        Attribute.LABEL: _layout.cert_label(kid).decode(),
+                        Attribute.SUBJECT: subject,
+                        Attribute.ISSUER: issuer,
+                        Attribute.SERIAL_NUMBER: serial,
+                        Attribute.VALUE: der,
+                    })
+                except (pkcs11.PKCS11Error, _p11.P11Error) as e:
+                    error = full(e, self.name, "a certificate")
+                    if error is not None:
+                        raise error from None
+                    raise
+                if not replace_first:
+                    for handle in old:
+                        module.destroy(s.handle, handle)
+            finally:
+                self._keys.after_write()
 
         self._health.run("certificate storage", write, self._slot.locks.searches.exclusive)
         log.info("certificate stored", extra={"fields": {"token": self.name, "key_id": kid}})

@@ -6,6 +6,13 @@ There is no other database: the index is filled from the token (in the
 background at start, and on :meth:`KeyStore.refresh`), and a key another
 process made is found by its ID (:meth:`KeyStore.lookup`), so a restarted
 daemon, or a second daemon on the same token, sees the same keys.
+
+No hot path searches the token (a search on SoftHSM's file store passes
+over every object, about 19 µs each): signing uses the indexed handle; a
+lookup right after start waits for the first listing instead of racing it,
+and searches only for an ID the listing did not hold; key generation
+draws an ID no other key will draw (:attr:`Profile.id_bytes`); marking a
+key used and deleting it use the indexed handles of its objects.
 """
 
 from __future__ import annotations
@@ -18,16 +25,21 @@ from contextlib import contextmanager
 from dataclasses import replace
 from typing import Any
 
+import pkcs11
 from pkcs11 import Attribute, ObjectClass
 
 from signerd.errors import FailedPrecondition, NotFound, SignerdError, Unavailable
-from signerd.keys import Algorithm, KeyID
-from signerd.token import _keygen, _layout, _p11
+from signerd.keys import ALGORITHMS, Algorithm, KeyID
+from signerd.token import _keygen, _layout, _p11, _sweep
 from signerd.token._health import Health
 from signerd.token._listing import KeyEntry, read_keys
 from signerd.token._slot import Slot
+from signerd.token._softhsm import GenerationWatch, token_directory
+from signerd.token.profiles import ED25519_NAME
 
 log = logging.getLogger("signerd.token")
+
+LISTING_WAIT = 60.0  # seconds a lookup waits for the first listing before searching itself
 
 
 class KeyStore:
@@ -51,6 +63,9 @@ class KeyStore:
         self._gone: dict[KeyID, float] = {}  # keys deleted here -> when (monotonic s)
         self._listed = threading.Event()
         self._lister: threading.Thread | None = None
+        self._ed25519: bytes | None = None  # the CKA_EC_PARAMS that worked, once known
+        self._watch: GenerationWatch | None = None
+        self._watched = False
 
     # -- the index -----------------------------------------------------------
 
@@ -79,9 +94,69 @@ class KeyStore:
         finally:
             self._listed.set()
 
+    # -- the sweep (objects that belong to no key) -----------------------------
+
+    def junk(self) -> list[_sweep.Junk]:
+        """Objects on the token that belong to no key (:mod:`signerd.token._sweep`).
+        Raises Unavailable."""
+        slot = self._slot
+        watch = self._generation()
+
+        def look(s: Any) -> list[_sweep.Junk]:
+            return _sweep.find_junk(slot.module, slot.profile, self.name, s,
+                                    self._health.answers,
+                                    watch.empty_object_files if watch is not None else list)
+
+        found: list[_sweep.Junk] = self._health.run("sweep", look,
+                                                    slot.locks.searches.shared)
+        return found
+
+    def sweep(self, remove: bool = False, grace: float = 2.0) -> tuple[list[_sweep.Junk], int]:
+        """(objects that belong to no key, how many were removed). With
+        ``remove``, a second look ``grace`` seconds later removes only what
+        was junk both times (a key generation under way elsewhere is not).
+        Raises Unavailable."""
+        found = self.junk()
+        if not remove or not found:
+            return found, 0
+        _sweep.pause(grace)
+        doomed = _sweep.still_junk(found, self.junk())
+
+        def destroy(s: Any) -> int:
+            self.before_write(s)
+            try:
+                return _sweep.remove(self._slot.module, s, doomed)
+            finally:
+                self.after_write()
+
+        gone: int = self._health.run("sweep removal", destroy,
+                                     self._slot.locks.searches.exclusive)
+        log.warning("objects that belonged to no key removed", extra={"fields": {
+            "token": self.name, "removed": gone}})
+        return found, gone
+
+    def report_junk(self) -> None:
+        """The start-up sweep: log what belongs to no key (never removes)."""
+        try:
+            found = self.junk()
+        except SignerdError as e:
+            log.warning("start-up sweep failed", extra={"fields": {
+                "token": self.name, "error": str(e)}})
+            return
+        if found:
+            log.warning("objects on the token belong to no key; `signerd sweep --remove` "
+                        "removes them", extra={"fields": {
+                            "token": self.name, "count": len(found),
+                            "objects": [str(j) for j in found[:20]]}})
+
     def _read(self, s: Any, only: KeyID | None = None) -> dict[KeyID, KeyEntry]:
-        return read_keys(self._slot.module, self._slot.profile, self.name, s,
+        watch = self._generation()
+        before = watch.moved() if watch is not None else None
+        keys = read_keys(self._slot.module, self._slot.profile, self.name, s,
                          self._health.answers, only)
+        if watch is not None and before is not None:
+            watch.seen(before)  # the listing's searches re-indexed up to ``before``
+        return keys
 
     def load(self, s: Any) -> None:
         """Replace the index with every key read through session ``s``
@@ -111,7 +186,12 @@ class KeyStore:
         worker) with a search by its ID. Misses are searched one at a time
         per token, so unknown IDs cannot pile up token scans; signing with
         known keys never waits for them. Raises Unavailable while the token
-        is unusable: a key on a token that is away is not "not found"."""
+        is unusable: a key on a token that is away is not "not found".
+
+        Right after start this waits for the first listing (which reads
+        every key anyway) rather than searching beside it."""
+        if not self._listed.is_set() and self._lister is not None:
+            self._listed.wait(LISTING_WAIT)
         with self._miss_lock:
             entry = self._keys.get(kid)
             if entry is not None:
@@ -183,12 +263,19 @@ class KeyStore:
         object (:func:`signerd.token._keygen.generate_pair`).
 
         Raises FailedPrecondition (an algorithm the token cannot do),
-        Unavailable."""
+        ResourceExhausted (the token is full), Unavailable."""
         self.check_algorithm(alg)
         slot = self._slot
 
         def gen(s: Any) -> KeyEntry | None:
-            return _keygen.generate_pair(slot.module, slot.profile, self.name, s, alg, gun, role)
+            self.before_write(s)
+            try:
+                if alg.keytype == "ed25519":
+                    return self._generate_ed25519(s, gun, role)
+                return _keygen.generate_pair(slot.module, slot.profile, self.name, s, alg,
+                                             gun, role, b"")
+            finally:
+                self.after_write()
 
         entry: KeyEntry | None = None
         for _ in range(_keygen.ID_ATTEMPTS):
@@ -205,40 +292,126 @@ class KeyStore:
             "gun": gun, "role": role}})
         return entry
 
-    @staticmethod
-    def sync_index(s: Any) -> None:
-        """Let the module notice objects other processes made, before we write.
+    def _generate_ed25519(self, s: Any, gun: str, role: str) -> KeyEntry | None:
+        """An Ed25519 key pair: CKA_EC_PARAMS may name the curve by its OID
+        or as the PrintableString "edwards25519" (PKCS#11 v3.0 §2.3.10), and
+        modules take one or the other (yubihsm_pkcs11 only the name). The
+        profile's form is tried first, then the other once; if neither
+        works, the token stops offering ed25519. Raises FailedPrecondition."""
+        slot, alg = self._slot, ALGORITHMS["ed25519"]
+        forms = [self._ed25519 or slot.profile.ed25519_params]
+        forms += [f for f in (_layout.CURVE_OIDS["ed25519"], ED25519_NAME) if f not in forms]
+        if self._ed25519 is not None:
+            forms = forms[:1]
+        failure: Exception | None = None
+        for params in forms:
+            try:
+                entry = _keygen.generate_pair(slot.module, slot.profile, self.name, s, alg,
+                                              gun, role, params)
+            except (pkcs11.PKCS11Error, _p11.P11Error) as e:
+                rv = _p11.failure_rv(e)
+                if rv in _p11.SESSION_LOST | _p11.DEVICE_LOST | _p11.HANDLE_LOST:
+                    raise
+                failure = e
+                continue
+            self._ed25519 = params
+            return entry
+        if self._ed25519 is None:  # neither form: the token cannot make Ed25519 keys
+            slot.algorithms = tuple(a for a in slot.algorithms if a != "ed25519")
+            log.warning("token lists Ed25519 mechanisms but makes no Ed25519 key", extra={
+                "fields": {"token": self.name, "error": _p11.failure_name(failure or
+                                                                          Exception())}})
+            raise FailedPrecondition(
+                f"token {self.name} cannot create ed25519 keys "
+                f"({_p11.failure_name(failure or Exception())}); it supports "
+                f"{', '.join(slot.algorithms) or 'no algorithm signerd uses'}")
+        assert failure is not None
+        raise failure
 
-        SoftHSM's file store re-reads its directory only when the token's
-        generation counter changed under it, and its own writes bump that
-        counter past other processes' writes without re-reading. A search
-        (which matches nothing) before each write keeps a second daemon's
-        keys visible to this one. Other modules just answer the search.
-        """
+    # -- writes: what other processes wrote must stay visible --------------------
+
+    def _generation(self) -> GenerationWatch | None:
+        """The SoftHSM generation counter of this token, when its profile
+        keeps one and its directory is found (:mod:`signerd.token._softhsm`)."""
+        if not self._watched and self._slot.info is not None:
+            self._watched = True
+            if self._slot.profile.generation_file:
+                where = token_directory(self._slot.info.serial)
+                self._watch = GenerationWatch(where) if where is not None else None
+        return self._watch
+
+    @staticmethod
+    def _sync(s: Any) -> None:
+        # A search that matches nothing: SoftHSM re-reads its directory in it.
         list(s.get_objects({Attribute.CLASS: ObjectClass.DATA, Attribute.LABEL: "signerd-sync"}))
+
+    def before_write(self, s: Any) -> None:
+        """Let the module notice objects other processes made, before we
+        write: on SoftHSM's file store a write by this process would
+        otherwise hide them from it (:mod:`signerd.token._softhsm`). Costs a
+        search only when another process wrote since this one last looked
+        (SoftHSM, when its generation file is found; else every time), or
+        on a short-ID token (a YubiHSM lists at most 256 objects)."""
+        profile = self._slot.profile
+        if profile.generation_file:
+            watch = self._generation()
+            moved = watch.moved() if watch is not None else b""
+            if moved is not None:
+                self._sync(s)
+                if watch is not None:
+                    watch.seen(moved)
+        elif profile.id_bytes <= 2:
+            self._sync(s)
+
+    def after_write(self) -> None:
+        """Record the SoftHSM generation this process's own write left."""
+        watch = self._generation() if self._slot.profile.generation_file else None
+        if watch is not None:
+            watch.seen()
+
+    def _destroy(self, s: Any, handle: int) -> None:
+        """Destroy one object by handle; one already gone (another process
+        deleted it) is no error. Raises P11Error."""
+        try:
+            self._slot.module.destroy(s.handle, handle)
+        except _p11.P11Error as e:
+            if e.rv not in _p11.HANDLE_LOST:
+                raise
 
     @staticmethod
     def _objects(s: Any, entry: KeyEntry) -> list[Any]:
-        """Every object of a key: the pair, its metadata and "has signed" objects."""
-        found = list(s.get_objects({Attribute.ID: entry.object_id}))
-        if entry.layout == 2:
-            for label in (_layout.meta_label(entry.key_id), _layout.used_label(entry.key_id)):
-                found += list(s.get_objects({Attribute.CLASS: ObjectClass.DATA,
-                                             Attribute.LABEL: label.decode()}))
-        return found
+        """Every object of a layout 1 key (found by its CKA_ID, the key ID)."""
+        return list(s.get_objects({Attribute.ID: entry.object_id}))
 
     def delete(self, kid: KeyID) -> None:
-        """Destroy every object of key ``kid``. Raises NotFound (not in the
-        index), Unavailable."""
+        """Destroy every object of key ``kid``: first its metadata, so that
+        a crash afterwards leaves a key pair without metadata, which no
+        listing takes for a key and the sweep removes; then the pair and
+        its certificates. Raises NotFound (not in the index), Unavailable."""
         entry = self._keys.get(kid)
         if entry is None:
             raise NotFound(f"no key {kid} on token {self.name}")
+        module = self._slot.module
+        certificates = {_p11.CKA_CLASS: _p11.ulong(_p11.CKO_CERTIFICATE),
+                        _p11.CKA_ID: entry.object_id}
 
         def destroy(s: Any) -> None:
-            for obj in self._objects(s, entry):
-                obj.destroy()
+            self.before_write(s)
+            try:
+                if entry.layout == 1:
+                    for obj in self._objects(s, entry):
+                        obj.destroy()
+                    return
+                for handle in (entry.meta_handle, *entry.marks, entry.handle,
+                               entry.public_handle):
+                    if handle:
+                        self._destroy(s, handle)
+                for handle in module.find_objects(s.handle, certificates):
+                    self._destroy(s, handle)
+            finally:
+                self.after_write()
 
-        self._health.run("key deletion", destroy, self._slot.locks.searches.shared)
+        self._health.run("key deletion", destroy, self._slot.locks.searches.exclusive)
         with self._lock:
             self._keys.pop(kid, None)
             self._made.pop(kid, None)
@@ -253,10 +426,12 @@ class KeyStore:
 
     def mark_used(self, kid: KeyID) -> None:
         """Record on the token that the key has signed (Notary's reuse rule):
-        a new "has signed" object in layout 2, a rewritten label in layout 1.
-        Once: a key whose indexed entry says used costs a dict lookup; threads
-        signing a new key together write one object, and a "has signed"
-        object another process wrote is not written again."""
+        its metadata rewritten with "used" in layout 2, a rewritten label in
+        layout 1. Once: a key whose indexed entry says used costs a dict
+        lookup; threads signing a new key together write one object.
+
+        Raises ResourceExhausted (no room on the token for the new metadata
+        object), Unavailable: the caller must then withhold the signature."""
         entry = self._keys.get(kid)
         if entry is None or entry.used:
             return
@@ -264,12 +439,11 @@ class KeyStore:
             entry = self._keys.get(kid)
             if entry is None or entry.used:
                 return
-            self._write_used(entry)
+            marked = self._write_used(entry)
             with self._lock:
-                self._keys[kid] = replace(entry, used=True)
+                self._keys[kid] = marked
 
-    def _write_used(self, entry: KeyEntry) -> None:
-        kid = entry.key_id
+    def _write_used(self, entry: KeyEntry) -> KeyEntry:
         if entry.layout == 1:
             label = _layout.v1_label(entry.algorithm, entry.gun, entry.role, used=True)
 
@@ -278,24 +452,38 @@ class KeyStore:
                     obj[Attribute.LABEL] = label.decode()
 
             self._health.run("key relabel", relabel, self._relabelling)
-        else:
-            def record(s: Any) -> None:
-                self.sync_index(s)
-                if list(s.get_objects({Attribute.CLASS: ObjectClass.DATA,
-                                       Attribute.LABEL: _layout.used_label(kid).decode()})):
-                    return  # another process recorded it
-                s.create_object({
-                    Attribute.CLASS: ObjectClass.DATA,
-                    Attribute.TOKEN: True,
-                    Attribute.PRIVATE: self._slot.profile.private_data,
-                    Attribute.LABEL: _layout.used_label(kid).decode(),
-                    Attribute.APPLICATION: _layout.APPLICATION.decode(),
-                    Attribute.VALUE: b"1",
-                })
+            return replace(entry, used=True)
+        meta = replace(entry.meta or _layout.KeyMeta(entry.algorithm, entry.gun, entry.role,
+                                                     entry.key_id, entry.object_id), used=True)
 
-            # A new object: no search may read it half-written (see _ObjectLocks).
-            self._health.run("recording a key's first signature", record,
-                             self._slot.locks.searches.exclusive)
+        def record(s: Any) -> KeyEntry:
+            self.before_write(s)
+            try:
+                try:  # the new metadata first: a crash leaves two, never none
+                    made = s.create_object({
+                        Attribute.CLASS: ObjectClass.DATA,
+                        Attribute.TOKEN: True,
+                        Attribute.PRIVATE: self._slot.profile.private_data,
+                        Attribute.LABEL: _layout.meta_label(entry.key_id).decode(),
+                        Attribute.APPLICATION: _layout.APPLICATION.decode(),
+                        Attribute.VALUE: _layout.meta_value(meta),
+                    })
+                except (pkcs11.PKCS11Error, _p11.P11Error) as e:
+                    error = _keygen.full(e, self.name, "recording that a key has signed")
+                    if error is not None:
+                        raise error from None
+                    raise
+                for handle in (entry.meta_handle, *entry.marks):
+                    if handle:
+                        self._destroy(s, handle)
+            finally:
+                self.after_write()
+            return replace(entry, used=True, meta_handle=made.handle, marks=(), meta=meta)
+
+        # A new object: no search may read it half-written (see _ObjectLocks).
+        marked: KeyEntry = self._health.run("recording a key's first signature", record,
+                                            self._slot.locks.searches.exclusive)
+        return marked
 
     def sign(self, kid: KeyID, mechanism: _p11.Mechanism, data: bytes, max_len: int) -> bytes:
         """Sign ``data`` with the indexed handle of key ``kid`` on a pooled

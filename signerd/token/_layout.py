@@ -12,22 +12,34 @@ an extra "meta" object per key).
 
 **Layout 2** fits the strictest token in scope:
 
-- the key pair: ``CKA_ID`` = 2 random bytes, unique among the token's keys;
-  ``CKA_LABEL`` = ``signerd:<algorithm>`` (at most 40 bytes). Both are set in
-  the generation templates, identical on the public and the private half,
-  since a YubiHSM cannot change them afterwards without meta objects.
+- the key pair: ``CKA_ID`` = random bytes, as many as the token's profile
+  says (:attr:`signerd.token.profiles.Profile.id_bytes`: 16, so that no
+  search for a free one is needed; 2 on a YubiHSM, whose module maps
+  ``CKA_ID`` to its 16-bit object ID); ``CKA_LABEL`` = ``signerd:<algorithm>``
+  (at most 40 bytes). Both are set in the generation templates, identical on
+  the public and the private half, since a YubiHSM cannot change them
+  afterwards without meta objects.
 - its metadata: one ``CKO_DATA`` object labelled ``signerd:`` + the first 32
   hex digits of the key ID (so a key is found by its ID with one search),
   with ``CKA_APPLICATION`` = ``signerd`` and ``CKA_VALUE`` = compact JSON
   ``{"alg","gun","id","kid","role","signerd":2}``, where ``id`` is the key
-  pair's CKA_ID in hex. A data object has no ``CKA_ID`` in PKCS#11 (v2.40
-  §4.5; SoftHSM refuses one), so the tie is the key ID in the label and the
-  CKA_ID in the value. It is public (``CKA_PRIVATE`` false): YubiHSM's module
-  refuses private data objects, and a GUN and role are no secret.
-- "has signed" (Notary's key reuse rule) is a second ``CKO_DATA`` object,
-  made once and never rewritten, labelled ``signerd-used:`` + 27 hex digits
-  of the key ID. Making one object is atomic on every token; rewriting one
-  is not possible on a YubiHSM.
+  pair's CKA_ID in hex, plus ``"used":true`` once the key has signed
+  (Notary's key reuse rule). Fields this version does not know are kept as
+  read and written back when the object is rewritten. A data object has no
+  ``CKA_ID`` in PKCS#11 (v2.40 §4.5; SoftHSM refuses one), so the tie is the
+  key ID in the label and the CKA_ID in the value. It is public
+  (``CKA_PRIVATE`` false) except where the profile says otherwise:
+  YubiHSM's module refuses private data objects, and a GUN and role are no
+  secret.
+- "has signed" is recorded by writing a new metadata object with
+  ``"used":true``, then destroying the old one: a YubiHSM cannot rewrite an
+  object, and making one is atomic on every token. A crash in between leaves
+  two metadata objects for one key; a key is used if any says so, and the
+  sweep (:mod:`signerd.token._sweep`) removes the extra one. So a key costs
+  two objects on the token (three for a moment while it is marked, four
+  with a certificate). Tokens written before kept "has signed" in an object
+  of its own, labelled ``signerd-used:`` + 27 hex digits of the key ID; it
+  is still read, and deleted with its key.
 
 A key's X.509 certificate (``signerctl keys certify``) is where other
 PKCS#11 clients look for it (v2.40 §4.6): one ``CKO_CERTIFICATE`` object of
@@ -36,7 +48,10 @@ certificate, ``CKA_SUBJECT``, ``CKA_ISSUER`` and ``CKA_SERIAL_NUMBER`` (DER,
 as the certificate has them), labelled ``signerd-cert:`` + 27 hex digits of
 the key ID, and public (``CKA_PRIVATE`` false): YubiHSM's module stores it as
 an opaque X.509 object and refuses private ones, and tpm2-pkcs11 refuses
-private certificates too. Certifying a key again replaces the object.
+private certificates too. Certifying a key again writes the new object
+before destroying the old one, so a crash leaves the key with one of them
+(except on a YubiHSM, which keeps one object per ID and type: there the old
+one goes first).
 
 The key ID is never trusted from the token: it is computed from the public
 key (:func:`signerd.keys.key_id`) and must match what the metadata says; a
@@ -92,6 +107,10 @@ class KeyMeta:
     role: str
     key_id: KeyID | None = None  # layout 2 records it; layout 1's CKA_ID is it
     object_id: bytes = b""  # layout 2: the key pair's CKA_ID
+    used: bool = False  # layout 2: the metadata says the key has signed
+    # Fields of the metadata this version does not know, as read (name, JSON
+    # value): written back unchanged when the metadata is rewritten.
+    extra: tuple[tuple[str, Any], ...] = ()
 
 
 # -- layout 1 (read, and relabelled when a key first signs) -----------------
@@ -151,12 +170,18 @@ def used_prefix(label: bytes | None) -> str | None:
     return text[len(_USED_PREFIX):] if text.startswith(_USED_PREFIX) else None
 
 
+_META_FIELDS = frozenset({"signerd", "alg", "gun", "role", "kid", "id", "used"})
+
+
 def meta_value(meta: KeyMeta) -> bytes:
-    """CKA_VALUE of a metadata object."""
-    return json.dumps(
-        {"signerd": 2, "alg": meta.algorithm.name, "gun": meta.gun, "role": meta.role,
-         "kid": meta.key_id, "id": meta.object_id.hex()}, separators=(",", ":"), sort_keys=True,
-    ).encode()
+    """CKA_VALUE of a metadata object (``"used"`` only once the key has
+    signed, and the fields this version does not know as they were read)."""
+    doc: dict[str, Any] = dict(meta.extra)
+    doc.update({"signerd": 2, "alg": meta.algorithm.name, "gun": meta.gun, "role": meta.role,
+                "kid": meta.key_id, "id": meta.object_id.hex()})
+    if meta.used:
+        doc["used"] = True
+    return json.dumps(doc, separators=(",", ":"), sort_keys=True).encode()
 
 
 def parse_meta_value(value: bytes | None) -> KeyMeta | None:
@@ -174,13 +199,19 @@ def parse_meta_value(value: bytes | None) -> KeyMeta | None:
         raw_id = bytes.fromhex(object_id)
     except ValueError:
         return None
-    return KeyMeta(alg, meta["gun"], meta["role"], KeyID(kid), raw_id)
+    extra = tuple(sorted((k, v) for k, v in meta.items() if k not in _META_FIELDS))
+    return KeyMeta(alg, meta["gun"], meta["role"], KeyID(kid), raw_id,
+                   meta.get("used") is True, extra)
 
 
-def new_object_id() -> bytes:
-    """A random 2-byte CKA_ID for a key pair (never 0, which YubiHSM reads as
-    "pick one")."""
-    return (secrets.randbelow(0xFFFF) + 1).to_bytes(2, "big")
+def new_object_id(size: int = 2) -> bytes:
+    """A random CKA_ID of ``size`` bytes for a key pair (never all zero,
+    which YubiHSM reads as "pick one"). Two bytes is what a YubiHSM takes;
+    sixteen are enough for no two keys ever to draw the same."""
+    while True:
+        candidate = secrets.token_bytes(size)
+        if any(candidate) and len(candidate) != 32:  # 32 bytes would read as layout 1
+            return candidate
 
 
 def _json_object(raw: bytes | None) -> dict[str, Any] | None:

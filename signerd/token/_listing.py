@@ -29,7 +29,12 @@ class KeyEntry:
 
     ``spki_der`` is the DER SubjectPublicKeyInfo; ``handle`` the private key's
     object handle, valid in every session of the process; ``object_id`` its
-    CKA_ID (2 bytes in layout 2, the 32-byte key ID in layout 1)."""
+    CKA_ID (2 or 16 bytes in layout 2, the 32-byte key ID in layout 1).
+    ``public_handle`` and ``meta_handle`` are the public key's and the
+    metadata object's handles, and ``marks`` those of the key's other
+    objects (a legacy "has signed" object, a second metadata object left by
+    a crash), so that the key is marked used and deleted with no search
+    (0 and () where unknown). ``meta`` is its layout 2 metadata as read."""
 
     key_id: KeyID
     algorithm: Algorithm
@@ -41,6 +46,10 @@ class KeyEntry:
     handle: int
     object_id: bytes = b""
     layout: int = 2
+    public_handle: int = 0
+    meta_handle: int = 0
+    marks: tuple[int, ...] = ()
+    meta: _layout.KeyMeta | None = None
 
     @property
     def tuf_public(self) -> bytes:
@@ -70,8 +79,8 @@ def read_keys(module: _p11.Module, profile: Profile, token: str, s: Any,
         raise _p11.P11Error("C_GetSessionInfo", _p11.CKR_USER_NOT_LOGGED_IN)
     data_class = {_p11.CKA_CLASS: _p11.ulong(_p11.CKO_DATA)}
     read_data = m.attribute_reader({_p11.CKA_LABEL: 40, _p11.CKA_VALUE: 512}).read
-    metas: dict[KeyID, _layout.KeyMeta] = {}
-    used: set[str] = set()
+    metas: dict[KeyID, list[tuple[int, _layout.KeyMeta]]] = {}
+    used: dict[str, list[int]] = {}
 
     def read_data_objects(template: dict[int, bytes]) -> None:
         for handle in m.find_objects(h, {**data_class, **template}):
@@ -79,9 +88,9 @@ def read_keys(module: _p11.Module, profile: Profile, token: str, s: Any,
             prefix = _layout.used_prefix(attrs[_p11.CKA_LABEL])
             meta = _layout.parse_meta_value(attrs[_p11.CKA_VALUE])
             if prefix is not None:
-                used.add(prefix)
+                used.setdefault(prefix, []).append(handle)
             elif meta is not None and meta.key_id is not None:
-                metas[meta.key_id] = meta
+                metas.setdefault(meta.key_id, []).append((handle, meta))
 
     if only is None:
         scopes: list[dict[int, bytes]] = [{}]
@@ -94,12 +103,12 @@ def read_keys(module: _p11.Module, profile: Profile, token: str, s: Any,
         read_data_objects({_p11.CKA_LABEL: _layout.meta_label(only)})
         if metas:
             read_data_objects({_p11.CKA_LABEL: _layout.used_label(only)})
-            ids = [meta.object_id for meta in metas.values()]
+            ids = [meta.object_id for found in metas.values() for _, meta in found]
         else:
             ids = [bytes.fromhex(only)]
         scopes = [{_p11.CKA_ID: i} for i in ids if i]
     privates: dict[bytes, tuple[int, bytes | None]] = {}
-    publics: dict[bytes, dict[int, bytes | None]] = {}
+    publics: dict[bytes, tuple[int, dict[int, bytes | None]]] = {}
     read_priv = m.attribute_reader({_p11.CKA_ID: 32, _p11.CKA_LABEL: 128}).read
     # Ask every public key for EC and RSA material at once: the attributes
     # a key does not have come back as None, and a second call would cost
@@ -126,7 +135,7 @@ def read_keys(module: _p11.Module, profile: Profile, token: str, s: Any,
                     continue
                 pub.update(material(m, h, handle, alg))
             if pub[_p11.CKA_ID] in privates:
-                publics[pub[_p11.CKA_ID] or b""] = pub
+                publics[pub[_p11.CKA_ID] or b""] = (handle, pub)
     if not answers(s):
         raise _p11.P11Error("C_GetTokenInfo", _p11.CKR_DEVICE_REMOVED)
     keys: dict[KeyID, KeyEntry] = {}
@@ -148,14 +157,16 @@ def material(module: _p11.Module, session: int, handle: int,
 
 
 def _entry(token: str, object_id: bytes, private: int, label: bytes | None,
-           pub: dict[int, bytes | None] | None, metas: dict[KeyID, _layout.KeyMeta],
-           used: set[str]) -> KeyEntry | None:
+           public: tuple[int, dict[int, bytes | None]] | None,
+           metas: dict[KeyID, list[tuple[int, _layout.KeyMeta]]],
+           used: dict[str, list[int]]) -> KeyEntry | None:
     """The KeyEntry of one key pair read off the token, or None when it
     is not a well-formed signerd key (with a warning if it claims to be)."""
     v1 = _layout.parse_v1_label(label) if len(object_id) == 32 else None
     alg = v1[0].algorithm if v1 is not None else _layout.parse_key_label(label)
-    if alg is None or pub is None:
+    if alg is None or public is None:
         return None  # not signerd's, or half a key pair
+    public_handle, pub = public
     try:
         spki = _layout.spki(alg, pub[_p11.CKA_EC_POINT], pub[_p11.CKA_MODULUS],
                             pub[_p11.CKA_PUBLIC_EXPONENT])
@@ -168,13 +179,20 @@ def _entry(token: str, object_id: bytes, private: int, label: bytes | None,
         if bytes.fromhex(kid) == object_id:
             meta = v1[0]
             return KeyEntry(kid, alg, meta.gun, meta.role, token, spki, v1[1],
-                            private, object_id, 1)
+                            private, object_id, 1, public_handle)
     else:
-        found = metas.get(kid)
-        if found is not None and found.object_id == object_id and found.algorithm == alg:
-            return KeyEntry(kid, alg, found.gun, found.role, token, spki,
-                            kid[:_layout.USED_KID_HEX] in used, private, object_id, 2)
-        if found is None:
+        mine = [(handle, meta) for handle, meta in metas.get(kid, ())
+                if meta.object_id == object_id and meta.algorithm == alg]
+        if mine:
+            # Several metadata objects: a crash while the key was marked used.
+            # The one that says "used" wins; the others are the key's too.
+            mine.sort(key=lambda found: not found[1].used)
+            (meta_handle, meta), rest = mine[0], mine[1:]
+            legacy = used.get(kid[:_layout.USED_KID_HEX], [])
+            return KeyEntry(kid, alg, meta.gun, meta.role, token, spki,
+                            meta.used or bool(legacy), private, object_id, 2, public_handle,
+                            meta_handle, tuple(h for h, _ in rest) + tuple(legacy), meta)
+        if kid not in metas:
             return None  # generation under way in another process, or abandoned
     log.warning("skipping a key whose public key does not match its metadata",
                 extra={"fields": {"token": token, "cka_id": object_id.hex()}})

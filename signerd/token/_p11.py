@@ -313,6 +313,7 @@ _C_GetAttributeValue = ctypes.CFUNCTYPE(CK_RV, CK_ULONG, CK_ULONG, _P(_Attribute
 _C_FindObjectsInit = ctypes.CFUNCTYPE(CK_RV, CK_ULONG, _P(_Attribute), CK_ULONG)
 _C_FindObjects = ctypes.CFUNCTYPE(CK_RV, CK_ULONG, _ULONG_P, CK_ULONG, _ULONG_P)
 _C_FindObjectsFinal = ctypes.CFUNCTYPE(CK_RV, CK_ULONG)
+_C_DestroyObject = ctypes.CFUNCTYPE(CK_RV, CK_ULONG, CK_ULONG)
 
 
 @dataclass(frozen=True)
@@ -363,6 +364,7 @@ class Module:
         self._find_init = _C_FindObjectsInit(fl.C_FindObjectsInit)
         self._find = _C_FindObjects(fl.C_FindObjects)
         self._find_final = _C_FindObjectsFinal(fl.C_FindObjectsFinal)
+        self._destroy = _C_DestroyObject(fl.C_DestroyObject)
 
     def initialize(self) -> None:
         args = _InitArgs(None, None, None, None, CKF_OS_LOCKING_OK, None)
@@ -485,6 +487,13 @@ class Module:
                     return found
         finally:
             self._find_final(session)  # must end the search even after an error
+
+    def destroy(self, session: int, handle: int) -> None:
+        """C_DestroyObject: objects are destroyed by the handles the key
+        index keeps, with no search. Raises P11Error."""
+        rv = self._destroy(session, handle)
+        if rv != CKR_OK:
+            raise P11Error("C_DestroyObject", rv)
 
     def attribute_reader(self, sizes: dict[int, int]) -> AttributeReader:
         """A reader of the attributes ``sizes`` names (type -> expected size)."""

@@ -18,6 +18,7 @@ from signerd.token._listing import KeyEntry
 from signerd.token._modules import MODULES
 from signerd.token._pool import SessionPool
 from signerd.token._slot import Slot
+from signerd.token._sweep import Junk
 from signerd.token.profiles import Profile
 
 if TYPE_CHECKING:  # annotations only: signerd.config imports signerd.token.profiles
@@ -224,6 +225,15 @@ class Token:
     def refresh(self) -> None:
         """Re-read the keys from the token (:meth:`KeyStore.refresh`)."""
         self._keys.refresh()
+
+    def sweep(self, remove: bool = False, grace: float = 2.0) -> tuple[list[Junk], int]:
+        """Objects that belong to no key, and how many were removed
+        (:meth:`KeyStore.sweep`)."""
+        return self._keys.sweep(remove, grace)
+
+    def report_junk(self) -> None:
+        """Log the objects that belong to no key (the start-up sweep)."""
+        self._keys.report_junk()
 
     def check_algorithm(self, alg: Algorithm) -> None:
         """Raise FailedPrecondition unless the token can create ``alg`` keys."""

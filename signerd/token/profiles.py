@@ -26,6 +26,9 @@ CKM_ECDSA = 0x1041
 CKM_EC_EDWARDS_KEY_PAIR_GEN = 0x1055
 CKM_EDDSA = 0x1057
 
+# CKA_EC_PARAMS naming Ed25519 as a DER PrintableString (PKCS#11 v3.0 §2.3.10)
+ED25519_NAME = bytes.fromhex("130c656477617264733235353139")  # "edwards25519"
+
 
 @dataclass(frozen=True)
 class Profile:
@@ -65,6 +68,29 @@ class Profile:
       so the health probe asks the device for random bytes instead
       (tpm2-pkcs11: TPM2_GetRandom; it fails at once when the TPM is gone;
       yubihsm_pkcs11: GET PSEUDO RANDOM on the device).
+    - ``sets_unwrap``: a private key template may say ``CKA_UNWRAP`` false.
+      yubihsm_pkcs11 2.6 takes any CKA_UNWRAP in a key pair template as a
+      request for a wrap key (GENERATE WRAP KEY, 0x5B, instead of GENERATE
+      ASYMMETRIC KEY), so for it the attribute is left out; its keys never
+      unwrap anyway (signerd delegates no unwrap capability).
+    - ``ed25519_params``: the CKA_EC_PARAMS that name Ed25519 to the module.
+      PKCS#11 v3.0 §2.3.10 allows the OID (RFC 8410 §3) or the
+      PrintableString "edwards25519"; yubihsm_pkcs11 2.6 takes only the
+      latter (CKR_CURVE_NOT_SUPPORTED otherwise; yubihsm-shell issues 75,
+      270), SoftHSM either.
+    - ``id_bytes``: bytes of a new key pair's random CKA_ID. 16 where the
+      token takes any length: a collision among 2**64 keys is a chance of
+      one in 2**65, so no search for a free ID is needed. 2 for a YubiHSM,
+      whose module maps CKA_ID to the 16-bit object ID (a longer one costs
+      a hidden meta object per key); there a free ID is searched (at most
+      256 objects, listed by the device) and the device itself refuses a
+      taken one.
+    - ``generation_file``: the token keeps a generation counter in a file
+      that a write bumps without re-reading the directory (SoftHSM's file
+      store, Generation::commit): a write after another process's write
+      would leave that process's objects invisible here, so the key store
+      searches once before writing, but only when the counter moved since
+      its own last look (:mod:`signerd.token._softhsm`).
     """
 
     name: str
@@ -78,6 +104,10 @@ class Profile:
     reads_mixed_attributes: bool = False
     probe_random: bool = False
     signs_in_process: bool = False
+    sets_unwrap: bool = True
+    ed25519_params: bytes = bytes.fromhex("06032b6570")  # the OID 1.3.101.112
+    id_bytes: int = 16
+    generation_file: bool = False
 
 
 PROFILES: dict[str, Profile] = {
@@ -85,7 +115,7 @@ PROFILES: dict[str, Profile] = {
     for p in (
         Profile("generic"),
         Profile("softhsm", modules=("softhsm",), manufacturers=("SoftHSM",),
-                reads_mixed_attributes=True, signs_in_process=True),
+                reads_mixed_attributes=True, signs_in_process=True, generation_file=True),
         # tpm2-pkcs11 reports the TPM's own vendor and model (swtpm: "IBM",
         # "SW   TPM"), so it is known by its module.
         Profile("tpm", modules=("tpm2_pkcs11",), signs_pss_unlisted=True,
@@ -96,7 +126,8 @@ PROFILES: dict[str, Profile] = {
         # so only GET PSEUDO RANDOM (C_GenerateRandom) tells that the device is gone
         # (found by the conformance suite on Yubico's module, tests/_yubihsm).
         Profile("yubihsm", max_sessions=16, keepalive=20.0, modules=("yubihsm_pkcs11",),
-                manufacturers=("Yubico",), probe_random=True),
+                manufacturers=("Yubico",), probe_random=True, sets_unwrap=False,
+                ed25519_params=ED25519_NAME, id_bytes=2),
     )
 }
 PROFILE_NAMES = tuple(PROFILES)

@@ -1,0 +1,131 @@
+"""Objects on a token that belong to no key: what a process killed in the
+middle of a write leaves (issue 22 §4), found and, on request, removed.
+
+Every write of signerd's is ordered so that what a crash leaves is
+recognisable (:mod:`signerd.token._keygen`, :meth:`KeyStore.delete`,
+:meth:`KeyStore.mark_used`, :meth:`Certificates.store`):
+
+- a private or public key labelled ``signerd:<algorithm>`` that no listed
+  key owns: a key pair whose metadata was never written (CreateKey killed),
+  or was destroyed first (DeleteKey killed), or half a pair;
+- a metadata object (``signerd:`` + key ID) or an old "has signed" object
+  (``signerd-used:``) whose key pair is gone;
+- a certificate labelled ``signerd-cert:`` whose CKA_ID is no key's;
+- on SoftHSM, an empty object file: SoftHSM creates the file, then fills
+  it, and skips an empty one, so no PKCS#11 call can see or remove it.
+
+A second metadata object of a live key (marking it used was killed between
+its two writes) is the key's: listing reads it, and marking or deleting
+the key removes it. So is a second certificate: the reader takes the newest.
+
+Another process may be generating a key right now: its pair exists a few
+milliseconds before its metadata. So removal lists twice, ``grace`` seconds
+apart, and removes only what was junk both times.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from signerd.token import _p11
+from signerd.token._listing import read_keys
+from signerd.token.profiles import Profile
+
+_PREFIXES = (b"signerd:", b"signerd-used:", b"signerd-cert:")
+_CLASSES = {
+    _p11.CKO_PRIVATE_KEY: "private key",
+    _p11.CKO_PUBLIC_KEY: "public key",
+    _p11.CKO_DATA: "data object",
+    _p11.CKO_CERTIFICATE: "certificate",
+}
+
+
+@dataclass(frozen=True)
+class Junk:
+    """One object that belongs to no key: its handle in this process (0
+    for a file), what it is, its label and CKA_ID, and for a file its path."""
+
+    handle: int
+    kind: str
+    label: str
+    object_id: bytes = b""
+    path: Path | None = None
+
+    def __str__(self) -> str:
+        if self.path is not None:
+            return f"{self.kind} {self.path}"
+        where = f" (CKA_ID {self.object_id.hex()})" if self.object_id else ""
+        return f"{self.kind} {self.label!r}{where}"
+
+
+def find_junk(module: _p11.Module, profile: Profile, token: str, s: Any,
+              answers: Callable[[Any], bool],
+              empty_files: Callable[[], list[Path]] = list) -> list[Junk]:
+    """Every object on the token that is signerd's by its label and belongs
+    to no key, through session ``s`` (a pass over the token per object
+    class). ``empty_files`` lists SoftHSM's empty object files. Raises
+    P11Error."""
+    keys = read_keys(module, profile, token, s, answers)
+    owned: set[int] = set()
+    ids: set[bytes] = set()
+    for e in keys.values():
+        owned.update((e.handle, e.public_handle, e.meta_handle, *e.marks))
+        ids.add(e.object_id)
+    h = s.handle
+    read = module.attribute_reader({_p11.CKA_ID: 32, _p11.CKA_LABEL: 64}).read
+    junk: list[Junk] = []
+    for cls, kind in _CLASSES.items():
+        for handle in module.find_objects(h, {_p11.CKA_CLASS: _p11.ulong(cls)}):
+            attrs = read(h, handle)
+            label = attrs[_p11.CKA_LABEL] or b""
+            if not label.startswith(_PREFIXES) or handle in owned:
+                continue
+            object_id = attrs[_p11.CKA_ID] or b""
+            if cls == _p11.CKO_CERTIFICATE:
+                if object_id in ids:
+                    continue
+                kind_of = "certificate of no key"
+            elif cls == _p11.CKO_DATA:
+                kind_of = ("\"has signed\" object of no key"
+                           if label.startswith(b"signerd-used:") else "metadata of no key")
+            else:
+                kind_of = f"{kind} of no key"
+            junk.append(Junk(handle, kind_of, label.decode("ascii", "replace"), object_id))
+    if not answers(s):
+        raise _p11.P11Error("C_GetTokenInfo", _p11.CKR_DEVICE_REMOVED)
+    junk += [Junk(0, "empty SoftHSM object file", p.name, path=p) for p in empty_files()]
+    return junk
+
+
+def remove(module: _p11.Module, s: Any, junk: list[Junk]) -> int:
+    """Destroy each object of ``junk`` (and delete each empty file with its
+    lock file); returns how many went. Raises P11Error."""
+    gone = 0
+    for j in junk:
+        if j.path is not None:
+            for p in (j.path, j.path.with_suffix(".lock")):
+                p.unlink(missing_ok=True)
+            gone += 1
+            continue
+        try:
+            module.destroy(s.handle, j.handle)
+            gone += 1
+        except _p11.P11Error as e:
+            if e.rv not in _p11.HANDLE_LOST:
+                raise
+    return gone
+
+
+def still_junk(first: list[Junk], second: list[Junk]) -> list[Junk]:
+    """What was junk in both of two looks ``grace`` seconds apart."""
+    earlier = {(j.handle, j.kind, j.label, j.path) for j in first}
+    return [j for j in second if (j.handle, j.kind, j.label, j.path) in earlier]
+
+
+def pause(grace: float) -> None:
+    """Wait between the two looks (a key generation elsewhere finishes)."""
+    time.sleep(grace)

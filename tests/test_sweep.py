@@ -1,0 +1,72 @@
+"""Issue 22 §4: a process killed (SIGKILL) at random points of CreateKey,
+the first signature's "used" mark, certify (twice: re-certifying) and
+DeleteKey leaves only what the sweep recognises: ``signerd sweep`` reports
+it, ``--remove`` removes it, and every key still listed signs.
+
+Real SoftHSM tokens in a directory of their own, written by real processes
+killed by the kernel; nothing is mocked.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tests.conftest import HSM, make_hsm
+
+ROOT = Path(__file__).resolve().parents[1]
+SIGNERD = [sys.executable, "-m", "signerd.daemon"]
+
+
+def _config(hsm_dir: Path, h: HSM) -> Path:
+    cfg = hsm_dir / "signerd.toml"
+    cfg.write_text(
+        f'[environment]\nSOFTHSM2_CONF = "{h.conf}"\n\n'
+        f'[[tokens]]\nname = "online"\nmodule = "{h.module}"\n'
+        f'uri = "pkcs11:token=test-online"\npin_file = "{h.pins["online"]}"\n')
+    return cfg
+
+
+def _loop(h: HSM, mode: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "tests._crashloop", str(h.conf), h.module,
+         "test-online", str(h.pins["online"]), mode],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+def test_sigkill_at_random_points_leaves_only_what_the_sweep_removes(tmp_path: Path) -> None:
+    hsm = make_hsm(tmp_path / "hsm")
+    cfg = _config(tmp_path, hsm)
+    rng = random.Random()
+    kills = 0
+    for _ in range(12):
+        proc = _loop(hsm, "churn")
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "ready", proc.stderr.read() if proc.stderr else ""
+        time.sleep(rng.uniform(0.05, 0.6))  # somewhere inside a write, or between two
+        proc.kill()
+        proc.wait(10)
+        kills += 1
+    report = subprocess.run([*SIGNERD, "sweep", "--config", str(cfg)], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert report.returncode in (0, 1), report.stderr
+    assert report.stdout.strip().endswith("belong to no key" if report.returncode == 0 else
+                                          "`signerd sweep --remove` removes them"), report.stdout
+    removed = subprocess.run([*SIGNERD, "sweep", "--remove", "--grace", "0.2",
+                              "--config", str(cfg)], cwd=ROOT, capture_output=True, text=True,
+                             timeout=120)
+    assert removed.returncode == 0, removed.stdout + removed.stderr
+    again = subprocess.run([*SIGNERD, "sweep", "--config", str(cfg)], cwd=ROOT,
+                           capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0 and again.stdout.strip() == \
+        "online: 0 object(s) belong to no key", again.stdout + again.stderr
+    check = _loop(hsm, "check")
+    out, err = check.communicate(timeout=120)
+    assert check.returncode == 0, err
+    assert int(out.strip()) >= 0
+    print(f"{kills} kills; sweep found:\n{report.stdout}")
