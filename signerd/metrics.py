@@ -258,7 +258,17 @@ class HttpListener:
         try:
             reader, writer = await asyncio.open_connection(sock=conn, limit=_MAX_HEAD)
             try:
-                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), self._timeout)
+                first = await asyncio.wait_for(reader.readexactly(1), self._timeout)
+                if not first.isalpha():  # no HTTP method: a TLS ClientHello, say
+                    # Answer at once, as http.server does a bad request line: a client
+                    # that dialled this port for gRPC learns it is not TLS (signerctl
+                    # says so) instead of waiting out the read timeout.
+                    HTTP_REFUSED.labels("bad").inc()
+                    writer.write(self._response(400, {"error": "bad request"}, head=False))
+                    await asyncio.wait_for(writer.drain(), self._timeout)
+                    return
+                head = first + await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"),
+                                                      self._timeout)
             except TimeoutError:
                 HTTP_REFUSED.labels("slow").inc()
                 return

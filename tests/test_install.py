@@ -4,8 +4,9 @@
 ``notary`` package: tests/test_bench.py ran /usr/bin/notary-signer where it
 existed, and nothing installed it. This guard finds the kind of gap, not that
 one instance: it collects the string literals in signerd/, tests/ and bench/
-that name a program (the first element of an argv list, an argument of
-``which``/``tool``, a ``*PROGRAMS*`` tuple) or a file under /usr, keeps those
+that name a program (the first element of an argv list given to a process
+runner or named like one, an argument of ``which``/``tool``, a ``*PROGRAMS*``
+tuple) or a file under /usr, keeps those
 that exist on this machine (``shutil.which``, or the path itself), asks dpkg
 which package ships it, and fails unless that package is one that every Debian
 system has (Essential or Priority required), one that `./dev.sh packages
@@ -33,21 +34,43 @@ SOURCES = ("signerd", "tests", "bench")
 NOT_PROGRAMS = frozenset({"", ".", "..", "-"})
 
 
+_RUNNERS = frozenset({"run", "Popen", "check_output", "check_call", "call", "_run", "run_cmd",
+                      "execvp", "execv", "spawn", "spawn_daemon"})
+
+
+def _name_of(node: ast.AST) -> str:
+    if isinstance(node, ast.Attribute):
+        return node.attr
+    return node.id if isinstance(node, ast.Name) else ""
+
+
 def _program_position(node: ast.AST, parent: ast.AST | None, grand: ast.AST | None) -> bool:
-    """Whether a str constant stands where a program is named: the first element of an
-    argv list or tuple (after any ``*prefix``), an argument of ``which(...)`` or
-    ``tool(...)``, or an element of a ``*PROGRAMS*`` tuple."""
-    if isinstance(parent, (ast.List, ast.Tuple)):
-        first = next((e for e in parent.elts if not isinstance(e, ast.Starred)), None)
-        if first is node:
-            return True
-        return isinstance(grand, ast.Assign) and any(
-            isinstance(t, ast.Name) and "PROGRAM" in t.id for t in grand.targets)
+    """Whether a str constant stands where a program is named: the first element
+    (after any ``*prefix``) of an argv list or tuple that is passed to a process
+    runner (``subprocess.run([...])``) or assigned to an argv-like or constant
+    name (``cmd = [...]``, ``DIE_WITH_PARENT = (...)``); an argument of
+    ``which(...)``, ``tool(...)`` or ``program(...)``; or any element of a
+    ``*PROGRAMS*`` tuple. Lists and tuples of other data (``for d in ("opt",
+    ...)``) are not argv."""
     if isinstance(parent, ast.Call):
-        func = parent.func
-        name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
-        return name in {"which", "tool", "program"}
-    return False
+        return _name_of(parent.func) in {"which", "tool", "program"}
+    if not isinstance(parent, (ast.List, ast.Tuple)):
+        return False
+    targets: list[ast.expr] = []
+    if isinstance(grand, ast.Assign):
+        targets = list(grand.targets)
+    elif isinstance(grand, ast.AnnAssign):
+        targets = [grand.target]
+    names = [_name_of(t) for t in targets]
+    if any("PROGRAM" in n for n in names):
+        return True
+    first = next((e for e in parent.elts if not isinstance(e, ast.Starred)), None)
+    if first is not node:
+        return False
+    if isinstance(grand, ast.Call) and parent in grand.args:
+        return _name_of(grand.func) in _RUNNERS
+    return any(n.isupper() or any(w in n.lower() for w in ("cmd", "argv", "command"))
+               for n in names)
 
 
 def _literals() -> dict[str, set[str]]:
