@@ -437,6 +437,7 @@ def register(sub: Any) -> None:
     cmds = group.add_subparsers(dest="trust_cmd", required=True)
 
     p = command(cmds, "init", cmd_init, "create a repository's trust data", notary)
+    p.set_defaults(creates_keys=True)  # a Ctrl-C finishes first: signerd.cli._interrupt
     p.add_argument("gun")
     p.add_argument("--root-key", metavar="KEYID", help="use this root key instead of a new one")
     p.add_argument(
@@ -488,6 +489,7 @@ def register(sub: Any) -> None:
     p.add_argument("role", metavar="targets/NAME")
 
     p = command(cmds, "rotate", cmd_rotate, "replace the key of a role", notary)
+    p.set_defaults(creates_keys=True)
     p.add_argument("gun")
     p.add_argument(
         "role", metavar="ROLE", help="root, targets, targets/NAME, snapshot or timestamp"
