@@ -31,6 +31,7 @@ from signerd.cli import trust as trust_cli
 from signerd.cli._util import (
     CliError,
     CliParser,
+    UsageError,
     add_client_options,
     client_config,
     connect,
@@ -576,6 +577,10 @@ def _run(args: argparse.Namespace) -> int:
         print(f"signerctl: {one_line(rpc_error_line(name, detail or '', server))}",
               file=sys.stderr)
         return 1
+    except UsageError as e:  # as signerd.ArgumentParser.error words one
+        prog = getattr(args, "usage_prog", "signerctl")
+        print(f"{prog}: {one_line(str(e))} (see '{prog} --help')", file=sys.stderr)
+        return 2
     except (CliError, SignerdError, ConfigError) as e:
         print(f"signerctl: {one_line(str(e))}", file=sys.stderr)
         return 1
