@@ -3,7 +3,7 @@
 The first half drives AuditLog directly: names, the rotation record, size
 rotation, crash recovery, and verify_files naming a missing, reordered,
 truncated or edited file. The second half rotates a real daemon's log under
-concurrent signing, by size and by SIGHUP, with one process and with two
+concurrent signing, by size and by SIGUSR1, with one process and with two
 workers, and checks the whole sequence with ``signerctl audit verify``.
 """
 
@@ -39,7 +39,7 @@ from signerd.audit import (
 from signerd.client import Client, ClientConfig
 from signerd.config import parse_config
 from signerd.errors import ConfigError, Unavailable
-from tests.conftest import HSM, PKI, daemon_config, spawn_daemon, unique_gun, write_toml
+from tests.conftest import ADMIN, HSM, PKI, daemon_config, spawn_daemon, unique_gun, write_toml
 
 ROTATED = re.compile(r"^audit\.log\.(\d{8}T\d{6})Z$")
 
@@ -235,11 +235,11 @@ def test_a_line_that_cannot_be_written_after_a_rename_fails_closed(log_path: Pat
 # -- renamed by another program (logrotate without copytruncate)
 
 
-def test_sighup_after_an_external_rename_does_not_rotate_twice(log_path: Path) -> None:
+def test_sigusr1_after_an_external_rename_does_not_rotate_twice(log_path: Path) -> None:
     moved = log_path.with_name("audit.log.20200101T000000Z")
     with AuditLog(log_path) as log:
         log.write(record(1))
-        log_path.rename(moved)  # logrotate: rename, nocreate, then postrotate kill -HUP
+        log_path.rename(moved)  # logrotate: rename, nocreate, then postrotate SIGUSR1
         assert log.rotate() is None  # the chain continues in a new file at the path
         log.write(record(2))
     assert rotated_files(log_path) == [moved]
@@ -480,12 +480,12 @@ def test_rotation_under_load_keeps_one_chain(hsm: HSM, certs: PKI, tmp_path: Pat
         with _client(certs, port) as c:
             key = c.create_key(unique_gun(), "targets").key_id
 
-        def hangups() -> None:
+        def rotations() -> None:
             for _ in range(4):
                 time.sleep(0.4)
-                proc.proc.send_signal(signal.SIGHUP)
+                proc.proc.send_signal(signal.SIGUSR1)
 
-        signed, failed = _load(certs, port, key, 2.5, 8, hangups)
+        signed, failed = _load(certs, port, key, 2.5, 8, rotations)
     finally:
         assert proc.stop() == 0
     assert failed == 0 and signed > 200
@@ -506,7 +506,73 @@ def test_rotation_under_load_keeps_one_chain(hsm: HSM, certs: PKI, tmp_path: Pat
                 elif doc.get("operation") == "sign":
                     sign_lines += doc["status"] == "OK"
     assert sign_lines == signed  # every signature has its line, across all the files
-    assert reasons.get("max_bytes", 0) >= 2 and reasons.get("sighup", 0) >= 1, reasons
+    assert reasons.get("max_bytes", 0) >= 2 and reasons.get("sigusr1", 0) >= 1, reasons
+
+
+SEPARATE_POLICY = f"""
+[[rule]]
+name = "admin"
+identities = ["{ADMIN}"]
+operations = ["create", "read", "sign", "delete"]
+"""
+
+
+@pytest.mark.parametrize("workers", [1, 2], ids=["one-process", "two-workers"])
+def test_sighup_reloads_the_policy_only_and_sigusr1_rotates_the_log_only(
+        hsm: HSM, certs: PKI, tmp_path: Path, workers: int) -> None:
+    """Regression (issue 21 §7): every SIGHUP, meant to reload the policy, also
+    rotated the audit log. Now SIGHUP reloads the policy and leaves the log
+    whole; SIGUSR1 rotates the log (every worker's) and leaves the policy."""
+    data = daemon_config(hsm, certs, tmp_path, server={"workers": workers})
+    cfg = write_toml(tmp_path / "signerd.toml", data)
+    policy = Path(data["policy"]["file"])
+    if not policy.is_absolute():
+        policy = tmp_path / policy
+    proc = spawn_daemon(cfg, tmp_path)
+    names = ["audit.log"] if workers == 1 else [f"audit.log.w{i}" for i in range(1, workers + 1)]
+    try:
+        with _client(certs, proc.info["tcp"]) as c:
+            c.create_key(unique_gun(), "targets")
+            # 1. SIGHUP: the policy is reloaded (the admin may no longer create
+            #    keys), the log is not rotated.
+            policy.write_text(SEPARATE_POLICY.replace('"create", ', ""))
+            proc.proc.send_signal(signal.SIGHUP)
+            deadline = time.monotonic() + 20
+            while True:
+                try:
+                    c.create_key(unique_gun(), "targets")
+                except grpc.RpcError as e:
+                    assert e.code() == grpc.StatusCode.PERMISSION_DENIED
+                    break
+                assert time.monotonic() < deadline, "the policy was not reloaded on SIGHUP"
+                time.sleep(0.1)
+            time.sleep(0.3)  # every worker has taken it
+            assert [p for n in names for p in rotated_files(tmp_path / n)] == []
+            # 2. SIGUSR1: every log is rotated (but an empty one: a worker that
+            #    served no request), the policy file is not read again.
+            policy.write_text(SEPARATE_POLICY)
+            names = [n for n in names if (tmp_path / n).stat().st_size]
+            assert names
+            proc.proc.send_signal(signal.SIGUSR1)
+            deadline = time.monotonic() + 20
+            while not all(rotated_files(tmp_path / n) for n in names):
+                assert time.monotonic() < deadline, "no rotation after SIGUSR1"
+                time.sleep(0.05)
+            err = None
+            try:
+                c.create_key(unique_gun(), "targets")
+            except grpc.RpcError as e:
+                err = e
+            assert err is not None and err.code() == grpc.StatusCode.PERMISSION_DENIED
+    finally:
+        assert proc.stop() == 0
+    for name in names:
+        files = chain_of(tmp_path / name)
+        assert len(files) == 2, files
+        reasons = [json.loads(line).get("reason") for p in files for line in lines_of(p)
+                   if json.loads(line).get("operation") == ROTATE_OPERATION]
+        assert reasons == ["sigusr1"]
+        assert verify_files(files).ok
 
 
 def test_signerctl_audit_verify_names_a_missing_file(hsm: HSM, certs: PKI,
@@ -518,10 +584,10 @@ def test_signerctl_audit_verify_names_a_missing_file(hsm: HSM, certs: PKI,
             key = c.create_key(unique_gun(), "targets").key_id
             for n in range(1, 4):
                 c.sign(key, message=b"x")
-                proc.proc.send_signal(signal.SIGHUP)
+                proc.proc.send_signal(signal.SIGUSR1)
                 deadline = time.monotonic() + 20
                 while len(rotated_files(tmp_path / "audit.log")) < n:
-                    assert time.monotonic() < deadline, "no rotation after SIGHUP"
+                    assert time.monotonic() < deadline, "no rotation after SIGUSR1"
                     time.sleep(0.05)
             c.sign(key, message=b"y")
     finally:

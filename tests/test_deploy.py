@@ -318,9 +318,11 @@ def test_logrotate_config_renames_and_the_chain_holds(tmp_path: Path) -> None:
     conf = tmp_path / "signerd.logrotate"
     text = (ROOT / "deploy" / "logrotate" / "signerd").read_text()
     assert "\n    su signerd signerd\n" in text and "nocopytruncate" in text
-    # As root in a temp dir: no user switch (there is no signerd user here).
+    # As root in a temp dir: no user switch (there is no signerd user here), and
+    # no signerd unit to signal: the writer notices each rename at its next write.
     conf.write_text(text.replace("/var/log/signerd", str(tmp_path))
-                    .replace("    su signerd signerd\n", ""))
+                    .replace("    su signerd signerd\n", "")
+                    .replace(POSTROTATE, "true"))
     path = tmp_path / "audit.log"
     log = audit.AuditLog(path)
     stop = threading.Event()
@@ -362,6 +364,65 @@ def test_logrotate_config_renames_and_the_chain_holds(tmp_path: Path) -> None:
     result = audit.verify_files([*files, path])
     assert result.ok, audit.format_result(result)
     assert result.lines == written[0] + len(files)
+
+
+POSTROTATE = ("if /bin/systemctl -q is-active signerd.service; then /bin/systemctl kill "
+              "--signal=SIGUSR1 --kill-who=main signerd.service; fi")
+
+
+@pytest.mark.parametrize("workers", [1, 2], ids=["one-process", "two-workers"])
+def test_logrotate_postrotate_makes_signerd_start_the_new_file_at_once(
+        hsm: HSM, certs: PKI, tmp_path: Path, workers: int) -> None:
+    """How logrotate drives rotation (issue 21 §7): it renames the live log,
+    then its postrotate sends signerd's main process SIGUSR1 once, and signerd
+    (every worker, through the supervisor) starts the new file at once, before
+    any request, chained to the renamed one. Run literally, with the unit's
+    systemctl call replaced by the same signal to the daemon's main PID."""
+    logrotate = tool("logrotate", "logrotate")
+    text = (ROOT / "deploy" / "logrotate" / "signerd").read_text()
+    assert POSTROTATE in text and "\n    sharedscripts\n" in text
+    cfg = write_toml(tmp_path / "signerd.toml",
+                     daemon_config(hsm, certs, tmp_path, server={"workers": workers}))
+    proc = spawn_daemon(cfg, tmp_path)
+    names = ["audit.log"] if workers == 1 else [f"audit.log.w{i}" for i in range(1, workers + 1)]
+    try:
+        clients = [_admin(certs, proc) for _ in range(4 * workers)]  # connections spread
+        for c in clients:
+            c.create_key(unique_gun(), "targets")
+        live = [n for n in names if (tmp_path / n).stat().st_size]
+        conf = tmp_path / "signerd.logrotate"
+        conf.write_text(text.replace("/var/log/signerd", str(tmp_path))
+                        .replace("    su signerd signerd\n", "")
+                        .replace(POSTROTATE, f"kill -USR1 {proc.proc.pid}"))
+        run = subprocess.run([logrotate, "-f", "-s", str(tmp_path / "state"), str(conf)],
+                             capture_output=True, text=True, timeout=60,
+                             env={**os.environ, "TZ": "UTC"})
+        assert run.returncode == 0, run.stderr
+        deadline = time.monotonic() + 20
+        while not all((tmp_path / n).exists() for n in live):
+            assert time.monotonic() < deadline, "no new file after logrotate's postrotate"
+            time.sleep(0.05)
+        for n in live:  # nothing was signed meanwhile: the new file holds the link alone
+            [first] = (tmp_path / n).read_bytes().splitlines()
+            doc = json.loads(first)
+            assert (doc["operation"], doc["reason"], doc["previous_file"]) == (
+                audit.ROTATE_OPERATION, "renamed", None)
+        for c in clients:
+            c.sign(c.create_key(unique_gun(), "targets").key_id, message=b"m")
+            c.close()
+    finally:
+        assert proc.stop() == 0
+    for n in live:
+        rotated = sorted(tmp_path.glob(n + ".2*"))
+        assert len(rotated) == 1, rotated  # logrotate's one rename; no second rotation
+        result = audit.verify_files([*rotated, tmp_path / n])
+        assert result.ok, audit.format_result(result)
+
+
+def _admin(certs: PKI, proc: Process) -> Client:
+    cert, key = certs.files["admin"]
+    return Client(ClientConfig(f"127.0.0.1:{proc.info['tcp']}", certs.ca_file, cert, key,
+                               "localhost", 30))
 
 
 def _first_lines(path: Path) -> list[bytes]:

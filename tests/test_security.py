@@ -186,6 +186,53 @@ def test_a_caller_that_may_not_read_a_key_cannot_tell_it_from_a_missing_one(
             assert (line["decision"], line["status"]) == ("deny", "NOT_FOUND"), line
 
 
+def test_a_request_for_a_missing_key_is_audited_with_its_id_and_outcome(
+        daemon_factory: Any) -> None:
+    """Regression (issue 21 §7): a Sign for a key ID that does not exist was
+    audited with "key_id":"" and "decision":"allow", so a probe for an ID left
+    no trace of which ID it was. Every RPC that takes a key ID (SignStream's
+    items too) now records the ID as requested, malformed or not, and the
+    outcome: decision "none" (the policy was never asked) and the status."""
+    d = daemon_factory(policy=HIDING_POLICY)
+    with d.client("admin") as admin:
+        mine = admin.create_key("docker.io/acme/app", "targets")
+        admin.certify_key(mine.key_id, "CN=acme ca")
+    calls = _key_id_calls(mine.key_id)
+    malformed = "not-a-key-id"
+    with d.client("runner") as c:
+        for call in calls.values():
+            _answer(call, c.channel, _MISSING)
+        _answer(calls["Sign"], c.channel, malformed)
+        _answer(calls["notary-Sign"], c.channel, malformed)
+        [item] = list(c.sign_stream([pb.SignRequest(key_id=_MISSING, message=b"m")], timeout=20))
+        assert item.code == grpc.StatusCode.NOT_FOUND.value[0]
+    with d.client("nobody") as c:
+        err = rpc_error(lambda: list(c.list_keys(token="root")))  # exists; not nobody's
+        assert err.code() == grpc.StatusCode.NOT_FOUND
+        err = rpc_error(lambda: list(c.list_keys(token="nope")))  # does not exist
+        assert err.code() == grpc.StatusCode.NOT_FOUND
+    everything = audit_lines(d)
+    lines = [line for line in everything if line["identity"] == RUNNER]
+    missing = [line for line in lines if _MISSING in line["key_id"].split(",")]
+    # one line per call (SignBatch: its line names both keys), plus the stream's item
+    assert len(missing) == len(calls) + 1, missing
+    for line in missing:
+        if "," in line["key_id"]:  # a batch (answered OK, item by item) or a certification
+            assert line["key_id"] in (f"{mine.key_id},{_MISSING}", f"{_MISSING},{mine.key_id}")
+            continue
+        assert (line["decision"], line["status"]) == ("none", "NOT_FOUND"), line
+        assert (line["gun"], line["role"], line["token"]) == ("", "", ""), line
+    bad = {line["operation"]: line for line in lines if line["key_id"] == malformed}
+    assert len([line for line in lines if line["key_id"] == malformed]) == 2
+    assert (bad["sign"]["decision"], {line["status"] for line in lines
+                                      if line["key_id"] == malformed}) == (
+        "none", {"INVALID_ARGUMENT", "NOT_FOUND"})  # v1 says malformed; notary, not found
+    listings = [line for line in everything if line["operation"] == "read" and line["token"]
+                in ("root", "nope") and line["status"] == "NOT_FOUND"]
+    assert sorted((line["token"], line["decision"]) for line in listings) == [
+        ("nope", "none"), ("root", "deny")]
+
+
 def test_listings_give_nothing_away(daemon_factory: Any) -> None:
     """Regression (issue 11 §6): ListKeys paged over every key and filtered
     afterwards, so a stranger got empty pages whose page tokens were the IDs

@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +18,7 @@ import pytest
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 
+from signerd.cli import _interrupt
 from tests.conftest import unique_gun
 
 MIB = 1 << 20
@@ -280,3 +284,85 @@ def test_verify_help_calls_its_input_the_file_to_verify() -> None:
                          capture_output=True, text=True, timeout=60)
     assert "file to verify, or - for standard input" in " ".join(run.stdout.split())
     assert "file to sign" not in run.stdout
+
+
+# --- Ctrl-C while a key is created; keys list shows USED (issue 21 §4) -------------------
+
+
+@pytest.mark.parametrize("presses", [1, 2], ids=["finishes", "abandoned"])
+def test_ctrl_c_during_key_creation_never_leaves_a_key_unnamed(
+        daemon: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, presses: int) -> None:
+    """Regression (issue 21 §4): Ctrl-C during 'keys create --algorithm
+    rsa-4096' printed 'interrupted' (exit 130), but signerd created the key and
+    its ID was never shown. Now the first Ctrl-C lets the call finish and the
+    ID is printed (exit 130); a second abandons it and says how to list what
+    may be left, which is the key, unused. The daemon's key generation is held
+    until the Ctrl-C has arrived, so the signal always meets the call in flight."""
+    config = client_toml(daemon, tmp_path / "client.toml")
+    service = daemon.servers.service
+    entered, release = threading.Event(), threading.Event()
+    create = service.create_key
+
+    def held(*args: Any, **kwargs: Any) -> Any:
+        entered.set()
+        release.wait(60)
+        return create(*args, **kwargs)
+
+    monkeypatch.setattr(service, "create_key", held)
+    gun = unique_gun()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "signerd.cli", "--config", str(config), "keys", "create",
+         "--gun", gun, "--role", "targets", "--algorithm", "rsa-4096"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "SIGNERD_STATE_DIR": "/nonexistent"})
+    try:
+        assert entered.wait(60), "CreateKey never reached the daemon"
+        proc.send_signal(signal.SIGINT)
+        assert proc.stderr is not None
+        assert proc.stderr.readline() == _interrupt.FIRST + "\n"
+        if presses == 2:
+            proc.send_signal(signal.SIGINT)
+            assert proc.wait(60) == 130
+        release.set()
+        out, err = proc.communicate(timeout=120)
+    finally:
+        release.set()
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130
+    with daemon.client() as c:
+        deadline = time.monotonic() + 60
+        while not (made := list(c.list_keys(gun, "targets"))):  # abandoned: still generating
+            assert time.monotonic() < deadline, "the key was never created"
+            time.sleep(0.1)
+    [key] = made
+    assert not key.used
+    if presses == 1:
+        assert out == f"created rsa-4096 key {key.key_id} for targets of {gun} on token online\n"
+        assert err == _interrupt.finished_line() + "\n"
+    else:
+        assert out == ""
+        assert err == (f"signerctl: interrupted before signerd answered: a key being created "
+                       f"may exist all the same; 'signerctl keys list --gun {gun} --role "
+                       "targets' shows it (USED no)\n")
+        listed, _ = ctl(config, "keys", "list", "--gun", gun, "--role", "targets")
+        assert listed.returncode == 0
+        [header, row] = listed.stdout.splitlines()
+        assert header.split() == ["KEY", "ID", "ALGORITHM", "TOKEN", "ROLE", "USED", "GUN"]
+        assert row.split() == [key.key_id, "rsa-4096", "online", "targets", "no", gun]
+
+
+def test_keys_list_shows_whether_a_key_is_used(daemon: Any, tmp_path: Path) -> None:
+    """keys list shows USED (yes once the key has signed), as --json shows "used"."""
+    config = client_toml(daemon, tmp_path / "client.toml")
+    gun = unique_gun()
+    with daemon.client() as c:
+        signer, idle = (c.create_key(gun, "targets").key_id for _ in range(2))
+        c.sign(signer, message=b"m")
+    listed, _ = ctl(config, "keys", "list", "--gun", gun)
+    assert listed.returncode == 0, listed.stderr
+    used = {line.split()[0]: line.split()[4] for line in listed.stdout.splitlines()[1:]}
+    assert used == {signer: "yes", idle: "no"}
+    shown, _ = ctl(config, "keys", "list", "--gun", gun, "--json")
+    assert {k["key_id"]: k["used"] for k in json.loads(shown.stdout)} == {
+        signer: True, idle: False}

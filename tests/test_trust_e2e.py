@@ -114,9 +114,11 @@ class Ctl:
         """Run ``signerctl [connection] trust ARGV --trust-dir DIR``: (exit code, out, err)."""
         full = [*self.connection, "trust", *argv, "--trust-dir", str(self.trust_dir)]
         if self.subprocess:
-            # No default client config: every signerd connection must be explicit.
-            env = {**os.environ, "SIGNERCTL_CONFIG": str(self.trust_dir / "none.toml"),
-                   **self.env}
+            # No default client config: every signerd connection must be explicit. (A
+            # $SIGNERCTL_CONFIG naming a missing file is an error of its own now, even
+            # with --server: a config someone named must exist.)
+            env = {k: v for k, v in os.environ.items() if k != "SIGNERCTL_CONFIG"}
+            env = {**env, "SIGNERD_STATE_DIR": str(self.trust_dir / "no-state"), **self.env}
             done = subprocess.run([sys.executable, "-m", "signerd.cli", *full], env=env,
                                   capture_output=True, text=True, timeout=120)
             return done.returncode, done.stdout, done.stderr
@@ -142,6 +144,21 @@ class Ctl:
         lines = err.strip().splitlines()
         assert code == 1 and out == "", (code, out, err)
         assert len(lines) == 1 and lines[0].startswith("signerctl: "), err
+        return lines[0]
+
+    def usage(self, *argv: str) -> str:
+        """Assert a usage error (issue 21 §6): exit 2, nothing on stdout, one line on
+        stderr ending with where --help is; return that line. In-process only."""
+        out, err = io.StringIO(), io.StringIO()
+        full = [*self.connection, "trust", *argv, "--trust-dir", str(self.trust_dir)]
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = cli.main(full)
+            except SystemExit as e:  # argparse's own usage errors
+                code = e.code  # type: ignore[assignment]
+        lines = err.getvalue().splitlines()
+        assert (code, out.getvalue(), len(lines)) == (2, "", 1), (code, out.getvalue(), lines)
+        assert lines[0].startswith("signerctl trust ") and lines[0].endswith("--help')"), lines
         return lines[0]
 
     def repo(self, gun: str) -> TrustRepo:
@@ -298,7 +315,7 @@ def test_init_delegate_ci_signs_publish_pull_inspect(
     pulled = consumer.ok("pull", gun, "--server", url)
     assert [t["name"] for t in pulled["tags"]] == ["v1"]
     shown = consumer.ok("inspect", f"{gun}:v1")
-    assert shown["tags"] == [{"name": "v1", "digest": DIGEST, "size": SIZE,
+    assert shown["tags"] == [{"name": "v1", "digest": f"sha256:{DIGEST}", "size": SIZE,
                               "role": "targets/releases"}]
     assert shown["signers"] == {"targets": [targets_key.key_id], "targets/releases": [ci_key]}
     table = consumer.text("inspect", gun)
@@ -411,7 +428,8 @@ def test_offline_root_ceremony_on_the_token_without_a_daemon(
     stale_client = tmp_path / "stale"  # a client that still trusts root v1
     shutil.copytree(ctl.trust_dir, stale_client)
     shown = ctl.ok("inspect", f"{gun}:v1")  # verified against the trusted root v1
-    assert shown["tags"] == [{"name": "v1", "digest": DIGEST, "size": SIZE, "role": "targets"}]
+    assert shown["tags"] == [{"name": "v1", "digest": f"sha256:{DIGEST}", "size": SIZE,
+                              "role": "targets"}]
     assert shown["versions"]["root"] == 2
 
     root_file = ctl.repo(gun).read("root") or b""
@@ -523,27 +541,16 @@ def test_notary_credentials_from_files_and_environment_never_argv(
     assert exit_.value.code == 2
 
 
-# --- argument errors: one line, exit 1, before any connection --------------------------
+# --- argument errors: one line, before any connection -----------------------------------
 
 
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        pytest.param(["inspect", "Not/A Gun"], "invalid gun", id="bad-gun"),
-        pytest.param(["sign", "docker.io/test/app", "--digest", DIGEST, "--size", "1"],
-                     "names no tag", id="sign-without-tag"),
-        pytest.param(["sign", "docker.io/test/app:v1", "--digest", "md5:00", "--size", "1"],
-                     "--digest must be sha256:", id="bad-digest"),
-        pytest.param(["sign", "docker.io/test/app:bad tag", "--digest", DIGEST, "--size", "1"],
-                     "invalid tag", id="bad-tag"),
         pytest.param(["inspect", "docker.io/test/nothing-here:v1"], "no trust data for",
                      id="not-initialised"),
         pytest.param(["rotate", "docker.io/test/app", "timestamp"],
                      "no trust data for", id="rotate-server-key"),
-        pytest.param(["delegation", "add", "docker.io/test/app", "targets", "--key", "0" * 64],
-                     "is not a delegation role", id="delegate-top-level"),
-        pytest.param(["delegation", "add", "docker.io/test/app", "targets/ci"],
-                     "--key KEYID or --pubkey FILE", id="delegate-without-key"),
         pytest.param(["publish", "docker.io/test/app"], "no trust data",
                      id="publish-uninitialised"),
         pytest.param(["pull", "docker.io/test/app"], "no Notary server", id="pull-without-url"),
@@ -551,6 +558,40 @@ def test_notary_credentials_from_files_and_environment_never_argv(
 )
 def test_argument_errors_are_one_line(tmp_path: Path, argv: list[str], message: str) -> None:
     assert message in in_process(None, "", tmp_path).fails(*argv)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        pytest.param(["sign", "docker.io/test/app:v1", "--digest", "3f1c", "--size", "1"],
+                     "signerctl trust sign: argument --digest: --digest must be "
+                     "sha256:<64 hex digits>, not '3f1c' (see 'signerctl trust sign --help')",
+                     id="short-digest"),
+        pytest.param(["sign", "docker.io/test/app:v1", "--digest", "md5:00", "--size", "1"],
+                     "--digest must be sha256:", id="bad-digest"),
+        pytest.param(["inspect", "Not/A Gun"], "invalid gun", id="bad-gun"),
+        pytest.param(["sign", "docker.io/test/app", "--digest", DIGEST, "--size", "1"],
+                     "names no tag", id="sign-without-tag"),
+        pytest.param(["sign", "docker.io/test/app:bad tag", "--digest", DIGEST, "--size", "1"],
+                     "invalid tag", id="bad-tag"),
+        pytest.param(["publish", "Not/A Gun"], "invalid gun", id="publish-bad-gun"),
+        pytest.param(["unsign", "docker.io/test/app:v1", "--role", "nope"], "role",
+                     id="bad-role"),
+        pytest.param(["delegation", "add", "docker.io/test/app", "targets", "--key", "0" * 64],
+                     "is not a delegation role", id="delegate-top-level"),
+        pytest.param(["delegation", "add", "docker.io/test/app", "targets/ci"],
+                     "signerctl trust delegation add: give the delegation's key: --key KEYID "
+                     "or --pubkey FILE (see 'signerctl trust delegation add --help')",
+                     id="delegate-without-key"),
+    ],
+)
+def test_usage_errors_exit_2_in_one_line(tmp_path: Path, argv: list[str], message: str) -> None:
+    """Regression (issue 21 §6): 'trust sign --digest 3f1c', a usage error,
+    exited 1 as a failure does. A value of the wrong form, or options that
+    need each other, exit 2 with one line, before any trust directory,
+    daemon or server is touched."""
+    assert message in in_process(None, "", tmp_path / "none").usage(*argv)
+    assert not (tmp_path / "none").exists()
 
 
 def test_missing_trust_data_names_the_trust_directory(tmp_path: Path) -> None:
@@ -595,8 +636,11 @@ def test_offline_repository_default_role_unsign_and_delegation_removal(
     assert signed["files"] == ["snapshot", "targets/releases", "timestamp"]
     shown = team.ok("inspect", gun)
     assert [(t["name"], t["role"], t["digest"]) for t in shown["tags"]] == [
-        ("v1", "targets/releases", other), ("v1", "targets", DIGEST)]
-    assert team.ok("inspect", f"{gun}:v1")["tags"][0]["digest"] == other  # what docker pulls
+        ("v1", "targets/releases", f"sha256:{other}"), ("v1", "targets", f"sha256:{DIGEST}")]
+    # what docker pulls; the JSON digest is the table's, and what --digest takes (issue 21 §6)
+    assert team.ok("inspect", f"{gun}:v1")["tags"][0]["digest"] == f"sha256:{other}"
+    assert f"v1   sha256:{other}  5" in team.text("inspect", f"{gun}:v1")
+    assert signed["digest"] == f"sha256:{other}"
     team.ok("unsign", f"{gun}:v1")
     assert team.ok("inspect", f"{gun}:v1")["tags"][0]["role"] == "targets"
     removed = team.ok("delegation", "remove", gun, "targets/releases")

@@ -457,7 +457,7 @@ def test_regression_delegation_names_notary_refuses_are_refused_everywhere(
     """Issue 10 §3: signerd created, signed and verified targets/CI and targets/team.a."""
     with pytest.raises(InvalidArgument, match="invalid role"):
         world.repo.add_delegation(name, [signer_key(world.ci)], world.targets)
-    assert "invalid role" in in_process(None, "", tmp_path).fails(
+    assert "invalid role" in in_process(None, "", tmp_path).usage(
         "delegation", "add", GUN, name, "--key", "0" * 64)
     # Trust data that delegates to it anyway (another client's) does not verify.
     env = Envelope.from_bytes(world.repo.read("targets") or b"", "targets")
@@ -476,7 +476,7 @@ def test_regression_delegation_names_notary_refuses_are_refused_everywhere(
     ("docker.io/app:v1", "canonical name is 'docker.io/library/app'"),
 ])
 def test_cli_references_use_the_same_grammar(tmp_path: Path, ref: str, message: str) -> None:
-    line = in_process(None, "", tmp_path).fails("sign", ref, "--digest", "0" * 64, "--size", "1")
+    line = in_process(None, "", tmp_path).usage("sign", ref, "--digest", "0" * 64, "--size", "1")
     assert message in line
 
 

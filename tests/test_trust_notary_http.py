@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+import json
 import socket
 import ssl
 import threading
@@ -534,3 +535,48 @@ def test_a_targets_file_longer_than_the_snapshot_declares_is_refused(
     with pytest.raises(VerificationError,
                        match=f"targets.json: the server sent more than the {len(targets)} bytes"):
         NotaryClient(server.url).pull(GUN)
+
+
+# --- notary-server's error bodies as words (issue 21 §6) -------------------------------
+
+
+def _answering(status: int, doc: object) -> Callable[[str], bytes]:
+    body = json.dumps(doc).encode()
+    return lambda path: (f"HTTP/1.1 {status} Bad Request\r\nContent-Type: application/json\r\n"
+                         f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+
+
+@pytest.mark.parametrize(("detail", "expected"), [
+    pytest.param(
+        # notary-server, its signer (signerd) down: server/handlers/validation.go's
+        # generateSnapshot turns "insufficient signatures" into ErrBadHierarchy.
+        {"Name": "ErrBadHierarchy", "Error": {
+            "Missing": "snapshot", "Msg": "no snapshot was included in update and server "
+                                          "does not hold current snapshot key for repository"}},
+        "publish GUN: server rejected the update (HTTP 400): Update sent by the client is "
+        "invalid.: ErrBadHierarchy: no snapshot was included in update and server does not "
+        "hold current snapshot key for repository; the Notary server could not sign the "
+        "snapshot or timestamp: check that its signer (signerd, notary-server's "
+        "trust_service) runs and that notary-server reaches it, then publish again",
+        id="signer-down"),
+    pytest.param(
+        {"Name": "ErrBadRoot", "Error": {
+            "Msg": "Root modifications must increment the version. Current 5, new 1"}},
+        "publish GUN: server rejected the update (HTTP 400): Update sent by the client is "
+        "invalid.: ErrBadRoot: Root modifications must increment the version. Current 5, new 1",
+        id="bad-root"),
+    pytest.param({}, "publish GUN: server rejected the update (HTTP 400): Update sent by the "
+                     "client is invalid.", id="go-error-as-empty-object"),
+])
+def test_regression_an_error_detail_object_is_words_not_a_python_dict(
+        detail: object, expected: str) -> None:
+    """Issue 21 §6: a publish while signerd was down showed notary's error
+    detail as a Python dict ({'Name': 'ErrBadHierarchy', 'Error': {...}})."""
+    doc = {"errors": [{"code": "INVALID_UPDATE", "message": "Update sent by the client is "
+                       "invalid.", "detail": detail}]}
+    with _Recorder(_answering(400, doc)) as notary:
+        client = NotaryClient(f"http://127.0.0.1:{notary.port}")
+        with pytest.raises(NotaryServerError) as err:
+            client.publish(GUN, {"targets": b"{}"})
+    assert str(err.value) == expected.replace("GUN", GUN)
+    assert "{" not in str(err.value) and "'Name'" not in str(err.value)

@@ -73,6 +73,34 @@ class SoftwareKeys:
     def find(self, key_id: str) -> TrustSigner | None:
         return self.keys.get(key_id)
 
+    def delete(self, key_id: str) -> None:
+        del self.keys[key_id]
+
+
+class FailingAt:
+    """Real token keys (TokenKeys), but the create of ``role`` fails, as a policy
+    that refuses it or a full token would; ``deletable`` False: the caller may
+    not delete keys either."""
+
+    def __init__(self, inner: KeySource, role: str, deletable: bool = True) -> None:
+        self.inner, self.role, self.deletable = inner, role, deletable
+
+    def create(self, gun: str, role: str) -> TrustSigner:
+        if role == self.role:
+            raise FailedPrecondition(f"no room for a {role} key")
+        return self.inner.create(gun, role)
+
+    def get(self, key_id: str) -> TrustSigner:
+        return self.inner.get(key_id)
+
+    def find(self, key_id: str) -> TrustSigner | None:
+        return self.inner.find(key_id)
+
+    def delete(self, key_id: str) -> None:
+        if not self.deletable:
+            raise PermissionError("may not delete")
+        self.inner.delete(key_id)
+
 
 def holding(source: KeySource) -> KeysOpener:
     return lambda: nullcontext(source)
@@ -271,6 +299,54 @@ def test_publish_pull_and_a_runner_that_holds_only_its_key(
     assert again.retrust.old_root_key_ids == again.retrust.new_root_key_ids
     shown = workflows.inspect(team, gun, "v1")
     assert shown.signers["targets/releases"] == [runner_key.key_id]
+
+
+def test_init_of_a_repository_the_server_has_creates_nothing(
+    tokens: KeysOpener, server: NotaryTestServer, tmp_path: Path
+) -> None:
+    """Regression (issue 21 §4): 'trust init' of a repository that already
+    existed on the Notary server made a root and a targets key on the tokens and
+    wrote local metadata, then failed at publish (ErrBadRoot: "Root
+    modifications must increment the version. Current 5, new 1"). Now the server
+    is asked first, and nothing is made: no key, no file, no server key."""
+    gun = unique_gun()
+    workflows.init(tmp_path / "first", gun, tokens, notary_at(server))
+    workflows.publish(tmp_path / "first", gun, notary_at(server))
+    server_keys = dict(server.keys)
+    with pytest.raises(FailedPrecondition) as info:
+        workflows.init(tmp_path / "second", gun, refused, notary_at(server))
+    assert str(info.value) == (
+        f"{gun} already exists on the Notary server {server.url} (root version 1); 'trust "
+        f"init' makes a new repository only. To sign its tags, fetch it: 'signerctl trust "
+        f"pull {gun} --server {server.url}'; nothing was created")
+    assert not (tmp_path / "second").exists() and server.keys == server_keys
+
+
+@pytest.mark.parametrize("deletable", [True, False], ids=["deleted", "named"])
+def test_a_failed_init_leaves_no_orphan_key(
+    service: KeyService, tmp_path: Path, deletable: bool
+) -> None:
+    """Regression (issue 21 §4): keys made before a failure were left on the
+    tokens with nothing referring to them. Now they are destroyed, or, where
+    they cannot be, the error names them and how to delete them."""
+    gun = unique_gun()
+    before = {k.key_id for k in service.list_keys(gun, "", "", 1000, "", lambda k: True)[0]}
+    source = FailingAt(TokenKeys(service), "targets", deletable)
+    with pytest.raises(Exception) as info:
+        workflows.init(tmp_path, gun, holding(source))
+    made = {k.key_id for k in service.list_keys(gun, "", "", 1000, "", lambda k: True)[0]}
+    assert not (tmp_path / gun / "root.json").exists()
+    if deletable:
+        assert type(info.value) is FailedPrecondition
+        assert str(info.value) == "no room for a targets key"
+        assert made == before == set()
+    else:
+        [root] = made - before
+        assert type(info.value) is workflows.KeysLeft
+        assert str(info.value) == (
+            f"no room for a targets key; the new key(s) {root} could not be deleted: "
+            "delete them with 'signerctl keys delete KEYID'")
+        service.delete_key(root)
 
 
 def test_rotating_server_keys_publishes_at_once(

@@ -69,7 +69,7 @@ new file cannot be created, that write raises ``Unavailable``.
 
 Rotation
 --------
-:meth:`AuditLog.rotate` (the daemon calls it on SIGHUP) and ``max_bytes``
+:meth:`AuditLog.rotate` (the daemon calls it on SIGUSR1) and ``max_bytes``
 (``[audit] max_bytes``: the file rotates once a line takes it to that size
 or more; unset, never by size) close the current file, rename it to
 ``<file>.<UTC time>Z`` and start a new file at the path. The name is the
@@ -83,7 +83,7 @@ deploy/logrotate/signerd). The new file's first line is a rotation record,
 chained like any other line::
 
     {"operation":"audit.rotate","previous_file":"audit.log.20261128T141503Z",
-     "prev":"<SHA-256 of the old file's last line>","reason":"sighup","seq":N+1,...}
+     "prev":"<SHA-256 of the old file's last line>","reason":"sigusr1","seq":N+1,...}
 
 so ``seq`` and ``prev`` run on across files and :func:`verify_files` checks
 the files as one chain. A file that starts with a rotation record also

@@ -27,6 +27,11 @@ class CliError(Exception):
     """A failure to report as one line on stderr."""
 
 
+class UsageError(CliError):
+    """A command line that cannot mean anything (options that need each other,
+    say): one line on stderr, as argparse's own usage errors, and exit 2."""
+
+
 class CliParser(ArgumentParser):
     """signerd's parser, which also names an unknown option that swallowed
     the next word. ``signerctl --sever 127.0.0.1:4443 keys list`` leaves

@@ -26,11 +26,12 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 
 from signerd import add_version_flag, one_line, signing
 from signerd.certs import MAX_DAYS
-from signerd.cli import _payload
+from signerd.cli import _interrupt, _payload
 from signerd.cli import trust as trust_cli
 from signerd.cli._util import (
     CliError,
     CliParser,
+    UsageError,
     add_client_options,
     client_config,
     connect,
@@ -64,11 +65,14 @@ def key_dict(k: pb.Key) -> dict[str, Any]:
 
 
 def _table(keys: Sequence[pb.Key]) -> str:
-    rows = [("KEY ID", "ALGORITHM", "TOKEN", "ROLE", "GUN")]
-    rows += [(k.key_id, k.algorithm, k.token, k.role, k.gun) for k in keys]
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    # USED: whether the key has made a signature (issue 21 §4: an unused key
+    # is one that nothing may trust yet, such as one a Ctrl-C left behind).
+    rows = [("KEY ID", "ALGORITHM", "TOKEN", "ROLE", "USED", "GUN")]
+    rows += [(k.key_id, k.algorithm, k.token, k.role, "yes" if k.used else "no", k.gun)
+             for k in keys]
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
     return "\n".join(
-        "  ".join([*(c.ljust(w) for c, w in zip(r[:4], widths, strict=True)), r[4]]) for r in rows
+        "  ".join([*(c.ljust(w) for c, w in zip(r[:5], widths, strict=True)), r[5]]) for r in rows
     )
 
 
@@ -449,7 +453,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--role", required=True)
     p.add_argument("--algorithm", default="ecdsa-p256", choices=sorted(ALGORITHMS))
     p.add_argument("--token", help="token name (default: the token for the role)")
-    p.set_defaults(func=cmd_keys_create)
+    p.set_defaults(func=cmd_keys_create, creates_keys=True)
 
     p = keys.add_parser("list", parents=[common], help="list keys")
     p.add_argument("--gun")
@@ -548,10 +552,22 @@ def main(argv: list[str] | None = None) -> int:
     only with --debug."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    creates_keys = getattr(args, "creates_keys", False)
     try:
-        return _run(args)
+        if not creates_keys:
+            return _run(args)
+        with _interrupt.FinishFirst() as guard:  # see signerd.cli._interrupt
+            code = _run(args)
+        if guard.interrupted and code == 0:  # (a failure has said its own line)
+            print(_interrupt.finished_line(), file=sys.stderr)
+            return 130
+        return code
     except KeyboardInterrupt:
-        print("signerctl: interrupted", file=sys.stderr)
+        if creates_keys:
+            print(_interrupt.abandoned_line(getattr(args, "gun", None),
+                                            getattr(args, "role", None)), file=sys.stderr)
+        else:
+            print("signerctl: interrupted", file=sys.stderr)
         return 130
     except Exception as e:  # a bug, or a failure no command expects
         if getattr(args, "debug", False):
@@ -577,6 +593,10 @@ def _run(args: argparse.Namespace) -> int:
         print(f"signerctl: {one_line(rpc_error_line(name, detail or '', server))}",
               file=sys.stderr)
         return 1
+    except UsageError as e:  # as signerd.ArgumentParser.error words one
+        prog = getattr(args, "usage_prog", "signerctl")
+        print(f"{prog}: {one_line(str(e))} (see '{prog} --help')", file=sys.stderr)
+        return 2
     except (CliError, SignerdError, ConfigError) as e:
         print(f"signerctl: {one_line(str(e))}", file=sys.stderr)
         return 1

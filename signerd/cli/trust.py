@@ -63,13 +63,13 @@ import re
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from signerd import embedded
-from signerd.cli._util import add_client_options, connect, emit, whole_number
+from signerd.cli._util import UsageError, add_client_options, connect, emit, whole_number
 from signerd.config import load_config
 from signerd.errors import InvalidArgument, SignerdError, quoted
-from signerd.keys import validate_gun, validate_tag
+from signerd.keys import validate_gun, validate_role, validate_tag
 from signerd.service import KeyService
 from signerd.trust import NotaryClient, workflows
 from signerd.trust.keysource import DaemonKeys, KeySource, TokenKeys
@@ -78,6 +78,7 @@ from signerd.trust.results import Retrust
 from signerd.trust.state import Settings
 from signerd.trust.workflows import delegation_role, read_file
 
+T = TypeVar("T")
 _DIGEST_RE = re.compile(r"(?:sha256:)?([0-9a-f]{64})")
 MAX_SIZE = (1 << 63) - 1  # bytes: a target's length is an int64 to Notary (Go)
 
@@ -134,6 +135,27 @@ def _digest(text: str) -> bytes:
     if m is None:
         raise InvalidArgument(f"--digest must be sha256:<64 hex digits>, not {quoted(text)}")
     return bytes.fromhex(m[1])
+
+
+def _usage(parse: Callable[[str], T]) -> Callable[[str], T]:
+    """An argparse type from a validator that raises InvalidArgument: a value
+    of the wrong form is a usage error, one line and exit 2 (issue 21 §6:
+    'trust sign --digest 3f1c' exited 1, as a failure would)."""
+
+    def convert(text: str) -> T:
+        try:
+            return parse(text)
+        except InvalidArgument as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    return convert
+
+
+_TAGGED = _usage(functools.partial(split_reference, tag_required=True))
+_MAYBE_TAGGED = _usage(functools.partial(split_reference, tag_required=False))
+_GUN = _usage(validate_gun)
+_ROLE = _usage(validate_role)
+_DELEGATION = _usage(delegation_role)
 
 
 def _secret(path: Path | None, env: str, what: str) -> str | None:
@@ -214,15 +236,15 @@ def cmd_init(args: argparse.Namespace) -> None:
 
 def cmd_sign(args: argparse.Namespace) -> None:
     """Add or replace a tag in a targets role, signed through signerd."""
-    gun, tag = split_reference(args.ref, tag_required=True)
+    gun, tag = args.ref  # _TAGGED
     assert tag is not None
-    digest = _digest(args.digest)
+    digest = args.digest  # _digest, as the argument's type
     done = workflows.sign(trust_dir(args), gun, tag, digest, args.size, _keys(args),
                           role=args.role)
     data = {
         "gun": done.gun,
         "tag": done.tag,
-        "digest": done.digest.hex(),
+        "digest": f"sha256:{done.digest.hex()}",  # as inspect writes it, and --digest takes it
         "size": done.size,
         "role": done.role,
         "key_id": done.key_id,
@@ -240,7 +262,7 @@ def cmd_sign(args: argparse.Namespace) -> None:
 
 def cmd_unsign(args: argparse.Namespace) -> None:
     """Remove a tag from a targets role."""
-    gun, tag = split_reference(args.ref, tag_required=True)
+    gun, tag = args.ref
     assert tag is not None
     done = workflows.unsign(trust_dir(args), gun, tag, _keys(args), role=args.role)
     data = {"gun": done.gun, "tag": done.tag, "role": done.role, "key_id": done.key_id,
@@ -250,10 +272,8 @@ def cmd_unsign(args: argparse.Namespace) -> None:
 
 def cmd_delegation_add(args: argparse.Namespace) -> None:
     """Delegate targets/NAME to keys held by signerd (--key) or given as PEM (--pubkey)."""
-    validate_gun(args.gun)
-    delegation_role(args.role)
     if not args.key and not args.pubkey:
-        raise InvalidArgument("give the delegation's key: --key KEYID or --pubkey FILE")
+        raise UsageError("give the delegation's key: --key KEYID or --pubkey FILE")
     done = workflows.add_delegation(
         trust_dir(args), args.gun, args.role, _keys(args),
         key_ids=args.key, pubkey_files=[Path(p) for p in args.pubkey], paths=args.paths,
@@ -335,7 +355,7 @@ def cmd_pull(args: argparse.Namespace) -> None:
 
 def _tag_table(tags: Sequence[dict[str, Any]]) -> str:
     rows = [("TAG", "DIGEST", "SIZE", "SIGNED BY")]
-    rows += [(t["name"], "sha256:" + t["digest"], str(t["size"]), t["role"]) for t in tags]
+    rows += [(t["name"], t["digest"], str(t["size"]), t["role"]) for t in tags]
     widths = [max(len(r[i]) for r in rows) for i in range(3)]
     return "\n".join(
         "  ".join([*(c.ljust(w) for c, w in zip(r[:3], widths, strict=True)), r[3]]) for r in rows
@@ -344,7 +364,7 @@ def _tag_table(tags: Sequence[dict[str, Any]]) -> str:
 
 def cmd_inspect(args: argparse.Namespace) -> None:
     """Verify as a Content Trust client does and list the signed tags (or one tag)."""
-    gun, tag = split_reference(args.ref, tag_required=False)
+    gun, tag = args.ref  # _MAYBE_TAGGED
     done = workflows.inspect(trust_dir(args), gun, tag, reset_trust=args.reset_trust)
     rows = [t.to_dict() for t in done.tags]
     data: dict[str, Any] = {"gun": done.gun, "tags": rows, "versions": done.versions,
@@ -430,14 +450,15 @@ def register(sub: Any) -> None:
         p: argparse.ArgumentParser = parent.add_parser(
             name, help=helptext, parents=[common, trust, *extra], allow_abbrev=False
         )
-        p.set_defaults(func=_one_line(func))
+        p.set_defaults(func=_one_line(func), usage_prog=p.prog)
         return p
 
     group = sub.add_parser("trust", help="Docker Content Trust: sign tags, delegate, publish")
     cmds = group.add_subparsers(dest="trust_cmd", required=True)
 
     p = command(cmds, "init", cmd_init, "create a repository's trust data", notary)
-    p.add_argument("gun")
+    p.set_defaults(creates_keys=True)  # a Ctrl-C finishes first: signerd.cli._interrupt
+    p.add_argument("gun", type=_GUN)
     p.add_argument("--root-key", metavar="KEYID", help="use this root key instead of a new one")
     p.add_argument(
         "--local-snapshot",
@@ -446,23 +467,25 @@ def register(sub: Any) -> None:
     )
 
     p = command(cmds, "sign", cmd_sign, "sign a tag")
-    p.add_argument("ref", metavar="GUN:TAG")
-    p.add_argument("--digest", required=True, help="manifest digest, sha256:HEX")
+    p.add_argument("ref", metavar="GUN:TAG", type=_TAGGED)
+    p.add_argument("--digest", required=True, type=_usage(_digest),
+                   help="manifest digest, sha256:HEX")
     p.add_argument("--size", required=True, type=whole_number(0, MAX_SIZE, "bytes"),
                    help="manifest size in bytes")
     p.add_argument(
-        "--role", help="targets role (default: targets/releases if delegated, else targets)"
+        "--role", type=_ROLE,
+        help="targets role (default: targets/releases if delegated, else targets)"
     )
 
     p = command(cmds, "unsign", cmd_unsign, "remove a tag's signature")
-    p.add_argument("ref", metavar="GUN:TAG")
-    p.add_argument("--role", help="targets role (default as for sign)")
+    p.add_argument("ref", metavar="GUN:TAG", type=_TAGGED)
+    p.add_argument("--role", type=_ROLE, help="targets role (default as for sign)")
 
     delegation = cmds.add_parser("delegation", help="manage delegation roles")
     dcmds = delegation.add_subparsers(dest="delegation_cmd", required=True)
     p = command(dcmds, "add", cmd_delegation_add, "delegate targets/NAME to keys")
-    p.add_argument("gun")
-    p.add_argument("role", metavar="targets/NAME")
+    p.add_argument("gun", type=_GUN)
+    p.add_argument("role", metavar="targets/NAME", type=_DELEGATION)
     p.add_argument(
         "--key",
         action="append",
@@ -484,21 +507,23 @@ def register(sub: Any) -> None:
         help='tag prefixes the role may sign (default: "", every tag)',
     )
     p = command(dcmds, "remove", cmd_delegation_remove, "remove a delegation role")
-    p.add_argument("gun")
-    p.add_argument("role", metavar="targets/NAME")
+    p.add_argument("gun", type=_GUN)
+    p.add_argument("role", metavar="targets/NAME", type=_DELEGATION)
 
     p = command(cmds, "rotate", cmd_rotate, "replace the key of a role", notary)
-    p.add_argument("gun")
+    p.set_defaults(creates_keys=True)
+    p.add_argument("gun", type=_GUN)
     p.add_argument(
-        "role", metavar="ROLE", help="root, targets, targets/NAME, snapshot or timestamp"
+        "role", metavar="ROLE", type=_ROLE,
+        help="root, targets, targets/NAME, snapshot or timestamp"
     )
     p.add_argument("--key", metavar="KEYID", help="the new key (default: create one)")
 
     p = command(cmds, "publish", cmd_publish, "upload to the Notary server", notary)
-    p.add_argument("gun")
+    p.add_argument("gun", type=_GUN)
 
     p = command(cmds, "pull", cmd_pull, "fetch and verify from the Notary server", notary)
-    p.add_argument("gun")
+    p.add_argument("gun", type=_GUN)
     p.add_argument("--force", action="store_true", help="discard unpublished local changes")
     p.add_argument(
         "--reset-trust",
@@ -507,7 +532,7 @@ def register(sub: Any) -> None:
     )
 
     p = command(cmds, "inspect", cmd_inspect, "verify and list signed tags")
-    p.add_argument("ref", metavar="GUN[:TAG]")
+    p.add_argument("ref", metavar="GUN[:TAG]", type=_MAYBE_TAGGED)
     p.add_argument(
         "--reset-trust",
         action="store_true",

@@ -431,7 +431,7 @@ def _audit(report: _Report, config: Config) -> None:
         if renamed is not None:
             where += f" (after {renamed}, renamed while signerd was stopped)"
         size = (f"rotates at {config.audit_max_bytes} bytes" if config.audit_max_bytes
-                else "rotates on SIGHUP only")
+                else "rotates on SIGUSR1 (logrotate's postrotate) only")
         report.ok("audit", f"{path}: {where}, {size}")
 
 

@@ -6,8 +6,11 @@
 
 With no --config, serves the embedded default (see signerd/embedded.py).
 SIGTERM and SIGINT stop gracefully: in-flight requests finish, then sessions
-are closed and the PKCS#11 modules finalised. SIGHUP reloads the policy and
-rotates the audit log (signerd/audit/, Rotation). Under systemd
+are closed and the PKCS#11 modules finalised. SIGHUP reloads the policy, and
+only the policy (``systemctl reload``). SIGUSR1 rotates the audit log, and
+only the log (signerd/audit/, Rotation): logrotate's postrotate sends it
+(deploy/logrotate/signerd). The two were one signal, so every policy reload
+also cut the audit log into a new file (issue 21 §7). Under systemd
 (``Type=notify``) it reports READY=1 once serving, RELOADING=1 and READY=1
 around a SIGHUP, and STOPPING=1 (signerd/daemon/_sdnotify.py). With ``[server]
 workers = N`` (N > 1) this process supervises N worker processes sharing
@@ -156,18 +159,20 @@ def listen_flags(config: Config, path: Path, listen: str | None, metrics_listen:
                    metrics_listen=changed.get("metrics_listen", config.metrics_listen))
 
 
-# stop, stop, reload the policy and rotate the audit log
-_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
+# stop, stop, reload the policy, rotate the audit log
+_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1}
+ROTATE_SIGNAL = signal.SIGUSR1  # logrotate's postrotate; SIGHUP is the policy's alone
 
 
 def rotate_audit(audit: AuditLog | None) -> None:
-    """SIGHUP's audit log rotation. A failure is logged and the log goes on
-    in the current file: every line is still written (fail closed is about
-    lines, not files)."""
+    """SIGUSR1's audit log rotation: rotate now, or, if another program
+    (logrotate) has just renamed the file, start the new one now. A failure
+    is logged and the log goes on in the current file: every line is still
+    written (fail closed is about lines, not files)."""
     if audit is None:
         return
     try:
-        audit.rotate("sighup")
+        audit.rotate("sigusr1")
     except Unavailable as e:
         log.error("audit log rotation failed; writing on in the current file",
                   extra={"fields": {"file": str(audit.path), "error": str(e)}})
@@ -229,10 +234,12 @@ def _serve(config: Config, ready_file: Path | None, sweep: bool = True) -> int:
         tmp.write_text(json.dumps(info))
         tmp.replace(ready_file)
     _sdnotify.notify(_sdnotify.READY, f"STATUS=serving; tokens {', '.join(sorted(service.tokens))}")
-    while signal.sigwait(_SIGNALS) == signal.SIGHUP:
+    while (signum := signal.sigwait(_SIGNALS)) in (signal.SIGHUP, ROTATE_SIGNAL):
+        if signum == ROTATE_SIGNAL:
+            rotate_audit(servers.audit)
+            continue
         _sdnotify.notify(_sdnotify.reloading())
         servers.policy.reload()
-        rotate_audit(servers.audit)
         _sdnotify.notify(_sdnotify.READY)
     _sdnotify.notify(_sdnotify.STOPPING)
     log.info("signerd stopping: finishing in-flight requests")

@@ -9,8 +9,8 @@ The supervisor (the process ``signerd serve`` started as) never loads a
 PKCS#11 module and never reads a PIN. It reserves the port, starts N workers
 as fresh interpreters (``python -m signerd.daemon serve --worker I``: a
 module's C_Initialize state does not survive fork, so each worker must
-initialise and log in itself), forwards SIGTERM, SIGINT and SIGHUP to them,
-and writes the ready file once every worker serves.
+initialise and log in itself), forwards SIGTERM, SIGINT, SIGHUP and SIGUSR1
+to them, and writes the ready file once every worker serves.
 
 Each worker:
 
@@ -27,8 +27,9 @@ Each worker:
 * serves the Unix socket only if it is worker 1 (a path binds once);
 * exits when the supervisor dies (PR_SET_PDEATHSIG), so a killed
   supervisor cannot leave workers holding the port;
-* rotates its own audit chain on SIGHUP (forwarded by the supervisor) and at
-  ``[audit] max_bytes``, as one process does: ``audit.log.w1`` becomes
+* reloads its policy on SIGHUP, and rotates its own audit chain on SIGUSR1
+  (both forwarded by the supervisor) and at ``[audit] max_bytes``, as one
+  process does: ``audit.log.w1`` becomes
   ``audit.log.w1.20261128T141503Z`` and so on;
 * gets no ``NOTIFY_SOCKET``: the supervisor is the main PID that systemd
   listens to, and it reports READY=1 once every worker serves.
@@ -148,6 +149,7 @@ class Supervisor:
         self.worker_args = worker_args
         self.procs: list[subprocess.Popen[bytes]] = []
         self.stop = threading.Event()
+        self.serving = threading.Event()  # set once every worker serves
 
     def _signal(self, signum: int) -> None:
         for p in self.procs:
@@ -155,11 +157,21 @@ class Supervisor:
                 p.send_signal(signum)
 
     def _reload(self) -> None:
-        """SIGHUP: each worker reloads its policy and rotates its audit chain.
+        """SIGHUP: each worker reloads its policy (only its policy).
         READY=1 follows at once: the workers' reloads run on their own."""
         _sdnotify.notify(_sdnotify.reloading())
         self._signal(signal.SIGHUP)
         _sdnotify.notify(_sdnotify.READY)
+
+    def _rotate(self) -> None:
+        """SIGUSR1: each worker rotates its own audit chain (only that). A
+        worker that is not serving yet would be killed by it (SIGUSR1's
+        default action), so none is sent before every worker serves: a log
+        that does not exist yet has nothing to rotate."""
+        if self.serving.is_set():
+            self._signal(signal.SIGUSR1)
+        else:
+            log.warning("SIGUSR1 before every worker serves: no audit log rotated")
 
     def _start(self, listen: str | None, readydir: Path) -> list[Path]:
         files = []
@@ -229,6 +241,7 @@ class Supervisor:
         signal.signal(signal.SIGTERM, lambda *_: self.stop.set())
         signal.signal(signal.SIGINT, lambda *_: self.stop.set())
         signal.signal(signal.SIGHUP, lambda *_: self._reload())
+        signal.signal(signal.SIGUSR1, lambda *_: self._rotate())
         listener, metrics_dir = self._metrics()
         try:
             return self._run(ready_file, listener)
@@ -263,6 +276,7 @@ class Supervisor:
                 "metrics": listener.port if listener is not None else None}
         if listener is not None:
             listener.start()
+        self.serving.set()
         log.info("signerd serving", extra={"fields": info})
         if ready_file is not None:
             tmp = ready_file.with_suffix(".tmp")

@@ -62,7 +62,11 @@ class Scope:
     gun: str = ""
     role: str = ""
     token: str = ""
+    # "allow" or "deny" once the policy was asked about the request's key (or
+    # names); a request that ends before that (an unknown key or token, a
+    # malformed request) is audited "none" (see Gate.decide).
     decision: str = "allow"
+    decided: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
     def allowed(self, gun: str, role: str, token: str, operation: str | None = None) -> bool:
@@ -109,6 +113,7 @@ class Scope:
             self.key_id, gun, role, token = key.key_id, key.gun, key.role, key.token
         self.gun, self.role, self.token = gun, role, token
         decision = self._decide(self.operation, gun, role, token)
+        self.decided = True
         if not decision.allowed:
             reason = decision.reason
             if token_chosen and not self.allowed_token(token):
@@ -130,6 +135,7 @@ class Scope:
         operation = operation or self.operation
         self.key_id, self.gun, self.role, self.token = key.key_id, key.gun, key.role, key.token
         decision = self._decide(operation, key.gun, key.role, key.token)
+        self.decided = True
         if decision.allowed:
             return
         self.decision = "deny"
@@ -266,6 +272,9 @@ class Gate:
                 self.admission.release(caller.identity)
         if isinstance(outcome, PermissionDenied):
             scope.decision = "deny"
+        elif isinstance(outcome, SignerdError) and not scope.decided and \
+                scope.decision == "allow":
+            scope.decision = "none"  # refused before the policy was asked (issue 21 §7)
         if scope.decision == "deny":
             metrics.DENIALS.labels(operation).inc()
         status = code_for(outcome) if isinstance(outcome, SignerdError) else grpc.StatusCode.OK

@@ -130,8 +130,10 @@ class _Base:
              work: Callable[[Scope], Any]) -> Any:
         return self.gate.run(context, self.identify(context), op, payload, work)
 
-    def _key(self, key_id: pb.KeyID) -> KeyEntry:
-        """The key called ``key_id``. A malformed ID is NOT_FOUND, as in notary."""
+    def _key(self, scope: Scope, key_id: pb.KeyID) -> KeyEntry:
+        """The key called ``key_id``. A malformed ID is NOT_FOUND, as in notary.
+        The audit line names the ID as requested, found or not."""
+        scope.key_id = key_id.ID
         try:
             validate_key_id(key_id.ID)
         except InvalidArgument:
@@ -167,7 +169,7 @@ class KeyManagementServicer(_Base):
     def GetKeyInfo(self, request: pb.KeyID,
                    context: grpc.ServicerContext) -> pb.GetKeyInfoResponse:
         def work(scope: Scope) -> pb.GetKeyInfoResponse:
-            entry = self._key(request)
+            entry = self._key(scope, request)
             scope.authorize_key(entry)
             _check_usable(entry)
             return pb.GetKeyInfoResponse(keyInfo=_key_info(entry), publicKey=entry.tuf_public,
@@ -178,7 +180,7 @@ class KeyManagementServicer(_Base):
 
     def DeleteKey(self, request: pb.KeyID, context: grpc.ServicerContext) -> pb.Void:
         def work(scope: Scope) -> pb.Void:
-            entry = self._key(request)
+            entry = self._key(scope, request)
             scope.authorize_key(entry)
             self.service.delete_key(entry.key_id)
             return pb.Void()
@@ -192,7 +194,7 @@ class SignerServicer(_Base):
 
     def Sign(self, request: pb.SignatureRequest, context: grpc.ServicerContext) -> pb.Signature:
         def work(scope: Scope) -> pb.Signature:
-            entry = self._key(request.keyID)
+            entry = self._key(scope, request.keyID)
             scope.authorize_key(entry)
             _check_usable(entry)
             sig = self.service.sign_with(entry, request.content, _SIGN_OPTIONS)  # marks it used

@@ -123,9 +123,7 @@ class SignerServicer(pb_grpc.SignerServiceServicer):
 
     def GetKey(self, request: pb.GetKeyRequest, context: grpc.ServicerContext) -> pb.Key:
         def work(scope: Scope) -> pb.Key:
-            entry = self.service.get_key(request.key_id)
-            scope.authorize_key(entry)
-            return key_message(entry)
+            return key_message(self._authorized_key(scope, request.key_id))
 
         return self._run(context, "read", b"", work)
 
@@ -167,8 +165,7 @@ class SignerServicer(pb_grpc.SignerServiceServicer):
         self, request: pb.DeleteKeyRequest, context: grpc.ServicerContext
     ) -> pb.DeleteKeyResponse:
         def work(scope: Scope) -> pb.DeleteKeyResponse:
-            entry = self.service.get_key(request.key_id)
-            scope.authorize_key(entry)
+            entry = self._authorized_key(scope, request.key_id)
             self.service.delete_key(entry.key_id)
             return pb.DeleteKeyResponse()
 
@@ -182,11 +179,17 @@ class SignerServicer(pb_grpc.SignerServiceServicer):
         probes their names."""
         if not name or (name in self.service.tokens and scope.allowed_token(name)):
             return
+        if name in self.service.tokens:  # the policy refused it: audited as a denial
+            scope.decision = "deny"
         yours = [t for t in self.service.tokens if scope.allowed_token(t)]
         raise NotFound(f"no token named {quoted(name)}; "
                        + (f"yours: {', '.join(yours)}" if yours else "you may use none"))
 
     def _authorized_key(self, scope: Scope, key_id: str) -> KeyEntry:
+        """The key ``key_id``, if the caller may do this request's operation
+        on it. The audit line names the ID as requested, whether or not such
+        a key exists (a probe for an ID leaves its trace)."""
+        scope.key_id = key_id
         entry = self.service.get_key(key_id)
         scope.authorize_key(entry)
         return entry
@@ -306,8 +309,11 @@ class SignerServicer(pb_grpc.SignerServiceServicer):
             # subject is settled before the issuer is looked up, so that the
             # answer about a subject the caller may not read never depends on
             # whether it exists.
+            scope.key_id = request.key_id  # as requested, until the key is found
             subject = self.service.get_key(request.key_id)
             scope.authorize_key(subject, "create", action="certify")
+            if request.issuer_key_id and request.issuer_key_id != subject.key_id:
+                scope.key_id = f"{request.issuer_key_id},{subject.key_id}"
             issuer = (self.service.get_key(request.issuer_key_id)
                       if request.issuer_key_id else subject)
             try:

@@ -122,6 +122,10 @@ class KeySource(Protocol):
         """Like :meth:`get`, but None when the key is unknown or not the caller's."""
         ...
 
+    def delete(self, key_id: str) -> None:
+        """Destroy the key (one this workflow made and failed to use); raises if it cannot."""
+        ...
+
 
 class DaemonKeys:
     """Keys through the signerd daemon; the policy decides what the caller sees.
@@ -145,6 +149,10 @@ class DaemonKeys:
         key = self.client.find_key(key_id)
         return RemoteSigner(self.client, key) if key is not None else None
 
+    def delete(self, key_id: str) -> None:
+        """DeleteKey (the policy must grant "delete")."""
+        self.client.delete_key(key_id)
+
 
 class TokenKeys:
     """Keys straight on the tokens of a signerd config (``--local``)."""
@@ -166,3 +174,7 @@ class TokenKeys:
             return self.get(key_id)
         except NotFound:
             return None
+
+    def delete(self, key_id: str) -> None:
+        """Destroy the key on its token."""
+        self.service.delete_key(key_id)

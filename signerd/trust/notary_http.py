@@ -507,6 +507,8 @@ def encode_multipart(files: Mapping[str, bytes], boundary: str) -> tuple[bytes, 
 def _http_error(e: urllib.error.HTTPError, what: str) -> NotaryServerError:
     detail = _error_detail(e.read(MAX_ERROR_SIZE))
     suffix = f": {detail}" if detail else ""
+    if what.startswith("publish") and any(sign in detail for sign in _COULD_NOT_SIGN):
+        suffix += _SIGNER_HINT
     if e.code == 401:
         return NotaryServerError(f"{what}: not authorized (HTTP 401){suffix}", e.code)
     if e.code == 404:
@@ -516,13 +518,47 @@ def _http_error(e: urllib.error.HTTPError, what: str) -> NotaryServerError:
     return NotaryServerError(f"{what}: server error (HTTP {e.code}){suffix}", e.code)
 
 
+# What notary-server answers a publish whose snapshot or timestamp it could not
+# sign (server/handlers/validation.go): its signer's failure surfaces only as
+# "insufficient signatures", turned into these validation errors.
+_COULD_NOT_SIGN = ("server does not hold current snapshot key",
+                   "timestamp keys exist on the server")
+_SIGNER_HINT = ("; the Notary server could not sign the snapshot or timestamp: check that "
+                "its signer (signerd, notary-server's trust_service) runs and that "
+                "notary-server reaches it, then publish again")
+
+
 def _error_detail(body: bytes) -> str:
-    """One line from notary's ``{"errors":[{"message":..., "detail":...}]}``, if present."""
+    """One line from notary's ``{"errors":[{"message":..., "detail":...}]}``, if present.
+
+    ``detail`` is whatever notary-server attached: a string, null, or an
+    object, such as a validation error (``{"Name":"ErrBadRoot","Error":
+    {"Msg":"..."}}``, notary's tuf/validation SerializableError); an object is
+    written as text (:func:`_detail_text`), never as a Python dict."""
     try:
         doc: Any = json.loads(body)
         err = doc["errors"][0]
-        parts = [str(err.get("message") or ""), str(err.get("detail") or "")]
+        parts = [_detail_text(err.get("message")), _detail_text(err.get("detail"))]
         text = ": ".join(p for p in parts if p)
-    except (ValueError, KeyError, IndexError, TypeError, AttributeError):
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError, RecursionError):
         text = body.decode("utf-8", "replace")
     return " ".join(text.split())[:300]
+
+
+def _detail_text(value: Any, depth: int = 0) -> str:
+    """A JSON value of an error body as words: ``Name: Msg`` for notary's
+    SerializableError, ``key value`` pairs for another object, items joined by
+    "; " for a list; nothing for null or an empty object (a Go error that
+    marshals to ``{}``)."""
+    if value is None or depth > 4:
+        return ""
+    if isinstance(value, dict):
+        error = value.get("Error")
+        if isinstance(value.get("Name"), str) and isinstance(error, dict):
+            msg = _detail_text(error.get("Msg"), depth + 1)
+            return f"{value['Name']}: {msg}" if msg else str(value["Name"])
+        parts = ((str(k), _detail_text(v, depth + 1)) for k, v in value.items())
+        return "; ".join(f"{k} {v}" for k, v in parts if v)
+    if isinstance(value, list):
+        return "; ".join(t for t in (_detail_text(v, depth + 1) for v in value) if t)
+    return str(value)

@@ -48,8 +48,11 @@ class SignedTag:
     role: str
 
     def to_dict(self) -> dict[str, Any]:
-        """Machine output (``--json``)."""
-        return {"name": self.name, "digest": self.digest, "size": self.size, "role": self.role}
+        """Machine output (``--json``). ``digest`` is ``sha256:HEX``, as Docker
+        writes a digest, as ``trust sign --digest`` takes it and as the table
+        shows it (issue 21 §6: JSON had the bare hex)."""
+        return {"name": self.name, "digest": f"sha256:{self.digest}", "size": self.size,
+                "role": self.role}
 
 
 @dataclass(frozen=True)

@@ -21,8 +21,8 @@ with the message ``signerctl`` prints; messages that say what to run next name
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
 from signerd.errors import FailedPrecondition, InvalidArgument, NotFound, SignerdError
@@ -32,7 +32,7 @@ from signerd.trust._key import TufKey, key_from_pem
 from signerd.trust.errors import VerificationError
 from signerd.trust.keysource import KeySource
 from signerd.trust.metadata import Envelope, Root, check_writable
-from signerd.trust.notary_http import NotaryClient
+from signerd.trust.notary_http import MetadataNotFound, NotaryClient
 from signerd.trust.repo import TrustRepo, signer_key
 from signerd.trust.results import (
     DelegationAddResult,
@@ -210,6 +210,85 @@ def pull_into(
     return result, state
 
 
+class NewKeys:
+    """A key source that remembers the keys it made, so that a workflow that
+    fails can destroy them again (see :func:`undone_on_failure`)."""
+
+    def __init__(self, source: KeySource) -> None:
+        self.source = source
+        self.made: list[str] = []
+
+    def create(self, gun: str, role: str) -> TrustSigner:
+        """As :meth:`KeySource.create`; the new key is remembered."""
+        signer = self.source.create(gun, role)
+        self.made.append(signer.key_id)
+        return signer
+
+    def get(self, key_id: str) -> TrustSigner:
+        """As :meth:`KeySource.get`."""
+        return self.source.get(key_id)
+
+    def find(self, key_id: str) -> TrustSigner | None:
+        """As :meth:`KeySource.find`."""
+        return self.source.find(key_id)
+
+    def delete(self, key_id: str) -> None:
+        """As :meth:`KeySource.delete`."""
+        self.source.delete(key_id)
+
+
+@contextmanager
+def undone_on_failure(source: KeySource) -> Iterator[NewKeys]:
+    """Keys made inside the block are destroyed if it fails (issue 21 §4: a
+    failed ``init`` left a root and a targets key on the tokens that nothing
+    referred to). They have signed nothing that was kept: the block's file
+    changes are undone too (:func:`changes`). A key that cannot be destroyed
+    (the policy does not grant "delete", the daemon went away) is named in the
+    error, with the command that destroys it; a Ctrl-C (KeyboardInterrupt)
+    is raised on after the attempt, as it came."""
+    keys = NewKeys(source)
+    try:
+        yield keys
+    except BaseException as e:
+        left = []
+        for key_id in reversed(keys.made):
+            try:
+                keys.source.delete(key_id)
+            except Exception:  # noqa: BLE001 - reported below, with the first failure
+                left.append(key_id)
+        if left and isinstance(e, SignerdError):
+            raise KeysLeft(
+                f"{e}; the new key(s) {', '.join(reversed(left))} could not be deleted: "
+                "delete them with 'signerctl keys delete KEYID'") from e
+        raise
+
+
+class KeysLeft(SignerdError):
+    """A workflow failed, and keys it made could not be destroyed; the message
+    names them (the original error is the ``__cause__``)."""
+
+
+def check_new_on_server(server: NotaryClient, gun: str) -> None:
+    """FailedPrecondition if the Notary server already has ``gun`` (its root.json).
+
+    ``init`` makes a new repository, whose root.json is version 1; the server
+    takes a root only at its current version + 1 (notary's
+    server/handlers/validation.go), so a publish could never succeed, and
+    the keys made for it would be orphans (issue 21 §4)."""
+    try:
+        data = server.get(gun, "root")
+    except MetadataNotFound:
+        return
+    try:
+        version = f" (root version {int(Envelope.from_bytes(data, 'root').signed['version'])})"
+    except (VerificationError, KeyError, TypeError, ValueError):
+        version = ""
+    raise FailedPrecondition(
+        f"{gun} already exists on the Notary server {server.url}{version}; 'trust init' makes "
+        f"a new repository only. To sign its tags, fetch it: 'signerctl trust pull {gun} "
+        f"--server {server.url}'; nothing was created")
+
+
 # --- workflows ----------------------------------------------------------------------
 
 
@@ -224,19 +303,24 @@ def init(
 ) -> InitResult:
     """Create root, targets (and local snapshot/timestamp) keys and the first metadata.
 
-    With ``notary``, the server's timestamp key (and snapshot key, unless
-    ``local_snapshot``) is fetched first, so that an unreachable server
-    leaves no new keys behind; signerd makes the others. ``root_key`` reuses
-    a root key signerd holds. InvalidArgument if ``gun`` is already initialised.
+    With ``notary``, the server is asked first: FailedPrecondition if it
+    already has ``gun`` (:func:`check_new_on_server`); then its timestamp key
+    (and snapshot key, unless ``local_snapshot``) is fetched, so that an
+    unreachable or refusing server leaves no new keys behind; signerd makes
+    the others. If anything fails after that, the keys made are destroyed
+    again (:func:`undone_on_failure`). ``root_key`` reuses a root key signerd
+    holds. InvalidArgument if ``gun`` is already initialised.
     """
     gun = validate_gun(gun)
     repo = TrustRepo(base, gun)
     if repo.read("root") is not None:
         raise InvalidArgument(f"{gun} is already initialised in {repo.path}")
     server = notary(None) if notary is not None else None
+    if server is not None:
+        check_new_on_server(server, gun)
     timestamp_key = server.get_key(gun, "timestamp") if server else None
     snapshot_key = server.get_key(gun, "snapshot") if server and not local_snapshot else None
-    with keys() as source:
+    with keys() as opened, undone_on_failure(opened) as source:
         root = source.get(root_key) if root_key else source.create(gun, "root")
         targets = source.create(gun, "targets")
         local: list[str] = []
@@ -385,7 +469,7 @@ def rotate(
         return _rotate_server_role(repo, role, keys, notary, key_id)
     if role in ("root", "targets"):
         check_root_change(repo)
-    with keys() as source, changes(repo) as changed:
+    with keys() as opened, undone_on_failure(opened) as source, changes(repo) as changed:
         old = {k.canonical_id for k in role_keys(repo, role).values()}
         # Found before a new key is made, so that a caller who cannot approve
         # the change leaves no orphan key behind.
@@ -431,7 +515,7 @@ def _rotate_server_role(
     client = None if local else notary(settings)
     old = sorted(repo.root().roles[role].keyids)
     published: list[str] = []
-    with keys() as source, changes(repo) as changed:
+    with keys() as opened, undone_on_failure(opened) as source, changes(repo) as changed:
         root_signer = signer_for(source, repo, "root")  # before the server makes a key
         signer = source.create(gun, role) if local else None
         new_key = signer_key(signer) if signer is not None else None
