@@ -71,8 +71,9 @@ def _templates(profile: Profile, alg: Algorithm,
 
 
 def generate_pair(module: _p11.Module, profile: Profile, token: str, s: Any,
-                  alg: Algorithm, gun: str, role: str) -> KeyEntry | None:
-    """Generate one key pair of ``alg`` for ``gun`` and ``role`` through
+                  alg: Algorithm, gun: str, role: str, purpose: str) -> KeyEntry | None:
+    """Generate one key pair of ``alg`` for ``gun`` and ``role`` (whose
+    purpose, ``metadata`` or ``raw``, its metadata records) through
     session ``s``, with its metadata object, under a free 2-byte CKA_ID.
     Returns None, with nothing left behind, when another process took the
     same CKA_ID meanwhile (try again). Raises Unavailable, P11Error or
@@ -97,7 +98,7 @@ def generate_pair(module: _p11.Module, profile: Profile, token: str, s: Any,
         spki = _layout.spki(alg, attrs[_p11.CKA_EC_POINT], attrs[_p11.CKA_MODULUS],
                             attrs[_p11.CKA_PUBLIC_EXPONENT])
         kid = key_id(alg.keytype, tuf_public_bytes(alg.keytype, spki))
-        meta = _layout.KeyMeta(alg, gun, role, kid, object_id)
+        meta = _layout.KeyMeta(alg, gun, role, kid, object_id, purpose)
         made.append(s.create_object({
             Attribute.CLASS: ObjectClass.DATA,
             Attribute.TOKEN: True,
@@ -119,4 +120,4 @@ def generate_pair(module: _p11.Module, profile: Profile, token: str, s: Any,
         if isinstance(e, _Collision):
             return None
         raise
-    return KeyEntry(kid, alg, gun, role, token, spki, False, priv.handle, object_id, 2)
+    return KeyEntry(kid, alg, gun, role, token, spki, False, priv.handle, object_id, 2, purpose)

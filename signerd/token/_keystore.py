@@ -21,8 +21,8 @@ from typing import Any
 from pkcs11 import Attribute, ObjectClass
 
 from signerd.errors import FailedPrecondition, NotFound, SignerdError, Unavailable
-from signerd.keys import Algorithm, KeyID
-from signerd.token import _keygen, _layout, _p11
+from signerd.keys import METADATA, Algorithm, KeyID
+from signerd.token import _keygen, _layout, _p11, _purpose
 from signerd.token._health import Health
 from signerd.token._listing import KeyEntry, read_keys
 from signerd.token._slot import Slot
@@ -178,9 +178,10 @@ class KeyStore:
                 f"token {self.name} cannot create {alg.name} keys; it supports {can}"
             )
 
-    def generate(self, alg: Algorithm, gun: str, role: str) -> KeyEntry:
+    def generate(self, alg: Algorithm, gun: str, role: str, purpose: str = METADATA) -> KeyEntry:
         """Generate a key pair on the token, in layout 2, with its metadata
-        object (:func:`signerd.token._keygen.generate_pair`).
+        object (:func:`signerd.token._keygen.generate_pair`), which records
+        ``purpose``.
 
         Raises FailedPrecondition (an algorithm the token cannot do),
         Unavailable."""
@@ -188,7 +189,8 @@ class KeyStore:
         slot = self._slot
 
         def gen(s: Any) -> KeyEntry | None:
-            return _keygen.generate_pair(slot.module, slot.profile, self.name, s, alg, gun, role)
+            return _keygen.generate_pair(slot.module, slot.profile, self.name, s, alg, gun, role,
+                                         purpose)
 
         entry: KeyEntry | None = None
         for _ in range(_keygen.ID_ATTEMPTS):
@@ -202,7 +204,23 @@ class KeyStore:
             self._made[entry.key_id] = time.monotonic()
         log.info("key created", extra={"fields": {
             "token": self.name, "key_id": entry.key_id, "algorithm": alg.name,
-            "gun": gun, "role": role}})
+            "gun": gun, "role": role, "purpose": purpose}})
+        return entry
+
+    def set_purpose(self, kid: KeyID, purpose: str) -> KeyEntry:
+        """Record a new purpose for key ``kid`` (:mod:`signerd.token._purpose`)
+        and return its entry. Raises NotFound, Unavailable."""
+        entry = self.known(kid)
+
+        def write(s: Any) -> None:
+            self.sync_index(s)
+            _purpose.write(s, self._slot.profile.private_data, entry.key_id, purpose)
+
+        # A new object: no search may read it half-written (see _ObjectLocks).
+        self._health.run("setting a key's purpose", write, self._slot.locks.searches.exclusive)
+        with self._lock:
+            entry = replace(self._keys.get(kid, entry), purpose=purpose)
+            self._keys[kid] = entry
         return entry
 
     @staticmethod
@@ -222,7 +240,8 @@ class KeyStore:
         """Every object of a key: the pair, its metadata and "has signed" objects."""
         found = list(s.get_objects({Attribute.ID: entry.object_id}))
         if entry.layout == 2:
-            for label in (_layout.meta_label(entry.key_id), _layout.used_label(entry.key_id)):
+            for label in (_layout.meta_label(entry.key_id), _layout.used_label(entry.key_id),
+                          _layout.purpose_label(entry.key_id)):
                 found += list(s.get_objects({Attribute.CLASS: ObjectClass.DATA,
                                              Attribute.LABEL: label.decode()}))
         return found

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
-from signerd.keys import Algorithm, KeyID, key_id, tuf_public_bytes
+from signerd.keys import METADATA, Algorithm, KeyID, key_id, purpose_by_rule, tuf_public_bytes
 from signerd.token import _layout, _p11
 from signerd.token.profiles import Profile
 
@@ -29,7 +29,10 @@ class KeyEntry:
 
     ``spki_der`` is the DER SubjectPublicKeyInfo; ``handle`` the private key's
     object handle, valid in every session of the process; ``object_id`` its
-    CKA_ID (2 bytes in layout 2, the 32-byte key ID in layout 1)."""
+    CKA_ID (2 bytes in layout 2, the 32-byte key ID in layout 1).
+    ``purpose``: ``metadata`` or ``raw`` (see :mod:`signerd.token._layout`:
+    a purpose object, else the metadata's field, else
+    :func:`signerd.keys.purpose_by_rule`)."""
 
     key_id: KeyID
     algorithm: Algorithm
@@ -41,6 +44,7 @@ class KeyEntry:
     handle: int
     object_id: bytes = b""
     layout: int = 2
+    purpose: str = METADATA
 
     @property
     def tuf_public(self) -> bytes:
@@ -72,14 +76,19 @@ def read_keys(module: _p11.Module, profile: Profile, token: str, s: Any,
     read_data = m.attribute_reader({_p11.CKA_LABEL: 40, _p11.CKA_VALUE: 512}).read
     metas: dict[KeyID, _layout.KeyMeta] = {}
     used: set[str] = set()
+    purposes: dict[KeyID, tuple[int, str]] = {}  # key ID -> (n, purpose) of its purpose object
 
     def read_data_objects(template: dict[int, bytes]) -> None:
         for handle in m.find_objects(h, {**data_class, **template}):
             attrs = read_data(h, handle)
             prefix = _layout.used_prefix(attrs[_p11.CKA_LABEL])
             meta = _layout.parse_meta_value(attrs[_p11.CKA_VALUE])
+            purpose = _layout.parse_purpose_value(attrs[_p11.CKA_LABEL], attrs[_p11.CKA_VALUE])
             if prefix is not None:
                 used.add(prefix)
+            elif purpose is not None:
+                if purpose[1] >= purposes.get(purpose[0], (-1, ""))[0]:
+                    purposes[purpose[0]] = purpose[1:]
             elif meta is not None and meta.key_id is not None:
                 metas[meta.key_id] = meta
 
@@ -92,6 +101,7 @@ def read_keys(module: _p11.Module, profile: Profile, token: str, s: Any,
         # the key ID. Every search scans the token (SoftHSM's file store:
         # about 35 µs an object), so only the searches one layout needs run.
         read_data_objects({_p11.CKA_LABEL: _layout.meta_label(only)})
+        read_data_objects({_p11.CKA_LABEL: _layout.purpose_label(only)})
         if metas:
             read_data_objects({_p11.CKA_LABEL: _layout.used_label(only)})
             ids = [meta.object_id for meta in metas.values()]
@@ -133,8 +143,18 @@ def read_keys(module: _p11.Module, profile: Profile, token: str, s: Any,
     for object_id, (private, label) in privates.items():
         entry = _entry(token, object_id, private, label, publics.get(object_id), metas, used)
         if entry is not None and (only is None or entry.key_id == only):
-            keys[entry.key_id] = entry
+            keys[entry.key_id] = _with_purpose(entry, metas.get(entry.key_id),
+                                               purposes.get(entry.key_id))
     return keys
+
+
+def _with_purpose(entry: KeyEntry, meta: _layout.KeyMeta | None,
+                  override: tuple[int, str] | None) -> KeyEntry:
+    """``entry`` with its purpose: the purpose object's, else the metadata's, else the rule's."""
+    purpose = (override[1] if override is not None
+               else meta.purpose if meta is not None and meta.purpose
+               else purpose_by_rule(entry.role))
+    return entry if purpose == entry.purpose else replace(entry, purpose=purpose)
 
 
 def material(module: _p11.Module, session: int, handle: int,
