@@ -125,7 +125,11 @@ class SigningGuard:
                                "Notary metadata (sign that with a metadata key of the role)")
             return Verdict(None, {"purpose": RAW})
         if options.prehashed:
-            self.content.refuse_digest(entry.gun, entry.role)
+            try:
+                self.content.refuse_digest(entry.gun, entry.role)
+            except ContentInvalid as e:
+                raise ContentInvalid(e.check, f"{e}; key {entry.key_id} is a metadata key "
+                                              "(a key for digests is a raw key)") from None
             return Verdict(Outcome(checked=False), {"purpose": "metadata",
                                                     "content": {"checked": False}})
         tbs = _tbs_certificate(payload)
