@@ -438,3 +438,37 @@ def test_signing_fails_closed_while_the_state_database_cannot_be_written(
     assert "state" not in daemon.servers.service.unusable()
     assert sign("sign", meta.key_id, notary_meta(gun, "timestamp", 1)).code == grpc.StatusCode.OK
     assert os.path.getsize(db) > 0
+
+
+def test_large_tuf_metadata_signs_through_the_python_tuf_adapter(
+        daemon: Daemon, tmp_path: Path) -> None:
+    """Metadata keys need the whole payload: targets metadata of 3,000 targets with SHA-256
+    and SHA-512 hashes (0.81 MB, under the default 1 MiB max_message_bytes) signs through
+    SignerdSigner and verifies; 6,000 (1.6 MB) is refused with a message naming the setting.
+    Run with -s to see the time (the README's python-tuf section quotes it)."""
+    import time
+
+    from securesystemslib.signer import Signer as SslibSigner
+
+    from signerd.tuf_signer import SignerdSigner, SignerdSignerError
+    from tests.adapter_helpers import write_client_toml
+
+    toml = write_client_toml(daemon.client_config(), tmp_path / "client.toml")
+    k = key(daemon, unique_gun(), "targets")
+    uri, public = SignerdSigner.import_(k.key_id, toml)
+    signer = SslibSigner.from_priv_key_uri(uri, public)
+
+    def targets(n: int) -> bytes:
+        files = {f"releases/app-{i}.tar.gz": {"length": i, "hashes": {
+            "sha256": hashlib.sha256(b"%d" % i).hexdigest(),
+            "sha512": hashlib.sha512(b"%d" % i).hexdigest()}} for i in range(n)}
+        return tuf_meta("targets", n, targets=files)
+
+    payload = targets(3_000)
+    start = time.perf_counter()
+    sig = signer.sign(payload)
+    took = time.perf_counter() - start
+    public.verify_signature(sig, payload)
+    print(f"\nsigned {len(payload)} bytes of TUF targets metadata in {took * 1000:.0f} ms")
+    with pytest.raises(SignerdSignerError, match="server.max_message_bytes"):
+        signer.sign(targets(6_000))

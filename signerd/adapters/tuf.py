@@ -39,7 +39,7 @@ the default), and signerd checks what such a key signs (its role, OLPC
 canonical form, expiry bounds, no rollback below a version already signed,
 no freeze of snapshot/timestamp meta) before signing, which a digest would
 not let it do. Metadata must therefore fit the daemon's
-``server.max_message_bytes`` (default 1 MiB, about 6,000 targets with
+``server.max_message_bytes`` (default 1 MiB: about 3,800 targets with
 SHA-256 and SHA-512 hashes; raise it for larger targets metadata: the
 README's python-tuf section gives figures). A refusal is a
 SignerdSignerError whose status is INVALID_ARGUMENT or FAILED_PRECONDITION
