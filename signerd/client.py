@@ -33,6 +33,11 @@ CERTIFICATE_PROFILES = {
 MAX_TIMEOUT = 86400.0  # seconds: the longest timeout a client config or --timeout may set
 
 
+#: KeyPurpose values by name (signerd.keys.PURPOSES).
+PURPOSES = {"metadata": pb.KEY_PURPOSE_METADATA, "raw": pb.KEY_PURPOSE_RAW}
+PURPOSE_NAMES = {v: k for k, v in PURPOSES.items()}
+
+
 def valid_server(value: str) -> bool:
     """Whether ``value`` is an address signerd's clients accept:
     ``unix:PATH`` (a socket path, as gRPC reads it) or ``HOST:PORT`` with a
@@ -227,11 +232,31 @@ class Client:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def create_key(self, gun: str, role: str, algorithm: str = "", token: str = "") -> pb.Key:
+    def create_key(self, gun: str, role: str, algorithm: str = "", token: str = "",
+                   purpose: str = "") -> pb.Key:
+        """CreateKey; ``purpose`` is ``metadata``, ``raw`` or "" (the server's
+        default, metadata)."""
         return self.stub.CreateKey(
-            pb.CreateKeyRequest(gun=gun, role=role, algorithm=algorithm, token=token),
+            pb.CreateKeyRequest(gun=gun, role=role, algorithm=algorithm, token=token,
+                                purpose=PURPOSES.get(purpose, pb.KEY_PURPOSE_UNSPECIFIED)),
             timeout=self.cfg.timeout,
         )
+
+    def set_key_purpose(self, key_id: str, purpose: str) -> pb.Key:
+        """SetKeyPurpose: ``purpose`` is ``metadata`` or ``raw``."""
+        return self.stub.SetKeyPurpose(
+            pb.SetKeyPurposeRequest(
+                key_id=key_id, purpose=PURPOSES.get(purpose, pb.KEY_PURPOSE_UNSPECIFIED)),
+            timeout=self.cfg.timeout)
+
+    def get_state(self, gun: str) -> pb.GetStateResponse:
+        """GetState: the watermarks recorded for ``gun``."""
+        return self.stub.GetState(pb.GetStateRequest(gun=gun), timeout=self.cfg.timeout)
+
+    def reset_state(self, gun: str) -> int:
+        """ResetState: forget ``gun``'s watermarks; the rows removed."""
+        return int(self.stub.ResetState(pb.ResetStateRequest(gun=gun),
+                                        timeout=self.cfg.timeout).removed)
 
     def get_key(self, key_id: str) -> pb.Key:
         return self.stub.GetKey(pb.GetKeyRequest(key_id=key_id), timeout=self.cfg.timeout)

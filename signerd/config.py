@@ -18,6 +18,7 @@ from typing import Any
 from urllib.parse import unquote
 
 from signerd.audit._tlogconfig import TlogConfig, parse_tlog
+from signerd.content._config import ContentConfig, StateConfig, parse_content, parse_state
 from signerd.errors import ConfigError
 from signerd.token.profiles import PROFILE_NAMES, session_budget
 
@@ -160,6 +161,11 @@ class Config:
     # has to send its whole request (a slow one is closed then).
     metrics_max_connections: int = 64
     metrics_read_timeout: float = 5.0
+    # [content]: the checks a metadata key's payload passes (signerd.content._config).
+    content: ContentConfig = field(default_factory=ContentConfig)
+    # [state]: the watermark store; parse_config always sets it (default: a SQLite
+    # file next to the config, signerd-state.db).
+    state: StateConfig | None = None
 
     @property
     def inflight_reserve(self) -> int:
@@ -316,6 +322,8 @@ def parse_config(data: dict[str, Any], base: Path) -> Config:
     audit = data.pop("audit", {})
     environment = data.pop("environment", {})
     metrics_table = data.pop("metrics", {})
+    content = parse_content(data.pop("content", None))
+    state = parse_state(data.pop("state", None), base)
     if data:
         raise ConfigError(f"unknown config sections {sorted(data)}")
     tables = {"server": server, "tls": tls or {}, "policy": policy, "audit": audit,
@@ -362,6 +370,8 @@ def parse_config(data: dict[str, Any], base: Path) -> Config:
         audit_file=_path(base, audit.pop("file"), "audit.file") if "file" in audit else None,
         audit_max_bytes=_take(audit, "max_bytes", int, None, "audit."),
         environment={str(k): str(v) for k, v in environment.items()},
+        content=content,
+        state=state,
     )
     if s:
         raise ConfigError(f"unknown keys in [server]: {sorted(s)}")

@@ -10,7 +10,9 @@ directory (``$SIGNERD_STATE_DIR``, else ``$XDG_STATE_HOME/signerd``, else
 - a local CA, a server certificate for localhost and a client certificate,
   so that mutual TLS is on from the first run;
 - a policy granting that client certificate, and the current uid over the
-  Unix socket, every operation (root keys included);
+  Unix socket, every operation (root keys included, and the admin operations
+  ``purpose`` and ``reset``);
+- a SQLite watermark store for the content checks, ``signerd-state.db``;
 - ``signerd.toml`` for the daemon and ``client.toml`` for ``signerctl``.
 
 Later runs reuse all of it.
@@ -139,13 +141,13 @@ def ensure(state: Path, listen: str = DEFAULT_LISTEN,
 [[rule]]
 name = "local-admin-tls"
 identities = [{_toml_str(CLIENT_IDENTITY)}]
-operations = ["*"]
+operations = ["*", "purpose", "reset"]
 roles = ["*", "root"]
 
 [[rule]]
 name = "local-admin-unix"
 identities = ["uid:{os.getuid()}"]
-operations = ["*"]
+operations = ["*", "purpose", "reset"]
 transports = ["unix"]
 """,
     )
@@ -180,6 +182,9 @@ file = "audit.log"
 
 [metrics]
 listen = {_toml_str(metrics_listen)}
+
+[state]
+url = {_toml_str("sqlite:///" + str(state / "signerd-state.db"))}
 
 [environment]
 SOFTHSM2_CONF = {_toml_str(conf)}

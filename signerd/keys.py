@@ -147,6 +147,37 @@ def validate_role(role: str) -> str:
     return role
 
 
+#: What a key signs (fixed when it is made, kept on the token with its metadata):
+#: ``metadata`` keys sign TUF/Notary metadata of their own role, checked first
+#: (signerd.content); ``raw`` keys sign opaque messages and digests (cosign, Notation,
+#: certificates of other keys).
+METADATA = "metadata"
+RAW = "raw"
+PURPOSES = (METADATA, RAW)
+
+
+def validate_purpose(purpose: str) -> str:
+    """``metadata`` or ``raw``; InvalidArgument otherwise."""
+    if purpose not in PURPOSES:
+        raise InvalidArgument(
+            f"invalid purpose {quoted(purpose)}: use 'metadata' (TUF/Notary metadata of the "
+            "key's role, checked before signing) or 'raw' (opaque messages and digests)")
+    return purpose
+
+
+def purpose_by_rule(role: str) -> str:
+    """The purpose of a key made before purposes were recorded (signerd 0.x).
+
+    Every such key's role is a TUF role name (root, targets, targets/NAME, snapshot,
+    timestamp), and the Notary API, ``signerctl trust`` and python-tuf made metadata keys
+    under them: such a key is ``metadata``. A key that was really a cosign or Notation key
+    is set ``raw`` once by its operator (``signerctl keys set-purpose KEYID raw``; the
+    README's upgrade steps). ``role`` is accepted for the day a rule needs it.
+    """
+    del role
+    return METADATA
+
+
 def load_public_key(spki_der: bytes) -> PublicKey:
     key = serialization.load_der_public_key(spki_der)
     if not isinstance(key, ec.EllipticCurvePublicKey | rsa.RSAPublicKey | ed25519.Ed25519PublicKey):

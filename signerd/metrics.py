@@ -17,12 +17,12 @@ With one process the same metrics live in the default registry.
 
 The listener (``[metrics] listen``) answers ``/metrics`` (Prometheus text
 format, written by prometheus-client), ``/livez`` (200 while the process
-serves) and ``/readyz`` (200 only while every token is usable, else 503 with
-``{"unusable": [token names]}``). It is plain HTTP, holds no key material
-and accepts no signing: bind it to loopback or a scrape-only network. It
-bounds what a peer can hold: ``[metrics] max_connections`` connections at
-once, each closed unanswered after ``[metrics] read_timeout`` seconds
-without a whole request (see HttpListener).
+serves) and ``/readyz`` (200 only while every token and the watermark store are
+usable, else 503 with ``{"unusable": [token names, and "state" for the store]}``).
+It is plain HTTP, holds no key material and accepts no signing: bind it to
+loopback or a scrape-only network. It bounds what a peer can hold:
+``[metrics] max_connections`` connections at once, each closed unanswered
+after ``[metrics] read_timeout`` seconds without a whole request (see HttpListener).
 """
 
 from __future__ import annotations
@@ -93,6 +93,11 @@ SESSIONS_IN_USE = Gauge("signerd_token_sessions_in_use", "Pooled sessions borrow
                         ["token"], multiprocess_mode="livesum")
 SESSIONS = Gauge("signerd_token_sessions", "Pooled sessions (the pool size).", ["token"],
                  multiprocess_mode="livesum")
+# Labelled (by the store's kind: sqlite or postgresql) so that a child exists only in the
+# processes that opened a store: a supervisor's own unlabelled 0 would read as "down".
+STATE_HEALTHY = Gauge("signerd_state_healthy", "1 while the watermark store ([state]) answers, "
+                      "else 0: metadata keys cannot sign without it.", ["store"],
+                      multiprocess_mode="livemin")
 KEYS = Gauge("signerd_keys", "signerd keys on the token, by role (delegations as one).",
              ["token", "role"], multiprocess_mode="livemax")
 
@@ -123,15 +128,20 @@ def process_exited(pid: int) -> None:
         multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]
 
 
+STATE_NAME = "state"  # what /readyz lists when the watermark store does not answer
+
+
 def unusable_tokens(registry: CollectorRegistry | None = None) -> list[str]:
     """Tokens whose ``signerd_token_healthy`` is 0 in ``registry`` (default:
-    this process's)."""
+    this process's), and ``"state"`` when ``signerd_state_healthy`` is 0."""
     from prometheus_client import REGISTRY
 
     names = set()
     for metric in (registry or REGISTRY).collect():
         if metric.name == "signerd_token_healthy":
             names |= {s.labels["token"] for s in metric.samples if s.value < 1}
+        elif metric.name == "signerd_state_healthy" and any(s.value < 1 for s in metric.samples):
+            names.add(STATE_NAME)
     return sorted(names)
 
 

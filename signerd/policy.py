@@ -7,7 +7,8 @@ default, so an empty file denies everything)::
     [[rule]]
     name = "ci-runners"               # optional; unique; shown in decisions
     identities = ["spiffe://ci/*"]    # required, non-empty: exact names or globs
-    operations = ["sign", "read"]     # required: sign, create, delete, read, or "*"
+    operations = ["sign", "read"]     # required: sign, create, delete, read, or "*";
+                                      # purpose, reset (admin: never granted by "*")
     guns = ["docker.io/acme/*"]       # optional, default ["*"]
     roles = ["targets/ci-*"]          # optional, default ["*"]
     tokens = ["online"]               # optional, default ["*"]
@@ -32,6 +33,12 @@ when it is not about one key (for example the first check of a listing).
 An empty value means "any", and only the pattern ``"*"`` matches it. That
 grants nothing by itself: callers that list keys must filter each key
 through :meth:`Policy.allows` with the key's own GUN, role and token.
+
+Admin operations. ``purpose`` (set an existing key's purpose: ``signerctl keys
+set-purpose``) and ``reset`` (forget a GUN's watermarks: ``signerctl state
+reset``) weaken what the content checks protect, so ``"*"`` never grants them:
+a rule lists them by name. ``reset`` is asked with the GUN and an empty role
+and token, so the rule's ``roles`` and ``tokens`` must be ``"*"``.
 
 Identities are typed: an :class:`Identity` is a kind and a name, written
 ``kind:name`` in rules and in the audit log. The server gives each caller
@@ -77,9 +84,13 @@ from signerd.errors import ConfigError, quoted
 
 log = logging.getLogger("signerd.policy")
 
-Operation = Literal["sign", "create", "delete", "read"]
+Operation = Literal["sign", "create", "delete", "read", "purpose", "reset"]
 Transport = Literal["tcp", "unix"]
 OPERATIONS: Final[tuple[str, ...]] = get_args(Operation)
+# What "*" grants: every operation but the admin ones (see the module docstring).
+ADMIN_OPERATIONS: Final = frozenset({"purpose", "reset"})
+STAR_OPERATIONS: Final[tuple[str, ...]] = tuple(o for o in OPERATIONS
+                                                if o not in ADMIN_OPERATIONS)
 TRANSPORTS: Final[tuple[str, ...]] = get_args(Transport)
 ROOT_ROLE: Final = "root"
 IdentityKind = Literal["uri", "dns", "cn", "uid", "dev"]
@@ -497,7 +508,8 @@ def _parse_rule(source: str, index: int, raw: Any) -> Rule:
                 raise ConfigError(f"{where}: field 'identities': {item!r}: {e}") from None
         return tuple(values)
 
-    def choices(key: str, allowed: tuple[str, ...]) -> frozenset[str]:
+    def choices(key: str, allowed: tuple[str, ...],
+                star: tuple[str, ...] | None = None) -> frozenset[str]:
         accepted = ", ".join(allowed) + ' or "*"'
         values = strings(key, accepted)
         for v in values:
@@ -505,12 +517,14 @@ def _parse_rule(source: str, index: int, raw: Any) -> Rule:
                 raise ConfigError(
                     f"{where}: field '{key}': unknown value {v!r}; accepted: {accepted}"
                 )
-        return frozenset(allowed) if "*" in values else frozenset(values)
+        if "*" in values:
+            return frozenset(star or allowed) | frozenset(v for v in values if v != "*")
+        return frozenset(values)
 
     return Rule(
         name=name,
         identities=identities(),
-        operations=choices("operations", OPERATIONS),
+        operations=choices("operations", OPERATIONS, STAR_OPERATIONS),
         guns=tuple(strings("guns", "GUN globs")),
         roles=tuple(strings("roles", "role names or globs")),
         tokens=tuple(strings("tokens", "token names or globs")),

@@ -100,8 +100,8 @@ def make_chain(c: Any, leaf_algorithm: str = "ecdsa-p256", root_algorithm: str =
                subject: str = SUBJECT) -> tuple[Any, Any, list[bytes]]:
     """A root key on the root token certified by itself, and a leaf key on
     the online token certified by it: (root key, leaf key, leaf's chain)."""
-    root = c.create_key(unique_gun(), "root", root_algorithm)
-    leaf = c.create_key(unique_gun(), "targets", leaf_algorithm)
+    root = c.create_key(unique_gun(), "root", root_algorithm, purpose="raw")
+    leaf = c.create_key(unique_gun(), "targets", leaf_algorithm, purpose="raw")
     c.certify_key(root.key_id, "CN=acme root,O=Acme,C=US")
     chain = c.certify_key(leaf.key_id, subject, root.key_id)
     return root, leaf, chain
@@ -165,7 +165,7 @@ def test_intermediate_ca_and_a_chain_of_three(daemon: Daemon) -> None:
         root, mid, _ = make_chain(c)  # "mid" first gets a leaf certificate...
         as_ca = c.certify_key(mid.key_id, "CN=acme intermediate,O=Acme,C=US", root.key_id,
                               profile="ca")  # ...then is re-certified as a CA
-        leaf = c.create_key(unique_gun(), "targets/releases", "ecdsa-p384")
+        leaf = c.create_key(unique_gun(), "targets/releases", "ecdsa-p384", purpose="raw")
         chain = c.certify_key(leaf.key_id, SUBJECT, mid.key_id, days=30)
     assert len(as_ca) == 2 and len(chain) == 3 and chain[1:] == as_ca
     verify_notary_chain(chain)
@@ -177,7 +177,7 @@ def test_self_signed_code_signing_certificate_is_a_chain_of_one(daemon: Daemon) 
     # signature-specification.md, "Other requirements" 1: a chain of only a
     # root must meet the leaf requirements.
     with daemon.client() as c:
-        key = c.create_key(unique_gun(), "targets", "ecdsa-p256")
+        key = c.create_key(unique_gun(), "targets", "ecdsa-p256", purpose="raw")
         chain = c.certify_key(key.key_id, SUBJECT, profile="code-signing")
     (cert,) = (x509.load_der_x509_certificate(d) for d in chain)
     assert certs.self_signed(cert) and not certs.code_signing_problems(cert)
@@ -227,7 +227,7 @@ def test_certifying_is_audited_as_the_issuer_signing_the_tbs(daemon: Daemon) -> 
 
 def test_chain_errors_name_what_is_missing(daemon: Daemon) -> None:
     with daemon.client() as c:
-        bare = c.create_key(unique_gun(), "targets")
+        bare = c.create_key(unique_gun(), "targets", purpose="raw")
         for call in (lambda: c.certificate_chain("ab" * 32),
                      lambda: c.certify_key("ab" * 32, SUBJECT),
                      lambda: c.certify_key(bare.key_id, SUBJECT, "cd" * 32)):
@@ -239,7 +239,7 @@ def test_chain_errors_name_what_is_missing(daemon: Daemon) -> None:
         assert f"key {bare.key_id} has no certificate" in err.details()
         assert f"signerctl keys certify {bare.key_id}" in err.details()
 
-        issuer = c.create_key(unique_gun(), "root")
+        issuer = c.create_key(unique_gun(), "root", purpose="raw")
         err = rpc_error(lambda: c.certify_key(bare.key_id, SUBJECT, issuer.key_id))
         assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
         assert f"key {issuer.key_id} has no certificate" in err.details()
@@ -274,7 +274,7 @@ def test_malformed_certify_requests_are_invalid_argument(
     daemon: Daemon, subject: str, days: int, profile: int, message: str
 ) -> None:
     with daemon.client() as c:
-        key = c.create_key(unique_gun(), "targets")
+        key = c.create_key(unique_gun(), "targets", purpose="raw")
         err = rpc_error(lambda: c.stub.CertifyKey(pb.CertifyKeyRequest(
             key_id=key.key_id, subject=subject, validity_days=days, profile=profile)))
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -298,12 +298,12 @@ guns = ["{other}"]
 """
     d = daemon_factory(policy=policy)
     with d.client() as admin, d.client("runner") as runner:
-        root = admin.create_key(unique_gun(), "root")
+        root = admin.create_key(unique_gun(), "root", purpose="raw")
         admin.certify_key(root.key_id, "CN=root,O=Acme,C=US")
-        ca = admin.create_key(ci, "targets")
+        ca = admin.create_key(ci, "targets", purpose="raw")
         admin.certify_key(ca.key_id, "CN=ci ca,O=Acme,C=US", root.key_id, profile="ca")
-        mine = runner.create_key(ci, "targets/releases")
-        theirs = admin.create_key(other, "targets/releases")
+        mine = runner.create_key(ci, "targets/releases", purpose="raw")
+        theirs = admin.create_key(other, "targets/releases", purpose="raw")
 
         # sign on the root key: not granted, nor read: as if it did not exist
         err = rpc_error(lambda: runner.certify_key(mine.key_id, SUBJECT, root.key_id))
@@ -337,8 +337,8 @@ def signerctl(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
 def test_signerctl_keys_certify_and_export_certificate(daemon: Daemon, tmp_path: Path) -> None:
     config = write_client_toml(daemon.client_config(), tmp_path / "client.toml")
     with daemon.client() as c:
-        root = c.create_key(unique_gun(), "root", "ecdsa-p384")
-        leaf = c.create_key(unique_gun(), "targets", "rsa-2048")
+        root = c.create_key(unique_gun(), "root", "ecdsa-p384", purpose="raw")
+        leaf = c.create_key(unique_gun(), "targets", "rsa-2048", purpose="raw")
 
     out = signerctl(config, "keys", "certify", root.key_id, "--subject", "CN=ci root,O=Acme,C=US")
     assert out.returncode == 0, out.stderr
@@ -390,8 +390,8 @@ def test_a_restarted_daemon_reads_the_chain_from_the_tokens(daemon_factory: Any)
 def test_ed25519_keys_certify_too(daemon: Daemon) -> None:
     # X.509 with Ed25519 (RFC 8410); Notation has no Ed25519, the chain is for others.
     with daemon.client() as c:
-        root = c.create_key(unique_gun(), "root", "ed25519")
-        leaf = c.create_key(unique_gun(), "targets", "ed25519")
+        root = c.create_key(unique_gun(), "root", "ed25519", purpose="raw")
+        leaf = c.create_key(unique_gun(), "targets", "ed25519", purpose="raw")
         c.certify_key(root.key_id, "CN=ed root,O=Acme,C=US")
         chain = c.certify_key(leaf.key_id, SUBJECT, root.key_id)
     leaf_cert, root_cert = (x509.load_der_x509_certificate(d) for d in chain)

@@ -38,7 +38,7 @@ MESSAGE = b"The quick brown fox signs the canonical JSON" * 7
 @pytest.mark.parametrize("algorithm", sorted(ALGORITHMS))
 def test_every_algorithm_signs_and_verifies(daemon: Daemon, algorithm: str, encoding: str) -> None:
     with daemon.client() as c:
-        key = c.create_key(unique_gun(), "targets", algorithm)
+        key = c.create_key(unique_gun(), "targets", algorithm, purpose="raw")
         resp = c.sign(key.key_id, message=MESSAGE, encoding=encoding)
     alg = parse_algorithm(algorithm)
     assert resp.algorithm == algorithm
@@ -59,7 +59,7 @@ def test_sign_precomputed_digest(daemon: Daemon, algorithm: str) -> None:
     assert alg.hash_name is not None
     digest = hashlib.new(alg.hash_name, MESSAGE).digest()
     with daemon.client() as c:
-        key = c.create_key(unique_gun(), "targets", algorithm)
+        key = c.create_key(unique_gun(), "targets", algorithm, purpose="raw")
         resp = c.sign(key.key_id, digest=digest)
     signing.verify(key.public_key_der, alg, resp.signature, MESSAGE, signing.SignOptions())
 
@@ -67,11 +67,11 @@ def test_sign_precomputed_digest(daemon: Daemon, algorithm: str) -> None:
 def test_p384_signs_a_sha256_digest_as_tuf_verifies_it(daemon: Daemon) -> None:
     digest = hashlib.sha256(MESSAGE).digest()
     with daemon.client() as c:
-        key = c.create_key(unique_gun(), "targets", "ecdsa-p384")
+        key = c.create_key(unique_gun(), "targets", "ecdsa-p384", purpose="raw")
         resp = c.sign(key.key_id, digest=digest)
         too_long = rpc_error(
             lambda: c.sign(
-                c.create_key(unique_gun(), "targets").key_id,
+                c.create_key(unique_gun(), "targets", purpose="raw").key_id,
                 digest=hashlib.sha384(MESSAGE).digest(),
             )
         )
@@ -85,7 +85,7 @@ def test_p384_signs_a_sha256_digest_as_tuf_verifies_it(daemon: Daemon) -> None:
 
 def test_rsa_pkcs1v15_on_request(daemon: Daemon) -> None:
     with daemon.client() as c:
-        key = c.create_key(unique_gun(), "targets", "rsa-2048")
+        key = c.create_key(unique_gun(), "targets", "rsa-2048", purpose="raw")
         resp = c.sign(key.key_id, message=MESSAGE, rsa_padding="pkcs1v15")
         pss = c.sign(key.key_id, message=MESSAGE)
     assert resp.method == "rsa-pkcs1v15" and pss.method == "rsapss"
@@ -100,7 +100,7 @@ def test_rsa_pkcs1v15_on_request(daemon: Daemon) -> None:
 def test_key_id_is_tuf_key_id(daemon: Daemon) -> None:
     with daemon.client() as c:
         for algorithm in ("ecdsa-p256", "ed25519", "rsa-2048"):
-            k = c.create_key(unique_gun(), "targets", algorithm)
+            k = c.create_key(unique_gun(), "targets", algorithm, purpose="raw")
             assert k.key_id == key_id(k.keytype, k.tuf_public)
             if k.keytype == "ed25519":
                 assert len(k.tuf_public) == 32
@@ -246,8 +246,8 @@ _CASES = [c[0] for c in _bad_inputs("", "")]
 @pytest.mark.parametrize("case", _CASES)
 def test_bad_input_gets_status_and_message(daemon: Daemon, case: str) -> None:
     with daemon.client() as c:
-        p256 = c.create_key(unique_gun(), "targets").key_id
-        ed = c.create_key(unique_gun(), "targets", "ed25519").key_id
+        p256 = c.create_key(unique_gun(), "targets", purpose="raw").key_id
+        ed = c.create_key(unique_gun(), "targets", "ed25519", purpose="raw").key_id
         name, call, code, text = next(x for x in _bad_inputs(p256, ed) if x[0] == case)
         err = rpc_error(lambda: call(c))
     assert err.code() == code, err.details()
@@ -258,7 +258,8 @@ def test_bad_input_gets_status_and_message(daemon: Daemon, case: str) -> None:
 def test_private_key_attributes_and_unextractable(daemon: Daemon, hsm: Any) -> None:
     with daemon.client() as c:
         keys = [
-            c.create_key(unique_gun(), "targets", a) for a in ("ecdsa-p256", "rsa-2048", "ed25519")
+            c.create_key(unique_gun(), "targets", a, purpose="raw")
+            for a in ("ecdsa-p256", "rsa-2048", "ed25519")
         ]
     lib = MODULES.acquire(hsm.module)
     try:
@@ -323,7 +324,7 @@ def test_eight_threads_sign_concurrently_on_the_token(daemon: Daemon) -> None:
     """Regression: with C_Initialize(NULL), SoftHSM crashed under concurrent signing."""
     svc = daemon.servers.service
     keys = [
-        svc.create_key(unique_gun(), "targets", a)
+        svc.create_key(unique_gun(), "targets", a, purpose="raw")
         for a in ("ecdsa-p256", "ed25519", "ecdsa-p384", "rsa-2048")
     ]
     def signer(k: Any) -> Callable[[int], bytes]:
@@ -339,7 +340,7 @@ def test_eight_threads_sign_concurrently_on_the_token(daemon: Daemon) -> None:
 
 def test_eight_grpc_callers_sign_concurrently(daemon: Daemon) -> None:
     with daemon.client() as c:
-        key = c.create_key(unique_gun(), "targets")
+        key = c.create_key(unique_gun(), "targets", purpose="raw")
         results = _sign_concurrently(
             [lambda i: c.sign(key.key_id, message=b"%d" % i).signature] * 8, 100)
     assert all(len(r) == 100 for r in results)
@@ -390,7 +391,7 @@ def test_keys_are_generated_while_another_thread_lists_them(
     made = []
     try:
         _while_running(other.refresh, lambda: made.extend(
-            svc.create_key(gun, f"targets/r{i}") for i in range(40)))
+            svc.create_key(gun, f"targets/r{i}", purpose="raw") for i in range(40)))
     finally:
         if other is not token:
             other.close()
@@ -431,7 +432,7 @@ def test_a_key_is_marked_used_while_other_threads_sign_with_it(daemon: Daemon) -
     ~10 full runs). Neither fails now, and nothing reconnects."""
     svc = daemon.servers.service
     token = svc.tokens["online"]
-    keys = [svc.create_key(unique_gun(), "targets") for _ in range(60)]
+    keys = [svc.create_key(unique_gun(), "targets", purpose="raw") for _ in range(60)]
     generation = token._generation
 
     def sign_all() -> None:
@@ -450,7 +451,7 @@ def test_a_keys_first_signatures_write_one_has_signed_object(daemon: Daemon) -> 
     re-read it."""
     svc = daemon.servers.service
     token = svc.tokens["online"]
-    key = svc.create_key(unique_gun(), "targets")
+    key = svc.create_key(unique_gun(), "targets", purpose="raw")
     assert not key.used
 
     def has_signed_objects() -> int:
@@ -517,7 +518,7 @@ def test_tokens_open_once_another_process_has_written_the_token_file(
 def test_lost_sessions_are_reopened_and_the_sign_retried(daemon: Daemon) -> None:
     """The token drops every session (and so the login); the next sign still works."""
     svc = daemon.servers.service
-    key = svc.create_key(unique_gun(), "targets")
+    key = svc.create_key(unique_gun(), "targets", purpose="raw")
     token = svc.tokens["online"]
     token.module.close_all_sessions(token.slot_id)
     sig = svc.sign(key.key_id, MESSAGE, signing.SignOptions())
@@ -529,7 +530,7 @@ def test_a_listing_after_a_logout_logs_in_again(daemon: Daemon) -> None:
     """Logged out, a search finds no private key: the listing must not
     conclude that the token has no keys."""
     svc = daemon.servers.service
-    key = svc.create_key(unique_gun(), "targets")
+    key = svc.create_key(unique_gun(), "targets", purpose="raw")
     token = svc.tokens["online"]
     with token.session() as (_, s):
         token.module.logout(s.handle)
@@ -580,7 +581,7 @@ def test_token_gone_gives_unavailable_and_not_serving_then_recovers(
     d = daemon_factory(tokens=("online",))
     serving = health_pb2.HealthCheckResponse.SERVING
     with d.client() as c:
-        key = c.create_key(unique_gun(), "targets")
+        key = c.create_key(unique_gun(), "targets", purpose="raw")
         h = health_pb2_grpc.HealthStub(c.channel)
         req = health_pb2.HealthCheckRequest(service="signerd.v1.SignerService")
         assert h.Check(req).status == serving
@@ -608,7 +609,7 @@ def test_refused_login_on_reconnect_is_never_retried(daemon_factory: Any, hsm: A
     """SoftHSM never locks a PIN, so a login retry loop would be a guessing oracle."""
     d = daemon_factory(tokens=("online",))
     svc = d.servers.service
-    key = svc.create_key(unique_gun(), "targets")
+    key = svc.create_key(unique_gun(), "targets", purpose="raw")
     token = svc.tokens["online"]
     pin = hsm.pins["online"].read_text()
     lib = MODULES.acquire(hsm.module)
@@ -637,8 +638,8 @@ def test_refused_login_on_reconnect_is_never_retried(daemon_factory: Any, hsm: A
 
 def test_sign_batch_one_bad_item_fails_only_itself(daemon: Daemon) -> None:
     with daemon.client() as c:
-        p256 = c.create_key(unique_gun(), "targets")
-        ed = c.create_key(unique_gun(), "targets/releases", "ed25519")
+        p256 = c.create_key(unique_gun(), "targets", purpose="raw")
+        ed = c.create_key(unique_gun(), "targets/releases", "ed25519", purpose="raw")
         reqs = [
             pb.SignRequest(key_id=p256.key_id, message=b"one"),
             pb.SignRequest(key_id="ab" * 32, message=b"unknown key"),

@@ -82,7 +82,7 @@ def config(daemon: Daemon, tmp_path: Path) -> Path:
 
 def create(daemon: Daemon, algorithm: str) -> Any:
     with daemon.client() as c:
-        return c.create_key(unique_gun(), "targets", algorithm)
+        return c.create_key(unique_gun(), "targets", algorithm, purpose="raw")
 
 
 def verify_as_sigstore(pem: bytes, signature: bytes, message: bytes, hash_func: int = 5) -> None:

@@ -18,6 +18,7 @@ import tomllib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -106,14 +107,29 @@ def notary_verify(keytype: str, public: bytes, method: str, sig: bytes, msg: byt
         raise InvalidSignature(f"no verifier for method {method!r}")
 
 
+def _expires(days: int) -> str:
+    """Notary's RFC 3339 ``expires``, ``days`` from now (signerd checks the expiry bounds
+    of what metadata keys sign: notary-server's own are 14 days and 3 years)."""
+    return (datetime.now(UTC) + timedelta(days=days)).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
 def timestamp_signed(gun: str, version: int = 1) -> bytes:
     """The canonical JSON of a timestamp's "signed" object: what notary-server sends."""
     digest = hashlib.sha256(gun.encode()).hexdigest()
     return encode_canonical({
-        "_type": "Timestamp", "expires": "2031-01-01T00:00:00Z", "version": version,
+        "_type": "Timestamp", "expires": _expires(14), "version": version,
         "meta": {"snapshot": {"length": 1234, "hashes": {
             "sha256": base64.b64encode(bytes.fromhex(digest)).decode()}}},
     })
+
+
+def snapshot_signed(version: int = 1) -> bytes:
+    """The canonical JSON of a snapshot's "signed" object, as notary-server sends it."""
+    meta = {role: {"length": 100 + i, "hashes": {"sha256": base64.b64encode(
+        hashlib.sha256(role.encode()).digest()).decode()}}
+        for i, role in enumerate(("root", "targets"))}
+    return encode_canonical({"_type": "Snapshot", "version": version,
+                             "expires": _expires(3 * 365), "meta": meta})
 
 
 # -- client and daemon ---------------------------------------------------------
@@ -245,8 +261,7 @@ def test_notary_server_call_sequence(daemon: Daemon, notary: Notary, algorithm: 
         info = notary.info(kid)  # GetPrivateKey = GetKeyInfo, before every signature
         assert (info.keyInfo.keyID.ID, info.keyInfo.algorithm.algorithm) == (kid, algorithm)
         assert (info.publicKey, info.role) == (pub.publicKey, role)
-        content = timestamp_signed(gun) if role == "timestamp" else encode_canonical(
-            {"_type": "Snapshot", "version": 1, "expires": "2031-01-01T00:00:00Z", "meta": {}})
+        content = timestamp_signed(gun) if role == "timestamp" else snapshot_signed()
         sig = notary.sign(kid, content)
         assert (sig.keyInfo.keyID.ID, sig.keyInfo.algorithm.algorithm) == (kid, algorithm)
         assert sig.algorithm.algorithm == SIG_METHODS[algorithm]
@@ -280,7 +295,7 @@ def test_rsa_pss_salt_is_32(notary: Notary) -> None:
     kid = notary.create(unique_gun(), "snapshot", "rsa").keyInfo.keyID.ID
     key = serialization.load_der_public_key(notary.info(kid).publicKey)
     assert isinstance(key, rsa.RSAPublicKey)
-    content = timestamp_signed("docker.io/x/rsa")
+    content = snapshot_signed()
     sig = notary.sign(kid, content)
     assert sig.algorithm.algorithm == "rsapss" and len(sig.content) == 256
     for salt, ok in ((32, True), (20, False), (222, False)):

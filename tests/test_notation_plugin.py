@@ -132,8 +132,8 @@ def config(daemon: Daemon, tmp_path: Path) -> Path:
 def certified(daemon: Daemon, algorithm: str, root_algorithm: str = "ecdsa-p256") -> Any:
     """A key of ``algorithm`` with a code-signing certificate from a root key."""
     with daemon.client() as c:
-        root = c.create_key(unique_gun(), "root", root_algorithm)
-        key = c.create_key(unique_gun(), "targets", algorithm)
+        root = c.create_key(unique_gun(), "root", root_algorithm, purpose="raw")
+        key = c.create_key(unique_gun(), "targets", algorithm, purpose="raw")
         c.certify_key(root.key_id, "CN=acme root,O=Acme,C=US")
         c.certify_key(key.key_id, SUBJECT, root.key_id)
     return key
@@ -169,8 +169,8 @@ def test_describe_key_for_every_key_spec_softhsm_supports(daemon: Daemon, config
         [token] = [t for t in c.list_tokens() if t.name == "online"]
         supported = [a for a in token.algorithms if a in SPECS]
         assert supported == list(SPECS)  # SoftHSM makes every spec signerd has
-        made = {a: c.create_key(unique_gun(), "targets", a) for a in supported}
-        ed = c.create_key(unique_gun(), "targets", "ed25519")
+        made = {a: c.create_key(unique_gun(), "targets", a, purpose="raw") for a in supported}
+        ed = c.create_key(unique_gun(), "targets", "ed25519", purpose="raw")
     for algorithm, key in made.items():
         request = {"contractVersion": "1.0", "keyId": key.key_id, "pluginConfig": {},
                    "unknownField": {"added": "in 1.1"}}
@@ -228,8 +228,8 @@ def test_spec_hash_and_algorithm_table() -> None:
 def test_malformed_requests_are_validation_errors(daemon: Daemon, config: Path) -> None:
     key = certified(daemon, "ecdsa-p256")
     with daemon.client() as c:
-        uncertified = c.create_key(unique_gun(), "targets")
-        root = c.create_key(unique_gun(), "root")
+        uncertified = c.create_key(unique_gun(), "targets", purpose="raw")
+        root = c.create_key(unique_gun(), "root", purpose="raw")
         c.certify_key(root.key_id, "CN=acme root,O=Acme,C=US")
     payload = jws_signing_input("ES256")
     good = sign_request(key.key_id, "EC-256", payload)
@@ -296,10 +296,10 @@ guns = ["{ci}"]
 """
     d = daemon_factory(policy=policy)
     with d.client() as c:
-        root = c.create_key(unique_gun(), "root")
+        root = c.create_key(unique_gun(), "root", purpose="raw")
         c.certify_key(root.key_id, "CN=acme root,O=Acme,C=US")
-        readable = c.create_key(ci, "targets")
-        other = c.create_key(unique_gun(), "targets")
+        readable = c.create_key(ci, "targets", purpose="raw")
+        other = c.create_key(unique_gun(), "targets", purpose="raw")
         for key in (readable, other):
             c.certify_key(key.key_id, SUBJECT, root.key_id)
     runner = write_client_toml(d.client_config("runner"), tmp_path / "runner.toml")
@@ -372,7 +372,7 @@ def test_rsa_signs_sha256_sha384_and_sha512_digests(daemon: Daemon) -> None:
     PKCS#1 v1.5 (its DigestInfo) alike."""
     message = b"a JWS signing input"
     with daemon.client() as c:
-        key = c.create_key(unique_gun(), "targets", "rsa-2048")
+        key = c.create_key(unique_gun(), "targets", "rsa-2048", purpose="raw")
         public = load_der_public_key(key.public_key_der)
         assert isinstance(public, rsa.RSAPublicKey)
         for chosen in HASHES.values():

@@ -214,12 +214,12 @@ BROKEN = [
                  "whitespace", id="identity-with-trailing-space"),
     pytest.param("[[rule]]\nidentities = ['a']\noperations = ['write']\n", "rule[0]: ",
                  "field 'operations': unknown value 'write'; accepted: sign, create, delete, "
-                 'read or "*"', id="unknown-operation"),
+                 'read, purpose, reset or "*"', id="unknown-operation"),
     pytest.param("[[rule]]\nidentities = ['a']\noperations = []\n", "rule[0]: ",
                  "field 'operations' must not be empty; omit the field", id="empty-operations"),
     pytest.param("[[rule]]\nidentities = ['a']\noperations = [1]\n", "rule[0]: ",
-                 "field 'operations' must be a list of sign, create, delete, read or \"*\", "
-                 "got item an integer 1", id="operation-not-string"),
+                 "field 'operations' must be a list of sign, create, delete, read, purpose, "
+                 "reset or \"*\", got item an integer 1", id="operation-not-string"),
     pytest.param("[[rule]]\nidentities = ['a']\noperations = ['sign']\ntransports = ['udp']\n",
                  "rule[0]: ", "field 'transports': unknown value 'udp'; accepted: tcp, unix",
                  id="unknown-transport"),
@@ -341,3 +341,17 @@ def test_a_denial_quotes_huge_values_in_short() -> None:
     assert not decision.allowed and len(decision.reason) < 400
     assert decision.reason.count(f"…({len('uri:' + huge)} bytes)") == 1, decision.reason
     assert decision.reason.count(f"…({len(huge)} bytes)") == 1, decision.reason
+
+
+def test_star_never_grants_the_admin_operations() -> None:
+    """``purpose`` and ``reset`` weaken the content checks: a rule names them."""
+    star = Policy.parse({"rule": [{"identities": ["ci"], "operations": ["*"]}]}, "star")
+    named = Policy.parse({"rule": [{"identities": ["ops"], "operations": ["*", "reset"]}]},
+                         "named")
+    ci, ops = Identity("cn", "ci"), Identity("cn", "ops")
+    for op in ("sign", "create", "delete", "read"):
+        assert star.allows(Request(ci, "tcp", op, "docker.io/a/b", "targets", "online"))
+    for op in ("purpose", "reset"):
+        assert not star.allows(Request(ci, "tcp", op, "docker.io/a/b", "targets", "online"))
+    assert named.allows(Request(ops, "tcp", "reset", "docker.io/a/b"))
+    assert not named.allows(Request(ops, "tcp", "purpose", "docker.io/a/b", "targets", "x"))

@@ -158,8 +158,9 @@ def test_a_caller_that_may_not_read_a_key_cannot_tell_it_from_a_missing_one(
     one that does not. Now every RPC that takes a key ID answers both alike."""
     d = daemon_factory(policy=HIDING_POLICY)
     with d.client("admin") as admin:
-        hidden = admin.create_key("docker.io/secret/app", "targets/releases", token="root")
-        mine = admin.create_key("docker.io/acme/app", "targets")
+        hidden = admin.create_key("docker.io/secret/app", "targets/releases", token="root",
+                                  purpose="raw")
+        mine = admin.create_key("docker.io/acme/app", "targets", purpose="raw")
         admin.certify_key(mine.key_id, "CN=acme ca")  # an issuer the runner may sign with
     calls = _key_id_calls(mine.key_id)
     with d.client(who) as c:
@@ -240,15 +241,17 @@ def test_listings_give_nothing_away(daemon_factory: Any) -> None:
     names of every configured token."""
     d = daemon_factory(policy=HIDING_POLICY)
     with d.client("admin") as admin:
-        hidden = [admin.create_key("docker.io/secret/app", "targets") for _ in range(3)]
-        team = admin.create_key("docker.io/team/app", "targets")
+        hidden = [admin.create_key("docker.io/secret/app", "targets",
+                                   purpose="raw") for _ in range(3)]
+        team = admin.create_key("docker.io/team/app", "targets", purpose="raw")
     with d.client("nobody") as c:
         page = c.stub.ListKeys(pb.ListKeysRequest(page_size=1), timeout=20)
         assert (list(page.keys), page.next_page_token) == ([], "")
         err = rpc_error(lambda: list(c.list_keys(token="nope")))
         assert (err.code(), err.details()) == (grpc.StatusCode.NOT_FOUND,
                                                "no token named 'nope'; you may use none")
-        err = rpc_error(lambda: c.create_key("docker.io/secret/app", "targets", token="nope"))
+        err = rpc_error(lambda: c.create_key("docker.io/secret/app", "targets", token="nope",
+                                             purpose="raw"))
         assert err.code() == grpc.StatusCode.PERMISSION_DENIED  # before the token is looked up
     with d.client("runner") as runner:
         listed = list(runner.list_keys())  # page by page (the tokens hold other tests' keys)
@@ -290,7 +293,8 @@ def test_a_token_the_caller_may_not_use_is_a_token_that_does_not_exist(
             for name, call in (
                 ("ListKeys", lambda t: list(c.list_keys(token=t))),
                 ("ListKeys-gun", lambda t: list(c.list_keys(gun="docker.io/acme/app", token=t))),
-                ("CreateKey", lambda t: c.create_key("docker.io/acme/app", "targets", token=t)),
+                ("CreateKey", lambda t: c.create_key("docker.io/acme/app", "targets", token=t,
+                                                     purpose="raw")),
             ):
                 there, gone = _token_answer(call, "root"), _token_answer(call, "nope")
                 assert there[0] == gone[0], (who, name, there, gone)
@@ -299,7 +303,7 @@ def test_a_token_the_caller_may_not_use_is_a_token_that_does_not_exist(
                 if name.startswith("ListKeys"):
                     assert there == (grpc.StatusCode.NOT_FOUND, f"no token named 'root'; {yours}")
     with d.client("dns-only") as c:  # its own token still answers
-        c.create_key("docker.io/acme/app", "targets", token="online")
+        c.create_key("docker.io/acme/app", "targets", token="online", purpose="raw")
         assert list(c.list_keys(token="online"))
 
 
@@ -313,7 +317,8 @@ def test_a_refused_create_names_the_role_token_only_to_those_who_may_use_it(
     d = daemon_factory(policy=ONLINE_ONLY_POLICY)
     with d.client("nobody") as c:
         for role in ("root", "targets"):
-            v1 = rpc_error(lambda role=role: c.create_key("docker.io/acme/app", role))
+            v1 = rpc_error(lambda role=role: c.create_key("docker.io/acme/app", role,
+                                                          purpose="raw"))
             notary = rpc_error(lambda role=role: npb_grpc.KeyManagementStub(c.channel).CreateKey(
                 npb.CreateKeyRequest(gun="docker.io/acme/app", role=role, algorithm="ecdsa"),
                 timeout=20))
@@ -323,7 +328,7 @@ def test_a_refused_create_names_the_role_token_only_to_those_who_may_use_it(
                 assert "token 'online'" not in err.details()
                 assert f"the token for {role} keys" in err.details()
     with d.client("dns-only") as c:  # may use 'online': it is told which token was meant
-        err = rpc_error(lambda: c.create_key("docker.io/other/app", "targets"))
+        err = rpc_error(lambda: c.create_key("docker.io/other/app", "targets", purpose="raw"))
         assert err.code() == grpc.StatusCode.PERMISSION_DENIED
         assert "token 'online'" in err.details()
 
@@ -333,8 +338,8 @@ def test_tokens_list_counts_only_the_keys_the_caller_may_read(daemon_factory: An
     the token, including those the caller may not read."""
     d = daemon_factory(policy=ONLINE_ONLY_POLICY)
     with d.client("admin") as admin:
-        admin.create_key("docker.io/secret/app", "targets", token="online")
-        admin.create_key("docker.io/acme/app", "targets", token="online")
+        admin.create_key("docker.io/secret/app", "targets", token="online", purpose="raw")
+        admin.create_key("docker.io/acme/app", "targets", token="online", purpose="raw")
         everything = len(list(admin.list_keys(token="online")))
         [whole] = [t for t in admin.list_tokens() if t.name == "online"]
     with d.client("dns-only") as c:
@@ -418,7 +423,7 @@ def test_a_huge_value_is_quoted_in_short(daemon: Daemon, who: str, value: str, c
 def test_a_caller_that_may_read_a_key_is_told_what_it_may_not_do(daemon_factory: Any) -> None:
     d = daemon_factory(policy=HIDING_POLICY)
     with d.client("admin") as admin:
-        team = admin.create_key("docker.io/team/app", "targets")
+        team = admin.create_key("docker.io/team/app", "targets", purpose="raw")
     with d.client("runner") as runner:
         assert runner.get_key(team.key_id).gun == "docker.io/team/app"
         err = rpc_error(lambda: runner.sign(team.key_id, message=b"payload"))
@@ -451,15 +456,16 @@ def test_identity_comes_from_uri_then_dns_then_cn(daemon: Daemon, who: str, iden
 def test_runner_allowed_for_gun_a_cannot_sign_gun_b(daemon_factory: Any) -> None:
     d = daemon_factory(policy=RUNNER_POLICY)
     with d.client("admin") as admin:
-        a = admin.create_key("docker.io/acme/app", "targets/ci-1")
-        b = admin.create_key("docker.io/other/app", "targets/ci-1")
-        a_targets = admin.create_key("docker.io/acme/app", "targets")
+        a = admin.create_key("docker.io/acme/app", "targets/ci-1", purpose="raw")
+        b = admin.create_key("docker.io/other/app", "targets/ci-1", purpose="raw")
+        a_targets = admin.create_key("docker.io/acme/app", "targets", purpose="raw")
     with d.client("runner") as runner:
         assert runner.sign(a.key_id, message=b"m").signature
         for key in (b, a_targets):  # it may not even read them: as if they did not exist
             err = rpc_error(lambda k=key: runner.sign(k.key_id, message=b"m"))
             assert err.code() == grpc.StatusCode.NOT_FOUND
-        err = rpc_error(lambda: runner.create_key("docker.io/acme/app", "targets/ci-2"))
+        err = rpc_error(lambda: runner.create_key("docker.io/acme/app", "targets/ci-2",
+                                                  purpose="raw"))
         assert err.code() == grpc.StatusCode.PERMISSION_DENIED
         batch = runner.stub.SignBatch(
             pb.SignBatchRequest(
@@ -488,11 +494,12 @@ transports = ["unix"]
 """
     d = daemon_factory(policy=policy, server={"unix_socket": str(tmp_path / "s.sock")})
     with d.client("admin") as tcp:
-        err = rpc_error(lambda: tcp.create_key("docker.io/acme/app", "root"))
+        err = rpc_error(lambda: tcp.create_key("docker.io/acme/app", "root", purpose="raw"))
         assert err.code() == grpc.StatusCode.PERMISSION_DENIED
-        targets = tcp.create_key("docker.io/acme/app", "targets")  # a "*" role rule still works
+        targets = tcp.create_key("docker.io/acme/app", "targets",
+                                 purpose="raw")  # a "*" role rule still works
     with d.unix_client() as local:
-        root = local.create_key("docker.io/acme/app", "root")
+        root = local.create_key("docker.io/acme/app", "root", purpose="raw")
         assert root.token == "root"
         assert local.sign(root.key_id, message=b"root.json").signature
         assert local.get_key(targets.key_id).key_id == targets.key_id
@@ -526,7 +533,7 @@ def test_dev_plaintext_on_loopback_only(daemon_factory: Any) -> None:
         server={"dev_plaintext": True},
     )
     with Client(ClientConfig(f"127.0.0.1:{d.port}", plaintext=True)) as c:
-        key = c.create_key(unique_gun(), "targets")
+        key = c.create_key(unique_gun(), "targets", purpose="raw")
         assert c.sign(key.key_id, message=b"m").signature
     assert audit_lines(d)[-1]["identity"] == "dev:loopback"
     # signerctl with plaintext = true in its client config (it was checked, then dropped)
@@ -540,7 +547,7 @@ def test_dev_plaintext_on_loopback_only(daemon_factory: Any) -> None:
 
 def test_unwritable_audit_log_fails_requests_closed(daemon: Daemon) -> None:
     with daemon.client() as c:
-        key = c.create_key(unique_gun(), "targets")
+        key = c.create_key(unique_gun(), "targets", purpose="raw")
         log = daemon.workdir / "audit.log"
         saved = log.read_bytes()
         log.unlink()
@@ -564,7 +571,7 @@ def test_a_request_past_the_identity_limit_waits_its_turn(daemon_factory: Any) -
     first, ends DEADLINE_EXCEEDED, audited as such."""
     d = daemon_factory(server={"max_inflight_per_identity": 1})
     with d.client("admin") as c:
-        key = c.create_key(unique_gun(), "targets", "rsa-4096")
+        key = c.create_key(unique_gun(), "targets", "rsa-4096", purpose="raw")
         batch = pb.SignBatchRequest(
             requests=[pb.SignRequest(key_id=key.key_id, message=b"%d" % i) for i in range(150)]
         )
@@ -605,7 +612,7 @@ def test_policy_reload_on_sighup_good_and_broken(hsm: HSM, certs: PKI, tmp_path:
     errors: list[BaseException] = []
     signed = [0]
     try:
-        k = admin.create_key("docker.io/acme/app", "targets/ci-1")
+        k = admin.create_key("docker.io/acme/app", "targets/ci-1", purpose="raw")
 
         def hammer() -> None:  # in-flight traffic across both reloads
             while not stop.is_set():
@@ -670,7 +677,7 @@ def test_audit_verify_cli_names_the_tampered_line(daemon: Daemon, tmp_path: Path
     import sys
 
     with daemon.client() as c:
-        key = c.create_key(unique_gun(), "targets")
+        key = c.create_key(unique_gun(), "targets", purpose="raw")
         for i in range(5):
             c.sign(key.key_id, message=b"%d" % i)
     daemon.stop()  # closes the log (final head)
@@ -720,7 +727,7 @@ def test_connections_that_never_speak_are_closed(daemon_factory: Any) -> None:
         s.close()
     time.sleep(0.5)  # the daemon notices the closed ones
     with d.client() as c:  # and serves again
-        assert c.create_key(unique_gun(), "targets").key_id
+        assert c.create_key(unique_gun(), "targets", purpose="raw").key_id
 
 
 def test_a_certificate_with_no_identity_is_refused_and_audited(
@@ -771,7 +778,7 @@ def test_undecodable_requests_cost_nothing(hsm: Any, certs: PKI, tmp_path: Path)
     try:
         with Client(ClientConfig(f"127.0.0.1:{proc.info['tcp']}", certs.ca_file, cert, key,
                                  "localhost", 20)) as c:
-            made = c.create_key(unique_gun(), "targets")
+            made = c.create_key(unique_gun(), "targets", purpose="raw")
             call = c.channel.unary_unary("/signerd.v1.SignerService/Sign")
             for _ in range(100):  # warm up allocator and audit file
                 rpc_error(lambda: call(BAD_MESSAGE, timeout=10))
@@ -857,8 +864,8 @@ guns = ["docker.io/victim/*"]
     d = daemon_factory(policy=policy, server={"threads": 8})
     assert d.config.inflight_limit == 7
     with d.client("admin") as admin:
-        slow = admin.create_key(unique_gun(), "targets")
-        mine = admin.create_key("docker.io/victim/app", "targets", token="root")
+        slow = admin.create_key(unique_gun(), "targets", purpose="raw")
+        mine = admin.create_key("docker.io/victim/app", "targets", token="root", purpose="raw")
     online = d.servers.service.tokens["online"]
     cert, key = d.certs.files["admin"]
     with d.client("runner") as runner, ExitStack() as busy:
@@ -937,12 +944,12 @@ def test_token_failures_reach_clients_in_signerds_words(
     library_words.add("Should never see this")
     caplog.set_level(logging.INFO, logger="signerd.token")
     with daemon.client() as c:
-        key = c.create_key(unique_gun(), "targets")
+        key = c.create_key(unique_gun(), "targets", purpose="raw")
         restore = fault(daemon, hsm)
         try:
             said = [rpc_error(call).details() for call in (
                 lambda: c.sign(key.key_id, message=b"m"),
-                lambda: c.create_key(unique_gun(), "targets"),
+                lambda: c.create_key(unique_gun(), "targets", purpose="raw"),
                 lambda: c.delete_key(key.key_id),
                 lambda: c.certify_key(key.key_id, "CN=x"),
             )]

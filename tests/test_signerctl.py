@@ -67,7 +67,7 @@ def one_line(run: subprocess.CompletedProcess[str]) -> str:
 
 def new_key(daemon: Any, algorithm: str) -> str:
     with daemon.client() as c:
-        return str(c.create_key(unique_gun(), "targets", algorithm).key_id)
+        return str(c.create_key(unique_gun(), "targets", algorithm, purpose="raw").key_id)
 
 
 def audited_signs(daemon: Any) -> int:

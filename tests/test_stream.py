@@ -82,9 +82,9 @@ def test_each_request_is_answered_in_order_with_its_own_status(daemon_factory: A
                                                                engine: str) -> None:
     d: Daemon = daemon_factory(server={"engine": engine}, policy=POLICY)
     with d.client() as admin:
-        p256 = admin.create_key(unique_gun(), "targets/releases")
-        rsa = admin.create_key(unique_gun(), "targets/releases", "rsa-2048")
-        targets = admin.create_key(unique_gun(), "targets")
+        p256 = admin.create_key(unique_gun(), "targets/releases", purpose="raw")
+        rsa = admin.create_key(unique_gun(), "targets/releases", "rsa-2048", purpose="raw")
+        targets = admin.create_key(unique_gun(), "targets", purpose="raw")
     reqs = [
         pb.SignRequest(key_id=p256.key_id, message=b"one"),
         pb.SignRequest(key_id="ab" * 32, message=b"unknown key"),
@@ -123,7 +123,8 @@ def test_requests_sent_as_they_come_are_all_answered(daemon_factory: Any, engine
     answer, in order."""
     d: Daemon = daemon_factory(server={"engine": engine})
     with d.client() as c:
-        keys = [c.create_key(unique_gun(), "targets", alg) for alg in ("ecdsa-p256", "ed25519")]
+        keys = [c.create_key(unique_gun(), "targets", alg, purpose="raw")
+                for alg in ("ecdsa-p256", "ed25519")]
         n = 600
         sent: list[pb.SignRequest] = []
 
@@ -149,7 +150,7 @@ def test_requests_that_arrive_together_share_a_response(daemon_factory: Any) -> 
     item in order, each with its own audit line."""
     d: Daemon = daemon_factory(server={"engine": "threads"})
     with d.client() as c:
-        key = c.create_key(unique_gun(), "targets")
+        key = c.create_key(unique_gun(), "targets", purpose="raw")
         n = 300
         reqs = raw_requests(key.key_id, n)
         before = len(sign_lines(d))
@@ -243,7 +244,7 @@ def test_read_ahead_cuts_rounds_and_its_queue_by_bytes() -> None:
 def test_an_undecodable_request_fails_alone(daemon_factory: Any, engine: str) -> None:
     d: Daemon = daemon_factory(server={"engine": engine})
     with d.client() as c:
-        key = c.create_key(unique_gun(), "targets")
+        key = c.create_key(unique_gun(), "targets", purpose="raw")
         good = pb.SignRequest(key_id=key.key_id, message=b"ok").SerializeToString()
         call = c.channel.stream_stream(SIGN_STREAM)
         answers = [item for raw in call(iter([good, b"\x0a\x02\xff\xfe", good]), timeout=30)
@@ -257,7 +258,7 @@ def test_an_unidentified_caller_is_refused_and_audited(daemon_factory: Any, cert
                                                        tmp_path: Path, engine: str) -> None:
     d: Daemon = daemon_factory(server={"engine": engine})
     with d.client() as c:
-        key = c.create_key(unique_gun(), "targets")
+        key = c.create_key(unique_gun(), "targets", purpose="raw")
     cert, private = anonymous_client_cert(certs, tmp_path)
     with Client(ClientConfig(f"127.0.0.1:{d.port}", certs.ca_file, cert, private, "localhost",
                              20)) as anon:
@@ -276,7 +277,7 @@ def test_a_stream_ends_cleanly_when_the_client_goes_away(daemon_factory: Any,
     streams in a row are each served."""
     d: Daemon = daemon_factory(server={"engine": engine, "threads": 4})
     with d.client() as c:
-        key = c.create_key(unique_gun(), "targets")
+        key = c.create_key(unique_gun(), "targets", purpose="raw")
         for _ in range(5):
             stop = threading.Event()
 
@@ -309,7 +310,7 @@ def test_the_aio_engine_serves_every_kind_of_method(daemon_factory: Any) -> None
 
     d: Daemon = daemon_factory(server={"engine": "aio"})
     with d.client() as c:
-        key = c.create_key(unique_gun(), "targets")  # on the executor
+        key = c.create_key(unique_gun(), "targets", purpose="raw")  # on the executor
         assert c.sign(key.key_id, b"m").signature  # inline
         assert rpc_error(lambda: c.sign("ab" * 32, b"m")).code() == grpc.StatusCode.NOT_FOUND
         bad = rpc_error(lambda: c.channel.unary_unary("/signerd.v1.SignerService/Sign")(
@@ -339,7 +340,7 @@ def test_an_idle_stream_holds_no_work_slot(daemon_factory: Any, engine: str) -> 
     d: Daemon = daemon_factory(server={"engine": engine, "threads": 8,
                                        "max_inflight_per_identity": 2}, policy=POLICY)
     with d.client() as admin, d.client("runner") as runner:
-        key = admin.create_key(unique_gun(), "targets/releases")
+        key = admin.create_key(unique_gun(), "targets/releases", purpose="raw")
         release = threading.Event()
         held = functools.partial(held_open, key.key_id, release)
         streams = [admin.stub.SignStream(held(), timeout=30) for _ in range(2)]
@@ -370,7 +371,7 @@ def test_stream_items_and_refused_streams_are_counted(daemon_factory: Any, certs
     assert d.servers.http is not None
     port = d.servers.http.port
     with d.client() as c:
-        key = c.create_key(unique_gun(), "targets")
+        key = c.create_key(unique_gun(), "targets", purpose="raw")
         before = scrape(port)
         items = list(c.sign_stream([pb.SignRequest(key_id=key.key_id, message=b"a"),
                                     pb.SignRequest(key_id="ab" * 32, message=b"b"),
@@ -400,7 +401,7 @@ def test_streams_of_all_identities_hold_at_most_half_the_threads(daemon_factory:
     unary calls of both are still answered."""
     d: Daemon = daemon_factory(server={"engine": engine, "threads": 4}, policy=POLICY)
     with d.client() as admin, d.client("runner") as runner:
-        key = admin.create_key(unique_gun(), "targets/releases")
+        key = admin.create_key(unique_gun(), "targets/releases", purpose="raw")
         release = threading.Event()
         held = functools.partial(held_open, key.key_id, release)
         streams = [c.stub.SignStream(held(), timeout=30) for c in (admin, runner)]
@@ -428,7 +429,7 @@ def test_a_cancelled_stream_stops_signing_its_round(daemon_factory: Any) -> None
     at the next request, and no signature is made that nobody receives."""
     d: Daemon = daemon_factory(server={"engine": "threads"})
     with d.client() as c:
-        key = c.create_key(unique_gun(), "targets", "rsa-4096")
+        key = c.create_key(unique_gun(), "targets", "rsa-4096", purpose="raw")
         before = len(sign_lines(d))
         reqs = raw_requests(key.key_id, 300)
         call = c.channel.stream_stream(SIGN_STREAM)(iter(reqs), timeout=60)
@@ -448,7 +449,7 @@ def test_stopping_waits_for_streams_before_closing_tokens_and_audit(
     no audit line records."""
     d: Daemon = daemon_factory(server={"engine": "threads"})
     with d.client() as c:
-        key = c.create_key(unique_gun(), "targets", "rsa-4096")
+        key = c.create_key(unique_gun(), "targets", "rsa-4096", purpose="raw")
         reqs = raw_requests(key.key_id, 300)
         calls = [c.channel.stream_stream(SIGN_STREAM)(iter(reqs), timeout=60)
                  for _ in range(3)]
@@ -468,7 +469,7 @@ def test_a_request_iterator_that_raises_gets_its_own_exception_back(daemon: Daem
     raised ended in gRPC's UNKNOWN "Exception iterating requests!", and the
     caller's exception was lost. The requests before it are answered."""
     with daemon.client() as c:
-        key = c.create_key(unique_gun(), "targets")
+        key = c.create_key(unique_gun(), "targets", purpose="raw")
 
         def requests() -> Iterator[pb.SignRequest]:
             yield pb.SignRequest(key_id=key.key_id, message=b"a")

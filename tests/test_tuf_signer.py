@@ -38,7 +38,13 @@ from signerd.tuf_signer import SignerdSigner, SignerdSignerError, make_uri, pars
 from tests.adapter_helpers import RUNNER_READS_POLICY, closed_port, write_client_toml
 from tests.conftest import Daemon, unique_gun
 
-PAYLOAD = b'{"_type":"targets","spec_version":"1.0.31","version":7}'
+# What python-tuf signs: the OLPC canonical JSON of a targets "signed" object. signerd's
+# keys for TUF are metadata keys, which sign only metadata that passes the content checks.
+PAYLOAD = (
+    b'{"_type":"targets","expires":"'
+    + (dt.datetime.now(dt.UTC) + dt.timedelta(days=30)).strftime("%Y-%m-%dT%H:%M:%SZ").encode()
+    + b'","spec_version":"1.0.31","targets":{},"version":7}'
+)
 EXPECTED = {  # signerd algorithm -> (keytype, scheme) of the imported SSlibKey
     "ecdsa-p256": ("ecdsa", "ecdsa-sha2-nistp256"),
     "ecdsa-p384": ("ecdsa", "ecdsa-sha2-nistp384"),

@@ -22,6 +22,11 @@ Key references (``<ref>``):
   methods use the GUN and role's only key, and ask for ``signerd://KEYID``
   when it has several. createKey prints the new key's ID on stderr.
 
+Keys are **raw** keys (signerd.keys.PURPOSES): createKey makes raw keys, and a
+GUN and role's metadata keys (which sign only checked TUF/Notary metadata) are
+not cosign's. A key made before purposes is set raw once with ``signerctl
+keys set-purpose KEYID raw``.
+
 Methods: ``defaultAlgorithm`` (``ecdsa-sha2-256-nistp256``),
 ``supportedAlgorithms``, ``createKey`` and ``publicKey`` (``publicKeyPEM``:
 base64 of the PEM SubjectPublicKeyInfo), ``signMessage`` (``signature``,
@@ -64,7 +69,7 @@ import datetime as dt
 import hashlib
 import json
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, BinaryIO
@@ -166,6 +171,12 @@ def signerd_algorithm(name: str) -> str:
     return found
 
 
+def _raw(keys_: Iterable[pb.Key]) -> list[pb.Key]:
+    """The raw keys among ``keys_``: cosign signs with raw keys only (a metadata key of
+    the same GUN and role signs TUF/Notary metadata, and signerd refuses it anything else)."""
+    return [k for k in keys_ if k.purpose == pb.KEY_PURPOSE_RAW]
+
+
 def _obj(value: Any, where: str) -> dict[str, Any]:
     """A JSON object member; null or absent is {} (Go's nil pointers)."""
     if value is None:
@@ -220,7 +231,15 @@ class Plugin:
                 self._key = self.client.get_key(self.ref.key_id)
             return self._key
         with self.call(f"ListKeys {self.ref}"):
-            found = list(self.client.list_keys(self.ref.gun, self.ref.role, self.ref.token))
+            listed = list(self.client.list_keys(self.ref.gun, self.ref.role, self.ref.token))
+        found = _raw(listed)
+        if not found and listed:
+            ids = ", ".join(k.key_id for k in listed)
+            raise PluginError(
+                f"{self.ref} has only metadata keys ({ids}), which sign TUF/Notary metadata, "
+                "not cosign payloads: make a raw key with cosign generate-key-pair, or "
+                "'signerctl keys set-purpose KEYID raw' a key that was cosign's"
+            )
         if not found:
             raise PluginError(
                 f"{self.ref} has no key: create one with cosign generate-key-pair "
@@ -241,7 +260,7 @@ class Plugin:
             )
         wanted = signerd_algorithm(algorithm)
         with self.call(f"ListKeys {self.ref}"):
-            found = list(self.client.list_keys(self.ref.gun, self.ref.role, self.ref.token))
+            found = _raw(self.client.list_keys(self.ref.gun, self.ref.role, self.ref.token))
         if found and (len(found) > 1 or found[0].algorithm != wanted):
             raise PluginError(
                 f"{self.ref} already has key(s) "
@@ -252,7 +271,8 @@ class Plugin:
             key = found[0]
         else:
             with self.call(f"CreateKey {self.ref}"):
-                key = self.client.create_key(self.ref.gun, self.ref.role, wanted, self.ref.token)
+                key = self.client.create_key(self.ref.gun, self.ref.role, wanted, self.ref.token,
+                                             purpose="raw")
         print(
             f"sigstore-kms-signerd: key {key.key_id} ({key.algorithm}) for {key.gun} "
             f"role {key.role} on token {key.token}; key reference signerd://{key.key_id}",

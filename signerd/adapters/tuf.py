@@ -33,9 +33,17 @@ Keys and signatures (``sig`` is hex, as securesystemslib writes it)::
 securesystemslib verifies RSASSA-PSS with ``salt_length=PSS.AUTO``
 (``SSlibKey._get_rsa_padding``), which accepts signerd's salt of 32. An RSA
 key given the scheme ``rsa-pkcs1v15-sha256`` signs RSASSA-PKCS1-v1_5 instead.
-ECDSA and RSA payloads are hashed here and only the digest is sent (metadata
-larger than the daemon's ``max_message_bytes`` still signs); Ed25519 sends the
-whole payload.
+The whole payload is sent, for every algorithm: signerd's keys for TUF
+metadata are metadata keys (``signerctl keys create --purpose metadata``,
+the default), and signerd checks what such a key signs (its role, OLPC
+canonical form, expiry bounds, no rollback below a version already signed,
+no freeze of snapshot/timestamp meta) before signing, which a digest would
+not let it do. Metadata must therefore fit the daemon's
+``server.max_message_bytes`` (default 1 MiB: about 3,800 targets with
+SHA-256 and SHA-512 hashes; raise it for larger targets metadata: the
+README's python-tuf section gives figures). A refusal is a
+SignerdSignerError whose status is INVALID_ARGUMENT or FAILED_PRECONDITION
+and whose message names the check.
 
 Secrets never go in the URI: it has no parameter but ``config``, and any
 other is refused. The client certificate's key is read from the file the
@@ -52,7 +60,6 @@ or the client config is unusable.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -103,7 +110,7 @@ class SignerdSignerError(sslib_exceptions.Error):
 class _Scheme:
     """How one securesystemslib scheme is signed through signerd."""
 
-    hash_name: str | None  # digest computed here; None: Ed25519 signs the payload itself
+    hash_name: str | None  # the hash signerd signs the payload with (None: pure Ed25519)
     rsa_padding: str = "pss"
     curve: str | None = None  # the EC curve the scheme verifies with
 
@@ -284,14 +291,17 @@ class SignerdSigner(Signer):
         ECDSA, PSS (or PKCS#1 v1.5) RSA, or 64-byte Ed25519. Raises
         SignerdSignerError naming the gRPC status when signerd refuses.
         """
-        with _calling(self._config, f"Sign {self.key_id}") as client:
-            if self._scheme.hash_name is None:
-                resp = client.sign(self.key_id, message=payload)
-            else:
-                digest = hashlib.new(self._scheme.hash_name, payload).digest()
-                resp = client.sign(
-                    self.key_id, digest=digest, encoding="der", rsa_padding=self._scheme.rsa_padding
-                )
+        try:
+            with _calling(self._config, f"Sign {self.key_id}") as client:
+                resp = client.sign(self.key_id, message=payload, encoding="der",
+                                   rsa_padding=self._scheme.rsa_padding)
+        except SignerdSignerError as e:
+            if e.status == "RESOURCE_EXHAUSTED" and "larger than max" in str(e):
+                raise SignerdSignerError(
+                    f"metadata of {len(payload)} bytes is larger than signerd's "
+                    "server.max_message_bytes: raise that limit (metadata keys need the whole "
+                    "payload, not a digest)", e.status) from None
+            raise
         return Signature(self._public_key.keyid, bytes(resp.signature).hex())
 
 

@@ -26,7 +26,7 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 
 from signerd import add_version_flag, one_line, signing
 from signerd.certs import MAX_DAYS
-from signerd.cli import _interrupt, _payload
+from signerd.cli import _interrupt, _payload, _state
 from signerd.cli import trust as trust_cli
 from signerd.cli._util import (
     CliError,
@@ -43,6 +43,7 @@ from signerd.client import Client
 from signerd.errors import ConfigError, InvalidArgument, SignerdError
 from signerd.keys import (
     ALGORITHMS,
+    PURPOSES,
     Algorithm,
     load_public_key,
     parse_algorithm,
@@ -60,6 +61,7 @@ def key_dict(k: pb.Key) -> dict[str, Any]:
         "token": k.token,
         "keytype": k.keytype,
         "used": k.used,
+        "purpose": _state.purpose_name(k),
         "public_key_pem": k.public_key_pem,
     }
 
@@ -67,12 +69,15 @@ def key_dict(k: pb.Key) -> dict[str, Any]:
 def _table(keys: Sequence[pb.Key]) -> str:
     # USED: whether the key has made a signature (issue 21 §4: an unused key
     # is one that nothing may trust yet, such as one a Ctrl-C left behind).
-    rows = [("KEY ID", "ALGORITHM", "TOKEN", "ROLE", "USED", "GUN")]
-    rows += [(k.key_id, k.algorithm, k.token, k.role, "yes" if k.used else "no", k.gun)
+    rows = [("KEY ID", "ALGORITHM", "TOKEN", "PURPOSE", "ROLE", "USED", "GUN")]
+    rows += [(k.key_id, k.algorithm, k.token, _state.purpose_name(k), k.role,
+              "yes" if k.used else "no", k.gun)
              for k in keys]
-    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    last = len(rows[0]) - 1  # the GUN, unpadded
+    widths = [max(len(r[i]) for r in rows) for i in range(last)]
     return "\n".join(
-        "  ".join([*(c.ljust(w) for c, w in zip(r[:5], widths, strict=True)), r[5]]) for r in rows
+        "  ".join([*(c.ljust(w) for c, w in zip(r[:last], widths, strict=True)), r[last]])
+        for r in rows
     )
 
 
@@ -114,11 +119,12 @@ def cmd_tokens_list(args: argparse.Namespace) -> None:
 
 def cmd_keys_create(args: argparse.Namespace) -> None:
     with connect(args) as c:
-        k = c.create_key(args.gun, args.role, args.algorithm, args.token or "")
+        k = c.create_key(args.gun, args.role, args.algorithm, args.token or "", args.purpose)
     emit(
         args,
         key_dict(k),
-        lambda: f"created {k.algorithm} key {k.key_id} for {k.role} of {k.gun} on token {k.token}",
+        lambda: f"created {k.algorithm} {_state.purpose_name(k)} key {k.key_id} for {k.role} "
+                f"of {k.gun} on token {k.token}",
     )
 
 
@@ -453,6 +459,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--role", required=True)
     p.add_argument("--algorithm", default="ecdsa-p256", choices=sorted(ALGORITHMS))
     p.add_argument("--token", help="token name (default: the token for the role)")
+    p.add_argument("--purpose", choices=PURPOSES, default="metadata",
+                   help="metadata: signs only checked TUF/Notary metadata of its role "
+                        "(default); raw: opaque messages and digests (cosign, Notation, CA)")
     p.set_defaults(func=cmd_keys_create, creates_keys=True)
 
     p = keys.add_parser("list", parents=[common], help="list keys")
@@ -542,6 +551,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _audit.register(audit, common)
 
+    _state.register(sub, keys, common)
     trust_cli.register(sub)
     return parser
 

@@ -25,3 +25,5 @@ class ContentStale(FailedPrecondition):
 
 class StateUnavailable(Unavailable):
     """The watermark store cannot be read or written; nothing is signed (fail closed)."""
+
+    check = "state"

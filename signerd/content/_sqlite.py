@@ -51,8 +51,8 @@ class SqliteStore:
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Cursor]:
         with self._lock:
-            cur = self._db.cursor()
-            try:
+            try:  # a closed connection (the daemon stopping) fails closed too
+                cur = self._db.cursor()
                 cur.execute("BEGIN IMMEDIATE")
             except sqlite3.Error as e:
                 raise StateUnavailable(f"state database {self.path}: {e}") from None

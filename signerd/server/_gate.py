@@ -278,7 +278,7 @@ class Gate:
         if scope.decision == "deny":
             metrics.DENIALS.labels(operation).inc()
         status = code_for(outcome) if isinstance(outcome, SignerdError) else grpc.StatusCode.OK
-        return outcome, {
+        line: dict[str, object] = {
             "request_id": request_id,
             "identity": str(caller.identity),
             "peer": caller.peer,
@@ -293,6 +293,12 @@ class Gate:
             "status": status_name(status),
             "latency_ms": round((time.perf_counter() - start) * 1000, 3),
         }
+        line.update(scope.extra)  # e.g. a signature's purpose and content outcome
+        check = getattr(outcome, "check", None)
+        if isinstance(outcome, SignerdError) and isinstance(check, str):
+            # A content check refused (signerd.content): which one, and its one-line reason.
+            line["refused"] = {"check": check, "reason": str(outcome)}
+        return outcome, line
 
     def run(
         self,

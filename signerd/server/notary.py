@@ -10,7 +10,11 @@ These let an unmodified notary-server use signerd as its notary-signer
   rule of notary's ``signer/keydbstore``); a key's first signature, through
   this API or signerd.v1 (Sign, SignBatch, SignStream, CertifyKey's issuer),
   marks it used. ``algorithm`` is notary's key type: ``"ecdsa"``
-  (ECDSA P-256), ``"rsa"`` (RSA-2048) or ``"ed25519"``.
+  (ECDSA P-256), ``"rsa"`` (RSA-2048) or ``"ed25519"``. Keys made here are
+  metadata keys, and only metadata keys are reused: what they sign is
+  checked first (signerd.service._guard), so Sign answers INVALID_ARGUMENT
+  or FAILED_PRECONDITION, naming the check, for a payload that is not
+  acceptable metadata of the key's role or would roll back what was signed.
 * ``publicKey`` is what notary calls ``Public()``: DER SubjectPublicKeyInfo
   for ecdsa and rsa, the raw 32 bytes for ed25519. notary-server recomputes
   the key ID from it, which is exactly signerd's key ID.
@@ -44,7 +48,14 @@ import grpc
 
 from signerd import signing
 from signerd.errors import FailedPrecondition, InvalidArgument, NotFound, SignerdError, quoted
-from signerd.keys import Algorithm, parse_algorithm, validate_gun, validate_key_id, validate_role
+from signerd.keys import (
+    METADATA,
+    Algorithm,
+    parse_algorithm,
+    validate_gun,
+    validate_key_id,
+    validate_role,
+)
 from signerd.notary import signer_pb2 as pb
 from signerd.notary import signer_pb2_grpc as pb_grpc
 from signerd.server._gate import Caller, Gate, Scope
@@ -155,11 +166,11 @@ class KeyManagementServicer(_Base):
             # the policy refuses learns nothing about existing keys.
             scope.authorize(gun, role, token, token_chosen=True)
             with _create_lock(gun, role, alg):
-                entry = self.service.find_unused(gun, role, alg)
+                entry = self.service.find_unused(gun, role, alg, METADATA)
                 if entry is not None:
                     scope.authorize(gun, role, key=entry)  # it may sit on another token
                 else:
-                    entry = self.service.create_key(gun, role, alg.name, token)
+                    entry = self.service.create_key(gun, role, alg.name, token, METADATA)
                     scope.key_id = entry.key_id
             return pb.PublicKey(keyInfo=_key_info(entry), publicKey=entry.tuf_public)
 
@@ -198,6 +209,7 @@ class SignerServicer(_Base):
             scope.authorize_key(entry)
             _check_usable(entry)
             sig = self.service.sign_with(entry, request.content, _SIGN_OPTIONS)  # marks it used
+            scope.extra.update(sig.audit)
             return pb.Signature(keyInfo=_key_info(entry),
                                 algorithm=pb.Algorithm(algorithm=sig.method),
                                 content=sig.signature)

@@ -10,7 +10,14 @@ import grpc
 
 from signerd import certs, metrics, signing
 from signerd.errors import InvalidArgument, NotFound, PermissionDenied, SignerdError, quoted
-from signerd.keys import parse_algorithm, spki_to_pem, validate_gun, validate_role
+from signerd.keys import (
+    METADATA,
+    RAW,
+    parse_algorithm,
+    spki_to_pem,
+    validate_gun,
+    validate_role,
+)
 from signerd.server._gate import Caller, Gate, Scope
 from signerd.server._readahead import ReadAhead
 from signerd.server._status import code_for
@@ -44,6 +51,12 @@ _PROFILES = {
     pb.CERTIFICATE_PROFILE_CA: certs.Profile.CA,
     pb.CERTIFICATE_PROFILE_CODE_SIGNING: certs.Profile.CODE_SIGNING,
 }
+_PURPOSES: dict[int, str] = {
+    pb.KEY_PURPOSE_UNSPECIFIED: METADATA,
+    pb.KEY_PURPOSE_METADATA: METADATA,
+    pb.KEY_PURPOSE_RAW: RAW,
+}
+_PURPOSE_PB = {METADATA: pb.KEY_PURPOSE_METADATA, RAW: pb.KEY_PURPOSE_RAW}
 _ENCODING_PB = {
     signing.Encoding.RAW: pb.SIGNATURE_ENCODING_RAW,
     signing.Encoding.DER: pb.SIGNATURE_ENCODING_DER,
@@ -62,7 +75,17 @@ def key_message(k: KeyEntry) -> pb.Key:
         public_key_pem=spki_to_pem(k.spki_der),
         tuf_public=k.tuf_public,
         used=k.used,
+        purpose=_PURPOSE_PB[k.purpose],
     )
+
+
+def purpose_of(value: int, unspecified: str | None = METADATA) -> str:
+    """The purpose a KeyPurpose value names; InvalidArgument for an unknown
+    one, or for UNSPECIFIED when ``unspecified`` is None (it must be said)."""
+    purpose = _PURPOSES.get(value)
+    if purpose is None or (value == pb.KEY_PURPOSE_UNSPECIFIED and unspecified is None):
+        raise InvalidArgument(f"purpose must be METADATA (1) or RAW (2), got {value}")
+    return purpose
 
 
 def token_message(t: TokenStatus) -> pb.TokenInfo:
@@ -112,11 +135,13 @@ class SignerServicer(pb_grpc.SignerServiceServicer):
         def work(scope: Scope) -> pb.Key:
             gun, role = validate_gun(request.gun), validate_role(request.role)
             parse_algorithm(request.algorithm)
+            purpose = purpose_of(request.purpose)
             token = request.token or self.service.token_for_role(role).name
             scope.authorize(gun, role, token, token_chosen=not request.token)
             self._known_token(scope, token)
-            entry = self.service.create_key(gun, role, request.algorithm, token)
+            entry = self.service.create_key(gun, role, request.algorithm, token, purpose)
             scope.key_id = entry.key_id
+            scope.extra["purpose"] = purpose
             return key_message(entry)
 
         return self._run(context, "create", b"", work)
@@ -195,11 +220,15 @@ class SignerServicer(pb_grpc.SignerServiceServicer):
         return entry
 
     def _sign_one(
-        self, scope: Scope, req: pb.SignRequest, entry: KeyEntry | None = None
+        self, scope: Scope, req: pb.SignRequest, entry: KeyEntry | None = None,
+        audit: dict[str, object] | None = None,
     ) -> pb.SignResponse:
+        """Sign one request; what the audit line records of the signature's
+        checks goes into ``audit`` (default: the request's own line)."""
         payload, options = sign_options(req)
         entry = entry or self._authorized_key(scope, req.key_id)
         sig = self.service.sign_with(entry, payload, options)
+        (scope.extra if audit is None else audit).update(sig.audit)
         return pb.SignResponse(
             key_id=entry.key_id,
             signature=sig.signature,
@@ -225,7 +254,9 @@ class SignerServicer(pb_grpc.SignerServiceServicer):
             items = []
             # Each distinct key is looked up and authorized once per batch.
             keys: dict[str, KeyEntry | SignerdError] = {}
-            for req in request.requests:
+            checked: list[dict[str, object]] = []  # each item's checks, for the audit line
+            for i, req in enumerate(request.requests):
+                audit: dict[str, object] = {"item": i}
                 try:
                     if req.key_id not in keys:
                         try:
@@ -235,9 +266,17 @@ class SignerServicer(pb_grpc.SignerServiceServicer):
                     key = keys[req.key_id]
                     if isinstance(key, SignerdError):
                         raise key
-                    items.append(pb.SignBatchItem(code=0, response=self._sign_one(scope, req, key)))
+                    items.append(pb.SignBatchItem(
+                        code=0, response=self._sign_one(scope, req, key, audit)))
                 except SignerdError as e:  # one bad item fails only itself
                     items.append(pb.SignBatchItem(code=code_for(e).value[0], error=str(e)))
+                    check = getattr(e, "check", None)
+                    if isinstance(check, str):
+                        audit["refused"] = {"check": check, "reason": str(e)}
+                if len(audit) > 1:
+                    checked.append(audit)
+            if checked:
+                scope.extra["items"] = checked
             scope.key_id = ",".join(sorted({r.key_id for r in request.requests}))[:4096]
             scope.decision = "allow" if any(i.code == 0 for i in items) else "deny"
             return pb.SignBatchResponse(items=items)
@@ -337,3 +376,41 @@ class SignerServicer(pb_grpc.SignerServiceServicer):
                                        certificates=self.service.certificate_chain(entry))
 
         return self._run(context, "read", b"", work)
+
+    def SetKeyPurpose(self, request: pb.SetKeyPurposeRequest,
+                      context: grpc.ServicerContext) -> pb.Key:
+        def work(scope: Scope) -> pb.Key:
+            purpose = purpose_of(request.purpose, unspecified=None)
+            entry = self.service.get_key(request.key_id)
+            scope.authorize_key(entry, action="set the purpose of")
+            scope.extra["purpose"] = purpose
+            scope.extra["previous_purpose"] = entry.purpose
+            return key_message(self.service.set_purpose(entry, purpose))
+
+        return self._run(context, "purpose", b"", work)
+
+    def GetState(self, request: pb.GetStateRequest,
+                 context: grpc.ServicerContext) -> pb.GetStateResponse:
+        def work(scope: Scope) -> pb.GetStateResponse:
+            gun = validate_gun(request.gun)
+            scope.gun = gun
+            # Only the roles whose keys the caller may read, on some token.
+            roles = [r for r in self.service.guard.content.versions(gun)
+                     if any(scope.allowed(gun, r.role, t) for t in self.service.tokens)]
+            return pb.GetStateResponse(gun=gun, roles=[pb.RoleState(
+                role=r.role, version=r.version, sha256=r.digest, signed_at=r.signed_at,
+                meta=[pb.MetaVersion(name=n, version=v) for n, v in r.meta_versions])
+                for r in roles])
+
+        return self._run(context, "read", b"", work)
+
+    def ResetState(self, request: pb.ResetStateRequest,
+                   context: grpc.ServicerContext) -> pb.ResetStateResponse:
+        def work(scope: Scope) -> pb.ResetStateResponse:
+            gun = validate_gun(request.gun)
+            scope.authorize(gun, "", "")
+            removed = self.service.guard.content.reset(gun)
+            scope.extra["removed"] = removed
+            return pb.ResetStateResponse(removed=removed)
+
+        return self._run(context, "reset", b"", work)

@@ -6,13 +6,15 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from cryptography import x509
 
 from signerd import certs, metrics, signing
 from signerd.config import Config
+from signerd.content import ContentGuard
 from signerd.errors import (
+    ConfigError,
     InvalidArgument,
     NoSuchKey,
     NotFound,
@@ -22,15 +24,19 @@ from signerd.errors import (
     quoted,
 )
 from signerd.keys import (
+    METADATA,
+    RAW,
     Algorithm,
     KeyID,
     parse_algorithm,
     validate_gun,
     validate_key_id,
+    validate_purpose,
     validate_role,
 )
 from signerd.service._certificates import Certified, KeyCertificates
 from signerd.service._checkpointkey import CHECKPOINT_ROLE
+from signerd.service._guard import SigningGuard
 from signerd.token import KeyEntry, Token
 
 log = logging.getLogger("signerd.service")
@@ -43,17 +49,24 @@ _OPEN_BACKOFF = 0.1  # seconds, times the attempt number
 
 @dataclass(frozen=True)
 class Signature:
+    """One signature made, and what its audit line records of the checks
+    (``audit``: purpose and content outcome, see signerd.service._guard)."""
+
     key: KeyEntry
     signature: bytes
     method: str
     options: signing.SignOptions
+    audit: dict[str, object] = field(default_factory=dict)
 
 
 class KeyService:
-    """Keys and signatures over a set of open tokens."""
+    """Keys and signatures over a set of open tokens; ``guard`` decides what
+    each key may sign (its purpose, the content checks) and owns the
+    watermark store."""
 
-    def __init__(self, tokens: Iterable[Token]) -> None:
+    def __init__(self, tokens: Iterable[Token], guard: SigningGuard) -> None:
         self.tokens = {t.name: t for t in tokens}
+        self.guard = guard
         self._certificates = KeyCertificates(
             self.tokens, self._refresh,
             lambda entry, data, options: self.sign_with(entry, data, options).signature)
@@ -72,14 +85,19 @@ class KeyService:
         CKR_GENERAL_ERROR, until the module is initialised again. Two workers
         starting together do exactly this. Closing every token finalises the
         module, so the next attempt reads the token afresh. A refused PIN is
-        a ConfigError and never retried.
+        a ConfigError and never retried. Then the watermark store
+        (``[state]``) is opened, this process's own; StateUnavailable if it
+        cannot be.
         """
         for attempt in range(1, _OPEN_ATTEMPTS + 1):
             opened: list[Token] = []
             try:
                 for tc in config.tokens:
                     opened.append(Token(tc))
-                return cls(opened)
+                if config.state is None:
+                    raise ConfigError("the config has no [state] (load it with load_config)")
+                return cls(opened, SigningGuard(ContentGuard.open(config.content,
+                                                                  config.state)))
             except BaseException as e:
                 for t in opened:
                     t.close()
@@ -93,6 +111,7 @@ class KeyService:
     def close(self) -> None:
         for t in self.tokens.values():
             t.close()
+        self.guard.close()
 
     # -- lookups ------------------------------------------------------------
 
@@ -133,7 +152,9 @@ class KeyService:
         for RSA-2048 on SoftHSM here, 25 times P-256). Never raises; False
         for anything it cannot tell."""
         entry = self._lookup(KeyID(key_id)) if len(key_id) == 64 else None
-        if entry is None or entry.algorithm.keytype == "rsa":
+        # A metadata key's signature waits for the watermark store (a disk or network
+        # write): never on the loop.
+        if entry is None or entry.algorithm.keytype == "rsa" or entry.purpose != RAW:
             return False
         token = self.tokens[entry.token]
         return token.profile.signs_in_process and token.healthy and token.session_idle
@@ -172,11 +193,27 @@ class KeyService:
 
     # -- operations ---------------------------------------------------------
 
-    def create_key(self, gun: str, role: str, algorithm: str = "", token: str = "") -> KeyEntry:
+    def create_key(self, gun: str, role: str, algorithm: str = "", token: str = "",
+                   purpose: str = METADATA) -> KeyEntry:
+        """Generate a key for ``gun`` and ``role`` whose purpose (``metadata`` or
+        ``raw``) is fixed from now on. Raises InvalidArgument, NotFound (token),
+        FailedPrecondition (algorithm), Unavailable."""
         alg = parse_algorithm(algorithm)
         gun, role = validate_gun(gun), validate_role(role)
+        purpose = validate_purpose(purpose)
         tok = self.token(token) if token else self.token_for_role(role)
-        return tok.generate(alg, gun, role)
+        return tok.generate(alg, gun, role, purpose)
+
+    def set_purpose(self, entry: KeyEntry, purpose: str) -> KeyEntry:
+        """Record a new purpose for key ``entry`` on its token (an operator's
+        verb, for keys made before purposes). Raises InvalidArgument, NotFound,
+        Unavailable."""
+        purpose = validate_purpose(purpose)
+        updated = self.tokens[entry.token].set_purpose(entry.key_id, purpose)
+        log.info("key purpose set", extra={"fields": {
+            "key_id": entry.key_id, "token": entry.token, "purpose": purpose,
+            "was": entry.purpose}})
+        return updated
 
     def list_keys(
         self,
@@ -237,20 +274,25 @@ class KeyService:
         passes here, and the key's first one marks it used (see mark_used),
         or is not returned at all.
 
-        Raises InvalidArgument (payload, options), NotFound, ResourceExhausted,
-        Unavailable."""
+        The guard decides first (signerd.service._guard): a metadata key's
+        payload is checked and its version recorded before the token signs.
+
+        Raises InvalidArgument (payload, options; ContentInvalid), NotFound,
+        FailedPrecondition (ContentStale), ResourceExhausted, Unavailable
+        (StateUnavailable)."""
         if entry.role == CHECKPOINT_ROLE:  # signs audit checkpoints only: sign_checkpoint
             raise NoSuchKey(entry.key_id)
         alg: Algorithm = entry.algorithm
         mechanism, data = signing.prepare(alg, payload, options)
+        verdict = self.guard.before(entry, payload, options)
         token = self.tokens[entry.token]
         raw = token.sign(entry.key_id, mechanism, data, alg.signature_size)
         metrics.child(metrics.SIGNATURES, alg.name, entry.token).inc()
         if not entry.used:  # a stale entry costs one look at the token's cached one
             self.mark_used(entry)
-        return Signature(
-            entry, signing.encode(alg, raw, options), signing.method(alg, options), options
-        )
+        signature, method = signing.encode(alg, raw, options), signing.method(alg, options)
+        self.guard.after(entry, payload, verdict, method, signature)
+        return Signature(entry, signature, method, options, verdict.audit)
 
     def sign_checkpoint(self, entry: KeyEntry, message: bytes) -> bytes:
         """Sign an audit checkpoint note (raw Ed25519) with the checkpoint key
@@ -281,13 +323,15 @@ class KeyService:
             raise kind(f"signature withheld: key {entry.key_id} could not be marked as "
                        f"having signed ({e})") from None
 
-    def find_unused(self, gun: str, role: str, algorithm: Algorithm) -> KeyEntry | None:
-        """A key for (gun, role, algorithm) that has never signed, through
-        either API (Notary's rule: CreateKey reuses only such a key)."""
+    def find_unused(self, gun: str, role: str, algorithm: Algorithm,
+                    purpose: str = METADATA) -> KeyEntry | None:
+        """A ``purpose`` key for (gun, role, algorithm) that has never signed,
+        through either API (Notary's rule: CreateKey reuses only such a key)."""
         self._refresh()
         for t in self.tokens.values():
             for k in sorted(t.keys(), key=lambda k: k.key_id):
-                if k.gun == gun and k.role == role and k.algorithm == algorithm and not k.used:
+                if (k.gun == gun and k.role == role and k.algorithm == algorithm
+                        and not k.used and k.purpose == purpose):
                     return k
         return None
 
@@ -311,19 +355,24 @@ class KeyService:
 
 
     def healthy(self) -> bool:
-        return all(t.healthy for t in self.tokens.values())
+        """Whether every token, and the watermark store, answered last."""
+        return all(t.healthy for t in self.tokens.values()) and self.guard.state_ok
 
     def check(self) -> bool:
-        """Probe every token (reconnecting where needed); True if all are usable."""
+        """Probe every token (reconnecting where needed) and the watermark
+        store; True if all are usable."""
         results = []
         for t in self.tokens.values():
             with metrics.PROBE_DURATION.labels(t.name).time():
                 results.append(t.check())
+        results.append(self.guard.probe())
         return all(results)
 
     def unusable(self) -> list[str]:
-        """Names of the tokens that cannot sign now."""
-        return [t.name for t in self.tokens.values() if not t.healthy]
+        """Names of the tokens that cannot sign now, and ``state`` when the
+        watermark store does not answer (metadata keys cannot sign then)."""
+        down = [t.name for t in self.tokens.values() if not t.healthy]
+        return down if self.guard.state_ok else [*down, metrics.STATE_NAME]
 
     def export_gauges(self) -> None:
         """Set the token gauges of :mod:`signerd.metrics` to what is true now."""

@@ -96,9 +96,10 @@ def _templates(profile: Profile, alg: Algorithm, object_id: bytes,
 
 def generate_pair(module: _p11.Module, profile: Profile, token: str, s: Any,
                   alg: Algorithm, gun: str, role: str,
-                  ed25519_params: bytes) -> KeyEntry | None:
-    """Generate one key pair of ``alg`` for ``gun`` and ``role`` through
-    session ``s``, with its metadata object, under a new random CKA_ID
+                  ed25519_params: bytes, purpose: str) -> KeyEntry | None:
+    """Generate one key pair of ``alg`` for ``gun`` and ``role`` (whose
+    purpose, ``metadata`` or ``raw``, its metadata records) through session
+    ``s``, with its metadata object, under a new random CKA_ID
     (``ed25519_params``: the CKA_EC_PARAMS naming Ed25519 to this token).
     Returns None, with nothing left behind, when another process took the
     same 2-byte CKA_ID meanwhile (try again). Raises ResourceExhausted (the
@@ -130,7 +131,7 @@ def generate_pair(module: _p11.Module, profile: Profile, token: str, s: Any,
         spki = _layout.spki(alg, attrs[_p11.CKA_EC_POINT], attrs[_p11.CKA_MODULUS],
                             attrs[_p11.CKA_PUBLIC_EXPONENT])
         kid = key_id(alg.keytype, tuf_public_bytes(alg.keytype, spki))
-        meta = _layout.KeyMeta(alg, gun, role, kid, object_id)
+        meta = _layout.KeyMeta(alg, gun, role, kid, object_id, purpose)
         meta_obj = s.create_object({
             Attribute.CLASS: ObjectClass.DATA,
             Attribute.TOKEN: True,
@@ -157,4 +158,4 @@ def generate_pair(module: _p11.Module, profile: Profile, token: str, s: Any,
             raise error from None
         raise
     return KeyEntry(kid, alg, gun, role, token, spki, False, priv.handle, object_id, 2,
-                    pub.handle, meta_obj.handle, (), meta)
+                    pub.handle, meta_obj.handle, (), meta, purpose)

@@ -29,8 +29,8 @@ import pkcs11
 from pkcs11 import Attribute, ObjectClass
 
 from signerd.errors import FailedPrecondition, NotFound, SignerdError, Unavailable
-from signerd.keys import ALGORITHMS, Algorithm, KeyID
-from signerd.token import _keygen, _layout, _p11, _sweep
+from signerd.keys import ALGORITHMS, METADATA, Algorithm, KeyID
+from signerd.token import _keygen, _layout, _p11, _purpose, _sweep
 from signerd.token._health import Health
 from signerd.token._listing import KeyEntry, read_keys
 from signerd.token._slot import Slot
@@ -258,9 +258,10 @@ class KeyStore:
                 f"token {self.name} cannot create {alg.name} keys; it supports {can}"
             )
 
-    def generate(self, alg: Algorithm, gun: str, role: str) -> KeyEntry:
+    def generate(self, alg: Algorithm, gun: str, role: str, purpose: str = METADATA) -> KeyEntry:
         """Generate a key pair on the token, in layout 2, with its metadata
-        object (:func:`signerd.token._keygen.generate_pair`).
+        object (:func:`signerd.token._keygen.generate_pair`), which records
+        ``purpose``.
 
         Raises FailedPrecondition (an algorithm the token cannot do),
         ResourceExhausted (the token is full), Unavailable."""
@@ -271,9 +272,9 @@ class KeyStore:
             self.before_write(s)
             try:
                 if alg.keytype == "ed25519":
-                    return self._generate_ed25519(s, gun, role)
+                    return self._generate_ed25519(s, gun, role, purpose)
                 return _keygen.generate_pair(slot.module, slot.profile, self.name, s, alg,
-                                             gun, role, b"")
+                                             gun, role, b"", purpose)
             finally:
                 self.after_write()
 
@@ -289,10 +290,34 @@ class KeyStore:
             self._made[entry.key_id] = time.monotonic()
         log.info("key created", extra={"fields": {
             "token": self.name, "key_id": entry.key_id, "algorithm": alg.name,
-            "gun": gun, "role": role}})
+            "gun": gun, "role": role, "purpose": purpose}})
         return entry
 
-    def _generate_ed25519(self, s: Any, gun: str, role: str) -> KeyEntry | None:
+    def set_purpose(self, kid: KeyID, purpose: str) -> KeyEntry:
+        """Record a new purpose for key ``kid`` (:mod:`signerd.token._purpose`)
+        and return its entry. Raises NotFound, Unavailable."""
+        entry = self.known(kid)
+
+        def write(s: Any) -> tuple[int, set[int]]:
+            self.before_write(s)
+            try:
+                return _purpose.write(s, self._slot.profile.private_data, entry.key_id, purpose)
+            finally:
+                self.after_write()
+
+        # A new object: no search may read it half-written (see _ObjectLocks).
+        made, gone = self._health.run("setting a key's purpose", write,
+                                      self._slot.locks.searches.exclusive)
+        with self._lock:
+            entry = self._keys.get(kid, entry)
+            # The purpose object is the key's: deleted (and superseded when the key
+            # is marked used) by handle, like its other objects.
+            marks = tuple(h for h in entry.marks if h not in gone) + (made,)
+            entry = replace(entry, purpose=purpose, marks=marks)
+            self._keys[kid] = entry
+        return entry
+
+    def _generate_ed25519(self, s: Any, gun: str, role: str, purpose: str) -> KeyEntry | None:
         """An Ed25519 key pair: CKA_EC_PARAMS may name the curve by its OID
         or as the PrintableString "edwards25519" (PKCS#11 v3.0 §2.3.10), and
         modules take one or the other (yubihsm_pkcs11 only the name). The
@@ -307,7 +332,7 @@ class KeyStore:
         for params in forms:
             try:
                 entry = _keygen.generate_pair(slot.module, slot.profile, self.name, s, alg,
-                                              gun, role, params)
+                                              gun, role, params, purpose)
             except (pkcs11.PKCS11Error, _p11.P11Error) as e:
                 rv = _p11.failure_rv(e)
                 if rv in _p11.SESSION_LOST | _p11.DEVICE_LOST | _p11.HANDLE_LOST:
@@ -453,8 +478,11 @@ class KeyStore:
 
             self._health.run("key relabel", relabel, self._relabelling)
             return replace(entry, used=True)
+        # The new metadata carries the key's purpose as it is now, so the purpose
+        # objects (entry.marks) it supersedes go with the old metadata.
         meta = replace(entry.meta or _layout.KeyMeta(entry.algorithm, entry.gun, entry.role,
-                                                     entry.key_id, entry.object_id), used=True)
+                                                     entry.key_id, entry.object_id),
+                       used=True, purpose=entry.purpose)
 
         def record(s: Any) -> KeyEntry:
             self.before_write(s)

@@ -41,6 +41,17 @@ an extra "meta" object per key).
   of its own, labelled ``signerd-used:`` + 27 hex digits of the key ID; it
   is still read, and deleted with its key.
 
+A key's **purpose** (``metadata`` or ``raw``, :data:`signerd.keys.PURPOSES`) is
+the ``purpose`` field of its metadata value, written when the key is made.
+Keys made before purposes existed have none: theirs is
+:func:`signerd.keys.purpose_by_rule`. ``signerctl keys set-purpose`` never
+rewrites the metadata object (a YubiHSM cannot): it makes a purpose object,
+a ``CKO_DATA`` object labelled ``signerd-purpose:`` + 24 hex digits of the
+key ID, public, with ``CKA_VALUE`` = compact JSON ``{"kid","n","purpose"}``.
+The one with the highest ``n`` wins over the metadata's field; a new one is
+made (``n`` + 1) before older ones are destroyed, so a crash between the two
+leaves the new purpose in force.
+
 A key's X.509 certificate (``signerctl keys certify``) is where other
 PKCS#11 clients look for it (v2.40 §4.6): one ``CKO_CERTIFICATE`` object of
 type ``CKC_X_509`` with the key pair's ``CKA_ID``, ``CKA_VALUE`` = the DER
@@ -69,7 +80,7 @@ from asn1crypto.core import OctetString
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
-from signerd.keys import ALGORITHMS, Algorithm, KeyID
+from signerd.keys import ALGORITHMS, PURPOSES, Algorithm, KeyID
 
 APPLICATION = b"signerd"
 MAX_LABEL = 40  # bytes: the YubiHSM 2 limit, the strictest token in scope
@@ -77,9 +88,11 @@ _V1_TAG = "signerd"
 _META_PREFIX = "signerd:"
 _USED_PREFIX = "signerd-used:"
 _CERT_PREFIX = "signerd-cert:"
+_PURPOSE_PREFIX = "signerd-purpose:"
 META_KID_HEX = MAX_LABEL - len(_META_PREFIX)  # 32 hex digits = 128 bits of the key ID
 USED_KID_HEX = MAX_LABEL - len(_USED_PREFIX)  # 27 hex digits = 108 bits
 CERT_KID_HEX = MAX_LABEL - len(_CERT_PREFIX)  # 27 hex digits
+PURPOSE_KID_HEX = MAX_LABEL - len(_PURPOSE_PREFIX)  # 24 hex digits = 96 bits
 
 # DER OBJECT IDENTIFIERs for CKA_EC_PARAMS (RFC 5480 §2.1.1.1, RFC 8410 §3)
 CURVE_OIDS = {
@@ -107,6 +120,7 @@ class KeyMeta:
     role: str
     key_id: KeyID | None = None  # layout 2 records it; layout 1's CKA_ID is it
     object_id: bytes = b""  # layout 2: the key pair's CKA_ID
+    purpose: str = ""  # "metadata" or "raw"; "" for keys made before purposes
     used: bool = False  # layout 2: the metadata says the key has signed
     # Fields of the metadata this version does not know, as read (name, JSON
     # value): written back unchanged when the metadata is rewritten.
@@ -164,21 +178,50 @@ def cert_label(kid: KeyID) -> bytes:
     return f"{_CERT_PREFIX}{kid[:CERT_KID_HEX]}".encode()
 
 
+def purpose_label(kid: KeyID) -> bytes:
+    """CKA_LABEL of a key's purpose object (40 bytes)."""
+    return f"{_PURPOSE_PREFIX}{kid[:PURPOSE_KID_HEX]}".encode()
+
+
+def purpose_value(kid: KeyID, purpose: str, n: int) -> bytes:
+    """CKA_VALUE of a purpose object: the ``n``-th purpose set for key ``kid``."""
+    return json.dumps({"kid": kid, "n": n, "purpose": purpose},
+                      separators=(",", ":"), sort_keys=True).encode()
+
+
+def parse_purpose_value(label: bytes | None,
+                        value: bytes | None) -> tuple[KeyID, int, str] | None:
+    """(key ID, n, purpose) of a purpose object, or None if it is not one."""
+    if not (label or b"").startswith(_PURPOSE_PREFIX.encode()):
+        return None
+    raw = _json_object(value)
+    if raw is None:
+        return None
+    kid, n, purpose = raw.get("kid"), raw.get("n"), raw.get("purpose")
+    if (not isinstance(kid, str) or len(kid) != 64 or type(n) is not int
+            or purpose not in PURPOSES):
+        return None
+    return KeyID(kid), n, str(purpose)
+
+
 def used_prefix(label: bytes | None) -> str | None:
     """The key ID prefix a "has signed" label names, or None."""
     text = (label or b"").decode("ascii", "replace")
     return text[len(_USED_PREFIX):] if text.startswith(_USED_PREFIX) else None
 
 
-_META_FIELDS = frozenset({"signerd", "alg", "gun", "role", "kid", "id", "used"})
+_META_FIELDS = frozenset({"signerd", "alg", "gun", "role", "kid", "id", "used", "purpose"})
 
 
 def meta_value(meta: KeyMeta) -> bytes:
-    """CKA_VALUE of a metadata object (``"used"`` only once the key has
-    signed, and the fields this version does not know as they were read)."""
+    """CKA_VALUE of a metadata object (``"purpose"`` where the key has one,
+    ``"used"`` only once the key has signed, and the fields this version does
+    not know as they were read)."""
     doc: dict[str, Any] = dict(meta.extra)
     doc.update({"signerd": 2, "alg": meta.algorithm.name, "gun": meta.gun, "role": meta.role,
                 "kid": meta.key_id, "id": meta.object_id.hex()})
+    if meta.purpose:
+        doc["purpose"] = meta.purpose
     if meta.used:
         doc["used"] = True
     return json.dumps(doc, separators=(",", ":"), sort_keys=True).encode()
@@ -200,8 +243,9 @@ def parse_meta_value(value: bytes | None) -> KeyMeta | None:
     except ValueError:
         return None
     extra = tuple(sorted((k, v) for k, v in meta.items() if k not in _META_FIELDS))
+    purpose = meta.get("purpose")  # absent for keys made before purposes
     return KeyMeta(alg, meta["gun"], meta["role"], KeyID(kid), raw_id,
-                   meta.get("used") is True, extra)
+                   purpose if purpose in PURPOSES else "", meta.get("used") is True, extra)
 
 
 def new_object_id(size: int = 2) -> bytes:

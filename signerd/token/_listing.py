@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
-from signerd.keys import Algorithm, KeyID, key_id, tuf_public_bytes
+from signerd.keys import METADATA, Algorithm, KeyID, key_id, purpose_by_rule, tuf_public_bytes
 from signerd.token import _layout, _p11
 from signerd.token.profiles import Profile
 
@@ -34,7 +34,10 @@ class KeyEntry:
     metadata object's handles, and ``marks`` those of the key's other
     objects (a legacy "has signed" object, a second metadata object left by
     a crash), so that the key is marked used and deleted with no search
-    (0 and () where unknown). ``meta`` is its layout 2 metadata as read."""
+    (0 and () where unknown). ``meta`` is its layout 2 metadata as read.
+    ``purpose``: ``metadata`` or ``raw`` (see :mod:`signerd.token._layout`:
+    a purpose object, else the metadata's field, else
+    :func:`signerd.keys.purpose_by_rule`)."""
 
     key_id: KeyID
     algorithm: Algorithm
@@ -50,6 +53,7 @@ class KeyEntry:
     meta_handle: int = 0
     marks: tuple[int, ...] = ()
     meta: _layout.KeyMeta | None = None
+    purpose: str = METADATA
 
     @property
     def tuf_public(self) -> bytes:
@@ -81,14 +85,21 @@ def read_keys(module: _p11.Module, profile: Profile, token: str, s: Any,
     read_data = m.attribute_reader({_p11.CKA_LABEL: 40, _p11.CKA_VALUE: 512}).read
     metas: dict[KeyID, list[tuple[int, _layout.KeyMeta]]] = {}
     used: dict[str, list[int]] = {}
+    purposes: dict[KeyID, tuple[int, str]] = {}  # key ID -> (n, purpose) of its purpose object
+    purpose_objects: dict[KeyID, list[int]] = {}  # key ID -> handles of its purpose objects
 
     def read_data_objects(template: dict[int, bytes]) -> None:
         for handle in m.find_objects(h, {**data_class, **template}):
             attrs = read_data(h, handle)
             prefix = _layout.used_prefix(attrs[_p11.CKA_LABEL])
             meta = _layout.parse_meta_value(attrs[_p11.CKA_VALUE])
+            purpose = _layout.parse_purpose_value(attrs[_p11.CKA_LABEL], attrs[_p11.CKA_VALUE])
             if prefix is not None:
                 used.setdefault(prefix, []).append(handle)
+            elif purpose is not None:
+                purpose_objects.setdefault(purpose[0], []).append(handle)
+                if purpose[1] >= purposes.get(purpose[0], (-1, ""))[0]:
+                    purposes[purpose[0]] = purpose[1:]
             elif meta is not None and meta.key_id is not None:
                 metas.setdefault(meta.key_id, []).append((handle, meta))
 
@@ -101,6 +112,7 @@ def read_keys(module: _p11.Module, profile: Profile, token: str, s: Any,
         # the key ID. Every search scans the token (SoftHSM's file store:
         # about 35 µs an object), so only the searches one layout needs run.
         read_data_objects({_p11.CKA_LABEL: _layout.meta_label(only)})
+        read_data_objects({_p11.CKA_LABEL: _layout.purpose_label(only)})
         if metas:
             read_data_objects({_p11.CKA_LABEL: _layout.used_label(only)})
             ids = [meta.object_id for found in metas.values() for _, meta in found]
@@ -142,8 +154,19 @@ def read_keys(module: _p11.Module, profile: Profile, token: str, s: Any,
     for object_id, (private, label) in privates.items():
         entry = _entry(token, object_id, private, label, publics.get(object_id), metas, used)
         if entry is not None and (only is None or entry.key_id == only):
-            keys[entry.key_id] = entry
+            entry = _with_purpose(entry, purposes.get(entry.key_id))
+            extra = tuple(purpose_objects.get(entry.key_id, ()))
+            keys[entry.key_id] = replace(entry, marks=entry.marks + extra) if extra else entry
     return keys
+
+
+def _with_purpose(entry: KeyEntry, override: tuple[int, str] | None) -> KeyEntry:
+    """``entry`` with its purpose: the purpose object's, else the metadata's, else the rule's."""
+    meta = entry.meta
+    purpose = (override[1] if override is not None
+               else meta.purpose if meta is not None and meta.purpose
+               else purpose_by_rule(entry.role))
+    return entry if purpose == entry.purpose else replace(entry, purpose=purpose)
 
 
 def material(module: _p11.Module, session: int, handle: int,

@@ -239,9 +239,13 @@ class Token:
         """Raise FailedPrecondition unless the token can create ``alg`` keys."""
         self._keys.check_algorithm(alg)
 
-    def generate(self, alg: Algorithm, gun: str, role: str) -> KeyEntry:
+    def generate(self, alg: Algorithm, gun: str, role: str, purpose: str = "metadata") -> KeyEntry:
         """Generate a key pair (:meth:`KeyStore.generate`)."""
-        return self._keys.generate(alg, gun, role)
+        return self._keys.generate(alg, gun, role, purpose)
+
+    def set_purpose(self, kid: KeyID, purpose: str) -> KeyEntry:
+        """Record key ``kid``'s new purpose (:meth:`KeyStore.set_purpose`)."""
+        return self._keys.set_purpose(kid, purpose)
 
     def delete(self, kid: KeyID) -> None:
         """Destroy key ``kid``'s objects (:meth:`KeyStore.delete`)."""

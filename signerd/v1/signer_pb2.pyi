@@ -7,6 +7,12 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class KeyPurpose(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    KEY_PURPOSE_UNSPECIFIED: _ClassVar[KeyPurpose]
+    KEY_PURPOSE_METADATA: _ClassVar[KeyPurpose]
+    KEY_PURPOSE_RAW: _ClassVar[KeyPurpose]
+
 class SignatureEncoding(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     SIGNATURE_ENCODING_UNSPECIFIED: _ClassVar[SignatureEncoding]
@@ -24,6 +30,9 @@ class CertificateProfile(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     CERTIFICATE_PROFILE_UNSPECIFIED: _ClassVar[CertificateProfile]
     CERTIFICATE_PROFILE_CA: _ClassVar[CertificateProfile]
     CERTIFICATE_PROFILE_CODE_SIGNING: _ClassVar[CertificateProfile]
+KEY_PURPOSE_UNSPECIFIED: KeyPurpose
+KEY_PURPOSE_METADATA: KeyPurpose
+KEY_PURPOSE_RAW: KeyPurpose
 SIGNATURE_ENCODING_UNSPECIFIED: SignatureEncoding
 SIGNATURE_ENCODING_RAW: SignatureEncoding
 SIGNATURE_ENCODING_DER: SignatureEncoding
@@ -35,7 +44,7 @@ CERTIFICATE_PROFILE_CA: CertificateProfile
 CERTIFICATE_PROFILE_CODE_SIGNING: CertificateProfile
 
 class Key(_message.Message):
-    __slots__ = ("key_id", "algorithm", "gun", "role", "token", "keytype", "public_key_der", "public_key_pem", "tuf_public", "used")
+    __slots__ = ("key_id", "algorithm", "gun", "role", "token", "keytype", "public_key_der", "public_key_pem", "tuf_public", "used", "purpose")
     KEY_ID_FIELD_NUMBER: _ClassVar[int]
     ALGORITHM_FIELD_NUMBER: _ClassVar[int]
     GUN_FIELD_NUMBER: _ClassVar[int]
@@ -46,6 +55,7 @@ class Key(_message.Message):
     PUBLIC_KEY_PEM_FIELD_NUMBER: _ClassVar[int]
     TUF_PUBLIC_FIELD_NUMBER: _ClassVar[int]
     USED_FIELD_NUMBER: _ClassVar[int]
+    PURPOSE_FIELD_NUMBER: _ClassVar[int]
     key_id: str
     algorithm: str
     gun: str
@@ -56,19 +66,22 @@ class Key(_message.Message):
     public_key_pem: str
     tuf_public: bytes
     used: bool
-    def __init__(self, key_id: _Optional[str] = ..., algorithm: _Optional[str] = ..., gun: _Optional[str] = ..., role: _Optional[str] = ..., token: _Optional[str] = ..., keytype: _Optional[str] = ..., public_key_der: _Optional[bytes] = ..., public_key_pem: _Optional[str] = ..., tuf_public: _Optional[bytes] = ..., used: _Optional[bool] = ...) -> None: ...
+    purpose: KeyPurpose
+    def __init__(self, key_id: _Optional[str] = ..., algorithm: _Optional[str] = ..., gun: _Optional[str] = ..., role: _Optional[str] = ..., token: _Optional[str] = ..., keytype: _Optional[str] = ..., public_key_der: _Optional[bytes] = ..., public_key_pem: _Optional[str] = ..., tuf_public: _Optional[bytes] = ..., used: _Optional[bool] = ..., purpose: _Optional[_Union[KeyPurpose, str]] = ...) -> None: ...
 
 class CreateKeyRequest(_message.Message):
-    __slots__ = ("gun", "role", "algorithm", "token")
+    __slots__ = ("gun", "role", "algorithm", "token", "purpose")
     GUN_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     ALGORITHM_FIELD_NUMBER: _ClassVar[int]
     TOKEN_FIELD_NUMBER: _ClassVar[int]
+    PURPOSE_FIELD_NUMBER: _ClassVar[int]
     gun: str
     role: str
     algorithm: str
     token: str
-    def __init__(self, gun: _Optional[str] = ..., role: _Optional[str] = ..., algorithm: _Optional[str] = ..., token: _Optional[str] = ...) -> None: ...
+    purpose: KeyPurpose
+    def __init__(self, gun: _Optional[str] = ..., role: _Optional[str] = ..., algorithm: _Optional[str] = ..., token: _Optional[str] = ..., purpose: _Optional[_Union[KeyPurpose, str]] = ...) -> None: ...
 
 class GetKeyRequest(_message.Message):
     __slots__ = ("key_id",)
@@ -233,3 +246,59 @@ class CertificateChain(_message.Message):
     key_id: str
     certificates: _containers.RepeatedScalarFieldContainer[bytes]
     def __init__(self, key_id: _Optional[str] = ..., certificates: _Optional[_Iterable[bytes]] = ...) -> None: ...
+
+class SetKeyPurposeRequest(_message.Message):
+    __slots__ = ("key_id", "purpose")
+    KEY_ID_FIELD_NUMBER: _ClassVar[int]
+    PURPOSE_FIELD_NUMBER: _ClassVar[int]
+    key_id: str
+    purpose: KeyPurpose
+    def __init__(self, key_id: _Optional[str] = ..., purpose: _Optional[_Union[KeyPurpose, str]] = ...) -> None: ...
+
+class GetStateRequest(_message.Message):
+    __slots__ = ("gun",)
+    GUN_FIELD_NUMBER: _ClassVar[int]
+    gun: str
+    def __init__(self, gun: _Optional[str] = ...) -> None: ...
+
+class MetaVersion(_message.Message):
+    __slots__ = ("name", "version")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    version: int
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
+
+class RoleState(_message.Message):
+    __slots__ = ("role", "version", "sha256", "signed_at", "meta")
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    SIGNED_AT_FIELD_NUMBER: _ClassVar[int]
+    META_FIELD_NUMBER: _ClassVar[int]
+    role: str
+    version: int
+    sha256: str
+    signed_at: str
+    meta: _containers.RepeatedCompositeFieldContainer[MetaVersion]
+    def __init__(self, role: _Optional[str] = ..., version: _Optional[int] = ..., sha256: _Optional[str] = ..., signed_at: _Optional[str] = ..., meta: _Optional[_Iterable[_Union[MetaVersion, _Mapping]]] = ...) -> None: ...
+
+class GetStateResponse(_message.Message):
+    __slots__ = ("gun", "roles")
+    GUN_FIELD_NUMBER: _ClassVar[int]
+    ROLES_FIELD_NUMBER: _ClassVar[int]
+    gun: str
+    roles: _containers.RepeatedCompositeFieldContainer[RoleState]
+    def __init__(self, gun: _Optional[str] = ..., roles: _Optional[_Iterable[_Union[RoleState, _Mapping]]] = ...) -> None: ...
+
+class ResetStateRequest(_message.Message):
+    __slots__ = ("gun",)
+    GUN_FIELD_NUMBER: _ClassVar[int]
+    gun: str
+    def __init__(self, gun: _Optional[str] = ...) -> None: ...
+
+class ResetStateResponse(_message.Message):
+    __slots__ = ("removed",)
+    REMOVED_FIELD_NUMBER: _ClassVar[int]
+    removed: int
+    def __init__(self, removed: _Optional[int] = ...) -> None: ...

@@ -84,6 +84,21 @@ class SignerServiceStub:
                 request_serializer=signerd_dot_v1_dot_signer__pb2.GetCertificateChainRequest.SerializeToString,
                 response_deserializer=signerd_dot_v1_dot_signer__pb2.CertificateChain.FromString,
                 _registered_method=True)
+        self.SetKeyPurpose = channel.unary_unary(
+                '/signerd.v1.SignerService/SetKeyPurpose',
+                request_serializer=signerd_dot_v1_dot_signer__pb2.SetKeyPurposeRequest.SerializeToString,
+                response_deserializer=signerd_dot_v1_dot_signer__pb2.Key.FromString,
+                _registered_method=True)
+        self.GetState = channel.unary_unary(
+                '/signerd.v1.SignerService/GetState',
+                request_serializer=signerd_dot_v1_dot_signer__pb2.GetStateRequest.SerializeToString,
+                response_deserializer=signerd_dot_v1_dot_signer__pb2.GetStateResponse.FromString,
+                _registered_method=True)
+        self.ResetState = channel.unary_unary(
+                '/signerd.v1.SignerService/ResetState',
+                request_serializer=signerd_dot_v1_dot_signer__pb2.ResetStateRequest.SerializeToString,
+                response_deserializer=signerd_dot_v1_dot_signer__pb2.ResetStateResponse.FromString,
+                _registered_method=True)
 
 
 class SignerServiceServicer:
@@ -187,6 +202,33 @@ class SignerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetKeyPurpose(self, request, context):
+        """Sets the purpose of an existing key (for keys made before purposes, or
+        made with the wrong one). An operator's verb: policy operation "purpose"
+        on the key, audited. Returns the key.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetState(self, request, context):
+        """The watermarks recorded for a GUN: per role, the highest version signed
+        and the meta versions its snapshot or timestamp referenced. Policy: "read"
+        on the GUN's keys; only the roles the caller may read are listed.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResetState(self, request, context):
+        """Forgets every watermark of a GUN, after a legitimate wipe (a Notary
+        repository deleted and re-created on the server). Policy operation
+        "reset" on the GUN (any role), audited.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SignerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -239,6 +281,21 @@ def add_SignerServiceServicer_to_server(servicer, server):
                     servicer.GetCertificateChain,
                     request_deserializer=signerd_dot_v1_dot_signer__pb2.GetCertificateChainRequest.FromString,
                     response_serializer=signerd_dot_v1_dot_signer__pb2.CertificateChain.SerializeToString,
+            ),
+            'SetKeyPurpose': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetKeyPurpose,
+                    request_deserializer=signerd_dot_v1_dot_signer__pb2.SetKeyPurposeRequest.FromString,
+                    response_serializer=signerd_dot_v1_dot_signer__pb2.Key.SerializeToString,
+            ),
+            'GetState': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetState,
+                    request_deserializer=signerd_dot_v1_dot_signer__pb2.GetStateRequest.FromString,
+                    response_serializer=signerd_dot_v1_dot_signer__pb2.GetStateResponse.SerializeToString,
+            ),
+            'ResetState': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResetState,
+                    request_deserializer=signerd_dot_v1_dot_signer__pb2.ResetStateRequest.FromString,
+                    response_serializer=signerd_dot_v1_dot_signer__pb2.ResetStateResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -511,6 +568,87 @@ class SignerService:
             '/signerd.v1.SignerService/GetCertificateChain',
             signerd_dot_v1_dot_signer__pb2.GetCertificateChainRequest.SerializeToString,
             signerd_dot_v1_dot_signer__pb2.CertificateChain.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetKeyPurpose(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/signerd.v1.SignerService/SetKeyPurpose',
+            signerd_dot_v1_dot_signer__pb2.SetKeyPurposeRequest.SerializeToString,
+            signerd_dot_v1_dot_signer__pb2.Key.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetState(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/signerd.v1.SignerService/GetState',
+            signerd_dot_v1_dot_signer__pb2.GetStateRequest.SerializeToString,
+            signerd_dot_v1_dot_signer__pb2.GetStateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResetState(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/signerd.v1.SignerService/ResetState',
+            signerd_dot_v1_dot_signer__pb2.ResetStateRequest.SerializeToString,
+            signerd_dot_v1_dot_signer__pb2.ResetStateResponse.FromString,
             options,
             channel_credentials,
             insecure,

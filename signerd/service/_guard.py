@@ -1,0 +1,198 @@
+"""What a key may sign: its purpose, then, for a metadata key, the content checks.
+
+Every signature signerd makes passes :meth:`SigningGuard.before` first and
+:meth:`SigningGuard.after` once made (from :meth:`KeyService.sign_with`, the one
+signing path of both APIs, SignBatch and SignStream items, the python-tuf adapter
+through Sign, a certificate's issuer and ``signerctl trust --local``). The rules:
+
+- A **metadata** key signs only TUF/Notary metadata of its own role, after
+  :meth:`signerd.content.ContentGuard.check_and_record` (role, canonical form, expiry,
+  rollback, freeze, delegation paths) has checked the payload and recorded its version.
+  A digest is refused: there is nothing to check. The one exception: a **root** key
+  signs the TBSCertificate of its own root certificate (``trust/x509.py``, Notary's
+  ``ecdsa-x509``/``rsa-x509`` root keys), when that TBSCertificate certifies the key
+  itself, is self-issued and names the key's GUN as its only subject CN. Certifying
+  another key is a raw key's job.
+- A **raw** key signs opaque messages and digests (cosign, Notation, certificates of
+  other keys), but never a payload that is a TUF or Notary ``signed`` object: what a key
+  is not for, it does not sign, whichever way round.
+
+With ``[content] enabled = false`` for a GUN, its metadata keys sign any payload as
+before (nothing is parsed or recorded); the raw-key rule still holds.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+
+from asn1crypto import x509 as asn1x509
+
+from signerd import metrics, signing
+from signerd.content import ContentGuard, ContentInvalid, Outcome, StateUnavailable
+from signerd.content._parse import NOTARY_TYPES, TUF_TYPES
+from signerd.errors import quoted
+from signerd.keys import RAW
+from signerd.token import KeyEntry
+
+log = logging.getLogger("signerd.service")
+_CERTIFICATE = Outcome(checked=False, type="certificate")
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What :meth:`SigningGuard.before` decided for one payload: the content outcome
+    (None for a raw key) and the fields the audit line records."""
+
+    outcome: Outcome | None
+    audit: dict[str, object]
+
+
+def is_metadata(payload: bytes) -> bool:
+    """Whether ``payload`` is a JSON object whose ``_type`` names a TUF or Notary role.
+
+    Cheap for what is not JSON: only a payload that starts with ``{`` and holds
+    ``"_type"`` is parsed.
+    """
+    if not payload.lstrip()[:1] == b"{" or b'"_type"' not in payload:
+        return False
+    try:
+        value = json.loads(payload)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return False
+    kind = value.get("_type") if isinstance(value, dict) else None
+    return isinstance(kind, str) and (kind in NOTARY_TYPES or kind in TUF_TYPES)
+
+
+def _tbs_certificate(payload: bytes) -> asn1x509.TbsCertificate | None:
+    """``payload`` as a DER TBSCertificate, or None if it is not one."""
+    if payload[:1] != b"\x30":
+        return None
+    try:
+        tbs = asn1x509.TbsCertificate.load(payload, strict=True)
+        tbs.native  # noqa: B018 - asn1crypto parses lazily: force every field now
+    except (ValueError, TypeError, KeyError):
+        return None
+    return tbs
+
+
+def _common_names(name: asn1x509.Name) -> list[str]:
+    return [str(v) for k, v in name.native.items() if k == "common_name"] \
+        if isinstance(name.native, dict) else []
+
+
+def check_root_certificate(entry: KeyEntry, tbs: asn1x509.TbsCertificate) -> None:
+    """Raise ContentInvalid('certificate') unless metadata key ``entry`` may sign ``tbs``:
+    a root key's own, self-issued certificate whose subject CN is exactly its GUN."""
+    def refuse(why: str) -> ContentInvalid:
+        return ContentInvalid("certificate", f"a metadata key signs only its own root "
+                                             f"certificate: {why}")
+
+    if entry.role != "root":
+        raise refuse(f"key {entry.key_id} is a {quoted(entry.role)} key, not a root key")
+    if tbs["subject_public_key_info"].dump() != entry.spki_der:
+        raise refuse("the TBSCertificate certifies another key (certify keys with a raw key)")
+    if tbs["issuer"].dump() != tbs["subject"].dump():
+        raise refuse("issuer and subject differ")
+    cns = _common_names(tbs["subject"])
+    if cns != [entry.gun]:
+        raise refuse(f"its subject CN must be the GUN {quoted(entry.gun)}")
+
+
+class SigningGuard:
+    """The purpose rules and content checks around every signature (see the module).
+
+    ``content`` is the opened ContentGuard (its store is this process's own); the
+    guard keeps whether that store answered last (:attr:`state_ok`), for readiness.
+    """
+
+    def __init__(self, content: ContentGuard) -> None:
+        self.content = content
+        self.state_ok = True
+        kind = "postgresql" if type(content.store).__name__.startswith("Postgres") else "sqlite"
+        self._gauge = metrics.STATE_HEALTHY.labels(kind)
+        self._gauge.set(1)
+
+    def before(self, entry: KeyEntry, payload: bytes, options: signing.SignOptions) -> Verdict:
+        """Decide whether ``entry`` may sign ``payload``; for a metadata key, check and
+        record it. Raises ContentInvalid (INVALID_ARGUMENT), ContentStale
+        (FAILED_PRECONDITION) or StateUnavailable (UNAVAILABLE), each naming its check."""
+        if entry.purpose == RAW:
+            if not options.prehashed and is_metadata(payload):
+                raise ContentInvalid(
+                    "purpose", f"key {entry.key_id} is a raw key: it does not sign TUF or "
+                               "Notary metadata (sign that with a metadata key of the role)")
+            return Verdict(None, {"purpose": RAW})
+        if options.prehashed:
+            try:
+                self.content.refuse_digest(entry.gun, entry.role)
+            except ContentInvalid as e:
+                raise ContentInvalid(e.check, f"{e}; key {entry.key_id} is a metadata key "
+                                              "(a key for digests is a raw key)") from None
+            return Verdict(Outcome(checked=False), {"purpose": "metadata",
+                                                    "content": {"checked": False}})
+        tbs = _tbs_certificate(payload)
+        if tbs is not None and self.content.applies(entry.gun):
+            check_root_certificate(entry, tbs)
+            return Verdict(_CERTIFICATE, {"purpose": "metadata",
+                                          "content": {"type": "certificate"}})
+        try:
+            outcome = self.content.check_and_record(entry.gun, entry.role, payload)
+        except StateUnavailable:
+            self._state(False)
+            raise
+        self._state(True)
+        return Verdict(outcome, {"purpose": "metadata", "content": audit_fields(outcome)})
+
+    def after(self, entry: KeyEntry, payload: bytes, verdict: Verdict, method: str,
+              signature: bytes) -> None:
+        """Once signed: remember the hash of the Notary file this signature makes (the
+        freeze check's hash → version map). A failure is logged, not raised: the
+        signature is valid and its version was recorded before it was made."""
+        outcome = verdict.outcome
+        if outcome is None or not outcome.checked or outcome.format is None \
+                or outcome.format.value != "notary":
+            return
+        try:
+            self.content.note_signature(entry.gun, entry.role, payload, entry.key_id, method,
+                                        signature)
+        except StateUnavailable as e:
+            self._state(False)
+            log.warning("signed, but could not record the file's hash for the freeze check",
+                        extra={"fields": {"key_id": entry.key_id, "error": str(e)}})
+
+    def probe(self) -> bool:
+        """Ask the store for something (the health loop); whether it answered."""
+        try:
+            self.content.versions("")
+        except StateUnavailable as e:
+            if self.state_ok:
+                log.error("the state database is unavailable: metadata keys cannot sign",
+                          extra={"fields": {"error": str(e)}})
+            self._state(False)
+            return False
+        self._state(True)
+        return True
+
+    def _state(self, ok: bool) -> None:
+        self.state_ok = ok
+        self._gauge.set(1 if ok else 0)
+
+    def close(self) -> None:
+        """Close the store."""
+        self.content.close()
+
+
+def audit_fields(outcome: Outcome) -> dict[str, object]:
+    """What an audit line records of a content check that passed."""
+    if not outcome.checked:
+        return {"checked": False}
+    fields: dict[str, object] = {
+        "type": outcome.type, "version": outcome.version,
+        "previous_version": outcome.previous_version,
+        "same_version_changed": outcome.same_version_changed,
+    }
+    if outcome.unchecked:
+        fields["unchecked"] = list(outcome.unchecked)
+    return fields
