@@ -368,8 +368,11 @@ def test_keys_show_their_purpose_and_set_purpose_is_an_audited_admin_right(
         assert err.code() == grpc.StatusCode.PERMISSION_DENIED
     assert [(a["decision"], a["status"]) for a in audit(daemon)
             if a["operation"] in ("purpose", "reset")] == [
-        ("allow", "OK"), ("allow", "INVALID_ARGUMENT"), ("deny", "PERMISSION_DENIED"),
+        # "sideways" is refused before the policy is asked: decision "none" (issue 21 §7)
+        ("allow", "OK"), ("none", "INVALID_ARGUMENT"), ("deny", "PERMISSION_DENIED"),
         ("deny", "PERMISSION_DENIED")]
+    refused = [a for a in audit(daemon) if a["operation"] == "purpose"][1]
+    assert refused["key_id"] == k.key_id
 
 
 def test_the_purpose_survives_a_fresh_listing_of_the_token(daemon: Daemon) -> None:

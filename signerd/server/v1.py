@@ -380,6 +380,7 @@ class SignerServicer(pb_grpc.SignerServiceServicer):
     def SetKeyPurpose(self, request: pb.SetKeyPurposeRequest,
                       context: grpc.ServicerContext) -> pb.Key:
         def work(scope: Scope) -> pb.Key:
+            scope.key_id = request.key_id  # recorded even when refused (issue 21 §7)
             purpose = purpose_of(request.purpose, unspecified=None)
             entry = self.service.get_key(request.key_id)
             scope.authorize_key(entry, action="set the purpose of")

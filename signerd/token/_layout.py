@@ -242,8 +242,11 @@ def parse_meta_value(value: bytes | None) -> KeyMeta | None:
         raw_id = bytes.fromhex(object_id)
     except ValueError:
         return None
-    extra = tuple(sorted((k, v) for k, v in meta.items() if k not in _META_FIELDS))
     purpose = meta.get("purpose")  # absent for keys made before purposes
+    # A purpose this version does not know (a later one's) is kept as read, like
+    # any unknown field, and written back; the key's purpose is then the rule's.
+    extra = tuple(sorted((k, v) for k, v in meta.items() if k not in _META_FIELDS
+                         or (k == "purpose" and v not in PURPOSES)))
     return KeyMeta(alg, meta["gun"], meta["role"], KeyID(kid), raw_id,
                    purpose if purpose in PURPOSES else "", meta.get("used") is True, extra)
 
