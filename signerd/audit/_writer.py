@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final
 
-from signerd.audit._fs import _Locked, _open_locked, _why
+from signerd.audit._fs import _Locked, _open_head, _open_locked, _why
 from signerd.audit._line import (
     _RESERVED,
     HEAD_SIZE,
@@ -79,7 +79,7 @@ class AuditLog:
             self._seq, self._last = state.seq, state.last
             if state.renamed is not None:
                 self._pending = ("renamed", state.renamed.name)
-            self._head_fd = os.open(self.head_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            self._head_fd = _open_head(self.head_path)
         except OSError as e:
             self._close_fds()
             raise ConfigError(f"audit log {path}: cannot open: {_why(e)}") from None
