@@ -17,8 +17,10 @@ With one process the same metrics live in the default registry.
 
 The listener (``[metrics] listen``) answers ``/metrics`` (Prometheus text
 format, written by prometheus-client), ``/livez`` (200 while the process
-serves) and ``/readyz`` (200 only while every token is usable, else 503 with
-``{"unusable": [token names]}``). It is plain HTTP, holds no key material
+serves) and ``/readyz`` (200 only while everything a signature needs can
+serve, else 503 saying what cannot: ``{"unusable": [token names]}`` for
+tokens, ``{"audit": "<why>"}`` while the audit log cannot be written; see
+signerd.server.app.Readiness). It is plain HTTP, holds no key material
 and accepts no signing: bind it to loopback or a scrape-only network. It
 bounds what a peer can hold: ``[metrics] max_connections`` connections at
 once, each closed unanswered after ``[metrics] read_timeout`` seconds
@@ -38,7 +40,7 @@ import socket
 import threading
 import time
 import urllib.parse
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Mapping
 from concurrent import futures
 from typing import Any
 
@@ -78,6 +80,11 @@ SESSIONS_IN_USE = Gauge("signerd_token_sessions_in_use", "Pooled sessions borrow
                         ["token"], multiprocess_mode="livesum")
 SESSIONS = Gauge("signerd_token_sessions", "Pooled sessions (the pool size).", ["token"],
                  multiprocess_mode="livesum")
+# One per part of a signature besides the tokens (signerd.server.app.Readiness:
+# "audit", later "watermarks"): the supervisor's /readyz reads its workers'.
+READY = Gauge("signerd_ready", "1 while this part of a signature can serve (audit: the audit "
+              "log was last written; watermarks: the watermark store answers), else 0.",
+              ["component"], multiprocess_mode="livemin")
 KEYS = Gauge("signerd_keys", "signerd keys on the token, by role (delegations as one).",
              ["token", "role"], multiprocess_mode="livemax")
 
@@ -120,6 +127,26 @@ def unusable_tokens(registry: CollectorRegistry | None = None) -> list[str]:
     return sorted(names)
 
 
+def not_ready(registry: CollectorRegistry | None = None) -> dict[str, object]:
+    """What keeps the processes counting into ``registry`` (default: this
+    process's) from signing, as /readyz says it: ``{"unusable": [tokens]}``
+    and ``{component: "not ready"}`` for each ``signerd_ready`` that is 0
+    (a supervisor sees its workers' gauges, not their reasons: their logs
+    have those). Empty when ready."""
+    from prometheus_client import REGISTRY
+
+    body: dict[str, object] = {}
+    down = unusable_tokens(registry)
+    if down:
+        body["unusable"] = down
+    for metric in (registry or REGISTRY).collect():
+        if metric.name == "signerd_ready":
+            for sample in metric.samples:
+                if sample.value < 1:
+                    body[sample.labels["component"]] = "not ready (see the worker's log)"
+    return body
+
+
 HTTP_REFUSED = Counter("signerd_http_connections_refused_total",
                        "Connections to the metrics listener closed unanswered, by reason "
                        "(slow: the request did not arrive within the read timeout; bad: it "
@@ -133,8 +160,9 @@ _REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Al
 class HttpListener:
     """``/metrics``, ``/livez`` and ``/readyz`` on ``address`` ("HOST:PORT").
 
-    ``unusable`` returns the names of tokens that cannot sign now; ``registry``
-    is what /metrics exposes (default: this process's). Raises OSError if the
+    ``not_ready`` says what keeps the daemon from signing now, by part
+    (empty when ready; the body of a 503 /readyz, see :func:`not_ready`);
+    ``registry`` is what /metrics exposes (default: this process's). Raises OSError if the
     address cannot be bound.
 
     One asyncio event loop on one thread holds the connections, so a held
@@ -153,7 +181,7 @@ class HttpListener:
     limit of a default systemd service and with it the token's files).
     The parsing is the standard library's (``http.client.parse_headers``)."""
 
-    def __init__(self, address: str, unusable: Callable[[], Iterable[str]],
+    def __init__(self, address: str, not_ready: Callable[[], Mapping[str, object]],
                  registry: CollectorRegistry | None = None, *, max_connections: int = 64,
                  read_timeout: float = 5.0, workers: int = 2) -> None:
         from prometheus_client import REGISTRY
@@ -161,7 +189,7 @@ class HttpListener:
         host, _, port = address.rpartition(":")
         host = host.strip("[]") or "127.0.0.1"
         self._registry = registry or REGISTRY
-        self._unusable = unusable
+        self._not_ready = not_ready
         self._max = max_connections
         self._timeout = read_timeout
         self.open = 0  # connections held now (read on the loop thread, or for tests)
@@ -260,9 +288,9 @@ class HttpListener:
         if path == "/livez":
             return self._response(200, {"status": "serving"}, head=only_head)
         if path == "/readyz":
-            down = sorted(self._unusable())
+            down = dict(self._not_ready())
             if down:
-                return self._response(503, {"unusable": down}, head=only_head)
+                return self._response(503, down, head=only_head)
             return self._response(200, {"status": "ready"}, head=only_head)
         return self._response(404, {"error": "not found"}, head=only_head)
 

@@ -99,6 +99,16 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _free_bytes(directory: Path) -> int:
+    """Bytes an unprivileged writer may still use on ``directory``'s file
+    system (statvfs f_bavail); 0 if it cannot be asked."""
+    try:
+        st = os.statvfs(directory)
+    except OSError:
+        return 0
+    return st.f_bavail * st.f_frsize
+
+
 def _why(e: BaseException) -> str:
     if isinstance(e, OSError) and e.strerror:
         return e.strerror
