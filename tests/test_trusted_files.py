@@ -376,3 +376,21 @@ def test_a_policy_replaced_by_a_fifo_never_blocks_sigterm(hsm: HSM, certs: PKI,
     finally:
         if proc.proc.poll() is None:
             proc.proc.kill()
+
+
+def test_the_embedded_default_is_trusted_whatever_the_umask(tmp_path: Path) -> None:
+    """Under umask 002 (common for users with their own group) the embedded
+    default's config and policy came out group-writable, which serve now
+    refuses: they are written 0644 whatever the umask."""
+    script = ("import os, sys\nfrom pathlib import Path\nos.umask(0o002)\n"
+              "from signerd import config, embedded\n"
+              "cfg = config.load_config(embedded.ensure(Path(sys.argv[1])))\n"
+              "from signerd.policy import Policy\n"
+              "assert cfg.policy_file is not None\nPolicy.load(cfg.policy_file)\n")
+    state = tmp_path / "state"
+    env = {k: v for k, v in os.environ.items() if k != "SOFTHSM2_CONF"}
+    run = subprocess.run([sys.executable, "-c", script, str(state)], capture_output=True,
+                         text=True, timeout=120, env=env)
+    assert run.returncode == 0, run.stderr
+    assert {p.name: p.stat().st_mode & 0o022 for p in state.glob("*.toml")} == {
+        p.name: 0 for p in state.glob("*.toml")}
