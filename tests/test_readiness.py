@@ -132,3 +132,41 @@ def test_readiness_has_a_hook_for_another_part_of_a_signature(daemon_factory: An
         d.servers.update_health()
         assert readyz(port) == (200, {"status": "ready"})
         assert health(c.channel) == [SERVING, SERVING]
+
+
+def test_a_supervisors_readyz_says_when_a_workers_audit_log_is_full(
+        hsm: HSM, certs: PKI, tmp_path: Path) -> None:
+    """With workers, the supervisor answers /readyz from its workers'
+    signerd_ready gauges: a worker whose audit log cannot be written makes
+    the whole daemon not ready until that worker writes again."""
+    from signerd.client import Client, ClientConfig
+    from tests.conftest import spawn_daemon, write_toml
+
+    with small_fs(tmp_path / "fs", size_kb=512) as fs:
+        cfg = daemon_config(hsm, certs, tmp_path / "d", metrics=True, tokens=("online",),
+                            server={"workers": 2, "health_interval": PROBE_EVERY})
+        cfg["audit"] = {"file": str(fs.path / "audit.log")}
+        proc = spawn_daemon(write_toml(tmp_path / "d" / "signerd.toml", cfg), tmp_path / "d")
+        try:
+            port = proc.info["metrics"]
+            cert, key = certs.files["admin"]
+            client = ClientConfig(f"127.0.0.1:{proc.info['tcp']}", certs.ca_file, cert, key,
+                                  "localhost", timeout=20)
+            assert until(lambda: readyz(port) == (200, {"status": "ready"}))
+            with Client(client) as c:
+                key_id = c.create_key(unique_gun(), "targets").key_id
+                fs.fill()
+                for _ in range(128):  # either worker answers; sign until one's log is full
+                    try:
+                        c.sign(key_id, message=b"full")
+                    except grpc.RpcError as e:
+                        assert e.code() == grpc.StatusCode.UNAVAILABLE
+                        break
+                else:
+                    pytest.fail("no worker's audit log ran out of space")
+            assert until(lambda: readyz(port)[0] == 503, timeout=5), readyz(port)
+            assert readyz(port) == (503, {"audit": "not ready (see the worker's log)"})
+            fs.free()
+            assert until(lambda: readyz(port) == (200, {"status": "ready"})), readyz(port)
+        finally:
+            assert proc.stop() == 0
