@@ -63,6 +63,11 @@ def _open_locked(path: Path, *, exclusive: bool = False) -> tuple[int, tuple[int
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         st = os.fstat(fd)
+        # What is at the path now is what was opened and locked (not a file
+        # or link put there meanwhile): the inode the chain goes on in.
+        now = os.lstat(path)
+        if (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino):
+            raise _NotOurs(errno.EAGAIN, "it was replaced while it was being opened")
     except BlockingIOError:
         os.close(fd)
         raise _Locked("another process is writing it") from None
