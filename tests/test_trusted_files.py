@@ -106,16 +106,16 @@ POLICY_CASES = [
 ]
 
 
-@pytest.mark.parametrize(("make", "words"), POLICY_CASES)
+@pytest.mark.parametrize(("prepare", "words"), POLICY_CASES)
 def test_a_policy_file_signerd_cannot_trust_is_refused_in_one_line(
-        tmp_path: Path, make: Any, words: str) -> None:
+        tmp_path: Path, prepare: Any, words: str) -> None:
     """Regression (issue 22 §5, §7): serve accepted a policy others could
     write; a FIFO blocked the reading thread; /dev/zero was read until
     MemoryError. Each is refused at once, in one line naming what and why."""
     directory = tmp_path / "etc"
     directory.mkdir(mode=0o755)
     path = directory / "policy.toml"
-    make(path)
+    prepare(path)
     start = time.monotonic()
     with pytest.raises(ConfigError) as info:
         Policy.load(path)
@@ -197,17 +197,17 @@ def test_a_client_config_is_bounded_but_not_held_to_the_daemons_rules(tmp_path: 
 # -- the audit log's names ---------------------------------------------------------
 
 
-@pytest.mark.parametrize(("make", "words"), [
+@pytest.mark.parametrize(("prepare", "words"), [
     pytest.param(lambda p: p.symlink_to(p.with_name("elsewhere")),
                  "it is a symbolic link (refused: never followed)", id="symlink"),
     pytest.param(lambda p: os.mkfifo(p), "it is not a regular file", id="fifo"),
     pytest.param(lambda p: (p.write_bytes(b""), os.chown(p, NOBODY, NOBODY)),
                  f"it is owned by uid {NOBODY}", id="not-ours"),
 ])
-def test_the_audit_log_opens_only_its_own_regular_file(tmp_path: Path, make: Any,
+def test_the_audit_log_opens_only_its_own_regular_file(tmp_path: Path, prepare: Any,
                                                       words: str) -> None:
     path = tmp_path / "audit.log"
-    make(path)
+    prepare(path)
     with pytest.raises(ConfigError, match=re.escape(f"audit log {path}: cannot open: {words}")):
         AuditLog(path)
     assert not path.with_name("elsewhere").exists()
