@@ -7,6 +7,7 @@ variable they are read from.
 
 from __future__ import annotations
 
+import errno
 import fnmatch
 import ipaddress
 import os
@@ -25,6 +26,35 @@ from signerd.token.profiles import PROFILE_NAMES, session_budget
 DEFAULT_MAX_MESSAGE_BYTES = 1 << 20
 MAX_MESSAGE_BYTES = 1 << 29  # gRPC lengths are 32-bit signed, and a response may be twice this
 MAX_CONNECTIONS = 1 << 20  # Linux's default fs.nr_open: no process holds more file descriptors
+CK_ULONG_MAX = (1 << 64) - 1  # a PKCS#11 slot ID is a CK_ULONG (64 bits on Linux)
+
+# The legal range of every numeric setting: (least, most, unit). A value out
+# of range is refused at load (and so by check-config); README's
+# "Configuration reference" lists the same table (a test keeps them equal).
+# Why each bound, briefly: the lower ones keep a protection on (a health
+# probe every 50 µs used ~90% of a CPU; max_message_bytes = -1 is gRPC's
+# "no limit"; a 0 s handshake or read timeout closes every client); the upper
+# ones keep what the machine is asked for within what it can give (threads
+# and processes it can schedule, file descriptors it can hold: fs.nr_open).
+BOUNDS: dict[str, tuple[int | float, int | float, str]] = {
+    "tokens[].sessions": (1, 256, "sessions"),
+    "server.max_message_bytes": (1024, MAX_MESSAGE_BYTES, "bytes"),
+    "server.threads": (1, 1024, "threads"),
+    "server.max_inflight_per_identity": (1, 1024, "requests"),
+    "server.handshake_timeout": (0.1, 3600, "seconds"),
+    "server.max_connections": (1, MAX_CONNECTIONS, "connections"),
+    "server.max_unix_connections": (1, MAX_CONNECTIONS, "connections"),
+    "server.workers": (1, 64, "processes"),
+    "server.health_interval": (0.05, 3600, "seconds"),
+    "audit.max_bytes": (4096, 1 << 40, "bytes"),
+    "metrics.max_connections": (1, MAX_CONNECTIONS, "connections"),
+    "metrics.read_timeout": (0.1, 300, "seconds"),
+}
+# Bytes signerd reads of a file it trusts, at most (read_trusted): a config or
+# policy file is a few KB, a PIN a few bytes. /dev/zero as a policy ended in
+# MemoryError before there was a bound.
+MAX_CONFIG_BYTES = 1 << 20
+MAX_PIN_BYTES = 1024
 
 
 @dataclass(frozen=True)
@@ -51,8 +81,9 @@ class Pkcs11Uri:
                 raise ConfigError("token uri must not carry a PIN: use pin_file or pin_env")
             attrs[name] = unquote(value)
         slot = attrs.get("slot-id")
-        if slot is not None and not slot.isdigit():
-            raise ConfigError(f"token uri slot-id must be a number, got {slot!r}")
+        if slot is not None and not (slot.isdigit() and int(slot) <= CK_ULONG_MAX):
+            raise ConfigError(f"token uri slot-id must be a number from 0 to {CK_ULONG_MAX}, "
+                              f"got {slot[:40]!r}")
         uri_ = cls(
             attrs.get("token"),
             attrs.get("serial"),
@@ -90,13 +121,13 @@ class TokenConfig:
                 )
             return pin
         assert self.pin_file is not None
-        warn_if_exposed(self.pin_file, f"token {self.name} PIN file")
+        raw = read_trusted(self.pin_file, f"PIN file of token {self.name}",
+                           limit=MAX_PIN_BYTES, secret=True)
         try:
-            return self.pin_file.read_text().rstrip("\r\n")
-        except OSError as e:
-            raise ConfigError(
-                f"token {self.name}: cannot read PIN file {self.pin_file}: {e.strerror}"
-            ) from None
+            return raw.decode("utf-8").rstrip("\r\n")
+        except UnicodeDecodeError:
+            raise ConfigError(f"token {self.name}: PIN file {self.pin_file} is not UTF-8 "
+                              "text") from None
 
 
 @dataclass(frozen=True)
@@ -227,6 +258,159 @@ def warn_if_exposed(path: Path, what: str) -> None:
         )
 
 
+def _owners() -> tuple[int, int]:
+    """The owners a trusted file or directory may have: root and the daemon's user."""
+    return 0, os.geteuid()
+
+
+def file_problem(st: os.stat_result, *, secret: bool = False) -> str | None:
+    """Why a file with status ``st`` must not be trusted, or None.
+
+    The rule is sshd's StrictModes (sshd_config(5)): a regular file, owned by
+    root or the daemon's user, that neither its group nor others may write;
+    a secret (a PIN file) that neither may even read (mode 0600 or 0400).
+    Others who can write a policy or config decide who signs; others who can
+    read a PIN can log in to the token."""
+    mode = stat.S_IMODE(st.st_mode)
+    if not stat.S_ISREG(st.st_mode):
+        return f"is not a regular file ({_kind_of(st.st_mode)})"
+    if st.st_uid not in _owners():
+        return (f"is owned by uid {st.st_uid}, not by root or signerd's user "
+                f"(uid {os.geteuid()}); chown it")
+    if secret and mode & (stat.S_IRWXG | stat.S_IRWXO):
+        return f"is accessible by group or others (mode {mode:04o}); chmod 600 it"
+    if mode & (stat.S_IWGRP | stat.S_IWOTH):
+        return f"is writable by group or others (mode {mode:04o}); chmod go-w it"
+    return None
+
+
+def directory_problem(directory: Path, *, sticky_ok: bool = True) -> str | None:
+    """Why ``directory`` (a resolved path) lets someone else replace what is
+    in it, or None: as sshd's StrictModes, it must be owned by root or the
+    daemon's user and not writable by group or others. ``sticky_ok``: a
+    root-owned sticky directory (``/tmp``, mode 1777) is accepted, since no
+    one can rename or remove there what they do not own."""
+    try:
+        st = os.lstat(directory)
+    except OSError as e:
+        return f"{directory} cannot be examined: {e.strerror}"
+    mode = stat.S_IMODE(st.st_mode)
+    if not stat.S_ISDIR(st.st_mode):
+        return f"{directory} is not a directory ({_kind_of(st.st_mode)})"
+    if st.st_uid not in _owners():
+        return (f"directory {directory} is owned by uid {st.st_uid}, not by root or signerd's "
+                f"user (uid {os.geteuid()})")
+    if mode & (stat.S_IWGRP | stat.S_IWOTH) and not (
+            sticky_ok and st.st_uid == 0 and mode & stat.S_ISVTX):
+        return (f"directory {directory} is writable by group or others (mode {mode:04o}): "
+                "they could replace what is in it; chmod go-w it")
+    return None
+
+
+def path_problem(path: Path) -> str | None:
+    """The first directory above ``path`` (a resolved path) that would let
+    someone other than root or the daemon's user replace it (see
+    :func:`directory_problem`), or None. Every ancestor up to ``/`` is
+    checked, as sshd checks the path of ``authorized_keys``."""
+    for directory in path.parents:
+        problem = directory_problem(directory)
+        if problem is not None:
+            return problem
+    return None
+
+
+def _kind_of(mode: int) -> str:
+    kinds = ((stat.S_ISDIR, "a directory"), (stat.S_ISCHR, "a character device"),
+             (stat.S_ISBLK, "a block device"), (stat.S_ISFIFO, "a FIFO"),
+             (stat.S_ISSOCK, "a socket"), (stat.S_ISLNK, "a symbolic link"))
+    return next((name for test, name in kinds if test(mode)), "not a file")
+
+
+def read_trusted(path: Path, what: str, *, limit: int = MAX_CONFIG_BYTES,
+                 secret: bool = False, trusted: bool = True) -> bytes:
+    """The bytes of a small file signerd trusts: a config, a policy, a PIN.
+
+    The one way signerd reads such a file, so that every one is read alike:
+
+    * only a regular file, and never blocking: the path is resolved (a
+      symbolic link to a config, as Kubernetes mounts them, is followed
+      here, once), then opened with ``O_NONBLOCK | O_NOFOLLOW`` and checked
+      with ``fstat`` before a byte is read. A FIFO there once blocked the
+      main thread, and with it SIGTERM; ``/dev/zero`` was read until
+      MemoryError.
+    * at most ``limit`` bytes: a longer file is refused, not truncated.
+    * with ``trusted`` (the default), as sshd's StrictModes: the file must
+      pass :func:`file_problem` (``secret``: not readable by group or
+      others either), and every directory above it
+      :func:`directory_problem`. Without it (a client's own config) only
+      the first two points hold.
+
+    Raises :class:`ConfigError`, one line: ``<what> <path>: <why>``, naming
+    the file or directory at fault and its mode (``<what> <path>: cannot
+    read: <strerror>`` when it cannot be opened). Never the content."""
+    real = Path(os.path.realpath(path))
+    try:
+        fd = os.open(real, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as e:
+        raise ConfigError(f"{what} {path}: cannot read: {e.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            raise ConfigError(f"{what} {path}: cannot read: {os.strerror(errno.EISDIR)}")
+        problem = (file_problem(st, secret=secret) if trusted else
+                   None if stat.S_ISREG(st.st_mode) else
+                   f"is not a regular file ({_kind_of(st.st_mode)})")
+        if problem is None and trusted:
+            problem = path_problem(real)
+        if problem is None and st.st_size > limit:
+            problem = f"is larger than {limit} bytes ({st.st_size})"
+        if problem is not None:
+            raise ConfigError(f"{what} {path}: {problem}")
+        chunks: list[bytes] = []
+        size = 0
+        while size <= limit:  # it may grow after fstat: read at most one byte past the limit
+            chunk = os.read(fd, limit + 1 - size)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+        if size > limit:
+            raise ConfigError(f"{what} {path}: is larger than {limit} bytes")
+        return b"".join(chunks)
+    except OSError as e:
+        raise ConfigError(f"{what} {path}: cannot read: {e.strerror}") from None
+    finally:
+        os.close(fd)
+
+
+def audit_location_problem(path: Path) -> str | None:
+    """Why the daemon must not write its audit log at ``path``, or None.
+
+    The path must be a regular file or not exist yet (it is created, with
+    its head and rotated files, beside it), in a directory the daemon owns
+    and that neither group nor others may write (else they could put a
+    symbolic link or their own file at any of those names), below
+    directories only root or the daemon's user can change. ``/dev/full``
+    and the like are refused."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        st = None
+    except OSError as e:
+        return f"{path} cannot be examined: {e.strerror}"
+    if st is not None and not stat.S_ISREG(st.st_mode):
+        return f"{path} is not a regular file ({_kind_of(st.st_mode)})"
+    directory = Path(os.path.realpath(path.parent))
+    try:
+        owner = os.stat(directory).st_uid
+    except OSError as e:
+        return f"directory {directory} cannot be examined: {e.strerror}"
+    if owner != os.geteuid():
+        return (f"directory {directory} is owned by uid {owner}, not by signerd's user "
+                f"(uid {os.geteuid()}): the audit log's directory must be signerd's own")
+    return directory_problem(directory, sticky_ok=False) or path_problem(directory)
+
+
 def is_host_port(text: str, *, listening: bool = True) -> bool:
     """Whether ``text`` is ``HOST:PORT``: a host that is not empty (an IPv6
     literal in brackets, ``[::1]:4443``) and a port of 1-65535, or 0 when
@@ -273,6 +457,29 @@ def _take(
     return value
 
 
+def _show_bound(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else str(value)
+
+
+def _bounded(key: str, value: Any, where: str | None = None) -> None:
+    """Raise ConfigError unless ``value`` lies in ``BOUNDS[key]`` (NaN never
+    does: it fails every comparison). ``where`` names the setting in the
+    message when it is not ``key`` itself (``tokens[2].sessions``). Compared
+    before any float(), so that an integer too large for a float is refused,
+    not an OverflowError."""
+    low, high, unit = BOUNDS[key]
+    if value is not None and not low <= value <= high:
+        raise ConfigError(f"{where or key} must be between {_show_bound(low)} and "
+                          f"{_show_bound(high)} ({unit}), got {value!r}")
+
+
+def _number(table: dict[str, Any], key: str, default: float, where: str) -> float:
+    """A setting in seconds (an integer or a float), checked against BOUNDS."""
+    value = _take(table, key, (int, float), default, where)
+    _bounded(where + key, value)
+    return float(value)
+
+
 def _token(base: Path, raw: dict[str, Any], index: int) -> TokenConfig:
     where = f"tokens[{index}]."
     raw = dict(raw)
@@ -298,8 +505,7 @@ def _token(base: Path, raw: dict[str, Any], index: int) -> TokenConfig:
         raise ConfigError(f"{where}profile must be one of {list(PROFILE_NAMES)}, not {profile!r}")
     if raw:
         raise ConfigError(f"{where}: unknown keys {sorted(raw)}")
-    if sessions < 1:
-        raise ConfigError(f"{where}sessions must be at least 1")
+    _bounded("tokens[].sessions", sessions, where + "sessions")
     return TokenConfig(
         name=name,
         # A bare file name is left to the dynamic loader's search path.
@@ -358,14 +564,14 @@ def parse_config(data: dict[str, Any], base: Path) -> Config:
         max_message_bytes=_take(s, "max_message_bytes", int, DEFAULT_MAX_MESSAGE_BYTES, "server."),
         max_inflight_per_identity=_take(s, "max_inflight_per_identity", int, None, "server."),
         threads=_take(s, "threads", int, 8, "server."),
-        handshake_timeout=float(_take(s, "handshake_timeout", (int, float), 10.0, "server.")),
+        handshake_timeout=_number(s, "handshake_timeout", 10.0, "server."),
         max_connections=_take(s, "max_connections", int, 1000, "server."),
         max_unix_connections=_take(s, "max_unix_connections", int, 256, "server."),
         workers=_take(s, "workers", int, 1, "server."),
         cpu_affinity=_take(s, "cpu_affinity", str, "none", "server."),
         engine=_take(s, "engine", str, "threads", "server."),
         debug=_take(s, "debug", bool, False, "server."),
-        health_interval=float(_take(s, "health_interval", (int, float), 5.0, "server.")),
+        health_interval=_number(s, "health_interval", 5.0, "server."),
         policy_file=_path(base, policy["file"], "policy.file") if "file" in policy else None,
         audit_file=_path(base, audit.pop("file"), "audit.file") if "file" in audit else None,
         audit_max_bytes=_take(audit, "max_bytes", int, None, "audit."),
@@ -381,8 +587,7 @@ def parse_config(data: dict[str, Any], base: Path) -> Config:
     cfg = replace(
         cfg,
         metrics_max_connections=_take(metrics_table, "max_connections", int, 64, "metrics."),
-        metrics_read_timeout=float(_take(metrics_table, "read_timeout", (int, float), 5.0,
-                                         "metrics.")))
+        metrics_read_timeout=_number(metrics_table, "read_timeout", 5.0, "metrics."))
     if metrics_table:
         raise ConfigError(f"unknown keys in [metrics]: {sorted(metrics_table)}")
     if metrics_listen is not None:
@@ -392,30 +597,15 @@ def parse_config(data: dict[str, Any], base: Path) -> Config:
     cfg = replace(cfg, audit_tlog=parse_tlog(audit))
     if audit:
         raise ConfigError(f"unknown keys in [audit]: {sorted(audit)}")
-    if cfg.audit_max_bytes is not None and cfg.audit_max_bytes < 4096:
-        raise ConfigError("audit.max_bytes must be at least 4096 (bytes)")
-    if cfg.workers < 1:
-        raise ConfigError("server.workers must be at least 1")
-    if cfg.threads < 1:
-        raise ConfigError("server.threads must be at least 1")
-    if cfg.max_inflight_per_identity is not None and cfg.max_inflight_per_identity < 1:
-        raise ConfigError("server.max_inflight_per_identity must be at least 1 (requests)")
-    if not 0 < cfg.handshake_timeout <= 3600:
-        raise ConfigError("server.handshake_timeout must be between 0 and 3600 seconds")
-    # NaN fails every comparison, so these checks refuse it too.
-    if not 0 < cfg.health_interval <= 3600:
-        raise ConfigError("server.health_interval must be more than 0 and at most 3600 (seconds)")
-    if not 1024 <= cfg.max_message_bytes <= MAX_MESSAGE_BYTES:
-        # gRPC reads -1 as "no limit": an unchecked value could turn the limit off.
-        raise ConfigError(f"server.max_message_bytes must be between 1024 and "
-                          f"{MAX_MESSAGE_BYTES} (bytes)")
-    for key, value in (("server.max_connections", cfg.max_connections),
+    for key, value in (("audit.max_bytes", cfg.audit_max_bytes),
+                       ("server.workers", cfg.workers),
+                       ("server.threads", cfg.threads),
+                       ("server.max_inflight_per_identity", cfg.max_inflight_per_identity),
+                       ("server.max_message_bytes", cfg.max_message_bytes),
+                       ("server.max_connections", cfg.max_connections),
                        ("server.max_unix_connections", cfg.max_unix_connections),
                        ("metrics.max_connections", cfg.metrics_max_connections)):
-        if not 1 <= value <= MAX_CONNECTIONS:
-            raise ConfigError(f"{key} must be between 1 and {MAX_CONNECTIONS} (connections)")
-    if not 0 < cfg.metrics_read_timeout <= 300:
-        raise ConfigError("metrics.read_timeout must be more than 0 and at most 300 (seconds)")
+        _bounded(key, value)
     cfg = replace(cfg, tokens=tuple(replace(t, processes=cfg.workers) for t in cfg.tokens))
     budget = session_budget(((t.name, t.profile, t.sessions) for t in cfg.tokens if t.profile),
                             cfg.workers)
@@ -431,15 +621,19 @@ def parse_config(data: dict[str, Any], base: Path) -> Config:
     return cfg
 
 
-def read_toml(path: Path, what: str) -> dict[str, Any]:
-    """Parse a TOML file, turning every failure into one clear ConfigError."""
+def read_toml(path: Path, what: str, *, trusted: bool = False) -> dict[str, Any]:
+    """Parse a TOML file, turning every failure into one clear ConfigError.
+    Read with :func:`read_trusted` (``trusted``: its owner and mode, and its
+    directories', are checked too; a client's own config is not)."""
+    raw = read_trusted(path, what, trusted=trusted)
     try:
-        return tomllib.loads(path.read_text())
-    except OSError as e:
-        raise ConfigError(f"cannot read {what} {path}: {e.strerror}") from None
+        return tomllib.loads(raw.decode("utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{what} {path} is not valid TOML: {e}") from None
 
 
 def load_config(path: Path) -> Config:
-    return parse_config(read_toml(path, "config"), path.parent.resolve())
+    """Load and check the daemon's config at ``path``: read as a trusted
+    file (:func:`read_trusted`: whoever can write it decides who signs),
+    then :func:`parse_config`. Raises ConfigError."""
+    return parse_config(read_toml(path, "config", trusted=True), path.parent.resolve())

@@ -17,12 +17,15 @@ With one process the same metrics live in the default registry.
 
 The listener (``[metrics] listen``) answers ``/metrics`` (Prometheus text
 format, written by prometheus-client), ``/livez`` (200 while the process
-serves) and ``/readyz`` (200 only while every token and the watermark store are
-usable, else 503 with ``{"unusable": [token names, and "state" for the store]}``).
-It is plain HTTP, holds no key material and accepts no signing: bind it to
-loopback or a scrape-only network. It bounds what a peer can hold:
-``[metrics] max_connections`` connections at once, each closed unanswered
-after ``[metrics] read_timeout`` seconds without a whole request (see HttpListener).
+serves) and ``/readyz`` (200 only while everything a signature needs can
+serve, else 503 saying what cannot: ``{"unusable": [token names, and "state"
+for the watermark store]}``, ``{"audit": "<why>"}`` while the audit log cannot
+be written (see signerd.server.app.Readiness), ``{"witness_alarms": [names]}``
+while a witness refuses the audit log's checkpoints). It is plain HTTP, holds
+no key material and accepts no signing: bind it to loopback or a scrape-only
+network. It bounds what a peer can hold: ``[metrics] max_connections``
+connections at once, each closed unanswered after ``[metrics] read_timeout``
+seconds without a whole request (see HttpListener).
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ import socket
 import threading
 import time
 import urllib.parse
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from concurrent import futures
 from typing import Any
 
@@ -98,6 +101,12 @@ SESSIONS = Gauge("signerd_token_sessions", "Pooled sessions (the pool size).", [
 STATE_HEALTHY = Gauge("signerd_state_healthy", "1 while the watermark store ([state]) answers, "
                       "else 0: metadata keys cannot sign without it.", ["store"],
                       multiprocess_mode="livemin")
+# One per part of a signature besides the tokens and the watermark store (those two
+# are signerd_token_healthy and signerd_state_healthy; see signerd.server.app.Readiness:
+# "audit"): the supervisor's /readyz reads its workers'.
+READY = Gauge("signerd_ready", "1 while this part of a signature can serve (audit: the audit "
+              "log was last written), else 0.",
+              ["component"], multiprocess_mode="livemin")
 KEYS = Gauge("signerd_keys", "signerd keys on the token, by role (delegations as one).",
              ["token", "role"], multiprocess_mode="livemax")
 
@@ -157,6 +166,26 @@ def witness_alarms(registry: CollectorRegistry | None = None) -> list[str]:
     return sorted(names)
 
 
+def not_ready(registry: CollectorRegistry | None = None) -> dict[str, object]:
+    """What keeps the processes counting into ``registry`` (default: this
+    process's) from signing, as /readyz says it: ``{"unusable": [tokens]}``
+    and ``{component: "not ready"}`` for each ``signerd_ready`` that is 0
+    (a supervisor sees its workers' gauges, not their reasons: their logs
+    have those). Empty when ready."""
+    from prometheus_client import REGISTRY
+
+    body: dict[str, object] = {}
+    down = unusable_tokens(registry)
+    if down:
+        body["unusable"] = down
+    for metric in (registry or REGISTRY).collect():
+        if metric.name == "signerd_ready":
+            for sample in metric.samples:
+                if sample.value < 1:
+                    body[sample.labels["component"]] = "not ready (see the worker's log)"
+    return body
+
+
 HTTP_REFUSED = Counter("signerd_http_connections_refused_total",
                        "Connections to the metrics listener closed unanswered, by reason "
                        "(slow: the request did not arrive within the read timeout; bad: it "
@@ -171,8 +200,9 @@ _REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Al
 class HttpListener:
     """``/metrics``, ``/livez`` and ``/readyz`` on ``address`` ("HOST:PORT").
 
-    ``unusable`` returns the names of tokens that cannot sign now; ``registry``
-    is what /metrics exposes (default: this process's). Raises OSError if the
+    ``not_ready`` says what keeps the daemon from signing now, by part
+    (empty when ready; the body of a 503 /readyz, see :func:`not_ready`);
+    ``registry`` is what /metrics exposes (default: this process's). Raises OSError if the
     address cannot be bound.
 
     One asyncio event loop on one thread holds the connections, so a held
@@ -191,7 +221,7 @@ class HttpListener:
     limit of a default systemd service and with it the token's files).
     The parsing is the standard library's (``http.client.parse_headers``)."""
 
-    def __init__(self, address: str, unusable: Callable[[], Iterable[str]],
+    def __init__(self, address: str, not_ready: Callable[[], Mapping[str, object]],
                  registry: CollectorRegistry | None = None, *, max_connections: int = 64,
                  read_timeout: float = 5.0, workers: int = 2,
                  routes: Callable[[str], tuple[int, bytes, str] | None] | None = None,
@@ -201,7 +231,7 @@ class HttpListener:
         host, _, port = address.rpartition(":")
         host = host.strip("[]") or "127.0.0.1"
         self._registry = registry or REGISTRY
-        self._unusable = unusable
+        self._not_ready = not_ready
         # More GET paths (the audit log's /checkpoint and /tile/...: signerd.audit),
         # and alarms that make /readyz not ready (witnesses refusing the audit log).
         self._routes = routes
@@ -317,11 +347,12 @@ class HttpListener:
         if path == "/livez":
             return self._response(200, {"status": "serving"}, head=only_head)
         if path == "/readyz":
-            down = sorted(self._unusable())
+            down = dict(self._not_ready())
             alarms = sorted(self._alarms())
-            if down or alarms:
-                body = {"unusable": down, **({"witness_alarms": alarms} if alarms else {})}
-                return self._response(503, body, head=only_head)
+            if alarms:
+                down["witness_alarms"] = alarms
+            if down:
+                return self._response(503, down, head=only_head)
             return self._response(200, {"status": "ready"}, head=only_head)
         routed = self._routes(path) if self._routes is not None else None
         if routed is not None:

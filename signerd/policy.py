@@ -80,6 +80,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, Literal, get_args
 
+from signerd.config import read_trusted
 from signerd.errors import ConfigError, quoted
 
 log = logging.getLogger("signerd.policy")
@@ -322,12 +323,14 @@ class Policy:
         """Read and validate a policy file.
 
         Raises :class:`ConfigError` with a one-line message naming the file,
-        the rule index and the field, and what is accepted.
+        the rule index and the field, and what is accepted. The file is read
+        as :func:`signerd.config.read_trusted` reads one: a regular file only
+        (a FIFO never blocks the reload on the signal path), at most
+        :data:`~signerd.config.MAX_CONFIG_BYTES`, owned by root or signerd's
+        user and writable by no one else (whoever can write it decides who
+        signs), in directories no one else can change.
         """
-        try:
-            raw = path.read_bytes()
-        except OSError as e:
-            raise ConfigError(f"policy {path}: cannot read: {e.strerror}") from None
+        raw = read_trusted(path, "policy")
         try:
             data = tomllib.loads(raw.decode("utf-8"))
         except UnicodeDecodeError as e:

@@ -26,6 +26,7 @@ from signerd.audit import (
     verify,
 )
 from signerd.errors import ConfigError, Unavailable
+from tests._fullfs import small_fs
 
 TIME_RE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 
@@ -174,16 +175,22 @@ def test_unopenable_path_is_a_config_error(tmp_path: Path) -> None:
 
 
 def test_disk_full_raises_unavailable_and_does_not_advance(tmp_path: Path) -> None:
-    path = tmp_path / "full.log"
-    path.symlink_to("/dev/full")  # every write fails with ENOSPC
-    log = AuditLog(path)
-    try:
-        with pytest.raises(Unavailable, match="^audit log cannot be written: .*No space left"):
+    with small_fs(tmp_path / "fs") as fs:
+        path = fs.path / "full.log"
+        log = AuditLog(path)
+        try:
+            fs.fill()  # a real full file system: every write fails with ENOSPC
+            with pytest.raises(Unavailable, match="^audit log cannot be written: .*No space left"):
+                log.write(record(1))
+            assert (log.seq, log.last_hash) == (0, ZERO_HASH)
+            assert path.read_bytes() == b""  # no partial line left behind
+            fs.free()
             log.write(record(1))
-        assert (log.seq, log.last_hash) == (0, ZERO_HASH)
-    finally:
-        log.close()
-    assert json.loads(head_path(path).read_bytes())["seq"] == 0
+            assert log.seq == 1
+        finally:
+            log.close()
+        assert json.loads(head_path(path).read_bytes())["seq"] == 1
+        assert verify(path).ok
 
 
 def test_directory_replaced_by_file_raises_unavailable_then_recovers(tmp_path: Path) -> None:
@@ -537,15 +544,17 @@ def test_a_group_is_consecutive_lines_of_the_chain(log_path: Path) -> None:
 
 
 def test_a_group_that_cannot_be_written_leaves_no_line(tmp_path: Path) -> None:
-    path = tmp_path / "full.log"
-    path.symlink_to("/dev/full")
-    log = AuditLog(path)
-    try:
-        with pytest.raises(Unavailable, match="No space left"):
-            log.write_many([record(1), record(2), record(3)])
-        assert (log.seq, log.last_hash) == (0, ZERO_HASH)
-    finally:
-        log.close()
+    with small_fs(tmp_path / "fs") as fs:
+        path = fs.path / "full.log"
+        log = AuditLog(path)
+        try:
+            fs.fill()
+            with pytest.raises(Unavailable, match="No space left"):
+                log.write_many([record(1), record(2), record(3)])
+            assert (log.seq, log.last_hash) == (0, ZERO_HASH)
+            assert path.read_bytes() == b""
+        finally:
+            log.close()
 
 
 def test_a_group_with_a_bad_record_writes_nothing(log_path: Path) -> None:

@@ -39,6 +39,7 @@ from signerd.audit import (
 from signerd.client import Client, ClientConfig
 from signerd.config import parse_config
 from signerd.errors import ConfigError, Unavailable
+from tests._fullfs import small_fs
 from tests.conftest import ADMIN, HSM, PKI, daemon_config, spawn_daemon, unique_gun, write_toml
 
 ROTATED = re.compile(r"^audit\.log\.(\d{8}T\d{6})Z$")
@@ -173,7 +174,8 @@ def test_config_max_bytes() -> None:
     assert parse_config({**base, "audit": {"file": "a.log"}}, Path("/")).audit_max_bytes is None
     cfg = parse_config({**base, "audit": {"file": "a.log", "max_bytes": 1 << 20}}, Path("/"))
     assert cfg.audit_max_bytes == 1 << 20
-    for bad, message in [(100, "at least 4096"), ("1M", "must be an integer"),
+    for bad, message in [(100, "between 4096 and"), (1 << 41, "between 4096 and"),
+                         ("1M", "must be an integer"),
                          ({"max_byte": 1}, "unknown keys in \\[audit\\]")]:
         table = {"file": "a.log", **(bad if isinstance(bad, dict) else {"max_bytes": bad})}
         with pytest.raises(ConfigError, match=message):
@@ -220,16 +222,22 @@ def test_a_rotation_that_fails_at_the_switch_is_undone(
     assert verify(log_path).ok
 
 
-def test_a_line_that_cannot_be_written_after_a_rename_fails_closed(log_path: Path) -> None:
+def test_a_line_that_cannot_be_written_after_a_rename_fails_closed(tmp_path: Path) -> None:
     """Another program renamed the log; the new file cannot take the rotation
-    record, so the request's line is not written either."""
-    with AuditLog(log_path) as log:
-        log.write(record(1))
-        log_path.rename(log_path.with_name("audit.log.1"))
-        log_path.symlink_to("/dev/full")
-        with pytest.raises(Unavailable, match="No space left"):
+    record (the file system is full), so the request's line is not written
+    either."""
+    with small_fs(tmp_path / "fs") as fs:
+        log_path = fs.path / "audit.log"
+        with AuditLog(log_path) as log:
+            log.write(record(1))
+            log_path.rename(log_path.with_name("audit.log.1"))
+            fs.fill()
+            with pytest.raises(Unavailable, match="No space left"):
+                log.write(record(2))
+            assert log.seq == 1
+            fs.free()
             log.write(record(2))
-        assert log.seq == 1
+        assert verify_files([log_path.with_name("audit.log.1"), log_path]).ok
 
 
 # -- renamed by another program (logrotate without copytruncate)

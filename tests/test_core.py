@@ -691,7 +691,7 @@ def test_stop_waits_for_the_health_probe_before_closing_tokens(
     hsm: Any, certs: Any, tmp_path: Path
 ) -> None:
     """A probe still running when the tokens close would use a closed session."""
-    d = start_daemon(daemon_config(hsm, certs, tmp_path, server={"health_interval": 0.01}),
+    d = start_daemon(daemon_config(hsm, certs, tmp_path, server={"health_interval": 0.05}),
                      certs, tmp_path)
     probe = d.servers._health_thread
     assert probe is not None and probe.is_alive()

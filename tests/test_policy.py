@@ -262,14 +262,14 @@ def test_malformed_policy_is_a_precise_one_line_config_error(
 
 
 @pytest.mark.parametrize(("content", "message"), [
-    pytest.param(None, "cannot read: No such file or directory", id="missing-file"),
-    pytest.param(b"\xff\xfe[[rule]]", "not UTF-8 text (byte 0)", id="not-utf8"),
+    pytest.param(None, "policy {path}: cannot read: No such file or directory", id="missing-file"),
+    pytest.param(b"\xff\xfe[[rule]]", "policy {path}: not UTF-8 text (byte 0)", id="not-utf8"),
 ])
 def test_unreadable_policy_file(tmp_path: Path, content: bytes | None, message: str) -> None:
     path = tmp_path / "policy.toml"
     if content is not None:
         path.write_bytes(content)
-    with pytest.raises(ConfigError, match=f"^policy {re.escape(str(path))}: {re.escape(message)}"):
+    with pytest.raises(ConfigError, match=f"^{re.escape(message.format(path=path))}$"):
         Policy.load(path)
 
 

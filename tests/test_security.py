@@ -545,23 +545,31 @@ def test_dev_plaintext_on_loopback_only(daemon_factory: Any) -> None:
     assert {t["name"] for t in json.loads(out.stdout)} >= {"online"}
 
 
-def test_unwritable_audit_log_fails_requests_closed(daemon: Daemon) -> None:
+def test_audit_log_replaced_by_a_symlink_is_never_followed(daemon: Daemon,
+                                                           tmp_path: Path) -> None:
+    """Regression (issue 22 §5): with audit.log replaced by a symbolic link
+    while the daemon ran, the next line was appended to the link's target
+    (as root: any file on the host). The link is refused; requests fail
+    closed until a real file is back. (A full disk: tests/test_readiness.py.)"""
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"not the audit log's\n")
     with daemon.client() as c:
         key = c.create_key(unique_gun(), "targets", purpose="raw")
         log = daemon.workdir / "audit.log"
-        saved = log.read_bytes()
-        log.unlink()
-        log.symlink_to("/dev/full")  # every write now fails with ENOSPC (disk full)
+        log.rename(daemon.workdir / "audit.log.moved")
+        log.symlink_to(victim)
         try:
             err = rpc_error(lambda: c.sign(key.key_id, message=b"m"))
             assert err.code() == grpc.StatusCode.UNAVAILABLE
             assert "audit log cannot be written" in err.details()
+            assert "symbolic link" in err.details()
             err = rpc_error(lambda: c.get_key(key.key_id))
             assert err.code() == grpc.StatusCode.UNAVAILABLE
         finally:
             log.unlink()
-            log.write_bytes(saved)
-        assert c.sign(key.key_id, message=b"m").signature  # writable again: served again
+        assert victim.read_bytes() == b"not the audit log's\n"
+        assert c.sign(key.key_id, message=b"m").signature  # a file again: served again
+    assert not log.is_symlink()
 
 
 def test_a_request_past_the_identity_limit_waits_its_turn(daemon_factory: Any) -> None:
@@ -659,17 +667,22 @@ def test_policy_reload_on_sighup_good_and_broken(hsm: HSM, certs: PKI, tmp_path:
     assert "fly" in json.dumps(failure)
 
 
-def test_world_readable_pin_file_is_warned_about(hsm: HSM, certs: PKI, tmp_path: Path) -> None:
+def test_world_readable_pin_file_is_refused(hsm: HSM, certs: PKI, tmp_path: Path) -> None:
+    """Regression (issue 22 §5): a PIN file readable by others got only a
+    warning. serve refuses it (exit 2), in one line naming file and mode."""
     data = daemon_config(hsm, certs, tmp_path, tokens=("online",))
     loose = tmp_path / "loose.pin"
     loose.write_bytes(hsm.pins["online"].read_bytes())
     loose.chmod(0o644)
     data["tokens"][0]["pin_file"] = str(loose)
-    proc = spawn_daemon(write_toml(tmp_path / "signerd.toml", data), tmp_path)
-    proc.stop()
-    warnings = [json.loads(x) for x in proc.log().splitlines() if "accessible by group" in x]
-    assert warnings and warnings[0]["file"] == str(loose) and warnings[0]["mode"] == "0o644"
-    assert loose.read_text() not in proc.log()
+    run = subprocess.run([sys.executable, "-m", "signerd.daemon", "serve", "--config",
+                          str(write_toml(tmp_path / "signerd.toml", data))],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2
+    assert run.stderr.splitlines()[-1] == (
+        f"signerd: PIN file of token online {loose}: is accessible by group or others "
+        "(mode 0644); chmod 600 it")
+    assert loose.read_text() not in run.stdout + run.stderr
 
 
 def test_audit_verify_cli_names_the_tampered_line(daemon: Daemon, tmp_path: Path) -> None:

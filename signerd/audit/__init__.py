@@ -67,6 +67,15 @@ file is removed or renamed while open (rotation), the next write creates a
 new file at the path and continues the chain in it (see Rotation); if the
 new file cannot be created, that write raises ``Unavailable``.
 
+The log's files (the log, its head file, a rotation's new file) are opened
+with ``O_NOFOLLOW`` and checked with ``fstat``: a regular file owned by
+signerd's user, still the one at the path once locked. A symbolic link, a
+device (``/dev/full``), a FIFO or someone else's file there is refused: at
+start with ``ConfigError``, while running as a failed write (the link is
+never written through). ``AuditLog.failure`` says why the last write failed
+until one succeeds, which readiness reports; ``AuditLog.probe`` writes an
+``audit.resume`` line recording the gap once the file system has room.
+
 Rotation
 --------
 :meth:`AuditLog.rotate` (the daemon calls it on SIGUSR1) and ``max_bytes``

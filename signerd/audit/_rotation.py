@@ -15,7 +15,15 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Final
 
-from signerd.audit._fs import _fsync_dir, _Locked, _open_locked, _quietly, _why, _write_all
+from signerd.audit._fs import (
+    _fsync_dir,
+    _Locked,
+    _open_head,
+    _open_locked,
+    _quietly,
+    _why,
+    _write_all,
+)
 from signerd.audit._line import MAX_LINE_BYTES, ZERO_HASH, _parse, _read_head, head_path
 from signerd.errors import ConfigError, Unavailable
 
@@ -81,7 +89,7 @@ class _Rotator:
         try:
             if os.path.lexists(nxt):
                 os.unlink(nxt)
-            fd, ident = _open_locked(nxt)
+            fd, ident = _open_locked(nxt, exclusive=True)
         except (OSError, _Locked) as e:
             raise Unavailable(f"{fail}: {nxt.name}: {_why(e)}") from None
         linked = renamed = False
@@ -125,7 +133,9 @@ def _reopen_if_replaced(path: Path, ident: tuple[int, int],
     head file ``head``: returns (fd, ident, head fd, size). Raises
     :class:`Unavailable` if they cannot be opened."""
     try:
-        st = os.stat(path)
+        # lstat: a symbolic link put at the path is a replacement too (and
+        # _open_locked then refuses it), never the file it names.
+        st = os.lstat(path)
         if (st.st_dev, st.st_ino) == ident:
             return None
     except OSError:
@@ -136,7 +146,7 @@ def _reopen_if_replaced(path: Path, ident: tuple[int, int],
         raise Unavailable(f"audit log cannot be written: {path} was removed or "
                           f"replaced and cannot be recreated: {_why(e)}") from None
     try:
-        head_fd = os.open(head, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        head_fd = _open_head(head)
         size = os.fstat(fd).st_size
     except OSError as e:
         os.close(fd)
@@ -175,7 +185,7 @@ def check_resumable(path: Path) -> tuple[int, str | None]:
     nxt = _next_path(path)
     source = path if os.path.lexists(path) or not os.path.lexists(nxt) else nxt
     try:
-        fd = os.open(source, os.O_RDONLY | os.O_CLOEXEC)
+        fd = os.open(source, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
     except FileNotFoundError:
         fd = None
     except OSError as e:
@@ -264,7 +274,7 @@ def _finish_rotation(path: Path) -> None:
     Raises OSError, or _Locked while another process is rotating the log."""
     nxt = _next_path(path)
     try:
-        fd = os.open(nxt, os.O_RDONLY | os.O_CLOEXEC)
+        fd = os.open(nxt, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
     except FileNotFoundError:
         return
     try:

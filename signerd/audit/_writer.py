@@ -5,16 +5,17 @@ where a start resumes, are in :mod:`signerd.audit._rotation`."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Final, Protocol
+from typing import Any, Concatenate, Final, ParamSpec, Protocol, TypeVar
 
-from signerd.audit._fs import _Locked, _open_locked, _why
+from signerd.audit._fs import _free_bytes, _Locked, _open_head, _open_locked, _why
 from signerd.audit._line import (
     _RESERVED,
     HEAD_SIZE,
@@ -38,6 +39,72 @@ from signerd.errors import ConfigError, Unavailable
 log = logging.getLogger("signerd.audit")
 
 _ROTATE_RETRY: Final = 5.0  # seconds before a failed size rotation is tried again
+# The "operation" of the line :meth:`AuditLog.probe` writes once the log can
+# be written again after a failure: the gap in the log is on record.
+RESUME_OPERATION: Final = "audit.resume"
+# Free bytes the log's file system needs before a probe after a failed write
+# tries again: room for dozens of lines, so that readiness does not flap on a
+# disk whose last few bytes take the probe's short line but not a request's.
+_HEADROOM: Final = 64 * 1024
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _watched(method: Callable[Concatenate[AuditLog, _P], _R]
+             ) -> Callable[Concatenate[AuditLog, _P], _R]:
+    """Keep :attr:`AuditLog.failure` current around a write: set when the
+    write raises Unavailable, cleared when one writes a line (an empty group
+    proves nothing)."""
+    def wrapper(self: AuditLog, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+        before = self._seq
+        try:
+            result = method(self, *args, **kwargs)
+        except Unavailable as e:
+            if self._writes.set(str(e)) and self.on_change is not None:
+                self.on_change()
+            raise
+        # The hot path reads one attribute and takes no lock.
+        if (self._writes.reason is not None and self._seq != before
+                and self._writes.set(None) and self.on_change is not None):
+            self.on_change()
+        return result
+    functools.update_wrapper(wrapper, method)
+    return wrapper
+
+
+class _WriteState:
+    """Why the log's last write failed (``reason``; None: it succeeded, or
+    none was made yet) and since when (RFC 3339)."""
+
+    def __init__(self) -> None:
+        self.reason: str | None = None
+        self.since = ""
+        self._lock = threading.Lock()
+
+    def set(self, reason: str | None) -> bool:
+        """Record the outcome of a write; True if it flipped between failing and not."""
+        with self._lock:
+            changed = (reason is None) != (self.reason is None)
+            if changed and reason is not None:
+                self.since = _now()
+            self.reason = reason
+            return changed
+
+    def retry(self, write: Callable[[Mapping[str, Any]], None], path: Path) -> bool:
+        """After a failure, write the line that records it (see
+        :meth:`AuditLog.probe`) with ``write``; True if it was written."""
+        with self._lock:
+            failure, since = self.reason, self.since
+        if failure is None:
+            return True
+        try:
+            write({"operation": RESUME_OPERATION, "failure": failure, "failed_since": since})
+        except Unavailable:
+            return False
+        log.warning("audit log can be written again",
+                    extra={"fields": {"file": str(path), "failed_since": since}})
+        return True
 
 
 class TreeSink(Protocol):
@@ -79,6 +146,9 @@ class AuditLog:
         self.max_bytes = max_bytes
         self._rotate_after = 0.0  # monotonic time before which a size rotation is not retried
         self._rotator = _Rotator(path, fsync)
+        self._writes = _WriteState()
+        # Called (on the writing thread) when writes start or stop failing.
+        self.on_change: Callable[[], None] | None = None
         # (reason, previous file) of a rotation record the current file still needs
         self._pending: tuple[str, str | None] | None = None
         try:
@@ -91,7 +161,7 @@ class AuditLog:
             self._seq, self._last = state.seq, state.last
             if state.renamed is not None:
                 self._pending = ("renamed", state.renamed.name)
-            self._head_fd = os.open(self.head_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            self._head_fd = _open_head(self.head_path)
             if tree is not None:
                 tree.open(path, self._seq, self._last)
         except OSError as e:
@@ -143,6 +213,30 @@ class AuditLog:
         """
         self.write_many((record,))
 
+    @property
+    def failure(self) -> str | None:
+        """Why the log cannot be written now, or None: the reason its last
+        write failed until a write succeeds again (:meth:`probe` tries one),
+        and for good once the log is broken or closed. What readiness
+        reports (signerd.server.app)."""
+        if self._fd is None:
+            return "audit log cannot be written: it is closed"
+        if self._broken is not None:
+            return f"audit log cannot be written: {self._broken}"
+        return self._writes.reason
+
+    def probe(self) -> bool:
+        """After a failed write, try one again: a line that records the gap
+        (``operation`` :data:`RESUME_OPERATION`, the failure and since
+        when), once its file system has some room (64 KiB). True if the log
+        can be written now. For the health loop: a
+        daemon that is not ready gets no requests, whose lines would show
+        that the disk has space again."""
+        if self._writes.reason is not None and _free_bytes(self.path.parent) < _HEADROOM:
+            return False
+        return self._writes.retry(self.write, self.path) and self.failure is None
+
+    @_watched
     def write_many(self, records: Sequence[Mapping[str, Any]]) -> None:
         """Append several records as consecutive lines of the chain with one
         ``write`` (and one head update): a group commit for the items of a

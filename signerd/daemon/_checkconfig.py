@@ -22,11 +22,19 @@ What it checks, in the order a start meets them:
   login with the PIN, profile and session budget), then closed. A wrong
   PIN counts as a failed login on the token, as a start's would.
 
-Secret files (PIN files, the TLS key) that others may read are errors; ones
-that the group may read are warnings (a group can be deliberate, such as
-SoftHSM's ``softhsm`` group). Config and policy files that others may
-write are warnings: whoever can write them decides who signs. ``--strict``
-makes every warning fail the check.
+Files signerd trusts are checked as a start reads them
+(:func:`signerd.config.read_trusted`, sshd's StrictModes): the config, the
+policy and PIN files must be regular files of at most
+:data:`~signerd.config.MAX_CONFIG_BYTES` (a PIN file
+:data:`~signerd.config.MAX_PIN_BYTES`), owned by root or signerd's user,
+writable by no one else (whoever can write them decides who signs), in
+directories no one else can change; a PIN file must not be readable by
+group or others either. Each fault is an error, as it stops a start. The
+audit log must be a regular file (or not exist yet) in a directory
+signerd's user owns (:func:`signerd.config.audit_location_problem`). A TLS
+key that others may read is an error, one that its group may read a
+warning. Numbers out of their range (:data:`signerd.config.BOUNDS`) are
+errors of the config. ``--strict`` makes every warning fail the check.
 
 Output: one line per finding on stdout, ``error: SUBJECT: what``,
 ``warning: ...`` or ``ok: ...``; then, when the check fails, one line on
@@ -55,6 +63,7 @@ from signerd import audit
 from signerd.config import (
     Config,
     TokenConfig,
+    audit_location_problem,
     is_loopback,
     load_config,
     parse_config,
@@ -132,7 +141,6 @@ def check(path: Path) -> list[Finding]:
             report.error("config", fault)
         return report.findings
     report.ok("config", f"{path}: {len(config.tokens)} token(s), workers {config.workers}")
-    _writable_by_others(report, "config", path)
     os.environ.update(config.environment)  # e.g. SOFTHSM2_CONF, before modules load
     _environment(report, config)
     _listeners(report, config)
@@ -200,13 +208,6 @@ def _secret_mode(report: _Report, subject: str, path: Path) -> None:
     elif mode & stat.S_IRWXG:
         report.warn(subject, f"{path} is accessible by its group (mode {mode:04o}); chmod 600 "
                     "it unless the group is meant to read it")
-
-
-def _writable_by_others(report: _Report, subject: str, path: Path) -> None:
-    mode = _mode(path)
-    if mode is not None and mode & (stat.S_IWGRP | stat.S_IWOTH):
-        report.warn(subject, f"{path} is writable by group or others (mode {mode:04o}): "
-                    "whoever can write it decides who may sign")
 
 
 def _environment(report: _Report, config: Config) -> None:
@@ -401,7 +402,6 @@ def _policy(report: _Report, config: Config) -> None:
     except ConfigError as e:
         report.error("policy", str(e))
         return
-    _writable_by_others(report, "policy", config.policy_file)
     report.ok("policy", f"{config.policy_file}: {len(policy.rules)} rule(s)")
 
 
@@ -415,6 +415,10 @@ def _audit(report: _Report, config: Config) -> None:
              [worker_audit_file(config.audit_file, i) for i in range(1, config.workers + 1)])
     for path in files:
         directory = path.parent
+        problem = audit_location_problem(path)
+        if problem is not None:
+            report.error("audit", problem)
+            continue
         if not directory.is_dir() or not os.access(directory, os.W_OK | os.X_OK):
             report.error("audit", f"{directory} is not a writable directory: {path.name}, its "
                          "head file and rotated files are created there")
@@ -443,12 +447,10 @@ def _pin_source(report: _Report, tc: TokenConfig) -> bool:
             return False
         return True
     assert tc.pin_file is not None
-    _secret_mode(report, subject, tc.pin_file)
     try:
-        empty = not tc.pin_file.read_text().rstrip("\r\n")
-    except (OSError, UnicodeDecodeError) as e:
-        why = e.strerror if isinstance(e, OSError) else "not text"
-        report.error(subject, f"cannot read PIN file {tc.pin_file}: {why}")
+        empty = not tc.read_pin()  # as a start reads it: read_trusted, secret
+    except ConfigError as e:
+        report.error(subject, str(e))
         return False
     if empty:
         report.error(subject, f"PIN file {tc.pin_file} is empty")

@@ -227,7 +227,7 @@ class Supervisor:
         registry = metrics.multiprocess_registry()
         try:
             listener = metrics.HttpListener(
-                self.config.metrics_listen, lambda: metrics.unusable_tokens(registry), registry,
+                self.config.metrics_listen, lambda: metrics.not_ready(registry), registry,
                 max_connections=self.config.metrics_max_connections,
                 read_timeout=self.config.metrics_read_timeout)
         except OSError as e:

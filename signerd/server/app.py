@@ -20,7 +20,7 @@ from grpc_reflection.v1alpha import reflection
 
 from signerd import fdbudget, metrics
 from signerd.audit import AuditLog, Checkpointer
-from signerd.config import Config, is_loopback, warn_if_exposed
+from signerd.config import Config, audit_location_problem, is_loopback, warn_if_exposed
 from signerd.errors import ConfigError, SignerdError, Unavailable
 from signerd.notary import signer_pb2 as notary_pb2
 from signerd.policy import PolicyStore
@@ -66,6 +66,54 @@ def _options(config: Config, max_connections: int) -> list[tuple[str, int]]:
     ]
 
 
+class Readiness:
+    """Whether this process can sign now: everything a signature needs, each
+    asked in turn. What /readyz answers (200, or 503 with what is not
+    ready) and gRPC health says (SERVING or NOT_SERVING, every service).
+
+    A signature needs its token, an audit line (fail closed: signerd.audit)
+    and, once the content guard is wired in, its watermark store. So:
+
+    * ``unusable``: the tokens that cannot sign (KeyService.unusable);
+    * ``audit``: why the audit log cannot be written. Its last write failed
+      (a full disk, say): not ready until a write succeeds. The health loop
+      tries one every ``health_interval`` (AuditLog.probe), since a daemon
+      that is not ready gets no requests to try with;
+    * any part added with :meth:`add`. The hook for the watermark store:
+      ``servers.readiness.add("watermarks", store_check)``, where
+      ``store_check`` returns why the store cannot be used now, or None
+      (cheap: it runs on every /readyz and health update).
+
+    Each part besides the tokens is also the gauge ``signerd_ready``
+    (label ``component``), which a supervisor's /readyz reads."""
+
+    def __init__(self, service: KeyService, audit: AuditLog | None) -> None:
+        self._service = service
+        self._checks: dict[str, Callable[[], str | None]] = {}
+        if audit is not None:
+            self.add("audit", lambda: audit.failure)
+
+    def add(self, name: str, check: Callable[[], str | None]) -> None:
+        """Make ``check`` (why part ``name`` cannot serve now, or None) part
+        of readiness. ``name`` must not be ``unusable`` (the tokens' key)."""
+        if name == "unusable" or name in self._checks:
+            raise ValueError(f"readiness part {name!r} is taken")
+        self._checks[name] = check
+
+    def not_ready(self) -> dict[str, object]:
+        """What keeps this process from signing now, by part; empty when ready."""
+        body: dict[str, object] = {}
+        down = sorted(self._service.unusable())
+        if down:
+            body["unusable"] = down
+        for name, check in self._checks.items():
+            why = check()
+            metrics.child(metrics.READY, name).set(0 if why else 1)
+            if why:
+                body[name] = why
+        return body
+
+
 @dataclass
 class Servers:
     """The running servers of one daemon process."""
@@ -89,6 +137,10 @@ class Servers:
     http: metrics.HttpListener | None = None
     loop: _aio.Loop | None = None  # the aio engine's event loop
     checkpointer: Checkpointer | None = None  # the audit log's checkpoints (signerd.audit)
+    readiness: Readiness = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.readiness = Readiness(self.service, self.audit)
 
     def start(self) -> None:
         """Start serving; raises Unavailable if the metrics address is taken
@@ -96,7 +148,7 @@ class Servers:
         if self.metrics_listen is not None:
             try:
                 self.http = metrics.HttpListener(
-                    self.metrics_listen, self.service.unusable,
+                    self.metrics_listen, self.readiness.not_ready,
                     max_connections=self.budget.metrics if self.budget else 64,
                     read_timeout=self.metrics_read_timeout,
                     routes=self.checkpointer.serve if self.checkpointer else None)
@@ -136,11 +188,13 @@ class Servers:
         workers, a scrape reads them from every worker's file, not from code."""
         while True:
             self.service.export_gauges()
+            self.readiness.not_ready()  # sets signerd_ready
             if self._stop.wait(_GAUGES_EVERY):
                 return
 
     def update_health(self) -> None:
-        ok = self.service.healthy()
+        """Set gRPC health (every service) to what :class:`Readiness` says."""
+        ok = not self.readiness.not_ready()
         status = (
             health_pb2.HealthCheckResponse.SERVING
             if ok
@@ -164,6 +218,8 @@ class Servers:
     def _watch_health(self) -> None:
         while not self._stop.wait(self.health_interval):
             self.service.check()
+            if self.audit is not None:
+                self.audit.probe()  # after a failed write: can it be written again?
             self.update_health()
 
     def stop(self, grace: float = 10.0) -> None:
@@ -334,6 +390,9 @@ def _open_audit(config: Config,
     e.g. a log that does not extend its last checkpoint."""
     if config.audit_file is None:
         return None, None
+    problem = audit_location_problem(config.audit_file)
+    if problem is not None:
+        raise ConfigError(f"audit.file: {problem}")
     checkpointer = None
     if config.audit_tlog.enabled:
         key = checkpoint_key(service, config.audit_tlog, config.audit_file.parent)
@@ -474,5 +533,7 @@ def build(config: Config, service: KeyService) -> Servers:
         checkpointer=checkpointer,
     )
     holder["s"] = result
+    if audit is not None:  # health follows the audit log at once, not at the next probe
+        audit.on_change = result.update_health
     result.update_health()
     return result
