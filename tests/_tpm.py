@@ -12,6 +12,10 @@ Facts measured here (tpm2-pkcs11 1.9, swtpm 0.7, Debian 12) that shape it:
 - Killing swtpm makes signing fail at once (CKR_GENERAL_ERROR) while
   C_GetTokenInfo still answers from the module's cache; after swtpm is back
   only C_Finalize + C_Initialize recovers.
+- Each kill may count as an authorisation failure (a shutdown that was not
+  orderly), and swtpm's dictionary-attack defaults (3 failures, each
+  forgotten after 1000 s) then lock the TPM after a few outages under load;
+  ``start`` relaxes them.
 
 Nothing here skips: a missing package is a failure (``./dev.sh test``
 installs them).
@@ -203,6 +207,14 @@ def start(base: Path) -> Tpm:
         tpm._start_bus()
         tpm._start_abrmd()
         env = {**os.environ, **tpm.env}
+        # Each unplug is a shutdown that was not orderly, which a TPM counts
+        # as an authorisation failure when one may have been in progress;
+        # swtpm allows 3 (TPM2_PT_MAX_AUTH_FAIL), each forgotten after 1000 s,
+        # so a few unplugs under load put it in lockout (C_Login:
+        # "TPM is in DA lockout mode") for the rest of the run.
+        subprocess.run(["tpm2_dictionarylockout", "--setup-parameters", "--max-tries=1000",
+                        "--recovery-time=1", "--lockout-recovery-time=1"], env=env,
+                       check=True, capture_output=True, timeout=60, stdin=subprocess.DEVNULL)
         subprocess.run(["tpm2_ptool", "init", f"--path={base / 'store'}"], env=env,
                        check=True, capture_output=True, timeout=60, stdin=subprocess.DEVNULL)
         pin, so_pin = secrets.token_hex(8), secrets.token_hex(8)

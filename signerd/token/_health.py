@@ -7,6 +7,22 @@ an operation (:meth:`Health.run`) that loses its session, login or device
 is retried once after a reconnect. A token that does not answer is
 unusable until a reconnect succeeds, and the operator reads one warning
 when it goes down and one when it is back.
+
+Once a reconnect has failed the token is *down*, and only the health probe
+reconnects it: requests fail fast meanwhile (UNAVAILABLE, without waiting
+for a lock or starting a reconnect of their own). Were requests to retry
+too, each would postpone the next attempt, and under load the probe — the
+only caller that may re-initialise the module under a neighbour token that
+stayed up, which SoftHSM needs to find a token again — would never get its
+turn (issue 24 §3: at 20 signs per second a token never came back). So a
+token is usable again at the first probe after its return: within one
+``health_interval`` plus the probe's own time, whatever the request rate.
+
+A device whose sessions are all taken (``CKR_SESSION_COUNT``: a YubiHSM 2
+has 16, shared by every process and host that uses it, and keeps a dead
+process's sessions until they have been idle for 30 s) gets backoff: at
+start, :meth:`Health.open` tries again for up to :data:`_BUDGET_WAIT`
+seconds; later, the probe waits longer between attempts.
 """
 
 from __future__ import annotations
@@ -20,7 +36,13 @@ from typing import TYPE_CHECKING, Any
 
 import pkcs11
 
-from signerd.errors import FailedPrecondition, InvalidArgument, SignerdError, Unavailable
+from signerd.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    ResourceExhausted,
+    SignerdError,
+    Unavailable,
+)
 from signerd.token import _p11
 from signerd.token._modules import _PAUSE_WAIT, MODULES
 from signerd.token._pool import SessionPool
@@ -31,7 +53,10 @@ if TYPE_CHECKING:  # annotations only: the Token composes this
 
 log = logging.getLogger("signerd.token")
 
-_RETRY_EVERY = 1.0  # seconds between reconnect attempts while a token is unusable
+# CKR_SESSION_COUNT: the device has no session free for this process.
+_BUDGET_WAIT = 40.0  # seconds a token's first connection keeps trying; a YubiHSM 2
+# frees a dead process's sessions once they have been idle for 30 s
+_BUDGET_BACKOFF = (0.5, 30.0)  # seconds: first and longest wait between attempts
 
 
 class Health:
@@ -39,8 +64,10 @@ class Health:
 
     ``healthy``: whether the token answered its last probe or operation;
     ``last_error``: signerd's wording of why not (clients see it: ListTokens,
-    and UNAVAILABLE messages); ``closed``: set once the token is closing,
-    after which nothing reconnects (and logs in) again.
+    and UNAVAILABLE messages); ``down``: a reconnect failed, and none has
+    succeeded since, so only the probe reconnects (see the module's doc);
+    ``closed``: set once the token is closing, after which nothing
+    reconnects (and logs in) again.
 
     ``lock`` guards reconnects (and, shared with the key store, the key
     index's writers); ``user`` is the Token that :data:`MODULES` knows, for
@@ -60,8 +87,10 @@ class Health:
         self.healthy = False
         self.last_error = ""
         self.closed = False
+        self.down = False
         self._down_logged = False
-        self._next_attempt = 0.0
+        self._busy = 0  # CKR_SESSION_COUNT answers in a row
+        self._busy_until = 0.0  # monotonic s: no probe reconnect before, after one
 
     def set(self, ok: bool, reason: str = "", detail: str = "") -> None:
         """Record health; warn once when the token goes down and once when
@@ -85,6 +114,14 @@ class Health:
         return Unavailable(f"token {self.name} is unavailable ({what or 'reconnecting'}); "
                            "signerd keeps trying to reach it")
 
+    def _down_error(self) -> Unavailable:
+        """The error a caller sees while the token is down: a refused PIN
+        (never retried) says so, anything else is :meth:`unavailable`."""
+        if self._slot.login_refused:
+            return Unavailable(f"token {self.name}: the token refused the configured PIN; "
+                               "fix the PIN and restart signerd")
+        return self.unavailable(self.last_error)
+
     def answers(self, session: Any | None = None) -> bool:
         """Whether the token answers now: C_GetTokenInfo, or with a profile
         that asks for it and a session, C_GenerateRandom (which reaches the
@@ -101,15 +138,54 @@ class Health:
                 "token": self.name, "detail": _p11.failure_detail(e)}})
         return False
 
+    def budget_used_up(self) -> str:
+        """What signerd says of ``CKR_SESSION_COUNT``: the device's session
+        budget, and who shares it."""
+        limit = self._slot.profile.max_sessions
+        budget = (f"it allows {limit} sessions in all" if limit is not None
+                  else "its session budget is used up")
+        return (f"CKR_SESSION_COUNT: the device has no session free; {budget}, shared by "
+                f"every process and host that uses it (this token's pool opens "
+                f"{self._slot.config.sessions} per process), and a process that died holds "
+                "its sessions until the device closes them as idle")
+
+    def open(self) -> None:
+        """The first connection, without listing keys (:meth:`connect`),
+        tried again with backoff while the device has no session free: for up
+        to :data:`_BUDGET_WAIT` seconds, enough for a YubiHSM 2 to close the
+        sessions of a process that died (idle for 30 s). Raises
+        ResourceExhausted when the budget stays used up (its message names
+        it), else as :meth:`connect`."""
+        deadline = time.monotonic() + _BUDGET_WAIT
+        wait = _BUDGET_BACKOFF[0]
+        while True:
+            try:
+                self.connect(list_keys=False)
+                return
+            except Unavailable:
+                if not self._busy:
+                    raise
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise ResourceExhausted(
+                        f"token {self.name}: {self.last_error}; none came free in "
+                        f"{_BUDGET_WAIT:.0f}s: lower the sessions of the tokens on this "
+                        "device, or the worker processes or hosts that use it") from None
+                log.warning("the device has no session free; trying again", extra={"fields": {
+                    "token": self.name, "seconds": round(min(wait, left), 2),
+                    "max_sessions": self._slot.profile.max_sessions}})
+                time.sleep(min(wait, left))
+                wait = min(wait * 2, _BUDGET_BACKOFF[1])
+
     def connect(self, list_keys: bool = True) -> None:
         """Open the pool, log in once, and (unless told not to) load every key.
-        Raises Unavailable, TokenLoginError, ConfigError (see :meth:`Slot.open`)."""
+        Raises Unavailable (for a device with no session free, naming its
+        budget: :meth:`budget_used_up`), TokenLoginError, ConfigError (see
+        :meth:`Slot.open`)."""
         slot = self._slot
+        busy, self._busy = self._busy, 0
         if slot.login_refused:
-            raise Unavailable(
-                f"token {self.name}: the token refused the configured PIN; "
-                "fix the PIN and restart signerd"
-            )
+            raise self._down_error()
         try:
             first = slot.open(self._pool)
             if first is None:
@@ -122,33 +198,44 @@ class Health:
                     self._load_keys(first)
         except (pkcs11.PKCS11Error, _p11.P11Error) as e:
             reason = _p11.failure_name(e)
+            if _p11.failure_rv(e) == _p11.CKR_SESSION_COUNT:
+                # The sessions opened so far would hold the budget that
+                # this, or another, process waits for.
+                self._pool.close_all()
+                self._busy = busy + 1
+                reason = self.budget_used_up()
             self.set(False, reason, _p11.failure_detail(e))
             raise self.unavailable(reason) from None
         self._pool.fill()
         self.set(True)
 
     def reconnect(self, seen_generation: int | None = None, probe: bool = False) -> None:
-        """Re-open sessions and log in again, unless another thread just did.
+        """Re-open sessions and log in again.
 
-        While the token stays unusable, attempts are spaced by
-        _RETRY_EVERY so that callers fail fast instead of piling up; the
-        health probe (``probe``) may also re-initialise the module under the
-        module's other tokens (:meth:`_Modules.reinitialize`).
+        A request (not ``probe``) reconnects a token that was usable: its
+        pool was reset (a neighbour's module re-initialisation) or its
+        session was lost (``seen_generation``: the pool's generation when
+        its session was borrowed). Nothing is done if another thread has
+        reconnected meanwhile. Once a reconnect has failed the token is
+        ``down``, and a request fails fast without taking the lock: only
+        the health probe (``probe``) reconnects it then, every time it
+        runs, and it may re-initialise the module under the module's other
+        tokens (:meth:`_Modules.reinitialize`). After CKR_SESSION_COUNT the
+        probe's attempts back off (up to 30 s apart).
         Raises Unavailable (or TokenLoginError)."""
         pool = self._pool
+        if self.down and not probe:
+            raise self._down_error()
         with self._lock:
             if self.closed:
                 raise Unavailable(f"token {self.name} is closed: signerd is stopping")
-            if (
-                seen_generation is not None
-                and seen_generation != pool.generation
-                and pool.connected
-            ):
-                return
-            now = time.monotonic()
-            if not pool.connected and now < self._next_attempt:
+            if not probe:
+                if pool.connected and seen_generation != pool.generation:
+                    return  # reconnected by another thread (or not lost at all)
+                if self.down:  # the reconnect this request waited for failed
+                    raise self._down_error()
+            elif self._busy and time.monotonic() < self._busy_until:
                 raise self.unavailable(self.last_error)
-            self._next_attempt = now + _RETRY_EVERY
             log.debug("reconnecting", extra={"fields": {"token": self.name}})
             pool.connected = False  # new borrowers wait for this reconnect
             # Sessions still borrowed are closed under no thread: a module
@@ -157,12 +244,21 @@ class Health:
             pool.wait_idle(_PAUSE_WAIT)
             pool.close_all()
             try:
-                self.connect()
-            except Unavailable:
-                if self._slot.login_refused or not MODULES.reinitialize(
-                        self._slot.config.module, self._user if probe else None):
-                    raise
-                self.connect()
+                try:
+                    self.connect()
+                except Unavailable:
+                    if self._busy or self._slot.login_refused or not MODULES.reinitialize(
+                            self._slot.config.module, self._user if probe else None):
+                        raise
+                    self.connect()
+            except SignerdError:
+                self.down = True
+                pool.give_up(str(self._down_error()))
+                if self._busy:
+                    self._busy_until = time.monotonic() + min(
+                        _BUDGET_BACKOFF[0] * 2 ** self._busy, _BUDGET_BACKOFF[1])
+                raise
+            self.down = False
 
     def pause(self, timeout: float) -> bool:
         """For a module re-initialisation: hold this token's reconnects and
@@ -171,7 +267,6 @@ class Health:
         if not self._lock.acquire(timeout=timeout):
             return False
         self._pool.connected = False  # new borrowers reconnect, and wait for the lock
-        self._next_attempt = 0.0  # at once: this token did not fail
         if self._pool.wait_idle(timeout):
             return True
         self._lock.release()

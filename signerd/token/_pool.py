@@ -22,6 +22,7 @@ from signerd.token.profiles import Profile
 log = logging.getLogger("signerd.token")
 
 _POOL_WAIT = 30.0  # seconds a request waits for a free session before UNAVAILABLE
+_GIVE_UP_EVERY = 0.1  # seconds: how often a waiting borrower looks for give_up()
 _KEEPALIVE_LABEL = b"signerd-keepalive"  # searched for, never created
 
 
@@ -47,7 +48,9 @@ class SessionPool:
     ``connected`` is False while the sessions are not to be used (the token
     is being reconnected, or its module re-initialised): callers then
     reconnect before they borrow. ``touched`` holds each session's last use
-    (handle -> monotonic seconds), for the keepalive.
+    (handle -> monotonic seconds), for the keepalive. After
+    :meth:`give_up` (a reconnect failed), borrowers that wait for a session
+    fail instead, until the next :meth:`fill`.
     """
 
     def __init__(self, name: str) -> None:
@@ -59,6 +62,7 @@ class SessionPool:
         self._queue: queue.SimpleQueue[tuple[int, Any]] = queue.SimpleQueue()
         self._idle = threading.Condition()  # notified when no session is borrowed
         self._borrowed = 0
+        self._gone = ""  # why waiting borrowers fail, after give_up()
 
     def add(self, session: Any) -> None:
         """Keep a newly opened session, to be closed with the others; it is
@@ -68,6 +72,7 @@ class SessionPool:
     def fill(self) -> None:
         """Start a new generation: lend every kept session, as just used."""
         self.generation += 1
+        self._gone = ""
         now = time.monotonic()
         for s in self.sessions:
             self.touched[s.handle] = now
@@ -95,17 +100,33 @@ class SessionPool:
             except queue.Empty:
                 break
 
+    def give_up(self, message: str) -> None:
+        """Make borrowers that wait for a session (which a failed reconnect
+        will not bring) raise Unavailable(``message``), until :meth:`fill`."""
+        self._gone = message
+
+    def _take(self) -> tuple[int, Any]:
+        """The next free session, waiting up to _POOL_WAIT seconds, or less
+        after :meth:`give_up`. Raises Unavailable."""
+        deadline = time.monotonic() + _POOL_WAIT
+        while True:
+            try:
+                return self._queue.get(timeout=min(_GIVE_UP_EVERY, _POOL_WAIT))
+            except queue.Empty:
+                if self._gone:
+                    raise Unavailable(self._gone) from None
+                if time.monotonic() >= deadline:
+                    raise Unavailable(
+                        f"token {self.name}: no session free after {_POOL_WAIT:.0f}s"
+                    ) from None
+
     @contextmanager
     def borrow(self) -> Iterator[tuple[int, Any]]:
         """A pooled session, as (generation, python-pkcs11 session), for the
         duration of the block. Raises Unavailable when none is free within
-        _POOL_WAIT seconds."""
-        try:
-            gen, s = self._queue.get(timeout=_POOL_WAIT)
-        except queue.Empty:
-            raise Unavailable(
-                f"token {self.name}: no session free after {_POOL_WAIT:.0f}s"
-            ) from None
+        _POOL_WAIT seconds, or when the pool was given up meanwhile
+        (:meth:`give_up`)."""
+        gen, s = self._take()
         with self._idle:
             self._borrowed += 1
         try:

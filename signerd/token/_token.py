@@ -60,7 +60,9 @@ class Token:
     Raises, when opened: :class:`TokenLoginError` for a refused PIN,
     :class:`ConfigError` for a module that cannot be loaded or a session
     budget the token's profile does not allow, :class:`Unavailable` for a
-    token that cannot be reached (tried again by the caller)."""
+    token that cannot be reached (tried again by the caller),
+    :class:`ResourceExhausted` for a device whose sessions stay taken
+    (:meth:`Health.open`)."""
 
     def __init__(self, config: TokenConfig) -> None:
         self.config = config
@@ -75,7 +77,7 @@ class Token:
         self._keys = KeyStore(self._slot, self._health, self._lock)
         self._certificates = Certificates(self._slot, self._health, self._keys)
         try:
-            self._health.connect(list_keys=False)
+            self._health.open()
         except BaseException:
             self.close()
             raise
