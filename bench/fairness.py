@@ -165,9 +165,10 @@ def run(engine: str, threads: int, callers: int, seconds: float) -> dict[str, An
                 time.sleep(0.05)
             port = json.loads(ready.read_text())["tcp"]
             with _client(base, port, "flooder") as c:
-                heavy = c.create_key("docker.io/bench/flood", "targets", "rsa-4096").key_id
+                heavy = c.create_key("docker.io/bench/flood", "targets", "rsa-4096",
+                                     purpose="raw").key_id
             with _client(base, port, "newcomer") as c:
-                light = c.create_key("docker.io/bench/newcomer", "targets").key_id
+                light = c.create_key("docker.io/bench/newcomer", "targets", purpose="raw").key_id
                 idle = _latencies(c, light, min(seconds, 3.0))
                 ctx = multiprocessing.get_context("spawn")
                 out = ctx.Queue()

@@ -58,7 +58,8 @@ def measure(calls: int) -> dict[str, float]:
         try:
             caller = Caller(IDENTITY, "tcp", "ipv4:127.0.0.1:1")
             servicer = SignerServicer(servers.service, servers.gate, lambda _ctx: caller)
-            key = servers.service.create_key("bench.example/app", "targets", "ecdsa-p256")
+            key = servers.service.create_key("bench.example/app", "targets", "ecdsa-p256",
+                                             purpose="raw")
             request = pb.SignRequest(key_id=key.key_id, message=payload(512))
             context: Any = _Context()
             options = signing.SignOptions()

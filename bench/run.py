@@ -456,11 +456,15 @@ def create_keys(target: Target, algorithms: tuple[str, ...], total: int) -> dict
     with client_channel(target) as ch:
         stub = pb_grpc.SignerServiceStub(ch)  # type: ignore[no-untyped-call]
         for i, alg in enumerate(algorithms):
-            keys[alg] = stub.CreateKey(pb.CreateKeyRequest(gun=f"bench.example/app{i}",
-                                                           role="targets", algorithm=alg)).key_id
+            # Raw keys: the bench signs opaque payloads, which a metadata key refuses
+            # (content-aware signing, issue 23); bench.content measures the checks.
+            keys[alg] = stub.CreateKey(pb.CreateKeyRequest(
+                gun=f"bench.example/app{i}", role="targets", algorithm=alg,
+                purpose=pb.KEY_PURPOSE_RAW)).key_id
         for i in range(total - len(algorithms)):
             stub.CreateKey(pb.CreateKeyRequest(gun=f"bench.example/filler{i}", role="targets",
-                                               algorithm="ecdsa-p256"))
+                                               algorithm="ecdsa-p256",
+                                               purpose=pb.KEY_PURPOSE_RAW))
     return keys
 
 

@@ -207,7 +207,8 @@ def measure(env: Env, kind: Kind, work: Path, seconds: float) -> dict[str, Any]:
         with client_channel(target) as ch:
             stub = pb_grpc.SignerServiceStub(ch)  # type: ignore[no-untyped-call]
             key = stub.CreateKey(pb.CreateKeyRequest(gun="docker.io/bench/tokens",
-                                                     role="targets", algorithm="ecdsa-p256"))
+                                                     role="targets", algorithm="ecdsa-p256",
+                                                     purpose=pb.KEY_PURPOSE_RAW))
             for callers in (1, 16):
                 _sign_rate(ch, key.key_id, callers, 0.5)  # warm up
                 result[f"p256_sign_per_s_{callers}_callers"] = round(
@@ -312,7 +313,8 @@ def measure_recovery(env: Env, kind: Kind, work: Path, rates: list[float], repea
             stub = pb_grpc.SignerServiceStub(ch)  # type: ignore[no-untyped-call]
             health = health_pb2_grpc.HealthStub(ch)
             key = stub.CreateKey(pb.CreateKeyRequest(gun="docker.io/bench/recovery",
-                                                     role="targets", algorithm="ecdsa-p256"))
+                                                     role="targets", algorithm="ecdsa-p256",
+                                                     purpose=pb.KEY_PURPOSE_RAW))
             for rate in rates:
                 for _ in range(repeat):
                     point = _recovery_point(kind, stub, health, key.key_id, rate, interval)

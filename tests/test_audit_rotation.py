@@ -486,7 +486,7 @@ def test_rotation_under_load_keeps_one_chain(hsm: HSM, certs: PKI, tmp_path: Pat
     port = proc.info["tcp"]
     try:
         with _client(certs, port) as c:
-            key = c.create_key(unique_gun(), "targets").key_id
+            key = c.create_key(unique_gun(), "targets", purpose="raw").key_id
 
         def rotations() -> None:
             for _ in range(4):
@@ -589,7 +589,7 @@ def test_signerctl_audit_verify_names_a_missing_file(hsm: HSM, certs: PKI,
     proc = spawn_daemon(cfg, tmp_path)
     try:
         with _client(certs, proc.info["tcp"]) as c:
-            key = c.create_key(unique_gun(), "targets").key_id
+            key = c.create_key(unique_gun(), "targets", purpose="raw").key_id
             for n in range(1, 4):
                 c.sign(key, message=b"x")
                 proc.proc.send_signal(signal.SIGUSR1)

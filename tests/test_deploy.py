@@ -287,11 +287,13 @@ def test_daemon_serves_under_the_units_seccomp_rules(hsm: HSM, certs: PKI, tmp_p
                                      "localhost", 20))
         with client as c:
             for alg in ("ecdsa-p256", "ed25519", "rsa-2048"):
-                made = c.create_key(unique_gun(), "targets", alg)
+                # A raw key: opaque bytes are not a metadata key's to sign (issue 23).
+                made = c.create_key(unique_gun(), "targets", alg, purpose="raw")
                 sig = c.sign(made.key_id, message=b"sandboxed").signature
                 signing.verify(made.public_key_der, parse_algorithm(alg), sig, b"sandboxed",
                                signing.SignOptions())
-        proc.proc.send_signal(signal.SIGHUP)  # policy reload and audit rotation
+        proc.proc.send_signal(signal.SIGHUP)  # policy reload
+        proc.proc.send_signal(signal.SIGUSR1)  # audit rotation (SIGHUP no longer rotates)
         _wait_for("a rotated audit log", lambda: any(
             re.search(r"\.\d{8}T\d{6}Z(_\d{3})?$", p.name) for p in tmp_path.glob("audit.log*")))
     finally:

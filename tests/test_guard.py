@@ -475,3 +475,24 @@ def test_large_tuf_metadata_signs_through_the_python_tuf_adapter(
     print(f"\nsigned {len(payload)} bytes of TUF targets metadata in {took * 1000:.0f} ms")
     with pytest.raises(SignerdSignerError, match="server.max_message_bytes"):
         signer.sign(targets(6_000))
+
+
+def test_a_purpose_set_later_survives_the_first_signature_and_leaves_with_its_key(
+        daemon: Daemon, sign: Signer) -> None:
+    """The first signature rewrites a key's metadata (its used mark), which then
+    records the purpose set with set-purpose; deleting the key leaves no purpose
+    object behind for the sweep (found by merging the layout and purpose work)."""
+    gun = unique_gun()
+    k = key(daemon, gun, "targets")
+    with daemon.client() as c:
+        c.set_key_purpose(k.key_id, "raw")
+    assert sign("sign", k.key_id, b"opaque bytes").code == grpc.StatusCode.OK
+    token = daemon.servers.service.tokens[k.token]
+    token.refresh()
+    entry = token.get(k.key_id)
+    assert entry is not None and entry.used and entry.purpose == "raw"
+    assert entry.meta is not None and entry.meta.purpose == "raw"
+    with daemon.client() as c:
+        c.delete_key(k.key_id)
+    junk, _ = token.sweep()
+    assert not [j for j in junk if k.key_id[:24] in j.label], junk

@@ -35,7 +35,7 @@ from signerd.token import _p11
 from signerd.token._listing import read_keys
 from signerd.token.profiles import Profile
 
-_PREFIXES = (b"signerd:", b"signerd-used:", b"signerd-cert:")
+_PREFIXES = (b"signerd:", b"signerd-used:", b"signerd-cert:", b"signerd-purpose:")
 _CLASSES = {
     _p11.CKO_PRIVATE_KEY: "private key",
     _p11.CKO_PUBLIC_KEY: "public key",
@@ -91,7 +91,9 @@ def find_junk(module: _p11.Module, profile: Profile, token: str, s: Any,
                 kind_of = "certificate of no key"
             elif cls == _p11.CKO_DATA:
                 kind_of = ("\"has signed\" object of no key"
-                           if label.startswith(b"signerd-used:") else "metadata of no key")
+                           if label.startswith(b"signerd-used:") else
+                           "purpose object of no key" if label.startswith(b"signerd-purpose:")
+                           else "metadata of no key")
             else:
                 kind_of = f"{kind} of no key"
             junk.append(Junk(handle, kind_of, label.decode("ascii", "replace"), object_id))
