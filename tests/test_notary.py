@@ -197,7 +197,10 @@ def admin(daemon: Daemon) -> Iterator[Notary]:
 
 
 def audit_lines(d: Daemon) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in (d.workdir / "audit.log").read_text().splitlines()]
+    """The request lines of ``d``'s audit log: not the daemon's own records
+    (``audit.*``: the tree's start, rotations), which name no caller's request."""
+    lines = [json.loads(line) for line in (d.workdir / "audit.log").read_text().splitlines()]
+    return [line for line in lines if not str(line.get("operation", "")).startswith("audit.")]
 
 
 # -- the wire contract -----------------------------------------------------------
