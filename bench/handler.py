@@ -43,7 +43,7 @@ def measure(calls: int) -> dict[str, float]:
     from signerd import signing
     from signerd.config import load_config
     from signerd.keys import validate_key_id
-    from signerd.policy import Request
+    from signerd.policy import Identity, Request
     from signerd.server import app
     from signerd.server._gate import Caller
     from signerd.server.v1 import SignerServicer
@@ -56,15 +56,18 @@ def measure(calls: int) -> dict[str, float]:
         os.environ.update(config.environment)
         servers = app.open_servers(config)
         try:
-            caller = Caller(IDENTITY, "tcp", "ipv4:127.0.0.1:1")
+            # The bench's client certificate's identity: its URI SAN, typed as the
+            # server types it (signerd.policy.Identity).
+            who = Identity("uri", IDENTITY)
+            caller = Caller(who, "tcp", "ipv4:127.0.0.1:1")
             servicer = SignerServicer(servers.service, servers.gate, lambda _ctx: caller)
             key = servers.service.create_key("bench.example/app", "targets", "ecdsa-p256",
                                              purpose="raw")
             request = pb.SignRequest(key_id=key.key_id, message=payload(512))
             context: Any = _Context()
             options = signing.SignOptions()
-            decision = Request(IDENTITY, "tcp", "sign", key.gun, key.role, key.token)
-            record = {"request_id": "0" * 16, "identity": IDENTITY, "peer": caller.peer,
+            decision = Request(who, "tcp", "sign", key.gun, key.role, key.token)
+            record = {"request_id": "0" * 16, "identity": str(who), "peer": caller.peer,
                       "transport": "tcp", "operation": "sign", "key_id": key.key_id,
                       "gun": key.gun, "role": key.role, "token": key.token,
                       "payload_sha256": "0" * 64, "decision": "allow", "status": "OK",

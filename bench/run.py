@@ -821,7 +821,7 @@ def peer_points(env: Env, gen: LoadGen, daemon: Daemon, target: Target,
 
 def many_keys_hsm(env: Env, count: int, cache: Path = CACHE) -> tuple[Hsm, str]:
     """A copy of the cached token with ``count`` P-256 keys (made on first use)."""
-    cached = cache / f"many-{count}"
+    cached = cache / f"many-raw-{count}"  # raw keys since issue 23 (older caches: metadata)
     marker = cached / "done.json"
     if not marker.exists():
         if (cached / "user.pin").exists():  # an interrupted run: carry on filling it

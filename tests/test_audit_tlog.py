@@ -382,7 +382,7 @@ def test_the_daemon_signs_checkpoints_with_a_token_key_no_caller_can_use(
                  if k.key_id == cp.key.key_id)
     assert entry.algorithm.name == "ed25519"
     with d.client() as c:
-        key = c.create_key(unique_gun(), "targets")
+        key = c.create_key(unique_gun(), "targets", purpose="raw")
         sig = c.sign(key.key_id, message=b"hello")
         assert sig.signature
         # The signature's audit line is in the log before the answer came back.
