@@ -42,7 +42,7 @@ def test_keys_survive_a_restart(hsm: HSM, certs: PKI, tmp_path: Path) -> None:
     first = spawn_daemon(cfg, tmp_path)
     try:
         with _client(certs, first.info["tcp"]) as c:
-            key = c.create_key(unique_gun(), "targets/releases", "ed25519")
+            key = c.create_key(unique_gun(), "targets/releases", "ed25519", purpose="raw")
     finally:
         assert first.stop(signal.SIGTERM) == 0
     second = spawn_daemon(cfg, tmp_path)
@@ -67,14 +67,14 @@ def test_two_daemons_on_one_token_see_each_others_keys(
     try:
         with _client(certs, a.info["tcp"]) as ca, _client(certs, b.info["tcp"]) as cb:
             gun = unique_gun()
-            made_by_a = ca.create_key(gun, "targets")
-            made_by_b = cb.create_key(gun, "snapshot", "rsa-2048")
+            made_by_a = ca.create_key(gun, "targets", purpose="raw")
+            made_by_b = cb.create_key(gun, "snapshot", "rsa-2048", purpose="raw")
             # each daemon finds the other's key (a miss re-reads the token)
             assert cb.get_key(made_by_a.key_id).public_key_der == made_by_a.public_key_der
             sig = ca.sign(made_by_b.key_id, message=b"cross").signature
             assert {k.key_id for k in ca.list_keys(gun=gun)} == {made_by_a.key_id, made_by_b.key_id}
             # B has just listed the token; a key A makes now is usable on B at once
-            fresh = ca.create_key(gun, "targets/releases")
+            fresh = ca.create_key(gun, "targets/releases", purpose="raw")
             assert cb.sign(fresh.key_id, message=b"at once").signature
             cb.delete_key(made_by_a.key_id)
     finally:
@@ -180,7 +180,8 @@ def test_embedded_default_starts_from_nothing_and_signs(tmp_path: Path) -> None:
         assert (state / "tls" / "client-key.pem").stat().st_mode & 0o777 == 0o600
         pin = (state / "online.pin").read_text()
         made = _ctl(
-            env, "keys", "create", "--gun", "docker.io/acme/app", "--role", "targets", "--json"
+            env, "keys", "create", "--gun", "docker.io/acme/app", "--role", "targets",
+            "--purpose", "raw", "--json"  # it signs a plain message below
         )
         assert made.returncode == 0, made.stderr
         key = json.loads(made.stdout)
@@ -307,12 +308,12 @@ USAGE_ERRORS = [
      "argument --size: must be a whole number of bytes from 0 to"),
     # Regression: "the following arguments are required: keys_cmd".
     ("keys-no-command", "signerctl", ("keys",),
-     "signerctl keys: a command is required: create, list, show, delete, export or certify"),
+     "signerctl keys: a command is required: create, list, show, delete, export, certify or set-purpose"),
     ("no-command", "signerctl", (), "signerctl: a command is required: keys, tokens, sign"),
     ("delegation-no-command", "signerctl", ("trust", "delegation"),
      "signerctl trust delegation: a command is required: add or remove"),
     ("signerd-no-command", "signerd", (),
-     "signerd: a command is required: check-config or serve"),
+     "signerd: a command is required: check-config, sweep or serve"),
     ("listen-not-an-address", "signerd", ("serve", "--listen", "4443"),
      "argument --listen: must be HOST:PORT, not '4443'"),
 ]
@@ -441,7 +442,8 @@ def test_deleting_a_key_that_has_signed_takes_a_yes(cli_world: dict[str, str]) -
     state = Path(cli_world["state"])
 
     def new_key(used: bool) -> str:
-        made = _ctl(env, "keys", "create", "--gun", unique_gun(), "--role", "targets", "--json")
+        made = _ctl(env, "keys", "create", "--gun", unique_gun(), "--role", "targets",
+                    "--purpose", "raw", "--json")
         key_id: str = json.loads(made.stdout)["key_id"]
         if used:
             _mark_used(state, key_id)
@@ -492,7 +494,8 @@ def test_every_signature_marks_the_key_used(cli_world: dict[str, str], how: str)
     env = {"SIGNERD_STATE_DIR": cli_world["state"]}
 
     def new_key() -> str:
-        made = _ctl(env, "keys", "create", "--gun", unique_gun(), "--role", "targets", "--json")
+        made = _ctl(env, "keys", "create", "--gun", unique_gun(), "--role", "targets",
+                    "--purpose", "raw", "--json")
         key_id: str = json.loads(made.stdout)["key_id"]
         return key_id
 
@@ -552,7 +555,7 @@ def cli_world(embedded_daemon: dict[str, str], certs: PKI,
     and a port nothing listens on."""
     state = Path(embedded_daemon["SIGNERD_STATE_DIR"])
     made = _ctl(embedded_daemon, "keys", "create", "--gun", unique_gun(), "--role", "targets",
-                "--json")
+                "--purpose", "raw", "--json")  # signs opaque bytes: a raw key
     used = json.loads(made.stdout)["key_id"]
     _mark_used(state, used)
     message = tmp_path_factory.mktemp("cli") / "message"
@@ -580,7 +583,7 @@ def test_only_the_main_thread_takes_signals(hsm: HSM, certs: PKI, tmp_path: Path
     proc = spawn_daemon(_config(hsm, certs, tmp_path), tmp_path)
     try:
         with _client(certs, proc.info["tcp"]) as c:
-            c.create_key(unique_gun(), "targets")  # the server's threads are all up
+            c.create_key(unique_gun(), "targets", purpose="raw")  # the server's threads are all up
         assert len(list(Path(f"/proc/{proc.proc.pid}/task").iterdir())) > 3
         assert threads_taking_signals(proc.proc.pid) == []
     finally:
@@ -595,7 +598,7 @@ def test_sigterm_finishes_in_flight_requests(hsm: HSM, certs: PKI, tmp_path: Pat
     proc = spawn_daemon(_config(hsm, certs, tmp_path), tmp_path)
     result: dict[str, Any] = {}
     with _client(certs, proc.info["tcp"]) as c:
-        key = c.create_key(unique_gun(), "targets", "rsa-4096")
+        key = c.create_key(unique_gun(), "targets", "rsa-4096", purpose="raw")
         batch = pb.SignBatchRequest(
             requests=[pb.SignRequest(key_id=key.key_id, message=b"%d" % i) for i in range(120)]
         )
@@ -630,7 +633,8 @@ def test_one_daemon_per_port(hsm: HSM, certs: PKI, tmp_path: Path,
         assert second.stderr.strip().splitlines()[-1] == \
             f"signerd: address 127.0.0.1:{port} is already in use"
         with _client(certs, port) as c:
-            assert c.sign(c.create_key(unique_gun(), "targets").key_id, message=b"m").signature
+            made = c.create_key(unique_gun(), "targets", purpose="raw")
+            assert c.sign(made.key_id, message=b"m").signature
     finally:
         assert first.stop() == 0
     # once the first is gone, the port is free again at once (TIME_WAIT notwithstanding)
@@ -722,7 +726,7 @@ def test_sign_to_a_path_that_cannot_be_written_fails_before_signing(
               "--tls-cert", str(cert), "--tls-key", str(key), "--server-name", "localhost")
     try:
         made = _ctl({}, *common, "keys", "create", "--gun", unique_gun(), "--role",
-                    "targets", "--json")
+                    "targets", "--purpose", "raw", "--json")
         kid = json.loads(made.stdout)["key_id"]
         (tmp_path / "msg").write_bytes(b"m")
         run = _ctl({}, *common, "sign", "--key", kid, "--out", str(tmp_path / "no" / "x.sig"),
@@ -775,7 +779,8 @@ def test_verify_with_a_public_key_file_needs_no_daemon(
     keys: dict[str, Any] = {}
     with daemon.client() as c:
         for i, (alg, encoding, padding, digest) in enumerate(_VERIFY_CASES):
-            key = keys.get(alg) or keys.setdefault(alg, c.create_key(unique_gun(), "targets", alg))
+            key = keys.get(alg) or keys.setdefault(
+                alg, c.create_key(unique_gun(), "targets", alg, purpose="raw"))
             payload = (hashlib.new(digest, message.read_bytes()).digest() if digest
                        else message.read_bytes())
             sig = c.sign(key.key_id, **({"digest": payload} if digest else {"message": payload}),

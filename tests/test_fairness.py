@@ -9,6 +9,7 @@ embedded default's settings and examples/notary/signerd.toml's."""
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import threading
 import time
 from collections import Counter
@@ -20,12 +21,14 @@ from typing import Any
 import grpc
 import pytest
 
+from signerd.canonicaljson import encode_canonical
 from signerd.config import ENGINES, load_config
 from signerd.errors import Cancelled, DeadlineExceeded, ResourceExhausted, SignerdError
 from signerd.notary import signer_pb2 as notary_pb
 from signerd.notary import signer_pb2_grpc as notary_grpc
 from signerd.policy import Identity
 from signerd.server._fair import Admission
+from signerd.trust.metadata import FileMeta, Timestamp
 from tests.conftest import (
     ADMIN,
     ADMIN_POLICY,
@@ -205,6 +208,14 @@ def _daemon(hsm: Any, certs: Any, workdir: Path, engine: str, settings: str,
     return start_daemon(cfg, certs, workdir)
 
 
+def _timestamp() -> bytes:
+    """A Notary timestamp, version 1, valid for a week from now: content the
+    checks accept every time it is signed again."""
+    body = Timestamp(version=1, expires=dt.datetime.now(dt.UTC) + dt.timedelta(days=7),
+                     meta={"snapshot": FileMeta.for_bytes(b"snapshot v1")})
+    return encode_canonical(body.to_dict())
+
+
 def _wait_for(what: str, check: Callable[[], bool], timeout: float = 30) -> None:
     deadline = time.monotonic() + timeout
     while not check():
@@ -232,14 +243,17 @@ def test_one_identity_with_many_callers_gets_no_errors(hsm: Any, certs: Any, tmp
             key = notary_grpc.KeyManagementStub(c.channel).CreateKey(notary_pb.CreateKeyRequest(
                 algorithm="ecdsa", gun=unique_gun(), role="timestamp"), timeout=60).keyInfo.keyID
             online = d.servers.service.tokens["online"]
+            # A timestamp the content checks accept every time (one version, re-signed:
+            # what notary-server does under concurrency).
+            payload = _timestamp()
             codes: Counter[str] = Counter()
             lock = threading.Lock()
 
             def caller() -> None:
-                for i in range(3):
+                for _ in range(3):
                     try:
                         notary.Sign(notary_pb.SignatureRequest(
-                            keyID=key, content=b"%d" % i), timeout=60)
+                            keyID=key, content=payload), timeout=60)
                         code = "OK"
                     except grpc.RpcError as e:
                         code = e.code().name
@@ -283,8 +297,8 @@ def test_a_newcomer_is_served_at_once_while_another_identity_floods(
     try:
         admission = d.servers.gate.admission
         with d.client("admin") as admin:
-            slow = admin.create_key(unique_gun(), "targets", token="online")
-            mine = admin.create_key("docker.io/victim/app", "targets", token="root")
+            slow = admin.create_key(unique_gun(), "targets", token="online", purpose="raw")
+            mine = admin.create_key("docker.io/victim/app", "targets", token="root", purpose="raw")
         online = d.servers.service.tokens["online"]
         results: list[str] = []
         with d.client("admin") as admin, d.client("runner") as runner, ExitStack() as held:

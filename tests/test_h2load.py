@@ -44,7 +44,7 @@ def _run(conns: list[_h2load.Connection], path: str, request: bytes, callers: in
 
 
 def test_answers_are_real_signatures_and_errors_are_counted(daemon: Any) -> None:
-    key = daemon.client().create_key(unique_gun(), "targets")
+    key = daemon.client().create_key(unique_gun(), "targets", purpose="raw")
     conns = _connections(daemon, 2)
     try:
         message = b"signed through raw HTTP/2"
@@ -67,7 +67,7 @@ def test_answers_are_real_signatures_and_errors_are_counted(daemon: Any) -> None
 
 def test_large_batches_respect_flow_control(daemon: Any) -> None:
     """Each request is ~600 KB: far past HTTP/2's initial 64 KB windows."""
-    key = daemon.client().create_key(unique_gun(), "targets")
+    key = daemon.client().create_key(unique_gun(), "targets", purpose="raw")
     one = pb.SignRequest(key_id=key.key_id, message=bytes(600))
     batch = pb.SignBatchRequest(requests=[one] * 1000).SerializeToString()
     assert len(batch) > 600_000
@@ -105,7 +105,7 @@ def test_a_hung_up_runner_lets_the_daemon_stop_at_once(
     d = start_daemon(daemon_config(hsm, certs, tmp_path), certs, tmp_path)
     runner = _H2Runner(channels=2)
     try:
-        key = d.client().create_key(unique_gun(), "targets")
+        key = d.client().create_key(unique_gun(), "targets", purpose="raw")
         cfg = d.client_config()
         target = Target(f"127.0.0.1:{d.port}", cfg.ca, cfg.cert, cfg.key)
         request = pb.SignRequest(key_id=key.key_id, message=b"x").SerializeToString()

@@ -130,9 +130,10 @@ def test_a_name_matches_rules_of_its_own_kind_only(listeners: Listeners, source:
     daemon = listeners.dev if source == "dev-plaintext" else listeners.tls
     with listeners.client(source) as c:
         if rule in granted:
-            assert c.create_key(f"docker.io/kinds/{rule}", "targets").key_id
+            assert c.create_key(f"docker.io/kinds/{rule}", "targets", purpose="raw").key_id
         else:
-            err = rpc_error(lambda: c.create_key(f"docker.io/kinds/{rule}", "targets"))
+            err = rpc_error(lambda: c.create_key(f"docker.io/kinds/{rule}", "targets",
+                                                 purpose="raw"))
             assert err.code() == grpc.StatusCode.PERMISSION_DENIED, err.details()
             assert err.details().startswith(f"identity {identity!r} may not create ")
     line = last_audit_line(daemon)
@@ -163,7 +164,7 @@ def test_a_certificate_posing_as_another_kind_is_refused(listeners: Listeners,
     on its key). Now every call of such a certificate is UNAUTHENTICATED,
     and audited with no identity."""
     with listeners.client("uri-san") as owner:
-        key = owner.create_key("docker.io/runner-a/app", "targets")
+        key = owner.create_key("docker.io/runner-a/app", "targets", purpose="raw")
         assert owner.sign(key.key_id, message=b"m").signature  # the real runner-a may
     cert, private = listeners.certs.files[f"id-{impostor}"]
     with Client(ClientConfig(f"127.0.0.1:{listeners.tls.port}", listeners.certs.ca_file, cert,

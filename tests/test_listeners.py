@@ -127,7 +127,7 @@ def test_held_metrics_connections_cost_no_thread_and_sign_goes_on(started: Any) 
     another identity's Sign then failed with DEADLINE_EXCEEDED."""
     d = started(metrics={"max_connections": 64})
     with d.client() as c:
-        key = c.create_key(unique_gun(), "targets").key_id
+        key = c.create_key(unique_gun(), "targets", purpose="raw").key_id
     before = threads()
     hostile = [socket.create_connection(("127.0.0.1", d.servers.http.port))
                for _ in range(300)]  # 64 held by the daemon, the rest in its backlog
@@ -167,7 +167,7 @@ def test_the_relay_listens_on_a_private_socket_no_other_user_reaches(
     assert other.returncode == 3, other.stderr
     # The Unix socket still names its caller by uid.
     with d.unix_client() as c:
-        assert c.create_key(unique_gun(), "targets").key_id
+        assert c.create_key(unique_gun(), "targets", purpose="raw").key_id
     lines = (d.workdir / "audit.log").read_text().splitlines()
     assert any(f'"identity": "uid:{os.getuid()}"' in line or
                f'"identity":"uid:{os.getuid()}"' in line for line in lines)
@@ -194,7 +194,7 @@ def test_the_unix_socket_connection_cap_holds_and_frees(started: Any, tmp_path: 
     def serves() -> bool:
         try:
             with Client(ClientConfig(f"unix:{path}", timeout=20)) as c:
-                return bool(c.create_key(unique_gun(), "targets").key_id)
+                return bool(c.create_key(unique_gun(), "targets", purpose="raw").key_id)
         except grpc.RpcError:
             return False
 
@@ -210,7 +210,7 @@ def test_with_raw_connections_held_an_authorised_sign_still_succeeds(started: An
     test_security.test_connections_that_never_speak_are_closed)."""
     d = started(server={"max_connections": 200, "handshake_timeout": 30.0})
     with d.client() as c:
-        key = c.create_key(unique_gun(), "targets").key_id
+        key = c.create_key(unique_gun(), "targets", purpose="raw").key_id
     hostile = [socket.create_connection(("127.0.0.1", d.port)) for _ in range(150)]
     for _ in range(3):
         with d.client() as c:  # a new connection each time

@@ -51,7 +51,7 @@ def metered(daemon_factory: Any) -> Daemon:
 def test_counters_move_by_exactly_what_was_sent(metered: Daemon) -> None:
     port = metered.servers.http.port  # type: ignore[union-attr]
     with metered.client() as c:
-        key = c.create_key(unique_gun(), "targets", "ecdsa-p256")
+        key = c.create_key(unique_gun(), "targets", "ecdsa-p256", purpose="raw")
         before = scrape(port)
         for _ in range(5):
             c.sign(key.key_id, message=b"m")
@@ -93,8 +93,8 @@ def test_keys_are_counted_by_token_and_role_kind(metered: Daemon) -> None:
     svc.export_gauges()  # what the gauges thread does every second
     before = scrape(port)
     with metered.client() as c:
-        c.create_key(unique_gun(), "targets/releases")
-        c.create_key(unique_gun(), "snapshot")
+        c.create_key(unique_gun(), "targets/releases", purpose="raw")
+        c.create_key(unique_gun(), "snapshot", purpose="raw")
     svc.export_gauges()
     after = scrape(port)
     assert delta(before, after, "signerd_keys", token="online", role="delegation") == 1
@@ -206,7 +206,7 @@ def test_one_scrape_counts_every_worker(hsm: Any, certs: Any, tmp_path: Path,
         for _ in range(signs // 3):  # new connections: the kernel spreads them over workers
             with Client(ClientConfig(f"127.0.0.1:{grpc_port}", certs.ca_file, cert, key,
                                      "localhost", 20)) as c:
-                made = made or c.create_key(unique_gun(), "targets")
+                made = made or c.create_key(unique_gun(), "targets", purpose="raw")
                 for _ in range(3):
                     c.sign(made.key_id, message=b"m")
         # a TLS handshake without a client certificate

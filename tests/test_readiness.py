@@ -68,7 +68,7 @@ def test_a_full_disk_under_the_audit_log_makes_the_daemon_not_ready(
             assert d.servers.http is not None
             port = d.servers.http.port
             with d.client() as c:
-                key = c.create_key(unique_gun(), "targets")
+                key = c.create_key(unique_gun(), "targets", purpose="raw")
                 assert c.sign(key.key_id, message=b"before").signature
                 assert readyz(port) == (200, {"status": "ready"})
                 assert health(c.channel) == [SERVING, SERVING]
@@ -154,7 +154,7 @@ def test_a_supervisors_readyz_says_when_a_workers_audit_log_is_full(
                                   "localhost", timeout=20)
             assert until(lambda: readyz(port) == (200, {"status": "ready"}))
             with Client(client) as c:
-                key_id = c.create_key(unique_gun(), "targets").key_id
+                key_id = c.create_key(unique_gun(), "targets", purpose="raw").key_id
                 fs.fill()
                 for _ in range(128):  # either worker answers; sign until one's log is full
                     try:

@@ -357,7 +357,7 @@ def test_keys_list_shows_whether_a_key_is_used(daemon: Any, tmp_path: Path) -> N
     config = client_toml(daemon, tmp_path / "client.toml")
     gun = unique_gun()
     with daemon.client() as c:
-        signer, idle = (c.create_key(gun, "targets").key_id for _ in range(2))
+        signer, idle = (c.create_key(gun, "targets", purpose="raw").key_id for _ in range(2))
         c.sign(signer, message=b"m")
     listed, _ = ctl(config, "keys", "list", "--gun", gun)
     assert listed.returncode == 0, listed.stderr

@@ -152,7 +152,7 @@ def test_signing_comes_back_under_load(kind: Kind, dut: Daemon,
     neighbour is not configured; TPM: the simulator and resource manager
     stop and start again)."""
     with dut.client() as c:
-        key = c.create_key(unique_gun(), "targets", kind.algorithms[0])
+        key = c.create_key(unique_gun(), "targets", kind.algorithms[0], purpose="raw")
     recovered = comes_back_under_load(dut, "dut", key, kind.unplug, kind.replug,
                                       dut_reconnects)
     assert recovered < RECOVERY_BOUND
@@ -170,8 +170,8 @@ def test_signing_comes_back_under_load_next_to_a_neighbour(
     if neighbour == "neighbour down":
         moves.append((token_dir(hsm, "test-root"), tmp_path / "root-away"))
     with d.client() as c:
-        online = c.create_key(unique_gun(), "targets")
-        root = c.create_key(unique_gun(), "root")
+        online = c.create_key(unique_gun(), "targets", purpose="raw")
+        root = c.create_key(unique_gun(), "root", purpose="raw")
     assert (online.token, root.token) == ("online", "root")
     root_signs: list[bool] = []
 
@@ -292,7 +292,7 @@ def test_a_reconnect_that_meets_a_full_device_backs_off_and_comes_back(
     try:
         svc = d.servers.service
         with d.client() as c:
-            key = c.create_key(unique_gun(), "targets", "ecdsa-p256")
+            key = c.create_key(unique_gun(), "targets", "ecdsa-p256", purpose="raw")
             kind.unplug()
             # signerd notices while the device is away, so that the module
             # drops its device session (one message in a stale session

@@ -36,11 +36,11 @@ def test_certificates_and_notation_digests_on_every_kind(
     d = _start(kind, certs, tmp_path / "first")
     try:
         with d.client() as c:
-            root = c.create_key(unique_gun(), "root", kind.algorithms[0])
+            root = c.create_key(unique_gun(), "root", kind.algorithms[0], purpose="raw")
             c.certify_key(root.key_id, "CN=acme root,O=Acme,C=US")
             chains = {}
             for name in algorithms:
-                key = c.create_key(unique_gun(), "targets", name)
+                key = c.create_key(unique_gun(), "targets", name, purpose="raw")
                 chains[key.key_id] = c.certify_key(key.key_id, SUBJECT, root.key_id)
                 verify_notary_chain(chains[key.key_id])
                 alg = parse_algorithm(name)
@@ -51,7 +51,7 @@ def test_certificates_and_notation_digests_on_every_kind(
                     sig = c.sign(key.key_id, digest=digest).signature
                     signing.verify(key.public_key_der, alg, sig, digest,
                                    signing.SignOptions(prehashed=True))
-            gone = c.create_key(unique_gun(), "targets", kind.algorithms[0])
+            gone = c.create_key(unique_gun(), "targets", kind.algorithms[0], purpose="raw")
             c.certify_key(gone.key_id, SUBJECT, root.key_id)
             c.delete_key(gone.key_id)
             assert rpc_error(lambda: c.certificate_chain(gone.key_id)).code() == \
