@@ -308,7 +308,8 @@ USAGE_ERRORS = [
      "argument --size: must be a whole number of bytes from 0 to"),
     # Regression: "the following arguments are required: keys_cmd".
     ("keys-no-command", "signerctl", ("keys",),
-     "signerctl keys: a command is required: create, list, show, delete, export, certify or set-purpose"),
+     "signerctl keys: a command is required: create, list, show, delete, export, certify "
+     "or set-purpose"),
     ("no-command", "signerctl", (), "signerctl: a command is required: keys, tokens, sign"),
     ("delegation-no-command", "signerctl", ("trust", "delegation"),
      "signerctl trust delegation: a command is required: add or remove"),
