@@ -16,7 +16,20 @@ import sys
 import time
 from pathlib import Path
 
-from tests.conftest import HSM, make_hsm
+import grpc
+
+from tests._fullfs import small_fs
+from tests.conftest import (
+    HSM,
+    PKI,
+    Process,
+    daemon_config,
+    make_hsm,
+    rpc_error,
+    spawn_daemon,
+    unique_gun,
+    write_toml,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 SIGNERD = [sys.executable, "-m", "signerd.daemon"]
@@ -70,3 +83,49 @@ def test_sigkill_at_random_points_leaves_only_what_the_sweep_removes(tmp_path: P
     assert check.returncode == 0, err
     assert int(out.strip()) >= 0
     print(f"{kills} kills; sweep found:\n{report.stdout}")
+
+
+def test_a_first_signature_whose_used_mark_cannot_be_written_is_withheld(
+        certs: PKI, tmp_path: Path) -> None:
+    """Issue 22 §4: with the token's storage full, signatures came back while
+    the key's "used" mark could not be written, so after a restart the key
+    looked unused (Notary's CreateKey would hand it out again, and `keys
+    delete` would not ask). The token lives on a real tmpfs that is filled."""
+    from signerd.client import Client, ClientConfig
+
+    with small_fs(tmp_path / "hsm", size_kb=2048) as fs:
+        hsm = make_hsm(fs.path)
+        cfg = write_toml(tmp_path / "signerd.toml", daemon_config(hsm, certs, tmp_path))
+        cert, key = certs.files["admin"]
+
+        def client(proc: Process) -> Client:
+            return Client(ClientConfig(f"127.0.0.1:{proc.info['tcp']}", certs.ca_file, cert,
+                                       key, "localhost", 20))
+
+        proc = spawn_daemon(cfg, tmp_path)
+        try:
+            with client(proc) as c:
+                made = c.create_key(unique_gun(), "targets", purpose="raw")
+                fs.fill()
+                err = rpc_error(lambda: c.sign(made.key_id, message=b"first"))
+                assert err.code() in (grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                      grpc.StatusCode.UNAVAILABLE), err.details()
+                assert "signature withheld" in (err.details() or "")
+                assert not c.get_key(made.key_id).used
+                fs.free()
+                deadline = time.monotonic() + 30  # the token may be probed back first
+                while True:
+                    try:
+                        assert c.sign(made.key_id, message=b"first").signature
+                        break
+                    except grpc.RpcError:
+                        assert time.monotonic() < deadline, "never signed again"
+                        time.sleep(0.2)
+        finally:
+            assert proc.stop() == 0
+        proc = spawn_daemon(cfg, tmp_path)  # the mark is on the token, not in memory
+        try:
+            with client(proc) as c:
+                assert c.get_key(made.key_id).used
+        finally:
+            assert proc.stop() == 0
