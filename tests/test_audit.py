@@ -225,11 +225,11 @@ def test_partial_write_is_cut_off_and_chain_not_advanced(
         raise OSError(errno.ENOSPC, "No space left on device")
 
     with AuditLog(log_path) as log:
-        monkeypatch.setattr("signerd.audit._writer.os.write", half_then_enospc)
+        monkeypatch.setattr("signerd.audit._files.os.write", half_then_enospc)
         with pytest.raises(Unavailable, match="No space left on device"):
             log.write(record(3))
         assert log_path.read_bytes() == before and log.seq == 2
-        monkeypatch.setattr("signerd.audit._writer.os.write", real_write)
+        monkeypatch.setattr("signerd.audit._files.os.write", real_write)
         log.write(record(3))
     assert verify(log_path).ok and verify(log_path).lines == 3
 
@@ -248,11 +248,11 @@ def test_partial_write_that_cannot_be_undone_stops_all_writes(
         raise OSError(errno.EIO, "Input/output error")
 
     with AuditLog(log_path) as log:
-        monkeypatch.setattr("signerd.audit._writer.os.write", half_then_eio)
-        monkeypatch.setattr("signerd.audit._writer.os.ftruncate", no_truncate)
+        monkeypatch.setattr("signerd.audit._files.os.write", half_then_eio)
+        monkeypatch.setattr("signerd.audit._files.os.ftruncate", no_truncate)
         with pytest.raises(Unavailable, match="Input/output error"):
             log.write(record(1))
-        monkeypatch.setattr("signerd.audit._writer.os.write", real_write)
+        monkeypatch.setattr("signerd.audit._files.os.write", real_write)
         with pytest.raises(Unavailable, match="ends in a partly written line"):
             log.write(record(1))
         assert log.seq == 0
@@ -518,7 +518,7 @@ def test_head_write_failure_warns_once_and_keeps_logging(
     with caplog.at_level(logging.WARNING, logger="signerd.audit"):
         log = AuditLog(log_path)
         log.write(record(1))
-        monkeypatch.setattr("signerd.audit._writer.os.pwrite", eio)
+        monkeypatch.setattr("signerd.audit._files.os.pwrite", eio)
         log.write(record(2))
         log.write(record(3))
         monkeypatch.undo()

@@ -324,7 +324,7 @@ def test_start_finishes_or_undoes_an_interrupted_rotation(
             continue
         if Path(target).parent == log_path.parent:
             os.close(int(fd))
-    log._fd = log._head_fd = None
+    log._files.fd = log._files.head_fd = None
     assert log_path.with_name(".audit.log.next").exists()
     with AuditLog(log_path) as again:
         assert again.seq == (3 if linked else 2)

@@ -170,6 +170,8 @@ One job each; this package re-exports the public names.
                (:func:`check_resumable`), finishing an interrupted rotation.
 ``_verify``    :func:`verify`, :func:`verify_files`, :func:`format_result`.
 ``_fs``        the file-system calls the writer and rotation share.
+``_files``     the files a writer holds open: appending (a partly written
+               line cut off again), head updates, closing.
 ``_tree``      the Merkle tree and its tiles; ``_treecheck`` the start check;
                ``_checkpoints`` signing and serving checkpoints;
                ``_witness`` pushing them to witnesses; ``_tail`` reading

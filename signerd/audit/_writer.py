@@ -1,7 +1,8 @@
 """Writing: :class:`AuditLog` appends records as chained lines, one or a
 group per ``write``, keeps the head file current and fails closed (see
 Writing in :mod:`signerd.audit`). Naming and switching files on rotation, and
-where a start resumes, are in :mod:`signerd.audit._rotation`."""
+where a start resumes, are in :mod:`signerd.audit._rotation`; the raw writes
+to the open log and head files in :mod:`signerd.audit._files`."""
 
 from __future__ import annotations
 
@@ -15,14 +16,13 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Concatenate, Final, ParamSpec, Protocol, TypeVar
 
+from signerd.audit._files import _LogFiles
 from signerd.audit._fs import _free_bytes, _Locked, _open_head, _open_locked, _why
 from signerd.audit._line import (
     _RESERVED,
-    HEAD_SIZE,
     MAX_VALUE_CHARS,
     ROTATE_OPERATION,
     _encode_line,
-    _head_record,
     _now,
     _shorten,
     head_path,
@@ -134,14 +134,9 @@ class AuditLog:
         self.path = path
         self._tree = tree
         self.head_path = head_path(path)
-        self._fsync = fsync
         self._checkpoint_every = max(1, checkpoint_every)
         self._lock = threading.Lock()
-        self._broken: str | None = None
-        self._head_warned = False
-        self._fd: int | None = None
-        self._head_fd: int | None = None
-        self._size = 0  # bytes in the current file
+        self._files = _LogFiles(path, self.head_path, fsync)
         self._max_bytes: int | None = None
         self.max_bytes = max_bytes
         self._rotate_after = 0.0  # monotonic time before which a size rotation is not retried
@@ -153,32 +148,29 @@ class AuditLog:
         self._pending: tuple[str, str | None] | None = None
         try:
             _finish_rotation(path)
-            self._fd, self._ident = _open_locked(path)
+            self._files.fd, self._files.ident = _open_locked(path)
         except (OSError, _Locked) as e:
             raise ConfigError(f"audit log {path}: cannot open: {_why(e)}") from None
         try:
-            self._size, state = _resume(self._fd, path)
+            self._files.size, state = _resume(self._files.fd, path)
             self._seq, self._last = state.seq, state.last
             if state.renamed is not None:
                 self._pending = ("renamed", state.renamed.name)
-            self._head_fd = _open_head(self.head_path)
+            self._files.head_fd = _open_head(self.head_path)
             if tree is not None:
                 tree.open(path, self._seq, self._last)
         except OSError as e:
-            self._close_fds()
+            self._files.close()
             raise ConfigError(f"audit log {path}: cannot open: {_why(e)}") from None
         except ConfigError:
-            self._close_fds()
+            self._files.close()
             raise
         self._write_head()
-        try:
-            os.ftruncate(self._head_fd, HEAD_SIZE)  # drop anything past the fixed-size record
-        except OSError:
-            pass  # a longer head still parses: only trailing padding follows the record
+        self._files.trim_head()
         try:
             self._write_pending()  # the link to a file renamed while stopped, at once
         except Unavailable as e:
-            self._close_fds()
+            self._files.close()
             raise ConfigError(f"audit log {path}: {e}") from None
         self._checkpoint("audit log opened")
 
@@ -219,11 +211,8 @@ class AuditLog:
         write failed until a write succeeds again (:meth:`probe` tries one),
         and for good once the log is broken or closed. What readiness
         reports (signerd.server.app)."""
-        if self._fd is None:
-            return "audit log cannot be written: it is closed"
-        if self._broken is not None:
-            return f"audit log cannot be written: {self._broken}"
-        return self._writes.reason
+        why = self._files.unwritable()
+        return why if why is not None else self._writes.reason
 
     def probe(self) -> bool:
         """After a failed write, try one again: a line that records the gap
@@ -263,7 +252,7 @@ class AuditLog:
                 self._commit(self._encode(docs[0]))
             else:
                 self._commit_group(docs)
-            if self._max_bytes is not None and self._size >= self._max_bytes:
+            if self._max_bytes is not None and self._files.size >= self._max_bytes:
                 self._rotate_for_size()
 
     def sync(self) -> int:
@@ -272,8 +261,8 @@ class AuditLog:
         were closed (with a tree). Raises :class:`Unavailable`."""
         with self._lock:
             self._check_writable()
-            assert self._fd is not None
-            seq, fd = self._seq, os.dup(self._fd)
+            assert self._files.fd is not None
+            seq, fd = self._seq, os.dup(self._files.fd)
         try:
             os.fsync(fd)
         except OSError as e:
@@ -302,11 +291,11 @@ class AuditLog:
     def close(self) -> None:
         """Update the head, log a final checkpoint and close. Idempotent."""
         with self._lock:
-            if self._fd is None:
+            if self._files.fd is None:
                 return
             self._write_head()
             self._checkpoint("audit log closed")
-            self._close_fds()
+            self._files.close()
 
     def __enter__(self) -> AuditLog:
         return self
@@ -317,10 +306,9 @@ class AuditLog:
     # -- internals; every method below runs with self._lock held or in __init__
 
     def _check_writable(self) -> None:
-        if self._fd is None:
-            raise Unavailable("audit log cannot be written: it is closed")
-        if self._broken is not None:
-            raise Unavailable(f"audit log cannot be written: {self._broken}")
+        why = self._files.unwritable()
+        if why is not None:
+            raise Unavailable(why)
 
     def _encode(self, doc: dict[str, Any]) -> bytes:
         """The next line (without newline) for ``doc``; the chain does not move."""
@@ -328,8 +316,8 @@ class AuditLog:
 
     def _commit(self, line: bytes) -> None:
         """Append ``line`` to the current file and move the chain past it."""
-        self._append(line + b"\n")
-        self._size += len(line) + 1
+        self._files.append(line + b"\n")
+        self._files.size += len(line) + 1
         self._seq, self._last = self._seq + 1, hashlib.sha256(line).hexdigest()
         if self._tree is not None:
             self._tree.append((line,))
@@ -349,8 +337,8 @@ class AuditLog:
             lines.append(line)
             seq, last = seq + 1, hashlib.sha256(line).hexdigest()
         data = b"\n".join(lines) + b"\n"
-        self._append(data)
-        self._size += len(data)
+        self._files.append(data)
+        self._files.size += len(data)
         crossed = seq // self._checkpoint_every > self._seq // self._checkpoint_every
         self._seq, self._last = seq, last
         if self._tree is not None:
@@ -374,12 +362,12 @@ class AuditLog:
     def _follow_path(self) -> bool:
         """Reopen the path if the file was removed or replaced (rotated by
         another program); True if it was. Raises Unavailable."""
-        opened = _reopen_if_replaced(self.path, self._ident, self.head_path)
+        opened = _reopen_if_replaced(self.path, self._files.ident, self.head_path)
         if opened is None:
             return False
         self._sync_before_close()
-        self._close_fds()
-        self._fd, self._ident, self._head_fd, self._size = opened
+        self._files.close()
+        self._files.fd, self._files.ident, self._files.head_fd, self._files.size = opened
         self._pending = ("renamed", None)
         log.warning("audit log file was removed or replaced; continuing the chain in a new file",
                     extra={"fields": {"file": str(self.path), "seq": self._seq + 1}})
@@ -397,15 +385,15 @@ class AuditLog:
                       extra={"fields": {"file": str(self.path), "error": str(e)}})
 
     def _rotate(self, reason: str) -> Path | None:
-        assert self._fd is not None
-        if self._size == 0:
+        assert self._files.fd is not None
+        if self._files.size == 0:
             return None
         target, when = self._rotator.free_name()
         line = self._rotation_line(reason, target.name)
         fd, ident = self._rotator.switch(line, target)
         self._sync_before_close()
-        os.close(self._fd)  # releases the old file's flock
-        self._fd, self._ident, self._size = fd, ident, len(line) + 1
+        os.close(self._files.fd)  # releases the old file's flock
+        self._files.fd, self._files.ident, self._files.size = fd, ident, len(line) + 1
         self._seq, self._last = self._seq + 1, hashlib.sha256(line).hexdigest()
         if self._tree is not None:
             self._tree.append((line,))
@@ -418,48 +406,8 @@ class AuditLog:
             self._checkpoint("audit checkpoint")
         return target
 
-    def _append(self, data: bytes) -> None:
-        assert self._fd is not None
-        written = 0
-        try:
-            # One write() normally; loop because a short write is allowed.
-            while written < len(data):
-                written += os.write(self._fd, data[written:])
-            if self._fsync:
-                os.fsync(self._fd)
-        except OSError as e:
-            self._undo(written)
-            raise Unavailable(f"audit log cannot be written: {self.path}: {_why(e)}") from None
-
-    def _undo(self, written: int) -> None:
-        """Cut a partly written (or unsynced) line off the end again."""
-        if not written:
-            return
-        assert self._fd is not None
-        try:
-            os.ftruncate(self._fd, os.fstat(self._fd).st_size - written)
-        except OSError as e:
-            # The file now ends in bytes the chain does not account for.
-            self._broken = (f"{self.path} ends in a partly written line that could not be "
-                            f"removed ({_why(e)}); restart after 'signerctl audit verify'")
-            log.error("audit log is broken; refusing further writes",
-                      extra={"fields": {"file": str(self.path), "error": _why(e)}})
-
     def _write_head(self) -> None:
-        if self._head_fd is None:
-            return
-        try:
-            os.pwrite(self._head_fd, _head_record(self._seq, self._last), 0)
-        except OSError as e:
-            # The line itself is safely in the log: a stale head only lags,
-            # which verify accepts. Warn once, not on every request.
-            if not self._head_warned:
-                self._head_warned = True
-                log.warning("audit head file cannot be updated; tail truncation will not be "
-                            "detectable", extra={"fields": {"file": str(self.head_path),
-                                                            "error": _why(e)}})
-        else:
-            self._head_warned = False
+        self._files.write_head(self._seq, self._last)
 
     def _checkpoint(self, msg: str) -> None:
         log.info(msg, extra={"fields": {"file": str(self.path), "seq": self._seq,
@@ -468,19 +416,5 @@ class AuditLog:
     def _sync_before_close(self) -> None:
         """With a tree, a checkpoint may only cover synced lines, and
         :meth:`sync` reaches the current file only: sync a file leaving."""
-        if self._tree is None or self._fd is None or self._fsync:
-            return
-        try:
-            os.fsync(self._fd)
-        except OSError as e:
-            log.warning("audit log file cannot be synced as it is rotated away",
-                        extra={"fields": {"file": str(self.path), "error": _why(e)}})
-
-    def _close_fds(self) -> None:
-        for fd in (self._fd, self._head_fd):
-            if fd is not None:
-                try:
-                    os.close(fd)  # also releases the flock
-                except OSError:
-                    pass
-        self._fd = self._head_fd = None
+        if self._tree is not None:
+            self._files.sync_leaving()

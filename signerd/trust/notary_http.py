@@ -21,7 +21,7 @@ Against a hostile server (issue 22 §3):
   body), and every client a deadline for the whole command; ``timeout`` alone
   bounds one socket operation, which a server sending a byte at a time resets.
 - :meth:`NotaryClient.pull` follows TUF's client workflow (TUF specification
-  §5.3-5.6): root first, verified against what was trusted; then the
+  §5.3-5.6; :mod:`signerd.trust._pull`): root first, verified against what was trusted; then the
   timestamp (at most ``MAX_TIMESTAMP_SIZE``), verified with the root's keys;
   then the snapshot, at most the length the timestamp declares and with its
   hashes, verified; then each targets file at most the length the verified
@@ -49,18 +49,20 @@ from typing import Any
 from signerd.errors import InvalidArgument, NotFound, quoted
 from signerd.keys import validate_gun, validate_role
 from signerd.trust._key import TufKey
-from signerd.trust.errors import NotaryServerError, VerificationError
-from signerd.trust.metadata import Envelope, FileMeta, Root, Snapshot, Timestamp
-from signerd.trust.verify import TrustedState, verify_role, verify_root
+from signerd.trust._pull import MAX_METADATA_SIZE as MAX_METADATA_SIZE
+from signerd.trust._pull import MAX_PULLED_ROLES as MAX_PULLED_ROLES
+from signerd.trust._pull import MAX_ROOT_STEPS as MAX_ROOT_STEPS
+from signerd.trust._pull import MAX_TIMESTAMP_SIZE as MAX_TIMESTAMP_SIZE
+from signerd.trust._pull import pull_repository
+from signerd.trust.errors import NotaryServerError
+from signerd.trust.verify import TrustedState
 
-MAX_METADATA_SIZE = 100 << 20  # notary.MaxDownloadSize
-MAX_TIMESTAMP_SIZE = 1 << 20  # notary.MaxTimestampSize: read before anything says a length
-MAX_PULLED_ROLES = 10_000  # targets files one pull fetches (signerd's bound)
+# MAX_METADATA_SIZE, MAX_TIMESTAMP_SIZE, MAX_PULLED_ROLES and MAX_ROOT_STEPS,
+# imported above from _pull (`as`: re-exported), stay public names here.
 REQUEST_DEADLINE = 120.0  # seconds for one whole request: connect, TLS, headers, body
 COMMAND_DEADLINE = 600.0  # seconds for every request of one client (one signerctl command)
 MAX_KEY_SIZE = 256 << 10  # storage.MaxKeySize
 MAX_ERROR_SIZE = 1 << 10  # storage.MaxErrorResponseSize
-MAX_ROOT_STEPS = 1000  # intermediate roots fetched to follow rotations (signerd's bound)
 
 
 class MetadataNotFound(NotaryServerError, NotFound):
@@ -258,23 +260,6 @@ class NotaryClient:
             "GET", url, f"GET {name}.json", limit, scope=_scope(gun, "pull")
         )
 
-    def _get_declared(self, gun: str, name: str, meta: FileMeta, by: str) -> bytes:
-        """Fetch ``name`` at most the length ``by`` (a verified file) declares for it,
-        and check its hashes."""
-        if meta.length > MAX_METADATA_SIZE:
-            raise VerificationError(by, f"declares {meta.length} bytes for {name}, more than "
-                                        f"the {MAX_METADATA_SIZE} a notary client downloads")
-        try:
-            data = self.get(gun, name, limit=meta.length)
-        except NotaryServerError as e:
-            if "larger than" in str(e):
-                raise VerificationError(
-                    name, f"the server sent more than the {meta.length} bytes {by}.json "
-                          "declares") from None
-            raise
-        meta.check(data, name)
-        return data
-
     def get_key(self, gun: str, role: str) -> TufKey:
         """The server-managed public key for ``timestamp`` or ``snapshot`` (created if needed)."""
         return self._key("GET", gun, role, "push,pull")
@@ -324,56 +309,8 @@ class NotaryClient:
         the caller still verifies the whole set (``verify_repository``), delegations
         included. Raises VerificationError, NotaryServerError, MetadataNotFound.
         """
-        if trusted is not None and trusted_root_version is None:
-            trusted_root_version = trusted.versions.get("root")
-        files = {"root": self.get(gun, "root")}
-        if trusted_root_version is not None:
-            current = Envelope.from_bytes(files["root"], "root").signed.get("version")
-            if isinstance(current, int) and not isinstance(current, bool):
-                if current - trusted_root_version > MAX_ROOT_STEPS:
-                    # Each step is one request: a hostile version must not make millions.
-                    raise VerificationError(
-                        "root",
-                        f"version {current} is more than {MAX_ROOT_STEPS} rotations ahead "
-                        f"of the trusted version {trusted_root_version}",
-                    )
-                for v in range(trusted_root_version + 1, current):
-                    files[f"{v}.root"] = self.get(gun, f"{v}.root")
-        intermediates = {int(name.split(".", 1)[0]): data for name, data in files.items()
-                         if name.endswith(".root")}
-        root = verify_root(gun, files["root"], trusted_root=trusted.root if trusted else None,
-                           intermediates=intermediates)
-        files["timestamp"] = self.get(gun, "timestamp", limit=MAX_TIMESTAMP_SIZE)
-        timestamp = self._verified(root, "timestamp", files["timestamp"], trusted)
-        assert isinstance(timestamp, Timestamp)
-        if "snapshot" not in timestamp.meta:
-            raise VerificationError("timestamp", "lists no snapshot")
-        files["snapshot"] = self._get_declared(gun, "snapshot", timestamp.meta["snapshot"],
-                                               "timestamp")
-        snapshot = self._verified(root, "snapshot", files["snapshot"], trusted)
-        assert isinstance(snapshot, Snapshot)
-        roles = sorted(r for r in snapshot.meta if r == "targets" or r.startswith("targets/"))
-        if len(roles) > MAX_PULLED_ROLES:
-            raise VerificationError("snapshot", f"lists {len(roles)} targets files, more than "
-                                                f"the {MAX_PULLED_ROLES} signerctl fetches")
-        for role in roles:
-            try:
-                validate_role(role)  # a hostile snapshot must not steer paths
-            except InvalidArgument:
-                raise VerificationError(
-                    "snapshot", f"lists {quoted(role)}, not a valid Notary role name"
-                ) from None
-            files[role] = self._get_declared(gun, role, snapshot.meta[role], "snapshot")
-        if "targets" not in files:
-            raise VerificationError("snapshot", "lists no targets")
-        return files
-
-    @staticmethod
-    def _verified(root: Root, role: str, data: bytes, trusted: TrustedState | None) -> object:
-        if role not in root.roles:
-            raise VerificationError("root", f"lists no {role} keys")
-        return verify_role(role, data, root.role_keys(role), root.roles[role].threshold,
-                           trusted=trusted)
+        return pull_repository(self.get, gun, trusted_root_version=trusted_root_version,
+                               trusted=trusted)
 
 
 _CHALLENGE_PARAM = re.compile(r'(\w+)="([^"]*)"')
