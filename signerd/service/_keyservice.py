@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -17,11 +16,9 @@ from signerd.errors import (
     ConfigError,
     InvalidArgument,
     NoSuchKey,
-    NotFound,
     ResourceExhausted,
     SignerdError,
     Unavailable,
-    quoted,
 )
 from signerd.keys import (
     METADATA,
@@ -30,19 +27,16 @@ from signerd.keys import (
     KeyID,
     parse_algorithm,
     validate_gun,
-    validate_key_id,
     validate_purpose,
     validate_role,
 )
+from signerd.service._catalog import KeyCatalog
 from signerd.service._certificates import Certified, KeyCertificates
 from signerd.service._checkpointkey import CHECKPOINT_ROLE
 from signerd.service._guard import SigningGuard
 from signerd.token import KeyEntry, Token
 
 log = logging.getLogger("signerd.service")
-MAX_PAGE_SIZE = 1000
-DEFAULT_PAGE_SIZE = 100
-_REFRESH_EVERY = 2.0  # seconds: re-reading a token's keys is a C_FindObjects pass
 _OPEN_ATTEMPTS = 4  # at start, see KeyService.open
 _OPEN_BACKOFF = 0.1  # seconds, times the attempt number
 
@@ -67,12 +61,10 @@ class KeyService:
     def __init__(self, tokens: Iterable[Token], guard: SigningGuard) -> None:
         self.tokens = {t.name: t for t in tokens}
         self.guard = guard
+        self.catalog = KeyCatalog(self.tokens)  # lookups and listings
         self._certificates = KeyCertificates(
-            self.tokens, self._refresh,
+            self.tokens, self.catalog.refresh,
             lambda entry, data, options: self.sign_with(entry, data, options).signature)
-        # Each token has just started its first listing.
-        self._refreshed: dict[str, float] = {name: time.monotonic() for name in self.tokens}
-        self._refresh_lock = threading.Lock()
 
     @classmethod
     def open(cls, config: Config) -> KeyService:
@@ -113,35 +105,7 @@ class KeyService:
             t.close()
         self.guard.close()
 
-    # -- lookups ------------------------------------------------------------
-
-    def _refresh(self, force: bool = False) -> None:
-        """Pick up keys that another daemon created or deleted, at most every
-        _REFRESH_EVERY seconds per token, so unknown key IDs cannot turn into
-        a stream of C_FindObjects passes."""
-        now = time.monotonic()
-        with self._refresh_lock:
-            due = [
-                t
-                for t in self.tokens.values()
-                if force or now - self._refreshed.get(t.name, 0.0) >= _REFRESH_EVERY
-            ]
-            for t in due:
-                self._refreshed[t.name] = now
-        for t in due:
-            try:
-                t.refresh()
-            except Unavailable as e:
-                log.warning(
-                    "cannot refresh keys", extra={"fields": {"token": t.name, "error": str(e)}}
-                )
-
-    def _lookup(self, kid: KeyID) -> KeyEntry | None:
-        for t in self.tokens.values():
-            entry = t.get(kid)
-            if entry is not None:
-                return entry
-        return None
+    # -- lookups (KeyCatalog) -------------------------------------------------
 
     def signs_fast(self, key_id: str) -> bool:
         """Whether a signature with key ``key_id`` (lowercase hex) is a short
@@ -151,7 +115,7 @@ class KeyService:
         aio engine's event loop), and the algorithm is not RSA (about 1.7 ms
         for RSA-2048 on SoftHSM here, 25 times P-256). Never raises; False
         for anything it cannot tell."""
-        entry = self._lookup(KeyID(key_id)) if len(key_id) == 64 else None
+        entry = self.catalog.lookup(KeyID(key_id)) if len(key_id) == 64 else None
         # A metadata key's signature waits for the watermark store (a disk or network
         # write): never on the loop.
         if entry is None or entry.algorithm.keytype == "rsa" or entry.purpose != RAW:
@@ -160,36 +124,27 @@ class KeyService:
         return token.profile.signs_in_process and token.healthy and token.session_idle
 
     def get_key(self, key_id: str) -> KeyEntry:
-        kid = validate_key_id(key_id)
-        entry = self._lookup(kid)
-        down: Unavailable | None = None
-        for t in self.tokens.values():
-            if entry is not None:
-                break
-            try:  # made by another daemon or worker since we listed the token
-                entry = t.lookup(kid)
-            except Unavailable as e:
-                down = e
-        if entry is None:
-            # Not on any usable token; if one is down, the key may be there.
-            raise down or NoSuchKey(kid)
-        if entry.role == CHECKPOINT_ROLE:  # the audit log's own: no caller may use it
-            raise NoSuchKey(kid)
-        return entry
+        """Key ``key_id`` (hex): see :meth:`KeyCatalog.get_key`."""
+        return self.catalog.get_key(key_id)
 
     def token(self, name: str) -> Token:
-        try:
-            return self.tokens[name]
-        except KeyError:
-            raise NotFound(
-                f"no token named {quoted(name)}; configured: {', '.join(self.tokens)}"
-            ) from None
+        """The token named ``name``: see :meth:`KeyCatalog.token`."""
+        return self.catalog.token(name)
 
     def token_for_role(self, role: str) -> Token:
-        for t in self.tokens.values():
-            if t.config.holds_role(role):
-                return t
-        return next(iter(self.tokens.values()))
+        """The token for new ``role`` keys: see :meth:`KeyCatalog.token_for_role`."""
+        return self.catalog.token_for_role(role)
+
+    def list_keys(self, gun: str = "", role: str = "", token: str = "", page_size: int = 0,
+                  page_token: str = "", readable: Callable[[KeyEntry], bool] = lambda k: True,
+                  ) -> tuple[list[KeyEntry], str]:
+        """One page of keys and the next page's token: see :meth:`KeyCatalog.list_keys`."""
+        return self.catalog.list_keys(gun, role, token, page_size, page_token, readable)
+
+    def find_unused(self, gun: str, role: str, algorithm: Algorithm,
+                    purpose: str = METADATA) -> KeyEntry | None:
+        """A key that never signed: see :meth:`KeyCatalog.find_unused`."""
+        return self.catalog.find_unused(gun, role, algorithm, purpose)
 
     # -- operations ---------------------------------------------------------
 
@@ -214,50 +169,6 @@ class KeyService:
             "key_id": entry.key_id, "token": entry.token, "purpose": purpose,
             "was": entry.purpose}})
         return updated
-
-    def list_keys(
-        self,
-        gun: str = "",
-        role: str = "",
-        token: str = "",
-        page_size: int = 0,
-        page_token: str = "",
-        readable: Callable[[KeyEntry], bool] = lambda k: True,
-    ) -> tuple[list[KeyEntry], str]:
-        """One page of keys, sorted by key ID, and the next page's token
-        ("" on the last page): those of ``gun``, ``role`` and ``token`` (""
-        for any) for which ``readable`` is true. Pages hold ``page_size``
-        keys (0: DEFAULT_PAGE_SIZE, at most MAX_PAGE_SIZE); a page token is
-        the last key ID of the page before, so only a readable key's ID is
-        ever one.
-
-        Raises InvalidArgument (page size, page token), NotFound (token)."""
-        if page_size < 0 or page_size > MAX_PAGE_SIZE:
-            raise InvalidArgument(
-                f"page_size must be between 0 and {MAX_PAGE_SIZE}, got {page_size}"
-            )
-        if page_token:
-            validate_key_id(page_token)  # page tokens are the last key ID of the previous page
-        if token:
-            self.token(token)
-        self._refresh()
-        size = page_size or DEFAULT_PAGE_SIZE
-        keys = sorted(
-            (
-                k
-                for t in self.tokens.values()
-                if not token or t.name == token
-                for k in t.keys()
-                if (not gun or k.gun == gun)
-                and (not role or k.role == role)
-                and k.key_id > page_token
-                and k.role != CHECKPOINT_ROLE
-                and readable(k)
-            ),
-            key=lambda k: k.key_id,
-        )
-        page = keys[:size]
-        return page, (page[-1].key_id if len(keys) > size else "")
 
     def delete_key(self, key_id: str) -> None:
         entry = self.get_key(key_id)
@@ -323,17 +234,6 @@ class KeyService:
             raise kind(f"signature withheld: key {entry.key_id} could not be marked as "
                        f"having signed ({e})") from None
 
-    def find_unused(self, gun: str, role: str, algorithm: Algorithm,
-                    purpose: str = METADATA) -> KeyEntry | None:
-        """A ``purpose`` key for (gun, role, algorithm) that has never signed,
-        through either API (Notary's rule: CreateKey reuses only such a key)."""
-        self._refresh()
-        for t in self.tokens.values():
-            for k in sorted(t.keys(), key=lambda k: k.key_id):
-                if (k.gun == gun and k.role == role and k.algorithm == algorithm
-                        and not k.used and k.purpose == purpose):
-                    return k
-        return None
 
     # -- certificates ---------------------------------------------------------
 
