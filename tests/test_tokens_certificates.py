@@ -74,7 +74,7 @@ def test_create_key_searches_nothing_on_a_softhsm_token(hsm: HSM) -> None:
     generation file it runs none when no other process wrote."""
     from signerd.keys import ALGORITHMS
     from signerd.token import Token, _p11
-    from signerd.token._keystore import KeyStore
+    from signerd.token._keywrites import KeyWriter
     from tests.conftest import hsm_token
 
     token = Token(hsm_token(hsm, "online"))
@@ -86,7 +86,7 @@ def test_create_key_searches_nothing_on_a_softhsm_token(hsm: HSM) -> None:
         searches += 1
         return real(self, session, template)
 
-    real_sync = KeyStore._sync
+    real_sync = KeyWriter._sync
 
     def sync(s: object) -> None:
         nonlocal searches
@@ -97,7 +97,7 @@ def test_create_key_searches_nothing_on_a_softhsm_token(hsm: HSM) -> None:
         token.keys()
         token.generate(ALGORITHMS["ecdsa-p256"], "docker.io/scale/a", "targets")  # first: syncs
         _p11.Module.find_objects = counted  # type: ignore[method-assign]
-        KeyStore._sync = staticmethod(sync)  # type: ignore[method-assign]
+        KeyWriter._sync = staticmethod(sync)  # type: ignore[method-assign]
         for i in range(3):
             k = token.generate(ALGORITHMS["ecdsa-p256"], f"docker.io/scale/{i}", "targets")
             assert len(k.object_id) == 16
@@ -105,5 +105,5 @@ def test_create_key_searches_nothing_on_a_softhsm_token(hsm: HSM) -> None:
         assert searches == 0
     finally:
         _p11.Module.find_objects = real  # type: ignore[method-assign]
-        KeyStore._sync = staticmethod(real_sync)  # type: ignore[method-assign]
+        KeyWriter._sync = staticmethod(real_sync)  # type: ignore[method-assign]
         token.close()

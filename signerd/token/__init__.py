@@ -15,11 +15,14 @@
   keepalive, the profile's session budget).
 - :mod:`~signerd.token._health`: the probe, outage detection, the down/up
   warnings, reconnects, and the retry of an operation that lost its session.
-- :mod:`~signerd.token._keystore`: the in-process key index and every
-  operation on a key by its ID (lookup, listing, generation, deletion,
-  "has signed" marks, signing), with :mod:`~signerd.token._listing` (reading
-  keys off the token), :mod:`~signerd.token._keygen` (one key pair) and
-  :mod:`~signerd.token._certificates`, all on top of
+- :mod:`~signerd.token._keystore`: the in-process key index (listing,
+  lookup, refresh) and signing, the entry point for every operation on a
+  key by its ID; it delegates the writes (generation, purposes, deletion,
+  "has signed" marks, SoftHSM's generation watch) to
+  :mod:`~signerd.token._keywrites` and the sweep of objects that belong to
+  no key to :mod:`~signerd.token._sweep`. With :mod:`~signerd.token._listing`
+  (reading keys off the token), :mod:`~signerd.token._keygen` (one key pair)
+  and :mod:`~signerd.token._certificates`, all on top of
   :mod:`~signerd.token._layout` (how keys and metadata sit on the token).
 - :mod:`~signerd.token.profiles`: per-token-kind data and a few hooks.
 

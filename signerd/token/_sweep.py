@@ -2,8 +2,8 @@
 middle of a write leaves (issue 22 §4), found and, on request, removed.
 
 Every write of signerd's is ordered so that what a crash leaves is
-recognisable (:mod:`signerd.token._keygen`, :meth:`KeyStore.delete`,
-:meth:`KeyStore.mark_used`, :meth:`Certificates.store`):
+recognisable (:mod:`signerd.token._keygen`, :meth:`KeyWriter.delete`,
+:meth:`KeyWriter.mark_used`, :meth:`Certificates.store`):
 
 - a private or public key labelled ``signerd:<algorithm>`` that no listed
   key owns: a key pair whose metadata was never written (CreateKey killed),
@@ -21,19 +21,28 @@ the key removes it. So is a second certificate: the reader takes the newest.
 Another process may be generating a key right now: its pair exists a few
 milliseconds before its metadata. So removal lists twice, ``grace`` seconds
 apart, and removes only what was junk both times.
+
+:class:`Sweeper` does this on one token; the functions below are its steps.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from signerd.errors import SignerdError
 from signerd.token import _p11
+from signerd.token._health import Health
+from signerd.token._keywrites import KeyWriter
 from signerd.token._listing import read_keys
+from signerd.token._slot import Slot
 from signerd.token.profiles import Profile
+
+log = logging.getLogger("signerd.token")
 
 _PREFIXES = (b"signerd:", b"signerd-used:", b"signerd-cert:", b"signerd-purpose:")
 _CLASSES = {
@@ -122,6 +131,9 @@ def remove(module: _p11.Module, s: Any, junk: list[Junk]) -> int:
     return gone
 
 
+_remove = remove  # for Sweeper.sweep, whose parameter ``remove`` hides the function
+
+
 def still_junk(first: list[Junk], second: list[Junk]) -> list[Junk]:
     """What was junk in both of two looks ``grace`` seconds apart."""
     earlier = {(j.handle, j.kind, j.label, j.path) for j in first}
@@ -131,3 +143,69 @@ def still_junk(first: list[Junk], second: list[Junk]) -> list[Junk]:
 def pause(grace: float) -> None:
     """Wait between the two looks (a key generation elsewhere finishes)."""
     time.sleep(grace)
+
+
+class Sweeper:
+    """The sweep of one token: finds, reports and, on request, removes the
+    objects that belong to no key. A removal is a write (``writer``'s
+    :meth:`KeyWriter.before_write` and :meth:`KeyWriter.after_write`
+    around it); finding empty object files needs its SoftHSM directory
+    (:meth:`KeyWriter.generation`)."""
+
+    def __init__(self, slot: Slot, health: Health, writer: KeyWriter) -> None:
+        self.name = slot.name
+        self._slot = slot
+        self._health = health
+        self._writer = writer
+
+    def junk(self) -> list[Junk]:
+        """Objects on the token that belong to no key (:func:`find_junk`).
+        Raises Unavailable."""
+        slot = self._slot
+        watch = self._writer.generation()
+
+        def look(s: Any) -> list[Junk]:
+            return find_junk(slot.module, slot.profile, self.name, s, self._health.answers,
+                             watch.empty_object_files if watch is not None else list)
+
+        found: list[Junk] = self._health.run("sweep", look, slot.locks.searches.shared)
+        return found
+
+    def sweep(self, remove: bool = False, grace: float = 2.0) -> tuple[list[Junk], int]:
+        """(objects that belong to no key, how many were removed). With
+        ``remove``, a second look ``grace`` seconds later removes only what
+        was junk both times (a key generation under way elsewhere is not).
+        Raises Unavailable."""
+        found = self.junk()
+        if not remove or not found:
+            return found, 0
+        pause(grace)
+        doomed = still_junk(found, self.junk())
+        writer = self._writer
+
+        def destroy(s: Any) -> int:
+            writer.before_write(s)
+            try:
+                return _remove(self._slot.module, s, doomed)
+            finally:
+                writer.after_write()
+
+        gone: int = self._health.run("sweep removal", destroy,
+                                     self._slot.locks.searches.exclusive)
+        log.warning("objects that belonged to no key removed", extra={"fields": {
+            "token": self.name, "removed": gone}})
+        return found, gone
+
+    def report_junk(self) -> None:
+        """The start-up sweep: log what belongs to no key (never removes)."""
+        try:
+            found = self.junk()
+        except SignerdError as e:
+            log.warning("start-up sweep failed", extra={"fields": {
+                "token": self.name, "error": str(e)}})
+            return
+        if found:
+            log.warning("objects on the token belong to no key; `signerd sweep --remove` "
+                        "removes them", extra={"fields": {
+                            "token": self.name, "count": len(found),
+                            "objects": [str(j) for j in found[:20]]}})

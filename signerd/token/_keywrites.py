@@ -1,0 +1,323 @@
+"""Writes to one token's keys: generation (with Ed25519's two parameter
+forms), a new purpose, deletion, the "has signed" mark, and what every
+write does before and after so that objects other processes made stay
+visible (SoftHSM's generation counter, :mod:`signerd.token._softhsm`).
+
+The in-process key index is :class:`~signerd.token._keystore.KeyStore`'s:
+a write changes the token first, then records what it did in the index
+(:meth:`KeyStore.made`, :meth:`KeyStore.put`, :meth:`KeyStore.dropped`).
+No write searches the token on a hot path: key generation draws an ID no
+other key will draw (:attr:`Profile.id_bytes`); marking a key used and
+deleting it use the indexed handles of its objects.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
+
+import pkcs11
+from pkcs11 import Attribute, ObjectClass
+
+from signerd.errors import FailedPrecondition, NotFound, Unavailable
+from signerd.keys import ALGORITHMS, METADATA, Algorithm, KeyID
+from signerd.token import _keygen, _layout, _p11, _purpose
+from signerd.token._health import Health
+from signerd.token._listing import KeyEntry
+from signerd.token._slot import Slot
+from signerd.token._softhsm import GenerationWatch, token_directory
+from signerd.token.profiles import ED25519_NAME
+
+if TYPE_CHECKING:  # annotations only: KeyStore makes its KeyWriter
+    from signerd.token._keystore import KeyStore
+
+log = logging.getLogger("signerd.token")
+
+
+class KeyWriter:
+    """The writes to one token's keys, recorded in ``index``.
+
+    ``lock`` is the index's (shared with :class:`Health`): taken to read
+    and update an indexed entry in one step. Every operation on the token
+    runs through :meth:`Health.run`, under the token's :class:`_ObjectLocks`.
+    """
+
+    def __init__(self, slot: Slot, health: Health, index: KeyStore,
+                 lock: threading.RLock) -> None:
+        self.name = slot.name
+        self._slot = slot
+        self._health = health
+        self._index = index
+        self._lock = lock
+        self._mark_lock = threading.Lock()  # one "has signed" write at a time
+        self._ed25519: bytes | None = None  # the CKA_EC_PARAMS that worked, once known
+        self._watch: GenerationWatch | None = None
+        self._watched = False
+
+    # -- new keys and purposes -------------------------------------------------
+
+    def check_algorithm(self, alg: Algorithm) -> None:
+        """Raise FailedPrecondition unless the token can create ``alg`` keys."""
+        if alg.name not in self._slot.algorithms:
+            can = ", ".join(self._slot.algorithms) or "no algorithm signerd uses"
+            raise FailedPrecondition(
+                f"token {self.name} cannot create {alg.name} keys; it supports {can}"
+            )
+
+    def generate(self, alg: Algorithm, gun: str, role: str, purpose: str = METADATA) -> KeyEntry:
+        """Generate a key pair on the token, in layout 2, with its metadata
+        object (:func:`signerd.token._keygen.generate_pair`), which records
+        ``purpose``.
+
+        Raises FailedPrecondition (an algorithm the token cannot do),
+        ResourceExhausted (the token is full), Unavailable."""
+        self.check_algorithm(alg)
+        slot = self._slot
+
+        def gen(s: Any) -> KeyEntry | None:
+            self.before_write(s)
+            try:
+                if alg.keytype == "ed25519":
+                    return self._generate_ed25519(s, gun, role, purpose)
+                return _keygen.generate_pair(slot.module, slot.profile, self.name, s, alg,
+                                             gun, role, b"", purpose)
+            finally:
+                self.after_write()
+
+        entry: KeyEntry | None = None
+        for _ in range(_keygen.ID_ATTEMPTS):
+            entry = self._health.run("key generation", gen, slot.locks.searches.exclusive)
+            if entry is not None:
+                break
+        if entry is None:
+            raise Unavailable(f"token {self.name}: key generation kept colliding on CKA_ID")
+        self._index.made(entry)
+        log.info("key created", extra={"fields": {
+            "token": self.name, "key_id": entry.key_id, "algorithm": alg.name,
+            "gun": gun, "role": role, "purpose": purpose}})
+        return entry
+
+    def set_purpose(self, kid: KeyID, purpose: str) -> KeyEntry:
+        """Record a new purpose for key ``kid`` (:mod:`signerd.token._purpose`)
+        and return its entry. Raises NotFound, Unavailable."""
+        entry = self._index.known(kid)
+
+        def write(s: Any) -> tuple[int, set[int]]:
+            self.before_write(s)
+            try:
+                return _purpose.write(s, self._slot.profile.private_data, entry.key_id, purpose)
+            finally:
+                self.after_write()
+
+        # A new object: no search may read it half-written (see _ObjectLocks).
+        made, gone = self._health.run("setting a key's purpose", write,
+                                      self._slot.locks.searches.exclusive)
+        with self._lock:
+            indexed = self._index.get(kid)
+            entry = indexed if indexed is not None else entry
+            # The purpose object is the key's: deleted (and superseded when the key
+            # is marked used) by handle, like its other objects.
+            marks = tuple(h for h in entry.marks if h not in gone) + (made,)
+            entry = replace(entry, purpose=purpose, marks=marks)
+            self._index.put(kid, entry)
+        return entry
+
+    def _generate_ed25519(self, s: Any, gun: str, role: str, purpose: str) -> KeyEntry | None:
+        """An Ed25519 key pair: CKA_EC_PARAMS may name the curve by its OID
+        or as the PrintableString "edwards25519" (PKCS#11 v3.0 §2.3.10), and
+        modules take one or the other (yubihsm_pkcs11 only the name). The
+        profile's form is tried first, then the other once; if neither
+        works, the token stops offering ed25519. Raises FailedPrecondition."""
+        slot, alg = self._slot, ALGORITHMS["ed25519"]
+        forms = [self._ed25519 or slot.profile.ed25519_params]
+        forms += [f for f in (_layout.CURVE_OIDS["ed25519"], ED25519_NAME) if f not in forms]
+        if self._ed25519 is not None:
+            forms = forms[:1]
+        failure: Exception | None = None
+        for params in forms:
+            try:
+                entry = _keygen.generate_pair(slot.module, slot.profile, self.name, s, alg,
+                                              gun, role, params, purpose)
+            except (pkcs11.PKCS11Error, _p11.P11Error) as e:
+                rv = _p11.failure_rv(e)
+                if rv in _p11.SESSION_LOST | _p11.DEVICE_LOST | _p11.HANDLE_LOST:
+                    raise
+                failure = e
+                continue
+            self._ed25519 = params
+            return entry
+        if self._ed25519 is None:  # neither form: the token cannot make Ed25519 keys
+            slot.algorithms = tuple(a for a in slot.algorithms if a != "ed25519")
+            log.warning("token lists Ed25519 mechanisms but makes no Ed25519 key", extra={
+                "fields": {"token": self.name, "error": _p11.failure_name(failure or
+                                                                          Exception())}})
+            raise FailedPrecondition(
+                f"token {self.name} cannot create ed25519 keys "
+                f"({_p11.failure_name(failure or Exception())}); it supports "
+                f"{', '.join(slot.algorithms) or 'no algorithm signerd uses'}")
+        assert failure is not None
+        raise failure
+
+    # -- what other processes wrote must stay visible --------------------------
+
+    def generation(self) -> GenerationWatch | None:
+        """The SoftHSM generation counter of this token, when its profile
+        keeps one and its directory is found (:mod:`signerd.token._softhsm`);
+        looked for once, at the first call after the first connection."""
+        if not self._watched and self._slot.info is not None:
+            self._watched = True
+            if self._slot.profile.generation_file:
+                where = token_directory(self._slot.info.serial)
+                self._watch = GenerationWatch(where) if where is not None else None
+        return self._watch
+
+    @staticmethod
+    def _sync(s: Any) -> None:
+        # A search that matches nothing: SoftHSM re-reads its directory in it.
+        list(s.get_objects({Attribute.CLASS: ObjectClass.DATA, Attribute.LABEL: "signerd-sync"}))
+
+    def before_write(self, s: Any) -> None:
+        """Let the module notice objects other processes made, before we
+        write: on SoftHSM's file store a write by this process would
+        otherwise hide them from it (:mod:`signerd.token._softhsm`). Costs a
+        search only when another process wrote since this one last looked
+        (SoftHSM, when its generation file is found; else every time), or
+        on a short-ID token (a YubiHSM lists at most 256 objects)."""
+        profile = self._slot.profile
+        if profile.generation_file:
+            watch = self.generation()
+            moved = watch.moved() if watch is not None else b""
+            if moved is not None:
+                self._sync(s)
+                if watch is not None:
+                    watch.seen(moved)
+        elif profile.id_bytes <= 2:
+            self._sync(s)
+
+    def after_write(self) -> None:
+        """Record the SoftHSM generation this process's own write left."""
+        watch = self.generation() if self._slot.profile.generation_file else None
+        if watch is not None:
+            watch.seen()
+
+    # -- deletion ----------------------------------------------------------------
+
+    def _destroy(self, s: Any, handle: int) -> None:
+        """Destroy one object by handle; one already gone (another process
+        deleted it) is no error. Raises P11Error."""
+        try:
+            self._slot.module.destroy(s.handle, handle)
+        except _p11.P11Error as e:
+            if e.rv not in _p11.HANDLE_LOST:
+                raise
+
+    @staticmethod
+    def _objects(s: Any, entry: KeyEntry) -> list[Any]:
+        """Every object of a layout 1 key (found by its CKA_ID, the key ID)."""
+        return list(s.get_objects({Attribute.ID: entry.object_id}))
+
+    def delete(self, kid: KeyID) -> None:
+        """Destroy every object of key ``kid``: first its metadata, so that
+        a crash afterwards leaves a key pair without metadata, which no
+        listing takes for a key and the sweep removes; then the pair and
+        its certificates. Raises NotFound (not in the index), Unavailable."""
+        entry = self._index.get(kid)
+        if entry is None:
+            raise NotFound(f"no key {kid} on token {self.name}")
+        module = self._slot.module
+        certificates = {_p11.CKA_CLASS: _p11.ulong(_p11.CKO_CERTIFICATE),
+                        _p11.CKA_ID: entry.object_id}
+
+        def destroy(s: Any) -> None:
+            self.before_write(s)
+            try:
+                if entry.layout == 1:
+                    for obj in self._objects(s, entry):
+                        obj.destroy()
+                    return
+                for handle in (entry.meta_handle, *entry.marks, entry.handle,
+                               entry.public_handle):
+                    if handle:
+                        self._destroy(s, handle)
+                for handle in module.find_objects(s.handle, certificates):
+                    self._destroy(s, handle)
+            finally:
+                self.after_write()
+
+        self._health.run("key deletion", destroy, self._slot.locks.searches.exclusive)
+        self._index.dropped(kid)
+
+    # -- the "has signed" mark ---------------------------------------------------
+
+    @contextmanager
+    def _relabelling(self) -> Iterator[None]:
+        """A relabel searches for the key's objects, then rewrites them."""
+        locks = self._slot.locks
+        with locks.searches.shared(), locks.signing.exclusive():
+            yield
+
+    def mark_used(self, kid: KeyID) -> None:
+        """Record on the token that the key has signed (Notary's reuse rule):
+        its metadata rewritten with "used" in layout 2, a rewritten label in
+        layout 1. Once: a key whose indexed entry says used costs a dict
+        lookup; threads signing a new key together write one object.
+
+        Raises ResourceExhausted (no room on the token for the new metadata
+        object), Unavailable: the caller must then withhold the signature."""
+        entry = self._index.get(kid)
+        if entry is None or entry.used:
+            return
+        with self._mark_lock:
+            entry = self._index.get(kid)
+            if entry is None or entry.used:
+                return
+            self._index.put(kid, self._write_used(entry))
+
+    def _write_used(self, entry: KeyEntry) -> KeyEntry:
+        if entry.layout == 1:
+            label = _layout.v1_label(entry.algorithm, entry.gun, entry.role, used=True)
+
+            def relabel(s: Any) -> None:
+                for obj in self._objects(s, entry):
+                    obj[Attribute.LABEL] = label.decode()
+
+            self._health.run("key relabel", relabel, self._relabelling)
+            return replace(entry, used=True)
+        # The new metadata carries the key's purpose as it is now, so the purpose
+        # objects (entry.marks) it supersedes go with the old metadata.
+        meta = replace(entry.meta or _layout.KeyMeta(entry.algorithm, entry.gun, entry.role,
+                                                     entry.key_id, entry.object_id),
+                       used=True, purpose=entry.purpose)
+
+        def record(s: Any) -> KeyEntry:
+            self.before_write(s)
+            try:
+                try:  # the new metadata first: a crash leaves two, never none
+                    made = s.create_object({
+                        Attribute.CLASS: ObjectClass.DATA,
+                        Attribute.TOKEN: True,
+                        Attribute.PRIVATE: self._slot.profile.private_data,
+                        Attribute.LABEL: _layout.meta_label(entry.key_id).decode(),
+                        Attribute.APPLICATION: _layout.APPLICATION.decode(),
+                        Attribute.VALUE: _layout.meta_value(meta),
+                    })
+                except (pkcs11.PKCS11Error, _p11.P11Error) as e:
+                    error = _keygen.full(e, self.name, "recording that a key has signed")
+                    if error is not None:
+                        raise error from None
+                    raise
+                for handle in (entry.meta_handle, *entry.marks):
+                    if handle:
+                        self._destroy(s, handle)
+            finally:
+                self.after_write()
+            return replace(entry, used=True, meta_handle=made.handle, marks=(), meta=meta)
+
+        # A new object: no search may read it half-written (see _ObjectLocks).
+        marked: KeyEntry = self._health.run("recording a key's first signature", record,
+                                            self._slot.locks.searches.exclusive)
+        return marked
