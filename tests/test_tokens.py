@@ -26,6 +26,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from signerd import signing
+from signerd.errors import ConfigError
 from signerd.keys import ALGORITHMS, parse_algorithm
 from signerd.notary import signer_pb2 as npb
 from signerd.notary import signer_pb2_grpc as npb_grpc
@@ -33,6 +34,7 @@ from signerd.token import MODULES, _p11
 from tests import _tpm, _yubihsm
 from tests.conftest import HSM, PKI, Daemon, rpc_error, unique_gun
 from tests.test_core import token_dir
+from tests.test_guard import tuf_meta
 
 MESSAGE = b"conformance"
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -485,8 +487,12 @@ def test_keys_of_layout_1_keep_working(hsm: HSM, daemon_factory: Any) -> None:
         MODULES.release(hsm.module)
     entry = svc.get_key(kid)  # found by a lookup, as a key another daemon made
     assert (entry.layout, entry.gun, entry.role, entry.used) == (1, gun, "targets", False)
-    sig = svc.sign(kid, MESSAGE, signing.SignOptions()).signature
-    signing.verify(entry.spki_der, entry.algorithm, sig, MESSAGE, signing.SignOptions())
+    # A key made before purposes is a metadata key by the documented rule (its role
+    # is a TUF role): it signs its role's metadata, as it always did for Notary.
+    assert entry.purpose == "metadata"
+    payload = tuf_meta("targets", 1, targets={}, delegations={"keys": {}, "roles": []})
+    sig = svc.sign(kid, payload, signing.SignOptions()).signature
+    signing.verify(entry.spki_der, entry.algorithm, sig, payload, signing.SignOptions())
     svc.mark_used(entry)
     token = svc.tokens["online"]
     token.refresh()  # re-read from the token: the label says used now
@@ -566,3 +572,25 @@ def test_signerctl_tokens_list(kind: Kind, dut: Daemon) -> None:
     text = ctl()
     assert text.returncode == 0 and text.stdout.startswith("dut: healthy\n"), text
     assert f"can create {', '.join(kind.algorithms)}" in text.stdout
+
+
+def test_a_tpm_daemon_starts_without_checkpoints_unless_they_are_asked_for(
+        tpm: _tpm.Tpm, certs: PKI, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """tpm2-pkcs11 makes no Ed25519 key, and audit checkpoints are signed notes
+    of Ed25519 only: by default the daemon starts without them and says so,
+    where it used to refuse to start at all; asked for them, it refuses."""
+    from tests.conftest import start_daemon
+
+    kind = _tpm_kind(tpm)
+    cfg = daemon_config_for(kind, certs, tmp_path / "default")
+    with caplog.at_level(logging.WARNING, logger="signerd.server"):
+        d = start_daemon(cfg, certs, tmp_path / "default")
+    try:
+        assert d.servers.checkpointer is None
+        assert any("audit checkpoints off" in r.getMessage() for r in caplog.records)
+    finally:
+        d.stop()
+    asked = daemon_config_for(kind, certs, tmp_path / "asked")
+    asked["audit"]["checkpoints"] = True
+    with pytest.raises(ConfigError, match="audit checkpoints need an Ed25519 key"):
+        start_daemon(asked, certs, tmp_path / "asked")

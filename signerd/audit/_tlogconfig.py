@@ -49,6 +49,7 @@ class TlogConfig:
     token: str | None = None
     reset: str | None = None  # sha256 hex of the checkpoint (or tree.json) to abandon
     witnesses: tuple[WitnessConfig, ...] = ()
+    explicit: bool = False  # ``checkpoints`` was set in the config, not defaulted
 
 
 def _witness(raw: Any, i: int) -> WitnessConfig:
@@ -76,6 +77,7 @@ def _witness(raw: Any, i: int) -> WitnessConfig:
 def parse_tlog(audit: dict[str, Any]) -> TlogConfig:
     """Take the transparency-log keys out of the ``[audit]`` table ``audit``
     (the caller checks what is left). Raises ConfigError."""
+    explicit = "checkpoints" in audit
     enabled = audit.pop("checkpoints", True)
     interval = audit.pop("checkpoint_interval", 1.0)
     origin = audit.pop("origin", None)
@@ -108,4 +110,4 @@ def parse_tlog(audit: dict[str, Any]) -> TlogConfig:
     names = [w.name for w in parsed]
     if len(set(names)) != len(names):
         raise ConfigError(f"audit.witnesses names must be unique, got {names}")
-    return TlogConfig(enabled, float(interval), origin, key_id, token, reset, parsed)
+    return TlogConfig(enabled, float(interval), origin, key_id, token, reset, parsed, explicit)

@@ -19,7 +19,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from signerd import fdbudget, metrics
-from signerd.audit import AuditLog, Checkpointer
+from signerd.audit import AuditLog, Checkpointer, tree_dir
 from signerd.config import Config, audit_location_problem, is_loopback, warn_if_exposed
 from signerd.errors import ConfigError, SignerdError, Unavailable
 from signerd.notary import signer_pb2 as notary_pb2
@@ -30,7 +30,7 @@ from signerd.server._gate import Caller, Gate
 from signerd.server._identity import UnixPeers, dev_caller, tls_caller
 from signerd.server._unix import UnixRelay
 from signerd.server.v1 import SignerServicer
-from signerd.service import KeyService, checkpoint_key
+from signerd.service import KeyService, NoCheckpointToken, checkpoint_key
 from signerd.v1 import signer_pb2, signer_pb2_grpc
 
 log = logging.getLogger("signerd.server")
@@ -395,7 +395,18 @@ def _open_audit(config: Config,
         raise ConfigError(f"audit.file: {problem}")
     checkpointer = None
     if config.audit_tlog.enabled:
-        key = checkpoint_key(service, config.audit_tlog, config.audit_file.parent)
+        try:
+            key = checkpoint_key(service, config.audit_tlog, config.audit_file.parent)
+        except NoCheckpointToken as e:
+            # Checkpoints by default, where a token can make their key: a daemon on
+            # tokens without Ed25519 (a TPM) still starts, saying so. One that asked
+            # for them, or whose log already has a tree, is refused: a tree once kept
+            # is not dropped silently (its start check is what catches a rewrite).
+            if config.audit_tlog.explicit or tree_dir(config.audit_file).exists():
+                raise
+            log.warning("audit checkpoints off: no token can make an Ed25519 key", extra={
+                "fields": {"why": str(e)}})
+            return AuditLog(config.audit_file), None
         checkpointer = Checkpointer(key, config.audit_tlog, metrics)
     return AuditLog(config.audit_file, tree=checkpointer), checkpointer
 

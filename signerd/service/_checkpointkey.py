@@ -33,6 +33,11 @@ CHECKPOINT_GUN: Final = "signerd"
 CHECKPOINT_ROLE: Final = "signerd/audit-checkpoint"
 
 
+class NoCheckpointToken(ConfigError):
+    """No token can make the checkpoint key (Ed25519): signerd's signed notes
+    are Ed25519 only (ECDSA checkpoints, type 0x02, are not implemented)."""
+
+
 def checkpoint_key(service: KeyService, config: TlogConfig, audit_dir: Path) -> CheckpointKey:
     """The checkpoint key for ``config``, made now if there is none. Raises
     ConfigError (a named key that is missing or not a checkpoint key, a
@@ -76,14 +81,21 @@ def _find_or_make(service: KeyService, config: TlogConfig, audit_dir: Path) -> K
         found = _candidates(service, config.token)
         if found:
             return found[0]
-        token = (service.token(config.token) if config.token
-                 else next(iter(service.tokens.values())))
+        if config.token:
+            token = service.token(config.token)
+        else:  # the first token that offers Ed25519 (tokens list: what it really makes)
+            able = [t for t in service.tokens.values() if "ed25519" in t.algorithms]
+            if not able:
+                raise NoCheckpointToken(
+                    "audit checkpoints need an Ed25519 key and no token can make one; set "
+                    "[audit] checkpoint_token to a token that can, or checkpoints = false")
+            token = able[0]
         try:
             return token.generate(ALGORITHMS["ed25519"], CHECKPOINT_GUN, CHECKPOINT_ROLE)
         except FailedPrecondition as e:
-            raise ConfigError(f"audit checkpoints need an Ed25519 key and {e}; set "
-                              "[audit] checkpoint_token to a token that can, or "
-                              "checkpoints = false") from None
+            raise NoCheckpointToken(f"audit checkpoints need an Ed25519 key and {e}; set "
+                                    "[audit] checkpoint_token to a token that can, or "
+                                    "checkpoints = false") from None
         except SignerdError:
             raise
     finally:
