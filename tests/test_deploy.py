@@ -401,7 +401,11 @@ def test_logrotate_postrotate_makes_signerd_start_the_new_file_at_once(
                              env={**os.environ, "TZ": "UTC"})
         assert run.returncode == 0, run.stderr
         deadline = time.monotonic() + 20
-        while not all((tmp_path / n).exists() for n in live):
+        def started(n: str) -> bool:  # the new file exists and holds its first whole line
+            path = tmp_path / n
+            return path.exists() and path.read_bytes().endswith(b"\n")
+
+        while not all(started(n) for n in live):
             assert time.monotonic() < deadline, "no new file after logrotate's postrotate"
             time.sleep(0.05)
         for n in live:  # nothing was signed meanwhile: the new file holds the link alone
@@ -410,7 +414,7 @@ def test_logrotate_postrotate_makes_signerd_start_the_new_file_at_once(
             assert (doc["operation"], doc["reason"], doc["previous_file"]) == (
                 audit.ROTATE_OPERATION, "renamed", None)
         for c in clients:
-            c.sign(c.create_key(unique_gun(), "targets").key_id, message=b"m")
+            c.sign(c.create_key(unique_gun(), "targets", purpose="raw").key_id, message=b"m")
             c.close()
     finally:
         assert proc.stop() == 0

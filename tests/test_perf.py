@@ -99,7 +99,8 @@ def test_cpu_affinity_spread_pins_each_worker_to_its_own_cpu(
             assert _cpus_of_threads(proc.info["pid"]) != {str(cpus[0])}
         ch, stub = _stub(certs, proc.info["tcp"])
         with ch:
-            key = stub.CreateKey(pb.CreateKeyRequest(gun=unique_gun(), role="targets"))
+            key = stub.CreateKey(pb.CreateKeyRequest(gun=unique_gun(), role="targets",
+                                                     purpose=pb.KEY_PURPOSE_RAW))
             resp = stub.Sign(pb.SignRequest(key_id=key.key_id, message=b"pinned"), timeout=20)
         signing.verify(key.public_key_der, parse_algorithm(key.algorithm), resp.signature,
                        b"pinned", signing.SignOptions())
@@ -137,7 +138,8 @@ def test_two_workers_share_the_port_and_stop_cleanly_on_sigterm(
         assert len(workers) == 2 and proc.info["pid"] not in workers
         ch, stub = _stub(certs, proc.info["tcp"])
         with ch:
-            key = stub.CreateKey(pb.CreateKeyRequest(gun=unique_gun(), role="targets"))
+            key = stub.CreateKey(pb.CreateKeyRequest(gun=unique_gun(), role="targets",
+                                                     purpose=pb.KEY_PURPOSE_RAW))
         logs = [tmp_path / "audit.log.w1", tmp_path / "audit.log.w2"]
         message = b"signed by either worker"
         for _ in range(60):  # new connections until the kernel has used both workers

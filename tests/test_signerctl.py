@@ -338,7 +338,8 @@ def test_ctrl_c_during_key_creation_never_leaves_a_key_unnamed(
     [key] = made
     assert not key.used
     if presses == 1:
-        assert out == f"created rsa-4096 key {key.key_id} for targets of {gun} on token online\n"
+        assert out == (f"created rsa-4096 metadata key {key.key_id} for targets of {gun} "
+                       "on token online\n")
         assert err == _interrupt.finished_line() + "\n"
     else:
         assert out == ""
@@ -348,8 +349,10 @@ def test_ctrl_c_during_key_creation_never_leaves_a_key_unnamed(
         listed, _ = ctl(config, "keys", "list", "--gun", gun, "--role", "targets")
         assert listed.returncode == 0
         [header, row] = listed.stdout.splitlines()
-        assert header.split() == ["KEY", "ID", "ALGORITHM", "TOKEN", "ROLE", "USED", "GUN"]
-        assert row.split() == [key.key_id, "rsa-4096", "online", "targets", "no", gun]
+        assert header.split() == ["KEY", "ID", "ALGORITHM", "TOKEN", "PURPOSE", "ROLE", "USED",
+                                  "GUN"]
+        assert row.split() == [key.key_id, "rsa-4096", "online", "metadata", "targets", "no",
+                               gun]
 
 
 def test_keys_list_shows_whether_a_key_is_used(daemon: Any, tmp_path: Path) -> None:
@@ -361,7 +364,9 @@ def test_keys_list_shows_whether_a_key_is_used(daemon: Any, tmp_path: Path) -> N
         c.sign(signer, message=b"m")
     listed, _ = ctl(config, "keys", "list", "--gun", gun)
     assert listed.returncode == 0, listed.stderr
-    used = {line.split()[0]: line.split()[4] for line in listed.stdout.splitlines()[1:]}
+    header, *rows = listed.stdout.splitlines()
+    column = header.replace("KEY ID", "KEY_ID").split().index("USED")
+    used = {row.split()[0]: row.split()[column] for row in rows}
     assert used == {signer: "yes", idle: "no"}
     shown, _ = ctl(config, "keys", "list", "--gun", gun, "--json")
     assert {k["key_id"]: k["used"] for k in json.loads(shown.stdout)} == {

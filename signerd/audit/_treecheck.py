@@ -131,9 +131,10 @@ def _start(path: Path, directory: Path, seq: int, key: CheckpointKey, config: Tl
                               "base": seq, "vkey": verifier.vkey()}
     if reason is not None:
         record.update(operation="audit.tree_reset", reason=reason)
-    log.warning("audit tree reset: the old tree was abandoned" if reason else
-                "audit tree started", extra={"fields": {"file": str(path), "origin": origin,
-                                                        "base": seq}})
+    # A first start is ordinary (info); an abandoned tree is worth a warning.
+    log.log(logging.WARNING if reason else logging.INFO,
+            "audit tree reset: the old tree was abandoned" if reason else "audit tree started",
+            extra={"fields": {"file": str(path), "origin": origin, "base": seq}})
     return TreeState(directory, origin, verifier, AuditTree(directory, seq), cp, note, [record])
 
 

@@ -21,7 +21,7 @@ from signerd.keys import (
 from signerd.server._gate import Caller, Gate, Scope
 from signerd.server._readahead import ReadAhead
 from signerd.server._status import code_for
-from signerd.service import KeyService
+from signerd.service import CHECKPOINT_ROLE, KeyService
 from signerd.token import KeyEntry, TokenStatus
 from signerd.v1 import signer_pb2 as pb
 from signerd.v1 import signer_pb2_grpc as pb_grpc
@@ -179,9 +179,11 @@ class SignerServicer(pb_grpc.SignerServiceServicer):
                 raise PermissionDenied(
                     f"identity {quoted(str(scope.caller.identity))} may read keys on no token"
                 )
-            # key_count counts only the keys the caller may read, as ListKeys lists them.
+            # key_count counts only the keys the caller may read, as ListKeys lists them
+            # (so never the audit log's checkpoint key, which no caller may use).
             return pb.ListTokensResponse(tokens=[token_message(replace(t.status(), key_count=sum(
-                1 for k in t.known_keys() if scope.allowed(k.gun, k.role, k.token))))
+                1 for k in t.known_keys() if k.role != CHECKPOINT_ROLE
+                and scope.allowed(k.gun, k.role, k.token))))
                 for t in visible])
 
         return self._run(context, "read", b"", work)
