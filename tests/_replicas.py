@@ -101,13 +101,16 @@ class Replica:
                                 timeout=timeout)
 
     def audit(self) -> list[dict[str, Any]]:
-        """The audit lines written so far (a torn last line of a killed process is left out)."""
+        """The request lines written so far (a torn last line of a killed process is left
+        out, and so are the daemon's own ``audit.*`` records)."""
         lines = []
         for text in self.audit_file.read_text().splitlines():
             try:
-                lines.append(json.loads(text))
+                line = json.loads(text)
             except json.JSONDecodeError:
                 continue
+            if not str(line.get("operation", "")).startswith("audit."):  # not a request's
+                lines.append(line)
         return lines
 
     def kill(self) -> None:
