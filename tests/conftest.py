@@ -75,6 +75,21 @@ def make_hsm(base: Path) -> HSM:
     return HSM(base, conf, module, pins)
 
 
+def make_hsm_apart(base: Path) -> HSM:
+    """:func:`make_hsm` in a process of its own, for tokens in a directory of their
+    own. SoftHSM reads its config once per process: once this process has loaded
+    it (the session's ``hsm``), initialising more tokens here would put them in
+    the session's token directory, beside tokens of the same labels."""
+    run = subprocess.run(
+        [sys.executable, "-c", "import sys; from pathlib import Path; "
+         "from tests.conftest import make_hsm; make_hsm(Path(sys.argv[1]))", str(base)],
+        cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=120)
+    if run.returncode != 0:
+        pytest.fail(f"cannot make SoftHSM tokens in {base}: {run.stderr[-2000:]}")
+    return HSM(base, base / "softhsm2.conf", embedded.softhsm_module(),
+               {name: base / f"{name}.pin" for name in TOKENS})
+
+
 def hsm_token(hsm: HSM, name: str) -> TokenConfig:
     """The config of one of the test tokens, for a Token opened directly."""
     return TokenConfig(name=name, module=hsm.module, uri=Pkcs11Uri(token=f"test-{name}"),

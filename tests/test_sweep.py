@@ -24,7 +24,7 @@ from tests.conftest import (
     PKI,
     Process,
     daemon_config,
-    make_hsm,
+    make_hsm_apart,
     rpc_error,
     spawn_daemon,
     unique_gun,
@@ -53,7 +53,7 @@ def _loop(h: HSM, mode: str) -> subprocess.Popen[str]:
 
 
 def test_sigkill_at_random_points_leaves_only_what_the_sweep_removes(tmp_path: Path) -> None:
-    hsm = make_hsm(tmp_path / "hsm")
+    hsm = make_hsm_apart(tmp_path / "hsm")
     cfg = _config(tmp_path, hsm)
     rng = random.Random()
     kills = 0
@@ -94,7 +94,7 @@ def test_a_first_signature_whose_used_mark_cannot_be_written_is_withheld(
     from signerd.client import Client, ClientConfig
 
     with small_fs(tmp_path / "hsm", size_kb=2048) as fs:
-        hsm = make_hsm(fs.path)
+        hsm = make_hsm_apart(fs.path)
         cfg = write_toml(tmp_path / "signerd.toml", daemon_config(hsm, certs, tmp_path))
         cert, key = certs.files["admin"]
 

@@ -152,7 +152,7 @@ def test_every_supported_algorithm_signs_in_both_encodings(kind: Kind, dut: Daem
         assert info.healthy and info.profile == kind.profile_name
         for name in kind.algorithms:
             alg = parse_algorithm(name)
-            key = c.create_key(unique_gun(), "targets", name)
+            key = c.create_key(unique_gun(), "targets", name, purpose="raw")
             assert key.token == "dut"
             encodings = ("raw", "der") if alg.keytype == "ecdsa" else ("raw",)
             for enc in encodings:
@@ -170,7 +170,8 @@ def test_an_algorithm_the_token_cannot_do_is_refused_by_name(kind: Kind, dut: Da
         missing = ["ed25519"]
     try:
         with dut.client() as c:
-            err = rpc_error(lambda: c.create_key(unique_gun(), "targets", missing[0]))
+            err = rpc_error(lambda: c.create_key(unique_gun(), "targets", missing[0],
+                                                 purpose="raw"))
     finally:
         token.algorithms = saved
     assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
@@ -182,7 +183,7 @@ def test_keys_are_listed_and_survive_a_restart(kind: Kind, certs: PKI, tmp_path:
     first = _start(kind, certs, tmp_path / "a")
     try:
         with first.client() as c:
-            made = {c.create_key(gun, role, kind.algorithms[0]).key_id
+            made = {c.create_key(gun, role, kind.algorithms[0], purpose="raw").key_id
                     for role in ("targets", "snapshot")}
             svc = first.servers.service
             svc.mark_used(svc.get_key(sorted(made)[0]))  # as notary Sign does
@@ -205,7 +206,7 @@ def test_keys_are_listed_and_survive_a_restart(kind: Kind, certs: PKI, tmp_path:
 
 def test_eight_threads_sign_at_once(kind: Kind, dut: Daemon) -> None:
     svc = dut.servers.service
-    key = svc.create_key(unique_gun(), "targets", kind.algorithms[0])
+    key = svc.create_key(unique_gun(), "targets", kind.algorithms[0], purpose="raw")
     errors: list[BaseException] = []
 
     def run() -> None:
@@ -250,7 +251,7 @@ def _wrap(module: str, session: Any, priv: Any, keys: list[Any]) -> None:
 def test_private_keys_are_sensitive_and_cannot_be_read_or_wrapped(
         kind: Kind, dut: Daemon) -> None:
     svc = dut.servers.service
-    keys = [svc.create_key(unique_gun(), "targets", a) for a in kind.algorithms
+    keys = [svc.create_key(unique_gun(), "targets", a, purpose="raw") for a in kind.algorithms
             if a in ("ecdsa-p256", "rsa-2048", "ed25519")]
     token = svc.tokens["dut"]
     lib = MODULES.acquire(kind.module)
@@ -293,11 +294,13 @@ def test_notary_compatible_rpcs(kind: Kind, dut: Daemon) -> None:
         made = km.CreateKey(npb.CreateKeyRequest(algorithm="ecdsa", role="timestamp", gun=gun))
         info = km.GetKeyInfo(npb.KeyID(ID=made.keyInfo.keyID.ID))
         assert info.keyInfo.algorithm.algorithm == "ecdsa" and info.role == "timestamp"
+        # A metadata key (Notary's CreateKey makes those): it signs its role's metadata.
+        payload = tuf_meta("timestamp", 1, meta={"snapshot.json": {"version": 1}})
         resp = signer.Sign(npb.SignatureRequest(
-            keyID=npb.KeyID(ID=made.keyInfo.keyID.ID), content=MESSAGE))
+            keyID=npb.KeyID(ID=made.keyInfo.keyID.ID), content=payload))
     key = dut.servers.service.get_key(made.keyInfo.keyID.ID)
     assert key.used  # Notary's reuse rule, recorded on the token
-    signing.verify(key.spki_der, key.algorithm, resp.content, MESSAGE, signing.SignOptions())
+    signing.verify(key.spki_der, key.algorithm, resp.content, payload, signing.SignOptions())
 
 
 # -- faults -------------------------------------------------------------------
@@ -351,7 +354,7 @@ def _outage_answers(c: Any, key_id: str) -> None:
     token for every request that needs it, never NOT_FOUND for a known key."""
     for call in (lambda: c.sign(key_id, message=MESSAGE),
                  lambda: c.get_key(key_id) and c.sign(key_id, message=MESSAGE),
-                 lambda: c.create_key(unique_gun(), "targets")):
+                 lambda: c.create_key(unique_gun(), "targets", purpose="raw")):
         err = rpc_error(call)
         assert err.code() == grpc.StatusCode.UNAVAILABLE, err.details()
         assert "token dut" in err.details()
@@ -365,7 +368,7 @@ def test_an_idle_token_that_goes_away_and_comes_back(
     session looked logged in, so health stayed SERVING, a known key answered
     NOT_FOUND, and nothing recovered without a restart."""
     with dut.client() as c:
-        key = c.create_key(unique_gun(), "targets", kind.algorithms[0])
+        key = c.create_key(unique_gun(), "targets", kind.algorithms[0], purpose="raw")
         assert _health(c) == [SERVING] * 3
         assert http_get(dut, "/readyz") == (200, {"status": "ready"})
         kind.unplug()
@@ -388,7 +391,7 @@ def test_an_idle_token_that_goes_away_and_comes_back(
 
 def test_a_token_that_goes_away_under_load(kind: Kind, dut: Daemon) -> None:
     with dut.client() as c:
-        key = c.create_key(unique_gun(), "targets", kind.algorithms[0])
+        key = c.create_key(unique_gun(), "targets", kind.algorithms[0], purpose="raw")
     stop = threading.Event()
     codes: dict[grpc.StatusCode, int] = {}
     details: set[str] = set()
@@ -531,8 +534,8 @@ def test_a_token_comes_back_while_its_neighbour_on_the_module_stayed_up(
     d = daemon_factory(server={"health_interval": HEALTH_INTERVAL})
     where, away = token_dir(hsm, "test-online"), tmp_path / "away"
     with d.client() as c:
-        online = c.create_key(unique_gun(), "targets")
-        root = c.create_key(unique_gun(), "root")
+        online = c.create_key(unique_gun(), "targets", purpose="raw")
+        root = c.create_key(unique_gun(), "root", purpose="raw")
         assert root.token == "root" and online.token == "online"
         where.rename(away)
         try:
