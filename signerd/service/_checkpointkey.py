@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import fcntl
 import os
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
-from signerd.errors import ConfigError, FailedPrecondition, SignerdError
+from signerd.errors import ConfigError, FailedPrecondition, SignerdError, Unavailable
 from signerd.keys import ALGORITHMS, KeyID
 
 if TYPE_CHECKING:
@@ -31,6 +32,9 @@ if TYPE_CHECKING:
 
 CHECKPOINT_GUN: Final = "signerd"
 CHECKPOINT_ROLE: Final = "signerd/audit-checkpoint"
+
+
+SIGN_PATIENCE: Final = 15.0  # seconds a checkpoint signature waits for its token
 
 
 class NoCheckpointToken(ConfigError):
@@ -49,7 +53,20 @@ def checkpoint_key(service: KeyService, config: TlogConfig, audit_dir: Path) -> 
     public = tuf_public_bytes("ed25519", entry.spki_der)
 
     def sign(message: bytes) -> bytes:
-        return service.sign_checkpoint(entry, message)
+        # A checkpoint waits out a token that is away, up to SIGN_PATIENCE seconds,
+        # probing it between tries (the probe reconnects). Seen at a first start with
+        # two workers on SoftHSM: the worker that found the key another had just made
+        # got CKR_GENERAL_ERROR at its first signature (SoftHSM 2.6.1 shows an object
+        # file half-written to other processes), and a start fails on that signature.
+        deadline = time.monotonic() + SIGN_PATIENCE
+        while True:
+            try:
+                return service.sign_checkpoint(entry, message)
+            except Unavailable:
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.5)
+                service.check()
 
     return CheckpointKey(public, sign, entry.key_id)
 
