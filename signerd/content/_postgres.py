@@ -10,17 +10,15 @@ together migrate once.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import datetime
 from typing import Any
 
 import psycopg
 import psycopg_pool
 
-from signerd.content._checks import Update
 from signerd.content._errors import StateUnavailable
-from signerd.content._store import Decide, RoleState, Sql
+from signerd.content._store import Sql, SqlStore
 
 POOL_TIMEOUT = 10.0  # seconds a request waits for a pooled connection
 MIGRATION_LOCK = 0x5167_6E65_7264  # pg_advisory_xact_lock key of signerd's migrations
@@ -32,7 +30,7 @@ def _unavailable(e: Exception) -> StateUnavailable:
     return StateUnavailable(f"state database (PostgreSQL) unavailable: {first}")
 
 
-class PostgresStore:
+class PostgresStore(SqlStore):
     """A WatermarkStore in PostgreSQL; ``url`` is a libpq connection URL.
 
     ``max_connections`` bounds the pool (one per concurrent signature in flight);
@@ -69,31 +67,6 @@ class PostgresStore:
     def _lock_gun(self, cur: Any, gun: str) -> None:
         cur.execute("INSERT INTO guns (gun) VALUES (%s) ON CONFLICT DO NOTHING", (gun,))
         cur.execute("SELECT gun FROM guns WHERE gun = %s FOR UPDATE", (gun,))
-
-    def compare_and_set(self, gun: str, role: str, hashes: Sequence[tuple[str, str]],
-                        decide: Decide, now: datetime) -> Update:
-        """See WatermarkStore.compare_and_set."""
-        with self._transaction() as cur:
-            self._lock_gun(cur, gun)
-            update = decide(self._sql.load(cur, gun, role, hashes))
-            self._sql.apply(cur, gun, role, update, now)
-        return update
-
-    def record_file(self, gun: str, role: str, sha256: str, version: int) -> None:
-        """See WatermarkStore.record_file."""
-        with self._transaction() as cur:
-            self._sql.record_file(cur, gun, role, sha256, version)
-
-    def versions(self, gun: str) -> list[RoleState]:
-        """See WatermarkStore.versions."""
-        with self._transaction() as cur:
-            return self._sql.versions(cur, gun)
-
-    def reset(self, gun: str) -> int:
-        """See WatermarkStore.reset."""
-        with self._transaction() as cur:
-            self._lock_gun(cur, gun)
-            return self._sql.reset(cur, gun)
 
     def close(self) -> None:
         """Close the pool."""

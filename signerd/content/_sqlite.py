@@ -11,19 +11,17 @@ from __future__ import annotations
 
 import sqlite3
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import datetime
 from pathlib import Path
 
-from signerd.content._checks import Update
 from signerd.content._errors import StateUnavailable
-from signerd.content._store import Decide, RoleState, Sql
+from signerd.content._store import Sql, SqlStore
 
 BUSY_TIMEOUT = 30.0  # seconds a transaction waits for another process's write lock
 
 
-class SqliteStore:
+class SqliteStore(SqlStore):
     """A WatermarkStore in a SQLite file; the schema is created or migrated on open.
 
     Raises StateUnavailable when the file cannot be opened or written.
@@ -71,29 +69,6 @@ class SqliteStore:
                 raise StateUnavailable(f"state database {self.path}: {e}") from None
             finally:
                 cur.close()
-
-    def compare_and_set(self, gun: str, role: str, hashes: Sequence[tuple[str, str]],
-                        decide: Decide, now: datetime) -> Update:
-        """See WatermarkStore.compare_and_set."""
-        with self._transaction() as cur:
-            update = decide(self._sql.load(cur, gun, role, hashes))
-            self._sql.apply(cur, gun, role, update, now)
-        return update
-
-    def record_file(self, gun: str, role: str, sha256: str, version: int) -> None:
-        """See WatermarkStore.record_file."""
-        with self._transaction() as cur:
-            self._sql.record_file(cur, gun, role, sha256, version)
-
-    def versions(self, gun: str) -> list[RoleState]:
-        """See WatermarkStore.versions."""
-        with self._transaction() as cur:
-            return self._sql.versions(cur, gun)
-
-    def reset(self, gun: str) -> int:
-        """See WatermarkStore.reset."""
-        with self._transaction() as cur:
-            return self._sql.reset(cur, gun)
 
     def close(self) -> None:
         """Close the connection."""

@@ -14,6 +14,7 @@ Both databases accept ``INSERT … ON CONFLICT … DO UPDATE … WHERE`` (SQLite
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import datetime
 from types import MappingProxyType
@@ -190,3 +191,42 @@ class Sql:
         cur.execute(self.q("DELETE FROM guns WHERE gun = ?"), (gun,))  # the lock row
         return removed
 
+
+class SqlStore:
+    """What both stores do the same way, each operation one transaction of
+    :meth:`_transaction` (the subclass's: its connection, its errors). Subclasses
+    set ``_sql`` and may lock the GUN inside the transaction (:meth:`_lock_gun`)."""
+
+    _sql: Sql
+
+    def _transaction(self) -> AbstractContextManager[Cursor]:
+        raise NotImplementedError
+
+    def _lock_gun(self, cur: Cursor, gun: str) -> None:
+        """Hold GUN ``gun`` for the rest of the transaction. SQLite's ``BEGIN
+        IMMEDIATE`` already holds the whole database: nothing to do."""
+
+    def compare_and_set(self, gun: str, role: str, hashes: Sequence[tuple[str, str]],
+                        decide: Decide, now: datetime) -> Update:
+        """See WatermarkStore.compare_and_set."""
+        with self._transaction() as cur:
+            self._lock_gun(cur, gun)
+            update = decide(self._sql.load(cur, gun, role, hashes))
+            self._sql.apply(cur, gun, role, update, now)
+        return update
+
+    def record_file(self, gun: str, role: str, sha256: str, version: int) -> None:
+        """See WatermarkStore.record_file."""
+        with self._transaction() as cur:
+            self._sql.record_file(cur, gun, role, sha256, version)
+
+    def versions(self, gun: str) -> list[RoleState]:
+        """See WatermarkStore.versions."""
+        with self._transaction() as cur:
+            return self._sql.versions(cur, gun)
+
+    def reset(self, gun: str) -> int:
+        """See WatermarkStore.reset."""
+        with self._transaction() as cur:
+            self._lock_gun(cur, gun)
+            return self._sql.reset(cur, gun)
