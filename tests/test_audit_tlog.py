@@ -7,6 +7,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import re
 import time
 import urllib.error
 import urllib.request
@@ -472,3 +473,57 @@ def test_signerctl_prints_the_vkey_and_proofs_that_verify(
     assert main(["audit", "verify", str(path), "--checkpoint", str(saved), "--vkey", vkey]) != 0
     err = capsys.readouterr().err
     assert "line seq 6 is not the line checkpoint" in err and err.count("\n") == 1
+
+
+_WITNESS_VKEY_NAME = "witness.example"
+
+
+@pytest.mark.parametrize(("audit", "message"), [
+    ({"checkpoints": "yes"}, "audit.checkpoints must be true or false"),
+    ({"checkpoint_interval": 0}, "checkpoint_interval must be a number of seconds"),
+    ({"checkpoint_interval": float("nan")}, "checkpoint_interval must be a number of seconds"),
+    ({"checkpoint_interval": True}, "checkpoint_interval must be a number of seconds"),
+    ({"origin": "has space"}, "audit.origin must be a non-empty string"),
+    ({"origin": "a+b"}, "audit.origin must be a non-empty string"),
+    ({"checkpoint_token": ""}, "audit.checkpoint_token must be a non-empty string"),
+    ({"checkpoint_key": "ab"}, "audit.checkpoint_key must be a key ID"),
+    ({"reset": "x" * 64}, "audit.reset must be the 64 hex digits"),
+    ({"witnesses": {"name": "w"}}, "audit.witnesses must be [[audit.witnesses]] tables"),
+    ({"witnesses": ["w"]}, "audit.witnesses[0] must be a table"),
+    ({"witnesses": [{"name": "w", "url": "https://w/", "vkey": "k", "x": 1}]},
+     "unknown keys in audit.witnesses[0]"),
+    ({"witnesses": [{"name": "w", "url": "https://w/"}]}, "needs name, url and vkey"),
+    ({"witnesses": [{"name": "w", "url": "ftp://w/", "vkey": "k"}]},
+     "url must be an http:// or https:// URL"),
+    ({"witnesses": [{"name": "w", "url": "https://w/", "vkey": "k"}]}, "audit.witnesses[0].vkey"),
+])
+def test_audit_transparency_settings_are_refused_with_their_name(
+        audit: dict[str, Any], message: str) -> None:
+    from signerd.audit._tlogconfig import parse_tlog
+
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        parse_tlog(dict(audit))
+
+
+def test_a_witness_key_must_be_a_cosignature_key_of_its_name() -> None:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+    from signerd.audit._tlogconfig import parse_tlog
+    from signerd.tlog.note import COSIGNATURE_V1, ED25519, Verifier
+
+    public = Ed25519PrivateKey.generate().public_key().public_bytes(Encoding.Raw,
+                                                                    PublicFormat.Raw)
+    good = Verifier(_WITNESS_VKEY_NAME, COSIGNATURE_V1, public).vkey()
+    parsed = parse_tlog({"witnesses": [{"name": _WITNESS_VKEY_NAME, "url": "https://w",
+                                        "vkey": good}]})
+    assert parsed.witnesses[0].url == "https://w/" and not parsed.explicit
+    for vkey in (Verifier(_WITNESS_VKEY_NAME, ED25519, public).vkey(),  # a log's key
+                 Verifier("other.example", COSIGNATURE_V1, public).vkey()):
+        with pytest.raises(ConfigError, match="must be a cosignature"):
+            parse_tlog({"witnesses": [{"name": _WITNESS_VKEY_NAME, "url": "https://w",
+                                       "vkey": vkey}]})
+    with pytest.raises(ConfigError, match="names must be unique"):
+        parse_tlog({"witnesses": [{"name": _WITNESS_VKEY_NAME, "url": "https://w",
+                                   "vkey": good}] * 2})
+    assert parse_tlog({"checkpoints": True}).explicit

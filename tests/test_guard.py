@@ -496,3 +496,37 @@ def test_a_purpose_set_later_survives_the_first_signature_and_leaves_with_its_ke
         c.delete_key(k.key_id)
     junk, _ = token.sweep()
     assert not [j for j in junk if k.key_id[:24] in j.label], junk
+
+
+def test_signerctl_state_and_set_purpose_from_the_command_line(
+        daemon: Daemon, sign: Signer, tmp_path: Path) -> None:
+    """The operator's verbs as a person types them: `state show` (text and
+    --json), `state reset` (refused without --yes when not at a terminal,
+    then done), `keys set-purpose`."""
+    from tests.test_signerctl import client_toml, ctl
+
+    config = client_toml(daemon, tmp_path / "client.toml")
+    gun = unique_gun()
+    ts = key(daemon, gun, "timestamp")
+    empty, _ = ctl(config, "state", "show", gun)
+    assert empty.returncode == 0 and empty.stdout.strip() == f"no versions recorded for {gun}"
+    payload = tuf_meta("timestamp", 3, meta={"snapshot.json": {"version": 2}})
+    assert sign("sign", ts.key_id, payload).code == grpc.StatusCode.OK
+    shown, _ = ctl(config, "state", "show", gun)
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout.splitlines()[0] == f"{gun}:"
+    assert "timestamp: version 3" in shown.stdout and "snapshot.json v2" in shown.stdout
+    as_json, _ = ctl(config, "state", "show", gun, "--json")
+    [role] = json.loads(as_json.stdout)["roles"]
+    assert (role["role"], role["version"], role["meta"]) == ("timestamp", 3,
+                                                            {"snapshot.json": 2})
+    refused, _ = ctl(config, "state", "reset", gun)
+    assert refused.returncode != 0 and "--yes" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1
+    done, _ = ctl(config, "state", "reset", gun, "--yes")
+    assert done.returncode == 0, done.stderr
+    again, _ = ctl(config, "state", "show", gun)
+    assert again.stdout.strip() == f"no versions recorded for {gun}"
+    changed, _ = ctl(config, "keys", "set-purpose", ts.key_id, "raw")
+    assert changed.returncode == 0, changed.stderr
+    assert changed.stdout.strip().endswith("is now a raw key (was metadata)")
