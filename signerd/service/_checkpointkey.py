@@ -53,8 +53,9 @@ def checkpoint_key(service: KeyService, config: TlogConfig, audit_dir: Path) -> 
     public = tuf_public_bytes("ed25519", entry.spki_der)
 
     def sign(message: bytes) -> bytes:
-        # A checkpoint waits out a token that is away, up to SIGN_PATIENCE seconds,
-        # probing it between tries (the probe reconnects). Seen at a first start with
+        # A checkpoint waits out a token that is away, up to SIGN_PATIENCE seconds;
+        # the health loop's own probe brings it back (probing here as well made
+        # reconnects more frequent than the probe's). Seen at a first start with
         # two workers on SoftHSM: the worker that found the key another had just made
         # got CKR_GENERAL_ERROR at its first signature (SoftHSM 2.6.1 shows an object
         # file half-written to other processes), and a start fails on that signature.
@@ -66,7 +67,6 @@ def checkpoint_key(service: KeyService, config: TlogConfig, audit_dir: Path) -> 
                 if time.monotonic() >= deadline:
                     raise
                 time.sleep(0.5)
-                service.check()
 
     return CheckpointKey(public, sign, entry.key_id)
 
