@@ -36,6 +36,12 @@ from signerd.token._sweep import Junk, Sweeper
 log = logging.getLogger("signerd.token")
 
 LISTING_WAIT = 60.0  # seconds a lookup waits for the first listing before searching itself
+# Pauses (seconds) before searching again for a key a search missed while another process
+# was writing the token's objects (SoftHSM 2.6.1 skips an object whose file another process
+# is rewriting, e.g. a key's metadata as it is marked used): a real miss costs one search
+# when nobody writes, and at most these pauses more when somebody does.
+MISS_RETRIES = (0.05, 0.2, 0.5)
+WRITE_WINDOW = 1.0  # seconds after another process's write during which a miss is doubted
 
 
 class KeyStore:
@@ -140,9 +146,15 @@ class KeyStore:
             def find(s: Any) -> dict[KeyID, KeyEntry]:
                 return self._read(s, kid)
 
-            found: dict[KeyID, KeyEntry] = self._health.run("key lookup", find,
-                                                            self._slot.locks.searches.shared)
-            entry = found.get(kid)
+            pauses = iter(MISS_RETRIES)
+            while True:
+                found: dict[KeyID, KeyEntry] = self._health.run(
+                    "key lookup", find, self._slot.locks.searches.shared)
+                entry = found.get(kid)
+                pause = next(pauses, None)
+                if entry is not None or pause is None or not self._others_writing():
+                    break
+                time.sleep(pause)  # another process's write may have hidden the key
             if entry is not None:
                 with self._lock:
                     self._keys[kid] = entry
@@ -171,7 +183,11 @@ class KeyStore:
 
         keys: dict[KeyID, KeyEntry] = self._health.run("key listing", load,
                                                        self._slot.locks.searches.shared)
+        doubtful = self._others_writing()
         with self._lock:
+            if doubtful:  # keep what this listing missed while another process wrote
+                for kid, entry in self._keys.items():  # (the next listing confirms it)
+                    keys.setdefault(kid, entry)
             for kid, made in list(self._made.items()):
                 if made < start:
                     del self._made[kid]
@@ -187,6 +203,12 @@ class KeyStore:
                 if cached is not None and cached.used and not entry.used:
                     keys[kid] = replace(entry, used=True)
             self._keys = keys
+
+    def _others_writing(self) -> bool:
+        """Whether another process wrote this token's objects just now (SoftHSM's
+        generation file; False for tokens without one)."""
+        watch = self._writer.generation()
+        return watch is not None and watch.written_within(WRITE_WINDOW)
 
     def sign(self, kid: KeyID, mechanism: _p11.Mechanism, data: bytes, max_len: int) -> bytes:
         """Sign ``data`` with the indexed handle of key ``kid`` on a pooled

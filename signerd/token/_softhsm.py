@@ -25,6 +25,7 @@ searches before every write, as before.
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 DEFAULT_CONF = "/etc/softhsm/softhsm2.conf"
@@ -90,6 +91,17 @@ class GenerationWatch:
         between that write and this read goes unnoticed (README, known
         limits)."""
         self._seen = value if value else self._read()
+
+    def written_within(self, seconds: float) -> bool:
+        """Whether some process changed the token's objects in the last
+        ``seconds`` (the counter file's modification time; unreadable counts
+        as yes). SoftHSM 2.6.1 writes a new object's file in steps another
+        process can read half-done, and skips the object meanwhile: a miss
+        right after a write may be such a reading."""
+        try:
+            return time.time() - self._path.stat().st_mtime < seconds
+        except OSError:
+            return True
 
     def empty_object_files(self) -> list[Path]:
         """Object files of zero bytes: what a process killed while SoftHSM

@@ -196,10 +196,15 @@ class Sweeper:
             "token": self.name, "removed": gone}})
         return found, gone
 
-    def report_junk(self) -> None:
-        """The start-up sweep: log what belongs to no key (never removes)."""
+    def report_junk(self, grace: float = 2.0) -> None:
+        """The start-up sweep: log what belongs to no key (never removes), as
+        seen by two looks ``grace`` seconds apart: another process's key
+        generation or used mark under way is not reported."""
         try:
             found = self.junk()
+            if found:
+                pause(grace)
+                found = still_junk(found, self.junk())
         except SignerdError as e:
             log.warning("start-up sweep failed", extra={"fields": {
                 "token": self.name, "error": str(e)}})
