@@ -527,3 +527,47 @@ def test_a_witness_key_must_be_a_cosignature_key_of_its_name() -> None:
         parse_tlog({"witnesses": [{"name": _WITNESS_VKEY_NAME, "url": "https://w",
                                    "vkey": good}] * 2})
     assert parse_tlog({"checkpoints": True}).explicit
+
+
+def test_two_workers_publish_each_tree_under_its_own_prefix(hsm: Any, certs: Any,
+                                                             tmp_path: Path) -> None:
+    """With ``workers = 2`` each worker's log is a tree of its own (its own origin); the
+    supervisor, which holds the metrics listener, serves worker i's checkpoint and tiles
+    at /w<i>/ (issue 25 §3), verified here by each log's vkey and the tiles' root."""
+    from tests.conftest import daemon_config, spawn_daemon, unique_gun, write_toml
+    from tests.test_audit_rotation import _client
+
+    data = daemon_config(hsm, certs, tmp_path, server={"workers": 2}, metrics=True)
+    data["audit"]["checkpoint_interval"] = 0.2
+    proc = spawn_daemon(write_toml(tmp_path / "signerd.toml", data), tmp_path)
+    try:
+        with _client(certs, proc.info["tcp"]) as c:
+            key = c.create_key(unique_gun(), "targets", purpose="raw").key_id
+            for i in range(40):  # new connections: SO_REUSEPORT spreads them
+                with _client(certs, proc.info["tcp"]) as one:
+                    one.sign(key, message=b"m%d" % i)
+        port = proc.info["metrics"]
+        origins = set()
+        for i in (1, 2):
+            vkey = (tree_dir(tmp_path / f"audit.log.w{i}") / "vkey").read_text().strip()
+            _wait(lambda i=i: _get(port, f"/w{i}/checkpoint")[0] == 200)
+            status, body = _get(port, f"/w{i}/checkpoint")
+            note = Note.parse(body)
+            assert note.verified_by(Verifier.from_vkey(vkey))
+            ckpt = Checkpoint.parse(note.text)
+            origins.add(ckpt.origin)
+
+            def fetch(level: int, n: int, width: int, i: int = i) -> list[bytes]:
+                code, data = _get(port, f"/w{i}/" + tile_path(level, n, width))
+                if code != 200:
+                    raise KeyError((level, n, width))
+                return split_hashes(data)
+
+            assert merkle.root(TileHashes(ckpt.size, fetch), ckpt.size) == ckpt.root
+            assert _get(port, f"/w{i}/tile/entries/000")[0] == 404
+        assert len(origins) == 2
+        assert _get(port, "/w3/checkpoint")[0] == 404
+        assert _get(port, "/checkpoint")[0] == 404  # no tree is "the" daemon's
+        assert _get(port, "/metrics")[0] == 200
+    finally:
+        assert proc.stop() == 0

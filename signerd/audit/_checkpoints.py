@@ -15,13 +15,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from signerd.audit._publish import tree_answer
 from signerd.audit._tlogconfig import TlogConfig
 from signerd.audit._tree import AuditTree, tree_dir, write_atomic
 from signerd.audit._treecheck import TreeState, open_tree
 from signerd.audit._witness import WitnessPusher
 from signerd.errors import ConfigError
 from signerd.tlog.note import ED25519, Checkpoint, Note, NoteError, Verifier, sign_note
-from signerd.tlog.tiles import TILE_HEIGHT, parse_tile_path
 
 if TYPE_CHECKING:
     from signerd.audit._writer import AuditLog
@@ -180,23 +180,7 @@ class Checkpointer:
         state = self.state
         if state is None:
             return None
-        if path == "/checkpoint":
-            return 200, self._served, "text/plain; charset=utf-8"
-        if not path.startswith("/tile/"):
-            return None
-        parsed = parse_tile_path(path[1:])
-        if parsed is None:
-            return 404, b"not found\n", "text/plain"
-        level, n, width = parsed
-        size = Checkpoint.parse(Note.parse(self._served).text).size
-        if n * 256 + width > size >> (TILE_HEIGHT * level):
-            return 404, b"not found\n", "text/plain"
-        try:
-            hashes = state.tree.files.read(level, n, width)[:width]
-        except (KeyError, OSError, ValueError):
-            return 404, b"not found\n", "text/plain"
-        return 200, b"".join(hashes), "application/octet-stream"
-
+        return tree_answer(self._served, state.tree.files, path)
 
 def vkey_of(log_path: Path) -> str:
     """The verifier key a running log published in its tree directory.

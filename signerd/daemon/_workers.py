@@ -217,7 +217,8 @@ class Supervisor:
         """With [metrics] listen: every worker counts into prometheus-client's
         multiprocess files in a directory of this supervisor's (set in the
         workers' environment), and this process serves /metrics, /livez and
-        /readyz from them. Raises ConfigError if the address is taken."""
+        /readyz from them, and each worker's audit tree (checkpoint and tiles)
+        at /w<i>/ from its files. Raises ConfigError if the address is taken."""
         if self.config.metrics_listen is None:
             return None, None
         directory = Path(tempfile.mkdtemp(prefix="signerd-metrics-"))
@@ -225,11 +226,18 @@ class Supervisor:
         from signerd import metrics
 
         registry = metrics.multiprocess_registry()
+        trees = None
+        if self.config.audit_file is not None:  # each worker's tree at /w<i>/ (issue 25 §3)
+            from signerd.audit._publish import WorkerTrees
+
+            trees = WorkerTrees({f"w{i}": worker_audit_file(self.config.audit_file, i)
+                                 for i in range(1, self.config.workers + 1)})
         try:
             listener = metrics.HttpListener(
                 self.config.metrics_listen, lambda: metrics.not_ready(registry), registry,
                 max_connections=self.config.metrics_max_connections,
-                read_timeout=self.config.metrics_read_timeout)
+                read_timeout=self.config.metrics_read_timeout,
+                routes=trees.serve if trees is not None else None)
         except OSError as e:
             shutil.rmtree(directory, ignore_errors=True)
             error = Unavailable if e.errno == errno.EADDRINUSE else ConfigError
