@@ -328,6 +328,30 @@ def run_closed_loop(conns: list[Connection], callers: int, block: bytes, request
     _drive(conns, callers, start)
 
 
+def run_closed_loop_varying(conns: list[Connection], callers: int, block: bytes,
+                            next_request: Callable[[int], bytes], end: float,
+                            on_answer: Callable[[float, float, bytes | None], None]) -> None:
+    """As :func:`run_closed_loop`, but each request is built as it is sent:
+    caller i sends ``next_request(i)`` (a serialised message), so that a caller
+    can send rising versions of one document. The build is not in the latency:
+    a call's clock starts when its stream opens."""
+    callers_started = iter(range(callers))
+
+    def start(conn: Connection, finished: Callable[[], None]) -> None:
+        i = next(callers_started)
+
+        def done(stream: _Stream) -> None:
+            now = time.monotonic()
+            on_answer(stream.started, now, response_body(stream))
+            if now < end:
+                conn.start(block, message(next_request(i)), done)
+            else:
+                finished()
+        conn.start(block, message(next_request(i)), done)
+
+    _drive(conns, callers, start)
+
+
 class _StreamCaller:
     """One caller of :func:`run_streaming`: one open stream on ``conn``, up to
     ``depth`` requests outstanding, a new one sent as each answer arrives."""

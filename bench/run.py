@@ -304,16 +304,18 @@ class Daemon:
         return {"exit_code": code, "stop_seconds": round(time.monotonic() - t0, 3)}
 
 
-def start_daemon(config: Path, timeout: float = 120, tree: Path = ROOT) -> Daemon:
+def start_daemon(config: Path, timeout: float = 120, tree: Path = ROOT,
+                 module: str = "signerd.daemon", env: dict[str, str] | None = None) -> Daemon:
     """``signerd serve`` as users run it; time from spawn to ready file.
-    ``tree``: the checkout whose signerd runs (bench.ab's ``tree`` variant)."""
+    ``tree``: the checkout whose signerd runs (bench.ab's ``tree`` variant);
+    ``module`` and ``env``: another entry point and more environment (bench/_sqltrace.py)."""
     ready = config.parent / f"ready-{secrets.token_hex(4)}.json"
     stderr = config.parent / "signerd.log"
-    cmd = [sys.executable, "-m", "signerd.daemon", "serve", "--config", str(config),
+    cmd = [sys.executable, "-m", module, "serve", "--config", str(config),
            "--ready-file", str(ready), "--log-level", "warning"]
     t0 = time.monotonic()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=stderr.open("ab"), cwd=tree,
-                            env={**os.environ, "PYTHONPATH": str(tree)})
+                            env={**os.environ, **(env or {}), "PYTHONPATH": str(tree)})
     while not ready.exists():
         if proc.poll() is not None:
             raise RuntimeError(
