@@ -11,6 +11,7 @@ import base64
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,10 +28,38 @@ from signerd.errors import ConfigError
 from signerd.service import CHECKPOINT_ROLE
 from signerd.tlog.note import ECDSA_SHA256, Checkpoint, Note, NoteError, Verifier, cosignatures
 from tests._note_check import Refused, open_ecdsa_note, parse_ecdsa_vkey
-from tests.conftest import HSM, PKI, daemon_config, rpc_error, start_daemon, unique_gun
+from tests.conftest import (
+    HSM,
+    PKI,
+    TOKENS,
+    daemon_config,
+    hsm_token,
+    rpc_error,
+    start_daemon,
+    unique_gun,
+)
 from tests.tlog_witness import TestWitness
 
 ORIGIN = "ecdsa.test/signerd/audit"
+
+
+@pytest.fixture
+def ecdsa_key_removed(hsm: HSM) -> Iterator[None]:
+    """Destroys the ECDSA checkpoint keys a test made on the session's tokens:
+    a daemon uses a checkpoint key it finds before it makes one, so a key left
+    behind would become the checkpoint key of every later test's daemon."""
+    from signerd.token import Token
+
+    yield
+    for name in TOKENS:
+        token = Token(hsm_token(hsm, name))
+        try:
+            token.refresh()
+            for k in token.keys():
+                if k.role == CHECKPOINT_ROLE and k.algorithm.name == "ecdsa-p256":
+                    token.delete(k.key_id)
+        finally:
+            token.close()
 
 
 def _get(port: int, path: str) -> tuple[int, bytes]:
@@ -67,7 +96,8 @@ def _mutated(note: bytes, at: int) -> bytes:
 
 
 def test_a_daemon_told_to_use_ecdsa_signs_checkpoints_a_spec_verifier_accepts(
-        hsm: HSM, certs: PKI, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        hsm: HSM, certs: PKI, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        ecdsa_key_removed: None) -> None:
     work = tmp_path / "ec"
     log = work / "audit.log"
     cfg = daemon_config(hsm, certs, work, metrics=True)

@@ -142,10 +142,10 @@ way Go's checksum database and Certificate Transparency publish theirs:
   (type 0x02; :mod:`signerd.service._checkpointkey`,
   :mod:`signerd.tlog.note`). Sizes only grow: never two checkpoints of one
   size, so never two roots of one size (ECDSA signatures are randomized:
-  what may never differ is the root, not the signature's bytes). The checkpoint is written to ``<log>.tlog/
-  checkpoint`` and served at ``GET /checkpoint`` with the tiles at ``GET
-  /tile/<L>/<N>[.p/<W>]`` on the metrics listener; entry bundles are not
-  served (the lines stay private).
+  what may never differ is the root, not the signature's bytes). The
+  checkpoint is written to ``<log>.tlog/checkpoint`` and served at ``GET
+  /checkpoint`` with the tiles at ``GET /tile/<L>/<N>[.p/<W>]`` on the
+  metrics listener; entry bundles are not served (the lines stay private).
 * ``[[audit.witnesses]]`` get each checkpoint with its consistency proof
   (c2sp.org/tlog-witness, :mod:`signerd.audit._witness`); their verified
   cosignatures are served with it. A witness refusing a proof raises an
