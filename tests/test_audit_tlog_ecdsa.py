@@ -2,8 +2,10 @@
 §2), for tokens that make no Ed25519 key: a daemon on a real SoftHSM token
 told to use ECDSA, its /checkpoint held to a verifier written from the spec
 (tests/_note_check.py, nothing of signerd's), ``signerctl audit vkey``, the
-start check, a witness that verifies every push, and mutated notes refused.
-The TPM, which cannot make Ed25519 keys at all, is in test_tokens.py."""
+start check, a witness that verifies every push, and mutated notes refused;
+Yubico's module on the software YubiHSM 2 told to use ECDSA. The TPM, which
+cannot make Ed25519 keys at all and so gets ECDSA by default, is in
+test_tokens.py."""
 
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ from cryptography.hazmat.primitives.serialization import (
 )
 
 from signerd.audit import tree_dir
+from signerd.config import TokenConfig
 from signerd.errors import ConfigError
 from signerd.service import CHECKPOINT_ROLE
 from signerd.tlog.note import ECDSA_SHA256, Checkpoint, Note, NoteError, Verifier, cosignatures
@@ -43,23 +46,28 @@ from tests.tlog_witness import TestWitness
 ORIGIN = "ecdsa.test/signerd/audit"
 
 
-@pytest.fixture
-def ecdsa_key_removed(hsm: HSM) -> Iterator[None]:
-    """Destroys the ECDSA checkpoint keys a test made on the session's tokens:
-    a daemon uses a checkpoint key it finds before it makes one, so a key left
-    behind would become the checkpoint key of every later test's daemon."""
+def remove_ecdsa_checkpoint_keys(config: TokenConfig) -> None:
+    """Destroy the ECDSA checkpoint keys on a token a test session shares: a
+    daemon uses a checkpoint key it finds before it makes one, so a key left
+    behind would become the checkpoint key of every later test's daemon there."""
     from signerd.token import Token
 
+    token = Token(config)
+    try:
+        token.refresh()
+        for k in token.keys():
+            if k.role == CHECKPOINT_ROLE and k.algorithm.name == "ecdsa-p256":
+                token.delete(k.key_id)
+    finally:
+        token.close()
+
+
+@pytest.fixture
+def ecdsa_key_removed(hsm: HSM) -> Iterator[None]:
+    """:func:`remove_ecdsa_checkpoint_keys` of the session's SoftHSM tokens, after."""
     yield
     for name in TOKENS:
-        token = Token(hsm_token(hsm, name))
-        try:
-            token.refresh()
-            for k in token.keys():
-                if k.role == CHECKPOINT_ROLE and k.algorithm.name == "ecdsa-p256":
-                    token.delete(k.key_id)
-        finally:
-            token.close()
+        remove_ecdsa_checkpoint_keys(hsm_token(hsm, name))
 
 
 def _get(port: int, path: str) -> tuple[int, bytes]:
@@ -207,3 +215,31 @@ def test_a_named_checkpoint_key_of_another_algorithm_is_refused(
     with pytest.raises(ConfigError, match=f"checkpoint_key {kid} is an ed25519 key, not the "
                                           "audit.checkpoint_algorithm ecdsa-p256"):
         start_daemon(cfg, certs, tmp_path / "named2")
+
+
+def test_a_yubihsm_told_to_use_ecdsa_signs_checkpoints_a_spec_verifier_accepts(
+        yubihsm: Any, certs: PKI, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Yubico's own module (software YubiHSM 2, tests/_yubihsm): it makes Ed25519
+    keys, so it gets an Ed25519 checkpoint key by default; told ECDSA, its
+    CKM_ECDSA r || s becomes a type 0x02 note the spec's verifier accepts."""
+    from tests.conftest import yubihsm_token
+    from tests.test_tokens import _yubihsm2_kind, daemon_config_for
+
+    work = tmp_path / "yubi"
+    cfg = daemon_config_for(_yubihsm2_kind(yubihsm), certs, work)
+    cfg["audit"]["checkpoint_algorithm"] = "ecdsa-p256"
+    d = start_daemon(cfg, certs, work)
+    try:
+        cp = d.servers.checkpointer
+        assert cp is not None and cp.key.sig_type == ECDSA_SHA256
+        assert d.servers.http is not None
+        with d.client() as c:
+            list(c.list_keys())
+        assert cp.checkpoint() is not None
+        status, body = _get(d.servers.http.port, "/checkpoint")
+        assert status == 200
+    finally:
+        d.stop()
+        remove_ecdsa_checkpoint_keys(yubihsm_token(yubihsm))
+    vkey = _vkey(work / "audit.log", capsys)
+    assert Checkpoint.parse(open_ecdsa_note(body, vkey)).size == cp.state.checkpoint.size
