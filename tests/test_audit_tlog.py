@@ -487,6 +487,7 @@ _WITNESS_VKEY_NAME = "witness.example"
     ({"origin": "a+b"}, "audit.origin must be a non-empty string"),
     ({"checkpoint_token": ""}, "audit.checkpoint_token must be a non-empty string"),
     ({"checkpoint_key": "ab"}, "audit.checkpoint_key must be a key ID"),
+    ({"checkpoint_algorithm": "rsa-2048"}, "audit.checkpoint_algorithm must be one of"),
     ({"reset": "x" * 64}, "audit.reset must be the 64 hex digits"),
     ({"witnesses": {"name": "w"}}, "audit.witnesses must be [[audit.witnesses]] tables"),
     ({"witnesses": ["w"]}, "audit.witnesses[0] must be a table"),
@@ -527,6 +528,9 @@ def test_a_witness_key_must_be_a_cosignature_key_of_its_name() -> None:
         parse_tlog({"witnesses": [{"name": _WITNESS_VKEY_NAME, "url": "https://w",
                                    "vkey": good}] * 2})
     assert parse_tlog({"checkpoints": True}).explicit
+    # Naming the key's algorithm asks for checkpoints as much as checkpoints = true.
+    named = parse_tlog({"checkpoint_algorithm": "ecdsa-p256"})
+    assert named.explicit and named.algorithm == "ecdsa-p256"
 
 
 def test_two_workers_publish_each_tree_under_its_own_prefix(hsm: Any, certs: Any,

@@ -2,15 +2,19 @@
 
 The tree vectors are the RFC 6962 reference data that Certificate Transparency's
 and transparency-dev's implementations test with (leaves "", 00, 10, 2021, ...);
-the note vector is Go's sumdb/note example (example.com/foo). A log that no
+the note vectors are Go's sumdb/note example (example.com/foo) and, for ECDSA
+notes, transparency-dev/formats' Rekor and Pixel 6 checkpoints. A log that no
 other implementation agrees with proves nothing to anyone.
 """
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 
 import pytest
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from hypothesis import given, settings
@@ -212,3 +216,86 @@ def test_vkeys_that_lie_about_their_key_id_are_refused() -> None:
         Verifier.from_vkey(f"{name}+00000000+{blob}")
     with pytest.raises(NoteError):
         Verifier.from_vkey("a b+530d903a+" + blob)
+
+
+# Known answers for ECDSA notes (signed-note type 0x02), from
+# transparency-dev/formats note/note_verifier_test.go: Sigstore Rekor's key and
+# one of its checkpoints, and the Pixel 6 transparency log's.
+REKOR_VKEY = ("rekor.sigstore.dev+c0d23d6a+AjBZMBMGByqGSM49AgEGCCqGSM49AwEHA0IABNhtmPtrWm3U1e"
+              "QXBogSMdGvXwBcK5AW5i0hrZLOC96l+smGNM7nwZ4QvFK/4sueRoVj//QP22Ni4Qt9DPfkWLc=")
+REKOR_NOTE = ("Rekor\n798034\nf+7CoKgXKE/tNys9TTXcr/ad6U/K3xvznmzew9y6SP0=\n\n"
+              "\u2014 rekor.sigstore.dev wNI9ajBEAiARInWIWyCdyG27CO6LPnPekyw20qO0YJfoaPaowGp/"
+              "XgIgc+qEHS3+GKVClgqq20uDLet7MCoTURUCRdxwWBHHufk=\n").encode()
+PIXEL_VKEY = ("pixel6_transparency_log+91c16e30+AjBZMBMGByqGSM49AgEGCCqGSM49AwEHA0IABN+4x0Jk1y"
+              "TwvLFI9A4NDdGZcX0aiWVdWM5XJVy0M4VWD3AvyW5Q6Hs9A0mcDkpUoYgn+KKPNzFC0H3nN3q6JQ8=")
+PIXEL_NOTE = ("DEFAULT\n10\nbsWRucJU5xJPHb5eBdOm6+DM+VelCZBuvtI3sHERJ9Y=\n\n"
+              "\u2014 pixel6_transparency_log kcFuMDBFAiEAhqMAP8P6qf6QxtUJhzMhbN+MbZ9dwfUHzGQJm"
+              "ffJHtoCIGD0cNe47dHWBoPwYdgBCepB06/+g5O1FmYjXl06owL4\n").encode()
+
+
+@pytest.mark.parametrize(("vkey", "data", "kid"), [(REKOR_VKEY, REKOR_NOTE, "c0d23d6a"),
+                                                   (PIXEL_VKEY, PIXEL_NOTE, "91c16e30")],
+                         ids=["rekor", "pixel6"])
+def test_ecdsa_notes_of_transparency_dev_verify(vkey: str, data: bytes, kid: str) -> None:
+    from tests._note_check import open_ecdsa_note
+
+    verifier = Verifier.from_vkey(vkey)
+    assert verifier.sig_type == note.ECDSA_SHA256 and verifier.key_id.hex() == kid
+    assert verifier.vkey() == vkey
+    parsed = Note.parse(data)
+    assert parsed.verified_by(verifier) and parsed.to_bytes() == data
+    # The tests' own verifier, written from the spec, agrees on the vectors.
+    assert open_ecdsa_note(data, vkey) == parsed.text
+    text, _, sigs = data.partition(b"\n\n")
+    edited = Note.parse(b"X" + text[1:] + b"\n\n" + sigs)  # another origin
+    with pytest.raises(NoteError, match="does not verify"):
+        edited.verified_by(verifier)
+
+
+def test_ecdsa_vkeys_and_signatures_that_are_wrong_are_refused() -> None:
+    name, kid, blob = REKOR_VKEY.split("+", 2)
+    with pytest.raises(NoteError, match="does not match"):
+        Verifier.from_vkey(f"{name}+00000000+{blob}")
+    with pytest.raises(NoteError):
+        Verifier.from_vkey(f"{name}+{kid}+AwEB")  # type 0x03, reserved
+    # The key ID of type 0x02 does not hash the name: the same key under another
+    # name is another (name, ID) pair, and its signatures are not this one's.
+    other = Verifier.from_vkey(f"bananas.sigstore.dev+{kid}+{blob}")
+    assert other.key_id.hex() == kid and not Note.parse(REKOR_NOTE).verified_by(other)
+    bad_sig = REKOR_NOTE.replace(b"wNI9ajBEAiAR", b"wNI9ajBEAiAS")
+    with pytest.raises(NoteError, match="does not verify"):
+        Note.parse(bad_sig).verified_by(Verifier.from_vkey(REKOR_VKEY))
+    # A curve the spec does not allow, and an Ed25519 key dressed as type 0x02.
+    k1 = ec.generate_private_key(ec.SECP256K1()).public_key().public_bytes(
+        Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+    ed = _ed25519()[0].public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+    for spki, why in ((k1, "P-256, P-384 or P-521"), (ed, "P-256, P-384 or P-521"),
+                      (b"\x30\x00", "DER SubjectPublicKeyInfo")):
+        vkey = Verifier("x.example", note.ECDSA_SHA256, spki).vkey()
+        with pytest.raises(NoteError, match=why):
+            Verifier.from_vkey(vkey)
+
+
+def test_an_ecdsa_signed_checkpoint_round_trips_and_is_randomized() -> None:
+    from tests._note_check import open_ecdsa_note
+
+    private = ec.generate_private_key(ec.SECP256R1())
+    spki = private.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+    cp = Checkpoint("signerd.example/audit/host-1", 8, bytes.fromhex(ROOTS[8]))
+
+    def sign(message: bytes) -> bytes:
+        return private.sign(message, ec.ECDSA(hashes.SHA256()))
+
+    one = note.sign_note(cp.text(), cp.origin, spki, sign, note.ECDSA_SHA256)
+    two = note.sign_note(cp.text(), cp.origin, spki, sign, note.ECDSA_SHA256)
+    verifier = Verifier(cp.origin, note.ECDSA_SHA256, spki)
+    assert verifier.key_id == hashlib.sha256(spki).digest()[:4]
+    assert Verifier.from_vkey(verifier.vkey()) == verifier
+    for signed in (one, two):
+        data = signed.to_bytes()
+        assert Note.parse(data).verified_by(verifier)
+        assert open_ecdsa_note(data, verifier.vkey()) == cp.text()
+    # Randomized: one checkpoint, two signatures, both good.
+    assert one.signatures[0].blob != two.signatures[0].blob
+    with pytest.raises(NoteError, match="type 0x01 or 0x02"):
+        note.sign_note(cp.text(), cp.origin, spki, sign, note.COSIGNATURE_V1)

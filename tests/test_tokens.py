@@ -577,23 +577,36 @@ def test_signerctl_tokens_list(kind: Kind, dut: Daemon) -> None:
     assert f"can create {', '.join(kind.algorithms)}" in text.stdout
 
 
-def test_a_tpm_daemon_starts_without_checkpoints_unless_they_are_asked_for(
-        tpm: _tpm.Tpm, certs: PKI, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    """tpm2-pkcs11 makes no Ed25519 key, and audit checkpoints are signed notes
-    of Ed25519 only: by default the daemon starts without them and says so,
-    where it used to refuse to start at all; asked for them, it refuses."""
+def test_a_tpm_daemon_signs_its_checkpoints_with_ecdsa_p256(
+        tpm: _tpm.Tpm, certs: PKI, tmp_path: Path) -> None:
+    """tpm2-pkcs11 makes no Ed25519 key, so the audit checkpoint key is ECDSA
+    P-256 on the TPM (signed-note type 0x02): where a TPM daemon used to start
+    without checkpoints, it serves them, and a verifier written from the spec
+    (tests/_note_check.py) accepts them. Asked for Ed25519, it refuses to start."""
+    import urllib.request
+
+    from signerd.audit import tree_dir
+    from tests._note_check import open_ecdsa_note
     from tests.conftest import start_daemon
 
     kind = _tpm_kind(tpm)
     cfg = daemon_config_for(kind, certs, tmp_path / "default")
-    with caplog.at_level(logging.WARNING, logger="signerd.server"):
-        d = start_daemon(cfg, certs, tmp_path / "default")
+    d = start_daemon(cfg, certs, tmp_path / "default")
     try:
-        assert d.servers.checkpointer is None
-        assert any("audit checkpoints off" in r.getMessage() for r in caplog.records)
+        cp = d.servers.checkpointer
+        assert cp is not None and cp.key.sig_type == 0x02 and d.servers.http is not None
+        with d.client() as c:
+            list(c.list_keys())
+        assert cp.checkpoint() is not None
+        url = f"http://127.0.0.1:{d.servers.http.port}/checkpoint"
+        with urllib.request.urlopen(url, timeout=10) as r:
+            body = r.read()
     finally:
         d.stop()
+    vkey = (tree_dir(tmp_path / "default" / "audit.log") / "vkey").read_text()
+    assert open_ecdsa_note(body, vkey).split("\n")[1] == str(cp.state.checkpoint.size)
     asked = daemon_config_for(kind, certs, tmp_path / "asked")
-    asked["audit"]["checkpoints"] = True
-    with pytest.raises(ConfigError, match="audit checkpoints need an Ed25519 key"):
+    asked["audit"]["checkpoint_algorithm"] = "ed25519"
+    with pytest.raises(ConfigError, match="audit checkpoints need an Ed25519 key and no token "
+                                          "can make one"):
         start_daemon(asked, certs, tmp_path / "asked")

@@ -137,12 +137,15 @@ way Go's checksum database and Certificate Transparency publish theirs:
 * Every ``[audit] checkpoint_interval`` seconds (default 1) after new lines,
   the log is synced, the tiles of its size written and synced, and a
   checkpoint ``origin\nsize\nbase64(root)\n`` signed as a signed note by
-  the checkpoint key, an Ed25519 key on a token that no caller can use
-  (:mod:`signerd.service._checkpointkey`). Sizes only grow: never two
-  checkpoints of one size. The checkpoint is written to ``<log>.tlog/
-  checkpoint`` and served at ``GET /checkpoint`` with the tiles at ``GET
-  /tile/<L>/<N>[.p/<W>]`` on the metrics listener; entry bundles are not
-  served (the lines stay private).
+  the checkpoint key, a key on a token that no caller can use: Ed25519
+  (signed-note type 0x01) where a token can make one, else ECDSA P-256
+  (type 0x02; :mod:`signerd.service._checkpointkey`,
+  :mod:`signerd.tlog.note`). Sizes only grow: never two checkpoints of one
+  size, so never two roots of one size (ECDSA signatures are randomized:
+  what may never differ is the root, not the signature's bytes). The
+  checkpoint is written to ``<log>.tlog/checkpoint`` and served at ``GET
+  /checkpoint`` with the tiles at ``GET /tile/<L>/<N>[.p/<W>]`` on the
+  metrics listener; entry bundles are not served (the lines stay private).
 * ``[[audit.witnesses]]`` get each checkpoint with its consistency proof
   (c2sp.org/tlog-witness, :mod:`signerd.audit._witness`); their verified
   cosignatures are served with it. A witness refusing a proof raises an

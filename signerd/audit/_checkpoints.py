@@ -21,7 +21,15 @@ from signerd.audit._tree import AuditTree, tree_dir, write_atomic
 from signerd.audit._treecheck import TreeState, open_tree
 from signerd.audit._witness import WitnessPusher
 from signerd.errors import ConfigError
-from signerd.tlog.note import ED25519, Checkpoint, Note, NoteError, Verifier, sign_note
+from signerd.tlog.note import (
+    ECDSA_SHA256,
+    ED25519,
+    Checkpoint,
+    Note,
+    NoteError,
+    Verifier,
+    sign_note,
+)
 
 if TYPE_CHECKING:
     from signerd.audit._writer import AuditLog
@@ -31,16 +39,30 @@ log = logging.getLogger("signerd.audit")
 
 @dataclass(frozen=True)
 class CheckpointKey:
-    """The checkpoint key: its raw Ed25519 public key and a callable that
-    signs a message with it (on the token). ``key_id`` names it in logs."""
+    """The checkpoint key and a callable that signs a message with it (on the
+    token). ``sig_type`` is its signed-note type (c2sp.org/signed-note):
+    Ed25519 (0x01; ``public_key`` the raw 32 bytes, ``sign`` returns 64
+    bytes) or ECDSA P-256 (0x02; ``public_key`` the DER SubjectPublicKeyInfo,
+    ``sign`` returns a DER signature of the message's SHA-256). ``key_id``
+    names it in logs."""
 
     public_key: bytes
     sign: Callable[[bytes], bytes]
     key_id: str = ""
+    sig_type: int = ED25519
+
+    def __post_init__(self) -> None:
+        if self.sig_type not in (ED25519, ECDSA_SHA256):
+            raise ValueError(f"a checkpoint key is of type 0x01 or 0x02, not {self.sig_type}")
 
     def verifier(self, origin: str) -> Verifier:
-        """The signed-note verifier of the log ``origin`` (type 0x01)."""
-        return Verifier(origin, ED25519, self.public_key)
+        """The signed-note verifier of the log ``origin``."""
+        return Verifier(origin, self.sig_type, self.public_key)
+
+    def sign_note(self, text: str, origin: str) -> Note:
+        """``text`` signed as a note by the log ``origin``. Raises NoteError,
+        and whatever ``sign`` raises (SignerdError from a token)."""
+        return sign_note(text, origin, self.public_key, self.sign, self.sig_type)
 
 
 class Checkpointer:
@@ -125,7 +147,7 @@ class Checkpointer:
                 return None  # never two checkpoints of one size (nor a smaller one)
             root = state.tree.persist(size)
             cp = Checkpoint(state.origin, size, root)
-            note = sign_note(cp.text(), state.origin, self.key.public_key, self.key.sign)
+            note = self.key.sign_note(cp.text(), state.origin)
             if not Note.parse(note.to_bytes()).verified_by(state.verifier):
                 raise NoteError("the checkpoint key's signature does not verify")
             write_atomic(state.directory / "checkpoint", note.to_bytes())
@@ -181,6 +203,7 @@ class Checkpointer:
         if state is None:
             return None
         return tree_answer(self._served, state.tree.files, path)
+
 
 def vkey_of(log_path: Path) -> str:
     """The verifier key a running log published in its tree directory.

@@ -8,7 +8,9 @@ the table over.
     checkpoint_interval = 1.0    # seconds from a new line to its checkpoint
     origin = "signer.example/audit"   # default: "<hostname>/signerd/<file name>"
     checkpoint_key = "<key id>"  # default: made once, on checkpoint_token
-    checkpoint_token = "hsm"     # default: the first [[tokens]] entry
+    checkpoint_token = "hsm"     # default: the first token that can make the key
+    checkpoint_algorithm = "ecdsa-p256"   # or "ed25519"; default: Ed25519 where a
+                                          # token can make it, else ECDSA P-256
     reset = "<sha256 hex>"       # abandon the tree whose checkpoint hashes to this
 
     [[audit.witnesses]]
@@ -49,7 +51,13 @@ class TlogConfig:
     token: str | None = None
     reset: str | None = None  # sha256 hex of the checkpoint (or tree.json) to abandon
     witnesses: tuple[WitnessConfig, ...] = ()
-    explicit: bool = False  # ``checkpoints`` was set in the config, not defaulted
+    explicit: bool = False  # ``checkpoints`` or ``checkpoint_algorithm`` set, not defaulted
+    # ``checkpoint_algorithm``: "ed25519" (signed-note type 0x01) or "ecdsa-p256"
+    # (type 0x02); None: Ed25519 where a token can make it, else ECDSA P-256.
+    algorithm: str | None = None
+
+
+CHECKPOINT_ALGORITHMS = ("ed25519", "ecdsa-p256")
 
 
 def _witness(raw: Any, i: int) -> WitnessConfig:
@@ -77,12 +85,15 @@ def _witness(raw: Any, i: int) -> WitnessConfig:
 def parse_tlog(audit: dict[str, Any]) -> TlogConfig:
     """Take the transparency-log keys out of the ``[audit]`` table ``audit``
     (the caller checks what is left). Raises ConfigError."""
-    explicit = "checkpoints" in audit
+    # Asked for, not defaulted: ``checkpoints`` set, or the key's algorithm named
+    # (a daemon told which key to make does not go on quietly without one).
+    explicit = "checkpoints" in audit or "checkpoint_algorithm" in audit
     enabled = audit.pop("checkpoints", True)
     interval = audit.pop("checkpoint_interval", 1.0)
     origin = audit.pop("origin", None)
     key_id = audit.pop("checkpoint_key", None)
     token = audit.pop("checkpoint_token", None)
+    algorithm = audit.pop("checkpoint_algorithm", None)
     reset = audit.pop("reset", None)
     witnesses = audit.pop("witnesses", [])
     if not isinstance(enabled, bool):
@@ -101,6 +112,10 @@ def parse_tlog(audit: dict[str, Any]) -> TlogConfig:
     if key_id is not None and (len(key_id) != 64 or
                                set(key_id) - set("0123456789abcdef")):
         raise ConfigError("audit.checkpoint_key must be a key ID: 64 lowercase hex digits")
+    if algorithm is not None and algorithm not in CHECKPOINT_ALGORITHMS:
+        raise ConfigError(f"audit.checkpoint_algorithm must be one of "
+                          f"{', '.join(CHECKPOINT_ALGORITHMS)} (unset: ed25519 where a token "
+                          "can make it, else ecdsa-p256)")
     if reset is not None and (not isinstance(reset, str) or len(reset) != 64
                               or set(reset) - set("0123456789abcdef")):
         raise ConfigError("audit.reset must be the 64 hex digits a refused start printed")
@@ -110,4 +125,5 @@ def parse_tlog(audit: dict[str, Any]) -> TlogConfig:
     names = [w.name for w in parsed]
     if len(set(names)) != len(names):
         raise ConfigError(f"audit.witnesses names must be unique, got {names}")
-    return TlogConfig(enabled, float(interval), origin, key_id, token, reset, parsed, explicit)
+    return TlogConfig(enabled, float(interval), origin, key_id, token, reset, parsed, explicit,
+                      algorithm)

@@ -35,7 +35,7 @@ from signerd.audit._tree import AuditTree, tree_dir, write_atomic
 from signerd.errors import ConfigError
 from signerd.tlog import merkle
 from signerd.tlog.merkle import EMPTY_ROOT, leaf_hash
-from signerd.tlog.note import Checkpoint, Note, NoteError, Verifier, sign_note
+from signerd.tlog.note import Checkpoint, Note, NoteError, Verifier
 
 if TYPE_CHECKING:
     from signerd.audit._checkpoints import CheckpointKey
@@ -120,7 +120,7 @@ def _start(path: Path, directory: Path, seq: int, key: CheckpointKey, config: Tl
     directory.mkdir(mode=0o755, exist_ok=True)
     verifier = key.verifier(origin)
     cp = Checkpoint(origin, 0, EMPTY_ROOT)
-    note = sign_note(cp.text(), origin, key.public_key, key.sign)
+    note = key.sign_note(cp.text(), origin)
     write_atomic(directory / "vkey", (verifier.vkey() + "\n").encode())
     write_atomic(directory / "checkpoint", note.to_bytes())
     write_atomic(directory / "tree.json", json.dumps(

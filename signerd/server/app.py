@@ -398,13 +398,14 @@ def _open_audit(config: Config,
         try:
             key = checkpoint_key(service, config.audit_tlog, config.audit_file.parent)
         except NoCheckpointToken as e:
-            # Checkpoints by default, where a token can make their key: a daemon on
-            # tokens without Ed25519 (a TPM) still starts, saying so. One that asked
-            # for them, or whose log already has a tree, is refused: a tree once kept
-            # is not dropped silently (its start check is what catches a rewrite).
+            # Checkpoints by default, where a token can make their key (Ed25519, else
+            # ECDSA P-256): a daemon on tokens that can make neither still starts,
+            # saying so. One that asked for them, or whose log already has a tree, is
+            # refused: a tree once kept is not dropped silently (its start check is
+            # what catches a rewrite).
             if config.audit_tlog.explicit or tree_dir(config.audit_file).exists():
                 raise
-            log.warning("audit checkpoints off: no token can make an Ed25519 key", extra={
+            log.warning("audit checkpoints off: no token can make their key", extra={
                 "fields": {"why": str(e)}})
             return AuditLog(config.audit_file), None
         checkpointer = Checkpointer(key, config.audit_tlog, metrics)

@@ -1,5 +1,5 @@
 """The audit log's checkpoint key (see Transparency in :mod:`signerd.audit`):
-an Ed25519 key on a token that signs audit checkpoints and nothing else.
+a key on a token that signs audit checkpoints and nothing else.
 
 It is a signerd key with gun ``signerd`` and role :data:`CHECKPOINT_ROLE`, a
 role no caller can name (not a TUF role), so no CreateKey makes one, and
@@ -8,10 +8,26 @@ every listing and refuses it in ``sign_with``: every Sign, certify, delete
 and GetKey path answers NOT_FOUND for it. Only
 :meth:`KeyService.sign_checkpoint` signs with it.
 
+Its algorithm (c2sp.org/signed-note, Signature types): Ed25519 (type 0x01)
+where a token can make it, otherwise ECDSA P-256 (type 0x02, as
+github.com/transparency-dev/witness implements it: see
+:mod:`signerd.tlog.note`), so that a daemon on a TPM (tpm2-pkcs11 makes no
+Ed25519 key) or any token without CKM_EDDSA still keeps checkpoints.
+``[audit] checkpoint_algorithm`` chooses one instead. An ECDSA checkpoint
+is signed as the token signs any P-256 key here
+(:func:`signerd.signing.prepare`): SHA-256 of the note text computed in this
+process, then ``C_Sign`` with the mechanism named explicitly, CKM_ECDSA
+(PKCS#11 v2.40 §2.3.6: the raw digest in, ``r || s`` out); the ``r || s``
+becomes the DER ``ECDSA-Sig-Value`` the note carries through
+:func:`signerd.signing.encode` (cryptography's ``encode_dss_signature``).
+
 The key is made once, on ``[audit] checkpoint_token`` (default: the first
-token), by the first process that needs it: a lock file in the audit
-directory keeps a daemon's workers from making two. ``[audit]
-checkpoint_key`` names an existing one instead (it must be a checkpoint key).
+token that can make Ed25519 keys, else the first that can make P-256 ones),
+by the first process that needs it: a lock file in the audit directory
+keeps a daemon's workers from making two. A checkpoint key already on a
+token is used before any is made (Ed25519 first, then by key ID), so a key
+once chosen stays chosen when tokens are added. ``[audit] checkpoint_key``
+names an existing one instead (it must be a checkpoint key).
 """
 
 from __future__ import annotations
@@ -22,37 +38,59 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
-from signerd.errors import ConfigError, FailedPrecondition, SignerdError, Unavailable
+from cryptography.hazmat.primitives.serialization import (
+    Encoding,
+    PublicFormat,
+    load_der_public_key,
+)
+
+from signerd import signing
+from signerd.errors import ConfigError, FailedPrecondition, Unavailable
 from signerd.keys import ALGORITHMS, KeyID
+from signerd.tlog.note import ECDSA_SHA256, ED25519
 
 if TYPE_CHECKING:
     from signerd.audit import CheckpointKey, TlogConfig
     from signerd.service._keyservice import KeyService
-    from signerd.token import KeyEntry
+    from signerd.token import KeyEntry, Token
 
 CHECKPOINT_GUN: Final = "signerd"
 CHECKPOINT_ROLE: Final = "signerd/audit-checkpoint"
 
 
 SIGN_PATIENCE: Final = 15.0  # seconds a checkpoint signature waits for its token
+# The checkpoint key's algorithms, best first, and their signed-note types.
+NOTE_TYPES: Final = {"ed25519": ED25519, "ecdsa-p256": ECDSA_SHA256}
+_DESCRIBED: Final = {"ed25519": "an Ed25519", "ecdsa-p256": "an ECDSA P-256"}
 
 
 class NoCheckpointToken(ConfigError):
-    """No token can make the checkpoint key (Ed25519): signerd's signed notes
-    are Ed25519 only (ECDSA checkpoints, type 0x02, are not implemented)."""
+    """No token can make the checkpoint key: neither an Ed25519 nor an ECDSA
+    P-256 key (or not the one ``[audit] checkpoint_algorithm`` names)."""
 
 
 def checkpoint_key(service: KeyService, config: TlogConfig, audit_dir: Path) -> CheckpointKey:
     """The checkpoint key for ``config``, made now if there is none. Raises
-    ConfigError (a named key that is missing or not a checkpoint key, a
-    token that cannot make Ed25519 keys), Unavailable."""
+    ConfigError (a named key that is missing or not a checkpoint key, or not
+    of ``checkpoint_algorithm``), NoCheckpointToken (no token can make one),
+    Unavailable."""
     from signerd.audit import CheckpointKey
     from signerd.keys import tuf_public_bytes
 
     entry = _find_or_make(service, config, audit_dir)
-    public = tuf_public_bytes("ed25519", entry.spki_der)
+    alg = entry.algorithm
+    if alg.name == "ed25519":
+        public = tuf_public_bytes("ed25519", entry.spki_der)
+    else:  # the SPKI in DER's one form: the note's key ID hashes these bytes
+        public = load_der_public_key(entry.spki_der).public_bytes(
+            Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+    der = signing.SignOptions(encoding=signing.Encoding.DER)
 
     def sign(message: bytes) -> bytes:
+        # Ed25519: the raw 64 bytes. ECDSA: the token's r || s, as DER.
+        return signing.encode(alg, _sign_patiently(message), der)
+
+    def _sign_patiently(message: bytes) -> bytes:
         # A checkpoint waits out a token that is away, up to SIGN_PATIENCE seconds;
         # the health loop's own probe brings it back (probing here as well made
         # reconnects more frequent than the probe's). Seen at a first start with
@@ -68,52 +106,73 @@ def checkpoint_key(service: KeyService, config: TlogConfig, audit_dir: Path) -> 
                     raise
                 time.sleep(0.5)
 
-    return CheckpointKey(public, sign, entry.key_id)
+    return CheckpointKey(public, sign, entry.key_id, NOTE_TYPES[alg.name])
 
 
-def _candidates(service: KeyService, token: str | None) -> list[KeyEntry]:
-    tokens = [service.token(token)] if token else list(service.tokens.values())
+def _algorithms(config: TlogConfig) -> tuple[str, ...]:
+    """The algorithms the checkpoint key may have, best first."""
+    return (config.algorithm,) if config.algorithm else tuple(NOTE_TYPES)
+
+
+def _candidates(service: KeyService, config: TlogConfig) -> list[KeyEntry]:
+    """Checkpoint keys already made, on ``checkpoint_token`` or any token:
+    Ed25519 first, then by key ID (the same order in every worker)."""
+    tokens = [service.token(config.token)] if config.token else list(service.tokens.values())
+    allowed = _algorithms(config)
     found = []
     for t in tokens:
         t.refresh()
         found += [k for k in t.keys() if k.role == CHECKPOINT_ROLE
-                  and k.algorithm.name == "ed25519"]
-    return sorted(found, key=lambda k: k.key_id)
+                  and k.algorithm.name in allowed]
+    return sorted(found, key=lambda k: (allowed.index(k.algorithm.name), k.key_id))
 
 
 def _find_or_make(service: KeyService, config: TlogConfig, audit_dir: Path) -> KeyEntry:
+    allowed = _algorithms(config)
     if config.key_id is not None:
         for t in service.tokens.values():
             entry = t.get(KeyID(config.key_id)) or t.lookup(KeyID(config.key_id))
             if entry is not None:
-                if entry.role != CHECKPOINT_ROLE or entry.algorithm.name != "ed25519":
+                if entry.role != CHECKPOINT_ROLE or entry.algorithm.name not in NOTE_TYPES:
                     raise ConfigError(f"audit.checkpoint_key {config.key_id} is not an audit "
                                       "checkpoint key (one signerd made for checkpoints)")
+                if entry.algorithm.name not in allowed:
+                    raise ConfigError(f"audit.checkpoint_key {config.key_id} is an "
+                                      f"{entry.algorithm.name} key, not the "
+                                      f"audit.checkpoint_algorithm {config.algorithm}")
                 return entry
         raise ConfigError(f"audit.checkpoint_key {config.key_id} is on no token")
     lock = os.open(audit_dir / ".checkpoint-key.lock",
                    os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
         fcntl.flock(lock, fcntl.LOCK_EX)  # the workers of one daemon make one key
-        found = _candidates(service, config.token)
+        found = _candidates(service, config)
         if found:
             return found[0]
-        if config.token:
-            token = service.token(config.token)
-        else:  # the first token that offers Ed25519 (tokens list: what it really makes)
-            able = [t for t in service.tokens.values() if "ed25519" in t.algorithms]
-            if not able:
-                raise NoCheckpointToken(
-                    "audit checkpoints need an Ed25519 key and no token can make one; set "
-                    "[audit] checkpoint_token to a token that can, or checkpoints = false")
-            token = able[0]
-        try:
-            return token.generate(ALGORITHMS["ed25519"], CHECKPOINT_GUN, CHECKPOINT_ROLE)
-        except FailedPrecondition as e:
-            raise NoCheckpointToken(f"audit checkpoints need an Ed25519 key and {e}; set "
-                                    "[audit] checkpoint_token to a token that can, or "
-                                    "checkpoints = false") from None
-        except SignerdError:
-            raise
+        return _make(service, config, allowed)
     finally:
         os.close(lock)
+
+
+def _make(service: KeyService, config: TlogConfig, allowed: tuple[str, ...]) -> KeyEntry:
+    """A new checkpoint key: the first algorithm of ``allowed`` that a token
+    (``checkpoint_token``, else the first able one) really makes. A token that
+    lists Ed25519 but refuses to make it (FailedPrecondition: it then stops
+    listing it) falls back to ECDSA P-256. Raises NoCheckpointToken."""
+    tokens: list[Token] = ([service.token(config.token)] if config.token
+                           else list(service.tokens.values()))
+    why: list[str] = []
+    for name in allowed:
+        for token in tokens:
+            if name not in token.algorithms:
+                continue
+            try:
+                return token.generate(ALGORITHMS[name], CHECKPOINT_GUN, CHECKPOINT_ROLE)
+            except FailedPrecondition as e:
+                why.append(str(e))
+    need = " or ".join(_DESCRIBED[a] for a in allowed)
+    where = f"token {config.token} cannot" if config.token else "no token can"
+    detail = f" ({'; '.join(why)})" if why else ""
+    raise NoCheckpointToken(
+        f"audit checkpoints need {need} key and {where} make one{detail}; set [audit] "
+        "checkpoint_token to a token that can, or checkpoints = false")

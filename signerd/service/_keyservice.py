@@ -206,9 +206,11 @@ class KeyService:
         return Signature(entry, signature, method, options, verdict.audit)
 
     def sign_checkpoint(self, entry: KeyEntry, message: bytes) -> bytes:
-        """Sign an audit checkpoint note (raw Ed25519) with the checkpoint key
-        ``entry`` (:mod:`signerd.service._checkpointkey`): the one path that
-        key signs through. Raises InvalidArgument, Unavailable."""
+        """Sign an audit checkpoint note with the checkpoint key ``entry``
+        (:mod:`signerd.service._checkpointkey`): the one path that key signs
+        through. Returns what the token returns: raw Ed25519, or ``r || s``
+        (CKM_ECDSA over the note's SHA-256) for a P-256 key. Raises
+        InvalidArgument, Unavailable."""
         if entry.role != CHECKPOINT_ROLE:
             raise InvalidArgument(f"key {entry.key_id} is not an audit checkpoint key")
         mechanism, data = signing.prepare(entry.algorithm, message, signing.SignOptions())

@@ -1,13 +1,29 @@
 """C2SP signed notes (c2sp.org/signed-note), checkpoints (c2sp.org/tlog-checkpoint)
-and witness cosignatures (c2sp.org/tlog-cosignature), Ed25519 only.
+and witness cosignatures (c2sp.org/tlog-cosignature): Ed25519 and ECDSA.
 
 A note is UTF-8 text ending in a newline, a blank line, then one line per
-signature: ``— NAME BASE64(KEYID || SIG)``. A key ID is the first four bytes of
-``SHA-256(NAME || 0x0A || TYPE || PUBLIC KEY)``; a verifier key (vkey) is
-``NAME+HEX(KEYID)+BASE64(TYPE || PUBLIC KEY)``. Type 0x01 is Ed25519 over the
-note's text; type 0x04 is a witness's cosignature, Ed25519 over
-``cosignature/v1\\ntime T\\n`` followed by the checkpoint, carried as
-``KEYID || T (8 bytes, big-endian) || SIG``.
+signature: ``— NAME BASE64(KEYID || SIG)``. A verifier key (vkey) is
+``NAME+HEX(KEYID)+BASE64(TYPE || PUBLIC KEY)``. The signature types here:
+
+``0x01`` Ed25519 (RFC 8032) over the note's text; the public key is its 32
+         raw bytes, and the key ID the first four bytes of
+         ``SHA-256(NAME || 0x0A || 0x01 || PUBLIC KEY)``.
+``0x02`` ECDSA "as implemented by github.com/transparency-dev/witness"
+         (c2sp.org/signed-note, Signature types): the public key is the DER
+         SubjectPublicKeyInfo, on NIST P-256 (SHOULD), P-384 or P-521; the
+         signature is the ASN.1 DER ``ECDSA-Sig-Value`` over ``SHA-256(text)``
+         whatever the curve; and the key ID is the first four bytes of
+         ``SHA-256(SPKI DER)`` alone: neither the name nor the type byte is
+         hashed, unlike every other type (the spec's note on 0x02, and
+         transparency-dev/formats ``note/note_verifier.go``,
+         ``NewECDSAVerifier`` and ``keyHashECDSA``; the same in
+         transparency-dev/witness ``internal/note/note_verifier.go``). Its
+         known-answer vectors are Sigstore Rekor's and the Pixel 6 log's keys
+         and checkpoints in ``note/note_verifier_test.go`` there. ECDSA
+         signatures are randomized: two signatures of one text differ.
+``0x04`` a witness's cosignature, Ed25519 over ``cosignature/v1\\ntime T\\n``
+         followed by the checkpoint, carried as ``KEYID || T (8 bytes,
+         big-endian) || SIG``; key ID as for 0x01.
 
 A checkpoint's text is ``ORIGIN\\nSIZE\\nBASE64(ROOT)\\n`` and optional
 extension lines (c2sp.org/tlog-checkpoint §Note text).
@@ -24,10 +40,18 @@ import struct
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from cryptography.hazmat.primitives.serialization import (
+    Encoding,
+    PublicFormat,
+    load_der_public_key,
+)
 
 ED25519 = 0x01
+ECDSA_SHA256 = 0x02
 COSIGNATURE_V1 = 0x04
 DASH = "\u2014 "
 MAX_SIGNATURES = 100  # Go's note.Open refuses more; so does signerd
@@ -43,10 +67,37 @@ def _valid_name(name: str) -> str:
     return name
 
 
+# The curves c2sp.org/signed-note allows for type 0x02 (it MUST be one of them).
+_ECDSA_CURVES = (ec.SECP256R1, ec.SECP384R1, ec.SECP521R1)
+
+
 def key_id(name: str, sig_type: int, public_key: bytes) -> bytes:
-    """The 4-byte key ID of (name, signature type, public key) (c2sp.org/signed-note)."""
-    return hashlib.sha256(_valid_name(name).encode() + b"\n" + bytes([sig_type]) +
-                          public_key).digest()[:4]
+    """The 4-byte key ID of (name, signature type, public key) (c2sp.org/signed-note):
+    ``SHA-256(name || 0x0A || type || public key)[:4]``, except for ECDSA (0x02),
+    whose ID is ``SHA-256(SPKI DER)[:4]`` (see the module's docstring).
+    Raises NoteError for a name a note cannot carry."""
+    _valid_name(name)
+    if sig_type == ECDSA_SHA256:
+        return hashlib.sha256(public_key).digest()[:4]
+    return hashlib.sha256(name.encode() + b"\n" + bytes([sig_type]) + public_key).digest()[:4]
+
+
+def ecdsa_public_key(spki_der: bytes) -> ec.EllipticCurvePublicKey:
+    """The ECDSA key of a type 0x02 vkey's DER SubjectPublicKeyInfo. Raises
+    NoteError for bytes that are not a DER SPKI of a P-256, P-384 or P-521 key,
+    or not in the form DER fixes (named curve, uncompressed point): the key ID
+    hashes these very bytes, so a second encoding of one key is refused."""
+    try:
+        key = load_der_public_key(spki_der)
+    except (ValueError, UnsupportedAlgorithm):
+        raise NoteError("vkey: an ECDSA (type 0x02) key is a DER SubjectPublicKeyInfo") \
+            from None
+    if not isinstance(key, ec.EllipticCurvePublicKey) or \
+            not isinstance(key.curve, _ECDSA_CURVES):
+        raise NoteError("vkey: an ECDSA (type 0x02) key is on NIST P-256, P-384 or P-521")
+    if key.public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo) != spki_der:
+        raise NoteError("vkey: the ECDSA (type 0x02) key is not in its DER form")
+    return key
 
 
 @dataclass(frozen=True)
@@ -55,7 +106,7 @@ class Verifier:
 
     name: str
     sig_type: int
-    public_key: bytes  # raw 32-byte Ed25519 key
+    public_key: bytes  # raw 32-byte Ed25519 key; DER SPKI for ECDSA (0x02)
 
     @property
     def key_id(self) -> bytes:
@@ -79,8 +130,11 @@ class Verifier:
             want = bytes.fromhex(parts[1])
         except (binascii.Error, ValueError):
             raise NoteError("vkey: key ID or key is not hex/base64") from None
-        if len(blob) != 33 or blob[0] not in (ED25519, COSIGNATURE_V1):
-            raise NoteError("vkey: only Ed25519 keys (types 0x01 and 0x04) are supported")
+        if blob[:1] == bytes([ECDSA_SHA256]):
+            ecdsa_public_key(blob[1:])
+        elif len(blob) != 33 or blob[0] not in (ED25519, COSIGNATURE_V1):
+            raise NoteError("vkey: only Ed25519 (types 0x01 and 0x04) and ECDSA (type 0x02) "
+                            "keys are supported")
         verifier = cls(_valid_name(parts[0]), blob[0], blob[1:])
         if verifier.key_id != want:
             raise NoteError(f"vkey {parts[0]}: key ID {parts[1]} does not match its key")
@@ -88,7 +142,13 @@ class Verifier:
 
     def _check(self, signature: bytes, message: bytes) -> bool:
         try:
-            Ed25519PublicKey.from_public_bytes(self.public_key).verify(signature, message)
+            if self.sig_type == ECDSA_SHA256:
+                # DER ECDSA-Sig-Value over SHA-256 of the message (OpenSSL refuses a
+                # signature that is not in DER's one form).
+                ecdsa_public_key(self.public_key).verify(
+                    signature, message, ec.ECDSA(hashes.SHA256()))
+            else:
+                Ed25519PublicKey.from_public_bytes(self.public_key).verify(signature, message)
         except (InvalidSignature, ValueError):
             return False
         return True
@@ -145,8 +205,8 @@ class Note:
         return cls(text, tuple(sigs))
 
     def verified_by(self, verifier: Verifier) -> bool:
-        """Whether ``verifier`` signed this note (type 0x01). A line with its name and
-        key ID that does not verify makes the whole note bad: NoteError."""
+        """Whether ``verifier`` signed this note (type 0x01 or 0x02). A line with its
+        name and key ID that does not verify makes the whole note bad: NoteError."""
         for sig in self.signatures:
             if sig.name == verifier.name and sig.blob[:4] == verifier.key_id:
                 if not verifier._check(sig.blob[4:], self.text.encode()):
@@ -156,14 +216,20 @@ class Note:
 
 
 def sign_note(text: str, name: str, public_key: bytes,
-              sign: Callable[[bytes], bytes]) -> Note:
-    """A note of ``text`` signed with Ed25519 key ``public_key`` by ``sign`` (raw
-    64-byte signatures over the message: a token's CKM_EDDSA). Raises NoteError for
-    text a note cannot carry."""
+              sign: Callable[[bytes], bytes], sig_type: int = ED25519) -> Note:
+    """A note of ``text`` signed by ``sign`` with the key ``public_key`` of type
+    ``sig_type``: Ed25519 (0x01; ``sign`` returns the raw 64-byte signature of
+    the message, a token's CKM_EDDSA) or ECDSA (0x02; ``public_key`` is the DER
+    SPKI, ``sign`` returns a DER signature of the message's SHA-256). Raises
+    NoteError for text a note cannot carry, another type, or no signature."""
     if not text.endswith("\n") or "\n\n" in text or not text.strip():
         raise NoteError("note text is non-empty, ends in a newline and has no blank line")
-    kid = key_id(name, ED25519, public_key)
-    return Note(text, (Signature(name, kid + sign(text.encode())),))
+    if sig_type not in (ED25519, ECDSA_SHA256):
+        raise NoteError(f"a note is signed with type 0x01 or 0x02, not {sig_type:#04x}")
+    signature = sign(text.encode())
+    if not signature:
+        raise NoteError("the signer returned no signature")
+    return Note(text, (Signature(name, key_id(name, sig_type, public_key) + signature),))
 
 
 @dataclass(frozen=True)
