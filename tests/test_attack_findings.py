@@ -20,6 +20,7 @@ from signerd.client import channel
 from signerd.notary import signer_pb2 as npb
 from signerd.notary import signer_pb2_grpc as npb_grpc
 from signerd.v1 import signer_pb2 as pb
+from tests._postgres import postgres  # noqa: F401 - the fixture
 from tests.conftest import ADMIN, RUNNER, Daemon, unique_gun
 
 NOTARY_ID = "spiffe://test/notary-server"
@@ -252,3 +253,59 @@ def test_notary_client_reads_the_folded_twin_signerd_did_not_check(
     assert (past[0], hashes[0]) == (grpc.StatusCode.INVALID_ARGUMENT,) * 2, (
         f"signerd signed them; expireſ in the past -> {past[1]}; real snapshot hashes only "
         f"under hasheſ -> {hashes[1]}")
+
+
+def test_a_huge_version_does_not_mark_the_postgresql_store_unavailable(
+        hsm: Any, certs: Any, postgres: Any, tmp_path: Any) -> None:  # noqa: F811
+    """With ``[state] url = postgresql://…`` the same payload (version 2**63, a valid JSON
+    integer that no BIGINT holds) is answered UNAVAILABLE and turns the replica's gRPC
+    health NOT_SERVING and /readyz 503 ``{"unusable": ["state"]}``: any caller allowed to
+    sign with one metadata key can take replicas out of the load balancer at will."""
+    import socket
+
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from tests.conftest import daemon_config, start_daemon
+    cfg = daemon_config(hsm, certs, tmp_path / "d", policy=POLICY, metrics=True,
+                        server={"health_interval": 30})
+    cfg["state"] = {"url": postgres.url}
+    d = start_daemon(cfg, certs, tmp_path / "d")
+    try:
+        gun = unique_gun()
+        with d.client("runner") as c:
+            ci = c.create_key(gun, "targets/ci", "ecdsa-p256")
+        assert _sign(d, "runner", ci.key_id, _tuf_targets(1))[0] == grpc.StatusCode.OK
+        code, details = _sign(d, "runner", ci.key_id, _tuf_targets(2 ** 63))
+        ch = channel(d.client_config("admin"))
+        health = health_pb2_grpc.HealthStub(ch).Check(
+            health_pb2.HealthCheckRequest(service=""), timeout=5).status
+        ch.close()
+        with socket.create_connection(("127.0.0.1", d.servers.http.port)) as s:
+            s.sendall(b"GET /readyz HTTP/1.1\r\n\r\n")
+            readyz = s.recv(4096)
+        assert (code, health) == (grpc.StatusCode.INVALID_ARGUMENT,
+                                  health_pb2.HealthCheckResponse.SERVING), (
+            code, details, health, readyz.split(b"\r\n\r\n")[-1])
+    finally:
+        d.stop()
+
+
+# -- Finding 4: the metrics listener on a request with more than 100 headers ---------------
+
+
+def test_metrics_listener_answers_a_request_with_many_headers(
+        daemon_factory: Any, caplog: pytest.LogCaptureFixture) -> None:
+    """An unauthenticated peer's request of 101 short headers (1 KB, under the 8 KiB head
+    limit) makes http.client.parse_headers raise HTTPException, which HttpListener._serve
+    does not catch: no answer, and each such connection logs an ERROR traceback ("Task
+    exception was never retrieved")."""
+    import socket
+    d = daemon_factory(name="many-headers", policy=POLICY, metrics=True)
+    head = b"GET /livez HTTP/1.1\r\n" + b"".join(b"X%d: a\r\n" % i for i in range(101)) + b"\r\n"
+    with socket.create_connection(("127.0.0.1", d.servers.http.port), timeout=5) as s:
+        s.sendall(head)
+        answer = s.recv(4096)
+    import gc
+    gc.collect()  # asyncio reports an unretrieved task exception when the task is freed
+    assert answer.startswith(b"HTTP/1.1 4"), answer
+    assert "never retrieved" not in caplog.text
