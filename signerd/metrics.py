@@ -193,7 +193,7 @@ HTTP_REFUSED = Counter("signerd_http_connections_refused_total",
                        ["reason"])
 _MAX_HEAD = 8192  # bytes of request line and headers; a scrape sends a few hundred
 _REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
-            409: "Conflict", 422: "Unprocessable Entity",
+            409: "Conflict", 422: "Unprocessable Entity", 431: "Request Header Fields Too Large",
             503: "Service Unavailable"}
 
 
@@ -335,7 +335,12 @@ class HttpListener:
         if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
             return self._response(400, {"error": "bad request"}, head=False)
         method, target, _ = parts
-        headers = http.client.parse_headers(io.BytesIO(rest))
+        try:
+            headers = http.client.parse_headers(io.BytesIO(rest))
+        except http.client.HTTPException:  # over 100 header lines, or one too long
+            HTTP_REFUSED.labels("bad").inc()
+            return self._response(431, {"error": "request header fields too large"},
+                                  head=False)
         if method not in ("GET", "HEAD"):
             return self._response(405, {"error": "only GET"}, head=False)
         path = urllib.parse.urlsplit(target).path

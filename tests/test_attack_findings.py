@@ -60,7 +60,7 @@ def _tuf_targets(version: int = 1, **extra: Any) -> bytes:
     return text.encode()
 
 
-def _notary(body: dict[str, Any]) -> bytes:
+def _canon_notary(body: dict[str, Any]) -> bytes:
     return notary_canonical(body)
 
 
@@ -125,11 +125,11 @@ def test_a_delegated_key_cannot_widen_its_own_delegation(daemon: Daemon,
              "terminating": True}]})
         outside = _tuf_targets(2, targets={"release/app": TARGET})
     else:
-        top = _notary({"_type": "Targets", "version": 1, "expires": _expires(30),
+        top = _canon_notary({"_type": "Targets", "version": 1, "expires": _expires(30),
                        "targets": {}, "delegations": {"keys": {}, "roles": [
                            {"name": "targets/ci", "keyids": [], "threshold": 1,
                             "paths": ["ci/"]}]}})
-        outside = _notary({"_type": "Targets", "version": 2, "expires": _expires(30),
+        outside = _canon_notary({"_type": "Targets", "version": 2, "expires": _expires(30),
                            "targets": {"release/app": TARGET}})
     assert _sign(daemon, "admin", parent.key_id, top)[0] == grpc.StatusCode.OK
     before = _sign(daemon, "runner", ci.key_id, outside)
@@ -156,7 +156,7 @@ def _timestamp(version: int, **extra: Any) -> bytes:
         "meta": {"snapshot": {"length": 10, "hashes": {
             "sha256": _b64(hashlib.sha256(b"snapshot").digest())}}}}
     body.update(extra)
-    return _notary(body)
+    return _canon_notary(body)
 
 
 @pytest.mark.parametrize("field,value", [

@@ -312,3 +312,58 @@ def test_guard_opens_the_configured_sqlite_store(tmp_path: Path) -> None:
     assert (tmp_path / "st" / "w.db").exists()
     assert g.reset(GUN) == 1 and g.versions(GUN) == []
     g.check_and_record(GUN, "timestamp", n_timestamp(1), NOW)  # reset: lower is fine again
+
+
+# -- spellings Go reads as a checked field (attack session, finding 2) ----------------------
+
+def _respell(payload: bytes, path: tuple[str, ...], key: str, value: object) -> bytes:
+    """``payload`` (canonical JSON) with ``key: value`` added in the object at ``path``,
+    re-encoded canonically in the payload's own format (Notary's or TUF's)."""
+    from securesystemslib.formats import encode_canonical as olpc
+
+    from signerd.canonicaljson import encode_canonical as notary
+
+    doc = json.loads(payload, strict=False)
+    obj = doc
+    for part in path:
+        obj = obj[part]
+    obj[key] = value
+    if doc["_type"][0].isupper():
+        return notary(doc)
+    text = olpc(doc)
+    assert isinstance(text, str)
+    return text.encode()
+
+
+@pytest.mark.parametrize("make,path,key,value", [
+    (n_timestamp, (), "expire\u017f", "2099-01-01T00:00:00Z"),  # 'ſ' folds to 's'
+    (n_timestamp, (), "EXPIRES", "2099-01-01T00:00:00Z"),
+    (n_timestamp, (), "Version", 1),
+    (n_timestamp, ("meta", "snapshot"), "hashe\u017f", {"sha256": "AA=="}),
+    (n_targets, (), "\u212aeys", {}),  # KELVIN SIGN folds to 'k'
+    (t_timestamp, (), "VERSION", 1),
+    (t_snapshot, ("meta", "targets.json"), "Version", 1),
+    (t_targets, (), "Delegations", {"keys": {}, "roles": []}),
+], ids=["notary-expires-long-s", "notary-EXPIRES", "notary-Version", "notary-meta-hashes",
+        "notary-kelvin-keys", "tuf-VERSION", "tuf-meta-Version", "tuf-Delegations"])
+def test_another_spelling_of_a_checked_field_is_refused(tmp_path: Path, make: object,
+                                                        path: tuple[str, ...], key: str,
+                                                        value: object) -> None:
+    """Go's encoding/json (notary, go-tuf) fills a struct field from any key equal to its
+    name under Unicode case folding, the last one winning; such a key beside (or instead
+    of) the exact one would be checked under one reading and trusted under the other."""
+    assert callable(make)
+    payload = _respell(make(), path, key, value)
+    with pytest.raises(InvalidArgument, match="another spelling of"):
+        guard(tmp_path / "w.db").check_and_record(GUN, "timestamp" if b"imestamp" in payload
+                                                  else "snapshot" if b"napshot" in payload
+                                                  else "targets", payload, NOW)
+
+
+def test_map_keys_keep_their_case(tmp_path: Path) -> None:
+    """Target and file names are map keys, which Go matches exactly: a tag ``Version`` beside
+    ``version`` is two targets, and signs."""
+    g = guard(tmp_path / "w.db")
+    outcome = g.check_and_record(GUN, "targets", n_targets(1, ("Version", "version", "EXPIRES")),
+                                 NOW)
+    assert outcome.checked

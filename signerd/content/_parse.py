@@ -162,10 +162,57 @@ def _tuf_meta_role(name: str) -> str:
     return stem if stem in ("root", "targets", "snapshot", "timestamp") else f"targets/{stem}"
 
 
+# The largest version any client holds: notary and go-tuf read versions as Go's int64, and
+# the watermark stores keep them in a 64-bit column (PostgreSQL BIGINT, SQLite INTEGER).
+MAX_VERSION = 2**63 - 1
+
+
 def _int(value: Any, what: str) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise _invalid("structure", f"{what} must be a whole number of at least 1")
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= MAX_VERSION:
+        raise _invalid("structure", f"{what} must be a whole number from 1 to 2^63-1")
     return value
+
+
+# The field names of the structures notary (Go) and go-tuf decode metadata into. Go's
+# encoding/json matches an object's keys to these without regard to case, Unicode simple
+# folding included ("expireſ", U+017F, and "EXPIRES" both fill Expires; the last such key
+# wins), while signerd reads the exact names. A payload with such a spelling would be
+# checked under one reading and trusted under another, so it is refused. Objects that
+# Go decodes as maps (target names, meta file names, key IDs, role names, hash names) keep
+# their keys as they are, and "custom" is opaque: neither is matched.
+# Sources: notary tuf/data/{types,root,targets,snapshot,timestamp}.go; go-tuf data/types.go.
+_STRUCT_FIELDS = frozenset({
+    "_type", "spec_version", "version", "expires", "consistent_snapshot", "keys", "roles",
+    "targets", "delegations", "meta", "length", "hashes", "custom", "keyids", "threshold",
+    "name", "paths", "path_hash_prefixes", "terminating", "keytype", "keyval", "public",
+    "private", "scheme", "keyid_hash_algorithms",
+})
+_MAPS = frozenset({"targets", "meta", "keys", "hashes"})  # keys are names, values structs
+
+
+def _check_spelling(value: Any, *, is_map: bool = False, depth: int = 0) -> None:
+    """Refuse a key of a struct-shaped object that Go would read as a field signerd reads
+    under another spelling (see _STRUCT_FIELDS). Raises ContentInvalid."""
+    if depth > 32:  # canonicalisation has refused anything deeper that matters
+        return
+    if isinstance(value, list):
+        for item in value:
+            _check_spelling(item, depth=depth + 1)
+        return
+    if not isinstance(value, dict):
+        return
+    for key, item in value.items():
+        if not is_map:
+            folded = key.casefold()
+            if folded in _STRUCT_FIELDS and key != folded:
+                raise _invalid("structure", f"key {key[:32]!r} is another spelling of "
+                                            f"{folded!r}, which Go clients would read as it")
+            if key == "custom":
+                continue
+            # "roles" is a map in root and a list in delegations: both are walked.
+            _check_spelling(item, is_map=key in _MAPS or key == "roles", depth=depth + 1)
+        else:
+            _check_spelling(item, depth=depth + 1)  # a map's values are structs
 
 
 def _strings(value: Any, what: str) -> tuple[str, ...]:
@@ -174,7 +221,7 @@ def _strings(value: Any, what: str) -> tuple[str, ...]:
     return tuple(value)
 
 
-def _parse_tuf(value: dict[str, Any], typ: str, digest: str) -> Parsed:
+def _parse_tuf(value: dict[str, Any], typ: str, role: str, digest: str) -> Parsed:
     spec = value.get("spec_version")
     if not isinstance(spec, str) or spec.split(".")[0] != "1":
         raise _invalid("structure", "TUF metadata needs spec_version 1.x")
@@ -207,16 +254,23 @@ def _parse_tuf(value: dict[str, Any], typ: str, digest: str) -> Parsed:
         roles = dele.get("roles", []) if isinstance(dele, dict) else []
         if dele is not None and not isinstance(roles, list):
             raise _invalid("structure", "delegations.roles must be a list")
-        for role in roles:
-            name = role.get("name") if isinstance(role, dict) else None
+        for entry in roles:
+            name = entry.get("name") if isinstance(entry, dict) else None
             if not isinstance(name, str):
                 raise _invalid("structure", "every delegated role needs a name")
-            delegations[f"targets/{name}"] = Delegation(
+            child = Delegation(
                 Format.TUF,
-                _strings(role.get("paths", []), f"delegation {name!r} paths"),
-                _strings(role.get("path_hash_prefixes", []),
+                _strings(entry.get("paths", []), f"delegation {name!r} paths"),
+                _strings(entry.get("path_hash_prefixes", []),
                          f"delegation {name!r} path_hash_prefixes"),
             )
+            # TUF's delegated role names are flat (targets/ci's child "x" is "x", like
+            # targets' child "ci"), so signerd cannot tell from a name who may set its
+            # paths. Only the top-level targets role's delegations are recorded: a
+            # delegated key must not (re)define its own paths or a sibling's. Deeper TUF
+            # delegations are checked against no recorded paths (README, known limits).
+            if role == "targets":
+                delegations[f"targets/{name}"] = child
     return Parsed(Format.TUF, typ, version, expires, digest, tuple(meta), targets,
                   MappingProxyType(delegations))
 
@@ -229,6 +283,7 @@ def _parse_notary(value: dict[str, Any], typ: str, role: str, digest: str) -> Pa
         signed = notary.parse_signed(file_role, value)
     except VerificationError as e:
         raise _invalid("structure", f"not valid Notary metadata: {e}") from None
+    _int(signed.version, "version")
     meta: tuple[MetaRef, ...] = ()
     targets: tuple[str, ...] = ()
     delegations: dict[str, Delegation] = {}
@@ -264,7 +319,8 @@ def parse_payload(payload: bytes, role: str) -> Parsed:
     if _canonical(value, fmt) != payload:
         rules = "Notary's" if fmt is Format.NOTARY else "TUF's (OLPC)"
         raise _invalid("canonical", f"payload is not canonical JSON under {rules} rules")
+    _check_spelling(value)
     digest = hashlib.sha256(payload).hexdigest()
     if fmt is Format.TUF:
-        return _parse_tuf(value, typ, digest)
+        return _parse_tuf(value, typ, role, digest)
     return _parse_notary(value, typ, role, digest)

@@ -55,14 +55,19 @@ def is_metadata(payload: bytes) -> bool:
     Cheap for what is not JSON: only a payload that starts with ``{`` and holds
     ``"_type"`` is parsed.
     """
-    if not payload.lstrip()[:1] == b"{" or b'"_type"' not in payload:
+    if not payload.lstrip()[:1] == b"{" or b'"_type"' not in payload.lower():
         return False
     try:
         value = json.loads(payload)
     except (ValueError, UnicodeDecodeError, RecursionError):
         return False
-    kind = value.get("_type") if isinstance(value, dict) else None
-    return isinstance(kind, str) and (kind in NOTARY_TYPES or kind in TUF_TYPES)
+    if not isinstance(value, dict):
+        return False
+    # Any spelling Go's encoding/json reads as "_type" ("_TYPE", "_Type"...) counts: notary
+    # and go-tuf clients match keys without regard to case (signerd.content._parse).
+    kinds = [v for k, v in value.items() if k.casefold() == "_type"]
+    return any(isinstance(kind, str) and (kind in NOTARY_TYPES or kind in TUF_TYPES)
+               for kind in kinds)
 
 
 def _tbs_certificate(payload: bytes) -> asn1x509.TbsCertificate | None:
