@@ -1,4 +1,5 @@
-"""Findings of an attack session: each test fails on the signerd it was written against.
+"""Findings of an attack session (on main at d0496ca, where each of these failed); they now
+guard the fixes.
 
 Real daemon, real mutual TLS, real SoftHSM token, no mocks (tests/conftest.py's daemon).
 """
