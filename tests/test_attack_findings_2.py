@@ -29,7 +29,7 @@ from tests.test_attack_findings import _sign, _tuf_targets, daemon  # noqa: F401
 # -- Finding 1: a raw key signs TUF metadata whose canonical form holds a control character ---
 
 
-def test_a_raw_key_does_not_sign_tuf_metadata_holding_a_newline(daemon: Daemon) -> None:
+def test_a_raw_key_does_not_sign_tuf_metadata_holding_a_newline(daemon: Daemon) -> None:  # noqa: F811 - the fixture
     """A raw key "never signs a payload that is a TUF or Notary signed object". The guard
     recognises metadata with ``json.loads`` in its strict mode, which refuses the raw
     control characters that OLPC canonical JSON (what python-tuf signs) leaves unescaped in
@@ -59,7 +59,7 @@ def test_a_raw_key_does_not_sign_tuf_metadata_holding_a_newline(daemon: Daemon) 
 # -- Finding 2: idle SignStream calls of an identity without any rule shut out everyone ------
 
 
-def test_idle_streams_of_a_stranger_do_not_shut_signstream_for_others(daemon: Daemon) -> None:
+def test_idle_streams_of_a_stranger_do_not_shut_signstream_for_others(daemon: Daemon) -> None:  # noqa: F811 - the fixture
     """Open streams are bounded server-wide (half of ``threads``: 8 here) with no bound per
     identity and no idle timeout, and the slot is taken before the policy is asked. An
     identity that the policy grants nothing (``nobody``) opens 8 SignStream calls and sends
@@ -98,7 +98,7 @@ def test_idle_streams_of_a_stranger_do_not_shut_signstream_for_others(daemon: Da
 
 
 def test_unknown_key_ids_of_a_stranger_do_not_starve_a_replicas_new_key(
-        daemon: Daemon, daemon_factory: Any) -> None:
+        daemon: Daemon, daemon_factory: Any) -> None:  # noqa: F811 - the fixture
     """A key ID this process has not listed is searched on the token under one lock per
     token, before the policy is asked. While any process writes the token's objects (here
     the runner creating targets/ci keys, as CI runners do), SoftHSM's generation watch makes
@@ -164,7 +164,7 @@ def _tbs(spki_der: bytes, cn: str, extensions: list[dict[str, Any]] | None = Non
     }).dump()
 
 
-def test_a_root_metadata_key_signs_only_a_plain_root_certificate(daemon: Daemon) -> None:
+def test_a_root_metadata_key_signs_only_a_plain_root_certificate(daemon: Daemon) -> None:  # noqa: F811 - the fixture
     """A root metadata key signs "the TBSCertificate of its own root certificate" (Notary's
     template: CA:false, digitalSignature+keyEncipherment, codeSigning). Only the SPKI, the
     self-issue and the CN are checked, so the root key signs a self-issued certificate that
