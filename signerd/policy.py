@@ -397,6 +397,20 @@ class Policy:
             for r in self.rules
         )
 
+    def grants_anything(self, identity: Identity, transport: str,
+                        operation: str | None = None) -> bool:
+        """Whether some rule grants ``identity`` over ``transport`` anything
+        (``operation``, when given) on any key: a caller for whom this is
+        False may be refused without looking at a key or a token at all."""
+        if (not identity.name or transport not in TRANSPORTS
+                or (transport == "tcp" and identity.kind == "uid")):
+            return False
+        return any(
+            transport in r.transports and (operation is None or operation in r.operations)
+            and r._identities.match(identity)
+            for r in self.rules
+        )
+
 
 class PolicyStore:
     """Holds the current :class:`Policy` and swaps it on reload (SIGHUP).

@@ -81,6 +81,13 @@ class Scope:
         )
         return self.policy.decide(req).allowed
 
+    def may_search(self) -> bool:
+        """Whether a key ID this process has not listed is worth a token
+        search for this caller: some rule grants it something on some key.
+        A stranger's misses (NoSuchKey either way) then cost no search, and
+        cannot queue other callers' lookups behind theirs."""
+        return self.policy.grants_anything(self.caller.identity, self.caller.transport)
+
     def allowed_token(self, token: str) -> bool:
         """Whether the caller may do this operation on some key of ``token``."""
         return self.policy.grants_on_token(Request(
@@ -218,19 +225,30 @@ class Gate:
         """Count a streaming call as open for its whole life, open or idle:
         at most ``admission.max_streams`` of all identities (half of
         server.threads, as in the threads engine each holds a handler thread
-        that long). Past it the call is audited and refused RESOURCE_EXHAUSTED at once
+        that long), and at most all but a quarter of those of one identity. Past either, or
+        for an identity no rule grants ``operation`` on any key (PERMISSION_DENIED,
+        before a slot is held), the call is audited and refused at once
         (context.abort raises). An open stream holds no work slot: each of
         its requests waits for one as a unary request does (run_items)."""
         start = time.perf_counter()
-        try:
-            self.admission.open_stream()
-        except ResourceExhausted as e:
-            self._refuse_call(context, operation, e, start, caller)
-            raise AssertionError("unreachable: context.abort raises") from None
+        who = caller.identity
+        error: SignerdError | None = None
+        if not self.policy.current.grants_anything(who, caller.transport, operation):
+            error = PermissionDenied(
+                f"identity {quoted(str(who))} may not {operation} anything over "
+                f"{caller.transport}: no rule grants it")
+        else:
+            try:
+                self.admission.open_stream(who)
+            except ResourceExhausted as e:
+                error = e
+        if error is not None:
+            self._refuse_call(context, operation, error, start, caller)
+            raise AssertionError("unreachable: context.abort raises")
         try:
             yield
         finally:
-            self.admission.close_stream()
+            self.admission.close_stream(who)
 
     def decide(self, caller: Caller, operation: str, payload: bytes,
                work: Callable[[Scope], T], context: Any = None,

@@ -65,15 +65,16 @@ class KeyCatalog:
                 return entry
         return None
 
-    def get_key(self, key_id: str) -> KeyEntry:
-        """Key ``key_id`` (hex), asking the tokens if none listed it yet.
-        Raises InvalidArgument, NoSuchKey, Unavailable (a token is down and
-        the key is on no other)."""
+    def get_key(self, key_id: str, search: bool = True) -> KeyEntry:
+        """Key ``key_id`` (hex), asking the tokens if none listed it yet (not
+        with ``search`` False: for a caller who may use no key, a miss must
+        not cost a token search). Raises InvalidArgument, NoSuchKey,
+        Unavailable (a token is down and the key is on no other)."""
         kid = validate_key_id(key_id)
         entry = self.lookup(kid)
         down: Unavailable | None = None
         for t in self.tokens.values():
-            if entry is not None:
+            if entry is not None or not search:
                 break
             try:  # made by another daemon or worker since we listed the token
                 entry = t.lookup(kid)

@@ -25,7 +25,9 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from asn1crypto import x509 as asn1x509
 
@@ -57,8 +59,9 @@ def is_metadata(payload: bytes) -> bool:
     """
     if not payload.lstrip()[:1] == b"{" or b'"_type"' not in payload.lower():
         return False
-    try:
-        value = json.loads(payload)
+    try:  # as leniently as the content checks parse (TUF's canonical form leaves
+        # control characters such as a PEM key's newlines unescaped inside strings)
+        value = json.loads(payload, strict=False)
     except (ValueError, UnicodeDecodeError, RecursionError):
         return False
     if not isinstance(value, dict):
@@ -87,9 +90,11 @@ def _common_names(name: asn1x509.Name) -> list[str]:
         if isinstance(name.native, dict) else []
 
 
-def check_root_certificate(entry: KeyEntry, tbs: asn1x509.TbsCertificate) -> None:
-    """Raise ContentInvalid('certificate') unless metadata key ``entry`` may sign ``tbs``:
-    a root key's own, self-issued certificate whose subject CN is exactly its GUN."""
+def check_root_certificate(entry: KeyEntry, tbs: asn1x509.TbsCertificate,
+                           payload: bytes) -> None:
+    """Raise ContentInvalid('certificate') unless metadata key ``entry`` may sign ``tbs``
+    (parsed from ``payload``): a root key's own, self-issued certificate whose subject CN
+    is exactly its GUN, in DER, with no extension but a signing leaf's (_ROOT_EXTENSIONS)."""
     def refuse(why: str) -> ContentInvalid:
         return ContentInvalid("certificate", f"a metadata key signs only its own root "
                                              f"certificate: {why}")
@@ -103,6 +108,27 @@ def check_root_certificate(entry: KeyEntry, tbs: asn1x509.TbsCertificate) -> Non
     cns = _common_names(tbs["subject"])
     if cns != [entry.gun]:
         raise refuse(f"its subject CN must be the GUN {quoted(entry.gun)}")
+    if tbs.dump(force=True) != payload:
+        raise refuse("the TBSCertificate is not in DER")
+    for ext in tbs["extensions"] or []:
+        name = ext["extn_id"].native
+        allowed = _ROOT_EXTENSIONS.get(name)
+        if allowed is None or not allowed(ext["extn_value"].parsed.native):
+            raise refuse(f"a root certificate (a signing leaf) does not carry "
+                         f"{str(name)[:64]} as asked")
+
+
+# The extensions of a root certificate as Notary and signerd make them (notary
+# tuf/utils/x509.go NewCertificate; signerd.trust.x509): a leaf, for signing only. Nothing
+# else is signed, above all no CA certificate and no names that could pass for a TLS
+# identity.
+_ROOT_EXTENSIONS: dict[str, Callable[[Any], bool]] = {
+    "key_usage": lambda v: set(v) <= {"digital_signature", "key_encipherment"},
+    "extended_key_usage": lambda v: set(v) <= {"code_signing"},
+    "basic_constraints": lambda v: not v.get("ca") and v.get("path_len_constraint") is None,
+    "key_identifier": lambda v: True,
+    "authority_key_identifier": lambda v: True,
+}
 
 
 class SigningGuard:
@@ -139,7 +165,7 @@ class SigningGuard:
                                                     "content": {"checked": False}})
         tbs = _tbs_certificate(payload)
         if tbs is not None and self.content.applies(entry.gun):
-            check_root_certificate(entry, tbs)
+            check_root_certificate(entry, tbs, payload)
             return Verdict(_CERTIFICATE, {"purpose": "metadata",
                                           "content": {"type": "certificate"}})
         try:

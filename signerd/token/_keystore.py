@@ -39,8 +39,9 @@ LISTING_WAIT = 60.0  # seconds a lookup waits for the first listing before searc
 # Pauses (seconds) before searching again for a key a search missed while another process
 # was writing the token's objects (SoftHSM 2.6.1 skips an object whose file another process
 # is rewriting, e.g. a key's metadata as it is marked used): a real miss costs one search
-# when nobody writes, and at most these pauses more when somebody does.
-MISS_RETRIES = (0.05, 0.2, 0.5)
+# when nobody writes, and two more after these pauses when somebody does. The pauses are
+# taken outside the miss lock, so they delay no other caller's lookup.
+MISS_RETRIES = (0.05, 0.2)
 WRITE_WINDOW = 1.0  # seconds after another process's write during which a miss is doubted
 
 
@@ -138,27 +139,26 @@ class KeyStore:
         every key anyway) rather than searching beside it."""
         if not self._listed.is_set() and self._lister is not None:
             self._listed.wait(LISTING_WAIT)
-        with self._miss_lock:
-            entry = self._keys.get(kid)
-            if entry is not None:
-                return entry
 
-            def find(s: Any) -> dict[KeyID, KeyEntry]:
-                return self._read(s, kid)
+        def find(s: Any) -> dict[KeyID, KeyEntry]:
+            return self._read(s, kid)
 
-            pauses = iter(MISS_RETRIES)
-            while True:
+        for pause in (*MISS_RETRIES, None):
+            with self._miss_lock:
+                entry = self._keys.get(kid)
+                if entry is not None:
+                    return entry
                 found: dict[KeyID, KeyEntry] = self._health.run(
                     "key lookup", find, self._slot.locks.searches.shared)
                 entry = found.get(kid)
-                pause = next(pauses, None)
-                if entry is not None or pause is None or not self._others_writing():
-                    break
-                time.sleep(pause)  # another process's write may have hidden the key
-            if entry is not None:
-                with self._lock:
-                    self._keys[kid] = entry
-            return entry
+                if entry is not None:
+                    with self._lock:
+                        self._keys[kid] = entry
+                    return entry
+            if pause is None or not self._others_writing():
+                return None
+            time.sleep(pause)  # another process's write may have hidden the key
+        return None
 
     def known(self, kid: KeyID) -> KeyEntry:
         """Key ``kid``, from the index or the token. Raises NotFound, Unavailable."""
