@@ -121,6 +121,49 @@ def test_notary_file_hashes_map_to_versions_across_restarts(state_url: str) -> N
     g.close()
 
 
+def test_check_records_nothing_and_record_maps_the_signed_file(state_url: str) -> None:
+    """check() only reads; record() with the signature records the version and the hash
+    of the file that signature makes, in its one transaction (no note_signature)."""
+    from signerd.trust.metadata import Signature
+    from tests.test_content import SIG, notary_file
+
+    g = _guard(state_url)
+    snap4 = g.check(GUN, "snapshot", n_snapshot(4), NOW)
+    assert snap4 is not None and g.versions(GUN) == []  # checked, nothing recorded
+    g.record(snap4, Signature("ab" * 32, "ecdsa", SIG))
+    snap5 = g.check(GUN, "snapshot", n_snapshot(5), NOW)
+    assert snap5 is not None
+    g.record(snap5, Signature("ab" * 32, "ecdsa", SIG))
+    g.check_and_record(GUN, "timestamp", n_timestamp(1, notary_file(n_snapshot(5))), NOW)
+    g.close()
+    g = _guard(state_url)
+    with pytest.raises(ContentStale, match="snapshot version 4, below version 5"):
+        g.check(GUN, "timestamp", n_timestamp(2, notary_file(n_snapshot(4))), NOW)
+    assert [(s.role, s.version) for s in g.versions(GUN)] == [("snapshot", 5), ("timestamp", 1)]
+    g.close()
+
+
+def test_a_check_overtaken_by_another_replica_is_refused_at_record(state_url: str) -> None:
+    """Between check (before the token signs) and record (before the signature is
+    returned) another replica records a higher version: record refuses and records
+    nothing, neither the version nor the file hash of the signature that is dropped."""
+    from signerd.trust.metadata import Signature
+    from tests.test_content import SIG, notary_file
+
+    a, b = _guard(state_url), _guard(state_url)
+    checked = a.check(GUN, "snapshot", n_snapshot(5), NOW)
+    assert checked is not None
+    b.check_and_record(GUN, "snapshot", n_snapshot(6), NOW)
+    with pytest.raises(ContentStale, match="snapshot version 5 is below version 6"):
+        a.record(checked, Signature("ab" * 32, "ecdsa", SIG))
+    assert [(s.role, s.version) for s in a.versions(GUN)] == [("snapshot", 6)]
+    # The dropped signature's file is unknown: a timestamp naming it is not mapped to 5.
+    out = a.check_and_record(GUN, "timestamp", n_timestamp(1, notary_file(n_snapshot(5))), NOW)
+    assert out.unchecked == ("freeze:snapshot",)
+    a.close()
+    b.close()
+
+
 def _monotone(accepted: list[tuple[int, int]]) -> None:
     versions = [v for _, v in sorted(accepted)]
     assert versions, "nothing was accepted"

@@ -4,7 +4,8 @@ Each compare-and-set is one ``BEGIN IMMEDIATE`` transaction: SQLite's write lock
 before the watermark is read, so two processes (``workers = N``, or two daemons on one
 host) sharing the file are serialised. WAL journal and ``synchronous = FULL``: a commit is
 on disk before the signature is returned. One connection per store, used under a lock
-(the transaction is a few statements; SQLite serialises writers anyway).
+(the transaction is a few statements; SQLite serialises writers anyway). The check before
+signing (``previous``) reads outside any transaction: in WAL mode it waits for no writer.
 """
 
 from __future__ import annotations
@@ -69,6 +70,20 @@ class SqliteStore(SqlStore):
                 raise StateUnavailable(f"state database {self.path}: {e}") from None
             finally:
                 cur.close()
+
+    @contextmanager
+    def _read(self) -> Iterator[sqlite3.Cursor]:
+        # No transaction: each SELECT reads on its own, and in WAL mode a reader takes no
+        # lock a writer waits for (SqlStore.previous: a check ahead of the compare-and-set).
+        with self._lock:
+            try:
+                cur = self._db.cursor()
+                try:
+                    yield cur
+                finally:
+                    cur.close()
+            except sqlite3.Error as e:
+                raise StateUnavailable(f"state database {self.path}: {e}") from None
 
     def close(self) -> None:
         """Close the connection."""

@@ -62,11 +62,19 @@ class WatermarkStore(Protocol):
     Every method raises StateUnavailable when the database cannot be used.
     """
 
+    def previous(self, gun: str, role: str, hashes: Sequence[tuple[str, str]]) -> Previous:
+        """What is recorded now for ``gun``/``role`` (``file_versions`` for ``hashes``,
+        pairs of referenced role and SHA-256 hex), read without taking the GUN's lock and
+        without writing: a check ahead of :meth:`compare_and_set`, never instead of it."""
+        ...
+
     def compare_and_set(self, gun: str, role: str, hashes: Sequence[tuple[str, str]],
-                        decide: Decide, now: datetime) -> Update:
+                        decide: Decide, now: datetime, file_sha256: str | None = None) -> Update:
         """Under the GUN's lock: load ``Previous`` (with ``file_versions`` for ``hashes``,
         pairs of referenced role and SHA-256 hex), call ``decide``, record its Update and
-        commit. An exception from ``decide`` rolls back and propagates."""
+        commit. ``file_sha256``: also remember, in the same transaction, that the file of
+        ``role`` with this SHA-256 hex is the Update's version (see :meth:`record_file`).
+        An exception from ``decide`` rolls back and propagates: nothing is recorded."""
         ...
 
     def record_file(self, gun: str, role: str, sha256: str, version: int) -> None:
@@ -202,17 +210,29 @@ class SqlStore:
     def _transaction(self) -> AbstractContextManager[Cursor]:
         raise NotImplementedError
 
+    def _read(self) -> AbstractContextManager[Cursor]:
+        """A cursor for reads only, which take no lock (the subclasses read without a
+        transaction)."""
+        return self._transaction()
+
     def _lock_gun(self, cur: Cursor, gun: str) -> None:
         """Hold GUN ``gun`` for the rest of the transaction. SQLite's ``BEGIN
         IMMEDIATE`` already holds the whole database: nothing to do."""
 
+    def previous(self, gun: str, role: str, hashes: Sequence[tuple[str, str]]) -> Previous:
+        """See WatermarkStore.previous."""
+        with self._read() as cur:
+            return self._sql.load(cur, gun, role, hashes)
+
     def compare_and_set(self, gun: str, role: str, hashes: Sequence[tuple[str, str]],
-                        decide: Decide, now: datetime) -> Update:
+                        decide: Decide, now: datetime, file_sha256: str | None = None) -> Update:
         """See WatermarkStore.compare_and_set."""
         with self._transaction() as cur:
             self._lock_gun(cur, gun)
             update = decide(self._sql.load(cur, gun, role, hashes))
             self._sql.apply(cur, gun, role, update, now)
+            if file_sha256 is not None:
+                self._sql.record_file(cur, gun, role, file_sha256, update.version)
         return update
 
     def record_file(self, gun: str, role: str, sha256: str, version: int) -> None:
