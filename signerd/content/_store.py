@@ -130,26 +130,36 @@ class Sql:
 
     def load(self, cur: Cursor, gun: str, role: str,
              hashes: Sequence[tuple[str, str]]) -> Previous:
-        """What the checks need, read inside the caller's locked transaction."""
-        cur.execute(self.q("SELECT version, digest FROM watermarks WHERE gun = ? AND role = ?"),
-                    (gun, role))
-        row = cur.fetchone()
-        mark = Watermark(int(row[0]), str(row[1])) if row else None
-        cur.execute(self.q("SELECT name, version FROM meta_watermarks WHERE gun = ? AND role = ?"),
-                    (gun, role))
-        meta = {str(n): int(v) for n, v in cur.fetchall()}
+        """What the checks need, read inside the caller's locked transaction (or, for
+        ``previous``, outside any). One statement, so one round trip to PostgreSQL: the
+        four tables' rows, each tagged with its table (w, m, f, d)."""
+        parts = ["SELECT 'w', version, digest, '' FROM watermarks WHERE gun = ? AND role = ?",
+                 "SELECT 'm', version, name, '' FROM meta_watermarks WHERE gun = ? AND role = ?",
+                 "SELECT 'd', 0, paths, '' FROM delegations WHERE gun = ? AND role = ?"]
+        params: list[object] = [gun, role, gun, role, gun, role]
+        if hashes:
+            wanted = " OR ".join(["(role = ? AND sha256 = ?)"] * len(hashes))
+            # ``wanted`` is placeholders only; the values go as parameters.
+            parts.append(f"SELECT 'f', version, sha256, role FROM file_versions "  # noqa: S608
+                         f"WHERE gun = ? AND ({wanted})")
+            params.append(gun)
+            for file_role, sha in hashes:
+                params += [file_role, sha]
+        cur.execute(self.q(" UNION ALL ".join(parts)), params)
+        mark: Watermark | None = None
+        meta: dict[str, int] = {}
         files: dict[tuple[str, str], int] = {}
-        for file_role, sha in hashes:
-            cur.execute(self.q("SELECT version FROM file_versions WHERE gun = ? AND role = ? "
-                               "AND sha256 = ?"), (gun, file_role, sha))
-            found = cur.fetchone()
-            if found:
-                files[(file_role, sha)] = int(found[0])
-        cur.execute(self.q("SELECT paths FROM delegations WHERE gun = ? AND role = ?"),
-                    (gun, role))
-        drow = cur.fetchone()
-        return Previous(mark, MappingProxyType(meta), MappingProxyType(files),
-                        Delegation.from_json(str(drow[0])) if drow else None)
+        delegation: Delegation | None = None
+        for table, version, text, extra in cur.fetchall():
+            if table == "w":
+                mark = Watermark(int(version), str(text))
+            elif table == "m":
+                meta[str(text)] = int(version)
+            elif table == "f":
+                files[(str(extra), str(text))] = int(version)
+            else:
+                delegation = Delegation.from_json(str(text))
+        return Previous(mark, MappingProxyType(meta), MappingProxyType(files), delegation)
 
     def apply(self, cur: Cursor, gun: str, role: str, update: Update, now: datetime) -> None:
         """Record ``update`` (only ever raising versions) inside the caller's transaction."""
