@@ -3,6 +3,7 @@ PostgreSQL, measured in alternation (issue 23's second benchmark).
 
     python -m bench.content_load [--rounds 5] [--duration 4] [--callers 16]
                                  [--json bench/results/content-load-latest.json]
+                                 [--against /tmp/before]
 
 About 100 s with the defaults, 40 s of it starting PostgreSQL, tokens and daemons. Three
 signerd daemons, each started as users run it (``signerd serve``, mutual TLS, policy,
@@ -21,9 +22,15 @@ timestamp key made through Notary's ``CreateKey``, and signs Notary timestamps a
 notary-server does: canonical JSON (Notary's rules), ``expires`` 14 days ahead (notary's
 default), ``meta.snapshot`` naming a new snapshot hash each time, and the version one
 higher than its last, continuing across rounds. So each signature with the checks on is a
-check, a compare-and-set that raises the GUN's watermark, and a second write: the hash of
-the file made (the freeze check's map). Callers never share a GUN, so PostgreSQL's row
-locks never make them wait for each other; SQLite's write lock is one per file.
+check against the recorded state, then a compare-and-set that raises the GUN's watermark
+and records the hash of the file made (the freeze check's map), one transaction. Callers
+never share a GUN, so PostgreSQL's row locks never make them wait for each other; SQLite's
+write lock is one per file.
+
+``--against TREE`` adds two variants, ``sqlite@before`` and ``postgresql@before``: the same
+as ``sqlite`` and ``postgresql`` but running the signerd of another checkout (``mkdir
+/tmp/before && git archive COMMIT | tar -x -C /tmp/before``), in the same alternation, to
+compare two versions of the code under the same load of the shared machine.
 
 The variants are measured in alternation (A B C A B C ...), each point ``duration``
 seconds after 0.5 s of warm-up, so slow minutes on a shared machine hit all three alike.
@@ -55,6 +62,7 @@ if __package__ in (None, ""):  # run as a script: python bench/content_load.py
 from bench import _h2load  # noqa: E402
 from bench._loadgen import NOTARY_SIGN, Target  # noqa: E402
 from bench.run import (  # noqa: E402
+    ROOT,
     Daemon,
     Env,
     Hsm,
@@ -66,6 +74,7 @@ from bench.run import (  # noqa: E402
 )
 
 VARIANTS = ("off", "sqlite", "postgresql")
+BEFORE = "@before"  # the suffix of a variant running the --against checkout
 WARMUP = 0.5  # seconds before each window opens
 EXPIRY = timedelta(days=14)  # notary-server's default timestamp expiry (notary's const.go)
 
@@ -127,6 +136,7 @@ class Variant:
 
 def config_tail(name: str, pg_url: str) -> str:
     """The ``[content]``/``[state]`` tables variant ``name`` adds to bench.run's config."""
+    name = name.removesuffix(BEFORE)
     if name == "off":
         return "\n[content]\nenabled = false\n"
     if name == "postgresql":
@@ -215,24 +225,32 @@ def summary(points: list[dict[str, float]]) -> dict[str, Any]:
             for k in points[0]}
 
 
-def run(rounds: int, duration: float, callers: int, s: Settings) -> dict[str, Any]:
-    """Start PostgreSQL and the three daemons, measure them in alternation, stop all."""
+def run(rounds: int, duration: float, callers: int, s: Settings,
+        against: Path | None = None) -> dict[str, Any]:
+    """Start PostgreSQL and the daemons, measure them in alternation, stop all.
+    ``against``: another checkout, whose signerd the ``@before`` variants run."""
     from tests import _postgres
 
     server = _postgres.start(fsync=True)
     variants: list[Variant] = []
     try:
-        with tempfile.TemporaryDirectory(prefix="signerd-content-load-") as tmp:
+        # ignore_cleanup_errors: a stopping daemon can still be writing in its directory.
+        with tempfile.TemporaryDirectory(prefix="signerd-content-load-",
+                                         ignore_cleanup_errors=True) as tmp:
             env = Env.create(Path(tmp))
-            for name in VARIANTS:
-                hsm = Hsm.create(env.dir / f"hsm-{name}", env.module)
-                config = env.write_config(name, hsm, s)
+            names = [*VARIANTS] if against is None else [
+                "off", "sqlite", f"sqlite{BEFORE}", "postgresql", f"postgresql{BEFORE}"]
+            for name in names:
+                label = name.replace("@", "-")
+                hsm = Hsm.create(env.dir / f"hsm-{label}", env.module)
+                config = env.write_config(label, hsm, s)
                 config.write_text(config.read_text() + config_tail(name, server.url))
-                daemon = start_daemon(config)
+                tree = against if name.endswith(BEFORE) and against else ROOT
+                daemon = start_daemon(config, tree=tree)
                 target = env.target(daemon.info["tcp"])
                 variant = Variant(name, daemon, target, [])
                 variants.append(variant)
-                variant.callers = make_callers(target, name, callers)
+                variant.callers = make_callers(target, label, callers)
                 check_one(variant)
                 variant.connect()
             for r in range(rounds):
@@ -256,7 +274,9 @@ def table(doc: dict[str, Any]) -> str:
         f = r[key]
         return f"{f['median']:{fmt}} ({f['min']:{fmt}}–{f['max']:{fmt}})"
 
-    names = {"off": "checks off", "sqlite": "checks, SQLite", "postgresql": "checks, PostgreSQL"}
+    names = {"off": "checks off", "sqlite": "checks, SQLite", "postgresql": "checks, PostgreSQL",
+             f"sqlite{BEFORE}": "checks, SQLite, before",
+             f"postgresql{BEFORE}": "checks, PostgreSQL, before"}
     lines = [f"Notary Sign, P-256 timestamps, {doc['callers']} callers (a GUN each); median "
              f"(min–max) of {doc['rounds']} alternating rounds of {doc['duration']:g} s",
              "",
@@ -277,11 +297,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--duration", type=float, default=3.0, help="seconds per point")
     p.add_argument("--callers", type=int, default=16)
     p.add_argument("--json", type=Path, help="also write the results here")
+    p.add_argument("--against", type=Path, metavar="TREE",
+                   help="another signerd checkout: adds sqlite@before and postgresql@before")
     a = p.parse_args(argv)
     if a.rounds < 1 or a.duration <= 0 or a.callers < 1:
         p.error("--rounds and --callers must be at least 1, --duration above 0")
+    if a.against and not (a.against / "signerd" / "daemon").is_dir():
+        p.error(f"--against: {a.against} is not a signerd checkout")
     started = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
-    doc = run(a.rounds, a.duration, a.callers, replace(Settings()))
+    doc = run(a.rounds, a.duration, a.callers, replace(Settings()),
+              a.against.resolve() if a.against else None)
+    if a.against:
+        doc["against"] = str(a.against)
     doc["started"] = started
     print(table(doc))
     if a.json:

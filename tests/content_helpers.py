@@ -135,13 +135,17 @@ class Observed:
         self.inner = inner
         self.accepted: list[tuple[int, int]] = []  # (monotonic ns, version)
 
+    def previous(self, gun: str, role: str, hashes: Sequence[tuple[str, str]]) -> Previous:
+        return self.inner.previous(gun, role, hashes)
+
     def compare_and_set(self, gun: str, role: str, hashes: Sequence[tuple[str, str]],
-                        decide: Decide, now: dt.datetime) -> Update:
+                        decide: Decide, now: dt.datetime,
+                        file_sha256: str | None = None) -> Update:
         def stamped(prev: Previous) -> Update:
             update = decide(prev)
             self.accepted.append((time.monotonic_ns(), update.version))
             return update
-        return self.inner.compare_and_set(gun, role, hashes, stamped, now)
+        return self.inner.compare_and_set(gun, role, hashes, stamped, now, file_sha256)
 
     def record_file(self, gun: str, role: str, sha256: str, version: int) -> None:
         self.inner.record_file(gun, role, sha256, version)

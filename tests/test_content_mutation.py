@@ -26,7 +26,7 @@ BASES = {  # name → (key role, payload signed first at PREVIOUS, a valid later
     "tuf-snapshot": ("snapshot", t_snapshot(PREVIOUS, {"targets.json": PREVIOUS}),
                      t_snapshot(PREVIOUS + 1, {"targets.json": PREVIOUS})),
 }
-MAX_DAYS = {"timestamp": 31, "snapshot": 3 * 365}
+MAX_DAYS = {"timestamp": 31, "snapshot": 3 * 365, "root": 10 * 365}  # root keys sign root
 SKEW = dt.timedelta(seconds=60)
 TYPES = ["timestamp", "Timestamp", "snapshot", "Snapshot", "root", "Root", "Targets",
          "TIMESTAMP", "mirror", ""]
@@ -64,7 +64,7 @@ def _allowed(base: str, role: str, value: dict[str, Any], canonical: bool) -> bo
     if expires is None or not (
             NOW - SKEW < expires <= NOW + dt.timedelta(days=MAX_DAYS[role]) + SKEW):
         return False
-    if tuf:
+    if tuf and role in ("timestamp", "snapshot"):  # only their meta is read (TUF 1.0)
         for entry in value.get("meta", {}).values():
             v = entry.get("version") if isinstance(entry, dict) else None
             if not isinstance(v, int) or isinstance(v, bool) or v < floor:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import multiprocessing
 import secrets
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -118,6 +119,92 @@ def test_notary_file_hashes_map_to_versions_across_restarts(state_url: str) -> N
     g = _guard(state_url)
     with pytest.raises(ContentStale, match="snapshot version 4, below version 5"):
         g.check_and_record(GUN, "timestamp", n_timestamp(2, notary_file(n_snapshot(4))), NOW)
+    g.close()
+
+
+def test_check_records_nothing_and_record_maps_the_signed_file(state_url: str) -> None:
+    """check() only reads; record() with the signature records the version and the hash
+    of the file that signature makes, in its one transaction (no note_signature)."""
+    from signerd.trust.metadata import Signature
+    from tests.test_content import SIG, notary_file
+
+    g = _guard(state_url)
+    snap4 = g.check(GUN, "snapshot", n_snapshot(4), NOW)
+    assert snap4 is not None and g.versions(GUN) == []  # checked, nothing recorded
+    g.record(snap4, Signature("ab" * 32, "ecdsa", SIG))
+    snap5 = g.check(GUN, "snapshot", n_snapshot(5), NOW)
+    assert snap5 is not None
+    g.record(snap5, Signature("ab" * 32, "ecdsa", SIG))
+    g.check_and_record(GUN, "timestamp", n_timestamp(1, notary_file(n_snapshot(5))), NOW)
+    g.close()
+    g = _guard(state_url)
+    with pytest.raises(ContentStale, match="snapshot version 4, below version 5"):
+        g.check(GUN, "timestamp", n_timestamp(2, notary_file(n_snapshot(4))), NOW)
+    assert [(s.role, s.version) for s in g.versions(GUN)] == [("snapshot", 5), ("timestamp", 1)]
+    g.close()
+
+
+def test_a_check_overtaken_by_another_replica_is_refused_at_record(state_url: str) -> None:
+    """Between check (before the token signs) and record (before the signature is
+    returned) another replica records a higher version: record refuses and records
+    nothing, neither the version nor the file hash of the signature that is dropped."""
+    from signerd.trust.metadata import Signature
+    from tests.test_content import SIG, notary_file
+
+    a, b = _guard(state_url), _guard(state_url)
+    checked = a.check(GUN, "snapshot", n_snapshot(5), NOW)
+    assert checked is not None
+    b.check_and_record(GUN, "snapshot", n_snapshot(6), NOW)
+    with pytest.raises(ContentStale, match="snapshot version 5 is below version 6"):
+        a.record(checked, Signature("ab" * 32, "ecdsa", SIG))
+    assert [(s.role, s.version) for s in a.versions(GUN)] == [("snapshot", 6)]
+    # The dropped signature's file is unknown: a timestamp naming it is not mapped to 5.
+    out = a.check_and_record(GUN, "timestamp", n_timestamp(1, notary_file(n_snapshot(5))), NOW)
+    assert out.unchecked == ("freeze:snapshot",)
+    a.close()
+    b.close()
+
+
+def test_sqlite_commits_what_queued_meanwhile_in_one_transaction(tmp_path: Path) -> None:
+    """Group commit: compare-and-sets that queue while a transaction holds the connection
+    go in the next one, decided in arrival order, each seeing the ones before it; a refused
+    one records nothing, the others commit once."""
+    from signerd.content._sqlite import SqliteStore
+    from tests.content_helpers import t_timestamp
+
+    store = SqliteStore(tmp_path / "state.db")
+    g = ContentGuard(ContentConfig(), store)
+    g.check_and_record(GUN, "timestamp", t_timestamp(5, 1), NOW)
+    statements: list[str] = []
+    store._db.set_trace_callback(statements.append)
+    # (version, snapshot version): 7 passes; 3 is a rollback below 7; 9 passes and raises
+    # snapshot.json to 2; 10 references snapshot 1, below what 9 (same transaction) did; 6
+    # is a rollback below 9.
+    items = [(7, 1), (3, 50), (9, 2), (10, 1), (6, 3)]
+    results: dict[int, object] = {}
+
+    def sign(version: int, snapshot: int) -> None:
+        try:
+            results[version] = g.check_and_record(
+                GUN, "timestamp", t_timestamp(version, snapshot), NOW).version
+        except ContentStale as e:
+            results[version] = e.check
+
+    threads = []
+    with store._lock:  # a transaction in progress: the others queue behind it
+        for n, item in enumerate(items, start=1):
+            threads.append(threading.Thread(target=sign, args=item))
+            threads[-1].start()
+            while len(store._queue) < n:  # queued in this order
+                time.sleep(0.001)
+    for t in threads:
+        t.join(30)
+    assert results == {7: 7, 3: "rollback", 9: 9, 10: "freeze", 6: "rollback"}
+    kinds = [s.split()[0] for s in statements]
+    assert kinds.count("BEGIN") == kinds.count("COMMIT") == 1
+    assert kinds.count("ROLLBACK") == 3  # ROLLBACK TO the refused items' savepoints
+    [state] = g.versions(GUN)
+    assert (state.version, state.meta_versions) == (9, (("snapshot.json", 2),))
     g.close()
 
 

@@ -5,19 +5,24 @@ one compare-and-set). The signing paths call one object::
 
     guard = ContentGuard.open(parse_content(data.get("content")),
                               parse_state(data.get("state"), base))
-    outcome = guard.check_and_record(entry.gun, entry.role, payload)   # before signing
+    checked = guard.check(entry.gun, entry.role, payload)    # before signing; records nothing
     signature = sign(...)
-    guard.note_signature(entry.gun, entry.role, payload, key_id, method, signature)
+    outcome = guard.record(checked, Signature(key_id, method, signature))  # before returning it
 
-``check_and_record`` raises ContentInvalid (INVALID_ARGUMENT), ContentStale
-(FAILED_PRECONDITION) or StateUnavailable (UNAVAILABLE); a digest-only request for a key
-whose GUN is checked goes to ``refuse_digest`` instead.
+``check`` parses once and decides against what the store holds (read without its lock), so
+a payload the checks refuse is not signed. ``record`` decides again under the GUN's lock and
+records the version, and for a Notary payload the hash of the file the signature makes (the
+freeze check's map), in one transaction: one durable commit per signature. A signature whose
+``record`` raises is never returned (a replica recorded a higher version meanwhile).
+
+Both raise ContentInvalid (INVALID_ARGUMENT), ContentStale (FAILED_PRECONDITION) or
+StateUnavailable (UNAVAILABLE); a digest-only request for a key whose GUN is checked goes to
+``refuse_digest`` instead. ``check_and_record`` is ``record`` without a signature.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -34,12 +39,12 @@ from signerd.content._errors import ContentInvalid, ContentStale, StateUnavailab
 from signerd.content._parse import Format, Parsed, parse_payload
 from signerd.content._store import RoleState, WatermarkStore
 from signerd.errors import quoted
-from signerd.trust.metadata import Envelope, Signature
+from signerd.trust.metadata import Signature, file_bytes
 
 __all__ = [
-    "ContentConfig", "ContentGuard", "ContentInvalid", "ContentStale", "Format", "GunOverride",
-    "Limits", "Outcome", "RoleState", "StateConfig", "StateUnavailable", "WatermarkStore",
-    "open_store", "parse_content", "parse_state",
+    "Checked", "ContentConfig", "ContentGuard", "ContentInvalid", "ContentStale", "Format",
+    "GunOverride", "Limits", "Outcome", "RoleState", "StateConfig", "StateUnavailable",
+    "WatermarkStore", "open_store", "parse_content", "parse_state",
 ]
 
 
@@ -75,6 +80,26 @@ def open_store(state: StateConfig) -> WatermarkStore:
     return SqliteStore(state.sqlite_path)
 
 
+@dataclass(frozen=True)
+class Checked:
+    """A payload that passed :meth:`ContentGuard.check`, and what :meth:`ContentGuard.record`
+    needs to check it again and record it: the GUN and role of the key, the payload, what
+    it parsed to, the GUN's limits and the time it was checked at (aware UTC)."""
+
+    gun: str
+    role: str
+    payload: bytes
+    parsed: Parsed
+    limits: Limits
+    now: datetime
+
+    @property
+    def hashes(self) -> list[tuple[str, str]]:
+        """(role, SHA-256 hex) of the meta entries referenced by hash only."""
+        return [(m.role, m.sha256) for m in self.parsed.meta
+                if m.version is None and m.sha256 is not None]
+
+
 class ContentGuard:
     """The one entry point of the signing paths: checks and records before a signature."""
 
@@ -99,44 +124,74 @@ class ContentGuard:
                 "digest", f"a {quoted(role)} key of {gun} signs only the metadata itself "
                           "(a digest cannot be checked): send the payload")
 
+    def check(self, gun: str, role: str, payload: bytes,
+              now: datetime | None = None) -> Checked | None:
+        """Parse ``payload`` for a key of ``gun``/``role`` and run every check against the
+        state recorded now, without recording anything (None: the GUN is not checked).
+
+        ``now`` is aware UTC (default: the clock). Raises ContentInvalid, ContentStale or
+        StateUnavailable. Passing is not enough to return a signature: :meth:`record` it.
+        """
+        limits = self.config.limits_for(gun)
+        if not limits.enabled:
+            return None
+        parsed = parse_payload(payload, role)
+        checked = Checked(gun, role, payload, parsed, limits, now or datetime.now(UTC))
+        decide(parsed, gun, role, limits, checked.now,
+               self.store.previous(gun, role, checked.hashes))
+        return checked
+
+    def record(self, checked: Checked, signature: Signature | None = None) -> Outcome:
+        """Check ``checked`` again under the GUN's lock and record it: one transaction.
+
+        With the ``signature`` made over a Notary payload, the same transaction remembers
+        the SHA-256 of the file notary writes with that one signature (notary's json.Marshal
+        of data.Signed), so that a snapshot or timestamp referencing that file by hash maps
+        it to its version (freeze check). Best effort by nature: a file with other or more
+        signatures has another hash. Once any replica returned a signature at version N, no
+        replica records one below N. Raises ContentInvalid, ContentStale or
+        StateUnavailable; nothing is recorded then.
+        """
+        parsed, gun, role = checked.parsed, checked.gun, checked.role
+        file_sha256 = None
+        if signature is not None and parsed.format is Format.NOTARY:
+            # The payload is canonical (checked), so it is the file's "signed" as is.
+            file_sha256 = hashlib.sha256(file_bytes(checked.payload, [signature])).hexdigest()
+
+        def _decide(prev: Previous) -> Update:
+            return decide(parsed, gun, role, checked.limits, checked.now, prev)
+
+        update = self.store.compare_and_set(gun, role, checked.hashes, _decide, checked.now,
+                                            file_sha256)
+        return _outcome(parsed, update)
+
     def check_and_record(self, gun: str, role: str, payload: bytes,
                          now: datetime | None = None) -> Outcome:
-        """Check ``payload`` for a key of ``gun``/``role`` and record it before it is signed.
+        """Check ``payload`` for a key of ``gun``/``role`` and record it, in one
+        transaction, as :meth:`record` does without a signature (no file hash).
 
-        ``now`` is aware UTC (default: the clock). Check and record are one transaction, so
-        once any replica returned a signature at version N, no replica returns one below N.
-        Raises ContentInvalid, ContentStale or StateUnavailable; nothing is recorded then.
+        ``now`` is aware UTC (default: the clock). Raises ContentInvalid, ContentStale or
+        StateUnavailable; nothing is recorded then.
         """
         limits = self.config.limits_for(gun)
         if not limits.enabled:
             return Outcome(checked=False)
-        when = now or datetime.now(UTC)
         parsed = parse_payload(payload, role)
-        hashes = [(m.role, m.sha256) for m in parsed.meta
-                  if m.version is None and m.sha256 is not None]
-
-        def _decide(prev: Previous) -> Update:
-            return decide(parsed, gun, role, limits, when, prev)
-
-        update = self.store.compare_and_set(gun, role, hashes, _decide, when)
-        return _outcome(parsed, update)
+        return self.record(Checked(gun, role, payload, parsed, limits,
+                                   now or datetime.now(UTC)))
 
     def note_signature(self, gun: str, role: str, payload: bytes, key_id: str, method: str,
                        signature: bytes) -> None:
-        """After signing a Notary payload: remember the SHA-256 of the file notary writes
-        with this one signature (notary's json.Marshal of data.Signed), so that a snapshot
-        or timestamp referencing that file by hash maps it to its version (freeze check).
-
-        Best effort by nature: a file with other or more signatures has another hash.
-        Raises StateUnavailable. Does nothing for TUF payloads (their meta carry versions)
-        or GUNs not checked.
+        """Remember the SHA-256 of the file a signature over Notary ``payload`` makes, on
+        its own (:meth:`record` does it in its transaction). Raises StateUnavailable. Does
+        nothing for TUF payloads (their meta carry versions) or GUNs not checked.
         """
         if not self.applies(gun):
             return
         parsed = parse_payload(payload, role)
         if parsed.format is not Format.NOTARY:
             return
-        file = Envelope(json.loads(payload), [Signature(key_id, method, signature)]).to_bytes()
+        file = file_bytes(payload, [Signature(key_id, method, signature)])
         self.store.record_file(gun, role, hashlib.sha256(file).hexdigest(), parsed.version)
 
     def versions(self, gun: str) -> list[RoleState]:

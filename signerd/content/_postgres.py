@@ -5,7 +5,8 @@ a row in ``guns`` (``INSERT … ON CONFLICT DO NOTHING``), then locks it with
 ``SELECT … FOR UPDATE``: every later statement of the transaction reads what the previous
 holder committed, so replicas racing on one GUN are serialised and never on two GUNs.
 Migrations run at open under a transaction-scoped advisory lock, so replicas starting
-together migrate once.
+together migrate once. The check before signing (``previous``) reads with no transaction
+and no lock.
 """
 
 from __future__ import annotations
@@ -60,6 +61,17 @@ class PostgresStore(SqlStore):
     def _transaction(self) -> Iterator[Any]:
         try:
             with self._pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
+                yield cur
+        except (psycopg.Error, psycopg_pool.PoolTimeout) as e:
+            raise _unavailable(e) from None
+
+    @contextmanager
+    def _read(self) -> Iterator[Any]:
+        # No transaction (the pool's connections autocommit): each SELECT on its own, no
+        # BEGIN and COMMIT round trips (SqlStore.previous: a check ahead of the
+        # compare-and-set, which reads again under the GUN's lock).
+        try:
+            with self._pool.connection() as conn, conn.cursor() as cur:
                 yield cur
         except (psycopg.Error, psycopg_pool.PoolTimeout) as e:
             raise _unavailable(e) from None

@@ -62,11 +62,19 @@ class WatermarkStore(Protocol):
     Every method raises StateUnavailable when the database cannot be used.
     """
 
+    def previous(self, gun: str, role: str, hashes: Sequence[tuple[str, str]]) -> Previous:
+        """What is recorded now for ``gun``/``role`` (``file_versions`` for ``hashes``,
+        pairs of referenced role and SHA-256 hex), read without taking the GUN's lock and
+        without writing: a check ahead of :meth:`compare_and_set`, never instead of it."""
+        ...
+
     def compare_and_set(self, gun: str, role: str, hashes: Sequence[tuple[str, str]],
-                        decide: Decide, now: datetime) -> Update:
+                        decide: Decide, now: datetime, file_sha256: str | None = None) -> Update:
         """Under the GUN's lock: load ``Previous`` (with ``file_versions`` for ``hashes``,
         pairs of referenced role and SHA-256 hex), call ``decide``, record its Update and
-        commit. An exception from ``decide`` rolls back and propagates."""
+        commit. ``file_sha256``: also remember, in the same transaction, that the file of
+        ``role`` with this SHA-256 hex is the Update's version (see :meth:`record_file`).
+        An exception from ``decide`` rolls back and propagates: nothing is recorded."""
         ...
 
     def record_file(self, gun: str, role: str, sha256: str, version: int) -> None:
@@ -122,26 +130,36 @@ class Sql:
 
     def load(self, cur: Cursor, gun: str, role: str,
              hashes: Sequence[tuple[str, str]]) -> Previous:
-        """What the checks need, read inside the caller's locked transaction."""
-        cur.execute(self.q("SELECT version, digest FROM watermarks WHERE gun = ? AND role = ?"),
-                    (gun, role))
-        row = cur.fetchone()
-        mark = Watermark(int(row[0]), str(row[1])) if row else None
-        cur.execute(self.q("SELECT name, version FROM meta_watermarks WHERE gun = ? AND role = ?"),
-                    (gun, role))
-        meta = {str(n): int(v) for n, v in cur.fetchall()}
+        """What the checks need, read inside the caller's locked transaction (or, for
+        ``previous``, outside any). One statement, so one round trip to PostgreSQL: the
+        four tables' rows, each tagged with its table (w, m, f, d)."""
+        parts = ["SELECT 'w', version, digest, '' FROM watermarks WHERE gun = ? AND role = ?",
+                 "SELECT 'm', version, name, '' FROM meta_watermarks WHERE gun = ? AND role = ?",
+                 "SELECT 'd', 0, paths, '' FROM delegations WHERE gun = ? AND role = ?"]
+        params: list[object] = [gun, role, gun, role, gun, role]
+        if hashes:
+            wanted = " OR ".join(["(role = ? AND sha256 = ?)"] * len(hashes))
+            # ``wanted`` is placeholders only; the values go as parameters.
+            parts.append(f"SELECT 'f', version, sha256, role FROM file_versions "  # noqa: S608
+                         f"WHERE gun = ? AND ({wanted})")
+            params.append(gun)
+            for file_role, sha in hashes:
+                params += [file_role, sha]
+        cur.execute(self.q(" UNION ALL ".join(parts)), params)
+        mark: Watermark | None = None
+        meta: dict[str, int] = {}
         files: dict[tuple[str, str], int] = {}
-        for file_role, sha in hashes:
-            cur.execute(self.q("SELECT version FROM file_versions WHERE gun = ? AND role = ? "
-                               "AND sha256 = ?"), (gun, file_role, sha))
-            found = cur.fetchone()
-            if found:
-                files[(file_role, sha)] = int(found[0])
-        cur.execute(self.q("SELECT paths FROM delegations WHERE gun = ? AND role = ?"),
-                    (gun, role))
-        drow = cur.fetchone()
-        return Previous(mark, MappingProxyType(meta), MappingProxyType(files),
-                        Delegation.from_json(str(drow[0])) if drow else None)
+        delegation: Delegation | None = None
+        for table, version, text, extra in cur.fetchall():
+            if table == "w":
+                mark = Watermark(int(version), str(text))
+            elif table == "m":
+                meta[str(text)] = int(version)
+            elif table == "f":
+                files[(str(extra), str(text))] = int(version)
+            else:
+                delegation = Delegation.from_json(str(text))
+        return Previous(mark, MappingProxyType(meta), MappingProxyType(files), delegation)
 
     def apply(self, cur: Cursor, gun: str, role: str, update: Update, now: datetime) -> None:
         """Record ``update`` (only ever raising versions) inside the caller's transaction."""
@@ -202,17 +220,29 @@ class SqlStore:
     def _transaction(self) -> AbstractContextManager[Cursor]:
         raise NotImplementedError
 
+    def _read(self) -> AbstractContextManager[Cursor]:
+        """A cursor for reads only, which take no lock (the subclasses read without a
+        transaction)."""
+        return self._transaction()
+
     def _lock_gun(self, cur: Cursor, gun: str) -> None:
         """Hold GUN ``gun`` for the rest of the transaction. SQLite's ``BEGIN
         IMMEDIATE`` already holds the whole database: nothing to do."""
 
+    def previous(self, gun: str, role: str, hashes: Sequence[tuple[str, str]]) -> Previous:
+        """See WatermarkStore.previous."""
+        with self._read() as cur:
+            return self._sql.load(cur, gun, role, hashes)
+
     def compare_and_set(self, gun: str, role: str, hashes: Sequence[tuple[str, str]],
-                        decide: Decide, now: datetime) -> Update:
+                        decide: Decide, now: datetime, file_sha256: str | None = None) -> Update:
         """See WatermarkStore.compare_and_set."""
         with self._transaction() as cur:
             self._lock_gun(cur, gun)
             update = decide(self._sql.load(cur, gun, role, hashes))
             self._sql.apply(cur, gun, role, update, now)
+            if file_sha256 is not None:
+                self._sql.record_file(cur, gun, role, file_sha256, update.version)
         return update
 
     def record_file(self, gun: str, role: str, sha256: str, version: int) -> None:

@@ -1,13 +1,19 @@
 """What a key may sign: its purpose, then, for a metadata key, the content checks.
 
 Every signature signerd makes passes :meth:`SigningGuard.before` first and
-:meth:`SigningGuard.after` once made (from :meth:`KeyService.sign_with`, the one
-signing path of both APIs, SignBatch and SignStream items, the python-tuf adapter
-through Sign, a certificate's issuer and ``signerctl trust --local``). The rules:
+:meth:`SigningGuard.after` once made, before it is returned (from
+:meth:`KeyService.sign_with`, the one signing path of both APIs, SignBatch and SignStream
+items, the python-tuf adapter through Sign, a certificate's issuer and ``signerctl trust
+--local``). The rules:
 
-- A **metadata** key signs only TUF/Notary metadata of its own role, after
-  :meth:`signerd.content.ContentGuard.check_and_record` (role, canonical form, expiry,
-  rollback, freeze, delegation paths) has checked the payload and recorded its version.
+- A **metadata** key signs only TUF/Notary metadata of its own role: ``before`` runs
+  :meth:`signerd.content.ContentGuard.check` (role, canonical form, expiry, rollback,
+  freeze, delegation paths) against the recorded state, so a payload the checks refuse is
+  not signed; ``after`` runs :meth:`signerd.content.ContentGuard.record`, the
+  compare-and-set that checks again under the GUN's lock and records the version (and a
+  Notary file's hash) in one durable transaction. If that refuses (another replica or
+  worker recorded a higher version in between) or fails, the signature is dropped and the
+  refusal raised: no signature is returned whose version is not recorded.
   A digest is refused: there is nothing to check. The one exception: a **root** key
   signs the TBSCertificate of its own root certificate (``trust/x509.py``, Notary's
   ``ecdsa-x509``/``rsa-x509`` root keys), when that TBSCertificate certifies the key
@@ -27,28 +33,32 @@ import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from asn1crypto import x509 as asn1x509
 
 from signerd import metrics, signing
-from signerd.content import ContentGuard, ContentInvalid, Outcome, StateUnavailable
+from signerd.content import Checked, ContentGuard, ContentInvalid, Outcome, StateUnavailable
 from signerd.content._parse import NOTARY_TYPES, TUF_TYPES
 from signerd.errors import quoted
 from signerd.keys import RAW
 from signerd.token import KeyEntry
+from signerd.trust.metadata import Signature
 
 log = logging.getLogger("signerd.service")
 _CERTIFICATE = Outcome(checked=False, type="certificate")
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
 class Verdict:
     """What :meth:`SigningGuard.before` decided for one payload: the content outcome
-    (None for a raw key) and the fields the audit line records."""
+    (None for a raw key), the fields the audit line records and, for a checked payload,
+    what :meth:`SigningGuard.after` must record before the signature is returned."""
 
     outcome: Outcome | None
     audit: dict[str, object]
+    pending: Checked | None = None
 
 
 def is_metadata(payload: bytes) -> bool:
@@ -146,9 +156,10 @@ class SigningGuard:
         self._gauge.set(1)
 
     def before(self, entry: KeyEntry, payload: bytes, options: signing.SignOptions) -> Verdict:
-        """Decide whether ``entry`` may sign ``payload``; for a metadata key, check and
-        record it. Raises ContentInvalid (INVALID_ARGUMENT), ContentStale
-        (FAILED_PRECONDITION) or StateUnavailable (UNAVAILABLE), each naming its check."""
+        """Decide whether ``entry`` may sign ``payload``; for a metadata key, check it
+        against the recorded state (recording nothing). Raises ContentInvalid
+        (INVALID_ARGUMENT), ContentStale (FAILED_PRECONDITION) or StateUnavailable
+        (UNAVAILABLE), each naming its check."""
         if entry.purpose == RAW:
             if not options.prehashed and is_metadata(payload):
                 raise ContentInvalid(
@@ -168,30 +179,33 @@ class SigningGuard:
             check_root_certificate(entry, tbs, payload)
             return Verdict(_CERTIFICATE, {"purpose": "metadata",
                                           "content": {"type": "certificate"}})
+        checked = self._store_call(self.content.check, entry.gun, entry.role, payload)
+        if checked is None:  # [content] enabled = false for the GUN
+            return Verdict(Outcome(checked=False), {"purpose": "metadata",
+                                                    "content": {"checked": False}})
+        return Verdict(None, {}, checked)
+
+    def after(self, entry: KeyEntry, verdict: Verdict, method: str,
+              signature: bytes) -> Verdict:
+        """Once signed, before the signature is returned: for a checked payload, check it
+        again and record its version (and a Notary file's hash) in one transaction, and
+        return the final verdict (its outcome and audit fields). Raises as
+        :meth:`before` does; the signature must then be dropped."""
+        if verdict.pending is None:
+            return verdict
+        outcome = self._store_call(self.content.record, verdict.pending,
+                                   Signature(entry.key_id, method, signature))
+        return Verdict(outcome, {"purpose": "metadata", "content": audit_fields(outcome)})
+
+    def _store_call(self, call: Callable[..., _T], *args: object) -> _T:
+        """``call(*args)``, keeping :attr:`state_ok` to whether the store answered."""
         try:
-            outcome = self.content.check_and_record(entry.gun, entry.role, payload)
+            result = call(*args)
         except StateUnavailable:
             self._state(False)
             raise
         self._state(True)
-        return Verdict(outcome, {"purpose": "metadata", "content": audit_fields(outcome)})
-
-    def after(self, entry: KeyEntry, payload: bytes, verdict: Verdict, method: str,
-              signature: bytes) -> None:
-        """Once signed: remember the hash of the Notary file this signature makes (the
-        freeze check's hash → version map). A failure is logged, not raised: the
-        signature is valid and its version was recorded before it was made."""
-        outcome = verdict.outcome
-        if outcome is None or not outcome.checked or outcome.format is None \
-                or outcome.format.value != "notary":
-            return
-        try:
-            self.content.note_signature(entry.gun, entry.role, payload, entry.key_id, method,
-                                        signature)
-        except StateUnavailable as e:
-            self._state(False)
-            log.warning("signed, but could not record the file's hash for the freeze check",
-                        extra={"fields": {"key_id": entry.key_id, "error": str(e)}})
+        return result
 
     def probe(self) -> bool:
         """Ask the store for something (the health loop); whether it answered."""

@@ -186,7 +186,9 @@ class KeyService:
         or is not returned at all.
 
         The guard decides first (signerd.service._guard): a metadata key's
-        payload is checked and its version recorded before the token signs.
+        payload is checked before the token signs, then checked again and its
+        version recorded (one durable transaction) before the signature is
+        returned; a signature whose record is refused is dropped.
 
         Raises InvalidArgument (payload, options; ContentInvalid), NotFound,
         FailedPrecondition (ContentStale), ResourceExhausted, Unavailable
@@ -199,10 +201,10 @@ class KeyService:
         token = self.tokens[entry.token]
         raw = token.sign(entry.key_id, mechanism, data, alg.signature_size)
         metrics.child(metrics.SIGNATURES, alg.name, entry.token).inc()
+        signature, method = signing.encode(alg, raw, options), signing.method(alg, options)
+        verdict = self.guard.after(entry, verdict, method, signature)
         if not entry.used:  # a stale entry costs one look at the token's cached one
             self.mark_used(entry)
-        signature, method = signing.encode(alg, raw, options), signing.method(alg, options)
-        self.guard.after(entry, payload, verdict, method, signature)
         return Signature(entry, signature, method, options, verdict.audit)
 
     def sign_checkpoint(self, entry: KeyEntry, message: bytes) -> bytes:

@@ -11,7 +11,7 @@ import base64
 import hashlib
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, ClassVar, TypeVar
@@ -508,6 +508,25 @@ _GO_ESCAPES = (
 )
 
 
+def file_bytes(signed: bytes, signatures: Sequence[Signature]) -> bytes:
+    """The metadata file notary writes (json.Marshal of data.Signed) for ``signed``, the
+    canonical JSON of a ``signed`` object, and ``signatures``.
+
+    ``signed`` comes first as given, then ``signatures`` with keyid, method, sig in struct
+    order; Go's HTML escapes are applied.
+    """
+    body = signed
+    for raw, escaped in _GO_ESCAPES:
+        body = body.replace(raw, escaped)
+    sigs = b",".join(
+        b'{"keyid":' + json.dumps(s.keyid).encode()
+        + b',"method":' + json.dumps(s.method).encode()
+        + b',"sig":"' + base64.b64encode(s.sig) + b'"}'
+        for s in signatures
+    )
+    return b'{"signed":' + body + b',"signatures":[' + sigs + b"]}"
+
+
 @dataclass
 class Envelope:
     """A metadata file: ``{"signed": ..., "signatures": [...]}``."""
@@ -525,16 +544,7 @@ class Envelope:
         ``signed`` comes first as its canonical form, then ``signatures`` with
         keyid, method, sig in struct order; Go's HTML escapes are applied.
         """
-        body = encode_canonical(self.signed)
-        for raw, escaped in _GO_ESCAPES:
-            body = body.replace(raw, escaped)
-        sigs = b",".join(
-            b'{"keyid":' + json.dumps(s.keyid).encode()
-            + b',"method":' + json.dumps(s.method).encode()
-            + b',"sig":"' + base64.b64encode(s.sig) + b'"}'
-            for s in self.signatures
-        )
-        return b'{"signed":' + body + b',"signatures":[' + sigs + b"]}"
+        return file_bytes(encode_canonical(self.signed), self.signatures)
 
     @classmethod
     def from_bytes(cls, data: bytes, role: str) -> Envelope:
