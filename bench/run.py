@@ -304,13 +304,15 @@ class Daemon:
         return {"exit_code": code, "stop_seconds": round(time.monotonic() - t0, 3)}
 
 
-def start_daemon(config: Path, timeout: float = 120, tree: Path = ROOT) -> Daemon:
+def start_daemon(config: Path, timeout: float = 120, tree: Path = ROOT,
+                 log_level: str = "warning") -> Daemon:
     """``signerd serve`` as users run it; time from spawn to ready file.
-    ``tree``: the checkout whose signerd runs (bench.ab's ``tree`` variant)."""
+    ``tree``: the checkout whose signerd runs (bench.ab's ``tree`` variant);
+    its log goes to ``signerd.log`` beside ``config``."""
     ready = config.parent / f"ready-{secrets.token_hex(4)}.json"
     stderr = config.parent / "signerd.log"
     cmd = [sys.executable, "-m", "signerd.daemon", "serve", "--config", str(config),
-           "--ready-file", str(ready), "--log-level", "warning"]
+           "--ready-file", str(ready), "--log-level", log_level]
     t0 = time.monotonic()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=stderr.open("ab"), cwd=tree,
                             env={**os.environ, "PYTHONPATH": str(tree)})
@@ -820,24 +822,12 @@ def peer_points(env: Env, gen: LoadGen, daemon: Daemon, target: Target,
 
 
 def many_keys_hsm(env: Env, count: int, cache: Path = CACHE) -> tuple[Hsm, str]:
-    """A copy of the cached token with ``count`` P-256 keys (made on first use)."""
-    cached = cache / f"many-raw-{count}"  # raw keys since issue 23 (older caches: metadata)
-    marker = cached / "done.json"
-    if not marker.exists():
-        if (cached / "user.pin").exists():  # an interrupted run: carry on filling it
-            hsm = Hsm(cached, env.module)
-        else:
-            shutil.rmtree(cached, ignore_errors=True)
-            cached.mkdir(parents=True)
-            hsm = Hsm.create(cached, env.module)
-        log(f"generating {count} P-256 keys on a cached token in {cached} (once)")
-        made = child(_token.generate_keys, hsm.module, hsm.conf, LABEL, hsm.pin_file, count,
-                     "ecdsa-p256")
-        log(f"generated {count} keys in {made['seconds']:.1f}s")
-        marker.write_text(json.dumps({"keys": count, "last_key_id": made["last_key_id"]}))
-    info = json.loads(marker.read_text())
-    hsm = Hsm(cached, env.module).copy_to(env.dir / "many-hsm")
-    return hsm, str(info["last_key_id"])
+    """A copy of the cached token with ``count`` P-256 keys of purpose raw
+    (bench/_fill.py; built on first use), and one of its key IDs."""
+    from bench import _fill
+
+    hsm, info = _fill.cached_token(env.module, cache, count, env.dir / "many-hsm")
+    return hsm, str(info["sample"][-1])
 
 
 def many_keys(env: Env, small: Daemon, small_target: Target, small_key: str, gen: LoadGen,
