@@ -99,6 +99,7 @@ class KeyWriter:
         if entry is None:
             raise Unavailable(f"token {self.name}: key generation kept colliding on CKA_ID")
         self._index.made(entry)
+        self.retirer.wrote()
         log.info("key created", extra={"fields": {
             "token": self.name, "key_id": entry.key_id, "algorithm": alg.name,
             "gun": gun, "role": role, "purpose": purpose}})

@@ -13,9 +13,9 @@ says "used" and counts the others among the key's objects, the sweep leaves
 them alone, deletion destroys them), so it can be destroyed a moment later.
 
 :class:`Retirer` is one background thread per token that destroys such
-objects in order. What it has not destroyed when the token closes stays on
-the token, as after a crash between the two writes: still the key's, and
-removed with it.
+objects in order, once writes pause (:data:`QUIET`). What it has not
+destroyed when the token closes (:data:`DRAIN`) stays on the token, as after
+a crash between the two writes: still the key's, and removed with it.
 """
 
 from __future__ import annotations
@@ -23,12 +23,21 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
 
 from signerd.errors import SignerdError
 from signerd.keys import KeyID
 
 log = logging.getLogger("signerd.token")
+
+# A destroy holds the token's objects exclusively for its whole length (0.4 s at
+# 10,000 keys on SoftHSM), so a key generation or another first signature would
+# wait for it: destroys wait until no such write came for QUIET seconds, unless
+# BACKLOG of them wait already. Closing gives the pending ones up to DRAIN seconds.
+QUIET = 0.5
+BACKLOG = 1000
+DRAIN = 5.0
 
 
 class Retirer:
@@ -53,11 +62,18 @@ class Retirer:
         self._idle = threading.Event()
         self._idle.set()
         self._pending = 0
+        self._last_write = 0.0  # monotonic seconds of the last write that waits for none
+        self._deadline = 0.0  # closing: no destroy starts after this (monotonic seconds)
+
+    def wrote(self) -> None:
+        """A write just happened (a key generated): destroys wait for a pause."""
+        self._last_write = time.monotonic()
 
     def retire(self, kid: KeyID, handles: tuple[int, ...]) -> None:
         """Destroy ``handles`` (objects of key ``kid``) soon, in the background."""
         if not handles:
             return
+        self.wrote()
         with self._lock:
             if self._stopping.is_set():
                 return  # closing: left on the token, still the key's
@@ -79,8 +95,11 @@ class Retirer:
             if item is None:
                 return
             kid, handles = item
+            while (not self._stopping.is_set() and self._pending < BACKLOG
+                   and time.monotonic() - self._last_write < QUIET):
+                self._stopping.wait(QUIET / 5)
             try:
-                if not self._stopping.is_set():
+                if not self._draining():
                     self._destroy(kid, handles)
                     self._retired(kid, handles)
             except SignerdError as e:  # left on the token: still the key's (see above)
@@ -92,10 +111,15 @@ class Retirer:
                     if not self._pending:
                         self._idle.set()
 
+    def _draining(self) -> bool:
+        """Whether closing has run out of time for more destroys."""
+        return self._stopping.is_set() and time.monotonic() > self._deadline
+
     def close(self) -> None:
-        """Stop: the batch being destroyed is finished (one at most), the
-        rest left on the token. Called before the module is released."""
+        """Stop: what is pending is destroyed for up to :data:`DRAIN` seconds
+        more, the rest left on the token. Called before the module is released."""
         with self._lock:
+            self._deadline = time.monotonic() + DRAIN
             self._stopping.set()
             thread = self._thread
         if thread is not None:
