@@ -1,7 +1,8 @@
 """signerd benchmark: throughput and latency over mTLS against SoftHSM.
 
-    python -m bench.run                 # full run, about 6 minutes (the first time far more:
-                                        # it fills a token with 10,000 keys for bench/.cache/)
+    python -m bench.run                 # full run, about 6 minutes (the first time about 5 more:
+                                        # it fills a token with 10,000 keys for bench/.cache/,
+                                        # bench/_fill.py; bench/scale.py measures key counts)
     python -m bench.run --smoke         # under a minute; what tests/test_bench.py runs
     python -m bench.run --help          # pick algorithms, RPCs, callers, daemon settings
 
