@@ -36,10 +36,12 @@ def init_token(module: str, conf: Path, label: str, pin: bytes, so_pin: bytes) -
 
 
 def generate_keys(module: str, conf: Path, label: str, pin_file: Path, count: int,
-                  algorithm: str) -> dict[str, Any]:
+                  algorithm: str, first: int = 0) -> dict[str, Any]:
     """Make the token hold ``count`` keys, generated straight on it with
     signerd's own ``Token.generate`` so the objects look exactly like the
-    daemon's. Resumes where an interrupted run stopped."""
+    daemon's. Resumes where an interrupted run stopped. Key ``i`` is for GUN
+    ``bench.example/many/r<(first + i) // 100>`` (bench/_fill.py fills copies
+    of one token, each from its own ``first``)."""
     from signerd.keys import parse_algorithm
 
     # Token.generate searches nothing when this process is the token's only
@@ -53,7 +55,7 @@ def generate_keys(module: str, conf: Path, label: str, pin_file: Path, count: in
     try:
         for i in range(have, count):
             # Raw keys: the bench signs opaque payloads (a metadata key refuses them).
-            last = token.generate(alg, f"bench.example/many/r{i // 100}", "targets",
+            last = token.generate(alg, f"bench.example/many/r{(first + i) // 100}", "targets",
                                   "raw").key_id
     finally:
         token.close()

@@ -1,7 +1,8 @@
 """signerd benchmark: throughput and latency over mTLS against SoftHSM.
 
-    python -m bench.run                 # full run, about 6 minutes (the first time far more:
-                                        # it fills a token with 10,000 keys for bench/.cache/)
+    python -m bench.run                 # full run, about 6 minutes (the first time about 5 more:
+                                        # it fills a token with 10,000 keys for bench/.cache/,
+                                        # bench/_fill.py; bench/scale.py measures key counts)
     python -m bench.run --smoke         # under a minute; what tests/test_bench.py runs
     python -m bench.run --help          # pick algorithms, RPCs, callers, daemon settings
 
@@ -305,14 +306,16 @@ class Daemon:
 
 
 def start_daemon(config: Path, timeout: float = 120, tree: Path = ROOT,
-                 module: str = "signerd.daemon", env: dict[str, str] | None = None) -> Daemon:
+                 module: str = "signerd.daemon", env: dict[str, str] | None = None,
+                 log_level: str = "warning") -> Daemon:
     """``signerd serve`` as users run it; time from spawn to ready file.
     ``tree``: the checkout whose signerd runs (bench.ab's ``tree`` variant);
-    ``module`` and ``env``: another entry point and more environment (bench/_sqltrace.py)."""
+    ``module`` and ``env``: another entry point and more environment (bench/_sqltrace.py);
+    its log goes to ``signerd.log`` beside ``config``."""
     ready = config.parent / f"ready-{secrets.token_hex(4)}.json"
     stderr = config.parent / "signerd.log"
     cmd = [sys.executable, "-m", module, "serve", "--config", str(config),
-           "--ready-file", str(ready), "--log-level", "warning"]
+           "--ready-file", str(ready), "--log-level", log_level]
     t0 = time.monotonic()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=stderr.open("ab"), cwd=tree,
                             env={**os.environ, **(env or {}), "PYTHONPATH": str(tree)})
@@ -822,24 +825,12 @@ def peer_points(env: Env, gen: LoadGen, daemon: Daemon, target: Target,
 
 
 def many_keys_hsm(env: Env, count: int, cache: Path = CACHE) -> tuple[Hsm, str]:
-    """A copy of the cached token with ``count`` P-256 keys (made on first use)."""
-    cached = cache / f"many-raw-{count}"  # raw keys since issue 23 (older caches: metadata)
-    marker = cached / "done.json"
-    if not marker.exists():
-        if (cached / "user.pin").exists():  # an interrupted run: carry on filling it
-            hsm = Hsm(cached, env.module)
-        else:
-            shutil.rmtree(cached, ignore_errors=True)
-            cached.mkdir(parents=True)
-            hsm = Hsm.create(cached, env.module)
-        log(f"generating {count} P-256 keys on a cached token in {cached} (once)")
-        made = child(_token.generate_keys, hsm.module, hsm.conf, LABEL, hsm.pin_file, count,
-                     "ecdsa-p256")
-        log(f"generated {count} keys in {made['seconds']:.1f}s")
-        marker.write_text(json.dumps({"keys": count, "last_key_id": made["last_key_id"]}))
-    info = json.loads(marker.read_text())
-    hsm = Hsm(cached, env.module).copy_to(env.dir / "many-hsm")
-    return hsm, str(info["last_key_id"])
+    """A copy of the cached token with ``count`` P-256 keys of purpose raw
+    (bench/_fill.py; built on first use), and one of its key IDs."""
+    from bench import _fill
+
+    hsm, info = _fill.cached_token(env.module, cache, count, env.dir / "many-hsm")
+    return hsm, str(info["sample"][-1])
 
 
 def many_keys(env: Env, small: Daemon, small_target: Target, small_key: str, gen: LoadGen,

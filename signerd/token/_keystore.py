@@ -80,9 +80,16 @@ class KeyStore:
         self._lister.start()
 
     def join_listing(self) -> None:
-        """Wait for the first listing, if started (its session must not close under it)."""
+        """Wait for the first listing, if started (its session must not close
+        under it), and stop destroying superseded objects in the background
+        (:class:`~signerd.token._retire.Retirer`; what is left stays the key's)."""
         if self._lister is not None:
             self._lister.join()
+        self._writer.retirer.close()
+
+    def wait_retired(self, timeout: float = 10.0) -> bool:
+        """Wait until superseded objects are destroyed (for tests and bench/)."""
+        return self._writer.retirer.wait_idle(timeout)
 
     def _first_listing(self) -> None:
         start = time.monotonic()
@@ -240,6 +247,14 @@ class KeyStore:
         """Index ``entry`` as key ``kid`` now is (its purpose, its marks)."""
         with self._lock:
             self._keys[kid] = entry
+
+    def retired(self, kid: KeyID, handles: tuple[int, ...]) -> None:
+        """Forget the handles of key ``kid``'s objects destroyed in the background."""
+        with self._lock:
+            entry = self._keys.get(kid)
+            if entry is not None and set(handles) & set(entry.marks):
+                self._keys[kid] = replace(entry, marks=tuple(
+                    h for h in entry.marks if h not in handles))
 
     def dropped(self, kid: KeyID) -> None:
         """Forget a key deleted here (a refresh that began before does not

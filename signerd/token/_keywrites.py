@@ -8,7 +8,8 @@ a write changes the token first, then records what it did in the index
 (:meth:`KeyStore.made`, :meth:`KeyStore.put`, :meth:`KeyStore.dropped`).
 No write searches the token on a hot path: key generation draws an ID no
 other key will draw (:attr:`Profile.id_bytes`); marking a key used and
-deleting it use the indexed handles of its objects.
+deleting it use the indexed handles of its objects. A key's superseded
+metadata is destroyed in the background (:mod:`signerd.token._retire`).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from signerd.keys import ALGORITHMS, METADATA, Algorithm, KeyID
 from signerd.token import _keygen, _layout, _p11, _purpose
 from signerd.token._health import Health
 from signerd.token._listing import KeyEntry
+from signerd.token._retire import Retirer
 from signerd.token._slot import Slot
 from signerd.token._softhsm import GenerationWatch, token_directory
 from signerd.token.profiles import ED25519_NAME
@@ -57,6 +59,7 @@ class KeyWriter:
         self._ed25519: bytes | None = None  # the CKA_EC_PARAMS that worked, once known
         self._watch: GenerationWatch | None = None
         self._watched = False
+        self.retirer = Retirer(self.name, self._retire, index.retired)
 
     # -- new keys and purposes -------------------------------------------------
 
@@ -96,6 +99,7 @@ class KeyWriter:
         if entry is None:
             raise Unavailable(f"token {self.name}: key generation kept colliding on CKA_ID")
         self._index.made(entry)
+        self.retirer.wrote()
         log.info("key created", extra={"fields": {
             "token": self.name, "key_id": entry.key_id, "algorithm": alg.name,
             "gun": gun, "role": role, "purpose": purpose}})
@@ -262,8 +266,9 @@ class KeyWriter:
 
     def mark_used(self, kid: KeyID) -> None:
         """Record on the token that the key has signed (Notary's reuse rule):
-        its metadata rewritten with "used" in layout 2, a rewritten label in
-        layout 1. Once: a key whose indexed entry says used costs a dict
+        a new metadata object with "used" in layout 2 (the old one destroyed
+        in the background: :mod:`signerd.token._retire`), a rewritten label
+        in layout 1. Once: a key whose indexed entry says used costs a dict
         lookup; threads signing a new key together write one object.
 
         Raises ResourceExhausted (no room on the token for the new metadata
@@ -310,14 +315,42 @@ class KeyWriter:
                     if error is not None:
                         raise error from None
                     raise
-                for handle in (entry.meta_handle, *entry.marks):
-                    if handle:
-                        self._destroy(s, handle)
             finally:
                 self.after_write()
-            return replace(entry, used=True, meta_handle=made.handle, marks=(), meta=meta)
+            # The old metadata (and what it superseded) stays the key's until the
+            # background destroys it: on SoftHSM a destroy costs time in proportion
+            # to the token's objects (signerd.token._retire).
+            old = tuple(h for h in (entry.meta_handle, *entry.marks) if h)
+            return replace(entry, used=True, meta_handle=made.handle, marks=old, meta=meta)
 
         # A new object: no search may read it half-written (see _ObjectLocks).
         marked: KeyEntry = self._health.run("recording a key's first signature", record,
                                             self._slot.locks.searches.exclusive)
+        self.retirer.retire(marked.key_id, marked.marks)
         return marked
+
+    def _retire(self, kid: KeyID, handles: tuple[int, ...]) -> None:
+        """Destroy key ``kid``'s superseded objects (the :class:`Retirer`'s
+        work), each only if its label still names the key: a handle kept
+        across a module re-initialisation may name another object by then.
+        Raises Unavailable."""
+        module = self._slot.module
+        mine = kid[:_layout.PURPOSE_KID_HEX].encode()  # in every label of a key's objects
+
+        def destroy(s: Any) -> None:
+            self.before_write(s)
+            try:
+                for handle in handles:
+                    try:
+                        label = module.get_attributes(s.handle, handle, {_p11.CKA_LABEL: 64})
+                    except _p11.P11Error as e:
+                        if e.rv in _p11.HANDLE_LOST:
+                            continue  # gone already (another process, or the sweep)
+                        raise
+                    if mine in (label.get(_p11.CKA_LABEL) or b""):
+                        self._destroy(s, handle)
+            finally:
+                self.after_write()
+
+        self._health.run("destroying superseded key metadata", destroy,
+                         self._slot.locks.searches.exclusive)

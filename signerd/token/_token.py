@@ -272,6 +272,11 @@ class Token:
 
     # -- for tests and bench/ (which reach into the pool) ---------------------
 
+    def wait_retired(self, timeout: float = 10.0) -> bool:
+        """Wait until the objects superseded by a key's first signature are
+        destroyed (:mod:`signerd.token._retire`); True if they are."""
+        return self._keys.wait_retired(timeout)
+
     @property
     def _generation(self) -> int:
         return self._pool.generation
