@@ -434,6 +434,35 @@ def test_the_daemon_refuses_to_start_on_a_rewritten_log(hsm: Any, certs: Any,
     assert "\n" not in str(e.value)
 
 
+def test_the_checkpoint_key_is_found_again_by_its_recorded_id(hsm: Any, certs: Any,
+                                                              tmp_path: Path) -> None:
+    """A start finds the checkpoint key by the ID the audit directory recorded (one search,
+    not a listing of every key: issue 24's 10,000-key start). The record is a hint: garbage,
+    or the ID of a key that is not a checkpoint key, and the key is chosen as at a first
+    start, the same one."""
+    from tests.conftest import daemon_config, start_daemon, unique_gun
+
+    work = tmp_path / "rk"
+    cfg = daemon_config(hsm, certs, work)
+    d = start_daemon(cfg, certs, work)
+    assert d.servers.checkpointer is not None
+    first = d.servers.checkpointer.key.key_id
+    with d.client() as c:
+        other = c.create_key(unique_gun(), "targets", purpose="raw").key_id
+    d.stop()
+    record = work / ".checkpoint-key"
+    assert record.read_text().strip() == first
+    for hint in (first, "not a key id", other, "ab" * 32):
+        record.write_text(hint + "\n")
+        d = start_daemon(cfg, certs, work)
+        try:
+            assert d.servers.checkpointer is not None
+            assert d.servers.checkpointer.key.key_id == first, hint
+        finally:
+            d.stop()
+        assert record.read_text().strip() == first  # chosen again, and recorded
+
+
 # -- signerctl audit vkey / prove / verify --checkpoint -----------------------
 
 

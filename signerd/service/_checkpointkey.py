@@ -32,6 +32,7 @@ names an existing one instead (it must be a checkpoint key).
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import time
@@ -45,8 +46,8 @@ from cryptography.hazmat.primitives.serialization import (
 )
 
 from signerd import signing
-from signerd.errors import ConfigError, FailedPrecondition, Unavailable
-from signerd.keys import ALGORITHMS, KeyID
+from signerd.errors import ConfigError, FailedPrecondition, InvalidArgument, Unavailable
+from signerd.keys import ALGORITHMS, KeyID, validate_key_id
 from signerd.tlog.note import ECDSA_SHA256, ED25519
 
 if TYPE_CHECKING:
@@ -58,6 +59,7 @@ CHECKPOINT_GUN: Final = "signerd"
 CHECKPOINT_ROLE: Final = "signerd/audit-checkpoint"
 
 
+REMEMBERED: Final = ".checkpoint-key"  # in the audit directory: the key ID used last
 SIGN_PATIENCE: Final = 15.0  # seconds a checkpoint signature waits for its token
 # The checkpoint key's algorithms, best first, and their signed-note types.
 NOTE_TYPES: Final = {"ed25519": ED25519, "ecdsa-p256": ECDSA_SHA256}
@@ -146,12 +148,43 @@ def _find_or_make(service: KeyService, config: TlogConfig, audit_dir: Path) -> K
                    os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
         fcntl.flock(lock, fcntl.LOCK_EX)  # the workers of one daemon make one key
-        found = _candidates(service, config)
-        if found:
-            return found[0]
-        return _make(service, config, allowed)
+        entry = _remembered(service, config, audit_dir)
+        if entry is None:
+            found = _candidates(service, config)
+            entry = found[0] if found else _make(service, config, allowed)
+            _remember(audit_dir, entry)
+        return entry
     finally:
         os.close(lock)
+
+
+def _remembered(service: KeyService, config: TlogConfig, audit_dir: Path) -> KeyEntry | None:
+    """The checkpoint key this audit directory used last (its ID in REMEMBERED), found
+    with one search by ID rather than a listing of every key: on a token of 10,000 keys
+    the listing takes seconds, and the daemon serves only once the key is found. None if
+    there is no record, or its key is gone or no longer allowed (then the key is chosen
+    again). The record is only a hint: a record pointing at another checkpoint key
+    fails the start-up check against the log's last checkpoint, as a changed key would."""
+    try:
+        kid = validate_key_id((audit_dir / REMEMBERED).read_text().strip())
+    except (OSError, UnicodeDecodeError, InvalidArgument):
+        return None
+    tokens = [service.token(config.token)] if config.token else list(service.tokens.values())
+    for t in tokens:
+        try:
+            entry = t.get(kid) or t.lookup(kid, wait_listing=False)
+        except (InvalidArgument, Unavailable):
+            return None
+        if entry is not None:
+            ok = entry.role == CHECKPOINT_ROLE and entry.algorithm.name in _algorithms(config)
+            return entry if ok else None
+    return None
+
+
+def _remember(audit_dir: Path, entry: KeyEntry) -> None:
+    """Record the chosen checkpoint key's ID for the next start (best effort)."""
+    with contextlib.suppress(OSError):  # a torn record is a bad key ID: chosen again
+        (audit_dir / REMEMBERED).write_text(entry.key_id + "\n")
 
 
 def _make(service: KeyService, config: TlogConfig, allowed: tuple[str, ...]) -> KeyEntry:

@@ -135,7 +135,7 @@ class KeyStore:
         """Keys in the index now."""
         return len(self._keys)
 
-    def lookup(self, kid: KeyID) -> KeyEntry | None:
+    def lookup(self, kid: KeyID, wait_listing: bool = True) -> KeyEntry | None:
         """Find one key this process has not seen (made by another daemon or
         worker) with a search by its ID. Misses are searched one at a time
         per token, so unknown IDs cannot pile up token scans; signing with
@@ -143,8 +143,10 @@ class KeyStore:
         is unusable: a key on a token that is away is not "not found".
 
         Right after start this waits for the first listing (which reads
-        every key anyway) rather than searching beside it."""
-        if not self._listed.is_set() and self._lister is not None:
+        every key anyway) rather than searching beside it, unless
+        ``wait_listing`` is False: one key needed before serving (the audit
+        checkpoint key) costs one search, not the whole listing."""
+        if wait_listing and not self._listed.is_set() and self._lister is not None:
             self._listed.wait(LISTING_WAIT)
 
         def find(s: Any) -> dict[KeyID, KeyEntry]:

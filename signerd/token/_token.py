@@ -220,9 +220,9 @@ class Token:
         """The keys listed so far (does not wait for the first listing)."""
         return self._keys.known_keys()
 
-    def lookup(self, kid: KeyID) -> KeyEntry | None:
+    def lookup(self, kid: KeyID, wait_listing: bool = True) -> KeyEntry | None:
         """Find a key this process has not seen by its ID (:meth:`KeyStore.lookup`)."""
-        return self._keys.lookup(kid)
+        return self._keys.lookup(kid, wait_listing)
 
     def refresh(self) -> None:
         """Re-read the keys from the token (:meth:`KeyStore.refresh`)."""
