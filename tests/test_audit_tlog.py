@@ -480,6 +480,7 @@ def test_signerctl_prints_the_vkey_and_proofs_that_verify(
     line = all_lines(path)[99]
     assert main(["audit", "prove", "--json", "--inclusion", "100", str(path)]) == 0
     doc = json.loads(capsys.readouterr().out)
+    assert (doc["seq"], doc["leaf_index"]) == (100, 99)
     import base64
 
     proof = [base64.b64decode(h) for h in doc["proof"]]
@@ -495,6 +496,17 @@ def test_signerctl_prints_the_vkey_and_proofs_that_verify(
     saved.write_bytes((tree_dir(path) / "checkpoint").read_bytes())
     assert main(["audit", "verify", str(path), "--checkpoint", str(saved), "--vkey", vkey]) == 0
     assert "301 lines checked against its tree" in capsys.readouterr().out
+    # --vkey also takes the file `audit vkey` printed into (a new user's first try).
+    vkey_file = tmp_path / "vkey.txt"
+    vkey_file.write_text(vkey + "\n")
+    assert main(["audit", "verify", str(path), "--checkpoint", str(saved),
+                 "--vkey", str(vkey_file)]) == 0
+    assert "301 lines checked against its tree" in capsys.readouterr().out
+    # A line outside the checkpoint is named as the line asked for, in one numbering.
+    assert main(["audit", "prove", "--inclusion", "100000", str(path)]) != 0
+    err = capsys.readouterr().err
+    assert err.startswith("signerctl: no proof: line 100000 is not in the last checkpoint's "
+                          "tree, which holds lines 1 to 301"), err
     # A line edited and the chain recomputed: the chain is fine, the tree is not.
     lines = all_lines(path)
     lines[5] = lines[5].replace(b'"allow"', b'"deny"')

@@ -21,6 +21,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from signerd import pki
 from signerd.audit import AuditLog
 from signerd.daemon._checkconfig import Finding, check
+from tests._postgres import postgres  # noqa: F401 - the fixture
 from tests.conftest import write_toml
 
 NOW = dt.datetime.now(dt.UTC)
@@ -310,3 +311,17 @@ def test_a_softhsm_conf_that_does_not_exist(world: World, monkeypatch: pytest.Mo
     assert world.about("environment.SOFTHSM2_CONF") == [
         f"error: environment.SOFTHSM2_CONF: {world.tmp / 'softhsm2.conf'} does not exist: "
         "SoftHSM cannot find its tokens"]
+
+
+def test_the_state_store_is_opened_as_a_start_would(world: World, postgres: Any) -> None:  # noqa: F811 - the fixture
+    """A new user's finding: check-config passed a [state] url no start could open. It now
+    opens the store: the default SQLite file, a PostgreSQL that answers, one that does not
+    (an error naming it, on one line)."""
+    assert [s for s in world.about("state") if s.startswith("ok: ")] == [
+        f"ok: state: {world.tmp / 'signerd-state.db'}: the watermark store opens"]
+    world.data["state"] = {"url": postgres.url}
+    assert world.about("state") == ["ok: state: PostgreSQL: the watermark store opens"]
+    world.data["state"] = {"url": "postgresql://nobody@127.0.0.1:1/none?connect_timeout=1"}
+    [line] = world.about("state")
+    assert line.startswith("error: state: PostgreSQL: ") and "\n" not in line
+    assert line.endswith("; metadata keys could not sign")

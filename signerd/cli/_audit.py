@@ -58,9 +58,14 @@ def cmd_prove(args: argparse.Namespace) -> None:
     data: dict[str, Any] = {"origin": cp.origin, "size": cp.size, "root": _b64(cp.root)}
     try:
         if args.inclusion is not None:
-            index = args.inclusion - base - 1
+            if not base < args.inclusion <= base + cp.size:
+                raise CliError(f"no proof: line {args.inclusion} is not in the last "
+                               f"checkpoint's tree, which holds lines {base + 1} to "
+                               f"{base + cp.size}")
+            index = args.inclusion - base - 1  # RFC 9162's leaf index, from 0
             proof = merkle.inclusion_proof(store, index, cp.size)
-            data.update(leaf_index=index, leaf_hash=_b64(store.get(0, index)))
+            data.update(seq=args.inclusion, leaf_index=index,
+                        leaf_hash=_b64(store.get(0, index)))
         else:
             proof = merkle.consistency_proof(store, args.consistency, cp.size)
             data.update(old_size=args.consistency)
@@ -69,6 +74,20 @@ def cmd_prove(args: argparse.Namespace) -> None:
     data["proof"] = [_b64(h) for h in proof]
     emit(args, data, lambda: "\n".join(
         [f"{k}: {v}" for k, v in data.items() if k != "proof"] + ["proof:", *data["proof"]]))
+
+
+def vkey_argument(value: str) -> str:
+    """``--vkey``: the vkey itself, or a file holding it (what ``signerctl audit vkey``
+    printed, saved). Raises CliError for a file that cannot be read."""
+    if "+" in value:
+        return value
+    path = Path(value)
+    if path.is_file():
+        try:
+            return path.read_text().strip()
+        except (OSError, UnicodeDecodeError) as e:
+            raise CliError(f"--vkey {value}: cannot read it: {e}") from None
+    return value
 
 
 def check_checkpoint(files: list[Path], checkpoint: Path, vkey: str) -> str:

@@ -431,7 +431,8 @@ def cmd_audit_verify(args: argparse.Namespace) -> None:
         if not args.vkey:
             raise CliError("--checkpoint needs --vkey (the log's verifier key)")
         checked = _audit.check_checkpoint([Path(f) for f in args.file],
-                                          Path(args.checkpoint), args.vkey)
+                                          Path(args.checkpoint),
+                                          _audit.vkey_argument(args.vkey))
         data["checkpoint"] = checked
         emit(args, data, lambda: f"{audit.format_result(result)}; {checked}")
         return
@@ -545,7 +546,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file", nargs="+", help="the log, or rotated files oldest first then the log")
     p.add_argument("--checkpoint", metavar="FILE",
                    help="also check the lines against this signed checkpoint")
-    p.add_argument("--vkey", help="the checkpoint's verifier key (signerctl audit vkey)")
+    p.add_argument("--vkey", help="the checkpoint's verifier key, or a file holding it "
+                                  "(what signerctl audit vkey prints)")
     p.set_defaults(func=cmd_audit_verify)
     from signerd.cli import _audit
 

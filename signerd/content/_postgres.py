@@ -11,6 +11,7 @@ and no lock.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -20,6 +21,10 @@ import psycopg_pool
 
 from signerd.content._errors import StateUnavailable
 from signerd.content._store import Sql, SqlStore
+
+# psycopg_pool logs every failed connection attempt as a multi-line warning while it
+# retries; signerd reports the outcome itself (StateUnavailable, the health loop's line).
+logging.getLogger("psycopg.pool").setLevel(logging.ERROR)
 
 POOL_TIMEOUT = 10.0  # seconds a request waits for a pooled connection
 MIGRATION_LOCK = 0x5167_6E65_7264  # pg_advisory_xact_lock key of signerd's migrations

@@ -148,8 +148,26 @@ def check(path: Path) -> list[Finding]:
     _tls(report, config)
     _policy(report, config)
     _audit(report, config)
+    _state(report, config)
     _tokens(report, config)
     return report.findings
+
+
+def _state(report: _Report, config: Config) -> None:
+    """The watermark store opens (and its schema is current, or migrated), as at a
+    start; a SQLite file is created if it was not there, as a start would."""
+    if config.state is None:
+        return
+    from signerd.content import StateUnavailable, open_store
+
+    where = "PostgreSQL" if config.state.is_postgres else str(config.state.sqlite_path)
+    try:
+        store = open_store(config.state)
+    except (StateUnavailable, ConfigError) as e:
+        report.error("state", f"{where}: {_first_line(str(e))}; metadata keys could not sign")
+        return
+    store.close()
+    report.ok("state", f"{where}: the watermark store opens")
 
 
 # A token that parses, standing in for the file's own while another part is checked.
@@ -510,3 +528,8 @@ def _tokens(report: _Report, config: Config) -> None:
                                        for t in opened if t.config.profile is None),
                                       config.workers):
             report.error("tokens", problem)
+
+
+def _first_line(text: str) -> str:
+    """The first line of an error message (psycopg's run over several)."""
+    return text.strip().splitlines()[0] if text.strip() else text

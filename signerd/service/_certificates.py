@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives import serialization
 
 from signerd import certs, signing
 from signerd.errors import FailedPrecondition, Unavailable
-from signerd.keys import KeyID
+from signerd.keys import RAW, KeyID
 from signerd.token import KeyEntry, Token
 
 # The key service's logger: these are its messages, and log lines name it.
@@ -68,9 +68,8 @@ class KeyCertificates:
                 "fields": {"token": entry.token, "key_id": entry.key_id}})
         if not found:
             raise FailedPrecondition(
-                f"key {entry.key_id} has no certificate on token {entry.token}; issue one with "
-                f"'signerctl keys certify {entry.key_id} --subject CN=...' "
-                "(with --issuer-key CA_KEYID for a code-signing certificate)")
+                f"key {entry.key_id} has no certificate on token {entry.token}; "
+                + _how_to_certify(entry))
         return max(found, key=lambda c: c.not_valid_before_utc)
 
     def _key_identifier(self, entry: KeyEntry) -> bytes:
@@ -162,8 +161,7 @@ class KeyCertificates:
             except FailedPrecondition:
                 raise FailedPrecondition(
                     f"issuer key {issuer.key_id} has no certificate on token {issuer.token}: "
-                    f"make it a CA first, e.g. a self-signed root: 'signerctl keys certify "
-                    f"{issuer.key_id} --subject CN=...'") from None
+                    "make it a CA first: " + _how_to_certify(issuer, ca=True)) from None
             certs.check_issuer(issuer_cert, issuer.key_id, profile)
             issuer_name = issuer_cert.subject
         how = certs.signing_for(issuer.algorithm)
@@ -183,3 +181,15 @@ class KeyCertificates:
             "key_id": subject.key_id, "issuer": issuer.key_id, "profile": profile.value,
             "subject": cert.subject.rfc4514_string(), "days": days}})
         return Certified(self.certificate_chain(subject), built.tbs_sha256)
+
+
+def _how_to_certify(entry: KeyEntry, ca: bool = False) -> str:
+    """The hint for a key with no certificate: certify it, or, for a metadata key (which
+    signs only its own root certificate: signerd.service._guard), make it raw first."""
+    command = (f"'signerctl keys certify {entry.key_id} --subject CN=...'"
+               + ("" if ca else " (with --issuer-key CA_KEYID for a code-signing certificate)"))
+    if entry.purpose == RAW:
+        return "issue one with " + command
+    return (f"it is a metadata key, and certificates are a raw key's job: 'signerctl keys "
+            f"set-purpose {entry.key_id} raw' (if it signs no TUF or Notary metadata), "
+            f"then {command}; or create a key with --purpose raw")

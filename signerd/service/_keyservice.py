@@ -11,7 +11,7 @@ from cryptography import x509
 
 from signerd import certs, metrics, signing
 from signerd.config import Config
-from signerd.content import ContentGuard
+from signerd.content import ContentGuard, StateUnavailable
 from signerd.errors import (
     ConfigError,
     InvalidArgument,
@@ -95,7 +95,9 @@ class KeyService:
                     t.close()
                 if not isinstance(e, Unavailable) or attempt == _OPEN_ATTEMPTS:
                     raise
-                log.warning("cannot open the tokens yet; trying again",
+                what = ("the state database" if isinstance(e, StateUnavailable)
+                        else "the tokens")
+                log.warning(f"cannot open {what} yet; trying again",
                             extra={"fields": {"attempt": attempt, "error": str(e)}})
                 time.sleep(_OPEN_BACKOFF * attempt)
         raise AssertionError("unreachable")
