@@ -670,3 +670,26 @@ def test_local_snapshot_is_signed_by_the_team_and_published(
     consumer = in_process(None, "", tmp_path / "consumer")
     consumer.ok("pull", gun, "--server", url)
     assert consumer.ok("inspect", f"{gun}:v1")["tags"][0]["size"] == 3
+
+
+def test_a_runner_signing_where_the_team_signs_the_snapshot_is_told_it_did_not(
+    daemon: Daemon, tmp_path: Path
+) -> None:
+    """A new user's finding: in an offline repository (the team's directory signs snapshot
+    and timestamp), a CI runner's tag signed in targets/releases left snapshot.json without
+    the new file and inspect failing, with no word of it. The runner is now warned on stderr
+    (and in the JSON), and the team's next change repairs it."""
+    gun = unique_gun()
+    team = in_process(daemon, "admin", tmp_path / "team")
+    team.ok("init", gun)
+    with daemon.client() as c:
+        releases = c.create_key(gun, "targets/releases")
+    team.ok("delegation", "add", gun, "targets/releases", "--key", releases.key_id)
+    runner = in_process(daemon, "runner", tmp_path / "team")
+    code, out, err = runner.run("sign", f"{gun}:v1", "--digest", DIGEST, "--size", "1",
+                                "--role", "targets/releases", "--json")
+    assert code == 0, err
+    assert json.loads(out)["warning"].startswith(f"snapshot.json of {gun} was not re-signed")
+    assert err.startswith("signerctl: warning: snapshot.json of") and err.count("\n") == 1
+    team.ok("sign", f"{gun}:v2", "--digest", DIGEST, "--size", "1", "--role", "targets")
+    assert {t["name"] for t in team.ok("inspect", gun)["tags"]} == {"v1", "v2"}

@@ -60,6 +60,7 @@ import argparse
 import functools
 import os
 import re
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
@@ -250,6 +251,9 @@ def cmd_sign(args: argparse.Namespace) -> None:
         "key_id": done.key_id,
         "files": list(done.files),
     }
+    if done.stale:
+        data["warning"] = done.stale
+        print(f"signerctl: warning: {done.stale}", file=sys.stderr)
     emit(
         args,
         data,

@@ -50,6 +50,7 @@ class SignResult:
     role: str
     key_id: str
     files: tuple[str, ...]
+    stale: str = ""  # why snapshot.json was not re-signed here, for the caller to say
 
 
 @dataclass(frozen=True)

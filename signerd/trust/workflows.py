@@ -114,24 +114,33 @@ def signer_for(keys: KeySource, repo: TrustRepo, role: str) -> TrustSigner:
     return signer
 
 
-def refresh(repo: TrustRepo, keys: KeySource) -> None:
+def refresh(repo: TrustRepo, keys: KeySource) -> str:
     """Re-sign snapshot and timestamp where this trust directory signs them.
 
     Where ``init`` recorded which roles it signs, that decides; in a pulled
     directory (unknown) notary's client rule applies: the snapshot is
     re-signed if the caller has its key, and otherwise left to the server.
+    Returns "" or, when this directory signs the snapshot but the caller
+    holds no snapshot key (a CI runner's tag), a line saying what to do:
+    until then snapshot.json does not list the new file, and the repository
+    does not verify.
     """
     local = load_settings(repo).local_roles
     if local is not None and "snapshot" not in local:
-        return  # the Notary server makes the snapshot (and the timestamp)
+        return ""  # the Notary server makes the snapshot (and the timestamp)
     snapshot = find_signer(keys, repo, "snapshot")
-    if snapshot is None:
-        return  # not the caller's key: left to the server, or to whoever holds it
+    if snapshot is None:  # not the caller's key: left to the server, or to whoever holds it
+        if local is None:
+            return ""
+        return (f"snapshot.json of {repo.gun} was not re-signed: you hold no snapshot key, so "
+                "the repository does not verify until someone who does runs a signerctl "
+                "trust command on it (e.g. trust sign, or trust publish)")
     repo.sign_snapshot(snapshot)
     if local is not None and "timestamp" in local:
         timestamp = find_signer(keys, repo, "timestamp")
         if timestamp is not None:
             repo.sign_timestamp(timestamp)
+    return ""
 
 
 def check_root_change(repo: TrustRepo) -> None:
@@ -385,8 +394,8 @@ def sign(
         role = validate_role(role) if role else default_role(repo)
         signer = signer_for(source, repo, role)
         repo.add_target(tag, digest, size, signer, role=role)
-        refresh(repo, source)
-    return SignResult(gun, tag, digest, size, role, signer.key_id, tuple(changed))
+        stale = refresh(repo, source)
+    return SignResult(gun, tag, digest, size, role, signer.key_id, tuple(changed), stale)
 
 
 def unsign(base: Path, gun: str, tag: str, keys: KeysOpener, *, role: str | None = None
