@@ -371,3 +371,15 @@ def test_keys_list_shows_whether_a_key_is_used(daemon: Any, tmp_path: Path) -> N
     shown, _ = ctl(config, "keys", "list", "--gun", gun, "--json")
     assert {k["key_id"]: k["used"] for k in json.loads(shown.stdout)} == {
         signer: True, idle: False}
+
+
+def test_keys_list_refuses_a_malformed_gun_and_show_writes_flags_as_the_table(
+        daemon: Any, tmp_path: Path) -> None:
+    """A new user's finding: 'keys list --gun notagun' printed an empty table (exit 0) where
+    keys create and state show refuse the name; 'keys show' wrote 'used: False'."""
+    config = client_toml(daemon, tmp_path / "client.toml")
+    run, _ = ctl(config, "keys", "list", "--gun", "notagun")
+    assert run.returncode == 1 and one_line(run).startswith("signerctl: ")
+    key = new_key(daemon, "ecdsa-p256")
+    run, _ = ctl(config, "keys", "show", key)
+    assert run.returncode == 0 and "\nused: no\n" in run.stdout

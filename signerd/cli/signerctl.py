@@ -48,6 +48,7 @@ from signerd.keys import (
     load_public_key,
     parse_algorithm,
     public_key_algorithm,
+    validate_gun,
 )
 from signerd.v1 import signer_pb2 as pb
 
@@ -64,6 +65,13 @@ def key_dict(k: pb.Key) -> dict[str, Any]:
         "purpose": _state.purpose_name(k),
         "public_key_pem": k.public_key_pem,
     }
+
+
+def _shown(value: object) -> str:
+    """A value as the text output writes it: yes/no for a flag, as in the key table."""
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    return str(value)
 
 
 def _table(keys: Sequence[pb.Key]) -> str:
@@ -129,6 +137,11 @@ def cmd_keys_create(args: argparse.Namespace) -> None:
 
 
 def cmd_keys_list(args: argparse.Namespace) -> None:
+    if args.gun:  # as keys create and state show refuse it, not an empty table
+        try:
+            validate_gun(args.gun)
+        except InvalidArgument as e:
+            raise CliError(str(e)) from None
     with connect(args) as c:
         keys = list(c.list_keys(args.gun or "", args.role or "", args.token or ""))
     emit(args, [key_dict(k) for k in keys], lambda: _table(keys))
@@ -142,7 +155,7 @@ def cmd_keys_show(args: argparse.Namespace) -> None:
         key_dict(k),
         lambda: (
             "\n".join(
-                f"{name}: {value}"
+                f"{name}: {_shown(value)}"
                 for name, value in key_dict(k).items()
                 if name != "public_key_pem"
             )
