@@ -100,7 +100,6 @@ class Admission:
         self._waiting: dict[Hashable, deque[_Waiter]] = {}
         self._queued = 0
         self._open_streams = 0
-        self._streams_of: dict[Hashable, int] = {}  # open streams per identity
         self._seq = itertools.count()
         # When each active identity (running or waiting) last got a slot:
         # the round robin among identities with as many running.
@@ -283,36 +282,22 @@ class Admission:
 
     # -- streams ------------------------------------------------------------
 
-    def open_stream(self, who: Hashable) -> None:
-        """Count one more open stream of ``who``, or raise ResourceExhausted
-        at once when ``max_streams`` are open, or all but a quarter of them
-        are ``who``'s (from 4 up, one identity's open or idle streams never
-        shut the others out)."""
+    def open_stream(self) -> None:
+        """Count one more open stream, or raise ResourceExhausted at once
+        when ``max_streams`` are open. (An identity no rule grants is refused
+        before it gets here: :meth:`Gate.stream_slot`.)"""
         with self._lock:
-            if self.max_streams is not None:
-                if self._open_streams >= self.max_streams:
-                    raise ResourceExhausted(
-                        f"the server has {self._open_streams} streams open, its limit (half "
-                        "of server.threads, so that streams never hold every handler "
-                        "thread); retry later, or sign with Sign or SignBatch")
-                mine = self._streams_of.get(who, 0)
-                if mine >= self.max_streams - self.max_streams // 4:
-                    raise ResourceExhausted(
-                        f"this identity has {mine} streams open, its share (all but a "
-                        f"quarter of the server's {self.max_streams}); close one, or sign "
-                        "with Sign or SignBatch")
+            if self.max_streams is not None and self._open_streams >= self.max_streams:
+                raise ResourceExhausted(
+                    f"the server has {self._open_streams} streams open, its limit (half of "
+                    "server.threads, so that streams never hold every handler thread); "
+                    "retry later, or sign with Sign or SignBatch")
             self._open_streams += 1
-            self._streams_of[who] = self._streams_of.get(who, 0) + 1
 
-    def close_stream(self, who: Hashable) -> None:
-        """Count a stream of ``who`` closed."""
+    def close_stream(self) -> None:
+        """Count a stream closed."""
         with self._lock:
             self._open_streams -= 1
-            left = self._streams_of.get(who, 1) - 1
-            if left > 0:
-                self._streams_of[who] = left
-            else:
-                self._streams_of.pop(who, None)
             self._notify_if_idle()
 
     # -- state --------------------------------------------------------------

@@ -225,11 +225,14 @@ class Gate:
         """Count a streaming call as open for its whole life, open or idle:
         at most ``admission.max_streams`` of all identities (half of
         server.threads, as in the threads engine each holds a handler thread
-        that long), and at most all but a quarter of those of one identity. Past either, or
-        for an identity no rule grants ``operation`` on any key (PERMISSION_DENIED,
-        before a slot is held), the call is audited and refused at once
-        (context.abort raises). An open stream holds no work slot: each of
-        its requests waits for one as a unary request does (run_items)."""
+        that long). Past it, or for an identity no rule grants ``operation`` on
+        any key (PERMISSION_DENIED, before a slot is held: a stranger's idle
+        streams never shut the others out), the call is audited and refused at
+        once (context.abort raises). An identity the policy does grant may hold
+        them all: one identity (a notary-server, a CI pool) is often the only
+        caller, and fairness between identities is the queue's, not refusal's. An
+        open stream holds no work slot: each of its requests waits for one as a
+        unary request does (run_items)."""
         start = time.perf_counter()
         who = caller.identity
         error: SignerdError | None = None
@@ -239,7 +242,7 @@ class Gate:
                 f"{caller.transport}: no rule grants it")
         else:
             try:
-                self.admission.open_stream(who)
+                self.admission.open_stream()
             except ResourceExhausted as e:
                 error = e
         if error is not None:
@@ -248,7 +251,7 @@ class Gate:
         try:
             yield
         finally:
-            self.admission.close_stream(who)
+            self.admission.close_stream()
 
     def decide(self, caller: Caller, operation: str, payload: bytes,
                work: Callable[[Scope], T], context: Any = None,
