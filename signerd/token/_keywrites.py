@@ -1,7 +1,7 @@
-"""Writes to one token's keys: generation (with Ed25519's two parameter
-forms), a new purpose, deletion, the "has signed" mark, and what every
-write does before and after so that objects other processes made stay
-visible (SoftHSM's generation counter, :mod:`signerd.token._softhsm`).
+"""Writes to one token's keys: generation (Ed25519's parameter forms in
+:mod:`signerd.token._ed25519`), a new purpose, deletion, the "has signed"
+mark, and what every write does before and after so that objects other
+processes made stay visible (SoftHSM's generation counter, :mod:`signerd.token._softhsm`).
 
 The in-process key index is :class:`~signerd.token._keystore.KeyStore`'s:
 a write changes the token first, then records what it did in the index
@@ -25,14 +25,14 @@ import pkcs11
 from pkcs11 import Attribute, ObjectClass
 
 from signerd.errors import FailedPrecondition, NotFound, Unavailable
-from signerd.keys import ALGORITHMS, METADATA, Algorithm, KeyID
+from signerd.keys import METADATA, Algorithm, KeyID
 from signerd.token import _keygen, _layout, _p11, _purpose
+from signerd.token._ed25519 import Ed25519Forms
 from signerd.token._health import Health
 from signerd.token._listing import KeyEntry
 from signerd.token._retire import Retirer
 from signerd.token._slot import Slot
 from signerd.token._softhsm import GenerationWatch, token_directory
-from signerd.token.profiles import ED25519_NAME
 
 if TYPE_CHECKING:  # annotations only: KeyStore makes its KeyWriter
     from signerd.token._keystore import KeyStore
@@ -56,7 +56,7 @@ class KeyWriter:
         self._index = index
         self._lock = lock
         self._mark_lock = threading.Lock()  # one "has signed" write at a time
-        self._ed25519: bytes | None = None  # the CKA_EC_PARAMS that worked, once known
+        self._ed25519 = Ed25519Forms()  # the CKA_EC_PARAMS form the token takes
         self._watch: GenerationWatch | None = None
         self._watched = False
         self.retirer = Retirer(self.name, self._retire, index.retired)
@@ -85,7 +85,7 @@ class KeyWriter:
             self.before_write(s)
             try:
                 if alg.keytype == "ed25519":
-                    return self._generate_ed25519(s, gun, role, purpose)
+                    return self._ed25519.generate(slot, s, gun, role, purpose)
                 return _keygen.generate_pair(slot.module, slot.profile, self.name, s, alg,
                                              gun, role, b"", purpose)
             finally:
@@ -129,42 +129,6 @@ class KeyWriter:
             entry = replace(entry, purpose=purpose, marks=marks)
             self._index.put(kid, entry)
         return entry
-
-    def _generate_ed25519(self, s: Any, gun: str, role: str, purpose: str) -> KeyEntry | None:
-        """An Ed25519 key pair: CKA_EC_PARAMS may name the curve by its OID
-        or as the PrintableString "edwards25519" (PKCS#11 v3.0 §2.3.10), and
-        modules take one or the other (yubihsm_pkcs11 only the name). The
-        profile's form is tried first, then the other once; if neither
-        works, the token stops offering ed25519. Raises FailedPrecondition."""
-        slot, alg = self._slot, ALGORITHMS["ed25519"]
-        forms = [self._ed25519 or slot.profile.ed25519_params]
-        forms += [f for f in (_layout.CURVE_OIDS["ed25519"], ED25519_NAME) if f not in forms]
-        if self._ed25519 is not None:
-            forms = forms[:1]
-        failure: Exception | None = None
-        for params in forms:
-            try:
-                entry = _keygen.generate_pair(slot.module, slot.profile, self.name, s, alg,
-                                              gun, role, params, purpose)
-            except (pkcs11.PKCS11Error, _p11.P11Error) as e:
-                rv = _p11.failure_rv(e)
-                if rv in _p11.SESSION_LOST | _p11.DEVICE_LOST | _p11.HANDLE_LOST:
-                    raise
-                failure = e
-                continue
-            self._ed25519 = params
-            return entry
-        if self._ed25519 is None:  # neither form: the token cannot make Ed25519 keys
-            slot.algorithms = tuple(a for a in slot.algorithms if a != "ed25519")
-            log.warning("token lists Ed25519 mechanisms but makes no Ed25519 key", extra={
-                "fields": {"token": self.name, "error": _p11.failure_name(failure or
-                                                                          Exception())}})
-            raise FailedPrecondition(
-                f"token {self.name} cannot create ed25519 keys "
-                f"({_p11.failure_name(failure or Exception())}); it supports "
-                f"{', '.join(slot.algorithms) or 'no algorithm signerd uses'}")
-        assert failure is not None
-        raise failure
 
     # -- what other processes wrote must stay visible --------------------------
 
