@@ -59,7 +59,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from signerd import audit
+from signerd import audit, one_line
 from signerd.config import (
     Config,
     TokenConfig,
@@ -164,7 +164,7 @@ def _state(report: _Report, config: Config) -> None:
     try:
         store = open_store(config.state)
     except (StateUnavailable, ConfigError) as e:
-        report.error("state", f"{where}: {_first_line(str(e))}; metadata keys could not sign")
+        report.error("state", f"{where}: {one_line(str(e))}; metadata keys could not sign")
         return
     store.close()
     report.ok("state", f"{where}: the watermark store opens")
@@ -529,7 +529,3 @@ def _tokens(report: _Report, config: Config) -> None:
                                       config.workers):
             report.error("tokens", problem)
 
-
-def _first_line(text: str) -> str:
-    """The first line of an error message (psycopg's run over several)."""
-    return text.strip().splitlines()[0] if text.strip() else text

@@ -111,6 +111,12 @@ def checkpoint_key(service: KeyService, config: TlogConfig, audit_dir: Path) -> 
     return CheckpointKey(public, sign, entry.key_id, NOTE_TYPES[alg.name])
 
 
+def _tokens(service: KeyService, config: TlogConfig) -> list[Token]:
+    """The tokens the checkpoint key may be on: ``checkpoint_token``, else every one.
+    Raises NotFound for a checkpoint_token that is not configured."""
+    return [service.token(config.token)] if config.token else list(service.tokens.values())
+
+
 def _algorithms(config: TlogConfig) -> tuple[str, ...]:
     """The algorithms the checkpoint key may have, best first."""
     return (config.algorithm,) if config.algorithm else tuple(NOTE_TYPES)
@@ -119,7 +125,7 @@ def _algorithms(config: TlogConfig) -> tuple[str, ...]:
 def _candidates(service: KeyService, config: TlogConfig) -> list[KeyEntry]:
     """Checkpoint keys already made, on ``checkpoint_token`` or any token:
     Ed25519 first, then by key ID (the same order in every worker)."""
-    tokens = [service.token(config.token)] if config.token else list(service.tokens.values())
+    tokens = _tokens(service, config)
     allowed = _algorithms(config)
     found = []
     for t in tokens:
@@ -169,7 +175,7 @@ def _remembered(service: KeyService, config: TlogConfig, audit_dir: Path) -> Key
         kid = validate_key_id((audit_dir / REMEMBERED).read_text().strip())
     except (OSError, UnicodeDecodeError, InvalidArgument):
         return None
-    tokens = [service.token(config.token)] if config.token else list(service.tokens.values())
+    tokens = _tokens(service, config)
     for t in tokens:
         try:
             entry = t.get(kid) or t.lookup(kid, wait_listing=False)
@@ -192,8 +198,7 @@ def _make(service: KeyService, config: TlogConfig, allowed: tuple[str, ...]) -> 
     (``checkpoint_token``, else the first able one) really makes. A token that
     lists Ed25519 but refuses to make it (FailedPrecondition: it then stops
     listing it) falls back to ECDSA P-256. Raises NoCheckpointToken."""
-    tokens: list[Token] = ([service.token(config.token)] if config.token
-                           else list(service.tokens.values()))
+    tokens = _tokens(service, config)
     why: list[str] = []
     for name in allowed:
         for token in tokens:

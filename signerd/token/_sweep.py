@@ -171,6 +171,12 @@ class Sweeper:
         found: list[Junk] = self._health.run("sweep", look, slot.locks.searches.shared)
         return found
 
+    def _still_junk(self, found: list[Junk], grace: float) -> list[Junk]:
+        """What of ``found`` is still junk at a second look ``grace`` seconds
+        later (a key generation under way elsewhere is not). Raises Unavailable."""
+        pause(grace)
+        return still_junk(found, self.junk())
+
     def sweep(self, remove: bool = False, grace: float = 2.0) -> tuple[list[Junk], int]:
         """(objects that belong to no key, how many were removed). With
         ``remove``, a second look ``grace`` seconds later removes only what
@@ -179,8 +185,7 @@ class Sweeper:
         found = self.junk()
         if not remove or not found:
             return found, 0
-        pause(grace)
-        doomed = still_junk(found, self.junk())
+        doomed = self._still_junk(found, grace)
         writer = self._writer
 
         def destroy(s: Any) -> int:
@@ -203,8 +208,7 @@ class Sweeper:
         try:
             found = self.junk()
             if found:
-                pause(grace)
-                found = still_junk(found, self.junk())
+                found = self._still_junk(found, grace)
         except SignerdError as e:
             log.warning("start-up sweep failed", extra={"fields": {
                 "token": self.name, "error": str(e)}})
