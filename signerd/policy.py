@@ -388,29 +388,27 @@ class Policy:
         """Whether some rule grants ``req.operation`` on *some* key of
         ``req.token`` (its GUN and role left open): who may read a token's
         description. ``req.gun`` and ``req.role`` are ignored."""
-        if (not req.identity.name or req.transport not in TRANSPORTS
-                or (req.transport == "tcp" and req.identity.kind == "uid")):
-            return False
-        return any(
-            req.transport in r.transports and req.operation in r.operations
-            and r._identities.match(req.identity) and r._tokens.match(req.token)
-            for r in self.rules
-        )
+        return self._grants(req.identity, req.transport, req.operation, req.token)
 
     def grants_anything(self, identity: Identity, transport: str,
                         operation: str | None = None) -> bool:
         """Whether some rule grants ``identity`` over ``transport`` anything
         (``operation``, when given) on any key: a caller for whom this is
         False may be refused without looking at a key or a token at all."""
+        return self._grants(identity, transport, operation, None)
+
+    def _grants(self, identity: Identity, transport: str, operation: str | None,
+                token: str | None) -> bool:
+        """Some rule matches ``identity`` and ``transport``, and ``operation``
+        and ``token`` unless None (GUN and role left open)."""
         if (not identity.name or transport not in TRANSPORTS
                 or (transport == "tcp" and identity.kind == "uid")):
             return False
         return any(
             transport in r.transports and (operation is None or operation in r.operations)
-            and r._identities.match(identity)
+            and r._identities.match(identity) and (token is None or r._tokens.match(token))
             for r in self.rules
         )
-
 
 class PolicyStore:
     """Holds the current :class:`Policy` and swaps it on reload (SIGHUP).
