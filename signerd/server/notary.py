@@ -150,7 +150,7 @@ class _Base:
         except InvalidArgument:
             raise NotFound(f"key {quoted(key_id.ID)} not found: notary key IDs are "
                            "64 lowercase hex characters") from None
-        return self.service.get_key(key_id.ID, scope.may_search())
+        return self.service.get_key(key_id.ID, scope.may_search)
 
 
 class KeyManagementServicer(_Base):

@@ -217,7 +217,7 @@ class SignerServicer(pb_grpc.SignerServiceServicer):
         on it. The audit line names the ID as requested, whether or not such
         a key exists (a probe for an ID leaves its trace)."""
         scope.key_id = key_id
-        entry = self.service.get_key(key_id, scope.may_search())
+        entry = self.service.get_key(key_id, scope.may_search)
         scope.authorize_key(entry)
         return entry
 
@@ -351,11 +351,11 @@ class SignerServicer(pb_grpc.SignerServiceServicer):
             # answer about a subject the caller may not read never depends on
             # whether it exists.
             scope.key_id = request.key_id  # as requested, until the key is found
-            subject = self.service.get_key(request.key_id, scope.may_search())
+            subject = self.service.get_key(request.key_id, scope.may_search)
             scope.authorize_key(subject, "create", action="certify")
             if request.issuer_key_id and request.issuer_key_id != subject.key_id:
                 scope.key_id = f"{request.issuer_key_id},{subject.key_id}"
-            issuer = (self.service.get_key(request.issuer_key_id, scope.may_search())
+            issuer = (self.service.get_key(request.issuer_key_id, scope.may_search)
                       if request.issuer_key_id else subject)
             try:
                 scope.authorize_key(issuer)
@@ -384,7 +384,7 @@ class SignerServicer(pb_grpc.SignerServiceServicer):
         def work(scope: Scope) -> pb.Key:
             scope.key_id = request.key_id  # recorded even when refused (issue 21 §7)
             purpose = purpose_of(request.purpose, unspecified=None)
-            entry = self.service.get_key(request.key_id, scope.may_search())
+            entry = self.service.get_key(request.key_id, scope.may_search)
             scope.authorize_key(entry, action="set the purpose of")
             scope.extra["purpose"] = purpose
             scope.extra["previous_purpose"] = entry.purpose

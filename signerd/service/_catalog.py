@@ -69,16 +69,19 @@ class KeyCatalog:
                 return entry
         return None
 
-    def get_key(self, key_id: str, search: bool = True) -> KeyEntry:
-        """Key ``key_id`` (hex), asking the tokens if none listed it yet (not
-        with ``search`` False: for a caller who may use no key, a miss must
-        not cost a token search). Raises InvalidArgument, NoSuchKey,
-        Unavailable (a token is down and the key is on no other)."""
+    def get_key(self, key_id: str, may_search: Callable[[], bool] | None = None) -> KeyEntry:
+        """Key ``key_id`` (hex), asking the tokens if none listed it yet,
+        unless ``may_search`` (asked only then) says no: for a caller who may
+        use no key, a miss must not cost a token search. Raises
+        InvalidArgument, NoSuchKey, Unavailable (a token is down and the key
+        is on no other)."""
         kid = validate_key_id(key_id)
         entry = self.lookup(kid)
         down: Unavailable | None = None
+        if entry is None and may_search is not None and not may_search():
+            raise NoSuchKey(kid)
         for t in self.tokens.values():
-            if entry is not None or not search:
+            if entry is not None:
                 break
             try:  # made by another daemon or worker since we listed the token
                 entry = t.lookup(kid)

@@ -125,9 +125,9 @@ class KeyService:
         token = self.tokens[entry.token]
         return token.profile.signs_in_process and token.healthy and token.session_idle
 
-    def get_key(self, key_id: str, search: bool = True) -> KeyEntry:
+    def get_key(self, key_id: str, may_search: Callable[[], bool] | None = None) -> KeyEntry:
         """Key ``key_id`` (hex): see :meth:`KeyCatalog.get_key`."""
-        return self.catalog.get_key(key_id, search)
+        return self.catalog.get_key(key_id, may_search)
 
     def token(self, name: str) -> Token:
         """The token named ``name``: see :meth:`KeyCatalog.token`."""
