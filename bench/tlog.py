@@ -55,7 +55,7 @@ def _token_key(directory: Path) -> tuple[CheckpointKey, Any]:
     cfg = parse_config({"tokens": [hsm.token_table(TOKENS[0])],
                         "policy": {"file": "p"}}, directory)
     service = KeyService.open(cfg)
-    return checkpoint_key(service, cfg.audit_tlog, directory), service
+    return checkpoint_key(service, cfg.audit_tlog, directory / "audit.log"), service
 
 
 def _writes(path: Path, n: int, cp: Checkpointer | None, sign_each: bool) -> float:

@@ -8,6 +8,7 @@ import gzip
 import hashlib
 import json
 import re
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -434,6 +435,10 @@ def test_the_daemon_refuses_to_start_on_a_rewritten_log(hsm: Any, certs: Any,
     assert "\n" not in str(e.value)
 
 
+def _recorded_kid(record: Path) -> str:
+    return str(json.loads(record.read_text())["kid"])
+
+
 def test_the_checkpoint_key_is_found_again_by_its_recorded_id(hsm: Any, certs: Any,
                                                               tmp_path: Path) -> None:
     """A start finds the checkpoint key by the ID the audit directory recorded (one search,
@@ -451,8 +456,8 @@ def test_the_checkpoint_key_is_found_again_by_its_recorded_id(hsm: Any, certs: A
         other = c.create_key(unique_gun(), "targets", purpose="raw").key_id
     d.stop()
     record = work / ".checkpoint-key"
-    assert record.read_text().strip() == first
-    for hint in (first, "not a key id", other, "ab" * 32):
+    assert _recorded_kid(record) == first
+    for hint in (first, "not a key id", other, "ab" * 32, "{not json", '{"kid": 1}'):
         record.write_text(hint + "\n")
         d = start_daemon(cfg, certs, work)
         try:
@@ -460,7 +465,103 @@ def test_the_checkpoint_key_is_found_again_by_its_recorded_id(hsm: Any, certs: A
             assert d.servers.checkpointer.key.key_id == first, hint
         finally:
             d.stop()
-        assert record.read_text().strip() == first  # chosen again, and recorded
+        assert _recorded_kid(record) == first  # chosen again, and recorded
+
+
+def test_a_recorded_checkpoint_key_needs_no_token_search_before_serving(
+        hsm: Any, certs: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 24: a daemon of 10,000 keys serves within 0.5 s of its module's C_Initialize,
+    and one search of such a token takes about 1 s. So the record holds the whole key (ID,
+    algorithm, token, public key), and a start builds the checkpoint key from it without
+    asking the token; the key's entry is found in the background, and signs."""
+    import base64
+
+    from signerd.config import parse_config
+    from signerd.keys import key_id, tuf_public_bytes
+    from signerd.service import KeyService, checkpoint_key
+    from signerd.token import Token
+    from tests.conftest import daemon_config, start_daemon
+
+    work = tmp_path / "fast"
+    cfg = daemon_config(hsm, certs, work)
+    d = start_daemon(cfg, certs, work)
+    assert d.servers.checkpointer is not None
+    first = d.servers.checkpointer.key
+    d.stop()
+    doc = json.loads((work / ".checkpoint-key").read_text())
+    assert set(doc) == {"alg", "kid", "spki", "token"}
+    spki = base64.b64decode(doc["spki"])
+    assert doc["kid"] == first.key_id == key_id("ed25519", tuf_public_bytes("ed25519", spki))
+
+    asked: list[str] = []
+    for name in ("lookup", "refresh", "keys"):
+        real = getattr(Token, name)
+
+        def spy(self: Any, *a: Any, _real: Any = real, _name: str = name, **kw: Any) -> Any:
+            if threading.current_thread() is threading.main_thread():
+                asked.append(_name)
+            return _real(self, *a, **kw)
+
+        monkeypatch.setattr(Token, name, spy)
+    config = parse_config(cfg, work)
+    service = KeyService.open(config)
+    try:
+        key = checkpoint_key(service, config.audit_tlog, work / "audit.log")
+        assert asked == []  # no lookup, listing or refresh on this thread
+        assert (key.key_id, key.public_key, key.sig_type) == (
+            first.key_id, first.public_key, first.sig_type)
+        note = key.sign_note("checkpoint\n", "signerd.test/fast")
+        assert note.verified_by(key.verifier("signerd.test/fast"))
+        assert key.failure() is None
+    finally:
+        service.close()
+
+
+def test_a_record_that_is_not_the_logs_key_is_a_hint_and_a_wrong_key_is_never_used(
+        hsm: Any, certs: Any, tmp_path: Path) -> None:
+    """The whole record stands in for the token only if its public key hashes to its ID
+    and is the key the log's tree published (its vkey). Another key's record, with that
+    key's own public key, is a hint as before: the log's key is chosen again. In a new
+    audit directory (no tree to hold the record to) a record naming a key that is not a
+    checkpoint key refuses the start, naming the file; nothing is signed with that key."""
+    import base64
+
+    from signerd.errors import FailedPrecondition
+    from tests.conftest import daemon_config, start_daemon, unique_gun
+
+    work = tmp_path / "wr"
+    cfg = daemon_config(hsm, certs, work)
+    d = start_daemon(cfg, certs, work)
+    assert d.servers.checkpointer is not None
+    first = d.servers.checkpointer.key.key_id
+    with d.client() as c:
+        other = c.create_key(unique_gun(), "targets", algorithm="ed25519", purpose="raw")
+    entry = next(k for t in d.servers.service.tokens.values() for k in t.keys()
+                 if k.key_id == other.key_id)
+    d.stop()
+    record = work / ".checkpoint-key"
+    mine = json.loads(record.read_text())
+    theirs = {**mine, "kid": other.key_id,
+              "spki": base64.b64encode(entry.spki_der).decode()}
+    for doc in (theirs, {**mine, "kid": other.key_id}, {**mine, "spki": theirs["spki"]},
+                {**mine, "alg": "ecdsa-p256"}, {**mine, "token": "nosuch"}):
+        record.write_text(json.dumps(doc) + "\n")
+        d = start_daemon(cfg, certs, work)
+        try:
+            assert d.servers.checkpointer is not None
+            assert d.servers.checkpointer.key.key_id == first, doc
+        finally:
+            d.stop()
+        assert _recorded_kid(record) == first
+    fresh = tmp_path / "fresh"
+    fresh_cfg = daemon_config(hsm, certs, fresh)
+    fresh.mkdir(parents=True, exist_ok=True)
+    (fresh / ".checkpoint-key").write_text(json.dumps(theirs) + "\n")
+    with pytest.raises(FailedPrecondition, match=r"\.checkpoint-key names is not a checkpoint "
+                       r"key on token") as e:
+        start_daemon(fresh_cfg, certs, fresh)
+    assert "\n" not in str(e.value)
+    assert not (tree_dir(fresh / "audit.log") / "checkpoint").exists()
 
 
 # -- signerctl audit vkey / prove / verify --checkpoint -----------------------

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -44,12 +44,15 @@ class CheckpointKey:
     Ed25519 (0x01; ``public_key`` the raw 32 bytes, ``sign`` returns 64
     bytes) or ECDSA P-256 (0x02; ``public_key`` the DER SubjectPublicKeyInfo,
     ``sign`` returns a DER signature of the message's SHA-256). ``key_id``
-    names it in logs."""
+    names it in logs. ``failure`` says why the key cannot sign now (None
+    when it can, or is not known yet): it is part of the daemon's
+    readiness."""
 
     public_key: bytes
     sign: Callable[[bytes], bytes]
     key_id: str = ""
     sig_type: int = ED25519
+    failure: Callable[[], str | None] = field(default=lambda: None)
 
     def __post_init__(self) -> None:
         if self.sig_type not in (ED25519, ECDSA_SHA256):

@@ -141,6 +141,8 @@ class Servers:
 
     def __post_init__(self) -> None:
         self.readiness = Readiness(self.service, self.audit)
+        if self.checkpointer is not None:  # a recorded checkpoint key not on its token
+            self.readiness.add("audit_checkpoints", self.checkpointer.key.failure)
 
     def start(self) -> None:
         """Start serving; raises Unavailable if the metrics address is taken
@@ -396,7 +398,7 @@ def _open_audit(config: Config,
     checkpointer = None
     if config.audit_tlog.enabled:
         try:
-            key = checkpoint_key(service, config.audit_tlog, config.audit_file.parent)
+            key = checkpoint_key(service, config.audit_tlog, config.audit_file)
         except NoCheckpointToken as e:
             # Checkpoints by default, where a token can make their key (Ed25519, else
             # ECDSA P-256): a daemon on tokens that can make neither still starts,

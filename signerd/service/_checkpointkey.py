@@ -32,10 +32,16 @@ names an existing one instead (it must be a checkpoint key).
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import fcntl
+import json
+import logging
 import os
+import threading
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
@@ -46,20 +52,29 @@ from cryptography.hazmat.primitives.serialization import (
 )
 
 from signerd import signing
-from signerd.errors import ConfigError, FailedPrecondition, InvalidArgument, Unavailable
-from signerd.keys import ALGORITHMS, KeyID, validate_key_id
-from signerd.tlog.note import ECDSA_SHA256, ED25519
+from signerd.audit._tree import tree_dir
+from signerd.errors import (
+    ConfigError,
+    FailedPrecondition,
+    InvalidArgument,
+    SignerdError,
+    Unavailable,
+)
+from signerd.keys import ALGORITHMS, Algorithm, KeyID, key_id, tuf_public_bytes, validate_key_id
+from signerd.tlog.note import ECDSA_SHA256, ED25519, NoteError, Verifier
 
 if TYPE_CHECKING:
     from signerd.audit import CheckpointKey, TlogConfig
     from signerd.service._keyservice import KeyService
     from signerd.token import KeyEntry, Token
 
+log = logging.getLogger("signerd.audit")
+
 CHECKPOINT_GUN: Final = "signerd"
 CHECKPOINT_ROLE: Final = "signerd/audit-checkpoint"
 
 
-REMEMBERED: Final = ".checkpoint-key"  # in the audit directory: the key ID used last
+REMEMBERED: Final = ".checkpoint-key"  # in the audit directory: the key used last
 SIGN_PATIENCE: Final = 15.0  # seconds a checkpoint signature waits for its token
 # The checkpoint key's algorithms, best first, and their signed-note types.
 NOTE_TYPES: Final = {"ed25519": ED25519, "ecdsa-p256": ECDSA_SHA256}
@@ -71,21 +86,35 @@ class NoCheckpointToken(ConfigError):
     P-256 key (or not the one ``[audit] checkpoint_algorithm`` names)."""
 
 
-def checkpoint_key(service: KeyService, config: TlogConfig, audit_dir: Path) -> CheckpointKey:
-    """The checkpoint key for ``config``, made now if there is none. Raises
-    ConfigError (a named key that is missing or not a checkpoint key, or not
-    of ``checkpoint_algorithm``), NoCheckpointToken (no token can make one),
-    Unavailable."""
-    from signerd.audit import CheckpointKey
-    from signerd.keys import tuf_public_bytes
+def checkpoint_key(service: KeyService, config: TlogConfig, audit_file: Path) -> CheckpointKey:
+    """The checkpoint key of the audit log ``audit_file`` for ``config``, made
+    now if there is none. Raises ConfigError (a named key that is missing or
+    not a checkpoint key, or not of ``checkpoint_algorithm``), NoCheckpointToken
+    (no token can make one), Unavailable.
 
-    entry = _find_or_make(service, config, audit_dir)
-    alg = entry.algorithm
-    if alg.name == "ed25519":
-        public = tuf_public_bytes("ed25519", entry.spki_der)
-    else:  # the SPKI in DER's one form: the note's key ID hashes these bytes
-        public = load_der_public_key(entry.spki_der).public_bytes(
-            Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+    A start whose audit directory recorded the key (:data:`REMEMBERED`, see
+    :func:`_trusted_record`) builds it from the record and touches no token:
+    on SoftHSM's file store every search passes over every object (about 1 s
+    at 10,000 keys), and issue 24 asks a daemon of 10,000 keys to serve
+    within 0.5 s of its module's ``C_Initialize``. The key's entry on the
+    token is then found in the background, from the first listing
+    (:class:`_RecordedKey`), before its first checkpoint."""
+    from signerd.audit import CheckpointKey
+
+    audit_dir = audit_file.parent
+    record = _trusted_record(service, config, audit_file)
+    failure: Callable[[], str | None] = lambda: None  # noqa: E731
+    if record is not None:
+        recorded = _RecordedKey(service, record, audit_dir)
+        entry_of: Callable[[], KeyEntry] = recorded
+        failure = recorded.failure
+        alg, spki, kid = record.algorithm, record.spki_der, record.key_id
+    else:
+        entry = _find_or_make(service, config, audit_dir)
+        alg, spki, kid = entry.algorithm, entry.spki_der, entry.key_id
+
+        def entry_of() -> KeyEntry:
+            return entry
     der = signing.SignOptions(encoding=signing.Encoding.DER)
 
     def sign(message: bytes) -> bytes:
@@ -102,13 +131,144 @@ def checkpoint_key(service: KeyService, config: TlogConfig, audit_dir: Path) -> 
         deadline = time.monotonic() + SIGN_PATIENCE
         while True:
             try:
-                return service.sign_checkpoint(entry, message)
+                return service.sign_checkpoint(entry_of(), message)
             except Unavailable:
                 if time.monotonic() >= deadline:
                     raise
                 time.sleep(0.5)
 
-    return CheckpointKey(public, sign, entry.key_id, NOTE_TYPES[alg.name])
+    return CheckpointKey(_note_public(alg, spki), sign, kid, NOTE_TYPES[alg.name], failure)
+
+
+def _note_public(alg: Algorithm, spki_der: bytes) -> bytes:
+    """The public key as a signed note's verifier key holds it: Ed25519's raw
+    32 bytes, or the SPKI in DER's one form (the note's key ID hashes these bytes)."""
+    if alg.name == "ed25519":
+        return tuf_public_bytes("ed25519", spki_der)
+    return load_der_public_key(spki_der).public_bytes(Encoding.DER,
+                                                      PublicFormat.SubjectPublicKeyInfo)
+
+
+@dataclass(frozen=True)
+class _Record:
+    """The checkpoint key as :data:`REMEMBERED` records it."""
+
+    key_id: KeyID
+    algorithm: Algorithm
+    token: str
+    spki_der: bytes
+
+
+def _read_record(audit_dir: Path) -> tuple[KeyID, _Record | None] | None:
+    """What :data:`REMEMBERED` says: the key ID, and the whole record when it
+    is one (``{"alg","kid","spki","token"}``, written since issue 24; before,
+    the key ID alone). None when there is no record or it is unreadable."""
+    try:
+        text = (audit_dir / REMEMBERED).read_text()
+    except (OSError, UnicodeDecodeError):
+        return None
+    try:
+        if not text.lstrip().startswith("{"):
+            return validate_key_id(text.strip()), None
+        doc = json.loads(text)
+        kid = validate_key_id(doc["kid"])
+        alg, token, spki = ALGORITHMS[doc["alg"]], doc["token"], base64.b64decode(
+            doc["spki"], validate=True)
+    except (ValueError, KeyError, TypeError, InvalidArgument):
+        return None  # json's and base64's errors are ValueErrors
+    if not isinstance(token, str):
+        return None
+    return kid, _Record(kid, alg, token, spki)
+
+
+def _trusted_record(service: KeyService, config: TlogConfig,
+                    audit_file: Path) -> _Record | None:
+    """The recorded checkpoint key, if the record can stand in for the token
+    until the key's entry is found: it names a key of an allowed algorithm on
+    a token it may be on (and ``checkpoint_key``, if that is set), its public
+    key hashes to its key ID (so the key found by that ID later is this
+    one), and it is the key of the log's published verifier key (the tree's
+    ``vkey``), if the log has a tree. Otherwise None: the key is found on the
+    token as before (:func:`_find_or_make`), and a record that points at
+    another key is a hint only, as it always was."""
+    read = _read_record(audit_file.parent)
+    record = read[1] if read is not None else None
+    if record is None:
+        return None
+    alg = record.algorithm
+    if (alg.name not in _algorithms(config)
+            or (config.key_id is not None and config.key_id != record.key_id)
+            or record.token not in {t.name for t in _tokens(service, config)}):
+        return None
+    try:
+        public = _note_public(alg, record.spki_der)
+        if key_id(alg.keytype, tuf_public_bytes(alg.keytype, record.spki_der)) != record.key_id:
+            return None
+    except ValueError:
+        return None
+    try:
+        published = Verifier.from_vkey((tree_dir(audit_file) / "vkey").read_text())
+    except FileNotFoundError:
+        return record  # no tree yet: the start check has nothing to hold the key to
+    except (OSError, UnicodeDecodeError, NoteError):
+        return None
+    same = (published.sig_type, published.public_key) == (NOTE_TYPES[alg.name], public)
+    return record if same else None
+
+
+class _RecordedKey:
+    """The recorded checkpoint key's entry on its token, found once: started
+    in the background at once, and awaited by the first checkpoint. It is
+    taken from the token's first listing (which reads every key anyway),
+    else found by one search for its ID. A key that is not there, or is not
+    a checkpoint key, is never signed with: every checkpoint fails, with
+    FailedPrecondition, and the daemon is not ready (:meth:`failure`), until
+    the record is removed and the daemon restarted (as a start that found
+    no such key was refused before the record held the whole key)."""
+
+    def __init__(self, service: KeyService, record: _Record, audit_dir: Path) -> None:
+        self._service = service
+        self._record = record
+        self._where = audit_dir / REMEMBERED
+        self._entry: KeyEntry | None = None
+        self._failure: str | None = None
+        self._lock = threading.Lock()
+        threading.Thread(target=self._warm, name="checkpoint-key", daemon=True).start()
+
+    def __call__(self) -> KeyEntry:
+        """The key's entry. Raises FailedPrecondition, Unavailable."""
+        entry = self._entry
+        if entry is None:
+            with self._lock:
+                if self._entry is None:
+                    self._entry = self._find()
+                entry = self._entry
+        return entry
+
+    def _find(self) -> KeyEntry:
+        r = self._record
+        token = self._service.tokens.get(r.token)
+        entry = token.get(r.key_id) or token.lookup(r.key_id) if token is not None else None
+        if entry is None or entry.role != CHECKPOINT_ROLE or entry.algorithm != r.algorithm:
+            self._failure = (
+                f"the audit checkpoint key {r.key_id} that {self._where} names is not a "
+                f"checkpoint key on token {r.token}; no checkpoint is signed until it is "
+                "back, or the file is removed and signerd restarted")
+            raise FailedPrecondition(self._failure)
+        self._failure = None
+        return entry
+
+    def failure(self) -> str | None:
+        """Why the key cannot sign, once a look at the token found it missing."""
+        return self._failure
+
+    def _warm(self) -> None:
+        try:
+            self()
+        except FailedPrecondition as e:
+            log.error("audit checkpoints will fail", extra={"fields": {"error": str(e)}})
+        except SignerdError as e:  # the token is away or closing: the first checkpoint retries
+            log.debug("checkpoint key not found yet", extra={"fields": {"error": str(e)}})
 
 
 def _tokens(service: KeyService, config: TlogConfig) -> list[Token]:
@@ -158,7 +318,7 @@ def _find_or_make(service: KeyService, config: TlogConfig, audit_dir: Path) -> K
         if entry is None:
             found = _candidates(service, config)
             entry = found[0] if found else _make(service, config, allowed)
-            _remember(audit_dir, entry)
+        _remember(audit_dir, entry)  # the whole record, also where it held only the ID
         return entry
     finally:
         os.close(lock)
@@ -167,16 +327,15 @@ def _find_or_make(service: KeyService, config: TlogConfig, audit_dir: Path) -> K
 def _remembered(service: KeyService, config: TlogConfig, audit_dir: Path) -> KeyEntry | None:
     """The checkpoint key this audit directory used last (its ID in REMEMBERED), found
     with one search by ID rather than a listing of every key: on a token of 10,000 keys
-    the listing takes seconds, and the daemon serves only once the key is found. None if
-    there is no record, or its key is gone or no longer allowed (then the key is chosen
-    again). The record is only a hint: a record pointing at another checkpoint key
-    fails the start-up check against the log's last checkpoint, as a changed key would."""
-    try:
-        kid = validate_key_id((audit_dir / REMEMBERED).read_text().strip())
-    except (OSError, UnicodeDecodeError, InvalidArgument):
+    the listing takes seconds. None if there is no record, or its key is gone or no
+    longer allowed (then the key is chosen again). The record is only a hint: a record
+    pointing at another checkpoint key fails the start-up check against the log's last
+    checkpoint, as a changed key would."""
+    read = _read_record(audit_dir)
+    if read is None:
         return None
-    tokens = _tokens(service, config)
-    for t in tokens:
+    kid = read[0]
+    for t in _tokens(service, config):
         try:
             entry = t.get(kid) or t.lookup(kid, wait_listing=False)
         except (InvalidArgument, Unavailable):
@@ -188,9 +347,16 @@ def _remembered(service: KeyService, config: TlogConfig, audit_dir: Path) -> Key
 
 
 def _remember(audit_dir: Path, entry: KeyEntry) -> None:
-    """Record the chosen checkpoint key's ID for the next start (best effort)."""
-    with contextlib.suppress(OSError):  # a torn record is a bad key ID: chosen again
-        (audit_dir / REMEMBERED).write_text(entry.key_id + "\n")
+    """Record the chosen checkpoint key for the next start (best effort; see
+    :func:`_trusted_record`)."""
+    doc = {"alg": entry.algorithm.name, "kid": entry.key_id, "token": entry.token,
+           "spki": base64.b64encode(entry.spki_der).decode()}
+    text = json.dumps(doc, sort_keys=True) + "\n"
+    with contextlib.suppress(OSError, UnicodeDecodeError):
+        if (audit_dir / REMEMBERED).read_text() == text:
+            return
+    with contextlib.suppress(OSError):  # a torn record is unreadable: the key is chosen again
+        (audit_dir / REMEMBERED).write_text(text)
 
 
 def _make(service: KeyService, config: TlogConfig, allowed: tuple[str, ...]) -> KeyEntry:
