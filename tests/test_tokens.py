@@ -610,3 +610,40 @@ def test_a_tpm_daemon_signs_its_checkpoints_with_ecdsa_p256(
     with pytest.raises(ConfigError, match="audit checkpoints need an Ed25519 key and no token "
                                           "can make one"):
         start_daemon(asked, certs, tmp_path / "asked")
+
+
+def test_a_module_loaded_ahead_is_the_one_its_token_takes_or_is_finalised(
+        hsm: HSM, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 24: a start loads each module (C_Initialize: seconds for a large SoftHSM
+    token) on a thread of its own while it does the rest. The token then takes that very
+    module; a module no token took is finalised, so a start that retries reads its
+    tokens afresh; one that cannot be loaded is left to the token's own error."""
+    import shutil
+
+    # A copy of the module is a module of its own in this process (dlopen keys on the
+    # file), so this test's loads are not another test's.
+    copy = str(tmp_path / "libsofthsm2-copy.so")
+    shutil.copy(hsm.module, copy)
+    monkeypatch.setenv("SOFTHSM2_CONF", str(hsm.conf))
+    done = MODULES.warm([copy, copy, "/nonexistent/libnothing.so"])
+    deadline = time.monotonic() + 30
+    while copy not in MODULES._libs and time.monotonic() < deadline:
+        time.sleep(0.01)
+    ahead, users = MODULES._libs[copy]
+    assert users == 0  # loaded, and nobody's yet
+    assert MODULES.acquire(copy) is ahead
+    done()
+    assert MODULES._libs[copy] == (ahead, 1)
+    assert ahead.module.token_info(next(iter(ahead.get_slots(token_present=True))).slot_id)
+    MODULES.release(copy)
+    assert copy not in MODULES._libs
+    assert "/nonexistent/libnothing.so" not in MODULES._libs
+    with pytest.raises(ConfigError, match="does not exist"):
+        MODULES.acquire("/nonexistent/libnothing.so")
+
+    done = MODULES.warm([copy])
+    done()  # no token took it: finalised, and loaded afresh by the next acquire
+    assert copy not in MODULES._libs
+    again = MODULES.acquire(copy)
+    assert again is not ahead
+    MODULES.release(copy)

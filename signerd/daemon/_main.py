@@ -210,9 +210,17 @@ def _start_up_sweep(tokens: list[Any]) -> None:
 
 
 def _serve(config: Config, ready_file: Path | None, sweep: bool = True) -> int:
-    from signerd.server import app
+    from signerd.token import MODULES
 
-    servers = app.open_servers(config)
+    # Each module's C_Initialize (seconds for a large SoftHSM token) runs beside
+    # the imports and the rest of the start, not before them.
+    loaded = MODULES.warm(tc.module for tc in config.tokens)
+    try:
+        from signerd.server import app
+
+        servers = app.open_servers(config)
+    finally:
+        loaded()
     service = servers.service
     if servers.audit is not None:  # opened by app.build; set before the first line
         servers.audit.max_bytes = config.audit_max_bytes

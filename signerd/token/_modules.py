@@ -10,8 +10,10 @@ others), and hands each token and process its one :class:`_ObjectLocks`.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
 import pkcs11
@@ -56,20 +58,65 @@ class _Modules:
         with self._lock:
             lib, count = self._libs.get(path, (None, 0))
             if lib is None:
-                missing = _p11.missing_module(path)
-                if missing is not None:
-                    raise ConfigError(missing)
-                try:
-                    lib = _p11.load(path)
-                except (pkcs11.PKCS11Error, _p11.P11Error, OSError) as e:
-                    log.debug("cannot load a PKCS#11 module", extra={"fields": {
-                        "module": path, "detail": _p11.failure_detail(e)}})
-                    raise ConfigError(
-                        f"cannot load PKCS#11 module {path}: {_p11.load_error(path, e)}") from None
+                lib = self._load(path)
             self._libs[path] = (lib, count + 1)
             if user is not None:
                 self._users.setdefault(path, []).append(user)
             return lib
+
+    @staticmethod
+    def _load(path: str) -> _p11.ThreadSafeLib:
+        """dlopen and C_Initialize ``path``. Raises ConfigError."""
+        missing = _p11.missing_module(path)
+        if missing is not None:
+            raise ConfigError(missing)
+        try:
+            return _p11.load(path)
+        except (pkcs11.PKCS11Error, _p11.P11Error, OSError) as e:
+            log.debug("cannot load a PKCS#11 module", extra={"fields": {
+                "module": path, "detail": _p11.failure_detail(e)}})
+            raise ConfigError(
+                f"cannot load PKCS#11 module {path}: {_p11.load_error(path, e)}") from None
+
+    def warm(self, paths: Iterable[str]) -> Callable[[], None]:
+        """Load and initialise the modules at ``paths``, each on a thread of its
+        own, so that a start does its other work (imports, the gRPC server)
+        during their ``C_Initialize``: SoftHSM's reads its whole object store,
+        1.3-1.75 s at 10,000 keys (issue 24), and ctypes lets go of the GIL for
+        the call. A module loaded ahead is used by no one until a token's
+        :meth:`acquire` takes it, and finalised by its last :meth:`release` as
+        usual (so a start that retries still reads its tokens afresh). Returns
+        the function to call once the tokens are open: it waits for the loads
+        and finalises a module that no token took. A module that cannot be
+        loaded is not kept; the token's own :meth:`acquire` then says why."""
+
+        def load(path: str) -> None:
+            with self._lock:
+                if path in self._libs:
+                    return
+                try:
+                    self._libs[path] = (self._load(path), 0)
+                except ConfigError:
+                    return
+
+        wanted = list(dict.fromkeys(paths))
+        threads = [threading.Thread(target=load, args=(p,), name="module-load", daemon=True)
+                   for p in wanted]
+        for t in threads:
+            t.start()
+
+        def done() -> None:
+            for t in threads:
+                t.join()
+            for path in wanted:
+                with self._lock:
+                    lib, count = self._libs.get(path, (None, 1))
+                    if lib is not None and count == 0:
+                        del self._libs[path]
+                        with contextlib.suppress(_p11.P11Error):
+                            lib.close()
+
+        return done
 
     def release(self, path: str, user: Token | None = None) -> None:
         """Give back one :meth:`acquire`; the last one finalises the module."""
