@@ -9,14 +9,17 @@ killed by the kernel; nothing is mocked.
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import grpc
+import pytest
 
 from tests._fullfs import small_fs
 from tests.conftest import (
@@ -129,3 +132,41 @@ def test_a_first_signature_whose_used_mark_cannot_be_written_is_withheld(
                 assert c.get_key(made.key_id).used
         finally:
             assert proc.stop() == 0
+
+
+def test_the_start_up_sweep_starts_from_the_first_listing_and_reports_only_junk(
+        daemon: Any, caplog: pytest.LogCaptureFixture) -> None:
+    """The start-up report (issue 22 §4) takes the keys its first look needs from the
+    first listing rather than listing the token again (seconds at 10,000 keys, beside
+    the first signatures: issue 24), and still reports what belongs to no key and
+    nothing else: here one metadata object of no key, and not a key made after the
+    listing."""
+    import pkcs11
+
+    from signerd.token import _layout
+
+    token = daemon.servers.service.tokens["online"]
+    token.keys()  # the first listing is done
+    key = daemon.servers.service.create_key(unique_gun(), "targets", purpose="raw")
+    orphan = _layout.meta_label("ab" * 32).decode()
+    A = pkcs11.Attribute
+    with token.session() as (_, s):
+        s.create_object({A.CLASS: pkcs11.ObjectClass.DATA, A.TOKEN: True,
+                                A.PRIVATE: False, A.LABEL: orphan,
+                                A.APPLICATION: "signerd", A.VALUE: b"{}"})
+    try:
+        caplog.set_level(logging.WARNING, logger="signerd.token")
+        token.report_junk()
+        reports = [r for r in caplog.records if "belong to no key" in r.getMessage()]
+        assert len(reports) == 1
+        fields = reports[0].fields  # type: ignore[attr-defined]
+        assert fields["count"] == 1
+        assert fields["objects"] == [f"metadata of no key {orphan!r}"]
+        assert key.key_id not in " ".join(fields["objects"])
+    finally:
+        with token.session() as (_, s):
+            for o in s.get_objects({A.LABEL: orphan}):
+                o.destroy()
+    caplog.clear()
+    token.report_junk()
+    assert not [r for r in caplog.records if "belong to no key" in r.getMessage()]

@@ -307,5 +307,7 @@ class KeyStore:
         return self._sweeper.sweep(remove, grace)
 
     def report_junk(self) -> None:
-        """The start-up sweep: log what belongs to no key (:meth:`Sweeper.report_junk`)."""
-        self._sweeper.report_junk()
+        """The start-up sweep: log what belongs to no key (:meth:`Sweeper.report_junk`),
+        after the first listing, whose keys it starts from."""
+        self._listed.wait()
+        self._sweeper.report_junk(dict(self._keys))

@@ -35,10 +35,11 @@ from pathlib import Path
 from typing import Any
 
 from signerd.errors import SignerdError
+from signerd.keys import KeyID
 from signerd.token import _p11
 from signerd.token._health import Health
 from signerd.token._keywrites import KeyWriter
-from signerd.token._listing import read_keys
+from signerd.token._listing import KeyEntry, read_keys
 from signerd.token._slot import Slot
 from signerd.token.profiles import Profile
 
@@ -73,12 +74,15 @@ class Junk:
 
 def find_junk(module: _p11.Module, profile: Profile, token: str, s: Any,
               answers: Callable[[Any], bool],
-              empty_files: Callable[[], list[Path]] = list) -> list[Junk]:
+              empty_files: Callable[[], list[Path]] = list,
+              keys: dict[KeyID, KeyEntry] | None = None) -> list[Junk]:
     """Every object on the token that is signerd's by its label and belongs
     to no key, through session ``s`` (a pass over the token per object
-    class). ``empty_files`` lists SoftHSM's empty object files. Raises
-    P11Error."""
-    keys = read_keys(module, profile, token, s, answers)
+    class). ``empty_files`` lists SoftHSM's empty object files. ``keys``:
+    the keys that own objects, if already listed (else they are read
+    here). Raises P11Error."""
+    if keys is None:
+        keys = read_keys(module, profile, token, s, answers)
     owned: set[int] = set()
     ids: set[bytes] = set()
     for e in keys.values():
@@ -158,15 +162,16 @@ class Sweeper:
         self._health = health
         self._writer = writer
 
-    def junk(self) -> list[Junk]:
-        """Objects on the token that belong to no key (:func:`find_junk`).
-        Raises Unavailable."""
+    def junk(self, keys: dict[KeyID, KeyEntry] | None = None) -> list[Junk]:
+        """Objects on the token that belong to no key (:func:`find_junk`;
+        ``keys``: the keys as listed, else they are listed again). Raises
+        Unavailable."""
         slot = self._slot
         watch = self._writer.generation()
 
         def look(s: Any) -> list[Junk]:
             return find_junk(slot.module, slot.profile, self.name, s, self._health.answers,
-                             watch.empty_object_files if watch is not None else list)
+                             watch.empty_object_files if watch is not None else list, keys)
 
         found: list[Junk] = self._health.run("sweep", look, slot.locks.searches.shared)
         return found
@@ -201,12 +206,16 @@ class Sweeper:
             "token": self.name, "removed": gone}})
         return found, gone
 
-    def report_junk(self, grace: float = 2.0) -> None:
+    def report_junk(self, listed: dict[KeyID, KeyEntry], grace: float = 2.0) -> None:
         """The start-up sweep: log what belongs to no key (never removes), as
         seen by two looks ``grace`` seconds apart: another process's key
-        generation or used mark under way is not reported."""
+        generation or used mark under way is not reported. The first look
+        takes the owners from ``listed``, the keys the first listing found
+        (listing them again cost seconds at 10,000 keys, beside the first
+        signatures: issue 24); only the second, if the first found anything,
+        lists them again."""
         try:
-            found = self.junk()
+            found = self.junk(listed)
             if found:
                 found = self._still_junk(found, grace)
         except SignerdError as e:
