@@ -253,8 +253,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=2, help="rounds over every size")
     p.add_argument("--workers", type=int, default=1, help="[server] workers")
     p.add_argument("--no-audit", action="store_true",
-                   help="no [audit] table (its checkpoint key is found with a full listing "
-                        "before the daemon serves)")
+                   help="no [audit] table (no checkpoint key: at a first start it is chosen "
+                        "with a full listing before the daemon serves)")
     p.add_argument("--creates", type=int, default=20, help="CreateKey calls per point")
     p.add_argument("--signs", type=int, default=100, help="keys signed once per point")
     p.add_argument("--cache", type=Path, default=CACHE)

@@ -617,7 +617,9 @@ def test_token_gone_gives_unavailable_and_not_serving_then_recovers(
 
 def test_refused_login_on_reconnect_is_never_retried(daemon_factory: Any, hsm: Any) -> None:
     """SoftHSM never locks a PIN, so a login retry loop would be a guessing oracle."""
-    d = daemon_factory(tokens=("online",))
+    # No audit log: its final checkpoint would wait out the refused token at the stop
+    # (signerd.service._checkpointkey.SIGN_PATIENCE), 30 s of this suite for nothing.
+    d = daemon_factory(tokens=("online",), audit=False)
     svc = d.servers.service
     key = svc.create_key(unique_gun(), "targets", purpose="raw")
     token = svc.tokens["online"]

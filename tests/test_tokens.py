@@ -647,3 +647,49 @@ def test_a_module_loaded_ahead_is_the_one_its_token_takes_or_is_finalised(
     again = MODULES.acquire(copy)
     assert again is not ahead
     MODULES.release(copy)
+
+
+def test_signerd_serve_loads_each_module_before_parsing_its_config(
+        hsm: HSM, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``signerd serve`` starts each token's module loading from a peek at the TOML
+    (environment, workers, token modules) before the full parse imports most of signerd,
+    resolving a module path as the full parse does; anything unexpected leaves it to the
+    full parse, and a supervisor of workers loads nothing."""
+    import shutil
+
+    from signerd.daemon._main import load_modules_early
+
+    (tmp_path / "lib").mkdir()
+    copy = tmp_path / "lib" / "libsofthsm2-peek.so"
+    shutil.copy(hsm.module, copy)
+    monkeypatch.delenv("SIGNERD_PEEK_TEST", raising=False)
+    cfg = tmp_path / "signerd.toml"
+    env = (f'[environment]\nSOFTHSM2_CONF = "{hsm.conf}"\n'
+           'SIGNERD_PEEK_TEST = "set"\n\n')
+    token = '[[tokens]]\nname = "online"\nmodule = "./lib/libsofthsm2-peek.so"\n'
+    cfg.write_text(env + token)
+    done = load_modules_early(cfg, None)
+    assert done is not None
+    import os
+
+    assert os.environ["SIGNERD_PEEK_TEST"] == "set"  # before the module reads it
+    deadline = time.monotonic() + 30
+    while str(copy) not in MODULES._libs and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert MODULES._libs[str(copy)][1] == 0  # the path the full parse resolves, loaded
+    done()  # no token took it: finalised
+    assert str(copy) not in MODULES._libs
+    for text, worker in ((env + token.replace('module = "./lib', 'module = "lib'), 2),):
+        cfg.write_text(text)
+        done = load_modules_early(cfg, worker)
+        assert done is not None
+        done()
+    for text, worker in (("not toml [", None),
+                         ("[server]\nworkers = 2\n" + env + token, None),
+                         (env + '[[tokens]]\nname = "x"\nuri = "pkcs11:module-path=/x.so"\n',
+                          None),
+                         ('[environment]\nN = 1\n' + token, None),
+                         ('tokens = "no"\n', None)):
+        cfg.write_text(text)
+        assert load_modules_early(cfg, worker) is None, text
+    assert load_modules_early(tmp_path / "missing.toml", None) is None

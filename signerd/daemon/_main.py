@@ -42,13 +42,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from signerd import ArgumentParser, add_version_flag, embedded, one_line
-from signerd.config import Config, is_host_port, load_config
 from signerd.daemon import _logs as logs
 from signerd.daemon import _sdnotify
 from signerd.errors import ConfigError, SignerdError, Unavailable
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from signerd.audit import AuditLog
+    from signerd.config import Config
 
 log = logging.getLogger("signerd")
 PR_SET_DUMPABLE = 4
@@ -130,6 +132,8 @@ def claim_address(listen: str | None) -> socket.socket | None:
 
 def address(text: str) -> str:
     """argparse type of --listen and --metrics-listen: HOST:PORT."""
+    from signerd.config import is_host_port
+
     if not is_host_port(text):
         raise argparse.ArgumentTypeError(f"must be HOST:PORT, not {text!r}")
     return text
@@ -178,10 +182,58 @@ def rotate_audit(audit: AuditLog | None) -> None:
                   extra={"fields": {"file": str(audit.path), "error": str(e)}})
 
 
-def serve(config: Config, ready_file: Path | None = None, sweep: bool = True) -> int:
+def load_modules_early(path: Path, worker: int | None) -> Callable[[], None] | None:
+    """Start each token's PKCS#11 module loading (``C_Initialize``: seconds for a
+    large SoftHSM token, issue 24) on threads of their own before the config
+    is parsed, since parsing imports most of signerd (about 0.5 s). Reads only
+    ``[environment]`` (which the modules read at ``C_Initialize``, as
+    :func:`serve` would set it), ``[server] workers`` (a supervisor opens no
+    token) and each ``[[tokens]] module``, resolved as :func:`signerd.config.
+    load_config` resolves it, so that a token takes the module loaded here
+    (:meth:`signerd.token.MODULES.warm`). Anything unexpected: None, and the
+    full parse says what is wrong. Returns the function to call once the
+    tokens are open. tomllib is the standard library's TOML reader; this
+    peek exists because the full parse is what takes the time."""
+    import tomllib
+
+    try:
+        with path.open("rb") as f:
+            doc = tomllib.load(f)
+    except (OSError, tomllib.TOMLDecodeError):
+        return None
+    server, environment, tokens = (doc.get("server", {}), doc.get("environment", {}),
+                                   doc.get("tokens", []))
+    if not (isinstance(server, dict) and isinstance(environment, dict)
+            and isinstance(tokens, list)):
+        return None
+    if worker is None and server.get("workers", 1) != 1:
+        return None
+    modules = [m for t in tokens if isinstance(t, dict)
+               for m in [t.get("module")] if isinstance(m, str) and m]
+    if len(modules) != len(tokens) or not all(isinstance(v, str)
+                                               for v in environment.values()):
+        return None
+    base = path.parent.resolve()
+
+    def resolved(module: str) -> str:
+        if "/" not in module:
+            return module
+        p = Path(os.path.expanduser(module))
+        return str(p if p.is_absolute() else base / p)
+
+    os.environ.update({str(k): v for k, v in environment.items()})
+    from signerd.token import MODULES
+
+    return MODULES.warm(resolved(m) for m in modules)
+
+
+def serve(config: Config, ready_file: Path | None = None, sweep: bool = True,
+          preloaded: Callable[[], None] | None = None) -> int:
     """Serve ``config`` in this process until SIGTERM or SIGINT; 0 when
     stopped. ``sweep``: report, once the keys are listed, objects on the
-    tokens that belong to no key (one worker of several does it)."""
+    tokens that belong to no key (one worker of several does it).
+    ``preloaded``: what :func:`load_modules_early` returned, called once the
+    tokens are open."""
     os.environ.update(config.environment)  # e.g. SOFTHSM2_CONF, before modules load
     if not config.debug:
         make_undumpable()
@@ -196,7 +248,7 @@ def serve(config: Config, ready_file: Path | None = None, sweep: bool = True) ->
 
     restore_stderr = _corelog.route_stderr()
     try:
-        return _serve(config, ready_file, sweep)
+        return _serve(config, ready_file, sweep, preloaded)
     finally:
         restore_stderr()
 
@@ -209,11 +261,13 @@ def _start_up_sweep(tokens: list[Any]) -> None:
         t.report_junk()
 
 
-def _serve(config: Config, ready_file: Path | None, sweep: bool = True) -> int:
+def _serve(config: Config, ready_file: Path | None, sweep: bool = True,
+           preloaded: Callable[[], None] | None = None) -> int:
     from signerd.token import MODULES
 
     # Each module's C_Initialize (seconds for a large SoftHSM token) runs beside
-    # the imports and the rest of the start, not before them.
+    # the imports and the rest of the start, not before them (if main() did not
+    # start it even earlier: then this finds the modules loaded).
     loaded = MODULES.warm(tc.module for tc in config.tokens)
     try:
         from signerd.server import app
@@ -221,6 +275,8 @@ def _serve(config: Config, ready_file: Path | None, sweep: bool = True) -> int:
         servers = app.open_servers(config)
     finally:
         loaded()
+        if preloaded is not None:
+            preloaded()
     service = servers.service
     if servers.audit is not None:  # opened by app.build; set before the first line
         servers.audit.max_bytes = config.audit_max_bytes
@@ -332,33 +388,12 @@ def main(argv: list[str] | None = None) -> int:
                     "fields": {"state_dir": str(state), "client_config": str(state / "client.toml")}
                 },
             )
-        config = listen_flags(load_config(path), path, args.listen, args.metrics_listen,
-                              embedded_default=args.config is None)
-        if args.debug:
-            from dataclasses import replace
-
-            config = replace(config, debug=True)
-        if args.worker is not None:
-            from signerd.daemon import _workers
-
-            _workers.become_worker(args.worker, args.supervisor_pid)
-            config = _workers.worker_config(config, args.worker, args.worker_listen)
-            pin_cpu(config, args.worker)
-            return serve(config, args.ready_file, sweep=args.worker == 1)
-        elif config.workers > 1:
-            from signerd.daemon import _workers
-
-            worker_args = ["--log-level", args.log_level, *(["--debug"] if args.debug else [])]
-            claim = claim_address(config.listen)  # held until the supervisor exits
-            try:
-                return _workers.Supervisor(path, config, worker_args).run(args.ready_file)
-            finally:
-                if claim is not None:
-                    claim.close()
-        else:
-            pin_cpu(config, 1)
-            claim = claim_address(config.listen)  # held while this process serves
-        return serve(config, args.ready_file)
+        preloaded = load_modules_early(path, args.worker)
+        try:
+            return _run(args, path, preloaded)
+        finally:
+            if preloaded is not None:  # a module no token took is finalised before exit
+                preloaded()
     except ConfigError as e:  # a config fault or a refused PIN: a restart cannot help
         print(f"signerd: {one_line(str(e))}", file=sys.stderr)
         return 2
@@ -371,3 +406,40 @@ def main(argv: list[str] | None = None) -> int:
         print(f"signerd: unexpected error: {type(e).__name__}: {one_line(str(e))} "
               "(--log-level debug shows where)", file=sys.stderr)
         return 1
+
+
+def _run(args: argparse.Namespace, path: Path, preloaded: Callable[[], None] | None) -> int:
+    """``signerd serve`` once its config file is known: one process, a
+    supervisor of workers, or one worker."""
+    from signerd.config import load_config
+
+    config = listen_flags(load_config(path), path, args.listen, args.metrics_listen,
+                          embedded_default=args.config is None)
+    if args.debug:
+        from dataclasses import replace
+
+        config = replace(config, debug=True)
+    if args.worker is not None:
+        from signerd.daemon import _workers
+
+        _workers.become_worker(args.worker, args.supervisor_pid)
+        config = _workers.worker_config(config, args.worker, args.worker_listen)
+        pin_cpu(config, args.worker)
+        return serve(config, args.ready_file, sweep=args.worker == 1, preloaded=preloaded)
+    elif config.workers > 1:
+        from signerd.daemon import _workers
+
+        worker_args = ["--log-level", args.log_level, *(["--debug"] if args.debug else [])]
+        claim = claim_address(config.listen)  # held until the supervisor exits
+        try:
+            return _workers.Supervisor(path, config, worker_args).run(args.ready_file)
+        finally:
+            if claim is not None:
+                claim.close()
+    pin_cpu(config, 1)
+    claim = claim_address(config.listen)  # held while this process serves
+    try:
+        return serve(config, args.ready_file, preloaded=preloaded)
+    finally:
+        if claim is not None:
+            claim.close()

@@ -284,12 +284,14 @@ def _algorithms(config: TlogConfig) -> tuple[str, ...]:
 
 def _candidates(service: KeyService, config: TlogConfig) -> list[KeyEntry]:
     """Checkpoint keys already made, on ``checkpoint_token`` or any token:
-    Ed25519 first, then by key ID (the same order in every worker)."""
+    Ed25519 first, then by key ID (the same order in every worker). Taken
+    from each token's first listing (a second listing beside it doubled a
+    first start's wait at 10,000 keys); a key another worker made since is
+    found through the record it wrote first (:func:`_remembered`)."""
     tokens = _tokens(service, config)
     allowed = _algorithms(config)
     found = []
     for t in tokens:
-        t.refresh()
         found += [k for k in t.keys() if k.role == CHECKPOINT_ROLE
                   and k.algorithm.name in allowed]
     return sorted(found, key=lambda k: (allowed.index(k.algorithm.name), k.key_id))

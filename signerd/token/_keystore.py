@@ -18,6 +18,7 @@ key used and deleting it use the indexed handles of its objects.
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 import time
@@ -43,6 +44,7 @@ LISTING_WAIT = 60.0  # seconds a lookup waits for the first listing before searc
 # taken outside the miss lock, so they delay no other caller's lookup.
 MISS_RETRIES = (0.05, 0.2)
 WRITE_WINDOW = 1.0  # seconds after another process's write during which a miss is doubted
+COLLECT_AFTER = 1000  # keys: a listing of this many runs Python's full collection itself
 
 
 class KeyStore:
@@ -212,6 +214,14 @@ class KeyStore:
                 if cached is not None and cached.used and not entry.used:
                     keys[kid] = replace(entry, used=True)
             self._keys = keys
+        if len(keys) >= COLLECT_AFTER:
+            # A listing of many keys leaves tens of thousands of objects that lived
+            # through it (the new index, and the old one's and the reads' garbage):
+            # enough for Python's next full collection, which stops every thread for
+            # 10-25 ms at 10,000 keys, at whatever signature comes next (issue 24:
+            # the first signatures after a start, p99 12-18 ms). It runs here instead,
+            # on the listing's thread, at the one moment such a pause is expected.
+            gc.collect()
 
     def _others_writing(self) -> bool:
         """Whether another process wrote this token's objects just now (SoftHSM's

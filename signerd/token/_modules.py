@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
@@ -94,10 +95,13 @@ class _Modules:
             with self._lock:
                 if path in self._libs:
                     return
+                start = time.monotonic()
                 try:
                     self._libs[path] = (self._load(path), 0)
                 except ConfigError:
                     return
+            log.debug("module loaded ahead", extra={"fields": {
+                "module": path, "seconds": round(time.monotonic() - start, 3)}})
 
         wanted = list(dict.fromkeys(paths))
         threads = [threading.Thread(target=load, args=(p,), name="module-load", daemon=True)
