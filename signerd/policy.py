@@ -469,16 +469,36 @@ def _parse_rules(data: Any, source: str) -> list[Rule]:
             f"policy {source}: 'rule' must be an array of tables written [[rule]], "
             f"got {_kind(raw_rules)}"
         )
-    rules = [_parse_rule(source, i, r) for i, r in enumerate(raw_rules)]
+    rules: list[Rule] = []
+    problems: list[str] = []
     seen: dict[str, int] = {}
-    for i, rule in enumerate(rules):
+    for i, raw in enumerate(raw_rules):  # every rule's first fault, not the policy's first
+        try:
+            rule = _parse_rule(source, i, raw)
+        except ConfigError as e:
+            problems.append(str(e))
+            continue
         if rule.name in seen:
-            raise ConfigError(
-                f"policy {source}: rule[{i}]: name {rule.name!r} is already used by "
-                f"rule[{seen[rule.name]}]; names must be unique"
-            )
-        seen[rule.name] = i
+            problems.append(f"policy {source}: rule[{i}]: name {rule.name!r} is already used "
+                            f"by rule[{seen[rule.name]}]; names must be unique")
+        seen.setdefault(rule.name, i)
+        rules.append(rule)
+    if problems:
+        raise PolicyErrors(problems)
     return rules
+
+
+class PolicyErrors(ConfigError):
+    """A policy with faults in one or more rules. ``problems``: one line per
+    faulty rule (its first fault), as ``signerd check-config`` prints them;
+    the message is the first, with how many more there are."""
+
+    def __init__(self, problems: list[str]) -> None:
+        more = len(problems) - 1
+        super().__init__(problems[0] + (
+            f" (and {more} more faulty rule{'s' if more > 1 else ''}: "
+            "`signerd check-config` lists each)" if more else ""))
+        self.problems = problems
 
 
 def _parse_rule(source: str, index: int, raw: Any) -> Rule:

@@ -249,6 +249,39 @@ def test_no_policy_denies_everything(world: World) -> None:
         "error: policy: [policy] file is required: signerd denies everything without a policy"]
 
 
+def test_every_faulty_policy_rule_is_reported_in_one_run(world: World) -> None:
+    """An operator fixing a policy sees every faulty rule at once (a new user fixed
+    three faults in three runs); the daemon's own refusal stays one line, and says
+    how many more there are."""
+    from signerd.errors import ConfigError
+    from signerd.policy import Policy
+
+    policy = world.tmp / "policy.toml"
+    policy.write_text(
+        '[[rule]]\nname = "a"\nidentities = ["spiffe://x/a"]\noperations = ["read"]\n'
+        '[[rule]]\nname = "b"\nidentities = ["spiffe://x/b"]\noperations = ["fly"]\n'
+        '[[rule]]\nname = "c"\nidentities = ["spiffe://x/c"]\noperations = ["read"]\n'
+        'colour = "red"\n'
+        '[[rule]]\nname = "a"\nidentities = ["spiffe://x/d"]\noperations = ["read"]\n')
+    found = world.about("policy")
+    assert len(found) == 3, found
+    assert all(f.startswith(f"error: policy: policy {policy}: rule[") for f in found)
+    assert "rule[1]" in found[0] and "'fly'" in found[0]
+    assert "rule[2]" in found[1] and "colour" in found[1]
+    assert "rule[3]" in found[2] and "already used by rule[0]" in found[2]
+    with pytest.raises(ConfigError) as e:
+        Policy.load(policy)
+    assert str(e.value) == found[0].removeprefix("error: policy: ") + (
+        " (and 2 more faulty rules: `signerd check-config` lists each)")
+    assert "\n" not in str(e.value)
+    policy.write_text(
+        '[[rule]]\nname = "b"\nidentities = ["spiffe://x/b"]\noperations = ["fly"]\n')
+    (only,) = world.about("policy")
+    with pytest.raises(ConfigError) as e:
+        Policy.load(policy)
+    assert str(e.value) == only.removeprefix("error: policy: ")  # one fault: as before
+
+
 def test_no_audit_file_is_a_warning(world: World) -> None:
     del world.data["audit"]
     assert world.about("audit") == ["warning: audit: no [audit] file: requests are not audited"]

@@ -409,7 +409,7 @@ def _server_chain(report: _Report, chain: list[x509.Certificate], cas: list[x509
 
 
 def _policy(report: _Report, config: Config) -> None:
-    from signerd.policy import Policy
+    from signerd.policy import Policy, PolicyErrors
 
     if config.policy_file is None:
         report.error("policy", "[policy] file is required: signerd denies everything without a "
@@ -417,6 +417,10 @@ def _policy(report: _Report, config: Config) -> None:
         return
     try:
         policy = Policy.load(config.policy_file)
+    except PolicyErrors as e:
+        for problem in e.problems:  # every faulty rule, so one run finds them all
+            report.error("policy", problem)
+        return
     except ConfigError as e:
         report.error("policy", str(e))
         return
