@@ -27,11 +27,13 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import secrets
 import statistics
 import sys
 import tempfile
 import time
 from collections import Counter
+from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -83,6 +85,7 @@ class Store:
     daemon: Any = None
     keys: dict[str, list[str]] = field(default_factory=dict)  # format -> key per GUN
     versions: Counter[str] = field(default_factory=Counter)  # key ID -> last version
+    marks: Any = None  # PostgreSQL: a connection of our own that logs a marker statement
 
     def statements(self, offset: int) -> list[str]:
         """The statements logged after byte ``offset`` of the log."""
@@ -92,6 +95,29 @@ class Store:
         if self.name == "sqlite":
             return [line for line in text.splitlines() if line]
         return [m.group(2) for line in text.splitlines() if (m := _PG_LINE.match(line))]
+
+    def logged(self, offset: int, timeout: float = 30) -> list[str]:
+        """The statements logged after byte ``offset`` once every statement sent before
+        this call is in the log. SQLite: the daemon writes each statement's line (line
+        buffered) before running it, so a batch's lines are all there when its answer
+        has arrived. PostgreSQL: a backend logs a statement as it receives it; a marker
+        statement sent now, from a connection of ours, is logged after all of them: its
+        line is waited for, and the statements before it are the batch's."""
+        if self.name == "sqlite":
+            return self.statements(offset)
+        from psycopg import sql
+
+        marker = f"bench-content-batch-mark-{secrets.token_hex(8)}"
+        self.marks.execute(sql.SQL("SELECT {}").format(sql.Literal(marker)))
+        deadline = time.monotonic() + timeout
+        while True:
+            statements = self.statements(offset)
+            for i, statement in enumerate(statements):
+                if marker in statement:
+                    return statements[:i]
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"PostgreSQL did not log the marker in {timeout}s")
+            time.sleep(0.01)
 
 
 def create_keys(target: Target, fmt: str, count: int) -> list[str]:
@@ -129,8 +155,7 @@ def one_batch(store: Store, fmt: str, items: int, guns: int) -> dict[str, Any]:
     failed = [item.error for item in answer.items if item.code]
     if failed:
         raise RuntimeError(f"{store.name}: {len(failed)} of {items} items refused: {failed[0]}")
-    time.sleep(0.3)  # the server's log is written as it goes: let the last lines land
-    statements = store.statements(offset)
+    statements = store.logged(offset)
     kinds = Counter(kind(s) for s in statements)
     return {"transactions": kinds["BEGIN"], "statements": len(statements),
             "kinds": dict(sorted(kinds.items())), "ms": round(ms, 1)}
@@ -160,7 +185,10 @@ def run(items: int, guns: list[int], repeat: int) -> dict[str, Any]:
             conn.execute("ALTER SYSTEM SET log_statement = 'all'")
             conn.execute("ALTER SYSTEM SET log_line_prefix = '%p|'")
             conn.execute("SELECT pg_reload_conf()")
-        with tempfile.TemporaryDirectory(prefix="signerd-content-batch-") as tmp:
+        with tempfile.TemporaryDirectory(prefix="signerd-content-batch-") as tmp, \
+                ExitStack() as daemons:
+            # The daemons stop (ExitStack) before their directory goes: a daemon whose
+            # token, state and audit log were removed under it took seconds to exit.
             env = Env.create(Path(tmp))
             s = replace(Settings(), workers=1)
             trace = env.dir / "sqlite-statements.log"
@@ -172,6 +200,10 @@ def run(items: int, guns: list[int], repeat: int) -> dict[str, Any]:
                                              env={"BENCH_SQL_TRACE": str(trace)})
                                 if name == "sqlite" else start_daemon(config))
                 stores.append(store)
+                daemons.callback(store.daemon.stop)
+                if name == "postgresql":
+                    store.marks = daemons.enter_context(
+                        psycopg.connect(server.url, dbname="postgres", autocommit=True))
                 store.target = env.target(store.daemon.info["tcp"])
                 store.keys = {fmt: create_keys(store.target, fmt, max(guns)) for fmt in FORMATS}
             results = []
@@ -189,8 +221,6 @@ def run(items: int, guns: list[int], repeat: int) -> dict[str, Any]:
                             f"statements, {row['ms']} ms")
             return {"items": items, "guns": guns, "repeat": repeat, "results": results}
     finally:
-        for store in stores:
-            store.daemon.stop()
         server.stop()
 
 

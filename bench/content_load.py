@@ -51,6 +51,7 @@ import sys
 import tempfile
 import time
 from array import array
+from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -235,8 +236,11 @@ def run(rounds: int, duration: float, callers: int, s: Settings,
     variants: list[Variant] = []
     try:
         # ignore_cleanup_errors: a stopping daemon can still be writing in its directory.
+        # The daemons stop (ExitStack) before their directory goes: a daemon whose token,
+        # state and audit log were removed under it took seconds to exit.
         with tempfile.TemporaryDirectory(prefix="signerd-content-load-",
-                                         ignore_cleanup_errors=True) as tmp:
+                                         ignore_cleanup_errors=True) as tmp, \
+                ExitStack() as closing:
             env = Env.create(Path(tmp))
             names = [*VARIANTS] if against is None else [
                 "off", "sqlite", f"sqlite{BEFORE}", "postgresql", f"postgresql{BEFORE}"]
@@ -250,6 +254,7 @@ def run(rounds: int, duration: float, callers: int, s: Settings,
                 target = env.target(daemon.info["tcp"])
                 variant = Variant(name, daemon, target, [])
                 variants.append(variant)
+                closing.callback(variant.close)
                 variant.callers = make_callers(target, label, callers)
                 check_one(variant)
                 variant.connect()
@@ -263,8 +268,6 @@ def run(rounds: int, duration: float, callers: int, s: Settings,
                     "results": {v.name: {"rounds": v.rounds, **summary(v.rounds)}
                                 for v in variants}}
     finally:
-        for v in variants:
-            v.close()
         server.stop()
 
 

@@ -1108,7 +1108,7 @@ def parse_args(argv: list[str] | None) -> tuple[Settings, Path | None]:
     d = Settings()
     p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n\n")[0])
     p.add_argument("--smoke", action="store_true",
-                   help="tiny run for tests: P-256, 1 and 4 callers, 0.5 s points, 50 keys")
+                   help="tiny run for tests: P-256, 1 and 4 callers, 0.25 s points, 50 keys")
     p.add_argument("--algorithms", default=",".join(d.algorithms))
     p.add_argument("--rpcs", default=",".join(d.rpcs))
     p.add_argument("--callers", default=",".join(map(str, d.callers)))
@@ -1165,8 +1165,8 @@ def parse_args(argv: list[str] | None) -> tuple[Settings, Path | None]:
         loadgen_mode=a.loadgen_mode, channels_per_proc=a.channels, cache_dir=a.cache,
     )
     if a.smoke:
-        s = replace(s, algorithms=("ecdsa-p256",), callers=(1, 4), duration=0.5, warmup=0.2,
-                    token_seconds=0.3, batch_size=10, many_keys=50, stream_callers=(1, 4),
+        s = replace(s, algorithms=("ecdsa-p256",), callers=(1, 4), duration=0.25, warmup=0.05,
+                    token_seconds=0.1, batch_size=10, many_keys=50, stream_callers=(1, 4),
                     peer_callers=(1, 4), peer_rounds=1)
     return s, (None if str(a.out) == "-" else a.out)
 

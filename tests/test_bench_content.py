@@ -22,7 +22,7 @@ def _python_m(*args: str, timeout: float) -> subprocess.CompletedProcess[str]:
 
 def test_content_load_alternates_checks_off_sqlite_and_postgresql(tmp_path: Path) -> None:
     out = tmp_path / "load.json"
-    run = _python_m("bench.content_load", "--rounds", "2", "--duration", "0.5", "--callers", "2",
+    run = _python_m("bench.content_load", "--rounds", "2", "--duration", "0.25", "--callers", "2",
                     "--json", str(out), timeout=400)
     assert run.returncode == 0, run.stderr[-4000:]
     doc = json.loads(out.read_text())

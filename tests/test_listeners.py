@@ -9,7 +9,9 @@ loopback; none is timed beyond generous bounds. The figures are bench/hostile.py
 
 from __future__ import annotations
 
+import errno
 import os
+import selectors
 import shutil
 import socket
 import stat
@@ -80,6 +82,30 @@ def get(port: int, path: str, timeout: float = 10) -> int:
         return int(r.status)
 
 
+def connect_all(port: int, count: int, seconds: float = 60.0) -> list[socket.socket]:
+    """``count`` connections to ``port``, made all at once: connects the full accept queue
+    drops wait out their SYN retransmits together instead of one after another."""
+    socks = []
+    with selectors.DefaultSelector() as sel:
+        for _ in range(count):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            socks.append(s)
+            s.setblocking(False)
+            assert s.connect_ex(("127.0.0.1", port)) in (0, errno.EINPROGRESS)
+            sel.register(s, selectors.EVENT_WRITE)
+        end = time.monotonic() + seconds
+        while sel.get_map():
+            assert time.monotonic() < end, f"{len(sel.get_map())} connection(s) not made"
+            for key, _ in sel.select(timeout=1.0):
+                sock = key.fileobj
+                assert isinstance(sock, socket.socket)
+                assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0
+                sel.unregister(sock)
+    for s in socks:
+        s.setblocking(True)
+    return socks
+
+
 def threads() -> int:
     return len(os.listdir("/proc/self/task"))
 
@@ -129,8 +155,8 @@ def test_held_metrics_connections_cost_no_thread_and_sign_goes_on(started: Any) 
     with d.client() as c:
         key = c.create_key(unique_gun(), "targets", purpose="raw").key_id
     before = threads()
-    hostile = [socket.create_connection(("127.0.0.1", d.servers.http.port))
-               for _ in range(300)]  # 64 held by the daemon, the rest in its backlog
+    # 64 held by the daemon, the rest in its backlog
+    hostile = connect_all(d.servers.http.port, 300)
     for s in hostile:
         s.sendall(b"GET /metrics HTTP/1.1\r\n")
     wait_for(lambda: d.servers.http.open == 64)
