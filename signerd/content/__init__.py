@@ -69,12 +69,14 @@ class Outcome:
     digest: str = ""
 
 
-def open_store(state: StateConfig) -> WatermarkStore:
-    """The store ``[state] url`` names (SQLite file or PostgreSQL); raises StateUnavailable."""
+def open_store(state: StateConfig, timeout: float | None = None) -> WatermarkStore:
+    """The store ``[state] url`` names (SQLite file or PostgreSQL); raises StateUnavailable.
+    ``timeout``: seconds PostgreSQL's pool waits for a connection (None: its default,
+    :data:`signerd.content._postgres.POOL_TIMEOUT`)."""
     if state.is_postgres:
-        from signerd.content._postgres import PostgresStore  # psycopg only when used
+        from signerd.content._postgres import POOL_TIMEOUT, PostgresStore  # psycopg when used
 
-        return PostgresStore(state.url)
+        return PostgresStore(state.url, timeout=POOL_TIMEOUT if timeout is None else timeout)
     from signerd.content._sqlite import SqliteStore
 
     return SqliteStore(state.sqlite_path)

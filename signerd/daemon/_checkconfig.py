@@ -153,6 +153,9 @@ def check(path: Path) -> list[Finding]:
     return report.findings
 
 
+STATE_CHECK_TIMEOUT = 2.0  # seconds check-config waits for a PostgreSQL connection
+
+
 def _state(report: _Report, config: Config) -> None:
     """The watermark store opens (and its schema is current, or migrated), as at a
     start; a SQLite file is created if it was not there, as a start would."""
@@ -162,7 +165,9 @@ def _state(report: _Report, config: Config) -> None:
 
     where = "PostgreSQL" if config.state.is_postgres else str(config.state.sqlite_path)
     try:
-        store = open_store(config.state)
+        # One look, not a start's patience: a start's pool keeps retrying a refused
+        # connection for 10 s (the database may be starting), a check need not.
+        store = open_store(config.state, timeout=STATE_CHECK_TIMEOUT)
     except (StateUnavailable, ConfigError) as e:
         report.error("state", f"{where}: {one_line(str(e))}; metadata keys could not sign")
         return
