@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,7 +40,6 @@ from signerd.token._health import Health
 from signerd.token._keywrites import KeyWriter
 from signerd.token._listing import KeyEntry, read_keys
 from signerd.token._slot import Slot
-from signerd.token.profiles import Profile
 
 log = logging.getLogger("signerd.token")
 
@@ -72,47 +70,43 @@ class Junk:
         return f"{self.kind} {self.label!r}{where}"
 
 
-def find_junk(module: _p11.Module, profile: Profile, token: str, s: Any,
-              answers: Callable[[Any], bool],
-              empty_files: Callable[[], list[Path]] = list,
-              keys: dict[KeyID, KeyEntry] | None = None) -> list[Junk]:
-    """Every object on the token that is signerd's by its label and belongs
-    to no key, through session ``s`` (a pass over the token per object
-    class). ``empty_files`` lists SoftHSM's empty object files. ``keys``:
-    the keys that own objects, if already listed (else they are read
-    here). Raises P11Error."""
-    if keys is None:
-        keys = read_keys(module, profile, token, s, answers)
-    owned: set[int] = set()
-    ids: set[bytes] = set()
-    for e in keys.values():
-        owned.update((e.handle, e.public_handle, e.meta_handle, *e.marks))
-        ids.add(e.object_id)
-    h = s.handle
+CHUNK = 256  # objects judged per hold of the token's search lock (see Sweeper.junk)
+
+
+def judge(module: _p11.Module, s: Any, cls: int, handles: list[int], owned: set[int],
+          ids: set[bytes]) -> list[Junk]:
+    """The objects among ``handles`` (of class ``cls``, found by a search
+    through any session) that are signerd's by their label and belong to no
+    key: not one of the ``owned`` handles, and for a certificate, not of a
+    key's CKA_ID in ``ids``. An object destroyed since the search is skipped.
+    ``s`` is the session to read through. Raises P11Error."""
     read = module.attribute_reader({_p11.CKA_ID: 32, _p11.CKA_LABEL: 64}).read
     junk: list[Junk] = []
-    for cls, kind in _CLASSES.items():
-        for handle in module.find_objects(h, {_p11.CKA_CLASS: _p11.ulong(cls)}):
-            attrs = read(h, handle)
-            label = attrs[_p11.CKA_LABEL] or b""
-            if not label.startswith(_PREFIXES) or handle in owned:
+    for handle in handles:
+        if handle in owned:
+            continue
+        try:
+            attrs = read(s.handle, handle)
+        except _p11.P11Error as e:
+            if e.rv in _p11.HANDLE_LOST:
+                continue  # destroyed since the search (a key deleted, a mark retired)
+            raise
+        label = attrs[_p11.CKA_LABEL] or b""
+        if not label.startswith(_PREFIXES):
+            continue
+        object_id = attrs[_p11.CKA_ID] or b""
+        if cls == _p11.CKO_CERTIFICATE:
+            if object_id in ids:
                 continue
-            object_id = attrs[_p11.CKA_ID] or b""
-            if cls == _p11.CKO_CERTIFICATE:
-                if object_id in ids:
-                    continue
-                kind_of = "certificate of no key"
-            elif cls == _p11.CKO_DATA:
-                kind_of = ("\"has signed\" object of no key"
-                           if label.startswith(b"signerd-used:") else
-                           "purpose object of no key" if label.startswith(b"signerd-purpose:")
-                           else "metadata of no key")
-            else:
-                kind_of = f"{kind} of no key"
-            junk.append(Junk(handle, kind_of, label.decode("ascii", "replace"), object_id))
-    if not answers(s):
-        raise _p11.P11Error("C_GetTokenInfo", _p11.CKR_DEVICE_REMOVED)
-    junk += [Junk(0, "empty SoftHSM object file", p.name, path=p) for p in empty_files()]
+            kind_of = "certificate of no key"
+        elif cls == _p11.CKO_DATA:
+            kind_of = ("\"has signed\" object of no key"
+                       if label.startswith(b"signerd-used:") else
+                       "purpose object of no key" if label.startswith(b"signerd-purpose:")
+                       else "metadata of no key")
+        else:
+            kind_of = f"{_CLASSES[cls]} of no key"
+        junk.append(Junk(handle, kind_of, label.decode("ascii", "replace"), object_id))
     return junk
 
 
@@ -163,18 +157,47 @@ class Sweeper:
         self._writer = writer
 
     def junk(self, keys: dict[KeyID, KeyEntry] | None = None) -> list[Junk]:
-        """Objects on the token that belong to no key (:func:`find_junk`;
-        ``keys``: the keys as listed, else they are listed again). Raises
-        Unavailable."""
-        slot = self._slot
+        """Objects on the token that belong to no key: every object of each
+        class of :data:`_CLASSES` (a search per class) that is signerd's by
+        its label and is no key's (:func:`judge`). ``keys``: the keys as
+        listed, else they are listed again here.
+
+        The search lock is held per search and per :data:`CHUNK` objects, not
+        for the whole look: a look at 10,000 keys takes seconds, and a key
+        generation (which holds the lock alone) waited for all of it (5.7 s
+        for a CreateKey right after a start). What is written between two
+        holds can look like junk once; a report or a removal believes only
+        what a second look agrees on. A result is believed only if the
+        token still answers at the end (a token that went away answers
+        searches with nothing). Raises Unavailable."""
+        slot, module = self._slot, self._slot.module
+        shared = slot.locks.searches.shared
+        health = self._health
+        if keys is None:
+            keys = health.run("sweep", lambda s: read_keys(
+                module, slot.profile, self.name, s, health.answers), shared)
+        owned: set[int] = set()
+        ids: set[bytes] = set()
+        for e in keys.values():
+            owned.update((e.handle, e.public_handle, e.meta_handle, *e.marks))
+            ids.add(e.object_id)
+        found: list[Junk] = []
+        for cls in _CLASSES:
+            handles: list[int] = health.run("sweep", lambda s, c=cls: module.find_objects(
+                s.handle, {_p11.CKA_CLASS: _p11.ulong(c)}), shared)
+            for i in range(0, len(handles), CHUNK):
+                part = handles[i:i + CHUNK]
+                found += health.run("sweep", lambda s, c=cls, p=part: judge(
+                    module, s, c, p, owned, ids), shared)
         watch = self._writer.generation()
 
-        def look(s: Any) -> list[Junk]:
-            return find_junk(slot.module, slot.profile, self.name, s, self._health.answers,
-                             watch.empty_object_files if watch is not None else list, keys)
+        def last(s: Any) -> list[Path]:
+            if not health.answers(s):
+                raise _p11.P11Error("C_GetTokenInfo", _p11.CKR_DEVICE_REMOVED)
+            return watch.empty_object_files() if watch is not None else []
 
-        found: list[Junk] = self._health.run("sweep", look, slot.locks.searches.shared)
-        return found
+        files: list[Path] = health.run("sweep", last, shared)
+        return found + [Junk(0, "empty SoftHSM object file", p.name, path=p) for p in files]
 
     def _still_junk(self, found: list[Junk], grace: float) -> list[Junk]:
         """What of ``found`` is still junk at a second look ``grace`` seconds
