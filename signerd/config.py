@@ -15,13 +15,18 @@ import stat
 import tomllib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
 
-from signerd.audit._tlogconfig import TlogConfig, parse_tlog
-from signerd.content._config import ContentConfig, StateConfig, parse_content, parse_state
 from signerd.errors import ConfigError
-from signerd.token.profiles import PROFILE_NAMES, session_budget
+
+# The parsers of the audit, content and token sections are imported where a config
+# is parsed, not here: they pull in most of signerd (about 0.4 s), and the clients
+# and `signerd serve`'s first look at its file (signerd.daemon._main) need only the
+# file reading below.
+if TYPE_CHECKING:
+    from signerd.audit._tlogconfig import TlogConfig
+    from signerd.content._config import ContentConfig, StateConfig
 
 DEFAULT_MAX_MESSAGE_BYTES = 1 << 20
 MAX_MESSAGE_BYTES = 1 << 29  # gRPC lengths are 32-bit signed, and a response may be twice this
@@ -178,7 +183,7 @@ class Config:
     audit_max_bytes: int | None = None
     # [audit] checkpoints, checkpoint_interval, origin, checkpoint_key,
     # [[audit.witnesses]]...: the audit log as a transparency log (signerd.audit).
-    audit_tlog: TlogConfig = field(default_factory=TlogConfig)
+    audit_tlog: TlogConfig = field(default_factory=lambda: _default_tlog())
     debug: bool = False  # keep the process dumpable
     health_interval: float = 5.0
     environment: dict[str, str] = field(default_factory=dict)
@@ -193,7 +198,7 @@ class Config:
     metrics_max_connections: int = 64
     metrics_read_timeout: float = 5.0
     # [content]: the checks a metadata key's payload passes (signerd.content._config).
-    content: ContentConfig = field(default_factory=ContentConfig)
+    content: ContentConfig = field(default_factory=lambda: _default_content())
     # [state]: the watermark store; parse_config always sets it (default: a SQLite
     # file next to the config, signerd-state.db).
     state: StateConfig | None = None
@@ -501,6 +506,8 @@ def _token(base: Path, raw: dict[str, Any], index: int) -> TokenConfig:
     sessions = _take(raw, "sessions", int, 4, where)
     roles = _take(raw, "roles", list, ["*"], where)
     profile = _take(raw, "profile", str, None, where)
+    from signerd.token.profiles import PROFILE_NAMES
+
     if profile is not None and profile not in PROFILE_NAMES:
         raise ConfigError(f"{where}profile must be one of {list(PROFILE_NAMES)}, not {profile!r}")
     if raw:
@@ -519,7 +526,25 @@ def _token(base: Path, raw: dict[str, Any], index: int) -> TokenConfig:
     )
 
 
+def _default_tlog() -> TlogConfig:
+    from signerd.audit._tlogconfig import TlogConfig
+
+    return TlogConfig()
+
+
+def _default_content() -> ContentConfig:
+    from signerd.content._config import ContentConfig
+
+    return ContentConfig()
+
+
 def parse_config(data: dict[str, Any], base: Path) -> Config:
+    """The daemon's :class:`Config` from a TOML document (``base``: the
+    directory relative paths start from). Raises ConfigError."""
+    from signerd.audit._tlogconfig import parse_tlog
+    from signerd.content._config import parse_content, parse_state
+    from signerd.token.profiles import session_budget
+
     data = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items()}
     server = data.pop("server", {})
     tls = data.pop("tls", None)

@@ -94,3 +94,34 @@ def test_a_head_whose_renamed_log_cannot_be_found_is_refused(tmp_path: Path) -> 
             f"audit log {path}: ends at seq 0 but its head file records seq {last}: lines "
             "were removed or edited")):
         check_resumable(path)
+
+
+class _RefusingTree:
+    """A tree sink (signerd.audit.TreeSink) whose checkpoint key cannot sign yet: its
+    open raises what a token that is away makes a checkpoint signature raise."""
+
+    def open(self, path: Path, seq: int, last: str) -> None:
+        from signerd.errors import Unavailable
+
+        raise Unavailable("token root is not usable")
+
+    def append(self, lines: object) -> None:
+        raise AssertionError("no line is written before open succeeds")
+
+
+def test_a_tree_that_cannot_open_leaves_a_head_the_next_start_reads(tmp_path: Path) -> None:
+    """An attack session's finding: a first start whose checkpoint could not be signed
+    left an empty head file, and every later start was refused ("head file ... is
+    malformed"). The head is written before the tree is asked, and the files are closed."""
+    from signerd.errors import Unavailable
+
+    path = tmp_path / "audit.log"
+    with pytest.raises(Unavailable):
+        AuditLog(path, tree=_RefusingTree())
+    assert (tmp_path / "audit.log.head").stat().st_size > 0
+    log = AuditLog(path)  # the lock was released, and the head is one a start reads
+    log.write({"operation": "test"})
+    log.close()
+    with pytest.raises(Unavailable):
+        AuditLog(path, tree=_RefusingTree())  # with a line in it, too
+    AuditLog(path).close()

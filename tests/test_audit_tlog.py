@@ -457,7 +457,8 @@ def test_the_checkpoint_key_is_found_again_by_its_recorded_id(hsm: Any, certs: A
     d.stop()
     record = work / ".checkpoint-key"
     assert _recorded_kid(record) == first
-    for hint in (first, "not a key id", other, "ab" * 32, "{not json", '{"kid": 1}'):
+    deep = '{"kid": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    for hint in (first, "not a key id", other, "ab" * 32, "{not json", '{"kid": 1}', deep):
         record.write_text(hint + "\n")
         d = start_daemon(cfg, certs, work)
         try:
@@ -465,7 +466,7 @@ def test_the_checkpoint_key_is_found_again_by_its_recorded_id(hsm: Any, certs: A
             assert d.servers.checkpointer.key.key_id == first, hint
         finally:
             d.stop()
-        assert _recorded_kid(record) == first  # chosen again, and recorded
+        assert _recorded_kid(record) == first, hint[:40]  # chosen again, and recorded
 
 
 def test_a_recorded_checkpoint_key_needs_no_token_search_before_serving(
@@ -521,12 +522,12 @@ def test_a_record_that_is_not_the_logs_key_is_a_hint_and_a_wrong_key_is_never_us
         hsm: Any, certs: Any, tmp_path: Path) -> None:
     """The whole record stands in for the token only if its public key hashes to its ID
     and is the key the log's tree published (its vkey). Another key's record, with that
-    key's own public key, is a hint as before: the log's key is chosen again. In a new
-    audit directory (no tree to hold the record to) a record naming a key that is not a
-    checkpoint key refuses the start, naming the file; nothing is signed with that key."""
+    key's own public key, is a hint as before: the log's key is chosen again. So is any
+    record in a new audit directory (no tree to hold it to; an attack session's finding:
+    such a record refused the first start, and left a head that refused every later one).
+    A record whose token field names another configured token finds the key where it is."""
     import base64
 
-    from signerd.errors import FailedPrecondition
     from tests.conftest import daemon_config, start_daemon, unique_gun
 
     work = tmp_path / "wr"
@@ -557,11 +558,32 @@ def test_a_record_that_is_not_the_logs_key_is_a_hint_and_a_wrong_key_is_never_us
     fresh_cfg = daemon_config(hsm, certs, fresh)
     fresh.mkdir(parents=True, exist_ok=True)
     (fresh / ".checkpoint-key").write_text(json.dumps(theirs) + "\n")
-    with pytest.raises(FailedPrecondition, match=r"\.checkpoint-key names is not a checkpoint "
-                       r"key on token") as e:
-        start_daemon(fresh_cfg, certs, fresh)
-    assert "\n" not in str(e.value)
-    assert not (tree_dir(fresh / "audit.log") / "checkpoint").exists()
+    for _ in range(2):  # and a second start reads what the first left
+        d = start_daemon(fresh_cfg, certs, fresh)
+        try:
+            cp = d.servers.checkpointer
+            assert cp is not None and cp.key.key_id != other.key_id
+            chosen = next(k for t in d.servers.service.tokens.values() for k in t.keys()
+                          if k.key_id == cp.key.key_id)
+            assert chosen.role == "signerd/audit-checkpoint"
+        finally:
+            d.stop()
+        assert _recorded_kid(fresh / ".checkpoint-key") == chosen.key_id
+    # The record's token field naming another configured token: the key is found where
+    # it is, and signs.
+    home = mine["token"]
+    elsewhere = next(t["name"] for t in cfg["tokens"] if t["name"] != home)
+    record.write_text(json.dumps({**mine, "token": elsewhere}) + "\n")
+    d = start_daemon(cfg, certs, work)
+    try:
+        cp = d.servers.checkpointer
+        assert cp is not None and cp.key.key_id == first
+        with d.client() as c:
+            c.sign(other.key_id, message=b"a line to checkpoint")
+        assert cp.checkpoint() is not None
+        assert cp.key.failure() is None
+    finally:
+        d.stop()
 
 
 # -- signerctl audit vkey / prove / verify --checkpoint -----------------------

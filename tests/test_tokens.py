@@ -684,6 +684,22 @@ def test_signerd_serve_loads_each_module_before_parsing_its_config(
         done = load_modules_early(cfg, worker)
         assert done is not None
         done()
+    # The file is read as a start reads it: one a start refuses loads no module (an attack
+    # session's finding: a config writable by others ran its module before the refusal).
+    cfg.write_text(env + token)
+    for mode in (0o666, 0o620):
+        cfg.chmod(mode)
+        assert load_modules_early(cfg, None) is None
+        assert str(copy) not in MODULES._libs
+    cfg.chmod(0o600)
+    cfg.write_bytes((env + token).encode() + b"# \xff\n")  # not UTF-8
+    assert load_modules_early(cfg, None) is None
+    fifo = tmp_path / "fifo.toml"
+    os.mkfifo(fifo)
+    assert load_modules_early(fifo, None) is None  # not a regular file: no blocking open
+    home = env.replace("[environment]\n", '[environment]\nHOME = "/elsewhere"\n')
+    cfg.write_text(home + token)  # HOME would change what ~ means to the full parse
+    assert load_modules_early(cfg, None) is None
     for text, worker in (("not toml [", None),
                          ("[server]\nworkers = 2\n" + env + token, None),
                          (env + '[[tokens]]\nname = "x"\nuri = "pkcs11:module-path=/x.so"\n',

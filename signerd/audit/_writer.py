@@ -157,15 +157,18 @@ class AuditLog:
             if state.renamed is not None:
                 self._pending = ("renamed", state.renamed.name)
             self._files.head_fd = _open_head(self.head_path)
+            # The head says what the log holds before the tree is asked: a tree that
+            # refuses, or a checkpoint key that cannot sign yet, leaves a head the next
+            # start reads (it left an empty one, and every later start was refused).
+            self._write_head()
             if tree is not None:
                 tree.open(path, self._seq, self._last)
         except OSError as e:
             self._files.close()
             raise ConfigError(f"audit log {path}: cannot open: {_why(e)}") from None
-        except ConfigError:
+        except BaseException:
             self._files.close()
             raise
-        self._write_head()
         self._files.trim_head()
         try:
             self._write_pending()  # the link to a file renamed while stopped, at once

@@ -184,27 +184,29 @@ def rotate_audit(audit: AuditLog | None) -> None:
 
 def load_modules_early(path: Path, worker: int | None) -> Callable[[], None] | None:
     """Start each token's PKCS#11 module loading (``C_Initialize``: seconds for a
-    large SoftHSM token, issue 24) on threads of their own before the config
-    is parsed, since parsing imports most of signerd (about 0.5 s). Reads only
-    ``[environment]`` (which the modules read at ``C_Initialize``, as
-    :func:`serve` would set it), ``[server] workers`` (a supervisor opens no
-    token) and each ``[[tokens]] module``, resolved as :func:`signerd.config.
-    load_config` resolves it, so that a token takes the module loaded here
-    (:meth:`signerd.token.MODULES.warm`). Anything unexpected: None, and the
-    full parse says what is wrong. Returns the function to call once the
-    tokens are open. tomllib is the standard library's TOML reader; this
-    peek exists because the full parse is what takes the time."""
-    import tomllib
+    large SoftHSM token, issue 24) on a thread before the config is parsed,
+    since parsing imports most of signerd (about 0.4 s). The file is read as
+    :func:`signerd.config.load_config` reads it (:func:`signerd.config.read_toml`,
+    trusted: owner, mode, size, a regular file), so no module is loaded from a
+    file a start refuses. Of it only ``[environment]`` (which the modules read
+    at ``C_Initialize``; it is set here as :func:`serve` would set it),
+    ``[server] workers`` (a supervisor opens no token) and each ``[[tokens]]
+    module`` are read, the path resolved as the full parse resolves it, so that
+    each token takes the module loaded here (:meth:`signerd.token.MODULES.warm`).
+    An ``[environment]`` that sets HOME is left to :func:`serve`: it would
+    change what ``~`` means to the parse. Anything unexpected: None, and the
+    full parse says what is wrong. Returns the function to call once the tokens
+    are open."""
+    from signerd.config import read_toml
 
     try:
-        with path.open("rb") as f:
-            doc = tomllib.load(f)
-    except (OSError, tomllib.TOMLDecodeError):
+        doc = read_toml(path, "config", trusted=True)
+    except ConfigError:
         return None
     server, environment, tokens = (doc.get("server", {}), doc.get("environment", {}),
                                    doc.get("tokens", []))
     if not (isinstance(server, dict) and isinstance(environment, dict)
-            and isinstance(tokens, list)):
+            and isinstance(tokens, list)) or "HOME" in environment:
         return None
     if worker is None and server.get("workers", 1) != 1:
         return None
@@ -221,10 +223,14 @@ def load_modules_early(path: Path, worker: int | None) -> Callable[[], None] | N
         p = Path(os.path.expanduser(module))
         return str(p if p.is_absolute() else base / p)
 
-    os.environ.update({str(k): v for k, v in environment.items()})
+    paths = [resolved(m) for m in modules]
+    try:
+        os.environ.update({str(k): v for k, v in environment.items()})
+    except ValueError:  # a name or value the environment cannot hold: serve() says so
+        return None
     from signerd.token import MODULES
 
-    return MODULES.warm(resolved(m) for m in modules)
+    return MODULES.warm(paths)
 
 
 def serve(config: Config, ready_file: Path | None = None, sweep: bool = True,

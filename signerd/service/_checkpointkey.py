@@ -52,7 +52,7 @@ from cryptography.hazmat.primitives.serialization import (
 )
 
 from signerd import signing
-from signerd.audit._tree import tree_dir
+from signerd.audit._tree import tree_dir, write_atomic
 from signerd.errors import (
     ConfigError,
     FailedPrecondition,
@@ -105,7 +105,8 @@ def checkpoint_key(service: KeyService, config: TlogConfig, audit_file: Path) ->
     record = _trusted_record(service, config, audit_file)
     failure: Callable[[], str | None] = lambda: None  # noqa: E731
     if record is not None:
-        recorded = _RecordedKey(service, record, audit_dir)
+        recorded = _RecordedKey(service, record, audit_dir,
+                                [t.name for t in _tokens(service, config)])
         entry_of: Callable[[], KeyEntry] = recorded
         failure = recorded.failure
         alg, spki, kid = record.algorithm, record.spki_der, record.key_id
@@ -174,8 +175,8 @@ def _read_record(audit_dir: Path) -> tuple[KeyID, _Record | None] | None:
         kid = validate_key_id(doc["kid"])
         alg, token, spki = ALGORITHMS[doc["alg"]], doc["token"], base64.b64decode(
             doc["spki"], validate=True)
-    except (ValueError, KeyError, TypeError, InvalidArgument):
-        return None  # json's and base64's errors are ValueErrors
+    except (ValueError, KeyError, TypeError, InvalidArgument, RecursionError):
+        return None  # json's and base64's errors are ValueErrors; deep nesting recurses
     if not isinstance(token, str):
         return None
     return kid, _Record(kid, alg, token, spki)
@@ -188,9 +189,10 @@ def _trusted_record(service: KeyService, config: TlogConfig,
     a token it may be on (and ``checkpoint_key``, if that is set), its public
     key hashes to its key ID (so the key found by that ID later is this
     one), and it is the key of the log's published verifier key (the tree's
-    ``vkey``), if the log has a tree. Otherwise None: the key is found on the
-    token as before (:func:`_find_or_make`), and a record that points at
-    another key is a hint only, as it always was."""
+    ``vkey``): the log has a tree whose checkpoints the key signs. Otherwise
+    None: the key is found on the token as before (:func:`_find_or_make`),
+    and a record that points at another key is a hint only, as it always
+    was."""
     read = _read_record(audit_file.parent)
     record = read[1] if read is not None else None
     if record is None:
@@ -208,9 +210,9 @@ def _trusted_record(service: KeyService, config: TlogConfig,
         return None
     try:
         published = Verifier.from_vkey((tree_dir(audit_file) / "vkey").read_text())
-    except FileNotFoundError:
-        return record  # no tree yet: the start check has nothing to hold the key to
     except (OSError, UnicodeDecodeError, NoteError):
+        # No tree yet (a first start, or a tree moved aside): nothing holds the record
+        # to the log, and a first start lists the keys anyway to choose one.
         return None
     same = (published.sig_type, published.public_key) == (NOTE_TYPES[alg.name], public)
     return record if same else None
@@ -226,9 +228,13 @@ class _RecordedKey:
     the record is removed and the daemon restarted (as a start that found
     no such key was refused before the record held the whole key)."""
 
-    def __init__(self, service: KeyService, record: _Record, audit_dir: Path) -> None:
+    def __init__(self, service: KeyService, record: _Record, audit_dir: Path,
+                 tokens: list[str]) -> None:
         self._service = service
         self._record = record
+        # The record's token first, then the others the key may be on (token names
+        # swapped in the config leave the key where it was).
+        self._tokens = [record.token] + [t for t in tokens if t != record.token]
         self._where = audit_dir / REMEMBERED
         self._entry: KeyEntry | None = None
         self._failure: str | None = None
@@ -247,13 +253,18 @@ class _RecordedKey:
 
     def _find(self) -> KeyEntry:
         r = self._record
-        token = self._service.tokens.get(r.token)
-        entry = token.get(r.key_id) or token.lookup(r.key_id) if token is not None else None
+        for name in self._tokens:
+            token = self._service.tokens.get(name)
+            entry = (token.get(r.key_id) or token.lookup(r.key_id)) if token is not None else None
+            if entry is not None:
+                break
         if entry is None or entry.role != CHECKPOINT_ROLE or entry.algorithm != r.algorithm:
             self._failure = (
                 f"the audit checkpoint key {r.key_id} that {self._where} names is not a "
-                f"checkpoint key on token {r.token}; no checkpoint is signed until it is "
-                "back, or the file is removed and signerd restarted")
+                f"checkpoint key on token {', '.join(self._tokens)}; no checkpoint is signed "
+                "until it is back. If it is gone for good, the log's tree cannot go on: "
+                f"remove {self._where.name} and start a new tree with [audit] reset (the "
+                "refused start names the value)")
             raise FailedPrecondition(self._failure)
         self._failure = None
         return entry
@@ -292,7 +303,11 @@ def _candidates(service: KeyService, config: TlogConfig) -> list[KeyEntry]:
     allowed = _algorithms(config)
     found = []
     for t in tokens:
-        found += [k for k in t.keys() if k.role == CHECKPOINT_ROLE
+        keys = t.keys()
+        if not t.listed:  # the first listing failed: list now (Unavailable if it cannot)
+            t.refresh()
+            keys = t.keys()
+        found += [k for k in keys if k.role == CHECKPOINT_ROLE
                   and k.algorithm.name in allowed]
     return sorted(found, key=lambda k: (allowed.index(k.algorithm.name), k.key_id))
 
@@ -357,8 +372,8 @@ def _remember(audit_dir: Path, entry: KeyEntry) -> None:
     with contextlib.suppress(OSError, UnicodeDecodeError):
         if (audit_dir / REMEMBERED).read_text() == text:
             return
-    with contextlib.suppress(OSError):  # a torn record is unreadable: the key is chosen again
-        (audit_dir / REMEMBERED).write_text(text)
+    with contextlib.suppress(OSError):  # a record that is not written is chosen again
+        write_atomic(audit_dir / REMEMBERED, text.encode())  # never through a symlink
 
 
 def _make(service: KeyService, config: TlogConfig, allowed: tuple[str, ...]) -> KeyEntry:

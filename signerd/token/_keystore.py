@@ -67,6 +67,7 @@ class KeyStore:
         self._made: dict[KeyID, float] = {}  # keys generated here -> when (monotonic s)
         self._gone: dict[KeyID, float] = {}  # keys deleted here -> when (monotonic s)
         self._listed = threading.Event()
+        self._listed_ok = False  # the first listing read the token (see listed)
         self._lister: threading.Thread | None = None
         self._writer = KeyWriter(slot, health, self, lock)
         self._sweeper = Sweeper(slot, health, self._writer)
@@ -123,6 +124,13 @@ class KeyStore:
         """Every key on the token (waits for the first listing to finish)."""
         self._listed.wait()
         return list(self._keys.values())
+
+    @property
+    def listed(self) -> bool:
+        """Whether the index holds a whole listing of the token: the first
+        listing, or a refresh since, read it (False while the first listing
+        runs, and after it failed: the token was away)."""
+        return self._listed_ok
 
     def get(self, kid: KeyID) -> KeyEntry | None:
         """The indexed key ``kid``, or None (no search on the token)."""
@@ -194,6 +202,7 @@ class KeyStore:
 
         keys: dict[KeyID, KeyEntry] = self._health.run("key listing", load,
                                                        self._slot.locks.searches.shared)
+        self._listed_ok = True
         doubtful = self._others_writing()
         with self._lock:
             if doubtful:  # keep what this listing missed while another process wrote

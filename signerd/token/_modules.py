@@ -80,9 +80,10 @@ class _Modules:
                 f"cannot load PKCS#11 module {path}: {_p11.load_error(path, e)}") from None
 
     def warm(self, paths: Iterable[str]) -> Callable[[], None]:
-        """Load and initialise the modules at ``paths``, each on a thread of its
-        own, so that a start does its other work (imports, the gRPC server)
-        during their ``C_Initialize``: SoftHSM's reads its whole object store,
+        """Load and initialise the modules at ``paths`` on threads, one module
+        at a time (as tokens load them), so that a start does its other work
+        (imports, the gRPC server) during their ``C_Initialize``: SoftHSM's
+        reads its whole object store,
         1.3-1.75 s at 10,000 keys (issue 24), and ctypes lets go of the GIL for
         the call. A module loaded ahead is used by no one until a token's
         :meth:`acquire` takes it, and finalised by its last :meth:`release` as

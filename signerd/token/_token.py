@@ -220,6 +220,11 @@ class Token:
         """The keys listed so far (does not wait for the first listing)."""
         return self._keys.known_keys()
 
+    @property
+    def listed(self) -> bool:
+        """Whether the key index holds a whole listing (:attr:`KeyStore.listed`)."""
+        return self._keys.listed
+
     def lookup(self, kid: KeyID, wait_listing: bool = True) -> KeyEntry | None:
         """Find a key this process has not seen by its ID (:meth:`KeyStore.lookup`)."""
         return self._keys.lookup(kid, wait_listing)
