@@ -135,7 +135,8 @@ def test_a_first_signature_whose_used_mark_cannot_be_written_is_withheld(
 
 
 def test_the_start_up_sweep_starts_from_the_first_listing_and_reports_only_junk(
-        daemon: Any, caplog: pytest.LogCaptureFixture) -> None:
+        daemon: Any, caplog: pytest.LogCaptureFixture,
+        monkeypatch: pytest.MonkeyPatch) -> None:
     """The start-up report (issue 22 §4) takes the keys its first look needs from the
     first listing rather than listing the token again (seconds at 10,000 keys, beside
     the first signatures: issue 24), and still reports what belongs to no key and
@@ -156,7 +157,18 @@ def test_the_start_up_sweep_starts_from_the_first_listing_and_reports_only_junk(
                                 A.APPLICATION: "signerd", A.VALUE: b"{}"})
     try:
         caplog.set_level(logging.WARNING, logger="signerd.token")
-        token.report_junk()
+        # The daemon's start-up sweep: nothing while it waits out its delay and the daemon
+        # stops; after the delay, the report.
+        import threading
+
+        from signerd.daemon import _main
+
+        stopping = threading.Event()
+        stopping.set()
+        _main._start_up_sweep([token], stopping)
+        assert not [r for r in caplog.records if "belong to no key" in r.getMessage()]
+        monkeypatch.setattr(_main, "START_SWEEP_DELAY", 0.01)
+        _main._start_up_sweep([token], threading.Event())
         reports = [r for r in caplog.records if "belong to no key" in r.getMessage()]
         assert len(reports) == 1
         fields = reports[0].fields  # type: ignore[attr-defined]

@@ -259,11 +259,23 @@ def serve(config: Config, ready_file: Path | None = None, sweep: bool = True,
         restore_stderr()
 
 
-def _start_up_sweep(tokens: list[Any]) -> None:
-    """Issue 22 §4: after the first listing, log what a crash left on each
-    token (never removes: ``signerd sweep --remove`` does)."""
+START_SWEEP_DELAY = 60.0  # seconds from the first listing to the start-up sweep
+
+
+def _start_up_sweep(tokens: list[Any], stopping: threading.Event) -> None:
+    """Issue 22 §4: log what a crash left on each token (never removes:
+    ``signerd sweep --remove`` does), :data:`START_SWEEP_DELAY` seconds after
+    the first listing, unless the daemon is stopping. Not at once: the sweep
+    searches the whole token (seconds at 10,000 keys), and a key's first
+    signature, which writes its used mark, waits for a search in progress;
+    a start's burst of first signatures waited up to 0.8 s (issue 24)."""
     for t in tokens:
         t.keys()  # waits for the first listing
+    if stopping.wait(START_SWEEP_DELAY):
+        return
+    for t in tokens:
+        if stopping.is_set():
+            return
         t.report_junk()
 
 
@@ -287,8 +299,9 @@ def _serve(config: Config, ready_file: Path | None, sweep: bool = True,
     if servers.audit is not None:  # opened by app.build; set before the first line
         servers.audit.max_bytes = config.audit_max_bytes
     servers.start()
+    stopping = threading.Event()
     if sweep:
-        threading.Thread(target=_start_up_sweep, args=(list(service.tokens.values()),),
+        threading.Thread(target=_start_up_sweep, args=(list(service.tokens.values()), stopping),
                          name="start-up-sweep", daemon=True).start()
     info = {
         "pid": os.getpid(),
@@ -313,6 +326,7 @@ def _serve(config: Config, ready_file: Path | None, sweep: bool = True,
         _sdnotify.notify(_sdnotify.READY)
     _sdnotify.notify(_sdnotify.STOPPING)
     log.info("signerd stopping: finishing in-flight requests")
+    stopping.set()
     servers.stop()
     log.info("signerd stopped")
     return 0
