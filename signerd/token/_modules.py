@@ -84,9 +84,10 @@ class _Modules:
         at a time (as tokens load them), so that a start does its other work
         (imports, the gRPC server) during their ``C_Initialize``: SoftHSM's
         reads its whole object store, 1.3-1.75 s at 10,000 keys (issue 24),
-        and ctypes lets go of the GIL for the call. A module loaded ahead is used by no one until a token's
-        :meth:`acquire` takes it, and finalised by its last :meth:`release` as
-        usual (so a start that retries still reads its tokens afresh). Returns
+        and ctypes lets go of the GIL for the call. A module loaded ahead is
+        used by no one until a token's :meth:`acquire` takes it, and finalised
+        by its last :meth:`release` as usual (so a start that retries still
+        reads its tokens afresh). Returns
         the function to call once the tokens are open: it waits for the loads
         and finalises a module that no token took. A module that cannot be
         loaded is not kept; the token's own :meth:`acquire` then says why."""
