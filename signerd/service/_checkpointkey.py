@@ -40,7 +40,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
@@ -253,11 +253,8 @@ class _RecordedKey:
 
     def _find(self) -> KeyEntry:
         r = self._record
-        for name in self._tokens:
-            token = self._service.tokens.get(name)
-            entry = (token.get(r.key_id) or token.lookup(r.key_id)) if token is not None else None
-            if entry is not None:
-                break
+        tokens = self._service.tokens
+        entry = _find_key((tokens[n] for n in self._tokens if n in tokens), r.key_id)
         if entry is None or entry.role != CHECKPOINT_ROLE or entry.algorithm != r.algorithm:
             self._failure = (
                 f"the audit checkpoint key {r.key_id} that {self._where} names is not a "
@@ -280,6 +277,18 @@ class _RecordedKey:
             log.error("audit checkpoints will fail", extra={"fields": {"error": str(e)}})
         except SignerdError as e:  # the token is away or closing: the first checkpoint retries
             log.debug("checkpoint key not found yet", extra={"fields": {"error": str(e)}})
+
+
+def _find_key(tokens: Iterable[Token], kid: KeyID, wait_listing: bool = True) -> KeyEntry | None:
+    """Key ``kid`` on the first of ``tokens`` that holds it: from its index,
+    else by one search for its ID (:meth:`Token.lookup`, after the first
+    listing unless ``wait_listing`` is False). Raises Unavailable,
+    InvalidArgument."""
+    for t in tokens:
+        entry = t.get(kid) or t.lookup(kid, wait_listing)
+        if entry is not None:
+            return entry
+    return None
 
 
 def _tokens(service: KeyService, config: TlogConfig) -> list[Token]:
@@ -315,18 +324,17 @@ def _candidates(service: KeyService, config: TlogConfig) -> list[KeyEntry]:
 def _find_or_make(service: KeyService, config: TlogConfig, audit_dir: Path) -> KeyEntry:
     allowed = _algorithms(config)
     if config.key_id is not None:
-        for t in service.tokens.values():
-            entry = t.get(KeyID(config.key_id)) or t.lookup(KeyID(config.key_id))
-            if entry is not None:
-                if entry.role != CHECKPOINT_ROLE or entry.algorithm.name not in NOTE_TYPES:
-                    raise ConfigError(f"audit.checkpoint_key {config.key_id} is not an audit "
-                                      "checkpoint key (one signerd made for checkpoints)")
-                if entry.algorithm.name not in allowed:
-                    raise ConfigError(f"audit.checkpoint_key {config.key_id} is an "
-                                      f"{entry.algorithm.name} key, not the "
-                                      f"audit.checkpoint_algorithm {config.algorithm}")
-                return entry
-        raise ConfigError(f"audit.checkpoint_key {config.key_id} is on no token")
+        entry = _find_key(service.tokens.values(), KeyID(config.key_id))
+        if entry is None:
+            raise ConfigError(f"audit.checkpoint_key {config.key_id} is on no token")
+        if entry.role != CHECKPOINT_ROLE or entry.algorithm.name not in NOTE_TYPES:
+            raise ConfigError(f"audit.checkpoint_key {config.key_id} is not an audit "
+                              "checkpoint key (one signerd made for checkpoints)")
+        if entry.algorithm.name not in allowed:
+            raise ConfigError(f"audit.checkpoint_key {config.key_id} is an "
+                              f"{entry.algorithm.name} key, not the "
+                              f"audit.checkpoint_algorithm {config.algorithm}")
+        return entry
     lock = os.open(audit_dir / ".checkpoint-key.lock",
                    os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
@@ -351,16 +359,13 @@ def _remembered(service: KeyService, config: TlogConfig, audit_dir: Path) -> Key
     read = _read_record(audit_dir)
     if read is None:
         return None
-    kid = read[0]
-    for t in _tokens(service, config):
-        try:
-            entry = t.get(kid) or t.lookup(kid, wait_listing=False)
-        except (InvalidArgument, Unavailable):
-            return None
-        if entry is not None:
-            ok = entry.role == CHECKPOINT_ROLE and entry.algorithm.name in _algorithms(config)
-            return entry if ok else None
-    return None
+    try:
+        entry = _find_key(_tokens(service, config), read[0], wait_listing=False)
+    except (InvalidArgument, Unavailable):
+        return None
+    ok = (entry is not None and entry.role == CHECKPOINT_ROLE
+          and entry.algorithm.name in _algorithms(config))
+    return entry if ok else None
 
 
 def _remember(audit_dir: Path, entry: KeyEntry) -> None:
