@@ -148,6 +148,18 @@ CPU_AFFINITIES = ("none", "spread")
 ENGINES = ("aio", "threads")
 
 
+def _default_tlog() -> TlogConfig:
+    from signerd.audit._tlogconfig import TlogConfig
+
+    return TlogConfig()
+
+
+def _default_content() -> ContentConfig:
+    from signerd.content._config import ContentConfig
+
+    return ContentConfig()
+
+
 @dataclass(frozen=True)
 class Config:
     tokens: tuple[TokenConfig, ...]
@@ -183,7 +195,7 @@ class Config:
     audit_max_bytes: int | None = None
     # [audit] checkpoints, checkpoint_interval, origin, checkpoint_key,
     # [[audit.witnesses]]...: the audit log as a transparency log (signerd.audit).
-    audit_tlog: TlogConfig = field(default_factory=lambda: _default_tlog())
+    audit_tlog: TlogConfig = field(default_factory=_default_tlog)
     debug: bool = False  # keep the process dumpable
     health_interval: float = 5.0
     environment: dict[str, str] = field(default_factory=dict)
@@ -198,7 +210,7 @@ class Config:
     metrics_max_connections: int = 64
     metrics_read_timeout: float = 5.0
     # [content]: the checks a metadata key's payload passes (signerd.content._config).
-    content: ContentConfig = field(default_factory=lambda: _default_content())
+    content: ContentConfig = field(default_factory=_default_content)
     # [state]: the watermark store; parse_config always sets it (default: a SQLite
     # file next to the config, signerd-state.db).
     state: StateConfig | None = None
@@ -485,6 +497,14 @@ def _number(table: dict[str, Any], key: str, default: float, where: str) -> floa
     return float(value)
 
 
+def resolve_module(base: Path, module: str, key: str = "module") -> str:
+    """A ``[[tokens]] module`` as the daemon loads it: a bare file name is left
+    to the dynamic loader's search path, a path is resolved against ``base``
+    (the config's directory; ``~`` expanded). Raises ConfigError (``key``
+    names the setting) for an empty one."""
+    return str(_path(base, module, key)) if "/" in module else module
+
+
 def _token(base: Path, raw: dict[str, Any], index: int) -> TokenConfig:
     where = f"tokens[{index}]."
     raw = dict(raw)
@@ -515,8 +535,7 @@ def _token(base: Path, raw: dict[str, Any], index: int) -> TokenConfig:
     _bounded("tokens[].sessions", sessions, where + "sessions")
     return TokenConfig(
         name=name,
-        # A bare file name is left to the dynamic loader's search path.
-        module=str(_path(base, module, where + "module")) if "/" in module else module,
+        module=resolve_module(base, module, where + "module"),
         uri=parsed,
         pin_file=_path(base, pin_file, where + "pin_file") if pin_file is not None else None,
         pin_env=pin_env,
@@ -524,18 +543,6 @@ def _token(base: Path, raw: dict[str, Any], index: int) -> TokenConfig:
         roles=tuple(str(r) for r in roles),
         profile=profile,
     )
-
-
-def _default_tlog() -> TlogConfig:
-    from signerd.audit._tlogconfig import TlogConfig
-
-    return TlogConfig()
-
-
-def _default_content() -> ContentConfig:
-    from signerd.content._config import ContentConfig
-
-    return ContentConfig()
 
 
 def parse_config(data: dict[str, Any], base: Path) -> Config:

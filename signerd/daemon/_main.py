@@ -197,7 +197,7 @@ def load_modules_early(path: Path, worker: int | None) -> Callable[[], None] | N
     change what ``~`` means to the parse. Anything unexpected: None, and the
     full parse says what is wrong. Returns the function to call once the tokens
     are open."""
-    from signerd.config import read_toml
+    from signerd.config import read_toml, resolve_module
 
     try:
         doc = read_toml(path, "config", trusted=True)
@@ -215,15 +215,8 @@ def load_modules_early(path: Path, worker: int | None) -> Callable[[], None] | N
     if len(modules) != len(tokens) or not all(isinstance(v, str)
                                                for v in environment.values()):
         return None
-    base = path.parent.resolve()
-
-    def resolved(module: str) -> str:
-        if "/" not in module:
-            return module
-        p = Path(os.path.expanduser(module))
-        return str(p if p.is_absolute() else base / p)
-
-    paths = [resolved(m) for m in modules]
+    base = path.parent.resolve()  # as load_config resolves against
+    paths = [resolve_module(base, m) for m in modules]
     try:
         os.environ.update({str(k): v for k, v in environment.items()})
     except ValueError:  # a name or value the environment cannot hold: serve() says so
