@@ -410,6 +410,7 @@ class Policy:
             for r in self.rules
         )
 
+
 class PolicyStore:
     """Holds the current :class:`Policy` and swaps it on reload (SIGHUP).
 

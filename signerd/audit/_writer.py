@@ -157,10 +157,7 @@ class AuditLog:
             if state.renamed is not None:
                 self._pending = ("renamed", state.renamed.name)
             self._files.head_fd = _open_head(self.head_path)
-            # The head says what the log holds before the tree is asked: a tree that
-            # refuses, or a checkpoint key that cannot sign yet, leaves a head the next
-            # start reads (it left an empty one, and every later start was refused).
-            self._write_head()
+            self._write_head()  # before the tree: one that fails leaves a head a start reads
             if tree is not None:
                 tree.open(path, self._seq, self._last)
         except OSError as e:
