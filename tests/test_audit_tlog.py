@@ -439,34 +439,57 @@ def _recorded_kid(record: Path) -> str:
     return str(json.loads(record.read_text())["kid"])
 
 
+def _first_start(hsm: Any, certs: Any, work: Path,
+                 algorithm: str = "") -> tuple[dict[str, Any], CheckpointKey, Any]:
+    """A daemon's first start in ``work``, stopped: its config, its checkpoint key, and
+    the KeyEntry of a caller's raw targets key made then (``algorithm``: the server's
+    default if empty)."""
+    from tests.conftest import daemon_config, start_daemon, unique_gun
+
+    cfg = daemon_config(hsm, certs, work)
+    d = start_daemon(cfg, certs, work)
+    try:
+        assert d.servers.checkpointer is not None
+        with d.client() as c:
+            other = c.create_key(unique_gun(), "targets", algorithm, purpose="raw")
+        entry = next(k for t in d.servers.service.tokens.values() for k in t.keys()
+                     if k.key_id == other.key_id)
+        return cfg, d.servers.checkpointer.key, entry
+    finally:
+        d.stop()
+
+
+def _start_with_record(cfg: dict[str, Any], certs: Any, work: Path, record: str,
+                       first: str) -> None:
+    """Start in ``work`` with ``record`` as its .checkpoint-key: the log's key ``first``
+    is the one used, and recorded again, whole."""
+    from tests.conftest import start_daemon
+
+    (work / ".checkpoint-key").write_text(record + "\n")
+    d = start_daemon(cfg, certs, work)
+    try:
+        assert d.servers.checkpointer is not None
+        assert d.servers.checkpointer.key.key_id == first, record[:80]
+    finally:
+        d.stop()
+    assert _recorded_kid(work / ".checkpoint-key") == first, record[:80]
+
+
 def test_the_checkpoint_key_is_found_again_by_its_recorded_id(hsm: Any, certs: Any,
                                                               tmp_path: Path) -> None:
     """A start finds the checkpoint key by the ID the audit directory recorded (one search,
     not a listing of every key: issue 24's 10,000-key start). The record is a hint: garbage,
     or the ID of a key that is not a checkpoint key, and the key is chosen as at a first
     start, the same one."""
-    from tests.conftest import daemon_config, start_daemon, unique_gun
 
     work = tmp_path / "rk"
-    cfg = daemon_config(hsm, certs, work)
-    d = start_daemon(cfg, certs, work)
-    assert d.servers.checkpointer is not None
-    first = d.servers.checkpointer.key.key_id
-    with d.client() as c:
-        other = c.create_key(unique_gun(), "targets", purpose="raw").key_id
-    d.stop()
+    cfg, key, entry = _first_start(hsm, certs, work)
+    first, other = key.key_id, entry.key_id
     record = work / ".checkpoint-key"
     assert _recorded_kid(record) == first
     deep = '{"kid": ' + "[" * 100_000 + "]" * 100_000 + "}"
     for hint in (first, "not a key id", other, "ab" * 32, "{not json", '{"kid": 1}', deep):
-        record.write_text(hint + "\n")
-        d = start_daemon(cfg, certs, work)
-        try:
-            assert d.servers.checkpointer is not None
-            assert d.servers.checkpointer.key.key_id == first, hint
-        finally:
-            d.stop()
-        assert _recorded_kid(record) == first, hint[:40]  # chosen again, and recorded
+        _start_with_record(cfg, certs, work, hint, first)
 
 
 def test_a_recorded_checkpoint_key_needs_no_token_search_before_serving(
@@ -481,14 +504,8 @@ def test_a_recorded_checkpoint_key_needs_no_token_search_before_serving(
     from signerd.keys import key_id, tuf_public_bytes
     from signerd.service import KeyService, checkpoint_key
     from signerd.token import Token
-    from tests.conftest import daemon_config, start_daemon
-
     work = tmp_path / "fast"
-    cfg = daemon_config(hsm, certs, work)
-    d = start_daemon(cfg, certs, work)
-    assert d.servers.checkpointer is not None
-    first = d.servers.checkpointer.key
-    d.stop()
+    cfg, first, _ = _first_start(hsm, certs, work)
     doc = json.loads((work / ".checkpoint-key").read_text())
     assert set(doc) == {"alg", "kid", "spki", "token"}
     spki = base64.b64decode(doc["spki"])
@@ -528,32 +545,18 @@ def test_a_record_that_is_not_the_logs_key_is_a_hint_and_a_wrong_key_is_never_us
     A record whose token field names another configured token finds the key where it is."""
     import base64
 
-    from tests.conftest import daemon_config, start_daemon, unique_gun
+    from tests.conftest import daemon_config, start_daemon
 
     work = tmp_path / "wr"
-    cfg = daemon_config(hsm, certs, work)
-    d = start_daemon(cfg, certs, work)
-    assert d.servers.checkpointer is not None
-    first = d.servers.checkpointer.key.key_id
-    with d.client() as c:
-        other = c.create_key(unique_gun(), "targets", algorithm="ed25519", purpose="raw")
-    entry = next(k for t in d.servers.service.tokens.values() for k in t.keys()
-                 if k.key_id == other.key_id)
-    d.stop()
+    cfg, key, other = _first_start(hsm, certs, work, "ed25519")
+    first = key.key_id
     record = work / ".checkpoint-key"
     mine = json.loads(record.read_text())
     theirs = {**mine, "kid": other.key_id,
-              "spki": base64.b64encode(entry.spki_der).decode()}
+              "spki": base64.b64encode(other.spki_der).decode()}
     for doc in (theirs, {**mine, "kid": other.key_id}, {**mine, "spki": theirs["spki"]},
                 {**mine, "alg": "ecdsa-p256"}, {**mine, "token": "nosuch"}):
-        record.write_text(json.dumps(doc) + "\n")
-        d = start_daemon(cfg, certs, work)
-        try:
-            assert d.servers.checkpointer is not None
-            assert d.servers.checkpointer.key.key_id == first, doc
-        finally:
-            d.stop()
-        assert _recorded_kid(record) == first
+        _start_with_record(cfg, certs, work, json.dumps(doc), first)
     fresh = tmp_path / "fresh"
     fresh_cfg = daemon_config(hsm, certs, fresh)
     fresh.mkdir(parents=True, exist_ok=True)
