@@ -279,6 +279,14 @@ def start_daemon(cfg: dict[str, Any], certs: PKI, workdir: Path) -> Daemon:
     return Daemon(config, servers, certs, workdir)
 
 
+def started_checkpointer(d: Daemon, timeout: float = 30) -> Any:
+    """``d``'s audit Checkpointer once its tree is started: a first start chooses the
+    checkpoint key after serving has begun (signerd.audit.Checkpointer)."""
+    cp = d.servers.checkpointer
+    assert cp is not None and cp.wait_started(timeout), "the audit tree did not start"
+    return cp
+
+
 @pytest.fixture
 def daemon_factory(hsm: HSM, certs: PKI, tmp_path: Path) -> Iterator[Any]:
     started: list[Daemon] = []

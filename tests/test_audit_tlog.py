@@ -28,6 +28,7 @@ from signerd.tlog import merkle
 from signerd.tlog.merkle import MemoryHashes, leaf_hash
 from signerd.tlog.note import Checkpoint, Note, Verifier, cosignatures
 from signerd.tlog.tiles import TileHashes, index_path, parse_tile_path, split_hashes, tile_path
+from tests.conftest import started_checkpointer
 from tests.tlog_witness import TestWitness
 
 
@@ -378,8 +379,8 @@ def test_the_daemon_signs_checkpoints_with_a_token_key_no_caller_can_use(
     from tests.conftest import rpc_error, unique_gun
 
     d = daemon_factory("tl", metrics=True)
-    cp = d.servers.checkpointer
-    assert cp is not None and d.servers.http is not None
+    cp = started_checkpointer(d)
+    assert cp.key is not None and d.servers.http is not None
     entry = next(k for t in d.servers.service.tokens.values() for k in t.keys()
                  if k.key_id == cp.key.key_id)
     assert entry.algorithm.name == "ed25519"
@@ -449,12 +450,13 @@ def _first_start(hsm: Any, certs: Any, work: Path,
     cfg = daemon_config(hsm, certs, work)
     d = start_daemon(cfg, certs, work)
     try:
-        assert d.servers.checkpointer is not None
+        key = started_checkpointer(d).key
+        assert key is not None
         with d.client() as c:
             other = c.create_key(unique_gun(), "targets", algorithm, purpose="raw")
         entry = next(k for t in d.servers.service.tokens.values() for k in t.keys()
                      if k.key_id == other.key_id)
-        return cfg, d.servers.checkpointer.key, entry
+        return cfg, key, entry
     finally:
         d.stop()
 
@@ -468,8 +470,8 @@ def _start_with_record(cfg: dict[str, Any], certs: Any, work: Path, record: str,
     (work / ".checkpoint-key").write_text(record + "\n")
     d = start_daemon(cfg, certs, work)
     try:
-        assert d.servers.checkpointer is not None
-        assert d.servers.checkpointer.key.key_id == first, record[:80]
+        key = started_checkpointer(d).key
+        assert key is not None and key.key_id == first, record[:80]
     finally:
         d.stop()
     assert _recorded_kid(work / ".checkpoint-key") == first, record[:80]
@@ -564,8 +566,8 @@ def test_a_record_that_is_not_the_logs_key_is_a_hint_and_a_wrong_key_is_never_us
     for _ in range(2):  # and a second start reads what the first left
         d = start_daemon(fresh_cfg, certs, fresh)
         try:
-            cp = d.servers.checkpointer
-            assert cp is not None and cp.key.key_id != other.key_id
+            cp = started_checkpointer(d)
+            assert cp.key is not None and cp.key.key_id != other.key_id
             chosen = next(k for t in d.servers.service.tokens.values() for k in t.keys()
                           if k.key_id == cp.key.key_id)
             assert chosen.role == "signerd/audit-checkpoint"
@@ -579,8 +581,8 @@ def test_a_record_that_is_not_the_logs_key_is_a_hint_and_a_wrong_key_is_never_us
     record.write_text(json.dumps({**mine, "token": elsewhere}) + "\n")
     d = start_daemon(cfg, certs, work)
     try:
-        cp = d.servers.checkpointer
-        assert cp is not None and cp.key.key_id == first
+        cp = started_checkpointer(d)
+        assert cp.key is not None and cp.key.key_id == first
         with d.client() as c:
             c.sign(other.key_id, message=b"a line to checkpoint")
         assert cp.checkpoint() is not None

@@ -39,6 +39,7 @@ from tests.conftest import (
     hsm_token,
     rpc_error,
     start_daemon,
+    started_checkpointer,
     unique_gun,
 )
 from tests.tlog_witness import TestWitness
@@ -112,7 +113,7 @@ def test_a_daemon_told_to_use_ecdsa_signs_checkpoints_a_spec_verifier_accepts(
     cfg["audit"].update(checkpoint_algorithm="ecdsa-p256", origin=ORIGIN)
     d = start_daemon(cfg, certs, work)
     try:
-        cp = d.servers.checkpointer
+        cp = started_checkpointer(d)
         assert cp is not None and d.servers.http is not None
         assert cp.key.sig_type == ECDSA_SHA256
         entry = next(k for t in d.servers.service.tokens.values() for k in t.keys()
@@ -159,7 +160,7 @@ def test_a_daemon_told_to_use_ecdsa_signs_checkpoints_a_spec_verifier_accepts(
         cfg["audit"]["witnesses"] = [witness.config()]
         d = start_daemon(cfg, certs, work)
         try:
-            cp = d.servers.checkpointer
+            cp = started_checkpointer(d)
             assert cp is not None and d.servers.http is not None
             with d.client() as c:
                 list(c.list_keys())
@@ -205,7 +206,7 @@ def test_a_named_checkpoint_key_of_another_algorithm_is_refused(
     first["audit"]["checkpoint_algorithm"] = "ed25519"
     d = start_daemon(first, certs, work)
     try:
-        cp = d.servers.checkpointer
+        cp = started_checkpointer(d)
         assert cp is not None and cp.key.sig_type == 0x01
         kid = cp.key.key_id
     finally:
@@ -230,7 +231,7 @@ def test_a_yubihsm_told_to_use_ecdsa_signs_checkpoints_a_spec_verifier_accepts(
     cfg["audit"]["checkpoint_algorithm"] = "ecdsa-p256"
     d = start_daemon(cfg, certs, work)
     try:
-        cp = d.servers.checkpointer
+        cp = started_checkpointer(d)
         assert cp is not None and cp.key.sig_type == ECDSA_SHA256
         assert d.servers.http is not None
         with d.client() as c:

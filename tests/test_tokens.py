@@ -32,7 +32,7 @@ from signerd.notary import signer_pb2 as npb
 from signerd.notary import signer_pb2_grpc as npb_grpc
 from signerd.token import MODULES, _p11
 from tests import _tpm, _yubihsm
-from tests.conftest import HSM, PKI, Daemon, rpc_error, unique_gun
+from tests.conftest import HSM, PKI, Daemon, rpc_error, started_checkpointer, unique_gun
 from tests.test_core import token_dir
 from tests.test_guard import tuf_meta
 
@@ -593,7 +593,7 @@ def test_a_tpm_daemon_signs_its_checkpoints_with_ecdsa_p256(
     cfg = daemon_config_for(kind, certs, tmp_path / "default")
     d = start_daemon(cfg, certs, tmp_path / "default")
     try:
-        cp = d.servers.checkpointer
+        cp = started_checkpointer(d)
         assert cp is not None and cp.key.sig_type == 0x02 and d.servers.http is not None
         with d.client() as c:
             list(c.list_keys())

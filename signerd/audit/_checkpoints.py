@@ -15,10 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from signerd.audit._publish import tree_answer
+from signerd.audit._publish import NOT_FOUND, tree_answer
 from signerd.audit._tlogconfig import TlogConfig
 from signerd.audit._tree import AuditTree, tree_dir, write_atomic
-from signerd.audit._treecheck import TreeState, open_tree
+from signerd.audit._treecheck import TreeState, open_tree, start_tree
 from signerd.audit._witness import WitnessPusher
 from signerd.errors import ConfigError
 from signerd.tlog.note import (
@@ -71,14 +71,34 @@ class CheckpointKey:
 class Checkpointer:
     """The transparency half of one audit log. Pass it to
     :class:`~signerd.audit.AuditLog` as ``tree``; then :meth:`start` it with
-    that log, and :meth:`stop` it before closing the log."""
+    that log, and :meth:`stop` it before closing the log.
 
-    def __init__(self, key: CheckpointKey, config: TlogConfig,
-                 metrics: Any = None) -> None:
+    ``key`` is the checkpoint key; or it is None and ``choose`` finds or
+    makes it (returning None: checkpoints off), for a log that has no tree
+    yet. Then the log serves at once: the tree of every line written from
+    its open on is kept in memory, and is started on disk (its ``vkey``,
+    first checkpoint and ``tree.json``, then the ``audit.tree_start``
+    record) in the background once ``choose`` returns. Choosing lists the
+    keys already on the tokens, seconds at 10,000 keys, and issue 24 asks
+    a daemon to serve within 0.5 s of its module's ``C_Initialize``."""
+
+    def __init__(self, key: CheckpointKey | None, config: TlogConfig, metrics: Any = None,
+                 choose: Callable[[], CheckpointKey | None] | None = None) -> None:
+        if key is None and choose is None:
+            raise ValueError("a Checkpointer needs its key or a way to choose it")
+        if key is None and config.witnesses:
+            raise ValueError("a log with witnesses checks them before serving: pass its key")
         self.key = key
         self.config = config
         self._metrics = metrics
+        self._choose = choose
         self.state: TreeState | None = None
+        # The tree lines are added to: the state's, or the first start's before it
+        # has a key (None: checkpoints turned off, lines are not kept).
+        self._tree: AuditTree | None = None
+        self._path: Path | None = None
+        self._failure: str | None = None  # why the first start's tree is not started
+        self._settled = threading.Event()  # the tree is started, or never will be
         self._lock = threading.Lock()  # one checkpoint at a time
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -91,8 +111,19 @@ class Checkpointer:
     def open(self, path: Path, seq: int, last: str) -> None:
         """Check the tree of the log ``path`` (ending at ``seq``, whose last
         line hashes to ``last``) against its last checkpoint and the
-        witnesses, and catch it up. Raises ConfigError: refuse to serve."""
+        witnesses, and catch it up. Raises ConfigError: refuse to serve.
+        A log with no tree and no key yet only starts keeping the tree of
+        the lines written from now (see the class)."""
+        self._path = path
+        if self.key is None:
+            if tree_dir(path).exists():  # the caller chose this path for a log without one
+                raise ConfigError(f"audit log {path}: its tree {tree_dir(path)} appeared "
+                                  "while the daemon started; start again")
+            self._tree = AuditTree(tree_dir(path), seq)
+            return
         self.state = open_tree(path, seq, last, self.key, self.config)
+        self._tree = self.state.tree
+        self._settled.set()
         self._served = self.state.note.to_bytes()
         self.witnesses = [WitnessPusher(w, self.state.verifier, self.state.tree, self._metrics,
                                         self._cosigned)
@@ -106,36 +137,104 @@ class Checkpointer:
 
     def append(self, lines: Sequence[bytes]) -> None:
         """Add committed lines to the tree (called under the log's lock)."""
-        assert self.state is not None
-        self.state.tree.append(lines)
+        tree = self._tree
+        if tree is not None:
+            tree.append(lines)
+
+    def failure(self) -> str | None:
+        """Why checkpoints cannot be signed now (None: they can, or it is not
+        known yet): the key's failure, or the first start's. Part of the
+        daemon's readiness."""
+        return self.key.failure() if self.key is not None else self._failure
 
     # -- running --------------------------------------------------------------
 
     def start(self, audit: AuditLog) -> None:
         """Write the records the start owes the log (tree started or reset),
-        then sign a checkpoint every interval while there are new lines."""
-        assert self.state is not None
+        then sign a checkpoint every interval while there are new lines.
+        A first start without its key chooses it first, in the background."""
         self._audit = audit
-        for record in self.state.records:
-            audit.write(record)
-        self.state.records.clear()
+        if self.state is not None:
+            for record in self.state.records:
+                audit.write(record)
+            self.state.records.clear()
         for w in self.witnesses:
             w.start()
         self._thread = threading.Thread(target=self._run, name="audit-checkpoints",
                                         daemon=True)
         self._thread.start()
 
+    def wait_started(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for the tree to be started (at once
+        unless a first start is choosing its key); True if it is."""
+        self._settled.wait(timeout)
+        return self.state is not None
+
     def _run(self) -> None:
+        if self.state is None:
+            started = self._begin()
+            self._settled.set()
+            if not started:
+                return
         while not self._stop.wait(self.config.interval):
             try:
                 self.checkpoint()
             except Exception as e:  # keep checkpointing; signing goes on
                 log.error("audit checkpoint failed", extra={"fields": {"error": str(e)}})
 
+    def _begin(self) -> bool:
+        """The first start's tree, begun after serving: choose the key, start
+        the tree on disk with the lines kept so far, write the start's
+        record. True once started (also when the daemon is stopping: its
+        lines are then in a tree the final checkpoint signs). A ConfigError
+        (no key can be chosen; the tree cannot be written) is final, and
+        readiness says so; any other error is retried every interval."""
+        assert self._choose is not None and self._path is not None and self._audit is not None
+        while True:
+            try:
+                key = self._choose()
+                if key is None:  # checkpoints off (the chooser said why)
+                    self._tree = None
+                    return False
+                state = start_tree(self._path, self._tree_kept(), key, self.config)
+                break
+            except ConfigError as e:
+                self._give_up(str(e))
+                return False
+            except Exception as e:  # a token away, say: try again
+                self._failure = f"the audit tree could not be started yet: {e}"
+                log.error("audit tree not started", extra={"fields": {"error": str(e)}})
+                if self._stop.wait(self.config.interval):
+                    return False
+        self.key, self._failure = key, None
+        self._served = state.note.to_bytes()
+        self.state = state
+        try:
+            for record in state.records:
+                self._audit.write(record)
+        except Exception as e:  # the tree is kept; the record is what is missing
+            log.error("the audit.tree_start record was not written",
+                      extra={"fields": {"error": str(e)}})
+        state.records.clear()
+        return True
+
+    def _tree_kept(self) -> AuditTree:
+        tree = self._tree
+        assert tree is not None
+        return tree
+
+    def _give_up(self, why: str) -> None:
+        self._failure = why
+        self._tree = None  # the lines would be kept in memory for a tree that never starts
+        log.error("audit checkpoints will fail", extra={"fields": {"error": why}})
+
     def checkpoint(self) -> Checkpoint | None:
         """Sign a checkpoint of every synced line, if there are new ones;
-        returns it (None: nothing new). Raises OSError, SignerdError."""
-        assert self.state is not None and self._audit is not None
+        returns it (None: nothing new, or no tree yet). Raises OSError,
+        SignerdError."""
+        assert self._audit is not None
+        if self.state is None:
+            return None
         tree = self.state.tree
         if tree.size == self.state.checkpoint.size:
             return None
@@ -150,6 +249,7 @@ class Checkpointer:
                 return None  # never two checkpoints of one size (nor a smaller one)
             root = state.tree.persist(size)
             cp = Checkpoint(state.origin, size, root)
+            assert self.key is not None
             note = self.key.sign_note(cp.text(), state.origin)
             if not Note.parse(note.to_bytes()).verified_by(state.verifier):
                 raise NoteError("the checkpoint key's signature does not verify")
@@ -203,8 +303,8 @@ class Checkpointer:
         """The answer to ``GET path``: ``/checkpoint``, ``/tile/...`` (within
         the latest checkpoint's tree); None for a path that is not ours."""
         state = self.state
-        if state is None:
-            return None
+        if state is None:  # a first start choosing its key, or checkpoints off
+            return NOT_FOUND if path == "/checkpoint" or path.startswith("/tile/") else None
         return tree_answer(self._served, state.tree.files, path)
 
 

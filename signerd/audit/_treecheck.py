@@ -90,6 +90,23 @@ def open_tree(path: Path, seq: int, last: str, key: CheckpointKey,
         raise ConfigError(f"audit log {path}: tree {directory}: {e.strerror or e}") from None
 
 
+def start_tree(path: Path, tree: AuditTree, key: CheckpointKey,
+               config: TlogConfig) -> TreeState:
+    """Start on disk the tree of the log ``path`` that a first start began
+    in memory before its key was chosen: ``tree`` (its ``base`` the log's
+    seq at open) holds every line written since. Raises ConfigError if the
+    tree cannot be written, or a tree appeared meanwhile."""
+    directory = tree_dir(path)
+    # An empty directory is this start's own, from an attempt whose signature failed.
+    if any((directory / name).exists() for name in ("tree.json", "checkpoint", "tile")):
+        raise ConfigError(f"audit log {path}: a tree {directory} appeared while the daemon "
+                          "started its own; restart it to check that one")
+    try:
+        return _start(path, directory, tree.base, key, config, 0, None, tree)
+    except OSError as e:
+        raise ConfigError(f"audit log {path}: tree {directory}: {e.strerror or e}") from None
+
+
 def _sync_log(path: Path) -> None:
     """Lines on disk from the last run are about to be checkpointed: sync them."""
     for f in (path, *rotated_files(path)[-1:]):
@@ -113,7 +130,7 @@ def _abandon_hash(directory: Path) -> str:
 
 
 def _start(path: Path, directory: Path, seq: int, key: CheckpointKey, config: TlogConfig,
-           epoch: int, reason: str | None) -> TreeState:
+           epoch: int, reason: str | None, tree: AuditTree | None = None) -> TreeState:
     origin = config.origin or default_origin(path)
     if epoch:
         origin = f"{origin}/reset{epoch}"
@@ -135,7 +152,9 @@ def _start(path: Path, directory: Path, seq: int, key: CheckpointKey, config: Tl
     log.log(logging.WARNING if reason else logging.INFO,
             "audit tree reset: the old tree was abandoned" if reason else "audit tree started",
             extra={"fields": {"file": str(path), "origin": origin, "base": seq}})
-    return TreeState(directory, origin, verifier, AuditTree(directory, seq), cp, note, [record])
+    if tree is None:
+        tree = AuditTree(directory, seq)
+    return TreeState(directory, origin, verifier, tree, cp, note, [record])
 
 
 def _reset(path: Path, directory: Path, seq: int, key: CheckpointKey, config: TlogConfig,

@@ -19,7 +19,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from signerd import fdbudget, metrics
-from signerd.audit import AuditLog, Checkpointer, tree_dir
+from signerd.audit import AuditLog, Checkpointer, CheckpointKey, tree_dir
 from signerd.config import Config, audit_location_problem, is_loopback, warn_if_exposed
 from signerd.errors import ConfigError, SignerdError, Unavailable
 from signerd.notary import signer_pb2 as notary_pb2
@@ -30,7 +30,12 @@ from signerd.server._gate import Caller, Gate
 from signerd.server._identity import UnixPeers, dev_caller, tls_caller
 from signerd.server._unix import UnixRelay
 from signerd.server.v1 import SignerServicer
-from signerd.service import KeyService, NoCheckpointToken, checkpoint_key
+from signerd.service import (
+    KeyService,
+    NoCheckpointToken,
+    checkpoint_key,
+    choose_after_serving,
+)
 from signerd.v1 import signer_pb2, signer_pb2_grpc
 
 log = logging.getLogger("signerd.server")
@@ -141,8 +146,8 @@ class Servers:
 
     def __post_init__(self) -> None:
         self.readiness = Readiness(self.service, self.audit)
-        if self.checkpointer is not None:  # a recorded checkpoint key not on its token
-            self.readiness.add("audit_checkpoints", self.checkpointer.key.failure)
+        if self.checkpointer is not None:  # e.g. a recorded checkpoint key not on its token
+            self.readiness.add("audit_checkpoints", self.checkpointer.failure)
 
     def start(self) -> None:
         """Start serving; raises Unavailable if the metrics address is taken
@@ -395,23 +400,33 @@ def _open_audit(config: Config,
     problem = audit_location_problem(config.audit_file)
     if problem is not None:
         raise ConfigError(f"audit.file: {problem}")
-    checkpointer = None
-    if config.audit_tlog.enabled:
+    if not config.audit_tlog.enabled:
+        return AuditLog(config.audit_file), None
+    tlog, audit_file = config.audit_tlog, config.audit_file
+
+    def choose() -> CheckpointKey | None:
         try:
-            key = checkpoint_key(service, config.audit_tlog, config.audit_file)
+            return checkpoint_key(service, tlog, audit_file)
         except NoCheckpointToken as e:
             # Checkpoints by default, where a token can make their key (Ed25519, else
             # ECDSA P-256): a daemon on tokens that can make neither still starts,
             # saying so. One that asked for them, or whose log already has a tree, is
             # refused: a tree once kept is not dropped silently (its start check is
             # what catches a rewrite).
-            if config.audit_tlog.explicit or tree_dir(config.audit_file).exists():
+            if tlog.explicit or tree_dir(audit_file).exists():
                 raise
             log.warning("audit checkpoints off: no token can make their key", extra={
                 "fields": {"why": str(e)}})
-            return AuditLog(config.audit_file), None
-        checkpointer = Checkpointer(key, config.audit_tlog, metrics)
-    return AuditLog(config.audit_file, tree=checkpointer), checkpointer
+            return None
+
+    if choose_after_serving(service, tlog, audit_file):
+        checkpointer = Checkpointer(None, tlog, metrics, choose=choose)
+        return AuditLog(audit_file, tree=checkpointer), checkpointer
+    key = choose()
+    if key is None:
+        return AuditLog(audit_file), None
+    checkpointer = Checkpointer(key, tlog, metrics)
+    return AuditLog(audit_file, tree=checkpointer), checkpointer
 
 
 def build(config: Config, service: KeyService) -> Servers:

@@ -20,8 +20,13 @@ It imports the token layer, :mod:`signerd.certs`, :mod:`signerd.signing` and
 
 from signerd.service._catalog import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE
 from signerd.service._certificates import Certified
-from signerd.service._checkpointkey import CHECKPOINT_ROLE, NoCheckpointToken, checkpoint_key
+from signerd.service._checkpointkey import (
+    CHECKPOINT_ROLE,
+    NoCheckpointToken,
+    checkpoint_key,
+    choose_after_serving,
+)
 from signerd.service._keyservice import KeyService, Signature
 
 __all__ = ["CHECKPOINT_ROLE", "DEFAULT_PAGE_SIZE", "MAX_PAGE_SIZE", "Certified", "KeyService",
-           "NoCheckpointToken", "Signature", "checkpoint_key"]
+           "NoCheckpointToken", "Signature", "checkpoint_key", "choose_after_serving"]

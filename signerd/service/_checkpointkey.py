@@ -21,6 +21,8 @@ process, then ``C_Sign`` with the mechanism named explicitly, CKM_ECDSA
 becomes the DER ``ECDSA-Sig-Value`` the note carries through
 :func:`signerd.signing.encode` (cryptography's ``encode_dss_signature``).
 
+A first start chooses the key after serving has begun, in the background
+(:func:`choose_after_serving`): choosing needs the tokens' first listing.
 The key is made once, on ``[audit] checkpoint_token`` (default: the first
 token that can make Ed25519 keys, else the first that can make P-256 ones),
 by the first process that needs it: a lock file in the audit directory
@@ -139,6 +141,20 @@ def checkpoint_key(service: KeyService, config: TlogConfig, audit_file: Path) ->
                 time.sleep(0.5)
 
     return CheckpointKey(_note_public(alg, spki), sign, kid, NOTE_TYPES[alg.name], failure)
+
+
+def choose_after_serving(service: KeyService, config: TlogConfig, audit_file: Path) -> bool:
+    """Whether the daemon may serve before the checkpoint key of the log
+    ``audit_file`` is chosen (see :class:`~signerd.audit.Checkpointer`):
+    a first start, whose log has no tree, so nothing to check before
+    serving, and whose key is chosen among those on the tokens (no
+    ``checkpoint_key``), with no witnesses (they are asked before serving
+    whether they hold a larger tree of this log), and a token that can make
+    the key, so that choosing fails only as a restart's signing can."""
+    if config.key_id is not None or config.witnesses or tree_dir(audit_file).exists():
+        return False
+    allowed = _algorithms(config)
+    return any(a in t.algorithms for t in _tokens(service, config) for a in allowed)
 
 
 def _note_public(alg: Algorithm, spki_der: bytes) -> bytes:

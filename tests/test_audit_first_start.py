@@ -1,0 +1,283 @@
+"""A first start of an audit directory serves before its checkpoint key is
+chosen (issue 24: a daemon of 10,000 keys serves within 0.5 s of its
+module's C_Initialize, and choosing the key needs the first listing, seconds
+at that size). The log's tree is kept in memory from the log's open, and
+started on disk once the key is known: every line written meanwhile is a
+leaf, the first checkpoint covers them, and a restart's start check passes.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+from signerd import metrics
+from signerd.audit import AuditLog, Checkpointer, CheckpointKey, TlogConfig, tree_dir
+from signerd.errors import ConfigError, Unavailable
+from signerd.tlog import merkle
+from signerd.tlog.merkle import MemoryHashes, leaf_hash
+from signerd.tlog.note import Checkpoint, Note, Verifier
+
+
+@pytest.fixture(scope="module")
+def key() -> CheckpointKey:
+    """A software Ed25519 key: where the key lives does not matter to the tree (the
+    daemon test below uses the token's)."""
+    private = Ed25519PrivateKey.generate()
+    public = private.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+    return CheckpointKey(public, private.sign, "test")
+
+
+def _config(interval: float = 60.0) -> TlogConfig:
+    return TlogConfig(interval=interval, origin="test.example/first")
+
+
+def _write(log: AuditLog, n: int, start: int = 0) -> None:
+    for i in range(start, start + n):
+        log.write({"operation": "Sign", "request_id": f"r{i}", "decision": "allow"})
+
+
+def _checkpoint_of(path: Path) -> Checkpoint:
+    return Checkpoint.parse(Note.parse((tree_dir(path) / "checkpoint").read_bytes()).text)
+
+
+def _root_of_lines(path: Path, base: int) -> tuple[int, bytes]:
+    """(size, root) of the tree whose leaves are the log's lines after seq ``base``."""
+    mem = MemoryHashes()
+    for line in path.read_bytes().splitlines()[base:]:
+        mem.append(leaf_hash(line))
+    return mem.size, merkle.root(mem, mem.size)
+
+
+class _Chooser:
+    """A checkpoint-key chooser held until :meth:`release`; ``answers`` are
+    returned (or raised) one per call, the last one for every further call."""
+
+    def __init__(self, *answers: CheckpointKey | Exception | None) -> None:
+        self.answers = list(answers)
+        self.calls = 0
+        self.go = threading.Event()
+
+    def __call__(self) -> CheckpointKey | None:
+        self.go.wait(30)
+        self.calls += 1
+        answer = self.answers[0] if len(self.answers) == 1 else self.answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    def release(self) -> None:
+        self.go.set()
+
+
+def _open(path: Path, chooser: _Chooser, interval: float = 60.0) -> tuple[AuditLog, Checkpointer]:
+    cp = Checkpointer(None, _config(interval), metrics, choose=chooser)
+    log = AuditLog(path, tree=cp)
+    cp.start(log)
+    return log, cp
+
+
+def test_lines_written_before_the_key_is_chosen_are_leaves_of_the_first_checkpoint(
+        tmp_path: Path, key: CheckpointKey) -> None:
+    path = tmp_path / "audit.log"
+    chooser = _Chooser(key)
+    log, cp = _open(path, chooser)
+    _write(log, 5)  # serving: the lines are written, the key is not chosen yet
+    assert not tree_dir(path).exists()
+    assert cp.serve("/checkpoint") == (404, b"not found\n", "text/plain")
+    assert cp.serve("/tile/0/000") == (404, b"not found\n", "text/plain")
+    assert cp.serve("/metrics") is None
+    assert cp.failure() is None  # nothing has failed: the daemon is ready
+    assert cp.checkpoint() is None
+    chooser.release()
+    assert cp.wait_started(10)
+    assert json.loads((tree_dir(path) / "tree.json").read_text())["base"] == 0
+    lines = path.read_bytes().splitlines()
+    record = json.loads(lines[-1])
+    assert record["operation"] == "audit.tree_start" and record["base"] == 0
+    assert record["seq"] == 6  # after the five lines served before it
+    signed = cp.checkpoint()
+    assert signed is not None
+    assert (signed.size, signed.root) == _root_of_lines(path, 0) == (6, signed.root)
+    vkey = (tree_dir(path) / "vkey").read_text().strip()
+    assert Note.parse((tree_dir(path) / "checkpoint").read_bytes()).verified_by(
+        Verifier.from_vkey(vkey))
+    _write(log, 3, 5)
+    cp.stop()
+    log.close()
+    # A restart with the key: the start check passes and catches up.
+    cp2 = Checkpointer(key, _config(), metrics)
+    log2 = AuditLog(path, tree=cp2)
+    cp2.start(log2)
+    _write(log2, 2, 8)
+    cp2.stop()
+    log2.close()
+    assert (_checkpoint_of(path).size, _checkpoint_of(path).root) == _root_of_lines(path, 0)
+
+
+def test_a_token_away_while_choosing_is_retried_and_reported_meanwhile(
+        tmp_path: Path, key: CheckpointKey) -> None:
+    path = tmp_path / "audit.log"
+    chooser = _Chooser(Unavailable("token t1 is not present"))
+    log, cp = _open(path, chooser, interval=0.3)
+    chooser.release()
+    deadline = time.monotonic() + 10
+    while cp.failure() is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert "token t1 is not present" in (cp.failure() or "")  # readiness says why
+    assert not cp.wait_started(0)
+    chooser.answers = [key]  # the token is back
+    assert cp.wait_started(10)
+    assert cp.failure() is None and chooser.calls >= 2
+    _write(log, 4)
+    cp.stop()
+    log.close()
+    assert (_checkpoint_of(path).size, _checkpoint_of(path).root) == _root_of_lines(path, 0)
+
+
+def test_a_key_that_cannot_be_chosen_is_reported_and_keeps_no_lines(
+        tmp_path: Path, key: CheckpointKey) -> None:
+    path = tmp_path / "audit.log"
+    chooser = _Chooser(ConfigError("audit checkpoints need an Ed25519 key"))
+    log, cp = _open(path, chooser, interval=0.05)
+    _write(log, 2)
+    chooser.release()
+    assert not cp.wait_started(10)
+    assert cp.failure() == "audit checkpoints need an Ed25519 key"
+    assert chooser.calls == 1  # final: not retried
+    _write(log, 2, 2)
+    assert cp.checkpoint() is None
+    cp.stop()
+    log.close()
+    assert not tree_dir(path).exists()
+    # The next start chooses again, and its tree starts at the log's end.
+    again = _Chooser(key)
+    again.release()
+    log, cp = _open(path, again)
+    assert cp.wait_started(10)
+    cp.stop()
+    log.close()
+    assert json.loads((tree_dir(path) / "tree.json").read_text())["base"] == 4
+
+
+def test_checkpoints_off_when_no_key_can_be_made(tmp_path: Path) -> None:
+    path = tmp_path / "audit.log"
+    chooser = _Chooser(None)
+    log, cp = _open(path, chooser, interval=0.05)
+    chooser.release()
+    assert not cp.wait_started(10)
+    assert cp.failure() is None  # off is not a failure (the chooser logged why)
+    _write(log, 3)
+    cp.stop()
+    log.close()
+    assert not tree_dir(path).exists()
+
+
+def test_a_stop_while_choosing_still_starts_the_tree_and_signs_every_line(
+        tmp_path: Path, key: CheckpointKey) -> None:
+    path = tmp_path / "audit.log"
+    chooser = _Chooser(key)
+    log, cp = _open(path, chooser)
+    _write(log, 7)
+    threading.Timer(0.3, chooser.release).start()
+    cp.stop()  # waits for the choice, starts the tree, then the final checkpoint
+    log.close()
+    assert (_checkpoint_of(path).size, _checkpoint_of(path).root) == _root_of_lines(path, 0)
+    assert _checkpoint_of(path).size == 8
+
+
+def test_a_tree_that_appeared_meanwhile_is_not_overwritten(
+        tmp_path: Path, key: CheckpointKey) -> None:
+    path = tmp_path / "audit.log"
+    chooser = _Chooser(key)
+    log, cp = _open(path, chooser, interval=0.05)
+    tree_dir(path).mkdir()
+    (tree_dir(path) / "tree.json").write_text('{"origin": "x", "base": 0, "epoch": 0}\n')
+    chooser.release()
+    assert not cp.wait_started(10)
+    assert "appeared while the daemon started" in (cp.failure() or "")
+    cp.stop()
+    log.close()
+    assert (tree_dir(path) / "tree.json").read_text().startswith('{"origin": "x"')
+
+
+def test_a_checkpointer_needs_its_key_or_a_chooser_and_witnesses_need_the_key(
+        key: CheckpointKey) -> None:
+    from signerd.audit import WitnessConfig
+
+    with pytest.raises(ValueError, match="needs its key"):
+        Checkpointer(None, _config())
+    witness = WitnessConfig("w.example", "https://w.example/", key.verifier("w.example"))
+    with pytest.raises(ValueError, match="witnesses"):
+        Checkpointer(None, TlogConfig(witnesses=(witness,)), choose=lambda: key)
+
+
+# -- the daemon --------------------------------------------------------------
+
+
+def test_a_daemons_first_start_serves_and_audits_before_its_key_is_chosen(
+        hsm: Any, certs: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The real daemon, its first start held while choosing the checkpoint key on the
+    token: it signs, logs the line, is ready and serves no checkpoint yet; once the key
+    is chosen, the first checkpoint covers that line and a restart's check passes."""
+    import urllib.error
+    import urllib.request
+
+    from signerd.server import app
+    from tests.conftest import daemon_config, start_daemon, unique_gun
+
+    held = threading.Event()
+    real = app.checkpoint_key
+
+    def slow_choice(*a: Any, **kw: Any) -> CheckpointKey:
+        held.wait(30)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(app, "checkpoint_key", slow_choice)
+    work = tmp_path / "first"
+    cfg = daemon_config(hsm, certs, work, metrics=True)
+
+    def get(port: int, path: str) -> int:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as r:
+                return int(r.status)
+        except urllib.error.HTTPError as e:
+            return int(e.code)
+
+    d = start_daemon(cfg, certs, work)
+    try:
+        cp = d.servers.checkpointer
+        assert cp is not None and cp.key is None and d.servers.http is not None
+        port = d.servers.http.port
+        with d.client() as c:
+            k = c.create_key(unique_gun(), "targets", purpose="raw")
+            c.sign(k.key_id, message=b"signed before the key was chosen")
+        assert get(port, "/readyz") == 200
+        assert get(port, "/checkpoint") == 404
+        held.set()
+        assert cp.wait_started(30) and cp.key is not None
+        assert cp.checkpoint() is not None
+        assert get(port, "/checkpoint") == 200
+    finally:
+        held.set()
+        d.stop()
+    log_path = work / "audit.log"
+    assert (_checkpoint_of(log_path).size, _checkpoint_of(log_path).root) == \
+        _root_of_lines(log_path, 0)
+    assert any(b'"operation":"sign"' in line and k.key_id.encode() in line
+               for line in log_path.read_bytes().splitlines())
+    monkeypatch.setattr(app, "checkpoint_key", real)
+    d = start_daemon(cfg, certs, work)  # the restart checks the tree the first start began
+    try:
+        assert d.servers.checkpointer is not None and d.servers.checkpointer.key is not None
+        assert d.servers.checkpointer.key.key_id == cp.key.key_id
+    finally:
+        d.stop()
