@@ -124,7 +124,8 @@ way Go's checksum database and Certificate Transparency publish theirs:
 
 * Each line is a leaf: ``SHA-256(0x00 || line)`` over its bytes without the
   newline; leaf ``i`` is the line with ``seq = base + 1 + i``, where ``base``
-  is the log's seq when the tree started. The tree runs on across rotated
+  is the log's seq when the tree started (at a first start, when the log
+  opened: see below). The tree runs on across rotated
   files; each log (each worker's) is its own tree with its own origin
   (``[audit] origin``, default ``<hostname>/signerd/<file name>``).
 * The tree's hashes are kept as c2sp.org/tlog-tiles tiles in ``<log>.tlog/``
@@ -146,6 +147,14 @@ way Go's checksum database and Certificate Transparency publish theirs:
   checkpoint is written to ``<log>.tlog/checkpoint`` and served at ``GET
   /checkpoint`` with the tiles at ``GET /tile/<L>/<N>[.p/<W>]`` on the
   metrics listener; entry bundles are not served (the lines stay private).
+* A first start (no ``<log>.tlog`` yet) serves before its checkpoint key
+  is chosen, since choosing reads the tokens' first listing (seconds at
+  10,000 keys; issue 24). The tree of every line written from the log's
+  open is kept in memory meanwhile, and started on disk (``vkey``, the
+  empty tree's checkpoint, ``tree.json``, then the ``audit.tree_start``
+  record, which then follows the lines served before it) once the key is
+  known; ``/checkpoint`` answers 404 until then. A start with witnesses,
+  or with ``checkpoint_key`` set, chooses before serving, as before.
 * ``[[audit.witnesses]]`` get each checkpoint with its consistency proof
   (c2sp.org/tlog-witness, :mod:`signerd.audit._witness`); their verified
   cosignatures are served with it. A witness refusing a proof raises an

@@ -4,8 +4,8 @@ tiles in a directory next to the log, and in memory only the tiles not yet
 full (at most 255 hashes per tile level: the tree's frontier).
 
 Leaf ``i`` is the line with ``seq = base + 1 + i`` (``base``: the log's seq
-when the tree was started), hashed as RFC 9162 ``SHA-256(0x00 || line)``
-over its bytes without the newline.
+when the tree was started; at a first start, when the log opened), hashed
+as RFC 9162 ``SHA-256(0x00 || line)`` over its bytes without the newline.
 
 On disk (``<log>.tlog/``)::
 
