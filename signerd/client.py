@@ -17,9 +17,9 @@ from signerd.config import (
     DEFAULT_MAX_MESSAGE_BYTES,
     MAX_MESSAGE_BYTES,
     is_host_port,
-    read_toml,
 )
 from signerd.errors import ConfigError
+from signerd.trusted_files import read_toml
 from signerd.v1 import signer_pb2 as pb
 from signerd.v1 import signer_pb2_grpc as pb_grpc
 

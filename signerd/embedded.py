@@ -83,7 +83,7 @@ def init_softhsm_token(module_path: str, conf: Path, label: str, pin: bytes, so_
 def _write(path: Path, text: str) -> None:
     path.write_text(text)
     # Writable by no one else whatever the umask (002 is common): signerd
-    # refuses a config or policy its group may write (config.read_trusted).
+    # refuses a config or policy its group may write (trusted_files.read_trusted).
     os.chmod(path, 0o644)
 
 

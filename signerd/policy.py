@@ -80,8 +80,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, Literal, get_args
 
-from signerd.config import read_trusted
 from signerd.errors import ConfigError, quoted
+from signerd.trusted_files import read_trusted
 
 log = logging.getLogger("signerd.policy")
 
@@ -324,9 +324,9 @@ class Policy:
 
         Raises :class:`ConfigError` with a one-line message naming the file,
         the rule index and the field, and what is accepted. The file is read
-        as :func:`signerd.config.read_trusted` reads one: a regular file only
+        as :func:`signerd.trusted_files.read_trusted` reads one: a regular file only
         (a FIFO never blocks the reload on the signal path), at most
-        :data:`~signerd.config.MAX_CONFIG_BYTES`, owned by root or signerd's
+        :data:`~signerd.trusted_files.MAX_CONFIG_BYTES`, owned by root or signerd's
         user and writable by no one else (whoever can write it decides who
         signs), in directories no one else can change.
         """

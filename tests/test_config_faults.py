@@ -14,10 +14,10 @@ import pytest
 from signerd.config import (
     Pkcs11Uri,
     TokenConfig,
-    audit_location_problem,
     parse_config,
 )
 from signerd.errors import ConfigError
+from signerd.trusted_files import audit_location_problem
 
 TOKEN = {"name": "t", "module": "/m.so", "uri": "pkcs11:token=t", "pin_env": "PIN"}
 

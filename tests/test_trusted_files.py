@@ -22,15 +22,13 @@ import pytest
 from signerd.audit import AuditLog, verify
 from signerd.config import (
     BOUNDS,
-    MAX_CONFIG_BYTES,
-    MAX_PIN_BYTES,
     Pkcs11Uri,
     TokenConfig,
     parse_config,
-    read_trusted,
 )
 from signerd.errors import ConfigError
 from signerd.policy import Policy
+from signerd.trusted_files import MAX_CONFIG_BYTES, MAX_PIN_BYTES, read_trusted
 from tests.conftest import HSM, PKI, daemon_config, spawn_daemon, write_toml
 
 NOBODY = 65534

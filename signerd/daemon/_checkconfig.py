@@ -23,15 +23,15 @@ What it checks, in the order a start meets them:
   PIN counts as a failed login on the token, as a start's would.
 
 Files signerd trusts are checked as a start reads them
-(:func:`signerd.config.read_trusted`, sshd's StrictModes): the config, the
+(:func:`signerd.trusted_files.read_trusted`, sshd's StrictModes): the config, the
 policy and PIN files must be regular files of at most
-:data:`~signerd.config.MAX_CONFIG_BYTES` (a PIN file
-:data:`~signerd.config.MAX_PIN_BYTES`), owned by root or signerd's user,
+:data:`~signerd.trusted_files.MAX_CONFIG_BYTES` (a PIN file
+:data:`~signerd.trusted_files.MAX_PIN_BYTES`), owned by root or signerd's user,
 writable by no one else (whoever can write them decides who signs), in
 directories no one else can change; a PIN file must not be readable by
 group or others either. Each fault is an error, as it stops a start. The
 audit log must be a regular file (or not exist yet) in a directory
-signerd's user owns (:func:`signerd.config.audit_location_problem`). A TLS
+signerd's user owns (:func:`signerd.trusted_files.audit_location_problem`). A TLS
 key that others may read is an error, one that its group may read a
 warning. Numbers out of their range (:data:`signerd.config.BOUNDS`) are
 errors of the config. ``--strict`` makes every warning fail the check.
@@ -63,13 +63,12 @@ from signerd import audit, one_line
 from signerd.config import (
     Config,
     TokenConfig,
-    audit_location_problem,
     is_loopback,
     load_config,
     parse_config,
-    read_toml,
 )
 from signerd.errors import ConfigError, SignerdError, Unavailable
+from signerd.trusted_files import audit_location_problem, read_toml
 
 if TYPE_CHECKING:
     from signerd.token import Token

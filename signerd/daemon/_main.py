@@ -186,7 +186,7 @@ def load_modules_early(path: Path, worker: int | None) -> Callable[[], None] | N
     """Start each token's PKCS#11 module loading (``C_Initialize``: seconds for a
     large SoftHSM token, issue 24) on a thread before the config is parsed,
     since parsing imports most of signerd (about 0.4 s). The file is read as
-    :func:`signerd.config.load_config` reads it (:func:`signerd.config.read_toml`,
+    :func:`signerd.config.load_config` reads it (:func:`signerd.trusted_files.read_toml`,
     trusted: owner, mode, size, a regular file), so no module is loaded from a
     file a start refuses. Of it only ``[environment]`` (which the modules read
     at ``C_Initialize``; it is set here as :func:`serve` would set it),
@@ -197,7 +197,8 @@ def load_modules_early(path: Path, worker: int | None) -> Callable[[], None] | N
     change what ``~`` means to the parse. Anything unexpected: None, and the
     full parse says what is wrong. Returns the function to call once the tokens
     are open."""
-    from signerd.config import read_toml, resolve_module
+    from signerd.config import resolve_module
+    from signerd.trusted_files import read_toml
 
     try:
         doc = read_toml(path, "config", trusted=True)

@@ -20,7 +20,7 @@ from grpc_reflection.v1alpha import reflection
 
 from signerd import fdbudget, metrics
 from signerd.audit import AuditLog, Checkpointer, CheckpointKey, tree_dir
-from signerd.config import Config, audit_location_problem, is_loopback, warn_if_exposed
+from signerd.config import Config, is_loopback
 from signerd.errors import ConfigError, SignerdError, Unavailable
 from signerd.notary import signer_pb2 as notary_pb2
 from signerd.policy import PolicyStore
@@ -36,6 +36,7 @@ from signerd.service import (
     checkpoint_key,
     choose_after_serving,
 )
+from signerd.trusted_files import audit_location_problem, warn_if_exposed
 from signerd.v1 import signer_pb2, signer_pb2_grpc
 
 log = logging.getLogger("signerd.server")
