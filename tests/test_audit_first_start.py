@@ -122,22 +122,52 @@ def test_lines_written_before_the_key_is_chosen_are_leaves_of_the_first_checkpoi
     assert (_checkpoint_of(path).size, _checkpoint_of(path).root) == _root_of_lines(path, 0)
 
 
-def test_a_token_away_while_choosing_is_retried_and_reported_meanwhile(
-        tmp_path: Path, key: CheckpointKey) -> None:
+def test_a_token_away_while_choosing_is_retried_and_reported_after_a_grace(
+        tmp_path: Path, key: CheckpointKey, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A failure worth another try (a token away) is retried every interval; readiness
+    says so only once it has lasted TREE_START_GRACE seconds (the token's own readiness
+    says it is away at once)."""
+    from signerd.audit import _checkpoints
+
     path = tmp_path / "audit.log"
     chooser = _Chooser(Unavailable("token t1 is not present"))
-    log, cp = _open(path, chooser, interval=0.3)
+    log, cp = _open(path, chooser, interval=0.05)
     chooser.release()
     deadline = time.monotonic() + 10
-    while cp.failure() is None:
+    while chooser.calls < 3:  # retried
         assert time.monotonic() < deadline
         time.sleep(0.01)
-    assert "token t1 is not present" in (cp.failure() or "")  # readiness says why
-    assert not cp.wait_started(0)
+    assert cp.failure() is None and not cp.wait_started(0)  # within the grace
+    monkeypatch.setattr(_checkpoints, "TREE_START_GRACE", 0.0)
+    assert cp.failure() == "the audit tree has not started: token t1 is not present"
+    _write(log, 2)
     chooser.answers = [key]  # the token is back
     assert cp.wait_started(10)
-    assert cp.failure() is None and chooser.calls >= 2
-    _write(log, 4)
+    assert cp.failure() is None
+    _write(log, 4, 2)
+    cp.stop()
+    log.close()
+    assert (_checkpoint_of(path).size, _checkpoint_of(path).root) == _root_of_lines(path, 0)
+
+
+def test_a_full_disk_while_starting_the_tree_is_retried(
+        tmp_path: Path, key: CheckpointKey) -> None:
+    """The tree's files cannot be written (here: a directory where its vkey goes, so
+    that the rename onto it fails, even for root) and then can: the tree starts, with
+    every line, and what a failed attempt left is written over."""
+    path = tmp_path / "audit.log"
+    chooser = _Chooser(key)
+    log, cp = _open(path, chooser, interval=0.05)
+    _write(log, 3)
+    tree_dir(path).mkdir()
+    (tree_dir(path) / "checkpoint").write_text("left by a failed attempt\n")
+    (tree_dir(path) / "vkey").mkdir()
+    chooser.release()
+    time.sleep(0.5)  # ten intervals: each attempt fails
+    assert not cp.wait_started(0)
+    (tree_dir(path) / "vkey").rmdir()
+    assert cp.wait_started(10)
+    assert chooser.calls == 1  # the key was chosen once; only the tree was retried
     cp.stop()
     log.close()
     assert (_checkpoint_of(path).size, _checkpoint_of(path).root) == _root_of_lines(path, 0)

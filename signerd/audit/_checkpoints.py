@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from signerd.audit._publish import NOT_FOUND, tree_answer
 from signerd.audit._tlogconfig import TlogConfig
@@ -35,6 +36,11 @@ if TYPE_CHECKING:
     from signerd.audit._writer import AuditLog
 
 log = logging.getLogger("signerd.audit")
+
+# Seconds a first start's tree may keep failing to start (a token away, a full
+# disk: retried every interval) before readiness says so. The token's and the
+# log's own readiness report those causes at once.
+TREE_START_GRACE: Final = 30.0
 
 
 @dataclass(frozen=True)
@@ -97,7 +103,8 @@ class Checkpointer:
         # has a key (None: checkpoints turned off, lines are not kept).
         self._tree: AuditTree | None = None
         self._path: Path | None = None
-        self._failure: str | None = None  # why the first start's tree is not started
+        self._failure: str | None = None  # why the first start's tree never will be
+        self._retrying: tuple[float, str] | None = None  # since when, and why, it is not yet
         self._settled = threading.Event()  # the tree is started, or never will be
         self._lock = threading.Lock()  # one checkpoint at a time
         self._stop = threading.Event()
@@ -144,8 +151,15 @@ class Checkpointer:
     def failure(self) -> str | None:
         """Why checkpoints cannot be signed now (None: they can, or it is not
         known yet): the key's failure, or the first start's. Part of the
-        daemon's readiness."""
-        return self.key.failure() if self.key is not None else self._failure
+        daemon's readiness. A first start's tree that is retried is
+        reported once it has failed for :data:`TREE_START_GRACE` seconds."""
+        if self.key is not None:
+            return self.key.failure()
+        retrying = self._retrying
+        if (self._failure is None and retrying is not None
+                and time.monotonic() - retrying[0] >= TREE_START_GRACE):
+            return retrying[1]
+        return self._failure
 
     # -- running --------------------------------------------------------------
 
@@ -187,26 +201,31 @@ class Checkpointer:
         the tree on disk with the lines kept so far, write the start's
         record. True once started (also when the daemon is stopping: its
         lines are then in a tree the final checkpoint signs). A ConfigError
-        (no key can be chosen; the tree cannot be written) is final, and
+        (no key can be chosen, or another tree appeared) is final, and
         readiness says so; any other error is retried every interval."""
         assert self._choose is not None and self._path is not None and self._audit is not None
+        key: CheckpointKey | None = None
         while True:
             try:
-                key = self._choose()
-                if key is None:  # checkpoints off (the chooser said why)
-                    self._tree = None
-                    return False
+                if key is None:  # chosen once: a retry only writes the tree again
+                    key = self._choose()
+                    if key is None:  # checkpoints off (the chooser said why)
+                        self._tree = None
+                        return False
                 state = start_tree(self._path, self._tree_kept(), key, self.config)
                 break
             except ConfigError as e:
                 self._give_up(str(e))
                 return False
-            except Exception as e:  # a token away, say: try again
-                self._failure = f"the audit tree could not be started yet: {e}"
-                log.error("audit tree not started", extra={"fields": {"error": str(e)}})
+            except Exception as e:  # a token away, a full disk: try again
+                why = f"the audit tree has not started: {e}"
+                if self._retrying is None:
+                    log.warning("audit tree not started yet; retrying",
+                                extra={"fields": {"error": str(e)}})
+                self._retrying = (self._retrying or (time.monotonic(), why))[0], why
                 if self._stop.wait(self.config.interval):
                     return False
-        self.key, self._failure = key, None
+        self.key, self._retrying = key, None
         self._served = state.note.to_bytes()
         self.state = state
         try:

@@ -94,17 +94,16 @@ def start_tree(path: Path, tree: AuditTree, key: CheckpointKey,
                config: TlogConfig) -> TreeState:
     """Start on disk the tree of the log ``path`` that a first start began
     in memory before its key was chosen: ``tree`` (its ``base`` the log's
-    seq at open) holds every line written since. Raises ConfigError if the
-    tree cannot be written, or a tree appeared meanwhile."""
+    seq at open) holds every line written since. Raises ConfigError if a
+    tree appeared meanwhile; OSError (say, a full disk) and the key's
+    SignerdError are worth another try."""
     directory = tree_dir(path)
-    # An empty directory is this start's own, from an attempt whose signature failed.
-    if any((directory / name).exists() for name in ("tree.json", "checkpoint", "tile")):
+    # tree.json is written last: without it, what is there is this start's own, from
+    # an attempt that failed (the log's lock keeps any other writer away).
+    if (directory / "tree.json").exists():
         raise ConfigError(f"audit log {path}: a tree {directory} appeared while the daemon "
                           "started its own; restart it to check that one")
-    try:
-        return _start(path, directory, tree.base, key, config, 0, None, tree)
-    except OSError as e:
-        raise ConfigError(f"audit log {path}: tree {directory}: {e.strerror or e}") from None
+    return _start(path, directory, tree.base, key, config, 0, None, tree)
 
 
 def _sync_log(path: Path) -> None:
