@@ -71,7 +71,6 @@ from signerd.cli._util import UsageError, add_client_options, connect, emit, who
 from signerd.config import load_config
 from signerd.errors import InvalidArgument, SignerdError, quoted
 from signerd.keys import validate_gun, validate_role, validate_tag
-from signerd.service import KeyService
 from signerd.trust import NotaryClient, workflows
 from signerd.trust.keysource import DaemonKeys, KeySource, TokenKeys
 from signerd.trust.keysource import RemoteSigner as RemoteSigner  # its old home; tests import it
@@ -93,6 +92,9 @@ def _key_source(args: argparse.Namespace) -> Iterator[KeySource]:
         with connect(args) as client:
             yield DaemonKeys(client)
         return
+    # Imported here: it pulls in the token layer (about 0.2 s), which only --local needs.
+    from signerd.service import KeyService
+
     path = args.daemon_config or embedded.state_dir() / "signerd.toml"
     config = load_config(path)
     os.environ.update(config.environment)  # e.g. SOFTHSM2_CONF, before the module loads
