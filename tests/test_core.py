@@ -615,6 +615,30 @@ def test_token_gone_gives_unavailable_and_not_serving_then_recovers(
     )
 
 
+def test_a_token_away_during_ed25519_generation_keeps_offering_ed25519(
+        daemon_factory: Any, hsm: Any, tmp_path: Path) -> None:
+    """SoftHSM answers CKR_GENERAL_ERROR to a key generation once its token has gone: that
+    is a token away (UNAVAILABLE), not a token that cannot make Ed25519 keys. Seen by an
+    attack run: the token stopped offering ed25519 until a restart, and the audit
+    checkpoint key chosen meanwhile became ECDSA for good."""
+    d = daemon_factory(tokens=("online",), audit=False)
+    token = d.servers.service.tokens["online"]
+    assert "ed25519" in token.algorithms
+    with d.client() as c:
+        where = token_dir(hsm, "test-online")
+        away = tmp_path / "unplugged"
+        where.rename(away)
+        try:
+            err = rpc_error(lambda: c.create_key(unique_gun(), "targets", "ed25519"))
+            assert err.code() == grpc.StatusCode.UNAVAILABLE, err.details()
+        finally:
+            away.rename(where)
+        assert "ed25519" in token.algorithms
+        time.sleep(1.1)  # reconnect attempts are spaced by a second
+        assert d.servers.service.check()
+        assert c.create_key(unique_gun(), "targets", "ed25519").algorithm == "ed25519"
+
+
 def test_refused_login_on_reconnect_is_never_retried(daemon_factory: Any, hsm: Any) -> None:
     """SoftHSM never locks a PIN, so a login retry loop would be a guessing oracle."""
     # No audit log: its final checkpoint would wait out the refused token at the stop

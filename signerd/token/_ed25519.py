@@ -9,6 +9,7 @@ the form that worked.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import pkcs11
@@ -31,13 +32,16 @@ class Ed25519Forms:
     def __init__(self) -> None:
         self.params: bytes | None = None  # the form that worked, once known
 
-    def generate(self, slot: Slot, s: Any, gun: str, role: str,
-                 purpose: str) -> KeyEntry | None:
+    def generate(self, slot: Slot, s: Any, gun: str, role: str, purpose: str,
+                 answers: Callable[[Any], bool]) -> KeyEntry | None:
         """An Ed25519 key pair on ``slot`` through session ``s``
         (:func:`_keygen.generate_pair`; None: its CKA_ID was taken). The
-        profile's form is tried first, then the other once; if neither works,
-        the token stops offering ed25519. Raises FailedPrecondition, and the
-        module's error for a session or device that is lost."""
+        profile's form is tried first, then the other once; if neither works
+        and the token still ``answers(s)``, the token stops offering ed25519.
+        Raises FailedPrecondition, and the module's error for a session or
+        device that is lost (also one a token that has gone away gives as
+        CKR_GENERAL_ERROR, as SoftHSM does: a token away is not a token that
+        cannot make the key)."""
         alg = ALGORITHMS["ed25519"]
         forms = [self.params or slot.profile.ed25519_params]
         forms += [f for f in (_layout.CURVE_OIDS["ed25519"], ED25519_NAME) if f not in forms]
@@ -56,7 +60,7 @@ class Ed25519Forms:
                 continue
             self.params = params
             return entry
-        if self.params is None:  # neither form: the token cannot make Ed25519 keys
+        if self.params is None and answers(s):  # neither form: it cannot make Ed25519 keys
             slot.algorithms = tuple(a for a in slot.algorithms if a != "ed25519")
             log.warning("token lists Ed25519 mechanisms but makes no Ed25519 key", extra={
                 "fields": {"token": slot.name, "error": _p11.failure_name(failure or

@@ -85,7 +85,8 @@ class KeyWriter:
             self.before_write(s)
             try:
                 if alg.keytype == "ed25519":
-                    return self._ed25519.generate(slot, s, gun, role, purpose)
+                    return self._ed25519.generate(slot, s, gun, role, purpose,
+                                                  self._health.answers)
                 return _keygen.generate_pair(slot.module, slot.profile, self.name, s, alg,
                                              gun, role, b"", purpose)
             finally:
