@@ -90,7 +90,9 @@ def test_lines_written_before_the_key_is_chosen_are_leaves_of_the_first_checkpoi
     chooser = _Chooser(key)
     log, cp = _open(path, chooser)
     _write(log, 5)  # serving: the lines are written, the key is not chosen yet
-    assert not tree_dir(path).exists()
+    # Only tree.json, with the base, written at open: the key is still being chosen.
+    assert sorted(p.name for p in tree_dir(path).iterdir()) == ["tree.json"]
+    assert json.loads((tree_dir(path) / "tree.json").read_text())["base"] == 0
     assert cp.serve("/checkpoint") == (404, b"not found\n", "text/plain")
     assert cp.serve("/tile/0/000") == (404, b"not found\n", "text/plain")
     assert cp.serve("/metrics") is None
@@ -159,7 +161,6 @@ def test_a_full_disk_while_starting_the_tree_is_retried(
     chooser = _Chooser(key)
     log, cp = _open(path, chooser, interval=0.05)
     _write(log, 3)
-    tree_dir(path).mkdir()
     (tree_dir(path) / "checkpoint").write_text("left by a failed attempt\n")
     (tree_dir(path) / "vkey").mkdir()
     chooser.release()
@@ -173,7 +174,7 @@ def test_a_full_disk_while_starting_the_tree_is_retried(
     assert (_checkpoint_of(path).size, _checkpoint_of(path).root) == _root_of_lines(path, 0)
 
 
-def test_a_key_that_cannot_be_chosen_is_reported_and_keeps_no_lines(
+def test_a_final_failure_is_reported_and_the_next_start_covers_every_line(
         tmp_path: Path, key: CheckpointKey) -> None:
     path = tmp_path / "audit.log"
     chooser = _Chooser(ConfigError("audit checkpoints need an Ed25519 key"))
@@ -187,15 +188,66 @@ def test_a_key_that_cannot_be_chosen_is_reported_and_keeps_no_lines(
     assert cp.checkpoint() is None
     cp.stop()
     log.close()
-    assert not tree_dir(path).exists()
-    # The next start chooses again, and its tree starts at the log's end.
-    again = _Chooser(key)
-    again.release()
-    log, cp = _open(path, again)
-    assert cp.wait_started(10)
+    # The next start (with its key) finishes the tree from the base written at open.
+    _restart(path, key)
+    assert json.loads((tree_dir(path) / "tree.json").read_text())["base"] == 0
+    assert (_checkpoint_of(path).size, _checkpoint_of(path).root) == _root_of_lines(path, 0)
+
+
+def _restart(path: Path, key: CheckpointKey, lines: int = 1) -> None:
+    """A start with ``key`` (its tree is on disk, so it is checked before serving) that
+    writes ``lines`` lines and stops."""
+    cp = Checkpointer(key, _config(), metrics)
+    log = AuditLog(path, tree=cp)
+    cp.start(log)
+    _write(log, lines, 1000)
     cp.stop()
     log.close()
-    assert json.loads((tree_dir(path) / "tree.json").read_text())["base"] == 4
+
+
+@pytest.mark.parametrize("left", [(), ("vkey",)], ids=["tree.json", "tree.json+vkey"])
+def test_a_crash_before_the_first_checkpoint_is_finished_by_the_next_start(
+        tmp_path: Path, key: CheckpointKey, left: tuple[str, ...]) -> None:
+    """Killed while choosing the key, or between the tree's files (tree.json is written
+    first, the checkpoint last): nothing was signed, so the next start finishes the tree
+    from its base, with every line served meanwhile, and writes its start record. An
+    attack run saw such a start refused (a checkpoint without tree.json) or the lines
+    left out of every tree."""
+    path = tmp_path / "audit.log"
+    chooser = _Chooser(ConfigError("killed"))  # the tree never starts in this life
+    log, cp = _open(path, chooser)
+    _write(log, 6)
+    chooser.release()
+    assert not cp.wait_started(10)
+    log.close()  # no stop: as a SIGKILL leaves it
+    for name in left:
+        (tree_dir(path) / name).write_text("half written\n")
+    _restart(path, key)
+    assert (_checkpoint_of(path).size, _checkpoint_of(path).root) == _root_of_lines(path, 0)
+    records = [json.loads(line) for line in path.read_bytes().splitlines()]
+    assert [r["seq"] for r in records if r["operation"] == "audit.tree_start"] == [7]
+
+
+def test_a_tree_of_only_a_checkpoint_and_no_tree_json_is_still_refused(
+        tmp_path: Path, key: CheckpointKey) -> None:
+    """tree.json is written first now: a checkpoint without it is no crash of ours."""
+    path = tmp_path / "audit.log"
+    _restart(path, key)
+    (tree_dir(path) / "tree.json").unlink()
+    with pytest.raises(ConfigError, match="tree.json is missing but the tree's checkpoint"):
+        _restart(path, key)
+
+
+def test_a_symlinked_tree_directory_is_refused(tmp_path: Path, key: CheckpointKey) -> None:
+    path = tmp_path / "audit.log"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    tree_dir(path).symlink_to(elsewhere)
+    with pytest.raises(ConfigError, match="is a symbolic link"):
+        _restart(path, key)
+    with pytest.raises(ConfigError, match="appeared while the daemon started"):
+        _open(path, _Chooser(key))
+    assert list(elsewhere.iterdir()) == []
 
 
 def test_checkpoints_off_when_no_key_can_be_made(tmp_path: Path) -> None:
@@ -229,11 +281,10 @@ def test_a_tree_that_appeared_meanwhile_is_not_overwritten(
     path = tmp_path / "audit.log"
     chooser = _Chooser(key)
     log, cp = _open(path, chooser, interval=0.05)
-    tree_dir(path).mkdir()
     (tree_dir(path) / "tree.json").write_text('{"origin": "x", "base": 0, "epoch": 0}\n')
     chooser.release()
     assert not cp.wait_started(10)
-    assert "appeared while the daemon started" in (cp.failure() or "")
+    assert "another tree took the place of" in (cp.failure() or "")
     cp.stop()
     log.close()
     assert (tree_dir(path) / "tree.json").read_text().startswith('{"origin": "x"')
@@ -311,3 +362,23 @@ def test_a_daemons_first_start_serves_and_audits_before_its_key_is_chosen(
         assert d.servers.checkpointer.key.key_id == cp.key.key_id
     finally:
         d.stop()
+
+
+def test_checkpoints_asked_for_explicitly_are_chosen_before_serving(
+        hsm: Any, certs: Any, tmp_path: Path) -> None:
+    """``checkpoints = true`` (or ``checkpoint_algorithm``) that no token can meet refuses
+    the start, as it always did: such a first start chooses its key before serving. An
+    attack run saw it serve without a tree while its key was being chosen."""
+    from tests.conftest import daemon_config, start_daemon
+
+    for setting in ({"checkpoints": True}, {"checkpoint_algorithm": "ecdsa-p256"}):
+        work = tmp_path / next(iter(setting))
+        cfg = daemon_config(hsm, certs, work)
+        cfg["audit"].update(setting)
+        d = start_daemon(cfg, certs, work)
+        try:
+            cp = d.servers.checkpointer
+            assert cp is not None and cp.key is not None and cp.state is not None
+            assert (tree_dir(work / "audit.log") / "checkpoint").exists()
+        finally:
+            d.stop()

@@ -149,12 +149,15 @@ way Go's checksum database and Certificate Transparency publish theirs:
   metrics listener; entry bundles are not served (the lines stay private).
 * A first start (no ``<log>.tlog`` yet) serves before its checkpoint key
   is chosen, since choosing reads the tokens' first listing (seconds at
-  10,000 keys; issue 24). The tree of every line written from the log's
-  open is kept in memory meanwhile, and started on disk (``vkey``, the
-  empty tree's checkpoint, ``tree.json``, then the ``audit.tree_start``
-  record, which then follows the lines served before it) once the key is
-  known; ``/checkpoint`` answers 404 until then. A start with witnesses,
-  or with ``checkpoint_key`` set, chooses before serving, as before.
+  10,000 keys; issue 24). ``tree.json``, with the base, is written at the
+  log's open; the tree of every line written from then is kept in memory,
+  and started on disk (``vkey``, the empty tree's checkpoint, then the
+  ``audit.tree_start`` record, which follows the lines served before it)
+  once the key is known; ``/checkpoint`` answers 404 until then. A start
+  that finds a ``tree.json`` with no checkpoint and no tiles (a start
+  killed before its first checkpoint: nothing was signed) finishes that
+  start from its base. A start with witnesses, ``checkpoint_key``, or
+  checkpoints asked for explicitly chooses before serving, as before.
 * ``[[audit.witnesses]]`` get each checkpoint with its consistency proof
   (c2sp.org/tlog-witness, :mod:`signerd.audit._witness`); their verified
   cosignatures are served with it. A witness refusing a proof raises an

@@ -9,6 +9,7 @@ their cosignatures and the tiles (c2sp.org/tlog-tiles)."""
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -19,7 +20,13 @@ from typing import TYPE_CHECKING, Any, Final
 from signerd.audit._publish import NOT_FOUND, tree_answer
 from signerd.audit._tlogconfig import TlogConfig
 from signerd.audit._tree import AuditTree, tree_dir, write_atomic
-from signerd.audit._treecheck import TreeState, open_tree, start_tree
+from signerd.audit._treecheck import (
+    TreeState,
+    open_tree,
+    reserve_tree,
+    start_tree,
+    unreserve_tree,
+)
 from signerd.audit._witness import WitnessPusher
 from signerd.errors import ConfigError
 from signerd.tlog.note import (
@@ -84,7 +91,9 @@ class Checkpointer:
     yet. Then the log serves at once: the tree of every line written from
     its open on is kept in memory, and is started on disk (its ``vkey``,
     first checkpoint and ``tree.json``, then the ``audit.tree_start``
-    record) in the background once ``choose`` returns. Choosing lists the
+    record) in the background once ``choose`` returns; its ``tree.json``,
+    with the base, is written at open, so that a start after a crash in
+    between still covers those lines. Choosing lists the
     keys already on the tokens, seconds at 10,000 keys, and issue 24 asks
     a daemon to serve within 0.5 s of its module's ``C_Initialize``."""
 
@@ -103,6 +112,7 @@ class Checkpointer:
         # has a key (None: checkpoints turned off, lines are not kept).
         self._tree: AuditTree | None = None
         self._path: Path | None = None
+        self._reserved = b""  # the tree.json a first start wrote at open (reserve_tree)
         self._failure: str | None = None  # why the first start's tree never will be
         self._retrying: tuple[float, str] | None = None  # since when, and why, it is not yet
         self._settled = threading.Event()  # the tree is started, or never will be
@@ -123,9 +133,10 @@ class Checkpointer:
         the lines written from now (see the class)."""
         self._path = path
         if self.key is None:
-            if tree_dir(path).exists():  # the caller chose this path for a log without one
+            if os.path.lexists(tree_dir(path)):  # the caller chose this path for a log without
                 raise ConfigError(f"audit log {path}: its tree {tree_dir(path)} appeared "
                                   "while the daemon started; start again")
+            self._reserved = reserve_tree(path, seq, self.config)  # OSError: a failed open
             self._tree = AuditTree(tree_dir(path), seq)
             return
         self.state = open_tree(path, seq, last, self.key, self.config)
@@ -211,8 +222,10 @@ class Checkpointer:
                     key = self._choose()
                     if key is None:  # checkpoints off (the chooser said why)
                         self._tree = None
+                        unreserve_tree(self._path, self._reserved)
                         return False
-                state = start_tree(self._path, self._tree_kept(), key, self.config)
+                state = start_tree(self._path, self._tree_kept(), self._reserved, key,
+                                   self.config)
                 break
             except ConfigError as e:
                 self._give_up(str(e))

@@ -14,10 +14,14 @@ is missing or not signed by the key, tiles are missing or do not match it,
 the log ends before it, or its last line differs. ``[audit] reset`` set to
 the SHA-256 the refusal names abandons the tree (moved aside, not deleted)
 and starts a new one with a new origin, with an ``audit.tree_reset`` record.
+A new tree writes ``tree.json`` first and its first checkpoint last; a
+``tree.json`` with neither a checkpoint nor tiles is a start stopped in
+between (nothing was signed), which the next start finishes from its base.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -71,6 +75,9 @@ def open_tree(path: Path, seq: int, last: str, key: CheckpointKey,
     """Open (or start) the tree of the log ``path``, which ends at ``seq``
     with a line hashing to ``last``. Raises ConfigError to refuse."""
     directory = tree_dir(path)
+    if directory.is_symlink():  # the log's own files are never followed either
+        raise ConfigError(f"audit log {path}: its tree {directory} is a symbolic link; "
+                          "refusing to write through it")
     try:
         _sync_log(path)
         if not (directory / "tree.json").exists():
@@ -90,20 +97,48 @@ def open_tree(path: Path, seq: int, last: str, key: CheckpointKey,
         raise ConfigError(f"audit log {path}: tree {directory}: {e.strerror or e}") from None
 
 
-def start_tree(path: Path, tree: AuditTree, key: CheckpointKey,
+def reserve_tree(path: Path, seq: int, config: TlogConfig) -> bytes:
+    """Write the ``tree.json`` of a first start that serves before its key
+    is chosen (the log ends at ``seq``: the tree's base), so that a start
+    after a crash in between covers every line since (see :func:`_check`).
+    Returns what it wrote, for :func:`start_tree`. Raises OSError."""
+    directory = tree_dir(path)
+    directory.mkdir(mode=0o755)  # FileExistsError: the caller saw no tree here
+    data = _tree_json(config.origin or default_origin(path), seq, 0)
+    write_atomic(directory / "tree.json", data)
+    return data
+
+
+def unreserve_tree(path: Path, reserved: bytes) -> None:
+    """Remove what :func:`reserve_tree` wrote, if nothing else was written
+    there since (a first start that turned checkpoints off: the next start
+    must not find a tree to keep). Best effort."""
+    directory = tree_dir(path)
+    with contextlib.suppress(OSError):
+        if (os.listdir(directory) == ["tree.json"]
+                and (directory / "tree.json").read_bytes() == reserved):
+            (directory / "tree.json").unlink()
+            directory.rmdir()
+
+
+def start_tree(path: Path, tree: AuditTree, reserved: bytes, key: CheckpointKey,
                config: TlogConfig) -> TreeState:
     """Start on disk the tree of the log ``path`` that a first start began
     in memory before its key was chosen: ``tree`` (its ``base`` the log's
-    seq at open) holds every line written since. Raises ConfigError if a
-    tree appeared meanwhile; OSError (say, a full disk) and the key's
+    seq at open) holds every line written since, and ``reserved`` is the
+    ``tree.json`` :func:`reserve_tree` wrote. Raises ConfigError if another
+    tree took its place meanwhile; OSError (say, a full disk) and the key's
     SignerdError are worth another try."""
     directory = tree_dir(path)
-    # tree.json is written last: without it, what is there is this start's own, from
-    # an attempt that failed (the log's lock keeps any other writer away).
-    if (directory / "tree.json").exists():
-        raise ConfigError(f"audit log {path}: a tree {directory} appeared while the daemon "
-                          "started its own; restart it to check that one")
-    return _start(path, directory, tree.base, key, config, 0, None, tree)
+    try:
+        same = (directory / "tree.json").read_bytes() == reserved
+    except FileNotFoundError:
+        same = False
+    if not same or (directory / "tile").exists():
+        raise ConfigError(f"audit log {path}: another tree took the place of {directory} "
+                          "while the daemon started its own; restart it to check that one")
+    state = json.loads(reserved)
+    return _new_tree(path, directory, state["origin"], tree.base, 0, key, None, tree)
 
 
 def _sync_log(path: Path) -> None:
@@ -128,19 +163,32 @@ def _abandon_hash(directory: Path) -> str:
     return hashlib.sha256(str(directory).encode()).hexdigest()
 
 
+def _tree_json(origin: str, base: int, epoch: int) -> bytes:
+    return json.dumps({"origin": origin, "base": base, "epoch": epoch},
+                      sort_keys=True).encode() + b"\n"
+
+
 def _start(path: Path, directory: Path, seq: int, key: CheckpointKey, config: TlogConfig,
-           epoch: int, reason: str | None, tree: AuditTree | None = None) -> TreeState:
+           epoch: int, reason: str | None) -> TreeState:
     origin = config.origin or default_origin(path)
     if epoch:
         origin = f"{origin}/reset{epoch}"
+    return _new_tree(path, directory, origin, seq, epoch, key, reason, None)
+
+
+def _new_tree(path: Path, directory: Path, origin: str, seq: int, epoch: int,
+           key: CheckpointKey, reason: str | None, tree: AuditTree | None) -> TreeState:
+    """A new tree of ``origin`` from base ``seq``: ``tree.json`` first, then
+    the verifier key and the empty tree's checkpoint. A crash in between
+    leaves a ``tree.json`` with no checkpoint and no tiles, which the next
+    start finishes (:func:`_check`) rather than refuses."""
     directory.mkdir(mode=0o755, exist_ok=True)
     verifier = key.verifier(origin)
     cp = Checkpoint(origin, 0, EMPTY_ROOT)
     note = key.sign_note(cp.text(), origin)
+    write_atomic(directory / "tree.json", _tree_json(origin, seq, epoch))
     write_atomic(directory / "vkey", (verifier.vkey() + "\n").encode())
     write_atomic(directory / "checkpoint", note.to_bytes())
-    write_atomic(directory / "tree.json", json.dumps(
-        {"origin": origin, "base": seq, "epoch": epoch}, sort_keys=True).encode() + b"\n")
     # The daemon's own act: its identity is "signerd", as no caller's can be.
     record: dict[str, Any] = {"operation": "audit.tree_start", "identity": "signerd",
                               "origin": origin,
@@ -173,9 +221,19 @@ def _check(path: Path, directory: Path, seq: int, last: str,
            key: CheckpointKey) -> TreeState:
     try:
         state = json.loads((directory / "tree.json").read_text())
-        origin, base = str(state["origin"]), int(state["base"])
+        origin, base, epoch = str(state["origin"]), int(state["base"]), int(state["epoch"])
     except (ValueError, KeyError, TypeError) as e:
         raise _Refused(f"{directory}/tree.json is malformed ({e})") from None
+    if not (directory / "checkpoint").exists() and not (directory / "tile").exists():
+        # A start that stopped (a crash, a kill) before its first checkpoint was
+        # written: nothing was ever signed, so nothing is contradicted. Finish that
+        # start from its base, so that the lines served since are in the tree.
+        if seq < base:
+            raise _Refused(f"the log ends at seq {seq} but its tree starts at seq {base}: "
+                           "lines were removed")
+        started = _new_tree(path, directory, origin, base, epoch, key, None, None)
+        _catch_up(path, started.tree, 0, base, seq, last)
+        return started
     verifier = key.verifier(origin)
     try:
         note = Note.parse((directory / "checkpoint").read_bytes())

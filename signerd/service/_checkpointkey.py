@@ -149,9 +149,12 @@ def choose_after_serving(service: KeyService, config: TlogConfig, audit_file: Pa
     a first start, whose log has no tree, so nothing to check before
     serving, and whose key is chosen among those on the tokens (no
     ``checkpoint_key``), with no witnesses (they are asked before serving
-    whether they hold a larger tree of this log), and a token that can make
-    the key, so that choosing fails only as a restart's signing can."""
-    if config.key_id is not None or config.witnesses or tree_dir(audit_file).exists():
+    whether they hold a larger tree of this log), checkpoints not asked
+    for explicitly (``checkpoints`` or ``checkpoint_algorithm``: a start
+    that cannot meet them is refused, as before), and a token that can
+    make the key, so that choosing fails only as a restart's signing can."""
+    if (config.key_id is not None or config.witnesses or config.explicit
+            or os.path.lexists(tree_dir(audit_file))):
         return False
     allowed = _algorithms(config)
     return any(a in t.algorithms for t in _tokens(service, config) for a in allowed)
