@@ -382,3 +382,32 @@ def test_checkpoints_asked_for_explicitly_are_chosen_before_serving(
             assert (tree_dir(work / "audit.log") / "checkpoint").exists()
         finally:
             d.stop()
+
+
+def test_a_first_start_whose_tokens_make_no_checkpoint_key_runs_without_checkpoints(
+        hsm: Any, certs: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tokens that list the algorithms but make neither key (the chooser raises
+    NoCheckpointToken): without checkpoints asked for, the daemon runs without them, as
+    it did when it chose before serving, and leaves no tree behind, so that its next
+    start is not refused for a tree it never kept."""
+    from signerd.server import app
+    from signerd.service import NoCheckpointToken
+    from tests.conftest import daemon_config, start_daemon, unique_gun
+
+    def no_key(*a: Any, **kw: Any) -> CheckpointKey:
+        raise NoCheckpointToken("audit checkpoints need an Ed25519 or an ECDSA P-256 key")
+
+    monkeypatch.setattr(app, "checkpoint_key", no_key)
+    work = tmp_path / "nokey"
+    cfg = daemon_config(hsm, certs, work)
+    for _ in range(2):  # and the next start too
+        d = start_daemon(cfg, certs, work)
+        try:
+            cp = d.servers.checkpointer
+            assert cp is not None and not cp.wait_started(10)
+            assert cp.failure() is None and not d.servers.readiness.not_ready()
+            with d.client() as c:
+                c.create_key(unique_gun(), "targets", purpose="raw")
+        finally:
+            d.stop()
+        assert not tree_dir(work / "audit.log").exists()

@@ -177,7 +177,7 @@ def _start(path: Path, directory: Path, seq: int, key: CheckpointKey, config: Tl
 
 
 def _new_tree(path: Path, directory: Path, origin: str, seq: int, epoch: int,
-           key: CheckpointKey, reason: str | None, tree: AuditTree | None) -> TreeState:
+              key: CheckpointKey, reason: str | None, tree: AuditTree | None) -> TreeState:
     """A new tree of ``origin`` from base ``seq``: ``tree.json`` first, then
     the verifier key and the empty tree's checkpoint. A crash in between
     leaves a ``tree.json`` with no checkpoint and no tiles, which the next

@@ -404,6 +404,7 @@ def _open_audit(config: Config,
     if not config.audit_tlog.enabled:
         return AuditLog(config.audit_file), None
     tlog, audit_file = config.audit_tlog, config.audit_file
+    had_tree = tree_dir(audit_file).exists()  # before a first start reserves its own
 
     def choose() -> CheckpointKey | None:
         try:
@@ -414,7 +415,7 @@ def _open_audit(config: Config,
             # saying so. One that asked for them, or whose log already has a tree, is
             # refused: a tree once kept is not dropped silently (its start check is
             # what catches a rewrite).
-            if tlog.explicit or tree_dir(audit_file).exists():
+            if tlog.explicit or had_tree:
                 raise
             log.warning("audit checkpoints off: no token can make their key", extra={
                 "fields": {"why": str(e)}})
