@@ -170,7 +170,9 @@ way Go's checksum database and Certificate Transparency publish theirs:
   abandons the tree deliberately (kept aside, a new origin, an
   ``audit.tree_reset`` record). Deleting the whole ``<log>.tlog`` looks, on
   the host alone, like a first start (an ``audit.tree_start`` record with
-  a later ``base``): only a witness, which holds the old size, can tell.
+  a later ``base``), and deleting its checkpoint and tiles like a first
+  start stopped before its first checkpoint: only a witness, which holds
+  the old size, can tell.
 
 Modules
 -------
