@@ -411,3 +411,21 @@ def test_a_first_start_whose_tokens_make_no_checkpoint_key_runs_without_checkpoi
         finally:
             d.stop()
         assert not tree_dir(work / "audit.log").exists()
+
+
+def test_a_start_stopped_before_its_start_record_owes_it_to_the_next(
+        tmp_path: Path, key: CheckpointKey) -> None:
+    """Killed after the empty tree's checkpoint but before the audit.tree_start line (which
+    follows the lines served while the key was chosen): the next start writes it, once."""
+    path = tmp_path / "audit.log"
+    cp = Checkpointer(key, _config(), metrics)
+    log = AuditLog(path, tree=cp)  # the tree is on disk; start() would write the record
+    _write(log, 3)
+    log.close()  # no start, no stop: as a SIGKILL leaves it
+    assert (tree_dir(path) / "checkpoint").exists()
+    _restart(path, key)
+    _restart(path, key)
+    records = [json.loads(line) for line in path.read_bytes().splitlines()]
+    starts = [r for r in records if r["operation"] == "audit.tree_start"]
+    assert [(r["seq"], r["base"]) for r in starts] == [(4, 0)]
+    assert (_checkpoint_of(path).size, _checkpoint_of(path).root) == _root_of_lines(path, 0)

@@ -30,7 +30,7 @@ import socket
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from signerd.audit._line import _parse
 from signerd.audit._tail import lines_from, rotated_files
@@ -45,6 +45,11 @@ if TYPE_CHECKING:
     from signerd.audit._checkpoints import CheckpointKey
 
 log = logging.getLogger("signerd.audit")
+
+START_OPERATION: Final = "audit.tree_start"
+# How a start line looks in the log's canonical JSON (sorted keys, no spaces): a
+# caller's value cannot hold it, since its quotes would be escaped.
+_START_MARK: Final = b'"operation":"audit.tree_start"'
 
 
 @dataclass
@@ -189,12 +194,7 @@ def _new_tree(path: Path, directory: Path, origin: str, seq: int, epoch: int,
     write_atomic(directory / "tree.json", _tree_json(origin, seq, epoch))
     write_atomic(directory / "vkey", (verifier.vkey() + "\n").encode())
     write_atomic(directory / "checkpoint", note.to_bytes())
-    # The daemon's own act: its identity is "signerd", as no caller's can be.
-    record: dict[str, Any] = {"operation": "audit.tree_start", "identity": "signerd",
-                              "origin": origin,
-                              "base": seq, "vkey": verifier.vkey()}
-    if reason is not None:
-        record.update(operation="audit.tree_reset", reason=reason)
+    record = _start_record(origin, seq, verifier, reason)
     # A first start is ordinary (info); an abandoned tree is worth a warning.
     log.log(logging.WARNING if reason else logging.INFO,
             "audit tree reset: the old tree was abandoned" if reason else "audit tree started",
@@ -202,6 +202,17 @@ def _new_tree(path: Path, directory: Path, origin: str, seq: int, epoch: int,
     if tree is None:
         tree = AuditTree(directory, seq)
     return TreeState(directory, origin, verifier, tree, cp, note, [record])
+
+
+def _start_record(origin: str, base: int, verifier: Verifier,
+                  reason: str | None) -> dict[str, Any]:
+    """The log line that records a tree's start (or reset)."""
+    # The daemon's own act: its identity is "signerd", as no caller's can be.
+    record: dict[str, Any] = {"operation": START_OPERATION, "identity": "signerd",
+                              "origin": origin, "base": base, "vkey": verifier.vkey()}
+    if reason is not None:
+        record.update(operation="audit.tree_reset", reason=reason)
+    return record
 
 
 def _reset(path: Path, directory: Path, seq: int, key: CheckpointKey, config: TlogConfig,
@@ -259,7 +270,12 @@ def _check(path: Path, directory: Path, seq: int, last: str,
     if seq < end:
         raise _Refused(f"the log ends at seq {seq} but its checkpoint covers seq {end}: "
                        "lines were removed")
-    _catch_up(path, tree, cp.size, end, seq, last)
+    added = _catch_up(path, tree, cp.size, end, seq, last)
+    owed = []
+    if cp.size == 0 and not any(_START_MARK in line for line in added):
+        # Stopped after the empty tree's checkpoint but before the start's own
+        # line (it follows the lines served while the key was chosen): write it now.
+        owed = [_start_record(origin, base, verifier, None)]
     for index, h in tree.leaves_on_disk(cp.size):
         # Tiles of a larger tree than the checkpoint's (a crash between the
         # tiles and the checkpoint, or a checkpoint rolled back): the log
@@ -268,13 +284,15 @@ def _check(path: Path, directory: Path, seq: int, last: str,
             raise _Refused(f"the tiles hold line seq {base + index + 1} of a larger tree than "
                            f"the checkpoint's (size {cp.size}) and the log does not match "
                            "them: the checkpoint was rolled back and the log rewritten")
-    return TreeState(directory, origin, verifier, tree, cp, note)
+    return TreeState(directory, origin, verifier, tree, cp, note, owed)
 
 
-def _catch_up(path: Path, tree: AuditTree, size: int, end: int, seq: int, last: str) -> None:
-    """Check the checkpoint's last line (seq ``end``) and add the lines after it."""
+def _catch_up(path: Path, tree: AuditTree, size: int, end: int, seq: int,
+              last: str) -> list[bytes]:
+    """Check the checkpoint's last line (seq ``end``) and add the lines after
+    it; returns the lines added."""
     if seq == end and size == 0:
-        return
+        return []
     first = end if size else end + 1
     lines = lines_from(path, first)
     if lines is None or not lines:
@@ -302,3 +320,4 @@ def _catch_up(path: Path, tree: AuditTree, size: int, end: int, seq: int, last: 
         raise _Refused(f"the lines after the checkpoint end at seq {want - 1}, not at the "
                        f"log's end (seq {seq})")
     tree.append(rest)
+    return rest
