@@ -429,3 +429,45 @@ def test_a_start_stopped_before_its_start_record_owes_it_to_the_next(
     starts = [r for r in records if r["operation"] == "audit.tree_start"]
     assert [(r["seq"], r["base"]) for r in starts] == [(4, 0)]
     assert (_checkpoint_of(path).size, _checkpoint_of(path).root) == _root_of_lines(path, 0)
+
+
+@pytest.mark.parametrize(("tree_json", "refusal"), [
+    ('{"origin": "test.example/first", "base": 50, "epoch": 0}', "lines were removed"),
+    ('{"origin": "test.example/first", "base": -3, "epoch": 0}', "tree.json is malformed"),
+    ('{"origin": "test.example/first", "base": 0}', "tree.json is malformed"),
+    ('{"origin": "test.example/first", "base": 2, "epoch": 0}', None),  # a later base
+], ids=["base-past-the-end", "negative-base", "no-epoch", "later-base"])
+def test_a_tree_json_alone_is_finished_only_when_it_fits_the_log(
+        tmp_path: Path, key: CheckpointKey, tree_json: str, refusal: str | None) -> None:
+    """The finish rule trusts nothing in tree.json it cannot check: a base past the
+    log's end, or a malformed file, refuses the start before anything is signed."""
+    path = tmp_path / "audit.log"
+    log = AuditLog(path)
+    _write(log, 5)
+    log.close()
+    tree_dir(path).mkdir()
+    (tree_dir(path) / "tree.json").write_text(tree_json + "\n")
+    if refusal is None:
+        _restart(path, key)
+        assert (_checkpoint_of(path).size, _checkpoint_of(path).root) == _root_of_lines(path, 2)
+        return
+    with pytest.raises(ConfigError, match=refusal):
+        _restart(path, key)
+    assert not (tree_dir(path) / "checkpoint").exists()
+
+
+def test_a_rewritten_log_under_a_tree_json_alone_is_refused_before_signing(
+        tmp_path: Path, key: CheckpointKey) -> None:
+    path = tmp_path / "audit.log"
+    log = AuditLog(path)
+    _write(log, 5)
+    log.close()
+    lines = path.read_bytes().splitlines()
+    path.write_bytes(b"\n".join(lines[:2] + lines[3:]) + b"\n")  # a line cut out
+    path.with_name(path.name + ".head").unlink()  # and the head that would tell
+    tree_dir(path).mkdir()
+    (tree_dir(path) / "tree.json").write_text(
+        '{"origin": "test.example/first", "base": 0, "epoch": 0}\n')
+    with pytest.raises(ConfigError, match="does not continue the chain"):
+        _restart(path, key)
+    assert not (tree_dir(path) / "checkpoint").exists()

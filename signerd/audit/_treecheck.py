@@ -233,6 +233,8 @@ def _check(path: Path, directory: Path, seq: int, last: str,
     try:
         state = json.loads((directory / "tree.json").read_text())
         origin, base, epoch = str(state["origin"]), int(state["base"]), int(state["epoch"])
+        if base < 0 or epoch < 0:
+            raise ValueError("a negative base or epoch")
     except (ValueError, KeyError, TypeError) as e:
         raise _Refused(f"{directory}/tree.json is malformed ({e})") from None
     if not (directory / "checkpoint").exists() and not (directory / "tile").exists():
@@ -242,9 +244,9 @@ def _check(path: Path, directory: Path, seq: int, last: str,
         if seq < base:
             raise _Refused(f"the log ends at seq {seq} but its tree starts at seq {base}: "
                            "lines were removed")
-        started = _new_tree(path, directory, origin, base, epoch, key, None, None)
-        _catch_up(path, started.tree, 0, base, seq, last)
-        return started
+        tree = AuditTree(directory, base)
+        _catch_up(path, tree, 0, base, seq, last)  # the lines must chain before anything is signed
+        return _new_tree(path, directory, origin, base, epoch, key, None, tree)
     verifier = key.verifier(origin)
     try:
         note = Note.parse((directory / "checkpoint").read_bytes())
