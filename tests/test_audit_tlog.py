@@ -601,6 +601,8 @@ def test_signerctl_prints_the_vkey_and_proofs_that_verify(
     path = _stopped_log(tmp_path, key, 300)
     assert main(["audit", "vkey", str(path)]) == 0
     vkey = capsys.readouterr().out.strip()
+    assert main(["audit", "vkey", "--json", str(path)]) == 0  # --json, as every command
+    assert json.loads(capsys.readouterr().out) == {"log": str(path), "vkey": vkey}
     verifier = Verifier.from_vkey(vkey)
     note = Note.parse((tree_dir(path) / "checkpoint").read_bytes())
     assert note.verified_by(verifier)

@@ -171,6 +171,15 @@ def test_attack_is_refused_and_its_twin_signs(tmp_path: Path, case: Case) -> Non
     _run(tmp_path / "twin.db", case, case.twin)
 
 
+def test_a_file_signed_with_a_metadata_key_is_told_to_use_a_raw_key(tmp_path: Path) -> None:
+    """A new user's first try: signerctl's first key is a metadata key, and a text file
+    is what they sign with it."""
+    case = CASES["non-JSON bytes"]
+    for payload in (b"hello\n", b"\x30\x82\x01\x0a not json"):
+        with pytest.raises(ContentInvalid, match="use a key of purpose raw for other bytes"):
+            _run(tmp_path / "a.db", case, ("timestamp", payload))
+
+
 def test_refusals_map_to_the_status_of_their_kind() -> None:
     assert issubclass(ContentStale, FailedPrecondition)
     assert issubclass(ContentInvalid, InvalidArgument)

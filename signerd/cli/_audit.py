@@ -45,9 +45,10 @@ def _tree(log: Path) -> tuple[Checkpoint, int, TileFiles]:
 def cmd_vkey(args: argparse.Namespace) -> None:
     """Print the log's verifier key (c2sp.org/signed-note vkey form)."""
     try:
-        print(vkey_of(Path(args.log)))
+        vkey = vkey_of(Path(args.log))
     except ConfigError as e:
         raise CliError(str(e)) from None
+    emit(args, {"log": args.log, "vkey": vkey}, lambda: vkey)
 
 
 def cmd_prove(args: argparse.Namespace) -> None:

@@ -126,14 +126,22 @@ def _invalid(check: str, message: str) -> ContentInvalid:
     return ContentInvalid(check, message)
 
 
+# What a caller who signed a file with a metadata key should do instead (a new user's
+# first try: signerctl's first key is a metadata key).
+_RAW_HINT = ("; a metadata key signs only TUF or Notary metadata: use a key of purpose raw "
+             "for other bytes")
+
+
 def _json(payload: bytes) -> dict[str, Any]:
     try:
         # strict=False: OLPC canonical JSON (TUF's) leaves control characters such as the
         # newlines of a PEM key unescaped inside strings. Notary's form escapes them, and a
         # Notary payload that does not is refused by the canonical check.
         value = json.loads(payload, strict=False)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise _invalid("json", f"payload is not JSON metadata: {e}") from None
+    except UnicodeDecodeError:
+        raise _invalid("json", "payload is not JSON metadata (not UTF-8)" + _RAW_HINT) from None
+    except ValueError as e:
+        raise _invalid("json", f"payload is not JSON metadata ({e})" + _RAW_HINT) from None
     except RecursionError:
         raise _invalid("json", "payload is not JSON metadata: nested too deeply") from None
     if not isinstance(value, dict) or not isinstance(value.get("_type"), str):
