@@ -174,7 +174,7 @@ def test_a_full_disk_while_starting_the_tree_is_retried(
     assert (_checkpoint_of(path).size, _checkpoint_of(path).root) == _root_of_lines(path, 0)
 
 
-def test_a_final_failure_is_reported_and_the_next_start_covers_every_line(
+def test_a_final_failure_is_reported_and_the_next_start_names_the_lines_in_no_tree(
         tmp_path: Path, key: CheckpointKey) -> None:
     path = tmp_path / "audit.log"
     chooser = _Chooser(ConfigError("audit checkpoints need an Ed25519 key"))
@@ -188,10 +188,17 @@ def test_a_final_failure_is_reported_and_the_next_start_covers_every_line(
     assert cp.checkpoint() is None
     cp.stop()
     log.close()
-    # The next start (with its key) finishes the tree from the base written at open.
+    # The next start (with its key) starts a tree at the log's end, not refused.
     _restart(path, key)
-    assert json.loads((tree_dir(path) / "tree.json").read_text())["base"] == 0
-    assert (_checkpoint_of(path).size, _checkpoint_of(path).root) == _root_of_lines(path, 0)
+    assert _start_lines(path) == [(5, 4, [1, 4])]
+    assert (_checkpoint_of(path).size, _checkpoint_of(path).root) == _root_of_lines(path, 4)
+
+
+def _start_lines(path: Path) -> list[tuple[int, int, list[int] | None]]:
+    """(seq, base, unsigned) of every audit.tree_start line of the log."""
+    records = [json.loads(line) for line in path.read_bytes().splitlines()]
+    return [(r["seq"], r["base"], r.get("unsigned")) for r in records
+            if r["operation"] == "audit.tree_start"]
 
 
 def _restart(path: Path, key: CheckpointKey, lines: int = 1) -> None:
@@ -206,13 +213,12 @@ def _restart(path: Path, key: CheckpointKey, lines: int = 1) -> None:
 
 
 @pytest.mark.parametrize("left", [(), ("vkey",)], ids=["tree.json", "tree.json+vkey"])
-def test_a_crash_before_the_first_checkpoint_is_finished_by_the_next_start(
+def test_a_crash_before_the_first_checkpoint_does_not_refuse_the_next_start(
         tmp_path: Path, key: CheckpointKey, left: tuple[str, ...]) -> None:
     """Killed while choosing the key, or between the tree's files (tree.json is written
-    first, the checkpoint last): nothing was signed, so the next start finishes the tree
-    from its base, with every line served meanwhile, and writes its start record. An
-    attack run saw such a start refused (a checkpoint without tree.json) or the lines
-    left out of every tree."""
+    first, the checkpoint last): nothing was signed. The next start is not refused (an
+    attack run saw every restart refused), and it signs none of the lines it cannot
+    vouch for: its tree starts at the log's end, and its start line names them."""
     path = tmp_path / "audit.log"
     chooser = _Chooser(ConfigError("killed"))  # the tree never starts in this life
     log, cp = _open(path, chooser)
@@ -223,9 +229,8 @@ def test_a_crash_before_the_first_checkpoint_is_finished_by_the_next_start(
     for name in left:
         (tree_dir(path) / name).write_text("half written\n")
     _restart(path, key)
-    assert (_checkpoint_of(path).size, _checkpoint_of(path).root) == _root_of_lines(path, 0)
-    records = [json.loads(line) for line in path.read_bytes().splitlines()]
-    assert [r["seq"] for r in records if r["operation"] == "audit.tree_start"] == [7]
+    assert _start_lines(path) == [(7, 6, [1, 6])]
+    assert (_checkpoint_of(path).size, _checkpoint_of(path).root) == _root_of_lines(path, 6)
 
 
 def test_a_tree_of_only_a_checkpoint_and_no_tree_json_is_still_refused(
@@ -435,9 +440,11 @@ def test_a_start_stopped_before_its_start_record_owes_it_to_the_next(
     ('{"origin": "test.example/first", "base": 50, "epoch": 0}', "lines were removed"),
     ('{"origin": "test.example/first", "base": -3, "epoch": 0}', "tree.json is malformed"),
     ('{"origin": "test.example/first", "base": 0}', "tree.json is malformed"),
-    ('{"origin": "test.example/first", "base": 2, "epoch": 0}', None),  # a later base
-], ids=["base-past-the-end", "negative-base", "no-epoch", "later-base"])
-def test_a_tree_json_alone_is_finished_only_when_it_fits_the_log(
+    ('{"origin": "test.example/first", "base": 2.5, "epoch": 0}', "tree.json is malformed"),
+    ('{"origin": "", "base": 2, "epoch": 0}', "tree.json is malformed"),
+    ('{"origin": "test.example/first", "base": 2, "epoch": 0}', None),
+], ids=["base-past-the-end", "negative-base", "no-epoch", "float-base", "no-origin", "fits"])
+def test_a_tree_json_alone_starts_a_tree_only_when_it_fits_the_log(
         tmp_path: Path, key: CheckpointKey, tree_json: str, refusal: str | None) -> None:
     """The finish rule trusts nothing in tree.json it cannot check: a base past the
     log's end, or a malformed file, refuses the start before anything is signed."""
@@ -449,25 +456,37 @@ def test_a_tree_json_alone_is_finished_only_when_it_fits_the_log(
     (tree_dir(path) / "tree.json").write_text(tree_json + "\n")
     if refusal is None:
         _restart(path, key)
-        assert (_checkpoint_of(path).size, _checkpoint_of(path).root) == _root_of_lines(path, 2)
+        assert _start_lines(path) == [(6, 5, [3, 5])]
+        assert (_checkpoint_of(path).size, _checkpoint_of(path).root) == _root_of_lines(path, 5)
         return
     with pytest.raises(ConfigError, match=refusal):
         _restart(path, key)
     assert not (tree_dir(path) / "checkpoint").exists()
 
 
-def test_a_rewritten_log_under_a_tree_json_alone_is_refused_before_signing(
+def test_a_rewrite_behind_a_deleted_checkpoint_and_tiles_is_never_signed(
         tmp_path: Path, key: CheckpointKey) -> None:
+    """An attack run's MEDIUM finding: a tree with signed checkpoints; its checkpoint
+    and tiles deleted, tree.json kept, a line forged and the chain recomputed. The
+    restart must not sign the forged line into its tree (no inclusion proof for it):
+    the new tree starts at the log's end, as after deleting the whole tree directory,
+    and its start line names the lines in no tree. (A witness holding the old size
+    refuses it outright: see test_audit_tlog's witness tests.)"""
+    import shutil
+
+    from tests.test_audit_tlog import _rechain, _rewrite
+
     path = tmp_path / "audit.log"
-    log = AuditLog(path)
-    _write(log, 5)
-    log.close()
+    _restart(path, key, lines=20)
+    assert _checkpoint_of(path).size == 21
+    (tree_dir(path) / "checkpoint").unlink()
+    shutil.rmtree(tree_dir(path) / "tile")
     lines = path.read_bytes().splitlines()
-    path.write_bytes(b"\n".join(lines[:2] + lines[3:]) + b"\n")  # a line cut out
-    path.with_name(path.name + ".head").unlink()  # and the head that would tell
-    tree_dir(path).mkdir()
-    (tree_dir(path) / "tree.json").write_text(
-        '{"origin": "test.example/first", "base": 0, "epoch": 0}\n')
-    with pytest.raises(ConfigError, match="does not continue the chain"):
-        _restart(path, key)
-    assert not (tree_dir(path) / "checkpoint").exists()
+    forged = json.loads(lines[4])
+    forged["identity"] = "FORGED-IDENTITY"
+    lines[4] = json.dumps(forged, sort_keys=True, separators=(",", ":")).encode()
+    _rewrite(path, _rechain(lines))
+    _restart(path, key)
+    assert [s for s in _start_lines(path) if s[2] is not None] == [(22, 21, [1, 21])]
+    assert json.loads((tree_dir(path) / "tree.json").read_text())["base"] == 21
+    assert (_checkpoint_of(path).size, _checkpoint_of(path).root) == _root_of_lines(path, 21)

@@ -155,9 +155,12 @@ way Go's checksum database and Certificate Transparency publish theirs:
   ``audit.tree_start`` record, which follows the lines served before it)
   once the key is known; ``/checkpoint`` answers 404 until then. A start
   that finds a ``tree.json`` with no checkpoint and no tiles (a start
-  killed before its first checkpoint: nothing was signed) finishes that
-  start from its base. A start with witnesses, ``checkpoint_key``, or
-  checkpoints asked for explicitly chooses before serving, as before.
+  killed before its first checkpoint: nothing was signed) is not refused:
+  it starts a new tree at the log's end, and its ``audit.tree_start`` line
+  names the lines in no tree (``"unsigned": [first, last]``), since it
+  cannot tell them from a rewrite. A start with witnesses,
+  ``checkpoint_key``, or checkpoints asked for explicitly chooses before
+  serving, as before.
 * ``[[audit.witnesses]]`` get each checkpoint with its consistency proof
   (c2sp.org/tlog-witness, :mod:`signerd.audit._witness`); their verified
   cosignatures are served with it. A witness refusing a proof raises an

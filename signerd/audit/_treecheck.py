@@ -16,7 +16,9 @@ the SHA-256 the refusal names abandons the tree (moved aside, not deleted)
 and starts a new one with a new origin, with an ``audit.tree_reset`` record.
 A new tree writes ``tree.json`` first and its first checkpoint last; a
 ``tree.json`` with neither a checkpoint nor tiles is a start stopped in
-between (nothing was signed), which the next start finishes from its base.
+between (nothing was signed): the next start starts a new tree at the log's
+end, and its ``audit.tree_start`` line names the lines in no tree
+(``unsigned``: first and last seq), which it cannot tell from a rewrite.
 """
 
 from __future__ import annotations
@@ -90,7 +92,7 @@ def open_tree(path: Path, seq: int, last: str, key: CheckpointKey,
                 raise _Refused(f"{directory}/tree.json is missing but the tree's checkpoint "
                                "or tiles are there")
             return _start(path, directory, seq, key, config, 0, None)
-        return _check(path, directory, seq, last, key)
+        return _check(path, directory, seq, last, key, config)
     except _Refused as e:
         abandon = _abandon_hash(directory)
         if config.reset is not None and config.reset == abandon:
@@ -105,7 +107,8 @@ def open_tree(path: Path, seq: int, last: str, key: CheckpointKey,
 def reserve_tree(path: Path, seq: int, config: TlogConfig) -> bytes:
     """Write the ``tree.json`` of a first start that serves before its key
     is chosen (the log ends at ``seq``: the tree's base), so that a start
-    after a crash in between covers every line since (see :func:`_check`).
+    after a crash in between is not refused, and names the lines served
+    meanwhile as in no tree (see :func:`_check`).
     Returns what it wrote, for :func:`start_tree`. Raises OSError."""
     directory = tree_dir(path)
     directory.mkdir(mode=0o755)  # FileExistsError: the caller saw no tree here
@@ -135,6 +138,9 @@ def start_tree(path: Path, tree: AuditTree, reserved: bytes, key: CheckpointKey,
     tree took its place meanwhile; OSError (say, a full disk) and the key's
     SignerdError are worth another try."""
     directory = tree_dir(path)
+    if directory.is_symlink():  # replaced while the key was chosen
+        raise ConfigError(f"audit log {path}: its tree {directory} became a symbolic link "
+                          "while the daemon started; refusing to write through it")
     try:
         same = (directory / "tree.json").read_bytes() == reserved
     except FileNotFoundError:
@@ -185,8 +191,8 @@ def _new_tree(path: Path, directory: Path, origin: str, seq: int, epoch: int,
               key: CheckpointKey, reason: str | None, tree: AuditTree | None) -> TreeState:
     """A new tree of ``origin`` from base ``seq``: ``tree.json`` first, then
     the verifier key and the empty tree's checkpoint. A crash in between
-    leaves a ``tree.json`` with no checkpoint and no tiles, which the next
-    start finishes (:func:`_check`) rather than refuses."""
+    leaves a ``tree.json`` with no checkpoint and no tiles, from which the
+    next start starts anew (:func:`_check`) rather than refuses."""
     directory.mkdir(mode=0o755, exist_ok=True)
     verifier = key.verifier(origin)
     cp = Checkpoint(origin, 0, EMPTY_ROOT)
@@ -228,26 +234,42 @@ def _reset(path: Path, directory: Path, seq: int, key: CheckpointKey, config: Tl
                   f"{why}; the old tree is kept in {aside.name}")
 
 
-def _check(path: Path, directory: Path, seq: int, last: str,
-           key: CheckpointKey) -> TreeState:
+def _read_tree_json(directory: Path) -> tuple[str, int, int]:
+    """(origin, base, epoch) of ``tree.json``; _Refused if it is not exactly
+    that: a non-empty one-line origin and two non-negative integers."""
     try:
         state = json.loads((directory / "tree.json").read_text())
-        origin, base, epoch = str(state["origin"]), int(state["base"]), int(state["epoch"])
-        if base < 0 or epoch < 0:
-            raise ValueError("a negative base or epoch")
-    except (ValueError, KeyError, TypeError) as e:
+        origin, base, epoch = state["origin"], state["base"], state["epoch"]
+    except (ValueError, UnicodeDecodeError, KeyError, TypeError) as e:
         raise _Refused(f"{directory}/tree.json is malformed ({e})") from None
+    if not (isinstance(origin, str) and origin and "\n" not in origin
+            and type(base) is int and type(epoch) is int and base >= 0 and epoch >= 0):
+        raise _Refused(f"{directory}/tree.json is malformed (origin, base or epoch)")
+    return origin, base, epoch
+
+
+def _check(path: Path, directory: Path, seq: int, last: str, key: CheckpointKey,
+           config: TlogConfig) -> TreeState:
+    origin, base, epoch = _read_tree_json(directory)
     if not (directory / "checkpoint").exists() and not (directory / "tile").exists():
-        # A start that stopped (a crash, a kill) before its first checkpoint was
-        # written: nothing was ever signed, so nothing is contradicted. Finish that
-        # start from its base, so that the lines served since are in the tree.
+        # A start that stopped (a crash, a kill) before its first checkpoint: nothing
+        # was signed, so nothing is contradicted. Its lines cannot be told from lines
+        # someone rewrote since (with the checkpoint and tiles deleted, this is what
+        # such a rewrite looks like), so none of them is signed now: a new tree starts
+        # at the log's end, as a first start's does, and its start line names them.
         if seq < base:
             raise _Refused(f"the log ends at seq {seq} but its tree starts at seq {base}: "
                            "lines were removed")
-        tree = AuditTree(directory, base)
-        _catch_up(path, tree, 0, base, seq, last)  # the lines must chain before anything is signed
-        return _new_tree(path, directory, origin, base, epoch, key, None, tree)
-    verifier = key.verifier(origin)
+        started = _start(path, directory, seq, key, config, epoch, None)
+        if seq > base:
+            started.records[0]["unsigned"] = [base + 1, seq]
+            log.warning("audit lines in no tree: a start stopped before its first checkpoint",
+                        extra={"fields": {"file": str(path), "first": base + 1, "last": seq}})
+        return started
+    try:
+        verifier = key.verifier(origin)
+    except NoteError as e:
+        raise _Refused(f"{directory}/tree.json is malformed (origin: {e})") from None
     try:
         note = Note.parse((directory / "checkpoint").read_bytes())
         if not note.verified_by(verifier):
