@@ -88,14 +88,15 @@ class Checkpointer:
 
     ``key`` is the checkpoint key; or it is None and ``choose`` finds or
     makes it (returning None: checkpoints off), for a log that has no tree
-    yet. Then the log serves at once: the tree of every line written from
-    its open on is kept in memory, and is started on disk (its ``vkey``,
-    first checkpoint and ``tree.json``, then the ``audit.tree_start``
-    record) in the background once ``choose`` returns; its ``tree.json``,
-    with the base, is written at open, so that a start after a crash in
-    between still covers those lines. Choosing lists the
-    keys already on the tokens, seconds at 10,000 keys, and issue 24 asks
-    a daemon to serve within 0.5 s of its module's ``C_Initialize``."""
+    yet. Then the log serves at once: its ``tree.json``, with the base, is
+    written at open (:func:`reserve_tree`), the tree of every line written
+    from then is kept in memory, and it is started on disk (its ``vkey``
+    and first checkpoint, then the ``audit.tree_start`` record) in the
+    background once ``choose`` returns. A start after a crash in between is
+    not refused, and names the lines served meanwhile as in no tree
+    (:mod:`signerd.audit._treecheck`). Choosing lists the keys already on
+    the tokens, seconds at 10,000 keys, and issue 24 asks a daemon to serve
+    within 0.5 s of its module's ``C_Initialize``."""
 
     def __init__(self, key: CheckpointKey | None, config: TlogConfig, metrics: Any = None,
                  choose: Callable[[], CheckpointKey | None] | None = None) -> None:

@@ -51,7 +51,7 @@ log = logging.getLogger("signerd.audit")
 START_OPERATION: Final = "audit.tree_start"
 # How a start line looks in the log's canonical JSON (sorted keys, no spaces): a
 # caller's value cannot hold it, since its quotes would be escaped.
-_START_MARK: Final = b'"operation":"audit.tree_start"'
+_START_MARK: Final = b'"operation":"' + START_OPERATION.encode() + b'"'
 
 
 @dataclass
@@ -112,7 +112,7 @@ def reserve_tree(path: Path, seq: int, config: TlogConfig) -> bytes:
     Returns what it wrote, for :func:`start_tree`. Raises OSError."""
     directory = tree_dir(path)
     directory.mkdir(mode=0o755)  # FileExistsError: the caller saw no tree here
-    data = _tree_json(config.origin or default_origin(path), seq, 0)
+    data = _tree_json(_origin(path, config, 0), seq, 0)
     write_atomic(directory / "tree.json", data)
     return data
 
@@ -148,8 +148,7 @@ def start_tree(path: Path, tree: AuditTree, reserved: bytes, key: CheckpointKey,
     if not same or (directory / "tile").exists():
         raise ConfigError(f"audit log {path}: another tree took the place of {directory} "
                           "while the daemon started its own; restart it to check that one")
-    state = json.loads(reserved)
-    return _new_tree(path, directory, state["origin"], tree.base, 0, key, None, tree)
+    return _new_tree(path, directory, _origin(path, config, 0), tree.base, 0, key, None, tree)
 
 
 def _sync_log(path: Path) -> None:
@@ -179,12 +178,16 @@ def _tree_json(origin: str, base: int, epoch: int) -> bytes:
                       sort_keys=True).encode() + b"\n"
 
 
+def _origin(path: Path, config: TlogConfig, epoch: int) -> str:
+    """The origin of the log ``path``'s tree of ``epoch`` (0, then +1 per reset)."""
+    origin = config.origin or default_origin(path)
+    return f"{origin}/reset{epoch}" if epoch else origin
+
+
 def _start(path: Path, directory: Path, seq: int, key: CheckpointKey, config: TlogConfig,
            epoch: int, reason: str | None) -> TreeState:
-    origin = config.origin or default_origin(path)
-    if epoch:
-        origin = f"{origin}/reset{epoch}"
-    return _new_tree(path, directory, origin, seq, epoch, key, reason, None)
+    return _new_tree(path, directory, _origin(path, config, epoch), seq, epoch, key, reason,
+                     None)
 
 
 def _new_tree(path: Path, directory: Path, origin: str, seq: int, epoch: int,
